@@ -1,0 +1,75 @@
+"""Attention over the paged KV cache. Models call `Attention(q, k, v)`; the layer reads the
+step's AttentionMetadata from the forward context and its own cache tensors, which the model
+runner binds after sizing the cache (`bind_kv_cache`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shardserve.forward_context import get_forward_context
+from shardserve.kernels.paged_attention_ref import paged_attention_ref, store_kv_ref
+
+
+class TorchAttentionBackend:
+    """The reference path: correct on any device, not fast."""
+
+    name = "torch"
+
+    @staticmethod
+    def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+        store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+
+    @staticmethod
+    def forward(query, k_cache, v_cache, metadata, scale) -> torch.Tensor:
+        return paged_attention_ref(query, k_cache, v_cache, metadata.block_tables,
+                                   metadata.query_start_loc_cpu, metadata.seq_lens_cpu, scale)
+
+
+def select_attention_backend(device: torch.device | str):
+    """One small interface, chosen per device. Fast kernels plug in here."""
+    return TorchAttentionBackend
+
+
+class Attention(nn.Module):
+    """Paged attention for one layer: q [T, num_heads*head_size], k/v [T, num_kv_heads*head_size]
+    (this rank's heads) in, [T, num_heads*head_size] out."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+        self.layer_idx = layer_idx
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self.backend = TorchAttentionBackend
+
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend) -> None:
+        self.k_cache, self.v_cache, self.backend = k_cache, v_cache, backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        md = get_forward_context().attn_metadata
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_size)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_size)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_size)
+        if md is None or self.k_cache is None:
+            # Profiling run before the cache exists: plain causal attention over the batch.
+            out = _dense_causal(q, k, v, self.scale)
+        else:
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+            out = self.backend.forward(q, self.k_cache, self.v_cache, md, self.scale)
+        return out.reshape(num_tokens, self.num_heads * self.head_size)
+
+
+def _dense_causal(q, k, v, scale):
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale)
+    return o.transpose(0, 1)

