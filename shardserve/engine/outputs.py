@@ -24,6 +24,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]  # the whole block table
     num_computed_tokens: int  # tokens already in the cache (prefix hit or earlier chunks)
+    eos_token_ids: list[int]  # masked until min_tokens are out
 
 
 @dataclass(slots=True)

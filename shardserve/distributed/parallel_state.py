@@ -1,0 +1,246 @@
+"""Process groups for data, pipeline and tensor parallelism, cut from one rank grid.
+
+The world of DP x PP x TP ranks is laid out with TP innermost, so the ranks of a TP group are
+adjacent (on one node, one NVLink domain, as long as TP fits in a node):
+
+    rank = (dp_rank * pp_size + pp_rank) * tp_size + tp_rank
+
+    world 8, dp 1, pp 2, tp 4:     tp groups  [0 1 2 3] [4 5 6 7]
+                                   pp groups  [0 4] [1 5] [2 6] [3 7]
+
+Layers ask `get_tp_group()` for their rank and size and never look at the world rank, which
+stops meaning "TP rank" as soon as PP or DP exist. With nothing initialised every getter returns
+a one-rank group whose collectives are the identity, so single-process code needs no setup.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class GroupCoordinator:
+    """One communication group of this process: its ranks and the collectives over them.
+
+    `device_group` carries tensors (nccl on CUDA, gloo on CPU); `cpu_group` is always gloo and
+    carries metadata and Python objects, so they never need a device copy.
+    """
+
+    def __init__(self, group_ranks: list[list[int]], rank: int, backend: str,
+                 name: str) -> None:
+        """Create every group in `group_ranks` and keep the one holding `rank`.
+
+        torch.distributed.new_group is collective over the whole world: every process must
+        create every group, in the same order, even the groups it is not part of.
+        """
+        self.name = name
+        self.rank = rank
+        self.ranks: list[int] = []
+        self.device_group: dist.ProcessGroup | None = None
+        self.cpu_group: dist.ProcessGroup | None = None
+        for ranks in group_ranks:
+            device_group = dist.new_group(ranks, backend=backend)
+            # gloo already runs on the CPU: one group serves both purposes.
+            cpu_group = device_group if backend == "gloo" else dist.new_group(ranks, backend="gloo")
+            if rank in ranks:
+                self.ranks = list(ranks)
+                self.device_group, self.cpu_group = device_group, cpu_group
+        if not self.ranks:
+            raise ValueError(f"Rank {rank} is in none of the {name} groups {group_ranks}.")
+        self.rank_in_group = self.ranks.index(rank)
+        self.world_size = len(self.ranks)
+
+    @classmethod
+    def single(cls, name: str = "single") -> "GroupCoordinator":
+        """A one-rank group that needs no torch.distributed: every collective is the identity."""
+        group = cls.__new__(cls)
+        group.name, group.rank, group.ranks = name, 0, [0]
+        group.device_group = group.cpu_group = None
+        group.rank_in_group, group.world_size = 0, 1
+        return group
+
+    @property
+    def is_first_rank(self) -> bool:
+        return self.rank_in_group == 0
+
+    @property
+    def is_last_rank(self) -> bool:
+        return self.rank_in_group == self.world_size - 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the group. Reduces in place (callers pass fresh activations) and returns it."""
+        if self.world_size == 1:
+            return tensor
+        dist.all_reduce(tensor, group=self.device_group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's `tensor` along `dim`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return tensor
+        dim = dim % tensor.dim()
+        tensor = tensor.contiguous()
+        stacked = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype,
+                              device=tensor.device)
+        if tensor.is_cuda:
+            dist.all_gather_into_tensor(stacked, tensor, group=self.device_group)
+        else:
+            # gloo has no all_gather_into_tensor; the list form writes into the same storage.
+            dist.all_gather(list(stacked.unbind(0)), tensor, group=self.device_group)
+        return _concat_stacked(stacked, dim)
+
+    def gather(self, tensor: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
+        """Concatenate along `dim` on rank `dst` of the group only; the others get None."""
+        if self.world_size == 1:
+            return tensor
+        dim = dim % tensor.dim()
+        tensor = tensor.contiguous()
+        if self.rank_in_group == dst:
+            stacked = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype,
+                                  device=tensor.device)
+            dist.gather(tensor, list(stacked.unbind(0)), dst=self.ranks[dst],
+                        group=self.device_group)
+            return _concat_stacked(stacked, dim)
+        dist.gather(tensor, None, dst=self.ranks[dst], group=self.device_group)
+        return None
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite `tensor` on every rank with rank `src`'s (in place) and return it."""
+        if self.world_size == 1:
+            return tensor
+        dist.broadcast(tensor, src=self.ranks[src], group=self.device_group)
+        return tensor
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        """Send a picklable object from rank `src` to all; every rank returns it."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.rank_in_group == src else None]
+        dist.broadcast_object_list(box, src=self.ranks[src], group=self.cpu_group)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.cpu_group)
+
+    def destroy(self) -> None:
+        for group in {id(g): g for g in (self.device_group, self.cpu_group) if g is not None}.values():
+            dist.destroy_process_group(group)
+        self.device_group = self.cpu_group = None
+
+    def __repr__(self) -> str:
+        return (f"GroupCoordinator({self.name}, ranks={self.ranks}, "
+                f"rank_in_group={self.rank_in_group})")
+
+
+def _concat_stacked(stacked: torch.Tensor, dim: int) -> torch.Tensor:
+    """[world, *shape] -> shape with dim multiplied by world, rank-major along dim."""
+    world, shape = stacked.shape[0], stacked.shape[1:]
+    moved = stacked.movedim(0, dim)  # [..., world, shape[dim], ...]
+    return moved.reshape(*shape[:dim], world * shape[dim], *shape[dim + 1:])
+
+
+_WORLD: GroupCoordinator | None = None
+_TP: GroupCoordinator | None = None
+_PP: GroupCoordinator | None = None
+_DP: GroupCoordinator | None = None
+_SINGLE = {name: GroupCoordinator.single(name) for name in ("world", "tp", "pp", "dp")}
+
+
+def init_distributed_environment(world_size: int = 1, rank: int = 0, backend: str | None = None,
+                                 init_method: str = "env://", local_rank: int = -1,
+                                 timeout_s: float = 600.0) -> None:
+    """Join the torch.distributed world (once) and make the world group.
+
+    backend defaults to nccl when CUDA is available and gloo otherwise; with nccl, `local_rank`
+    picks this process's GPU before any group exists, as NCCL binds communicators to a device.
+    """
+    global _WORLD
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and local_rank >= 0:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size,
+                                rank=rank, timeout=datetime.timedelta(seconds=timeout_s))
+    elif dist.get_world_size() != world_size:
+        raise RuntimeError(f"torch.distributed already runs with world size "
+                           f"{dist.get_world_size()}, not {world_size}.")
+    if _WORLD is None:
+        _WORLD = GroupCoordinator([list(range(world_size))], dist.get_rank(),
+                                  dist.get_backend(), "world")
+
+
+def initialize_model_parallel(tensor_parallel_size: int = 1,
+                              pipeline_parallel_size: int = 1) -> None:
+    """Cut the world into TP, PP and DP groups; DP takes whatever TP x PP leaves over."""
+    global _TP, _PP, _DP
+    if _TP is not None:
+        raise RuntimeError("Model parallel groups are already initialised; "
+                           "call destroy_model_parallel() first.")
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    if _WORLD is None:
+        if tp * pp != 1:
+            raise RuntimeError(f"TP={tp} x PP={pp} needs init_distributed_environment() first.")
+        _TP, _PP, _DP = _SINGLE["tp"], _SINGLE["pp"], _SINGLE["dp"]
+        return
+    world_size = _WORLD.world_size
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        raise ValueError(f"World size {world_size} is not a multiple of TP={tp} x PP={pp}.")
+    tp_groups, pp_groups, dp_groups = rank_grid_groups(world_size, tp, pp)
+    backend = dist.get_backend()
+    _TP = GroupCoordinator(tp_groups, _WORLD.rank, backend, "tp")
+    _PP = GroupCoordinator(pp_groups, _WORLD.rank, backend, "pp")
+    _DP = GroupCoordinator(dp_groups, _WORLD.rank, backend, "dp")
+
+
+def rank_grid_groups(world_size: int, tp: int,
+                     pp: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """The TP, PP and DP groups of a (dp, pp, tp) grid, TP innermost (see the module doc)."""
+    dp = world_size // (tp * pp)
+    grid = torch.arange(world_size).reshape(dp, pp, tp)
+    tp_groups = grid.reshape(-1, tp).tolist()
+    pp_groups = grid.transpose(1, 2).reshape(-1, pp).tolist()
+    dp_groups = grid.permute(1, 2, 0).reshape(-1, dp).tolist()
+    return tp_groups, pp_groups, dp_groups
+
+
+def model_parallel_is_initialized() -> bool:
+    return _TP is not None
+
+
+def get_world_group() -> GroupCoordinator:
+    return _WORLD or _SINGLE["world"]
+
+
+def get_tp_group() -> GroupCoordinator:
+    return _TP or _SINGLE["tp"]
+
+
+def get_pp_group() -> GroupCoordinator:
+    return _PP or _SINGLE["pp"]
+
+
+def get_dp_group() -> GroupCoordinator:
+    return _DP or _SINGLE["dp"]
+
+
+def destroy_model_parallel() -> None:
+    """Drop the TP/PP/DP groups (the world stays); a later initialize_model_parallel rebuilds."""
+    global _TP, _PP, _DP
+    for group in (_TP, _PP, _DP):
+        if group is not None and group.device_group is not None:
+            group.destroy()
+    _TP = _PP = _DP = None
+
+
+def destroy_distributed_environment() -> None:
+    """Drop every group and leave torch.distributed, so a process can join a new world."""
+    global _WORLD
+    destroy_model_parallel()
+    _WORLD = None
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,78 @@
+"""Checks and tokenizes what a user sends, before anything reaches the engine core.
+
+Every check happens here, up front, so a bad request raises before it holds a KV block."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from shardserve.config import EngineConfig
+from shardserve.engine.request import Request
+from shardserve.errors import ContextLengthError, InvalidRequestError
+from shardserve.sampling_params import SamplingParams
+from shardserve.tokenizer import encode_prompt
+
+PromptType = str | dict[str, Any]
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+class InputProcessor:
+    def __init__(self, config: EngineConfig, tokenizer: Any, eos_token_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = config.model_config.max_model_len
+        self.vocab_size = int(config.model_config.hf_config.vocab_size)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._ids = itertools.count()
+
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+        if isinstance(prompt, str):
+            ids = encode_prompt(self.tokenizer, prompt)
+            text: str | None = prompt
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = list(prompt["prompt_token_ids"])
+            text = prompt.get("prompt")
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt_token_ids must be integers in [0, {self.vocab_size}); got {bad[:5]}.",
+                    "prompt")
+        elif isinstance(prompt, dict) and "prompt" in prompt:
+            text = prompt["prompt"]
+            ids = encode_prompt(self.tokenizer, text)
+        else:
+            raise InvalidRequestError(
+                "A prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}; "
+                f"got {type(prompt).__name__}.", "prompt")
+        if not ids:
+            raise InvalidRequestError("The prompt is empty; send at least one token.", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise ContextLengthError(
+                f"The prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}, "
+                "which leaves no room to generate; shorten the prompt or raise --max-model-len.",
+                "prompt")
+        return ProcessedPrompt(text, ids)
+
+    def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                      arrival_time: float | None = None) -> list[Request]:
+        """One engine Request per sample (n > 1 fans out; the children share the prompt's
+        blocks through the prefix cache)."""
+        room = self.max_model_len - len(prompt.prompt_token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        return [Request(child_request_id(request_id, i, params.n), prompt.prompt_token_ids,
+                        params.for_child(i) if params.n > 1 else params,
+                        self.eos_token_ids, arrival_time, max_tokens)
+                for i in range(params.n)]
+
+
+def child_request_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}#{index}"

@@ -1,0 +1,48 @@
+"""Executors run a step on every worker and return the sampling rank's output."""
+
+from __future__ import annotations
+
+from shardserve.config import EngineConfig
+from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
+
+
+class Executor:
+    """The interface the engine core sees."""
+
+    def determine_num_blocks(self) -> int: ...
+    def init_kv_cache(self, num_blocks: int) -> None: ...
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def check_health(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+    @staticmethod
+    def create(config: EngineConfig) -> "Executor":
+        if config.parallel_config.world_size == 1:
+            return UniProcExecutor(config)
+        from shardserve.executor.multiproc_executor import MultiprocExecutor
+        return MultiprocExecutor(config)
+
+
+class UniProcExecutor(Executor):
+    """One worker in this process."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from shardserve.executor.worker import Worker
+
+        self.worker = Worker(config)
+        self.worker.load_model()
+
+    def determine_num_blocks(self) -> int:
+        return self.worker.determine_num_blocks()
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.worker.init_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def check_health(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        return None

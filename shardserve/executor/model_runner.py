@@ -1,0 +1,169 @@
+"""ModelRunner: SchedulerOutput -> tensors -> model -> sampler -> ModelRunnerOutput.
+
+It owns the model, the KV cache tensors and the worker's per-request state. The scheduler
+sends diffs; the runner keeps whatever it needs to rebuild each step's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from shardserve.config import EngineConfig
+from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from shardserve.errors import CacheTooSmallError
+from shardserve.executor.input_builder import ModelInputs, build_model_inputs
+from shardserve.executor.request_state import RequestStates
+from shardserve.forward_context import set_forward_context
+from shardserve.layers.attention import Attention, select_attention_backend
+from shardserve.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.block_size = config.cache_config.block_size
+        self.dtype = config.model_config.torch_dtype
+        self.states = RequestStates(device)
+        self.sampler = Sampler()
+        self.model: torch.nn.Module | None = None
+        self.attn_layers: list[Attention] = []
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ---- start-up --------------------------------------------------------------------------
+
+    def load_model(self) -> None:
+        from shardserve.loader.model_loader import load_model
+
+        start = time.perf_counter()
+        self.model = load_model(self.config.model_config, self.device)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.vocab_size = int(self.config.model_config.hf_config.vocab_size)
+        logger.info("Model loaded in %.1f s", time.perf_counter() - start)
+
+    def kv_bytes_per_block(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return sum(2 * self.block_size * layer.num_kv_heads * layer.head_size * elem
+                   for layer in self.attn_layers)
+
+    @torch.inference_mode()
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks fit: on CUDA, what a profiling forward leaves of
+        gpu_memory_utilization; on CPU, kv_cache_memory_bytes (default 1 GiB)."""
+        cc = self.config.cache_config
+        per_block = self.kv_bytes_per_block()
+        if cc.num_gpu_blocks_override is not None:
+            num_blocks = cc.num_gpu_blocks_override
+        elif cc.kv_cache_memory_bytes is not None:
+            num_blocks = cc.kv_cache_memory_bytes // per_block
+        elif self.device.type == "cuda":
+            num_blocks = self._profile_cuda_blocks(per_block)
+        else:
+            num_blocks = _CPU_DEFAULT_KV_BYTES // per_block
+        max_len = self.config.model_config.max_model_len
+        needed = -(-max_len // self.block_size)
+        if num_blocks < needed:
+            raise CacheTooSmallError(
+                f"The KV cache holds {num_blocks} blocks ({num_blocks * self.block_size} tokens) "
+                f"but one sequence of max_model_len={max_len} needs {needed} blocks, "
+                f"{needed * per_block / 2**20:.1f} MiB. Give the cache more memory "
+                "(--kv-cache-memory / --gpu-memory-utilization) or lower --max-model-len.")
+        return num_blocks
+
+    def _profile_cuda_blocks(self, per_block: int) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        sc = self.config.scheduler_config
+        num_tokens = min(sc.max_num_batched_tokens, self.config.model_config.max_model_len)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(num_tokens, device=self.device)
+        with set_forward_context(None):
+            hidden = self.model(ids, pos)
+        rows = min(sc.max_num_seqs, num_tokens)
+        self.model.compute_logits(hidden[:rows])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Memory other processes or non-torch allocations hold counts against us too.
+        non_torch = total - free - torch.cuda.memory_reserved(self.device)
+        budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak - non_torch
+        del hidden
+        torch.cuda.empty_cache()
+        logger.info("Profiled peak %.2f GiB of %.2f GiB; %.2f GiB left for the KV cache",
+                    peak / 2**30, total / 2**30, max(budget, 0) / 2**30)
+        return max(budget // per_block, 0)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        backend = select_attention_backend(self.device)
+        self.kv_caches = []
+        for layer in self.attn_layers:
+            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.bind_kv_cache(k, v, backend)
+            self.kv_caches.append((k, v))
+        max_len = self.config.model_config.max_model_len
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); max concurrency at "
+                    "max_model_len=%d: %.2fx", num_blocks, self.block_size,
+                    num_blocks * self.kv_bytes_per_block() / 2**30, max_len,
+                    num_blocks * self.block_size / max_len)
+
+    # ---- one step --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.states.update(scheduler_output)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput([], [])
+        inputs = build_model_inputs(scheduler_output, self.states, self.block_size, self.device)
+        with set_forward_context(inputs.attn_metadata):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        return self._sample(hidden, inputs)
+
+    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs) -> ModelRunnerOutput:
+        prompt_logprobs = self._prompt_logprobs(hidden, inputs)
+        if not inputs.sample_req_ids:
+            return ModelRunnerOutput([], [], None, prompt_logprobs)
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        states = [self.states.states[rid] for rid in inputs.sample_req_ids]
+        metadata = SamplingMetadata.build(
+            params_list=[s.sampling_params for s in states],
+            output_token_ids_list=[s.output_token_ids for s in states],
+            prompt_token_ids_list=[s.prompt_token_ids for s in states],
+            generators_list=[s.generator for s in states],
+            min_tokens_masks=[_min_tokens_mask(s) for s in states],
+            vocab_size=logits.shape[-1],
+            device=self.device,
+        )
+        result = self.sampler(logits, metadata)
+        sampled = result.sampled_token_ids.tolist()
+        return ModelRunnerOutput(inputs.sample_req_ids, sampled, result.logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs) -> dict[str, list[TokenLogprobs]]:
+        out: dict[str, list[TokenLogprobs]] = {}
+        for rid, row0, start, num_pred in inputs.prompt_logprob_spans:
+            state = self.states.states[rid]
+            if num_pred <= 0:
+                continue
+            logits = self.model.compute_logits(hidden[row0:row0 + num_pred])
+            next_ids = torch.tensor(state.token_ids[start + 1:start + 1 + num_pred], device=self.device)
+            out[rid] = compute_prompt_logprobs(logits, next_ids, state.sampling_params.prompt_logprobs)
+        return out
+
+
+def _min_tokens_mask(state) -> list[int]:
+    """Token ids that must not be sampled yet: EOS and stop ids until min_tokens are out."""
+    params = state.sampling_params
+    if len(state.output_token_ids) >= params.min_tokens:
+        return []
+    ids = list(params.stop_token_ids)
+    if not params.ignore_eos:
+        ids.extend(state.eos_token_ids)
+    return ids

@@ -1,0 +1,316 @@
+"""Batched sampling: logits [R, V] of the rows that finish a step -> one token id per row.
+
+Order (vLLM's):
+
+    raw logits ─▶ log_softmax ─▶ logprobs (sampled token + top-k, ranks)      only if asked
+        │
+        ├─ min_tokens: EOS / stop ids -> -inf
+        ├─ repetition penalty (prompt + output tokens), frequency + presence (output tokens)
+        ├─ greedy rows: argmax
+        └─ random rows: / temperature ─▶ top-k ─▶ top-p ─▶ min-p ─▶ softmax ─▶ argmax(p / q)
+
+`q ~ Exp(1)` makes argmax(p / q) an exact draw from p (the "exponential race") without a
+cumulative sum, and lets a seeded row draw its noise from its own generator: its tokens then
+depend only on its seed, never on what else is in the batch.
+
+Everything stays on the logits' device; the only device-to-host copy is the logprobs at the end
+(the caller copies the sampled ids), so a CUDA step needs no per-request synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from shardserve.engine.outputs import TokenLogprobs
+from shardserve.sampling_params import _GREEDY_EPS, SamplingParams
+
+# Rows of the packed per-row float parameters (one host-to-device copy for all of them).
+_TEMPERATURE, _TOP_P, _MIN_P, _PRESENCE, _FREQUENCY, _REPETITION = range(6)
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-step sampling inputs for the R rows being sampled, already on the logits' device.
+
+    The `no_*` / `all_*` flags are host booleans so the common cases (all greedy, no penalties,
+    no top-p/top-k) skip whole [R, V] passes without looking at device data.
+    """
+
+    temperature: torch.Tensor  # [R] float32; 1.0 on greedy rows so dividing is always safe
+    greedy_mask: torch.Tensor  # [R] bool: temperature < 1e-5
+    all_greedy: bool
+    all_random: bool
+    top_p: torch.Tensor  # [R] float32, 1.0 = off
+    top_k: torch.Tensor  # [R] int64, 0 = off
+    min_p: torch.Tensor  # [R] float32, 0.0 = off
+    # row -> that request's own generator (seeded requests only); other rows use the global one
+    generators: dict[int, torch.Generator]
+    presence_penalties: torch.Tensor  # [R] float32
+    frequency_penalties: torch.Tensor  # [R] float32
+    repetition_penalties: torch.Tensor  # [R] float32, 1.0 = off
+    # [R, Lp] prompt ids padded with vocab_size; None unless some row has a repetition penalty
+    prompt_token_ids: torch.Tensor | None
+    # [R, Lo] output ids so far padded with vocab_size; None when no_penalties
+    output_token_ids: torch.Tensor | None
+    # (rows, token ids) pairs set to -inf: EOS and stop ids of rows still short of min_tokens
+    min_tokens_rows: torch.Tensor | None
+    min_tokens_token_ids: torch.Tensor | None
+    num_logprobs: list[int | None]  # per row, as asked (host side: only used to cut the lists)
+    max_num_logprobs: int | None  # None: no row asked for logprobs
+    no_penalties: bool
+    no_top_p_top_k: bool
+    no_min_p: bool
+    vocab_size: int
+
+    @classmethod
+    def build(cls, params_list: Sequence[SamplingParams],
+              output_token_ids_list: Sequence[Sequence[int]],
+              prompt_token_ids_list: Sequence[Sequence[int]],
+              generators_list: Sequence[torch.Generator | None],
+              min_tokens_masks: Sequence[Sequence[int] | None],
+              vocab_size: int, device: torch.device | str) -> "SamplingMetadata":
+        """One call per step from the model runner; all lists are aligned with the logits' rows.
+
+        min_tokens_masks[i]: token ids row i must not sample this step (EOS and stop ids while
+        it is short of min_tokens; see `min_tokens_stop_ids`), or None / empty.
+        """
+        device = torch.device(device)
+        if not params_list:
+            return _empty(vocab_size, device)
+        greedy = [p.greedy for p in params_list]
+        packed = torch.tensor(
+            [[p.temperature for p in params_list], [p.top_p for p in params_list],
+             [p.min_p for p in params_list], [p.presence_penalty for p in params_list],
+             [p.frequency_penalty for p in params_list],
+             [p.repetition_penalty for p in params_list]], dtype=torch.float32)
+        top_k = torch.tensor([p.top_k for p in params_list], dtype=torch.int64)
+        packed, top_k = _to_device(packed, device), _to_device(top_k, device)
+        greedy_mask = packed[_TEMPERATURE] < _GREEDY_EPS
+        temperature = torch.where(greedy_mask, torch.ones_like(packed[_TEMPERATURE]),
+                                  packed[_TEMPERATURE])
+
+        random_params = [p for p, g in zip(params_list, greedy) if not g]
+        no_top_p_top_k = all(p.top_p >= 1.0 and p.top_k <= 0 for p in random_params)
+        no_min_p = all(p.min_p <= 0.0 for p in random_params)
+        has_rep = [p.repetition_penalty != 1.0 for p in params_list]
+        has_pen = [r or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                   for r, p in zip(has_rep, params_list)]
+        no_penalties = not any(has_pen)
+        output_ids = prompt_ids = None
+        if not no_penalties:
+            # Rows without penalties contribute no ids: padding stays as short as it can be.
+            output_ids = _padded([o if h else () for o, h in zip(output_token_ids_list, has_pen)],
+                                 vocab_size, device)
+            if any(has_rep):
+                prompt_ids = _padded([q if h else () for q, h in zip(prompt_token_ids_list, has_rep)],
+                                     vocab_size, device)
+
+        mt_rows = mt_ids = None
+        pairs = [(row, tok) for row, ids in enumerate(min_tokens_masks) for tok in (ids or ())]
+        if pairs:
+            both = _to_device(torch.tensor(pairs, dtype=torch.int64), device)
+            mt_rows, mt_ids = both[:, 0], both[:, 1]
+
+        num_logprobs = [p.logprobs for p in params_list]
+        asked = [k for k in num_logprobs if k is not None]
+        return cls(
+            temperature=temperature, greedy_mask=greedy_mask,
+            all_greedy=all(greedy), all_random=not any(greedy),
+            top_p=packed[_TOP_P], top_k=top_k, min_p=packed[_MIN_P],
+            generators={row: g for row, g in enumerate(generators_list)
+                        if g is not None and not greedy[row]},
+            presence_penalties=packed[_PRESENCE], frequency_penalties=packed[_FREQUENCY],
+            repetition_penalties=packed[_REPETITION],
+            prompt_token_ids=prompt_ids, output_token_ids=output_ids,
+            min_tokens_rows=mt_rows, min_tokens_token_ids=mt_ids,
+            num_logprobs=num_logprobs, max_num_logprobs=max(asked) if asked else None,
+            no_penalties=no_penalties, no_top_p_top_k=no_top_p_top_k, no_min_p=no_min_p,
+            vocab_size=vocab_size)
+
+
+def min_tokens_stop_ids(params: SamplingParams, num_output_tokens: int,
+                        eos_token_ids: Sequence[int]) -> list[int]:
+    """Token ids a request must not sample yet: its stop ids (and EOS unless ignore_eos) while
+    it has fewer than min_tokens outputs."""
+    if num_output_tokens >= params.min_tokens:
+        return []
+    ids = list(params.stop_token_ids or ())
+    if not params.ignore_eos:
+        ids.extend(eos_token_ids)
+    return ids
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [R] int64, on the logits' device
+    # One per row when any row asked (rows that did not ask get only their sampled token).
+    logprobs: list[TokenLogprobs] | None = None
+    # The host copy made alongside the logprobs, so tolist() need not copy again.
+    _host_token_ids: list[int] | None = field(default=None, repr=False)
+
+    def tolist(self) -> list[int]:
+        if self._host_token_ids is None:
+            self._host_token_ids = self.sampled_token_ids.tolist()
+        return self._host_token_ids
+
+
+class Sampler(nn.Module):
+    """Picks one token per row. May modify `logits` in place (the caller's tensor is consumed)."""
+
+    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        md = metadata
+        # Logprobs describe the model, not the sampling settings: raw logits, before anything.
+        raw_logprobs = None
+        if md.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        logits = logits.float()
+        if md.min_tokens_rows is not None:
+            logits[md.min_tokens_rows, md.min_tokens_token_ids] = -math.inf
+        if not md.no_penalties:
+            logits = apply_penalties(logits, md)
+
+        if md.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        elif md.all_random:
+            sampled = self._sample_random(logits, md)
+        else:
+            # Before the random path, which edits logits in place.
+            greedy_ids = logits.argmax(dim=-1)
+            sampled = torch.where(md.greedy_mask, greedy_ids, self._sample_random(logits, md))
+
+        if raw_logprobs is None:
+            return SamplerOutput(sampled)
+        entries, host_ids = _logprob_entries(raw_logprobs, sampled, md.max_num_logprobs,
+                                             md.num_logprobs)
+        return SamplerOutput(sampled, entries, host_ids)
+
+    @staticmethod
+    def _sample_random(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        logits = logits.div_(md.temperature.unsqueeze(1))
+        if not md.no_top_p_top_k:
+            logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+        if not md.no_min_p:
+            logits = apply_min_p(logits, md.min_p)
+        probs = torch.softmax(logits, dim=-1)
+        q = torch.empty_like(probs)
+        if len(md.generators) < probs.shape[0]:
+            q.exponential_()
+        for row, generator in md.generators.items():
+            # One draw of V numbers per step: the generator advances the same in any batch.
+            q[row].exponential_(generator=generator)
+        # exponential_ may return exactly 0 (p / 0 = inf, 0 / 0 = nan would win the argmax).
+        q.clamp_min_(torch.finfo(q.dtype).tiny)
+        return probs.div_(q).argmax(dim=-1)
+
+
+def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Repetition (HF/vLLM: prompt + output tokens; positive logits divided, negative
+    multiplied) then frequency and presence (OpenAI: output tokens, subtracted)."""
+    num_rows, vocab_size = logits.shape
+    assert md.output_token_ids is not None
+    # One spare column takes the padding (id == vocab_size) and is dropped.
+    counts = torch.zeros(num_rows, vocab_size + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, md.output_token_ids, torch.ones_like(md.output_token_ids, dtype=logits.dtype))
+    counts = counts[:, :vocab_size]
+    seen = counts > 0
+    if md.prompt_token_ids is not None:
+        in_prompt = torch.zeros(num_rows, vocab_size + 1, dtype=torch.bool, device=logits.device)
+        in_prompt.scatter_(1, md.prompt_token_ids, True)
+        rep = md.repetition_penalties.unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen | in_prompt[:, :vocab_size], penalized, logits)
+    logits = logits - md.frequency_penalties.unsqueeze(1) * counts
+    return logits - md.presence_penalties.unsqueeze(1) * seen.to(logits.dtype)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set everything outside each row's top-k and top-p nucleus to -inf (top_k 0 and top_p 1
+    are no-ops). The nucleus always keeps the most likely token."""
+    vocab_size = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
+    # The k-th largest value; ties with it stay in.
+    kth = sorted_logits.gather(1, (vocab_size - k).unsqueeze(1))
+    sorted_logits.masked_fill_(sorted_logits < kth, -math.inf)
+    probs_sorted = sorted_logits.softmax(dim=-1)
+    # Ascending order: drop the low tail whose total mass is at most 1 - p.
+    tail_mass = probs_sorted.cumsum(dim=-1)
+    drop = tail_mass <= (1.0 - top_p).unsqueeze(1)
+    drop[:, -1] = False
+    sorted_logits.masked_fill_(drop, -math.inf)
+    return logits.scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens with p < min_p * p_max. In logit space, no softmax needed:
+    p_i / p_max = exp(l_i - l_max)."""
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1)
+    return logits.masked_fill_(logits < threshold, -math.inf)
+
+
+def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor,
+                            num_logprobs: int) -> list[TokenLogprobs]:
+    """Logprobs of each prompt position's actual next token (with its rank), then the top-k;
+    log-softmax of the raw logits [N, V]."""
+    logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    entries, _ = _logprob_entries(logprobs, next_token_ids.to(logprobs.device), num_logprobs,
+                                  [num_logprobs] * logits.shape[0])
+    return entries
+
+
+def _logprob_entries(logprobs: torch.Tensor, token_ids: torch.Tensor, max_k: int,
+                     ks: Sequence[int | None]) -> tuple[list[TokenLogprobs], list[int]]:
+    """Gathers on the device, copies once, and cuts each row to its own k on the host."""
+    token_ids = token_ids.long()
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_vals, top_ids = logprobs.topk(max_k, dim=-1) if max_k > 0 else (
+        logprobs[:, :0], token_ids.new_empty(logprobs.shape[0], 0))
+    ids_h, ranks_h, chosen_h, top_vals_h, top_ids_h = _to_host(
+        token_ids, ranks, chosen.squeeze(1), top_vals, top_ids)
+    ids_l, ranks_l, chosen_l = ids_h.tolist(), ranks_h.tolist(), chosen_h.tolist()
+    top_vals_l, top_ids_l = top_vals_h.tolist(), top_ids_h.tolist()
+    entries = []
+    for row, k in enumerate(ks):
+        k = k or 0
+        entries.append(TokenLogprobs(
+            token_ids=[ids_l[row]] + top_ids_l[row][:k],
+            logprobs=[chosen_l[row]] + top_vals_l[row][:k],
+            ranks=[ranks_l[row]] + list(range(1, k + 1))))
+    return entries, ids_l
+
+
+def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Start every copy, then wait once (non_blocking device-to-host lands in pinned memory)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return list(tensors)
+    out = [t.to("cpu", non_blocking=True) for t in tensors]
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    data = [list(r) + [pad] * (width - len(r)) for r in rows]
+    return _to_device(torch.tensor(data, dtype=torch.int64).reshape(len(rows), width), device)
+
+
+def _empty(vocab_size: int, device: torch.device) -> SamplingMetadata:
+    f = torch.zeros(0, dtype=torch.float32, device=device)
+    return SamplingMetadata(
+        temperature=f, greedy_mask=f.bool(), all_greedy=True, all_random=True, top_p=f,
+        top_k=f.long(), min_p=f, generators={}, presence_penalties=f, frequency_penalties=f,
+        repetition_penalties=f, prompt_token_ids=None, output_token_ids=None,
+        min_tokens_rows=None, min_tokens_token_ids=None, num_logprobs=[], max_num_logprobs=None,
+        no_penalties=True, no_top_p_top_k=True, no_min_p=True, vocab_size=vocab_size)

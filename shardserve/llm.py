@@ -1,0 +1,110 @@
+"""The offline API, with vLLM's names: LLM(model=...).generate(prompts, sampling_params)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from shardserve.config import EngineConfig
+from shardserve.engine.input_processor import PromptType
+from shardserve.engine.llm_engine import LLMEngine
+from shardserve.errors import InvalidRequestError
+from shardserve.outputs import RequestOutput
+from shardserve.sampling_params import SamplingParams
+from shardserve.tokenizer import apply_chat_template
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+
+
+class LLM:
+    """An engine in this process. Every vLLM-style engine argument is accepted by name
+    (see shardserve.config for the full list), e.g.
+
+        llm = LLM(model="path/to/hf-folder-or.gguf", dtype="float32", max_model_len=2048)
+        out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+        print(out[0].outputs[0].text)
+    """
+
+    def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
+                 max_model_len: int | None = None, block_size: int = 16,
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
+                 seed: int = 0, **kwargs: Any) -> None:
+        config = EngineConfig.from_kwargs(
+            model=model, device=device, dtype=dtype, max_model_len=max_model_len,
+            block_size=block_size, enable_prefix_caching=enable_prefix_caching,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            gpu_memory_utilization=gpu_memory_utilization, seed=seed, **kwargs)
+        self.engine = LLMEngine(config)
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for one prompt or a list; returns one RequestOutput per prompt, in order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = _broadcast_params(sampling_params, len(prompts))
+        # Check every prompt before queueing any: a bad one must not leave others behind.
+        processed = [self.engine.input_processor.process_prompt(p) for p in prompts]
+        return self._run(processed, params_list, use_tqdm)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the chat template."""
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} "
+                                      "dicts (or a list of such lists).", "messages")
+        conversations = messages if isinstance(messages[0], list) else [messages]
+        prompts = [{"prompt_token_ids": apply_chat_template(self.engine.tokenizer, conv,
+                                                            add_generation_prompt)}
+                   for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, processed, params_list, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = [engine.add_processed(p, sp) for p, sp in zip(processed, params_list)]
+        finished: dict[str, RequestOutput] = {}
+        bar = _progress_bar(len(ids)) if use_tqdm else None
+        try:
+            while len(finished) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            # Leave nothing behind: the next call must find a clean engine.
+            engine.abort_request([i for i in ids if i not in finished])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[i] for i in ids]
+
+
+def _broadcast_params(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise InvalidRequestError(f"Got {len(params)} sampling params for {n} prompts; pass one, "
+                                  "or one per prompt.", "sampling_params")
+    return params
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)
