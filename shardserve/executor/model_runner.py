@@ -18,7 +18,8 @@ from shardserve.executor.input_builder import ModelInputs, build_model_inputs
 from shardserve.executor.request_state import RequestStates
 from shardserve.forward_context import set_forward_context
 from shardserve.layers.attention import Attention, select_attention_backend
-from shardserve.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+from shardserve.layers.sampler import (Sampler, SamplingMetadata, compute_prompt_logprobs,
+                                       min_tokens_stop_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +139,13 @@ class ModelRunner:
             output_token_ids_list=[s.output_token_ids for s in states],
             prompt_token_ids_list=[s.prompt_token_ids for s in states],
             generators_list=[s.generator for s in states],
-            min_tokens_masks=[_min_tokens_mask(s) for s in states],
+            min_tokens_masks=[min_tokens_stop_ids(s.sampling_params, len(s.output_token_ids),
+                                                  s.eos_token_ids) for s in states],
             vocab_size=logits.shape[-1],
             device=self.device,
         )
         result = self.sampler(logits, metadata)
-        sampled = result.sampled_token_ids.tolist()
+        sampled = result.tolist()
         return ModelRunnerOutput(inputs.sample_req_ids, sampled, result.logprobs, prompt_logprobs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs) -> dict[str, list[TokenLogprobs]]:
@@ -157,13 +159,3 @@ class ModelRunner:
             out[rid] = compute_prompt_logprobs(logits, next_ids, state.sampling_params.prompt_logprobs)
         return out
 
-
-def _min_tokens_mask(state) -> list[int]:
-    """Token ids that must not be sampled yet: EOS and stop ids until min_tokens are out."""
-    params = state.sampling_params
-    if len(state.output_token_ids) >= params.min_tokens:
-        return []
-    ids = list(params.stop_token_ids)
-    if not params.ignore_eos:
-        ids.extend(state.eos_token_ids)
-    return ids

@@ -1,0 +1,226 @@
+"""Incremental detokenization with stop strings, for streaming.
+
+Token ids arrive a few at a time; text must come out as soon as it is final and never twice:
+
+    window:  [ ids of the last emitted chunk | ids not emitted yet ]
+                                             ^read_offset
+    new text = text(window) minus text(window[:read_offset]),
+    unless it ends in U+FFFD: a character whose UTF-8 bytes span tokens is still incomplete,
+    so nothing is emitted until a later token completes it (vLLM's prefix/read offsets).
+    After emitting, the window drops the older chunk and starts at the tokens just read.
+
+Decoding a short window, not the whole output, keeps each step O(1); starting it on the
+previous chunk (and on a few prompt tokens at first) keeps decoders that look at neighbours,
+such as SentencePiece's leading-space rule, right. Fast tokenizers step through tokenizers'
+own DecodeStream (the same rule, in Rust); the offsets are mirrored here so that text still
+held when the request ends can be flushed, and so a DecodeStream error falls back to the
+Python window without losing state.
+
+Stop strings: only the new text plus a tail of len(stop) - 1 characters is searched; for the
+same reason a stream holds back the last len(longest stop) - 1 characters until it is sure
+they do not start a stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+try:  # tokenizers >= 0.21
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover - older tokenizers
+    DecodeStream = None  # type: ignore[assignment,misc]
+
+_REPLACEMENT = "\ufffd"
+# Prompt tokens decoded ahead of the output as context: at least a few (so neighbour-sensitive
+# decoders see a real left neighbour), at most this many while looking for a clean cut.
+_MIN_CONTEXT, _MAX_CONTEXT = 4, 24
+
+
+class _TokenDecoder:
+    """Turns token ids into text increments (see the module docstring)."""
+
+    def __init__(self, tokenizer: Any, context_ids: Sequence[int], skip_special_tokens: bool,
+                 use_decode_stream: bool) -> None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # The Rust decode: what tokenizer.decode does for fast tokenizers, minus Python.
+            self._decode: Callable[[list[int]], str] = (
+                lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens))
+        else:
+            self._decode = lambda ids: tokenizer.decode(
+                ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+        # The window: ids[:read_offset] were emitted already (the prefix), the rest not yet.
+        self._ids = list(context_ids)
+        self._read_offset = len(self._ids)
+        self._prefix_text: str | None = None  # text of ids[:read_offset]; decoded on demand
+        self._backend = backend
+        self._stream = None
+        if use_decode_stream and backend is not None and DecodeStream is not None:
+            self._stream = _new_stream(backend, self._ids, skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        """Append one id; return the text it completes ("" while a character is incomplete)."""
+        self._ids.append(token_id)
+        if self._stream is not None:
+            try:
+                chunk = self._stream.step(self._backend, token_id)
+            except Exception:  # "Invalid prefix": odd byte sequences; the window copes
+                self._stream = None
+            else:
+                if chunk is not None:
+                    self._advance()
+                return chunk or ""
+        return self._window_step(final=False)
+
+    def flush(self) -> str:
+        """The request ended: whatever is held (an incomplete character decodes to U+FFFD)."""
+        self._stream = None
+        return self._window_step(final=True)
+
+    def _window_step(self, final: bool) -> str:
+        if self._read_offset == len(self._ids):
+            return ""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids[:self._read_offset])
+        text = self._decode(self._ids)
+        if len(text) <= len(self._prefix_text) or (text.endswith(_REPLACEMENT) and not final):
+            return ""
+        new_text = text[len(self._prefix_text):]
+        self._advance()
+        return new_text
+
+    def _advance(self) -> None:
+        # Everything up to here is emitted: the next window starts at the tokens just read
+        # (older ids are dropped, so the window stays a few tokens long).
+        del self._ids[:self._read_offset]
+        self._read_offset = len(self._ids)
+        self._prefix_text = None
+
+
+def _new_stream(backend: Any, context_ids: list[int], skip_special_tokens: bool) -> Any:
+    try:
+        return DecodeStream(ids=context_ids, skip_special_tokens=skip_special_tokens)
+    except TypeError:  # versions without `ids`: prime by stepping through the context
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for tid in context_ids:
+            stream.step(backend, tid)
+        return stream
+
+
+def _prompt_context(tokenizer: Any, prompt_token_ids: Sequence[int],
+                    skip_special_tokens: bool) -> list[int]:
+    """The shortest prompt suffix of at least _MIN_CONTEXT tokens that decodes cleanly (no
+    U+FFFD: it neither starts nor ends inside a character); none if no such suffix."""
+    n = len(prompt_token_ids)
+    if n <= _MIN_CONTEXT:
+        suffix = list(prompt_token_ids)
+        return suffix if _REPLACEMENT not in _decode(tokenizer, suffix, skip_special_tokens) else []
+    for i in range(_MIN_CONTEXT, min(n, _MAX_CONTEXT) + 1):
+        suffix = list(prompt_token_ids[-i:])
+        if _REPLACEMENT not in _decode(tokenizer, suffix, skip_special_tokens):
+            return suffix
+    return []
+
+
+def _decode(tokenizer: Any, ids: list[int], skip_special_tokens: bool) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class IncrementalDetokenizer:
+    """One sequence's text: feed it token ids with `update`, read `output_text` (everything so
+    far, cut at a stop string) or `get_next_delta()` (what a stream may send now).
+
+    After all tokens and `finish()`, `output_text` equals
+    `tokenizer.decode(output_ids, skip_special_tokens=...)` (cut at a stop string), except that
+    the first output token is decoded with the prompt as left context, which matters only for
+    tokenizers whose decoding depends on the neighbour (SentencePiece's leading space), and
+    that `clean_up_tokenization_spaces` is not applied.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int],
+                 skip_special_tokens: bool = True, stop: Sequence[str] | None = None,
+                 include_stop_str_in_output: bool = False, *,
+                 use_decode_stream: bool = True) -> None:
+        context = _prompt_context(tokenizer, prompt_token_ids, skip_special_tokens)
+        self._decoder = _TokenDecoder(tokenizer, context, skip_special_tokens, use_decode_stream)
+        self._stop = [s for s in (stop or ()) if s]
+        self._include_stop = include_stop_str_in_output
+        # Characters a stream holds back: the longest text that could still grow into a stop.
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._text = ""
+        self._num_sent = 0
+        self.token_ids: list[int] = []  # ids consumed (none after a stop string)
+        self.stop_string: str | None = None
+        self.finished = False
+
+    @property
+    def output_text(self) -> str:
+        return self._text
+
+    @property
+    def streamable_text(self) -> str:
+        """output_text without the tail that may still become a stop string."""
+        return self._text[:self._stream_limit()]
+
+    def update(self, new_token_ids: Sequence[int], stop_terminated: bool = False) -> str | None:
+        """Decode new ids; return the stop string if one appeared (the rest is then ignored).
+
+        stop_terminated: the last id is the EOS / stop token that ended the request; as in
+        vLLM it adds no text unless include_stop_str_in_output, and the request finishes.
+        """
+        if self.finished:
+            return None
+        ids = list(new_token_ids)
+        if stop_terminated and not self._include_stop and ids:
+            ids = ids[:-1]
+        for tid in ids:
+            self.token_ids.append(tid)
+            delta = self._decoder.step(tid)
+            if delta and self._append(delta):
+                return self.stop_string
+        if stop_terminated:
+            self.finish()
+        return None
+
+    def finish(self) -> None:
+        """The request ended without a stop string: flush held bytes and release held text."""
+        if self.finished:
+            return
+        tail = self._decoder.flush()
+        if tail:
+            self._append(tail)
+        self.finished = True
+
+    def get_next_delta(self) -> str:
+        """Text added since the last call that can no longer turn into a stop string."""
+        limit = self._stream_limit()
+        if limit <= self._num_sent:
+            return ""
+        delta = self._text[self._num_sent:limit]
+        self._num_sent = limit
+        return delta
+
+    def _stream_limit(self) -> int:
+        return len(self._text) if self.finished else max(0, len(self._text) - self._hold)
+
+    def _append(self, delta: str) -> bool:
+        """Add text; on a stop string cut the text there, finish, and return True."""
+        old_len = len(self._text)
+        self._text += delta
+        best: tuple[int, str] | None = None
+        for stop in self._stop:
+            # Earlier text was searched already: start where a stop could still overlap it.
+            at = self._text.find(stop, max(0, old_len - len(stop) + 1))
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, stop)
+        if best is None:
+            return False
+        at, stop = best
+        self._text = self._text[:at + len(stop) if self._include_stop else at]
+        self.stop_string = stop
+        self.finished = True
+        return True

@@ -1,0 +1,199 @@
+"""IncrementalDetokenizer against tokenizer.decode, with SmolLM2's byte-level BPE tokenizer
+(emoji and CJK characters span several byte tokens there) and a tiny SentencePiece-style one."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from shardserve.engine.detokenizer import IncrementalDetokenizer
+
+TEXTS = [
+    "Hello, world! The capital of France is Paris.",
+    "Héllo wörld, naïve café, señor, Ångström, ½ ≠ ∞",
+    "世界你好，这是一个测试。日本語のテキストも。한국어도.",
+    "Party 🎉👍🏽 time! 👨‍👩‍👧‍👦 family, 🇫🇷 flag, ✨✨✨",
+    "mixed: a🎉b世c\u00e9d  double  spaces\n\nnewlines\ttabs",
+]
+
+
+class _SlowTokenizer:
+    """Only `decode`: forces the pure-Python window path (no backend_tokenizer)."""
+
+    def __init__(self, tok: Any) -> None:
+        self._tok = tok
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    transformers = pytest.importorskip("transformers")
+    from shardserve.errors import ModelLoadError
+    from shardserve.loader.source import default_model_path
+    try:
+        path = default_model_path()
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def chat_prompt(tok: Any) -> list[int]:
+    return tok.encode("<|im_start|>user\nSay hi 世界<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _variants(tok: Any) -> list[tuple[str, Any, bool]]:
+    return [("stream", tok, True), ("window", tok, False), ("slow", _SlowTokenizer(tok), False)]
+
+
+def _run(tokenizer: Any, prompt: list[int], ids: list[int], skip: bool = True,
+         stop: list[str] | None = None, include: bool = False, use_stream: bool = True,
+         chunk: int = 1) -> tuple[IncrementalDetokenizer, list[str], str | None]:
+    d = IncrementalDetokenizer(tokenizer, prompt, skip, stop or [], include,
+                               use_decode_stream=use_stream)
+    deltas, hit = [], None
+    for i in range(0, len(ids), chunk):
+        hit = d.update(ids[i:i + chunk])
+        deltas.append(d.get_next_delta())
+        if hit is not None:
+            break
+    d.finish()
+    deltas.append(d.get_next_delta())
+    return d, deltas, hit
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_text_round_trips_without_replacement_chars(tok: Any, chat_prompt: list[int], text: str,
+                                                    chunk: int) -> None:
+    ids = tok.encode(text, add_special_tokens=False)
+    for name, tokenizer, use_stream in _variants(tok):
+        d, deltas, _ = _run(tokenizer, chat_prompt, ids, use_stream=use_stream, chunk=chunk)
+        assert d.output_text == tok.decode(ids, skip_special_tokens=True) == text, name
+        assert "".join(deltas) == text, name
+        assert all("\ufffd" not in delta for delta in deltas), name
+
+
+def test_split_character_is_emitted_once_complete(tok: Any) -> None:
+    ids = tok.encode("a 🎉", add_special_tokens=False)
+    assert len(ids) >= 3  # ' 🎉' spans several byte tokens
+    d = IncrementalDetokenizer(tok, [], True, [], False)
+    d.update(ids[:1])
+    assert d.get_next_delta() == "a"
+    for i in ids[1:-1]:
+        d.update([i])
+        assert d.get_next_delta() == "" and d.output_text == "a"
+    d.update(ids[-1:])
+    assert d.get_next_delta() == " 🎉"
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_random_token_sequences_match_decode(tok: Any, chat_prompt: list[int], skip: bool) -> None:
+    rng = random.Random(1234)
+    vocab = len(tok)
+    for trial in range(60):
+        # Half byte-level tokens, so invalid and incomplete UTF-8 is common; some specials.
+        ids = [rng.randrange(vocab) if rng.random() < 0.5 else rng.randrange(0, 260)
+               for _ in range(rng.randrange(1, 30))]
+        expected = tok.decode(ids, skip_special_tokens=skip)
+        chunks_by_variant = []
+        for name, tokenizer, use_stream in _variants(tok):
+            prompt = chat_prompt if trial % 2 else []
+            d, deltas, _ = _run(tokenizer, prompt, ids, skip=skip, use_stream=use_stream)
+            assert d.output_text == expected, (name, ids)
+            assert "".join(deltas) == expected, (name, ids)
+            chunks_by_variant.append(deltas)
+        assert chunks_by_variant[0] == chunks_by_variant[1] == chunks_by_variant[2]
+
+
+def test_special_tokens(tok: Any) -> None:
+    ids = tok.encode("Hi", add_special_tokens=False) + [tok.eos_token_id]
+    assert _run(tok, [], ids, skip=True)[0].output_text == "Hi"
+    assert _run(tok, [], ids, skip=False)[0].output_text == "Hi" + tok.eos_token
+    # Ended by EOS: as in vLLM, the stop token adds no text.
+    d = IncrementalDetokenizer(tok, [], False, [], False)
+    assert d.update(ids, stop_terminated=True) is None
+    assert d.finished and d.output_text == "Hi" and d.get_next_delta() == "Hi"
+
+
+def test_stop_string_cut(tok: Any) -> None:
+    text = "The capital of France is Paris. It is big."
+    ids = tok.encode(text, add_special_tokens=False)
+    for name, tokenizer, use_stream in _variants(tok):
+        d, deltas, hit = _run(tokenizer, [], ids, stop=["Paris", "big"], use_stream=use_stream)
+        assert hit == "Paris" and d.stop_string == "Paris" and d.finished, name
+        assert d.output_text == "The capital of France is " == "".join(deltas), name
+        assert len(d.token_ids) < len(ids)  # tokens after the hit are not consumed
+        d, deltas, hit = _run(tokenizer, [], ids, stop=["Paris"], include=True,
+                              use_stream=use_stream)
+        assert d.output_text == "The capital of France is Paris" == "".join(deltas), name
+
+
+def test_stop_string_inside_one_token_and_across_tokens(tok: Any) -> None:
+    ids = tok.encode("hello world", add_special_tokens=False)
+    d, deltas, hit = _run(tok, [], ids, stop=["ell"])  # inside the first token
+    assert hit == "ell" and d.output_text == "h" == "".join(deltas)
+    d, deltas, hit = _run(tok, [], ids, stop=["o w"])  # spans the token boundary
+    assert hit == "o w" and d.output_text == "hell"
+    d, _, hit = _run(tok, [], ids, stop=["orl", "lo w"])  # the earliest match wins
+    assert hit == "lo w" and d.output_text == "hel"
+
+
+def test_stop_string_with_split_characters(tok: Any) -> None:
+    ids = tok.encode("I like 世界 and 🎉 parties", add_special_tokens=False)
+    d, deltas, hit = _run(tok, [], ids, stop=["🎉"])
+    assert hit == "🎉" and d.output_text == "I like 世界 and " == "".join(deltas)
+
+
+def test_stream_holds_back_possible_stop_prefix(tok: Any) -> None:
+    text = "one two three four abc"
+    ids = tok.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, [], True, ["abcd!"], False)
+    sent = ""
+    for i in ids:
+        assert d.update([i]) is None
+        sent += d.get_next_delta()
+        # Never more than output_text minus the last len(stop) - 1 characters.
+        assert d.output_text.startswith(sent)
+        assert len(sent) == max(0, len(d.output_text) - 4)
+        assert d.streamable_text == sent
+    assert sent == text[:-4]
+    d.finish()  # no stop after all: the held text is released
+    assert sent + d.get_next_delta() == text
+    assert d.get_next_delta() == ""
+
+
+def test_no_stop_strings_streams_everything(tok: Any) -> None:
+    ids = tok.encode("abc def", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, [], True, [], False)
+    d.update(ids)
+    assert d.get_next_delta() == "abc def"
+
+
+def test_updates_after_finish_are_ignored(tok: Any) -> None:
+    ids = tok.encode("stop here and more", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, [], True, ["here"], False)
+    assert d.update(ids) == "here"
+    assert d.update(tok.encode(" extra", add_special_tokens=False)) is None
+    assert d.output_text == "stop "
+
+
+def test_prompt_context_keeps_sentencepiece_leading_space() -> None:
+    """Metaspace decoders drop the leading space of the first token of a decode; the first
+    output token follows the prompt, so its space is real text."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "▁the": 3, "!": 4}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    backend.decoder = tokenizers.decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    for use_stream in (True, False):
+        d, deltas, _ = _run(tok, [1, 2, 3, 1], [2, 4, 3], use_stream=use_stream)
+        assert d.output_text == " world! the" == "".join(deltas)
+        d, _, _ = _run(tok, [], [2, 4, 3], use_stream=use_stream)
+        assert d.output_text == "world! the" == tok.decode([2, 4, 3])

@@ -1,0 +1,254 @@
+"""Sampler on CPU: greedy, seeded reproducibility, support restriction, penalties, min_tokens,
+logprobs. Many samples are drawn as many identical rows of one batch, which keeps this fast."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shardserve.layers.sampler import (Sampler, SamplingMetadata, apply_penalties,
+                                       compute_prompt_logprobs, min_tokens_stop_ids)
+from shardserve.sampling_params import SamplingParams
+
+VOCAB = 32
+
+
+def build(params: list[SamplingParams], outputs: list[list[int]] | None = None,
+          prompts: list[list[int]] | None = None,
+          generators: list[torch.Generator | None] | None = None,
+          masks: list[list[int]] | None = None, vocab: int = VOCAB) -> SamplingMetadata:
+    n = len(params)
+    return SamplingMetadata.build(
+        params_list=params,
+        output_token_ids_list=outputs or [[] for _ in range(n)],
+        prompt_token_ids_list=prompts or [[] for _ in range(n)],
+        generators_list=generators or [None] * n,
+        min_tokens_masks=masks or [[] for _ in range(n)],
+        vocab_size=vocab, device="cpu")
+
+
+def sample(logits: torch.Tensor, md: SamplingMetadata) -> list[int]:
+    return Sampler()(logits.clone(), md).tolist()
+
+
+def many(logits_row: torch.Tensor, params: SamplingParams, num: int = 4000) -> torch.Tensor:
+    """`num` independent draws from one row's distribution."""
+    out = Sampler()(logits_row.repeat(num, 1), build([params] * num, vocab=logits_row.numel()))
+    return out.sampled_token_ids
+
+
+def test_greedy_is_argmax() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, VOCAB)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1e-6)] * 3
+    md = build(params)
+    assert md.all_greedy
+    assert sample(logits, md) == logits.argmax(-1).tolist()
+
+
+def test_mixed_batch_greedy_rows_stay_argmax() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(8, VOCAB)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, top_k=3, top_p=0.9, min_p=0.1)
+              for i in range(8)]
+    got = sample(logits, build(params))
+    assert [got[i] for i in range(1, 8, 2)] == logits.argmax(-1)[1::2].tolist()
+
+
+def _seeded_run(row_specs: list[int | None], target: int, steps: int = 6) -> list[int]:
+    """Tokens of row `target` over `steps` steps; every row with a seed gets a fresh generator.
+    Row `target` sees the same logits whatever the batch around it."""
+    target_logits = torch.randn(steps, VOCAB, generator=torch.Generator().manual_seed(123))
+    gens = [None if s is None else torch.Generator().manual_seed(s) for s in row_specs]
+    params = [SamplingParams(temperature=1.0, seed=s) for s in row_specs]
+    tokens = []
+    for step in range(steps):
+        logits = torch.randn(len(row_specs), VOCAB)
+        logits[target] = target_logits[step]
+        tokens.append(sample(logits, build(params, generators=gens))[target])
+    return tokens
+
+
+def test_seeded_row_is_independent_of_batch() -> None:
+    alone = _seeded_run([42], target=0)
+    assert _seeded_run([7, None, 42, 9], target=2) == alone
+    assert _seeded_run([42, None, None], target=0) == alone
+    assert _seeded_run([None, 42], target=1) == alone
+    assert _seeded_run([43], target=0) != alone  # a different seed: a different sequence
+
+
+def test_unseeded_rows_vary() -> None:
+    draws = many(torch.zeros(VOCAB), SamplingParams(temperature=1.0), num=500)
+    assert len(set(draws.tolist())) > VOCAB // 2
+
+
+def test_top_k_support() -> None:
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(3))
+    draws = many(logits, SamplingParams(temperature=1.5, top_k=3))
+    allowed = set(logits.topk(3).indices.tolist())
+    assert set(draws.tolist()) == allowed
+
+
+def test_low_temperature_is_near_greedy() -> None:
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(4))
+    draws = many(logits, SamplingParams(temperature=1e-3), num=500)
+    assert set(draws.tolist()) == {int(logits.argmax())}
+
+
+def test_temperature_flattens_distribution() -> None:
+    logits = torch.log(torch.tensor([0.7, 0.2, 0.1]))
+    draws = many(logits, SamplingParams(temperature=2.0), num=20000)
+    expected = torch.softmax(logits / 2.0, -1)
+    freq = torch.bincount(draws, minlength=3).float() / draws.numel()
+    assert torch.allclose(freq, expected, atol=0.02)
+
+
+PROBS = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05])
+
+
+def test_top_p_support_and_distribution() -> None:
+    # Cumulative 0.5, 0.8, ...: top_p 0.75 keeps {0, 1}, renormalised to 0.625 / 0.375.
+    draws = many(torch.log(PROBS), SamplingParams(temperature=1.0, top_p=0.75), num=20000)
+    assert set(draws.tolist()) == {0, 1}
+    freq0 = (draws == 0).float().mean().item()
+    assert abs(freq0 - 0.625) < 0.02
+
+
+def test_top_p_keeps_at_least_one_token() -> None:
+    draws = many(torch.log(PROBS), SamplingParams(temperature=1.0, top_p=1e-6), num=500)
+    assert set(draws.tolist()) == {0}
+
+
+def test_top_k_and_top_p_per_row() -> None:
+    logits = torch.log(PROBS).repeat(4, 1)
+    params = [SamplingParams(top_k=1), SamplingParams(top_p=0.45), SamplingParams(),
+              SamplingParams(top_k=2, top_p=0.99)]
+    md = build(params)
+    for _ in range(50):
+        got = sample(logits, md)
+        assert got[0] == 0 and got[1] == 0 and got[3] in (0, 1)
+
+
+def test_min_p_support() -> None:
+    # p_max 0.5: min_p 0.25 drops everything below 0.125.
+    draws = many(torch.log(PROBS), SamplingParams(temperature=1.0, min_p=0.25), num=5000)
+    assert set(draws.tolist()) == {0, 1}
+
+
+def _reference_penalties(logits: torch.Tensor, params: list[SamplingParams],
+                         prompts: list[list[int]], outputs: list[list[int]]) -> torch.Tensor:
+    out = logits.clone()
+    for r, p in enumerate(params):
+        for tok in set(prompts[r]) | set(outputs[r]):
+            x = out[r, tok].item()
+            out[r, tok] = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+        for tok in set(outputs[r]):
+            out[r, tok] -= p.frequency_penalty * outputs[r].count(tok) + p.presence_penalty
+    return out
+
+
+def test_penalties_match_reference() -> None:
+    torch.manual_seed(5)
+    logits = torch.randn(4, VOCAB) * 3
+    params = [SamplingParams(temperature=0, repetition_penalty=1.3),
+              SamplingParams(temperature=0, frequency_penalty=0.7, presence_penalty=-0.4),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=0, repetition_penalty=0.8, frequency_penalty=-1.1,
+                             presence_penalty=1.5)]
+    prompts = [[1, 2, 3, 3], [4, 5], [6], [7, 8, 1]]
+    outputs = [[9, 9, 10], [4, 11, 11, 11], [12], [8, 13, 13]]
+    md = build(params, outputs=outputs, prompts=prompts)
+    assert not md.no_penalties
+    got = apply_penalties(logits.clone(), md)
+    expected = _reference_penalties(logits, params, prompts, outputs)
+    torch.testing.assert_close(got, expected)
+    assert sample(logits, md) == expected.argmax(-1).tolist()
+
+
+def test_no_penalties_flag() -> None:
+    md = build([SamplingParams()], outputs=[[1, 2]], prompts=[[3]])
+    assert md.no_penalties and md.output_token_ids is None and md.prompt_token_ids is None
+
+
+def test_min_tokens_masks_eos() -> None:
+    eos = 5
+    logits = torch.zeros(3, VOCAB)
+    logits[:, eos] = 10.0
+    logits[:, 9] = 9.0
+    logits[:, 2] = 8.0
+    params = [SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[9]),
+              SamplingParams(temperature=0, min_tokens=3),
+              SamplingParams(temperature=0, min_tokens=3, ignore_eos=True)]
+    outputs = [[1], [1, 1, 1], [1]]
+    masks = [min_tokens_stop_ids(p, len(o), [eos]) for p, o in zip(params, outputs)]
+    assert masks == [[9, eos], [], []]
+    assert sample(logits, build(params, outputs=outputs, masks=masks)) == [2, eos, eos]
+
+
+def test_min_tokens_masks_random_rows() -> None:
+    logits = torch.zeros(VOCAB)
+    logits[0] = 20.0
+    draws = Sampler()(logits.repeat(200, 1),
+                      build([SamplingParams(temperature=1.0)] * 200, masks=[[0]] * 200))
+    assert 0 not in draws.sampled_token_ids.tolist()
+
+
+def test_logprobs_from_raw_logits() -> None:
+    torch.manual_seed(6)
+    logits = torch.randn(3, VOCAB)
+    params = [SamplingParams(temperature=0, logprobs=3, repetition_penalty=2.0),
+              SamplingParams(temperature=0.8, logprobs=0),
+              SamplingParams(temperature=0)]
+    md = build(params, outputs=[[int(logits[0].argmax())], [], []], prompts=[[1], [], []])
+    assert md.max_num_logprobs == 3
+    out = Sampler()(logits.clone(), md)
+    ref = torch.log_softmax(logits, -1)
+    sampled = out.tolist()
+    assert out.sampled_token_ids.tolist() == sampled
+    assert out.logprobs is not None and len(out.logprobs) == 3
+    for row, (entry, k) in enumerate(zip(out.logprobs, [3, 0, 0])):
+        tok = sampled[row]
+        assert entry.token_ids[0] == tok
+        assert math.isclose(entry.logprobs[0], ref[row, tok].item(), rel_tol=1e-6)
+        assert entry.ranks[0] == int((ref[row] > ref[row, tok]).sum()) + 1
+        top = ref[row].topk(k)
+        assert entry.token_ids[1:] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor(entry.logprobs[1:]), top.values)
+        assert entry.ranks[1:] == list(range(1, k + 1))
+    # Row 0's repetition penalty changed its pick, so the sampled token is not rank 1 there.
+    assert out.logprobs[0].ranks[0] > 1
+
+
+def test_no_logprobs_when_not_asked() -> None:
+    out = Sampler()(torch.randn(2, VOCAB), build([SamplingParams(), SamplingParams(temperature=0)]))
+    assert out.logprobs is None
+
+
+def test_prompt_logprobs() -> None:
+    torch.manual_seed(7)
+    logits = torch.randn(4, VOCAB)
+    next_ids = torch.tensor([3, 0, 31, 7])
+    entries = compute_prompt_logprobs(logits, next_ids, 2)
+    ref = torch.log_softmax(logits, -1)
+    for row, e in enumerate(entries):
+        tok = int(next_ids[row])
+        assert e.token_ids[0] == tok and len(e.token_ids) == 3
+        assert math.isclose(e.logprobs[0], ref[row, tok].item(), rel_tol=1e-6)
+        assert e.ranks == [int((ref[row] > ref[row, tok]).sum()) + 1, 1, 2]
+        assert e.token_ids[1:] == ref[row].topk(2).indices.tolist()
+
+
+def test_empty_batch() -> None:
+    md = build([])
+    out = Sampler()(torch.empty(0, VOCAB), md)
+    assert out.tolist() == [] and out.logprobs is None
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 5, VOCAB + 10])
+def test_top_k_bounds(top_k: int) -> None:
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(8))
+    draws = set(many(logits, SamplingParams(top_k=top_k), num=2000).tolist())
+    if 0 < top_k < VOCAB:
+        assert draws <= set(logits.topk(top_k).indices.tolist())
