@@ -1,0 +1,96 @@
+"""Tokenizer loading, prompt encoding and chat templating against transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from shardserve.errors import InvalidRequestError, ModelLoadError
+from shardserve.loader.source import ModelSource
+from shardserve.tokenizer import apply_chat_template, encode_prompt, eos_token_ids, load_tokenizer
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer(smollm2_gguf):
+    path = Path(smollm2_gguf)
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(ModelSource("gguf", path, path.stem))
+    print(f"GGUF tokenizer load: {time.perf_counter() - start:.1f} s")
+    return tokenizer
+
+
+def test_gguf_tokenizer_matches_transformers(gguf_tokenizer, smollm2_hf_reference, smollm2_gguf):
+    reference = smollm2_hf_reference[1]
+    expected = reference.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+    ids = apply_chat_template(gguf_tokenizer, CHAT)
+    assert ids == list(expected)
+    # SmolLM2's template opens every turn with <|im_start|> (its BOS, id 1) and ends it with
+    # <|im_end|> (EOS, id 2); the prompt ends ready for the assistant's reply.
+    assert ids[0] == 1 and gguf_tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+    # SmolLM2 adds no BOS to plain prompts (tokenizer.ggml.add_bos_token is false).
+    assert encode_prompt(gguf_tokenizer, "Hello world") == reference.encode("Hello world")
+    assert encode_prompt(gguf_tokenizer, "Hello world")[0] != 1
+    config = smollm2_hf_reference[0].config
+    assert eos_token_ids(gguf_tokenizer, config, Path(smollm2_gguf).parent) == [2]
+
+
+def test_bos_is_added_when_the_tokenizer_asks(tiny_model_dirs):
+    tokenizer = load_tokenizer(ModelSource("hf", Path(tiny_model_dirs["llama"]), "tiny"))
+    tokenizer.add_bos_token = True  # as Llama's tokenizer_config.json says
+    ids = encode_prompt(tokenizer, "Hello world")
+    assert ids[0] == tokenizer.bos_token_id and ids[1:] == tokenizer.encode("Hello world", add_special_tokens=False)
+
+
+def test_chat_template_found_in_chat_template_json(tiny_model_dirs, tmp_path):
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_model_dirs["llama"], folder)
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    tokenizer = load_tokenizer(ModelSource("gguf", Path("/nonexistent.gguf"), "x"), tokenizer_path=folder)
+    assert tokenizer.chat_template == template
+    text = tokenizer.decode(apply_chat_template(tokenizer, CHAT, add_generation_prompt=False))
+    assert text.endswith("What is the capital of France?<|im_end|>\n")
+
+
+def test_chat_errors_are_invalid_requests(tiny_model_dirs, tmp_path):
+    tokenizer = load_tokenizer(ModelSource("hf", Path(tiny_model_dirs["llama"]), "tiny"))
+    bad_messages = [
+        [],
+        "hello",
+        [{"content": "no role"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    ]
+    for messages in bad_messages:
+        with pytest.raises(InvalidRequestError) as err:
+            apply_chat_template(tokenizer, messages)
+        assert err.value.param == "messages"
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                          {"type": "text", "text": "of France?"}]}]
+    assert tokenizer.decode(apply_chat_template(tokenizer, parts)).count("capital\nof France?") == 1
+    tokenizer.chat_template = None
+    with pytest.raises(InvalidRequestError, match="no chat template"):
+        apply_chat_template(tokenizer, CHAT)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_tokenizer(ModelSource("hf", tmp_path, "x"), tokenizer_path=tmp_path / "missing")
+
+
+def test_eos_ids_include_generation_config(tmp_path):
+    class Tok:
+        eos_token_id = 2
+
+    class Config:
+        eos_token_id = [2, 5]
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
+    assert eos_token_ids(Tok(), Config(), tmp_path) == [2, 5, 7]
+    assert eos_token_ids(Tok(), None, None) == [2]
