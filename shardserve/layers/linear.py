@@ -12,6 +12,8 @@ the checkpoint tensor to this rank's part before reading it (see weight_utils).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,7 +47,7 @@ class LinearBase(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(output_size_per_partition, input_size_per_partition, dtype=dtype),
             requires_grad=False)
-        weight_attrs: dict = {"weight_loader": self.weight_loader}
+        weight_attrs: dict[str, Any] = {"weight_loader": self.weight_loader}
         if shard_output:
             weight_attrs["output_dim"] = 0
         if shard_input:
@@ -54,7 +56,7 @@ class LinearBase(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size_per_partition, dtype=dtype),
                                      requires_grad=False)
-            bias_attrs: dict = {"weight_loader": self.weight_loader}
+            bias_attrs: dict[str, Any] = {"weight_loader": self.weight_loader}
             if shard_output:
                 bias_attrs["output_dim"] = 0
             set_weight_attrs(self.bias, bias_attrs)

@@ -1,0 +1,68 @@
+"""Run a function on N local processes that form one torch.distributed world.
+
+For tests and CPU tensor parallelism: each rank joins through a TCP rendezvous on a free port
+of 127.0.0.1 and leaves the world when the function returns.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import time
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from shardserve.distributed.parallel_state import (destroy_distributed_environment,
+                                                   init_distributed_environment)
+
+
+def get_open_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_entry(rank: int, fn: Callable[..., Any], world_size: int, init_method: str,
+                args: tuple, timeout_s: float, num_threads: int, backend: str) -> None:
+    # N ranks share the machine's cores; one torch pool each would oversubscribe them.
+    torch.set_num_threads(num_threads)
+    init_distributed_environment(world_size, rank, backend, init_method, local_rank=rank,
+                                 timeout_s=timeout_s)
+    try:
+        fn(rank, *args)
+    finally:
+        destroy_distributed_environment()
+
+
+def run_local_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (),
+                    timeout_s: float = 60.0, backend: str = "gloo") -> None:
+    """Call fn(rank, *args) in `world_size` new processes joined in one world (gloo, or nccl
+    with rank r on cuda:r).
+
+    fn must be importable by module name (it is pickled by reference). Raises if any rank
+    raises, and terminates all ranks (then raises TimeoutError) after timeout_s.
+    """
+    init_method = f"tcp://127.0.0.1:{get_open_port()}"
+    num_threads = max(1, (os.cpu_count() or 1) // world_size)
+    # A forkserver that has imported torch once forks every rank: N torch imports cost
+    # seconds each, while fork is instant, and forking a fresh single-threaded server is safe.
+    multiprocessing.set_forkserver_preload(["torch", "shardserve.distributed.parallel_state"])
+    context = mp.start_processes(_rank_entry, nprocs=world_size, join=False,
+                                 start_method="forkserver",
+                                 args=(fn, world_size, init_method, args, timeout_s, num_threads,
+                                       backend))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{world_size} ranks of {fn.__name__} did not finish "
+                                   f"within {timeout_s:.0f} s.")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)

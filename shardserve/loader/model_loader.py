@@ -1,0 +1,55 @@
+"""Build the model for this rank and fill it from the checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from shardserve.distributed.parallel_state import get_world_group
+from shardserve.errors import ModelLoadError
+from shardserve.layers.weight_utils import LoadedWeight
+from shardserve.models.registry import check_architecture, get_model_class
+
+
+def load_model(model_config: Any, device: torch.device | str) -> nn.Module:
+    """The model of a resolved ModelConfig (hf_config, source, dtype set), its parameters
+    created directly on `device` in model_config.torch_dtype and sharded for this process's
+    TP group, every one loaded from the checkpoint; ModelLoadError names any left unloaded."""
+    if model_config.hf_config is None or model_config.source is None or model_config.dtype == "auto":
+        raise ValueError("load_model needs a resolved ModelConfig; call EngineConfig.resolve().")
+    arch = model_config.architecture or check_architecture(model_config.hf_config)
+    model_cls = get_model_class(arch)
+    device = torch.device(device)
+    # Allocating under the device context puts parameters (and RoPE tables) straight on the
+    # GPU: no full-size CPU copy first.
+    with torch.device(device):
+        model = model_cls(model_config.hf_config, dtype=model_config.torch_dtype,
+                          max_model_len=model_config.max_model_len or 0)
+    weights, total = _checkpoint_weights(model_config.source)
+    progress = tqdm(weights, total=total, desc=f"Loading {model_config.source.name}",
+                    unit="tensor", disable=get_world_group().rank != 0, leave=False)
+    with torch.no_grad():
+        loaded = model.load_weights(progress)
+    missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise ModelLoadError(f"The checkpoint at {model_config.source.path} has no weights for "
+                             f"{len(missing)} parameters of {arch}: {shown} (a fused "
+                             "qkv_proj/gate_up_proj needs all of q/k/v_proj or gate/up_proj).")
+    return model.eval()
+
+
+def _checkpoint_weights(source: Any) -> tuple[Iterable[tuple[str, LoadedWeight]], int | None]:
+    if source.kind == "hf":
+        from shardserve.loader.safetensors import (count_safetensors_weights,
+                                                   iter_safetensors_weights)
+        return iter_safetensors_weights(source.path), count_safetensors_weights(source.path)
+    if source.kind == "gguf":
+        # Written alongside; imported lazily so HF-only setups never need the gguf package.
+        from shardserve.loader.gguf import iter_gguf_weights
+        return iter_gguf_weights(source.path), None
+    raise ModelLoadError(f"Unknown model source kind {source.kind!r}.")
+

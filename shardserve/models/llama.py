@@ -1,0 +1,250 @@
+"""Llama-family decoder, tensor-parallel: Llama, Qwen2 and Qwen3 in one implementation.
+
+They differ only in flags read from the config (`LlamaFamilyFlags`): Qwen2 has q/k/v biases,
+Qwen3 normalises each query/key head (q_norm/k_norm) before RoPE and sets head_dim explicitly,
+Llama may have attention/MLP biases. Weights use the HF names, except that q/k/v and gate/up
+are fused (qkv_proj, gate_up_proj) so one GEMM does each; `load_weights` maps the names.
+
+Tokens arrive packed: input_ids and positions are [T] over all scheduled requests, activations
+are [T, hidden]; attention finds request boundaries in the forward context.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from shardserve.distributed.parallel_state import get_tp_group
+from shardserve.errors import UnsupportedModelError
+from shardserve.layers.activation import SiluAndMul
+from shardserve.layers.attention import Attention
+from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardserve.layers.layernorm import RMSNorm
+from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from shardserve.layers.rotary import get_rope, get_rope_config
+from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LlamaFamilyFlags:
+    """What sets Llama, Qwen2 and Qwen3 apart, as read from a Hugging Face config."""
+
+    qkv_bias: bool
+    o_proj_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_config(cls, config: Any) -> "LlamaFamilyFlags":
+        archs = set(getattr(config, "architectures", None) or [])
+        model_type = getattr(config, "model_type", "")
+        if "Qwen2ForCausalLM" in archs or model_type == "qwen2":
+            # Qwen2 hard-codes biases on q/k/v only; its config has no attention_bias.
+            return cls(qkv_bias=True, o_proj_bias=False, mlp_bias=False, qk_norm=False)
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        is_qwen3 = "Qwen3ForCausalLM" in archs or model_type == "qwen3"
+        return cls(qkv_bias=attention_bias, o_proj_bias=attention_bias,
+                   mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=is_qwen3)
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__()
+        if hidden_act != "silu":
+            raise UnsupportedModelError(f"MLP activation {hidden_act!r} is not supported "
+                                        "(only 'silu').")
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2,
+                                                       bias=bias, params_dtype=dtype)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias,
+                                           params_dtype=dtype)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    """This rank's heads: qkv_proj (column parallel) -> [q/k norm] -> RoPE -> attention ->
+    o_proj (row parallel, all-reduced)."""
+
+    def __init__(self, config: Any, flags: LlamaFamilyFlags, layer_idx: int,
+                 dtype: torch.dtype | None, max_model_len: int = 0) -> None:
+        super().__init__()
+        self.head_dim = head_dim_of(config)
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim,
+                                          config.num_attention_heads, total_kv_heads,
+                                          bias=flags.qkv_bias, params_dtype=dtype)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
+                                        config.hidden_size, bias=flags.o_proj_bias,
+                                        params_dtype=dtype)
+        base, rope_scaling = get_rope_config(config)
+        partial = (rope_scaling or {}).get("partial_rotary_factor") or 1.0
+        self.rotary_emb = get_rope(self.head_dim, int(self.head_dim * partial),
+                                   config.max_position_embeddings, base, rope_scaling,
+                                   num_positions=max_model_len)
+        self.qk_norm = flags.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5,
+                              self.num_kv_heads, layer_idx)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:
+            num_tokens = q.shape[0]
+            q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
+            q, k = q.reshape(num_tokens, -1), k.reshape(num_tokens, -1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block. The residual stream travels beside the hidden states so each RMSNorm
+    can add it in (see RMSNorm.forward)."""
+
+    def __init__(self, config: Any, flags: LlamaFamilyFlags, layer_idx: int,
+                 dtype: torch.dtype | None, max_model_len: int = 0) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, flags, layer_idx, dtype, max_model_len)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
+                            getattr(config, "hidden_act", "silu"), flags.mlp_bias, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm. Layers [start_layer, end_layer) run here; the
+    range is the whole model until pipeline parallelism narrows it per stage."""
+
+    def __init__(self, config: Any, dtype: torch.dtype | None = None,
+                 max_model_len: int = 0) -> None:
+        super().__init__()
+        flags = LlamaFamilyFlags.from_config(config)
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise UnsupportedModelError("Sliding-window attention layers are not supported "
+                                        f"(layer_types: {sorted(set(layer_types))}).")
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, flags, i, dtype, max_model_len)
+                                    for i in range(config.num_hidden_layers))
+        self.start_layer, self.end_layer = 0, config.num_hidden_layers
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer in self.layers[self.start_layer:self.end_layer]:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        if residual is None:
+            return self.norm(hidden_states)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    """LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM.
+
+    LlamaForCausalLM(hf_config, dtype, max_model_len): parameters are created uninitialised in
+    `dtype` on the current default device (build it under `with torch.device(...)`), sharded
+    for the TP group of this process; `load_weights` fills them. max_model_len (optional)
+    makes the RoPE table cover positions past max_position_embeddings.
+    """
+
+    # checkpoint name part -> (our fused parameter, shard id)
+    stacked_params_mapping = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, hf_config: Any, dtype: torch.dtype | None = None,
+                 max_model_len: int = 0) -> None:
+        super().__init__()
+        self.config = hf_config
+        self.tp_size = get_tp_group().world_size
+        self.model = LlamaModel(hf_config, dtype, max_model_len)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size,
+                                      params_dtype=dtype)
+        if self.tie_word_embeddings:
+            self.lm_head.tie_weights(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden_size]."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[T, hidden_size] -> [T, vocab_size] float32, on every TP rank."""
+        return self.lm_head.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
+        """Load HF-named checkpoint tensors (tensors or lazy slices); returns the names of the
+        parameters that received data. Each parameter's weight_loader reads only this rank's
+        slice."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        shards_seen: dict[str, set[str | int]] = {}  # fused param -> parts loaded so far
+        unexpected: list[str] = []
+        for name, weight in weights:
+            if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name:
+                continue  # HF buffers; we compute RoPE ourselves
+            if self.tie_word_embeddings and name.startswith("lm_head."):
+                continue  # the table is the embedding's, loaded under its own name
+            param_name, shard_id = self._param_name(name)
+            param = params.get(param_name)
+            if param is None:
+                unexpected.append(name)
+                continue
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard_id is None:
+                loader(param, weight)
+                loaded.add(param_name)
+            else:
+                loader(param, weight, shard_id)
+                shards_seen.setdefault(param_name, set()).add(shard_id)
+        # A fused parameter counts as loaded only once every part of it was.
+        loaded.update(name for name, seen in shards_seen.items()
+                      if seen == self._shard_ids_of(name))
+        if unexpected:
+            logger.warning("Ignored %d checkpoint tensors the model has no parameter for: %s",
+                           len(unexpected), ", ".join(unexpected[:10]))
+        return loaded
+
+    def _shard_ids_of(self, param_name: str) -> set[str | int]:
+        fused = param_name.split(".")[-2]
+        return {sid for f, sid in self.stacked_params_mapping.values() if f == fused}
+
+    def _param_name(self, name: str) -> tuple[str, str | int | None]:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part in self.stacked_params_mapping:
+                fused, shard_id = self.stacked_params_mapping[part]
+                return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard_id
+        return name, None

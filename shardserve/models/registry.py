@@ -1,0 +1,46 @@
+"""Which Hugging Face architectures we serve, and the class that serves each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from shardserve.errors import UnsupportedModelError
+from shardserve.models.llama import LlamaForCausalLM
+
+# One implementation covers the Llama family; the flags come from each config.
+SUPPORTED_ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+# Configs without `architectures` (some GGUF-built ones) still name their model type.
+_MODEL_TYPE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                             "qwen3": "Qwen3ForCausalLM"}
+
+
+def check_architecture(hf_config: Any) -> str:
+    """The architecture name we will serve `hf_config` with, or UnsupportedModelError."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not archs:
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type in _MODEL_TYPE_ARCHITECTURES:
+            return _MODEL_TYPE_ARCHITECTURES[model_type]
+        archs = [f"model_type={model_type!r}"]
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch
+    raise UnsupportedModelError(
+        f"Model architecture {', '.join(archs)} is not supported; supported architectures: "
+        f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}.")
+
+
+def get_model_class(name: str) -> type[nn.Module]:
+    try:
+        return SUPPORTED_ARCHITECTURES[name]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"Model architecture {name} is not supported; supported architectures: "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}.") from None

@@ -1,0 +1,57 @@
+"""Tensor parallelism: two gloo ranks give the single-process logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_checkpoints import VOCAB, assert_close_logits, load_ours, our_logits, save_tiny_checkpoint
+
+from shardserve.distributed import parallel_state as ps
+from shardserve.distributed.local_launch import run_local_ranks
+
+# llama_bias: o_proj/down_proj biases after the all-reduce, tied vocab-parallel embedding.
+# qwen3_kv1: one KV head replicated on both ranks, q/k norms.
+TP_MODELS = ["llama", "llama_bias", "qwen3_kv1"]
+
+
+def _input_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (23,), generator=torch.Generator().manual_seed(4))
+
+
+def _tp2_worker(rank: int, root: str, device: str = "cpu") -> None:
+    ps.initialize_model_parallel(tensor_parallel_size=2, pipeline_parallel_size=1)
+    for name in TP_MODELS:
+        model = load_ours(Path(root) / name, device=device if device == "cpu" else f"cuda:{rank}")
+        attn = model.model.layers[0].self_attn
+        assert attn.num_heads == 2  # 4 query heads split over 2 ranks
+        assert model.model.embed_tokens.weight.shape[0] == 256  # half of the 512-row padded vocab
+        logits = our_logits(model, _input_ids().to(model.lm_head.weight.device)).cpu()
+        torch.save(logits, Path(root) / f"{name}.rank{rank}.pt")
+    ps.destroy_model_parallel()
+
+
+@pytest.mark.multiproc
+def test_tp2_matches_tp1(tmp_path: Path) -> None:
+    for name in TP_MODELS:
+        save_tiny_checkpoint(name, tmp_path / name)
+    run_local_ranks(_tp2_worker, 2, args=(str(tmp_path),), timeout_s=120)
+    for name in TP_MODELS:
+        reference = our_logits(load_ours(tmp_path / name), _input_ids())
+        for rank in (0, 1):
+            assert_close_logits(torch.load(tmp_path / f"{name}.rank{rank}.pt"), reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.multiproc
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tp2_nccl_matches_tp1_on_cuda(tmp_path: Path) -> None:
+    for name in TP_MODELS:
+        save_tiny_checkpoint(name, tmp_path / name)
+    run_local_ranks(_tp2_worker, 2, args=(str(tmp_path), "cuda"), timeout_s=300, backend="nccl")
+    for name in TP_MODELS:
+        model = load_ours(tmp_path / name, device="cuda:0")
+        reference = our_logits(model, _input_ids().cuda()).cpu()
+        for rank in (0, 1):
+            assert_close_logits(torch.load(tmp_path / f"{name}.rank{rank}.pt"), reference)

@@ -1,0 +1,88 @@
+"""Tiny random Llama/Qwen checkpoints written by transformers, and our loaded counterpart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VOCAB = 500
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               rms_norm_eps=1e-5)
+
+# name -> (config class name, overrides)
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {"num_hidden_layers": 3}),
+    "llama_bias": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True,
+                                   "tie_word_embeddings": True}),
+    "llama_rope_llama3": ("LlamaConfig", {"rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+    "llama_rope_yarn": ("LlamaConfig", {"rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}),
+    "llama_rope_linear": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "llama_rope_dynamic": ("LlamaConfig", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
+    "qwen3_kv1": ("Qwen3Config", {"head_dim": 16, "num_key_value_heads": 1}),
+}
+
+
+def tiny_config(name: str) -> Any:
+    import transformers
+
+    cls_name, overrides = TINY_CONFIGS[name]
+    return getattr(transformers, cls_name)(**{**_COMMON, **overrides})
+
+
+def save_tiny_checkpoint(name: str, folder: Path, max_shard_size: str | None = None,
+                         seed: int = 0) -> Any:
+    """Write a random float32 checkpoint of TINY_CONFIGS[name]; returns the HF model (eval).
+
+    Every parameter is re-drawn, biases and norm weights included (HF initialises those to
+    0 and 1, which would hide a bias or norm that is not loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if "norm" in pname:
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.15)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(folder), **kwargs)
+    return model
+
+
+def load_ours(folder: Path, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
+    """Our model from the folder, through the engine's own config resolution and loader."""
+    from shardserve.config import EngineConfig
+    from shardserve.loader.model_loader import load_model
+
+    kind = "cpu" if device == "cpu" else "cuda"
+    config = EngineConfig.from_kwargs(model=str(folder), dtype=dtype, device=kind).resolve()
+    return load_model(config.model_config, torch.device(device))
+
+
+def our_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    from shardserve.forward_context import set_forward_context
+
+    with torch.no_grad(), set_forward_context(None):
+        hidden = model(input_ids, torch.arange(input_ids.shape[0], device=input_ids.device))
+        return model.compute_logits(hidden)
+
+
+def hf_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids[None]).logits[0].float()
+
+
+def assert_close_logits(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    assert err <= rel, f"max relative error {err:.2e} > {rel:.0e}"
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
