@@ -52,6 +52,9 @@ class LLM:
         """Generate for one prompt or a list; returns one RequestOutput per prompt, in order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise InvalidRequestError("prompts must be a string, a {'prompt_token_ids': [...]} dict, "
+                                      f"or a list of those; got {type(prompts).__name__}.", "prompts")
         prompts = list(prompts)
         params_list = _broadcast_params(sampling_params, len(prompts))
         # Check every prompt before queueing any: a bad one must not leave others behind.

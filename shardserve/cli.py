@@ -1,0 +1,157 @@
+"""shardserve <command>: generate | chat | random-model (serve, bench, plan, deploy as they land).
+
+Errors we raise on purpose print as one line and exit 2; no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from shardserve.errors import ShardserveError
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from shardserve.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          seed=args.sampling_seed, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, stop=args.stop,
+                          ignore_eos=args.ignore_eos)
+
+
+def _make_engine(args: argparse.Namespace):
+    from shardserve.engine.llm_engine import LLMEngine
+    from shardserve.engine_args import engine_config_from_args
+    return LLMEngine(engine_config_from_args(args))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from shardserve.tokenizer import apply_chat_template
+    params = _sampling_params(args)  # check the flags before loading anything
+    engine = _make_engine(args)
+    if args.raw:
+        prompt = args.prompt
+    else:
+        ids = apply_chat_template(engine.tokenizer, [{"role": "user", "content": args.prompt}])
+        prompt = {"prompt_token_ids": ids}
+    _stream(engine, prompt, params)
+    return 0
+
+
+def _stream(engine, prompt, params) -> str:
+    engine.add_request(prompt, params)
+    text = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            delta = out.outputs[0].delta_text
+            if delta:
+                text.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(text)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from shardserve.tokenizer import apply_chat_template
+    params = _sampling_params(args)
+    engine = _make_engine(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = apply_chat_template(engine.tokenizer, messages)
+        reply = _stream(engine, {"prompt_token_ids": ids}, params)
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_random_model(args: argparse.Namespace) -> int:
+    from shardserve.testing import write_random_model
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = _literal(value)
+    path = write_random_model(args.out, architecture=args.arch, preset=args.preset,
+                              dtype=args.dtype, seed=args.seed, **overrides)
+    print(path)
+    return 0
+
+
+def _literal(text: str):
+    import json
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shardserve.engine_args import add_engine_args
+
+    parser = argparse.ArgumentParser(prog="shardserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print the result")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--raw", action="store_true", help="send the prompt as-is, not as a chat message")
+    add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal, streamed")
+    chat.add_argument("--system", default=None, help="system message")
+    add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    rnd = sub.add_parser("random-model", help="write a random-weight Hugging Face model folder")
+    rnd.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"])
+    rnd.add_argument("--preset", default="tiny")
+    rnd.add_argument("--dtype", default="float32")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--out", required=True)
+    rnd.add_argument("--set", action="append", help="config override key=value (repeatable)")
+    rnd.set_defaults(func=cmd_random_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ShardserveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Command-line flags generated from the config tree's fields, with vLLM's names and aliases."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import typing
+from typing import Any
+
+from shardserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
+                               ParallelConfig, SchedulerConfig)
+
+_SECTIONS = (ModelConfig, CacheConfig, ParallelConfig, SchedulerConfig, DeviceConfig)
+# Fields that are filled at start-up, not set by users.
+_DERIVED = {"source", "hf_config", "architecture", "num_blocks"}
+_ALIASES = {
+    "tensor_parallel_size": ["-tp"],
+    "pipeline_parallel_size": ["-pp"],
+    "data_parallel_size": ["-dp"],
+    "kv_cache_memory_bytes": ["--kv-cache-memory"],
+}
+# Environment variables that act as defaults for a flag (Kubernetes manifests set these).
+_ENV_DEFAULTS = {
+    "tensor_parallel_size": "TENSOR_PARALLEL_SIZE",
+    "pipeline_parallel_size": "PIPELINE_PARALLEL_SIZE",
+}
+_HELP = {
+    "model": "Hugging Face model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+    "kv_cache_memory_bytes": "KV cache size, e.g. 2GiB or 500MB (CPU default 1GiB)",
+    "gpu_memory_utilization": "share of GPU memory for weights, activations and KV cache",
+    "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
+    "max_num_batched_tokens": "token budget per engine step",
+}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MB', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?i?B?)?\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 500MB)")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True) -> None:
+    group = parser.add_argument_group("engine")
+    for section in _SECTIONS:
+        hints = typing.get_type_hints(section)
+        for f in dataclasses.fields(section):
+            if f.name in _DERIVED or (f.name == "model" and not include_model):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            names = [flag] + _ALIASES.get(f.name, [])
+            default = f.default if f.default is not dataclasses.MISSING else None
+            env = _ENV_DEFAULTS.get(f.name)
+            if env and os.environ.get(env):
+                default = int(os.environ[env])
+            hint = hints[f.name]
+            kwargs: dict[str, Any] = {"dest": f.name, "default": default,
+                                      "help": _HELP.get(f.name, f.name.replace("_", " "))}
+            if hint is bool or hint == "bool":
+                if default:
+                    group.add_argument(*names, **kwargs, type=_bool, nargs="?", const=True)
+                    group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                                       action="store_false", help=argparse.SUPPRESS)
+                else:
+                    group.add_argument(*names, **kwargs, action="store_true")
+                continue
+            if f.name == "kv_cache_memory_bytes":
+                kwargs["type"] = parse_size
+            else:
+                base = _base_type(hint)
+                kwargs["type"] = base
+            group.add_argument(*names, **kwargs)
+
+
+def _base_type(hint) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for s in _SECTIONS for f in dataclasses.fields(s) if f.name not in _DERIVED}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig.from_kwargs(**engine_kwargs_from_args(args))

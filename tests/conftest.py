@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models (written once per session) and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
+    """Random-weight tiny Llama, Qwen2 and Qwen3 folders with SmolLM2's tokenizer."""
+    from shardserve.testing import write_random_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: str(write_random_model(root / arch, architecture=arch, preset="tiny", seed=1))
+            for arch in ("llama", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    from shardserve.loader.source import default_model_path
+    return str(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_reference(smollm2_gguf):
+    """transformers' own GGUF load of SmolLM2 (float32): the reference outputs come from it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.dirname(smollm2_gguf), os.path.basename(smollm2_gguf)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_gguf):
+    from shardserve import LLM
+    return LLM(smollm2_gguf, device="cpu", dtype="float32", max_model_len=1024,
+               kv_cache_memory_bytes=256 << 20)

@@ -1,0 +1,23 @@
+"""Greedy continuations and logits from Hugging Face transformers, one prompt at a time."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Plain greedy decoding with transformers' KV cache, never stopping at EOS (the engine
+    side runs with ignore_eos). generate()'s min_new_tokens would instead mask EOS out."""
+    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        tokens.append(nxt)
+        out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+@torch.inference_mode()
+def hf_logits(model, token_ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([token_ids])).logits[0].float()

@@ -1,0 +1,96 @@
+"""Bad input gets a typed error naming what to change; the same LLM then serves the next
+request, and no KV block stays allocated."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardserve import LLM, SamplingParams
+from shardserve.errors import (CacheTooSmallError, ContextLengthError, InvalidRequestError,
+                               ModelLoadError, UnsupportedModelError)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dirs):
+    return LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", max_model_len=64)
+
+
+def assert_clean_and_serving(llm):
+    sched = llm.engine.core.scheduler
+    assert sched.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
+    assert not sched.has_unfinished_requests()
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_k": -3}, "top_k"),
+    ({"n": 0}, "n"),
+])
+def test_bad_sampling_params(kwargs, param):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**kwargs)
+    assert err.value.param == param and param in str(err.value)
+
+
+def test_prompt_longer_than_max_model_len(llm):
+    with pytest.raises(ContextLengthError, match="max_model_len"):
+        llm.generate([{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": list(range(100))}],
+                     SamplingParams(max_tokens=4), use_tqdm=False)
+    assert_clean_and_serving(llm)
+
+
+def test_bad_token_ids_and_empty_prompt(llm):
+    with pytest.raises(InvalidRequestError):
+        llm.generate({"prompt_token_ids": [10**9]}, use_tqdm=False)
+    with pytest.raises(InvalidRequestError):
+        llm.generate({"prompt_token_ids": []}, use_tqdm=False)
+    with pytest.raises(InvalidRequestError):
+        llm.generate(12345, use_tqdm=False)
+    assert_clean_and_serving(llm)
+
+
+def test_error_mid_generation_frees_blocks(llm, monkeypatch):
+    runner = llm.engine.core.executor.worker.runner
+    calls = {"n": 0}
+    real = runner.execute_model
+
+    def flaky(out):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(out)
+
+    monkeypatch.setattr(runner, "execute_model", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate([{"prompt_token_ids": [4, 5, 6]}] * 3, SamplingParams(max_tokens=8), use_tqdm=False)
+    monkeypatch.setattr(runner, "execute_model", real)
+    assert_clean_and_serving(llm)
+
+
+def test_missing_path_and_no_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LLM(str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(ModelLoadError, match="holds no model"):
+        LLM(str(tmp_path), device="cpu")
+
+
+def test_unsupported_architecture(tmp_path, tiny_model_dirs):
+    import json
+    import shutil
+    path = tmp_path / "gpt"
+    shutil.copytree(tiny_model_dirs["llama"], path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        LLM(str(path), device="cpu")
+
+
+def test_cache_too_small_says_how_much_is_needed(tiny_model_dirs):
+    with pytest.raises(CacheTooSmallError, match="MiB"):
+        LLM(tiny_model_dirs["llama"], device="cpu", max_model_len=2048, kv_cache_memory_bytes=1 << 16)

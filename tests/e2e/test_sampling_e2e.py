@@ -1,0 +1,77 @@
+"""Sampling through the whole engine: seeds, stops, n > 1, penalties, min_tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardserve import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dirs):
+    return LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", max_model_len=256)
+
+
+PROMPT = {"prompt_token_ids": [5, 17, 300, 42, 9, 1200, 77]}
+
+
+def test_seeded_sampling_is_the_same_whatever_the_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234, ignore_eos=True)
+    alone = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids
+    others = [{"prompt_token_ids": [i + 3, i + 40, 7]} for i in range(5)]
+    mixed = llm.generate(others[:2] + [PROMPT] + others[2:],
+                         [SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)] * 2
+                         + [params]
+                         + [SamplingParams(temperature=0.7, max_tokens=9, seed=9, ignore_eos=True)] * 3,
+                         use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    different = llm.generate(PROMPT, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16,
+                                                    seed=4321, ignore_eos=True), use_tqdm=False)
+    assert different[0].outputs[0].token_ids != alone
+
+
+def test_n_gives_n_distinct_samples(llm):
+    out = llm.generate(PROMPT, SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=7,
+                                              ignore_eos=True), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 12 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_stop_token_ids_and_stop_strings(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    base = llm.generate(PROMPT, greedy, use_tqdm=False)[0].outputs[0]
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                                              stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == base.token_ids[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    # A stop string taken from the middle of the greedy text is cut from the output.
+    text = base.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    if stop.strip():
+        out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                                                  stop=[stop]), use_tqdm=False)[0].outputs[0]
+        assert out.text == text[:text.index(stop)]
+        assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert llm.engine.core.scheduler.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
+
+
+def test_min_tokens_suppresses_eos_and_max_tokens_bounds(llm):
+    eos = next(iter(llm.engine.input_processor.eos_token_ids))
+    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=10, min_tokens=10,
+                                              stop_token_ids=[eos]), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 10 and eos not in out.token_ids
+    assert out.finish_reason == "length"
+
+
+def test_penalties_change_greedy_output(llm):
+    plain = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    penal = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                                frequency_penalty=2.0, repetition_penalty=1.5),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    if len(set(plain)) < len(plain):  # repeats in plain greedy: penalties must reduce them
+        assert len(set(penal)) > len(set(plain))
+    assert penal != plain or len(set(plain)) == len(plain)
