@@ -1,4 +1,4 @@
-"""shardserve <command>: generate | chat | random-model (serve, bench, plan, deploy as they land).
+"""shardserve <command>: serve | generate | chat | bench | random-model (plan, deploy as they land).
 
 Errors we raise on purpose print as one line and exit 2; no traceback."""
 
@@ -101,6 +101,16 @@ def cmd_random_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from shardserve.server.app import run_server
+    return run_server(args)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from shardserve.bench.serve import run_bench_serve
+    return run_bench_serve(args)
+
+
 def _literal(text: str):
     import json
     try:
@@ -115,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardserve", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
+                                         "/v1/chat/completions, /metrics, /health)")
+    from shardserve.server.args import add_server_args
+    add_server_args(serve)
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from shardserve.bench.serve import add_bench_serve_args
+    bench_serve = bench_sub.add_parser("serve", help="load-test a running server over HTTP")
+    add_bench_serve_args(bench_serve)
+    bench_serve.set_defaults(func=cmd_bench_serve)
 
     gen = sub.add_parser("generate", help="complete one prompt and print the result")
     gen.add_argument("--prompt", required=True)

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from tests.device import TEST_DEVICE
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -49,5 +51,5 @@ def smollm2_hf_reference(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2_gguf):
     from shardserve import LLM
-    return LLM(smollm2_gguf, device="cpu", dtype="float32", max_model_len=1024,
+    return LLM(smollm2_gguf, device=TEST_DEVICE, dtype="float32", max_model_len=1024,
                kv_cache_memory_bytes=256 << 20)
