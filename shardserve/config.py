@@ -15,6 +15,8 @@ from typing import Any
 from shardserve.errors import InvalidRequestError
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Filled by resolve() or at start-up; never user settings.
+_DERIVED_FIELDS = frozenset({"source", "hf_config", "architecture", "num_blocks"})
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
                   "bf16": "bfloat16"}
 
@@ -29,6 +31,8 @@ class ModelConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0
     served_model_name: str | None = None
+    enforce_eager: bool = False  # CUDA: never capture or replay CUDA graphs
+    max_cuda_graph_batch_size: int = 256  # decode batches up to this replay a captured graph
 
     # Filled by resolve(); not user settings.
     source: Any = field(default=None, repr=False)  # loader.source.ModelSource
@@ -56,13 +60,76 @@ class CacheConfig:
 
 @dataclass
 class ParallelConfig:
+    """How the model is split over processes, and where those processes run.
+
+    One engine's ranks form a PP x TP grid (TP innermost); with `nnodes` > 1 node r hosts the
+    world_size / nnodes consecutive ranks [r * n, (r + 1) * n). Node 0 runs the engine (and the
+    server); the other nodes run headless workers (`shardserve worker`). The LeaderWorkerSet
+    variables LWS_LEADER_ADDRESS, LWS_GROUP_SIZE and LWS_WORKER_INDEX fill master_addr, nnodes
+    and node_rank when those are not given.
+    """
+
+    # Each may also be 'auto' until EngineConfig.resolve() (planner/auto.py) makes it an int.
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    nnodes: int | None = None  # default: $LWS_GROUP_SIZE or 1
+    node_rank: int | None = None  # default: $LWS_WORKER_INDEX or 0
+    master_addr: str | None = None  # node 0's address; default: $LWS_LEADER_ADDRESS or 127.0.0.1
+    # Multi-node: torch.distributed's store listens here and node 0's engine on the next four
+    # ports (steps, results, heartbeats out, heartbeats in). Single node: free ports are picked.
+    master_port: int | None = None  # default 29500 with nnodes > 1
+    rendezvous_timeout_s: float = 300.0  # how long node 0 waits for every rank to check in
+    step_timeout_s: float = 300.0  # longest a step (or a collective) may take before it is a hang
+    heartbeat_timeout_s: float = 10.0  # silence after which a worker (or the engine) is dead
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def num_local_ranks(self) -> int:
+        """Ranks (processes, GPUs) on each node."""
+        return self.world_size // (self.nnodes or 1)
+
+    @property
+    def driver_rank(self) -> int:
+        """The rank that samples and answers the engine: TP rank 0 of the last PP stage."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
+
+    def node_ranks(self, node_rank: int) -> range:
+        """The global ranks that node `node_rank` hosts."""
+        n = self.num_local_ranks
+        return range(node_rank * n, (node_rank + 1) * n)
+
+    def resolve(self, environ: dict[str, str] | None = None) -> "ParallelConfig":
+        """Fill the node fields from LWS_* variables or defaults, and check the layout."""
+        import os
+        env = os.environ if environ is None else environ
+        if self.nnodes is None:
+            self.nnodes = int(env.get("LWS_GROUP_SIZE") or 1)
+        if self.node_rank is None:
+            self.node_rank = int(env.get("LWS_WORKER_INDEX") or 0)
+        if self.master_addr is None:
+            self.master_addr = env.get("LWS_LEADER_ADDRESS") or "127.0.0.1"
+        if self.master_port is None and self.nnodes > 1:
+            self.master_port = 29500
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                     "nnodes"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be at least 1, got {getattr(self, name)}.",
+                                          name)
+        if self.world_size % self.nnodes:
+            raise InvalidRequestError(
+                f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} ranks do not "
+                f"split evenly over nnodes={self.nnodes}.", "nnodes")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise InvalidRequestError(f"node_rank must be in [0, {self.nnodes}), got "
+                                      f"{self.node_rank}.", "node_rank")
+        for name in ("rendezvous_timeout_s", "step_timeout_s", "heartbeat_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidRequestError(f"{name} must be positive.", name)
+        return self
 
 
 @dataclass
@@ -149,7 +216,22 @@ class EngineConfig:
                 "gpu_memory_utilization")
         if mc.served_model_name is None:
             mc.served_model_name = mc.model if mc.model else mc.source.name
+        # -tp/-pp/-dp 'auto': the planner picks from the model and the visible GPUs (ints after).
+        from shardserve.planner.auto import resolve_auto_parallel_on_device
+        resolve_auto_parallel_on_device(self)
+        self.parallel_config.resolve()
         return self
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The flat user-level settings (the inverse of from_kwargs; no derived fields), in
+        plain types: what node 0 sends other nodes so every rank builds the same engine."""
+        out: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            for f in dataclasses.fields(value):
+                if f.init and f.name not in _DERIVED_FIELDS:
+                    out[f.name] = getattr(value, f.name)
+        return out
 
 
 def _resolve_dtype(dtype: str, hf_config: Any, device: str) -> str:

@@ -15,6 +15,10 @@ class Executor:
     def check_health(self) -> None: ...
     def shutdown(self) -> None: ...
 
+    def comm_stats(self) -> dict[str, float]:
+        """Communication share of step time and related counters; empty with one process."""
+        return {}
+
     @staticmethod
     def create(config: EngineConfig) -> "Executor":
         if config.parallel_config.world_size == 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shardserve.engine.outputs import SchedulerOutput
@@ -27,55 +28,57 @@ class ModelInputs:
 
 def build_model_inputs(out: SchedulerOutput, states: RequestStates, block_size: int,
                        device: torch.device) -> ModelInputs:
+    num_reqs = len(out.num_scheduled_tokens)
+    req_states: list[CachedRequestState] = [states.states[rid] for rid in out.num_scheduled_tokens]
+    num_sched = np.fromiter(out.num_scheduled_tokens.values(), dtype=np.int64, count=num_reqs)
+    starts = np.fromiter((s.num_computed_tokens for s in req_states), dtype=np.int64, count=num_reqs)
+    ends = starts + num_sched
+    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
+    np.cumsum(num_sched, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+
     input_ids: list[int] = []
-    positions: list[int] = []
-    slot_mapping: list[int] = []
-    query_start_loc = [0]
-    seq_lens: list[int] = []
-    block_rows: list[list[int]] = []
+    max_blocks = 1
+    for state, start, end in zip(req_states, starts.tolist(), ends.tolist()):
+        input_ids.extend(state.token_ids[start:end])
+        max_blocks = max(max_blocks, len(state.block_ids))
+    block_tables = np.zeros((num_reqs, max_blocks), dtype=np.int32)
+    for i, state in enumerate(req_states):
+        block_tables[i, :len(state.block_ids)] = state.block_ids
+
+    # Every token's position and the slot its K/V goes to, without a per-token Python loop.
+    req_of_token = np.repeat(np.arange(num_reqs), num_sched)
+    positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts, num_sched)
+    slot_mapping = (block_tables[req_of_token, positions // block_size].astype(np.int64) * block_size
+                    + positions % block_size)
+
     sample_req_ids: list[str] = []
     sample_indices: list[int] = []
     prompt_spans: list[tuple[str, int, int, int]] = []
-
-    for rid, num_tokens in out.num_scheduled_tokens.items():
-        state: CachedRequestState = states.states[rid]
-        start = state.num_computed_tokens
-        end = start + num_tokens
-        row0 = len(input_ids)
-        input_ids.extend(state.token_ids[start:end])
-        positions.extend(range(start, end))
-        blocks = state.block_ids
-        slot_mapping.extend(blocks[p // block_size] * block_size + p % block_size
-                            for p in range(start, end))
-        query_start_loc.append(len(input_ids))
-        seq_lens.append(end)
-        block_rows.append(blocks)
+    qsl = query_start_loc.tolist()
+    for i, (rid, state) in enumerate(zip(out.num_scheduled_tokens, req_states)):
+        start, end = int(starts[i]), int(ends[i])
         if end == len(state.token_ids):
             sample_req_ids.append(rid)
-            sample_indices.append(len(input_ids) - 1)
+            sample_indices.append(qsl[i + 1] - 1)
         if state.sampling_params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
             # Position p's logits score prompt token p + 1.
-            num_pred = min(end, state.num_prompt_tokens - 1) - start
-            prompt_spans.append((rid, row0, start, num_pred))
+            prompt_spans.append((rid, qsl[i], start, min(end, state.num_prompt_tokens - 1) - start))
 
-    max_blocks = max((len(b) for b in block_rows), default=0)
-    block_tables = torch.zeros(len(block_rows), max(max_blocks, 1), dtype=torch.int32)
-    for i, row in enumerate(block_rows):
-        block_tables[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    def dev(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(device, non_blocking=True)
 
-    def dev(data, dtype):
-        return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
-
+    seq_lens = ends.astype(np.int32)
     metadata = AttentionMetadata(
-        query_start_loc=dev(query_start_loc, torch.int32),
-        seq_lens=dev(seq_lens, torch.int32),
-        block_tables=block_tables.to(device, non_blocking=True),
-        slot_mapping=dev(slot_mapping, torch.int64),
-        max_query_len=max((b - a for a, b in zip(query_start_loc, query_start_loc[1:])), default=0),
-        max_seq_len=max(seq_lens, default=0),
-        query_start_loc_cpu=query_start_loc,
-        seq_lens_cpu=seq_lens,
+        query_start_loc=dev(query_start_loc.astype(np.int32)),
+        seq_lens=dev(seq_lens),
+        block_tables=dev(block_tables),
+        slot_mapping=dev(slot_mapping),
+        max_query_len=int(num_sched.max()) if num_reqs else 0,
+        max_seq_len=int(ends.max()) if num_reqs else 0,
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=seq_lens.tolist(),
     )
-    return ModelInputs(dev(input_ids, torch.long), dev(positions, torch.long), metadata,
+    return ModelInputs(dev(np.asarray(input_ids, dtype=np.int64)), dev(positions), metadata,
                        list(out.num_scheduled_tokens), sample_req_ids,
-                       dev(sample_indices, torch.long), prompt_spans)
+                       dev(np.asarray(sample_indices, dtype=np.int64)), prompt_spans)

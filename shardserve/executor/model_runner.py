@@ -2,6 +2,11 @@
 
 It owns the model, the KV cache tensors and the worker's per-request state. The scheduler
 sends diffs; the runner keeps whatever it needs to rebuild each step's inputs.
+
+Under tensor parallelism every rank runs the same steps (the collectives need them all), but
+only the driver (TP rank 0 of the last PP stage, `is_driver`) receives the gathered logits,
+samples and builds a ModelRunnerOutput; the others return an empty one. Per-request seeded
+generators therefore advance on one rank only, and seeded sampling is reproducible at any tp.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ _CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+    def __init__(self, config: EngineConfig, device: torch.device, is_driver: bool = True) -> None:
         self.config = config
         self.device = device
+        self.is_driver = is_driver
         self.block_size = config.cache_config.block_size
         self.dtype = config.model_config.torch_dtype
         self.states = RequestStates(device)
@@ -37,6 +43,7 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.attn_layers: list[Attention] = []
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graph_runner = None  # CudaGraphRunner once captured
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -54,20 +61,36 @@ class ModelRunner:
         return sum(2 * self.block_size * layer.num_kv_heads * layer.head_size * elem
                    for layer in self.attn_layers)
 
-    @torch.inference_mode()
+    def kv_cache_info(self) -> dict[str, int]:
+        """This rank's share of the KV cache: its KV heads per layer (a shard of the model's,
+        or one replica when tp_size exceeds them), their size, and the bytes of one block."""
+        layer = self.attn_layers[0]
+        return {"num_kv_heads": layer.num_kv_heads, "head_size": layer.head_size,
+                "num_layers": len(self.attn_layers), "bytes_per_block": self.kv_bytes_per_block()}
+
     def determine_num_blocks(self) -> int:
         """How many KV blocks fit: on CUDA, what a profiling forward leaves of
         gpu_memory_utilization; on CPU, kv_cache_memory_bytes (default 1 GiB)."""
+        return self.check_num_blocks(self.profile_num_blocks())
+
+    @torch.inference_mode()
+    def profile_num_blocks(self) -> int:
+        """The blocks this rank's memory holds (a TP rank's blocks hold only its KV heads, so
+        the same memory holds more of them as tp_size grows). Under TP/PP every rank runs it
+        at once (the profiling forward is collective) and the engine takes the minimum."""
         cc = self.config.cache_config
         per_block = self.kv_bytes_per_block()
         if cc.num_gpu_blocks_override is not None:
-            num_blocks = cc.num_gpu_blocks_override
-        elif cc.kv_cache_memory_bytes is not None:
-            num_blocks = cc.kv_cache_memory_bytes // per_block
-        elif self.device.type == "cuda":
-            num_blocks = self._profile_cuda_blocks(per_block)
-        else:
-            num_blocks = _CPU_DEFAULT_KV_BYTES // per_block
+            return cc.num_gpu_blocks_override
+        if cc.kv_cache_memory_bytes is not None:
+            return cc.kv_cache_memory_bytes // per_block
+        if self.device.type == "cuda":
+            return self._profile_cuda_blocks(per_block)
+        return _CPU_DEFAULT_KV_BYTES // per_block
+
+    def check_num_blocks(self, num_blocks: int) -> int:
+        """num_blocks, or CacheTooSmallError if one max_model_len sequence does not fit."""
+        per_block = self.kv_bytes_per_block()
         max_len = self.config.model_config.max_model_len
         needed = -(-max_len // self.block_size)
         if num_blocks < needed:
@@ -88,7 +111,7 @@ class ModelRunner:
         with set_forward_context(None):
             hidden = self.model(ids, pos)
         rows = min(sc.max_num_seqs, num_tokens)
-        self.model.compute_logits(hidden[:rows])
+        self.model.compute_logits(hidden[:rows], gather_all=False)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
@@ -110,11 +133,24 @@ class ModelRunner:
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.bind_kv_cache(k, v, backend)
             self.kv_caches.append((k, v))
+        self._maybe_capture_cuda_graphs(backend)
         max_len = self.config.model_config.max_model_len
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); max concurrency at "
                     "max_model_len=%d: %.2fx", num_blocks, self.block_size,
                     num_blocks * self.kv_bytes_per_block() / 2**30, max_len,
                     num_blocks * self.block_size / max_len)
+
+    def _maybe_capture_cuda_graphs(self, backend) -> None:
+        mc = self.config.model_config
+        if (self.device.type != "cuda" or mc.enforce_eager
+                or not getattr(backend, "supports_cuda_graphs", False)):
+            return
+        from shardserve.executor.cuda_graph import CudaGraphRunner
+        max_bs = min(mc.max_cuda_graph_batch_size, self.config.scheduler_config.max_num_seqs)
+        runner = CudaGraphRunner(self.model, max_bs, mc.max_model_len, self.block_size,
+                                 int(mc.hf_config.hidden_size), self.dtype, self.device)
+        self.capture_seconds = runner.capture()
+        self.graph_runner = runner
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -124,15 +160,22 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput([], [])
         inputs = build_model_inputs(scheduler_output, self.states, self.block_size, self.device)
-        with set_forward_context(inputs.attn_metadata):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        md = inputs.attn_metadata
+        if self.graph_runner is not None and self.graph_runner.can_run(md, inputs.input_ids.shape[0]):
+            hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, md)
+        else:
+            with set_forward_context(md):
+                hidden = self.model(inputs.input_ids, inputs.positions)
         return self._sample(hidden, inputs)
 
     def _sample(self, hidden: torch.Tensor, inputs: ModelInputs) -> ModelRunnerOutput:
         prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         if not inputs.sample_req_ids:
             return ModelRunnerOutput([], [], None, prompt_logprobs)
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        # Collective under TP: every rank takes part, TP rank 0 receives the whole vocabulary.
+        logits = self.model.compute_logits(hidden[inputs.sample_indices], gather_all=False)
+        if not self.is_driver:
+            return ModelRunnerOutput([], [])
         states = [self.states.states[rid] for rid in inputs.sample_req_ids]
         metadata = SamplingMetadata.build(
             params_list=[s.sampling_params for s in states],
@@ -154,7 +197,9 @@ class ModelRunner:
             state = self.states.states[rid]
             if num_pred <= 0:
                 continue
-            logits = self.model.compute_logits(hidden[row0:row0 + num_pred])
+            logits = self.model.compute_logits(hidden[row0:row0 + num_pred], gather_all=False)
+            if not self.is_driver:
+                continue
             next_ids = torch.tensor(state.token_ids[start + 1:start + 1 + num_pred], device=self.device)
             out[rid] = compute_prompt_logprobs(logits, next_ids, state.sampling_params.prompt_logprobs)
         return out

@@ -1,16 +1,28 @@
-"""One Worker per device: sets the device up and drives its ModelRunner."""
+"""One Worker per device: sets the device up and drives its ModelRunner.
+
+The same class serves one process (UniProcExecutor) and each rank of a TP/PP world (a worker
+process, executor/worker_proc.py); in a world, torch.distributed and the model-parallel groups
+are set up before the Worker is built, so its layers shard themselves for their rank.
+"""
 
 from __future__ import annotations
+
+import logging
+import time
 
 import torch
 
 from shardserve.config import EngineConfig
+from shardserve.distributed.comm_timer import CommTimer
+from shardserve.distributed.parallel_state import get_tp_group, get_world_group
 from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.executor.model_runner import ModelRunner
 
+logger = logging.getLogger(__name__)
+
 
 class Worker:
-    def __init__(self, config: EngineConfig, local_rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, local_rank: int = 0, is_driver: bool = True) -> None:
         self.config = config
         if config.device_config.device == "cuda":
             self.device = torch.device("cuda", local_rank)
@@ -18,16 +30,45 @@ class Worker:
         else:
             self.device = torch.device("cpu")
         torch.manual_seed(config.model_config.seed)
-        self.runner = ModelRunner(config, self.device)
+        self.is_driver = is_driver
+        self.runner = ModelRunner(config, self.device, is_driver=is_driver)
+        self.comm_timer: CommTimer | None = None
 
     def load_model(self) -> None:
         self.runner.load_model()
 
     def determine_num_blocks(self) -> int:
-        return self.runner.determine_num_blocks()
+        """The blocks every rank can hold: each rank profiles its own memory, then all agree
+        on the minimum (all_reduce MIN on the world's CPU group)."""
+        own = self.runner.profile_num_blocks()
+        world = get_world_group()
+        num_blocks = world.all_reduce_int(own, "min")
+        if world.world_size > 1:
+            info = self.runner.kv_cache_info()
+            logger.info("Rank %d KV cache: %d KV heads x %d dims per layer (tp_size %d), %d "
+                        "bytes per block; %d blocks fit here, %d on the tightest rank",
+                        world.rank, info["num_kv_heads"], info["head_size"],
+                        get_tp_group().world_size, info["bytes_per_block"], own, num_blocks)
+        return self.runner.check_num_blocks(num_blocks)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
 
+    def kv_cache_info(self) -> dict[str, int]:
+        return self.runner.kv_cache_info()
+
+    def enable_comm_timing(self) -> None:
+        """Time this rank's TP all-reduces (the driver does, for the communication share)."""
+        self.comm_timer = CommTimer(self.device)
+        get_tp_group().enable_comm_timer(self.comm_timer)
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def execute_model_timed(self, scheduler_output: SchedulerOutput
+                            ) -> tuple[ModelRunnerOutput, float, float, int]:
+        """(output, step seconds, seconds in TP all-reduce, number of all-reduces)."""
+        start = time.perf_counter()
+        out = self.runner.execute_model(scheduler_output)
+        comm_s, num_comm = self.comm_timer.collect() if self.comm_timer else (0.0, 0)
+        return out, time.perf_counter() - start, comm_s, num_comm

@@ -50,6 +50,7 @@ def _checkpoint_weights(source: Any) -> tuple[Iterable[tuple[str, LoadedWeight]]
     if source.kind == "gguf":
         # Written alongside; imported lazily so HF-only setups never need the gguf package.
         from shardserve.loader.gguf import iter_gguf_weights
-        return iter_gguf_weights(source.path), None
+        from shardserve.loader.gguf_file import GGUFFile
+        return iter_gguf_weights(source.path), len(GGUFFile(source.path).tensors)
     raise ModelLoadError(f"Unknown model source kind {source.kind!r}.")
 

@@ -84,3 +84,13 @@ def test_cli_bad_input_is_one_line_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "shardserve.cli", "generate", "--prompt", "hi",
                            "--top-p", "3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "top_p" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_chat_streams_replies_and_keeps_history():
+    proc = subprocess.run([sys.executable, "-m", "shardserve.cli", "chat", "--max-tokens", "20",
+                           "--device", TEST_DEVICE],
+                          input="What is the capital of France?\nAnd of Italy?\n\n",
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "Rome" in proc.stdout

@@ -1,0 +1,77 @@
+"""A headless node: the worker ranks of node R > 0 of a multi-node world, no engine.
+
+    node 0:  shardserve serve   --nnodes 2 --node-rank 0 --master-addr A -tp 8 ...  (engine)
+    node 1:  shardserve worker  --nnodes 2 --node-rank 1 --master-addr A -tp 8
+
+It starts this node's ranks (node_rank * n .. node_rank * n + n - 1, with n = world / nnodes),
+which connect to node 0 over TCP (master_port + 1 .. + 4), check in, receive node 0's engine
+settings (so model and cache flags need not be repeated here, though -tp/-pp/--nnodes must
+match) and serve steps until node 0 says stop or falls silent for heartbeat_timeout_s. The
+launcher exits with 0 when all its ranks did, and otherwise non-zero after stopping the rest,
+so a supervisor (Kubernetes, a LeaderWorkerSet) restarts the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from multiprocessing.connection import wait
+
+from shardserve.config import EngineConfig
+from shardserve.errors import InvalidRequestError
+from shardserve.executor.wire import Endpoints
+from shardserve.executor.worker_proc import WorkerSpec, start_worker_processes
+
+logger = logging.getLogger(__name__)
+
+
+def run_headless(config: EngineConfig) -> int:
+    """Run this node's worker ranks until they exit; returns the process exit code."""
+    pc = config.parallel_config.resolve()
+    if pc.nnodes < 2 or pc.node_rank == 0:
+        raise InvalidRequestError(
+            "`shardserve worker` runs the ranks of nodes 1.. of a multi-node world; pass "
+            "--nnodes N (N > 1) and --node-rank R (R > 0), or set LWS_GROUP_SIZE and "
+            "LWS_WORKER_INDEX.", "node_rank")
+    endpoints = Endpoints.tcp(pc.master_addr, pc.master_port)
+    num_threads = max(1, (os.cpu_count() or 1) // pc.num_local_ranks)
+    level = logging.getLogger("shardserve").getEffectiveLevel()
+    specs = [WorkerSpec(rank=rank, local_rank=rank % pc.num_local_ranks, endpoints=endpoints,
+                        parallel_config=pc, config=None, watch_parent=True,
+                        num_threads=num_threads, log_level=level)
+             for rank in pc.node_ranks(pc.node_rank)]
+    procs = start_worker_processes(specs, daemon=False)
+    logger.info("Node %d of %d: started ranks %s; node 0's engine is at %s:%d", pc.node_rank,
+                pc.nnodes, list(pc.node_ranks(pc.node_rank)), pc.master_addr, pc.master_port)
+
+    stopping = []
+
+    def on_signal(signum, _frame) -> None:
+        stopping.append(signum)
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        running = list(procs)
+        while running:
+            for sentinel in wait([p.sentinel for p in running]):
+                proc = next(p for p in running if p.sentinel == sentinel)
+                proc.join()
+                running.remove(proc)
+                if proc.exitcode != 0 and not stopping:
+                    logger.error("%s exited with %s; stopping this node's other ranks",
+                                 proc.name, proc.exitcode)
+                    for other in running:
+                        other.terminate()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+    if stopping:
+        return 128 + stopping[0]
+    return max((abs(p.exitcode or 0) for p in procs), default=0) and 1

@@ -1,0 +1,159 @@
+"""Heartbeats both ways between the engine and its worker ranks (see executor/wire.py).
+
+- `HeartbeatMonitor` (engine side, a thread): publishes the engine's beat and records when
+  each rank was last heard; the executor asks it which ranks have gone silent. That is how a
+  rank on another node (no process sentinel to watch) or a frozen local one is found dead.
+- `WorkerHeartbeat` (worker side, a thread): sends the rank's beat and ends the process
+  (os._exit, which works even while the main thread is stuck inside a collective) when the
+  engine has been silent too long or, for a local rank, when its parent process is gone.
+
+Both run beside the main threads, so a long step neither delays beats nor looks like death.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import zmq
+
+from shardserve.engine.serial import Serializer
+
+logger = logging.getLogger(__name__)
+
+BEAT_INTERVAL_S = 0.5
+ENGINE_RANK = -1
+
+
+class HeartbeatMonitor:
+    """The engine's side: beat out, listen for every rank's beat."""
+
+    def __init__(self, context: zmq.Context, beats_out: list[str], beats_in: list[str],
+                 serializer: Serializer, timeout_s: float) -> None:
+        self._serializer = serializer
+        self._timeout_s = timeout_s
+        self._pub = context.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pull = context.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        for addr in beats_out:
+            self._pub.bind(addr)
+        for addr in beats_in:
+            self._pull.bind(addr)
+        self._last_seen: dict[int, float] = {}
+        self._expected: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shardserve-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+
+    def expect(self, ranks: list[int]) -> None:
+        """From now on these ranks must beat; silence is counted from this moment."""
+        now = time.monotonic()
+        with self._lock:
+            for rank in ranks:
+                self._expected.add(rank)
+                self._last_seen.setdefault(rank, now)
+
+    def silent_ranks(self) -> dict[int, float]:
+        """Expected ranks unheard for longer than the timeout -> seconds of silence."""
+        now = time.monotonic()
+        with self._lock:
+            return {r: now - self._last_seen[r] for r in sorted(self._expected)
+                    if now - self._last_seen[r] > self._timeout_s}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * BEAT_INTERVAL_S + 1)
+
+    def _run(self) -> None:
+        beat = self._serializer.encode(["beat", ENGINE_RANK])
+        try:
+            while not self._stop.is_set():
+                self._pub.send(beat)
+                deadline = time.monotonic() + BEAT_INTERVAL_S
+                while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
+                    if self._pull.poll(int(left * 1000) + 1):
+                        self._drain()
+        except zmq.ZMQError:
+            if not self._stop.is_set():
+                logger.exception("Heartbeat monitor failed")
+        finally:
+            self._pub.close()
+            self._pull.close()
+
+    def _drain(self) -> None:
+        now = time.monotonic()
+        while True:
+            try:
+                message = self._serializer.decode(self._pull.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if message[0] == "beat":
+                with self._lock:
+                    self._last_seen[int(message[1])] = now
+
+
+class WorkerHeartbeat:
+    """A rank's side: beat to the engine; leave if the engine (or the parent) is gone."""
+
+    def __init__(self, context: zmq.Context, beats_out: str, beats_in: str, rank: int,
+                 serializer: Serializer, timeout_s: float, parent_pid: int | None) -> None:
+        self._rank = rank
+        self._timeout_s = timeout_s
+        self._parent_pid = parent_pid
+        self._serializer = serializer
+        self._sub = context.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.connect(beats_out)
+        self._push = context.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDHWM, 16)  # never pile beats up for a gone engine
+        self._push.connect(beats_in)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shardserve-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * BEAT_INTERVAL_S + 1)
+
+    def _run(self) -> None:
+        beat = self._serializer.encode(["beat", self._rank])
+        last_heard = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._push.send(beat, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                if self._sub.poll(int(BEAT_INTERVAL_S * 1000)):
+                    while True:
+                        try:
+                            self._sub.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                    last_heard = time.monotonic()
+                if self._stop.is_set():
+                    break
+                silent = time.monotonic() - last_heard
+                if silent > self._timeout_s:
+                    _die(f"rank {self._rank}: the engine has been silent for {silent:.1f} s "
+                         "(node 0 is gone); exiting")
+                if self._parent_pid is not None and os.getppid() != self._parent_pid:
+                    _die(f"rank {self._rank}: parent process {self._parent_pid} is gone; exiting")
+        finally:
+            self._sub.close()
+            self._push.close()
+
+
+def _die(message: str) -> None:
+    logger.error(message)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(1)

@@ -1,0 +1,422 @@
+"""MultiprocExecutor: one worker process per rank (GPU), on this node and, with --nnodes,
+on others; the engine process itself holds no rank.
+
+    EngineCore ── execute_model(SchedulerOutput) ──▶ MultiprocExecutor
+        │  PUB: ["step", seq, t, SchedulerOutput]  (one msgpack encode, fanned out by ZMQ)
+        ▼
+    rank 0 .. N-1  (worker_proc.py): each runs the step; TP all-reduces over torch.distributed
+        │  PUSH from the driver rank only (TP rank 0 of the last PP stage): ModelRunnerOutput
+        ▼
+    MultiprocExecutor ── ModelRunnerOutput ──▶ EngineCore
+
+Start-up: spawn this node's ranks (forkserver: one torch import, then cheap forks), then a
+rendezvous before torch.distributed is touched: the engine pings until every rank of the world
+has said hello, or raises RendezvousTimeoutError naming the ranks (and nodes) that did not, so
+a missing node is reported in bounded time instead of hanging inside init_process_group.
+
+Failures never hang the engine: while it waits for a reply it watches this node's process
+sentinels and every rank's heartbeats (executor/liveness.py) and bounds each step by
+step_timeout_s. A dead, silent or failing rank raises EngineDeadError naming it, after the
+executor has stopped every other rank; the caller fails the requests in flight.
+
+Steps carry a sequence number and replies are matched to it, so pipeline parallelism can keep
+several steps in flight (submit_step / collect_step) without changing the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.process
+import os
+import shutil
+import signal
+import socket
+import time
+import weakref
+from collections import deque
+from typing import Any, NoReturn
+
+import zmq
+
+from shardserve import errors
+from shardserve.config import EngineConfig
+from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from shardserve.errors import EngineDeadError, RendezvousTimeoutError
+from shardserve.executor.executor import Executor
+from shardserve.executor.liveness import HeartbeatMonitor
+from shardserve.executor.wire import Endpoints, make_wire_serializer
+from shardserve.executor.worker_proc import WorkerSpec, start_worker_processes
+
+logger = logging.getLogger(__name__)
+
+PING_INTERVAL_S = 0.2
+POLL_SLICE_S = 0.1  # liveness is checked at least this often while waiting for a reply
+STARTUP_CALL_TIMEOUT_S = 3600.0  # loading and profiling a big model takes a while
+STOP_GRACE_S = 5.0
+_RECENT_STEPS = 64  # window of the communication share
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        pc = config.parallel_config.resolve()
+        self.parallel_config = pc
+        if pc.node_rank != 0:
+            raise errors.InvalidRequestError(
+                f"node_rank {pc.node_rank} runs headless workers, not the engine: start it with "
+                "`shardserve worker` (same flags).", "node_rank")
+        self.world_size = pc.world_size
+        self.driver_rank = pc.driver_rank
+        self._serializer = make_wire_serializer()
+        self._seq = 0
+        self._dead: str | None = None
+        self._closed = False
+        self._hosts: dict[int, tuple[str, int]] = {}  # rank -> (host, pid) from its hello
+        self._stats = {"num_steps": 0, "step_s": 0.0, "comm_s": 0.0, "num_comm": 0,
+                       "broadcast_s": 0.0, "num_broadcast": 0, "encode_s": 0.0}
+        self._recent: deque[tuple[float, float]] = deque(maxlen=_RECENT_STEPS)
+
+        self._context = zmq.Context()
+        self._local = Endpoints.ipc()
+        binds = [self._local]
+        self._remote: Endpoints | None = None
+        if pc.nnodes > 1:
+            self._remote = Endpoints.tcp(pc.master_addr, pc.master_port)
+            binds.append(self._remote.bind_addresses())
+        self._steps = self._context.socket(zmq.PUB)
+        self._steps.setsockopt(zmq.SNDHWM, 0)
+        self._steps.setsockopt(zmq.LINGER, 1000)  # let "stop" reach remote ranks
+        self._results = self._context.socket(zmq.PULL)
+        self._results.setsockopt(zmq.RCVHWM, 0)
+        self._results.setsockopt(zmq.LINGER, 0)
+        self._procs: dict[int, multiprocessing.process.BaseProcess] = {}
+        self._monitor: HeartbeatMonitor | None = None
+        self._finalizer = weakref.finalize(self, _teardown, self._procs, self._local.ipc_directory())
+        try:
+            for ep in binds:
+                self._steps.bind(ep.steps)
+                self._results.bind(ep.results)
+            self._monitor = HeartbeatMonitor(self._context, [ep.beats_out for ep in binds],
+                                             [ep.beats_in for ep in binds], self._serializer,
+                                             pc.heartbeat_timeout_s)
+            self._start_local_ranks()
+            self._rendezvous()
+            self._wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- start-up --------------------------------------------------------------------------
+
+    def _start_local_ranks(self) -> None:
+        pc = self.parallel_config
+        num_threads = max(1, (os.cpu_count() or 1) // pc.num_local_ranks)
+        level = logging.getLogger("shardserve").getEffectiveLevel()
+        start = time.perf_counter()
+        specs = [WorkerSpec(rank=rank, local_rank=rank % pc.num_local_ranks,
+                            endpoints=self._local, parallel_config=pc, config=self.config,
+                            watch_parent=True, num_threads=num_threads, log_level=level)
+                 for rank in pc.node_ranks(0)]
+        for spec, proc in zip(specs, start_worker_processes(specs, daemon=True)):
+            self._procs[spec.rank] = proc
+        logger.info("Started %d worker processes (ranks %s) in %.1f s", len(self._procs),
+                    list(self._procs), time.perf_counter() - start)
+
+    def _rendezvous(self) -> None:
+        pc = self.parallel_config
+        start = time.monotonic()
+        deadline = start + pc.rendezvous_timeout_s
+        ping = self._serializer.encode(["ping"])
+        next_ping = 0.0
+        while len(self._hosts) < self.world_size:
+            now = time.monotonic()
+            if now >= deadline:
+                self._raise_rendezvous_timeout()
+            if now >= next_ping:
+                self._steps.send(ping)
+                next_ping = now + PING_INTERVAL_S
+            if self._results.poll(int(PING_INTERVAL_S * 1000)):
+                message = self._serializer.decode(self._results.recv())
+                if message[0] == "hello":
+                    self._on_hello(*message[1:])
+                elif message[0] == "err":
+                    self._on_error(message, starting=True)
+            self._check_processes()
+        if pc.nnodes > 1:
+            logger.info("All %d ranks checked in after %.1f s: %s", self.world_size,
+                        time.monotonic() - start,
+                        ", ".join(f"{r}@{h}" for r, (h, _) in sorted(self._hosts.items())))
+        self._steps.send(self._serializer.encode(["go", self._setup()]))
+        self._monitor.expect(list(range(self.world_size)))
+
+    def _on_hello(self, rank: int, host: str, pid: int) -> None:
+        if not 0 <= rank < self.world_size:
+            self._fail(f"A worker claims rank {rank} of a world of {self.world_size} ({host}, "
+                       f"pid {pid}): was it started with different -tp/-pp/--nnodes?")
+        if rank in self._hosts and self._hosts[rank] != (host, pid):
+            old = self._hosts[rank]
+            self._fail(f"Rank {rank} checked in twice ({old[0]} pid {old[1]}, and {host} pid "
+                       f"{pid}): two nodes were started with the same --node-rank.")
+        self._hosts[rank] = (host, pid)
+
+    def _raise_rendezvous_timeout(self) -> NoReturn:
+        pc = self.parallel_config
+        missing = [r for r in range(self.world_size) if r not in self._hosts]
+        nodes = sorted({r // pc.num_local_ranks for r in missing})
+        where = (f"start them with `shardserve worker --nnodes {pc.nnodes} --node-rank R "
+                 f"--master-addr {pc.master_addr} --master-port {pc.master_port}` (and the same "
+                 f"-tp/-pp) on node(s) {nodes}, reachable on ports {pc.master_port}-"
+                 f"{pc.master_port + 4}" if pc.nnodes > 1 else "this node's worker processes "
+                 "did not start")
+        message = (f"Rendezvous timed out after {pc.rendezvous_timeout_s:.0f} s: rank(s) "
+                   f"{missing} (node(s) {nodes}) did not check in; {where}.")
+        self._dead = message
+        self.shutdown()
+        raise RendezvousTimeoutError(message)
+
+    def _setup(self) -> dict[str, Any]:
+        pc = self.parallel_config
+        if pc.nnodes > 1:
+            init_method = f"tcp://{pc.master_addr}:{pc.master_port}"
+        else:
+            from shardserve.distributed.local_launch import get_open_port
+            init_method = f"tcp://127.0.0.1:{get_open_port()}"
+        return {"world_size": self.world_size, "tensor_parallel_size": pc.tensor_parallel_size,
+                "pipeline_parallel_size": pc.pipeline_parallel_size,
+                "driver_rank": self.driver_rank,
+                "backend": "nccl" if self.config.device_config.device == "cuda" else "gloo",
+                "dist_init_method": init_method, "host": socket.gethostname(),
+                "config": self.config.to_kwargs()}
+
+    def _wait_ready(self) -> None:
+        start = time.perf_counter()
+        infos = self._wait_replies(0, set(range(self.world_size)), STARTUP_CALL_TIMEOUT_S,
+                                   kind="ready")
+        logger.info("All %d ranks loaded the model in %.1f s; per-rank KV heads: %s",
+                    self.world_size, time.perf_counter() - start,
+                    [infos[r]["num_kv_heads"] for r in sorted(infos)])
+
+    # ---- the Executor interface ------------------------------------------------------------
+
+    def determine_num_blocks(self) -> int:
+        # Each rank profiles its own memory; the workers agree on the minimum (all_reduce MIN).
+        blocks = self.collective_rpc("determine_num_blocks", timeout_s=STARTUP_CALL_TIMEOUT_S)
+        assert len(set(blocks)) == 1, blocks
+        return blocks[0]
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.collective_rpc("init_kv_cache", [num_blocks], timeout_s=STARTUP_CALL_TIMEOUT_S)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect_step(self.submit_step(scheduler_output))
+
+    def submit_step(self, scheduler_output: SchedulerOutput) -> int:
+        """Broadcast one step to every rank; returns its sequence number for collect_step."""
+        self._raise_if_dead()
+        self._seq += 1
+        start = time.perf_counter()
+        data = self._serializer.encode(["step", self._seq, time.monotonic(), scheduler_output])
+        self._steps.send(data, copy=False)
+        self._stats["encode_s"] += time.perf_counter() - start
+        return self._seq
+
+    def collect_step(self, seq: int) -> ModelRunnerOutput:
+        """The driver's output of step `seq` (blocks; bounded by step_timeout_s)."""
+        reply = self._wait_replies(seq, {self.driver_rank}, self.parallel_config.step_timeout_s,
+                                   kind="out")[self.driver_rank]
+        output, stats = reply
+        self._record(stats)
+        return output
+
+    def collective_rpc(self, method: str, args: list[Any] | None = None,
+                       reply_ranks: list[int] | None = None,
+                       timeout_s: float | None = None) -> list[Any]:
+        """Call Worker.<method>(*args) on every rank; the replies of `reply_ranks` (default:
+        all ranks) in rank order."""
+        self._raise_if_dead()
+        self._seq += 1
+        self._steps.send(self._serializer.encode(["call", self._seq, method, list(args or []),
+                                                  reply_ranks]))
+        ranks = set(range(self.world_size)) if reply_ranks is None else set(reply_ranks)
+        replies = self._wait_replies(self._seq, ranks,
+                                     timeout_s or self.parallel_config.step_timeout_s, kind="ret")
+        return [replies[r] for r in sorted(replies)]
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError if any rank is dead or silent (cheap; call it when idle)."""
+        self._raise_if_dead()
+        self._check_processes()
+        self._check_heartbeats()
+
+    def comm_stats(self) -> dict[str, float]:
+        """The communication share of recent steps and cumulative counters (driver's view:
+        TP all-reduce time, measured with CUDA events on GPU, perf_counter on CPU)."""
+        s = self._stats
+        recent_step = sum(step for step, _ in self._recent)
+        recent_comm = sum(comm for _, comm in self._recent)
+        n = max(s["num_steps"], 1)
+        return {
+            "tp_comm_time_ratio": recent_comm / recent_step if recent_step > 0 else 0.0,
+            "tp_comm_seconds_total": s["comm_s"],
+            "step_seconds_total": s["step_s"],
+            "num_steps": s["num_steps"],
+            "all_reduces_per_step": s["num_comm"] / n,
+            # Engine-side encode + send, and send -> decoded on the driver (same host only).
+            "step_encode_us_avg": s["encode_s"] / n * 1e6,
+            "step_broadcast_us_avg": (s["broadcast_s"] / s["num_broadcast"] * 1e6
+                                      if s["num_broadcast"] else 0.0),
+        }
+
+    @property
+    def worker_pids(self) -> dict[int, int]:
+        """rank -> pid of this node's worker processes."""
+        return {rank: proc.pid for rank, proc in self._procs.items()}
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._steps.send(self._serializer.encode(["stop"]))
+        except zmq.ZMQError:
+            pass
+        if self._monitor is not None:
+            self._monitor.close()
+        _stop_processes(self._procs, STOP_GRACE_S)
+        self._steps.close()
+        self._results.close()
+        self._context.term()
+        self._finalizer()  # removes the ipc directory; the processes are already gone
+
+    # ---- waiting, liveness, failure --------------------------------------------------------
+
+    def _wait_replies(self, seq: int, ranks: set[int], timeout_s: float,
+                      kind: str) -> dict[int, Any]:
+        """Replies of `kind` to message `seq` from `ranks`; polls in slices so a dead or
+        silent rank is noticed within about POLL_SLICE_S (sentinels) or the heartbeat
+        timeout, and gives up after timeout_s."""
+        replies: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < len(ranks):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waiting = sorted(ranks - set(replies))
+                self._fail(f"Worker rank(s) {waiting} did not answer within {timeout_s:.0f} s "
+                           f"(step_timeout_s); a rank is hung. Ranks: {self._describe(waiting)}.")
+            if not self._results.poll(int(min(left, POLL_SLICE_S) * 1000) + 1):
+                self._check_processes()
+                self._check_heartbeats()
+                continue
+            message = self._serializer.decode(self._results.recv())
+            if message[0] == "err":
+                self._on_error(message, starting=kind in ("ready", "ret"))
+            if message[0] == "ready" and kind == "ready":
+                replies[message[1]] = message[2]
+            elif message[0] == kind and message[1] == seq:
+                replies[message[2]] = message[3] if kind == "ret" else message[3:]
+            elif message[0] != "hello":
+                logger.warning("Ignoring an unexpected %r from the workers (waiting for %s %d)",
+                               message[0], kind, seq)
+        return replies
+
+    def _check_processes(self) -> None:
+        for rank, proc in self._procs.items():
+            if proc.exitcode is not None:
+                self._fail(f"Worker rank {rank} (pid {proc.pid}) died: {_describe_exit(proc.exitcode)}.")
+
+    def _check_heartbeats(self) -> None:
+        if self._monitor is None:
+            return
+        silent = self._monitor.silent_ranks()
+        if silent:
+            rank, seconds = next(iter(silent.items()))
+            self._fail(f"Worker rank {rank} ({self._describe([rank])}) has been silent for "
+                       f"{seconds:.1f} s (heartbeat_timeout_s "
+                       f"{self.parallel_config.heartbeat_timeout_s:g}): its process or node is "
+                       "gone or frozen.")
+
+    def _on_error(self, message: list[Any], starting: bool) -> NoReturn:
+        _, seq, rank, type_name, text, trace = message
+        # A rank that died makes its peers' collectives fail: blame the dead one if any.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            dead = [r for r, p in self._procs.items() if p.exitcode is not None]
+            if dead:
+                proc = self._procs[dead[0]]
+                self._fail(f"Worker rank {dead[0]} (pid {proc.pid}) died: "
+                           f"{_describe_exit(proc.exitcode)}; rank {rank} then failed: "
+                           f"{type_name}: {text}")
+            time.sleep(0.05)
+        logger.error("Worker rank %d failed:\n%s", rank, trace)
+        error_cls = getattr(errors, type_name, None)
+        if starting and isinstance(error_cls, type) and issubclass(error_cls, errors.ShardserveError):
+            # A start-up error every rank agrees on (cache too small, bad model): re-raise it
+            # as itself, so the user sees the same error as with one process.
+            self._dead = text
+            self.shutdown()
+            raise error_cls(text)
+        self._fail(f"Worker rank {rank} failed: {type_name}: {text}")
+
+    def _fail(self, message: str) -> NoReturn:
+        logger.error("%s Stopping every worker.", message)
+        self._dead = message
+        self.shutdown()
+        raise EngineDeadError(message)
+
+    def _raise_if_dead(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"The engine's workers are gone: {self._dead}")
+        if self._closed:
+            raise EngineDeadError("The executor was shut down.")
+
+    def _describe(self, ranks: list[int]) -> str:
+        parts = []
+        for rank in ranks:
+            node = rank // self.parallel_config.num_local_ranks
+            host, pid = self._hosts.get(rank, ("?", -1))
+            parts.append(f"rank {rank} on node {node} ({host}, pid {pid})")
+        return "; ".join(parts)
+
+    def _record(self, stats: dict[str, float]) -> None:
+        s = self._stats
+        s["num_steps"] += 1
+        s["step_s"] += stats["step_s"]
+        s["comm_s"] += stats["comm_s"]
+        s["num_comm"] += stats["num_comm"]
+        if stats["broadcast_s"] >= 0:
+            s["broadcast_s"] += stats["broadcast_s"]
+            s["num_broadcast"] += 1
+        self._recent.append((stats["step_s"], stats["comm_s"]))
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _stop_processes(procs: dict[int, Any], grace_s: float) -> None:
+    """Wait up to grace_s for the processes to leave after "stop", then terminate, then kill."""
+    deadline = time.monotonic() + grace_s
+    for proc in procs.values():
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs.values():
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs.values():
+        proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+
+
+def _teardown(procs: dict[int, Any], ipc_dir: str | None) -> None:
+    """Last resort (garbage collection or interpreter exit) and ipc clean-up."""
+    for proc in procs.values():
+        if proc.is_alive():
+            proc.kill()
+    if ipc_dir:
+        shutil.rmtree(ipc_dir, ignore_errors=True)

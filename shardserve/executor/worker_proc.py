@@ -1,0 +1,265 @@
+"""The worker process: one per rank (GPU), on node 0 started by MultiprocExecutor, on other
+nodes by `shardserve worker` (executor/headless.py).
+
+    connect ─▶ wait for "ping" ─▶ "hello" ─▶ wait for "go" ─▶ torch.distributed + model
+    ─▶ "ready" ─▶ loop: step | call | stop
+
+The wire and its messages are described in executor/wire.py. Every rank runs every step (the
+collectives need all of them); only the driver rank answers a step. A rank whose handler
+raises reports "err" and waits for the engine to stop it: after a failed collective its
+peers' state is unknown, and the engine tears the whole world down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from shardserve.config import EngineConfig, ParallelConfig
+from shardserve.engine.serial import Serializer
+from shardserve.executor.liveness import WorkerHeartbeat
+from shardserve.executor.wire import Endpoints, make_wire_serializer
+
+logger = logging.getLogger(__name__)
+
+# Worker methods the engine may call by name ("call" messages).
+RPC_METHODS = frozenset({"determine_num_blocks", "init_kv_cache", "kv_cache_info"})
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker process is started with."""
+
+    rank: int
+    local_rank: int
+    endpoints: Endpoints
+    parallel_config: ParallelConfig  # the launching node's view, checked against node 0's
+    config: EngineConfig | None  # node 0's ranks get it whole; other nodes' arrive in "go"
+    # Exit when the parent goes: ranks are forked by a fork server, which exits with the
+    # process that started it (engine or node launcher), so a changed ppid means it is gone.
+    watch_parent: bool
+    num_threads: int
+    log_level: int = logging.INFO
+
+
+def start_worker_processes(specs: list[WorkerSpec], daemon: bool) -> list[Any]:
+    """Start one process per spec from a fork server that has imported torch and the model
+    code once (a fork per rank instead of a fresh interpreter each; no CUDA context, ZMQ or
+    OpenMP threads inherited from this process).
+
+    multiprocessing would re-import the user's __main__ script in each child (and a script
+    without an `if __name__ == "__main__":` guard would start another engine there); the
+    target lives in shardserve, so __main__ is hidden from the children while they start.
+    """
+    import multiprocessing
+    import types
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "shardserve.executor.worker_proc",
+                                "shardserve.executor.worker"])
+    procs = []
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        for spec in specs:
+            proc = ctx.Process(target=run_worker, args=(spec,), name=f"shardserve-rank{spec.rank}",
+                               daemon=daemon)
+            proc.start()
+            procs.append(proc)
+    finally:
+        sys.modules["__main__"] = main
+    return procs
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    """Process entry point."""
+    # Ctrl-C reaches the whole process group; the engine (or the node launcher) owns shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=spec.log_level, format=f"%(levelname)s (rank {spec.rank} "
+                        f"pid={os.getpid()}) %(name)s: %(message)s")
+    import torch
+    torch.set_num_threads(spec.num_threads)
+    sys.exit(WorkerProc(spec).run())
+
+
+class WorkerProc:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.rank = spec.rank
+        self.serializer: Serializer = make_wire_serializer()
+        self.context = zmq.Context()
+        self.sub = self.context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.setsockopt(zmq.RCVHWM, 0)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.connect(spec.endpoints.steps)
+        self.push = self.context.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.SNDHWM, 0)
+        self.push.setsockopt(zmq.LINGER, 2000)  # let a last "err" reach the engine
+        self.push.connect(spec.endpoints.results)
+        self.parent_pid = os.getppid() if spec.watch_parent else None
+        self.heartbeat: WorkerHeartbeat | None = None
+        self.worker: Any = None
+        self.is_driver = False
+        self.engine_host = ""
+
+    def run(self) -> int:
+        try:
+            setup = self._rendezvous()
+            if setup is None:
+                return 1
+            try:
+                self._start(setup)
+            except Exception as exc:
+                logger.exception("Start-up failed")
+                self._send_error(0, exc)
+                return 1
+            self._send(["ready", self.rank, self.worker.kv_cache_info()])
+            return self._loop()
+        finally:
+            self._close()
+
+    # ---- start-up --------------------------------------------------------------------------
+
+    def _rendezvous(self) -> dict[str, Any] | None:
+        """Answer the engine's ping with hello, then wait for go; None when node 0 never
+        showed up within the rendezvous timeout."""
+        pc = self.spec.parallel_config
+        deadline = time.monotonic() + pc.rendezvous_timeout_s
+        said_hello = False
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logger.error("No %s from node 0's engine at %s within %.0f s; is it running "
+                             "with --nnodes %d --master-addr/--master-port matching this node's?",
+                             "go" if said_hello else "ping", self.spec.endpoints.steps,
+                             pc.rendezvous_timeout_s, pc.nnodes or 1)
+                return None
+            if not self.sub.poll(int(min(left, 1.0) * 1000) + 1):
+                self._check_parent()
+                continue
+            message = self.serializer.decode(self.sub.recv())
+            if message[0] == "ping" and not said_hello:
+                self._send(["hello", self.rank, socket.gethostname(), os.getpid()])
+                said_hello = True
+            elif message[0] == "go":
+                return message[1]
+            elif message[0] == "stop":
+                logger.error("The engine stopped the world during rendezvous")
+                return None
+
+    def _start(self, setup: dict[str, Any]) -> None:
+        from shardserve.distributed.parallel_state import (init_distributed_environment,
+                                                           initialize_model_parallel)
+        from shardserve.executor.worker import Worker
+
+        pc = self.spec.parallel_config
+        mine = (pc.world_size, pc.tensor_parallel_size, pc.pipeline_parallel_size)
+        theirs = (setup["world_size"], setup["tensor_parallel_size"],
+                  setup["pipeline_parallel_size"])
+        if mine != theirs:
+            raise ValueError(f"This node was started with world size {mine[0]} (tp {mine[1]}, "
+                             f"pp {mine[2]}) but node 0 runs world size {theirs[0]} (tp "
+                             f"{theirs[1]}, pp {theirs[2]}); start every node with the same "
+                             "--tensor-parallel-size and --pipeline-parallel-size.")
+        config = self.spec.config
+        if config is None:
+            kwargs = dict(setup["config"])
+            kwargs["node_rank"] = pc.node_rank
+            config = EngineConfig.from_kwargs(**kwargs).resolve()
+        self.engine_host = setup.get("host", "")
+        self.heartbeat = WorkerHeartbeat(
+            self.context, self.spec.endpoints.beats_out, self.spec.endpoints.beats_in,
+            self.rank, self.serializer, config.parallel_config.heartbeat_timeout_s,
+            self.parent_pid)
+        init_distributed_environment(setup["world_size"], self.rank, setup["backend"],
+                                     setup["dist_init_method"], local_rank=self.spec.local_rank,
+                                     timeout_s=config.parallel_config.step_timeout_s)
+        initialize_model_parallel(setup["tensor_parallel_size"], setup["pipeline_parallel_size"])
+        self.is_driver = self.rank == setup["driver_rank"]
+        self.worker = Worker(config, self.spec.local_rank, is_driver=self.is_driver)
+        self.worker.load_model()
+        if self.is_driver:
+            self.worker.enable_comm_timing()
+
+    def _check_parent(self) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            logger.error("Parent process %d is gone; exiting", self.parent_pid)
+            os._exit(1)
+
+    # ---- serving ---------------------------------------------------------------------------
+
+    def _loop(self) -> int:
+        same_host = self.engine_host == socket.gethostname()
+        while True:
+            data = self.sub.recv()
+            message = self.serializer.decode(data)
+            kind = message[0]
+            if kind == "step":
+                _, seq, t_sent, scheduler_output = message
+                # Sent on this host's CLOCK_MONOTONIC: transport + decode time of the step.
+                latency = time.monotonic() - t_sent if same_host else -1.0
+                self._step(seq, scheduler_output, latency)
+            elif kind == "call":
+                _, seq, method, args, reply_ranks = message
+                self._call(seq, method, args, reply_ranks)
+            elif kind == "stop":
+                return 0
+            # Late pings and go's from the rendezvous are ignored.
+
+    def _step(self, seq: int, scheduler_output: Any, latency: float) -> None:
+        try:
+            if not self.is_driver:
+                self.worker.execute_model(scheduler_output)
+                return
+            out, step_s, comm_s, num_comm = self.worker.execute_model_timed(scheduler_output)
+            self._send(["out", seq, self.rank, out,
+                        {"step_s": step_s, "comm_s": comm_s, "num_comm": num_comm,
+                         "broadcast_s": latency}])
+        except Exception as exc:
+            logger.exception("Step %d failed", seq)
+            self._send_error(seq, exc)
+
+    def _call(self, seq: int, method: str, args: list[Any], reply_ranks: list[int] | None) -> None:
+        try:
+            if method not in RPC_METHODS:
+                raise ValueError(f"{method!r} is not a worker method the engine may call")
+            value = getattr(self.worker, method)(*args)
+            if reply_ranks is None or self.rank in reply_ranks:
+                self._send(["ret", seq, self.rank, value])
+        except Exception as exc:
+            logger.exception("Call %s failed", method)
+            self._send_error(seq, exc)
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    def _send(self, message: list[Any]) -> None:
+        self.push.send(self.serializer.encode(message))
+
+    def _send_error(self, seq: int, exc: BaseException) -> None:
+        try:
+            self._send(["err", seq, self.rank, type(exc).__name__, str(exc),
+                        traceback.format_exc()])
+        except zmq.ZMQError:
+            logger.exception("Could not report the error to the engine")
+
+    def _close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+        try:
+            from shardserve.distributed.parallel_state import destroy_distributed_environment
+            destroy_distributed_environment()
+        except Exception:  # leaving a broken world must not hide the exit code
+            logger.debug("Leaving torch.distributed failed", exc_info=True)
+        self.sub.close()
+        self.push.close()
+        self.context.term()
