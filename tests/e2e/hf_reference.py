@@ -9,12 +9,14 @@ import torch
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Plain greedy decoding with transformers' KV cache, never stopping at EOS (the engine
     side runs with ignore_eos). generate()'s min_new_tokens would instead mask EOS out."""
-    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    device = next(model.parameters()).device
+    out = model(torch.tensor([prompt_ids], device=device), use_cache=True)
     tokens: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())
         tokens.append(nxt)
-        out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values,
+                    use_cache=True)
     return tokens
 
 

@@ -1,0 +1,200 @@
+"""One GPU run: shardserve vs Hugging Face transformers on the same random-weight
+Llama-3-8B-shaped bf16 model, the same workloads, plus the bandwidth roofline.
+
+    python benchmarks/llama8b_vs_hf.py --model-dir /tmp/llama3-8b [--quick] [--skip-hf-compile]
+
+Prints one table of tokens/s with ratios against transformers and the roofline; --json saves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_model_dir(path: str, num_layers: int | None) -> str:
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    from shardserve.testing import write_random_model
+    overrides = {"num_hidden_layers": num_layers} if num_layers else {}
+    log(f"writing a random Llama-3-8B-shaped bf16 model to {path} {overrides}")
+    write_random_model(path, preset="llama-3-8b", device="cuda", **overrides)
+    return path
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * n / (time.perf_counter() - start)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
+
+
+def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(num)]
+
+
+@torch.inference_mode()
+def hf_generate_tps(model, prompts: list[list[int]], new_tokens: int, **gen_kwargs) -> float:
+    ids = torch.tensor(prompts, device="cuda")
+    mask = torch.ones_like(ids)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **gen_kwargs)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return len(prompts) * new_tokens / elapsed
+
+
+def run_hf(path: str, args, results: dict, check_prompt: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+    log("transformers: loading")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        ref_logits = model(torch.tensor([check_prompt], device="cuda")).logits[0].float().cpu()
+    b1 = random_prompts(1, 128, vocab, 1)
+    hf_generate_tps(model, b1, 8)  # warm-up
+    results["hf_eager_b1"] = hf_generate_tps(model, b1, args.b1_out)
+    log(f"transformers eager batch 1: {results['hf_eager_b1']:.1f} tok/s")
+    big = random_prompts(args.b256_num, 512, vocab, 2)
+    results["hf_eager_b256"] = hf_generate_tps(model, big, args.b256_out)
+    log(f"transformers eager batch {args.b256_num}: {results['hf_eager_b256']:.1f} tok/s")
+    if not args.skip_hf_compile:
+        try:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            hf_generate_tps(model, b1, 16, cache_implementation="static")  # compile
+            hf_generate_tps(model, b1, 16, cache_implementation="static")
+            results["hf_static_compile_b1"] = hf_generate_tps(model, b1, args.b1_out,
+                                                              cache_implementation="static")
+            log(f"transformers static cache + compile batch 1: {results['hf_static_compile_b1']:.1f} tok/s")
+        except Exception as err:  # report, don't lose the rest of the run
+            log(f"transformers static+compile failed: {type(err).__name__}: {err}")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ref_logits
+
+
+def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_logits) -> None:
+    from shardserve import LLM, SamplingParams
+    from shardserve.forward_context import set_forward_context
+    log("shardserve: starting engine")
+    t0 = time.perf_counter()
+    llm = LLM(path, dtype="bfloat16", max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, gpu_memory_utilization=0.9,
+              enforce_eager=args.enforce_eager)
+    results["shardserve_startup_s"] = time.perf_counter() - t0
+    log(f"shardserve: ready in {results['shardserve_startup_s']:.1f} s, "
+        f"{llm.config.cache_config.num_blocks} KV blocks")
+    runner = llm.engine.core.executor.worker.runner
+    with torch.inference_mode(), set_forward_context(None):
+        ids = torch.tensor(check_prompt, device="cuda")
+        logits = runner.model.compute_logits(runner.model(ids, torch.arange(len(ids), device="cuda"))).cpu()
+    results["logits_rel_err_vs_hf"] = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    lp = llm.generate({"prompt_token_ids": check_prompt},
+                      SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0].prompt_logprobs
+    ref_lp = torch.log_softmax(ref_logits, -1)
+    diffs = [abs(lp[i][t].logprob - ref_lp[i - 1, t].item()) for i, t in enumerate(check_prompt) if i > 0]
+    results["paged_prompt_logprob_max_abs_diff"] = max(diffs)
+    log(f"logits rel err {results['logits_rel_err_vs_hf']:.2e}; paged prompt logprob max diff "
+        f"{results['paged_prompt_logprob_max_abs_diff']:.3f}")
+
+    vocab = int(llm.config.model_config.hf_config.vocab_size)
+
+    def tps(num, in_len, out_len, seed, greedy=True):
+        prompts = [{"prompt_token_ids": p} for p in random_prompts(num, in_len, vocab, seed)]
+        params = SamplingParams(temperature=0.0 if greedy else 1.0, max_tokens=out_len, ignore_eos=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=num > 1)
+        elapsed = time.perf_counter() - start
+        return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
+
+    tps(1, 128, 16, 0)  # warm-up
+    results["shardserve_b1"] = tps(1, 128, args.b1_out, 1)
+    log(f"shardserve batch 1: {results['shardserve_b1']:.1f} tok/s")
+    results["shardserve_b256"] = tps(args.b256_num, 512, args.b256_out, 2)
+    log(f"shardserve {args.b256_num} x (512/{args.b256_out}): {results['shardserve_b256']:.1f} tok/s")
+    results["shardserve_1000x1000"] = tps(args.big_num, args.big_len, args.big_len, 3, greedy=False)
+    log(f"shardserve {args.big_num} x ({args.big_len}/{args.big_len}): {results['shardserve_1000x1000']:.1f} tok/s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", default="/tmp/llama3-8b-random")
+    p.add_argument("--num-layers", type=int, default=None, help="shrink the model (smoke runs)")
+    p.add_argument("--quick", action="store_true", help="small workloads (a smoke run)")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-hf-compile", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    args.b1_out, args.b256_num, args.b256_out = 256, 256, 256
+    args.big_num, args.big_len = 1000, 1000
+    if args.quick:
+        args.b1_out, args.b256_num, args.b256_out, args.big_num, args.big_len = 64, 32, 32, 64, 128
+
+    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    path = make_model_dir(args.model_dir, args.num_layers)
+    weight_bytes = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+                       if f.endswith(".safetensors"))
+    bw = copy_bandwidth()
+    results.update(weight_bytes=weight_bytes, copy_bandwidth_Bps=bw, roofline_b1=bw / weight_bytes)
+    log(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
+        f"batch-1 roofline {results['roofline_b1']:.0f} tok/s")
+    check_prompt = random_prompts(1, 128, 128256, 7)[0]
+    ref_logits = None
+    if not args.skip_hf:
+        ref_logits = run_hf(path, args, results, check_prompt)
+    if ref_logits is None:
+        ref_logits = torch.zeros(len(check_prompt), 128256)
+    run_shardserve(path, args, results, check_prompt, ref_logits)
+
+    def ratio(a, b):
+        return f"{results[a] / results[b]:.2f}x" if results.get(a) and results.get(b) else "-"
+    print("\n| workload | shardserve tok/s | transformers tok/s | ratio | roofline |")
+    print("|---|---|---|---|---|")
+    print(f"| batch 1, 128 in / {args.b1_out} out | {results['shardserve_b1']:.1f} | "
+          f"eager {results.get('hf_eager_b1', 0):.1f}; static+compile {results.get('hf_static_compile_b1', 0):.1f} | "
+          f"{ratio('shardserve_b1', 'hf_eager_b1')} eager, {ratio('shardserve_b1', 'hf_static_compile_b1')} compiled | "
+          f"{results['roofline_b1']:.0f} ({results['shardserve_b1'] / results['roofline_b1'] * 100:.0f}%) |")
+    print(f"| {args.b256_num} x (512 in / {args.b256_out} out) | {results['shardserve_b256']:.0f} | "
+          f"eager {results.get('hf_eager_b256', 0):.0f} | {ratio('shardserve_b256', 'hf_eager_b256')} | - |")
+    print(f"| {args.big_num} x ({args.big_len} in / {args.big_len} out) | {results['shardserve_1000x1000']:.0f} | - | - | - |")
+    print(f"\nlogits rel err vs transformers (bf16): {results['logits_rel_err_vs_hf']:.2e}; "
+          f"start-up {results['shardserve_startup_s']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
