@@ -1,0 +1,178 @@
+"""DeploySpec: everything the Kubernetes generator needs, from flags or from a saved plan.
+
+One replica is one model-parallel group of tp × pp GPUs. A group that fits one node is one
+pod; a group larger than a node takes `nodes_per_group` whole nodes, one pod per node (a
+LeaderWorkerSet), TP within each node and PP across them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardserve.errors import InvalidRequestError
+
+MODEL_MOUNT = "/models"
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass
+class DeploySpec:
+    """The settings of one generated deployment. Times are seconds."""
+
+    model: str  # the path the server loads, inside the container (under MODEL_MOUNT)
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    gpus_per_node: int = 8
+    name: str = "shardserve"
+    namespace: str = "default"
+    image: str = "shardserve:latest"
+    served_model_name: str | None = None
+    serve_args: list[str] = field(default_factory=list)  # extra engine flags (--max-model-len ...)
+    gpu_product: str | None = None  # node label nvidia.com/gpu.product to require
+    group_topology_key: str = "topology.kubernetes.io/zone"  # LWS: one group per domain
+    # TP's all-reduce runs twice per layer: across nodes only on a fast fabric (or in tests).
+    allow_tp_across_nodes: bool = False
+    port: int = 8000
+    master_port: int = 29500  # torch.distributed store; the engine uses the next 4 ports too
+    # Kubernetes' stop: preStop sleep (endpoints drain from Services first), then SIGTERM and
+    # the server's own --shutdown-timeout for requests in flight; grace must cover both.
+    prestop_sleep_s: int = 10
+    shutdown_timeout_s: int = 30
+    grace_margin_s: int = 15
+    termination_grace_s: int | None = None  # None: prestop + shutdown + margin
+    model_load_s: int = 600  # worst-case load time: startup probe budget, autoscaler windows
+    autoscaler: str = "hpa"  # hpa | keda | none
+    min_replicas: int = 1  # warm: never scale to zero (a cold load takes model_load_s)
+    max_replicas: int | None = None  # None: dp
+    standby_replicas: int = 0  # extra warm replicas kept above minReplicas
+    target_waiting_per_replica: float = 4.0  # shardserve:num_requests_waiting per replica
+    target_qps_per_replica: float = 8.0  # finished requests per second per replica
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"  # KEDA's source
+    model_cache: str = "pvc"  # pvc | hostpath
+    model_cache_size: str = "200Gi"
+    model_cache_path: str = "/mnt/nvme/shardserve-models"  # hostPath: local NVMe on each node
+    storage_class: str | None = None
+    download_from: str | None = None  # a Hugging Face repo id the init container fetches
+    shm_size: str = "16Gi"
+    cpu_per_gpu: int = 8
+    memory_per_gpu_gib: int = 32
+    env: dict[str, str] = field(default_factory=dict)
+
+    # ---- derived ---------------------------------------------------------------------------
+
+    @property
+    def gpus_per_group(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def spans_nodes(self) -> bool:
+        return self.gpus_per_group > self.gpus_per_node
+
+    @property
+    def nodes_per_group(self) -> int:
+        return math.ceil(self.gpus_per_group / self.gpus_per_node)
+
+    @property
+    def gpus_per_pod(self) -> int:
+        return self.gpus_per_group // self.nodes_per_group
+
+    @property
+    def grace_period_s(self) -> int:
+        return self.termination_grace_s if self.termination_grace_s is not None else self.min_grace_s
+
+    @property
+    def min_grace_s(self) -> int:
+        return self.prestop_sleep_s + self.shutdown_timeout_s + self.grace_margin_s
+
+    @property
+    def replicas_max(self) -> int:
+        return self.max_replicas if self.max_replicas is not None else max(self.dp, 1)
+
+    @property
+    def replicas_min(self) -> int:
+        return min(max(self.min_replicas, 1) + self.standby_replicas, self.replicas_max)
+
+    @property
+    def model_path(self) -> str:
+        return self.model if self.model.startswith("/") else f"{MODEL_MOUNT}/{self.model}"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The selector labels every object of this deployment shares."""
+        return {"app.kubernetes.io/name": "shardserve", "app.kubernetes.io/instance": self.name}
+
+    def check(self) -> "DeploySpec":
+        """Refuse settings the objects could not honour; each message says what to change."""
+        if not _DNS1123.match(self.name) or len(self.name) > 40:
+            raise InvalidRequestError(f"--name {self.name!r} must be a DNS-1123 label of at "
+                                      "most 40 characters (lower case, digits, '-').", "name")
+        if not _DNS1123.match(self.namespace):
+            raise InvalidRequestError(f"--namespace {self.namespace!r} is not a DNS-1123 label.",
+                                      "namespace")
+        for key in ("tp", "pp", "dp", "gpus_per_node"):
+            if getattr(self, key) < 1:
+                raise InvalidRequestError(f"{key} must be at least 1.", key)
+        tp_split = self.gpus_per_node % self.tp and not self.allow_tp_across_nodes
+        if self.spans_nodes and (self.gpus_per_group % self.gpus_per_node or tp_split):
+            raise InvalidRequestError(
+                f"A group of TP {self.tp} × PP {self.pp} = {self.gpus_per_group} GPUs spans nodes "
+                f"of {self.gpus_per_node} GPUs, so it must take whole nodes with TP inside each "
+                "(TP dividing --gpus-per-node, TP × PP a multiple of it; or pass "
+                "--allow-tp-across-nodes on a fast inter-node fabric).", "gpus_per_node")
+        if self.grace_period_s < self.min_grace_s:
+            raise InvalidRequestError(
+                f"terminationGracePeriodSeconds {self.grace_period_s} is shorter than preStop "
+                f"{self.prestop_sleep_s} + shutdown timeout {self.shutdown_timeout_s} + margin "
+                f"{self.grace_margin_s} = {self.min_grace_s} s: requests in flight would be "
+                "killed.", "termination_grace_s")
+        if self.autoscaler not in ("hpa", "keda", "none"):
+            raise InvalidRequestError("--autoscaler must be hpa, keda or none.", "autoscaler")
+        if self.model_cache not in ("pvc", "hostpath"):
+            raise InvalidRequestError("--model-cache must be pvc or hostpath.", "model_cache")
+        if self.replicas_min > self.replicas_max:
+            raise InvalidRequestError(f"min replicas {self.replicas_min} exceed max replicas "
+                                      f"{self.replicas_max}.", "min_replicas")
+        return self
+
+
+def spec_from_plan(plan: dict[str, Any] | str | Path, **overrides: Any) -> DeploySpec:
+    """A DeploySpec from `shardserve plan --json` output (its recommended layout and serving
+    settings); `overrides` (model, image, ...) win over the plan."""
+    if not isinstance(plan, dict):
+        try:
+            plan = json.loads(Path(plan).read_text())
+        except (OSError, ValueError) as err:
+            raise InvalidRequestError(f"Cannot read the plan {plan}: {err}", "plan") from err
+    best = plan.get("recommended")
+    if not best:
+        raise InvalidRequestError("The plan has no feasible layout to deploy (its 'recommended' "
+                                  "is empty); re-plan with more or larger GPUs.", "plan")
+    serving, hardware = plan.get("serving", {}), plan.get("hardware", {})
+    args = [f"--max-model-len={serving['max_model_len']}",
+            f"--gpu-memory-utilization={serving['gpu_memory_utilization']}",
+            f"--dtype={serving['dtype']}", f"--max-num-seqs={serving['max_num_seqs']}",
+            f"--max-num-batched-tokens={serving['max_num_batched_tokens']}",
+            f"--block-size={serving['block_size']}"]
+    values: dict[str, Any] = {
+        "model": plan.get("model", {}).get("name", "model"),
+        "tp": best["tensor_parallel_size"], "pp": best["pipeline_parallel_size"],
+        "dp": best["data_parallel_size"],
+        "gpus_per_node": hardware.get("gpus_per_node", best["tensor_parallel_size"]),
+        "serve_args": args,
+        "model_cache_size": _cache_size(plan),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return DeploySpec(**values)
+
+
+def _cache_size(plan: dict[str, Any]) -> str:
+    """Room for the checkpoint (bf16 bytes of every parameter) with a quarter to spare."""
+    params = plan.get("model", {}).get("num_params") or 0
+    gib = math.ceil(params * 2 * 1.25 / 2**30) if params else 200
+    return f"{max(gib, 10)}Gi"

@@ -1,0 +1,135 @@
+"""`make_plan`: a model and a GPU pool in, every layout's memory and the recommended one out.
+
+`PlanRequest` gathers the inputs (the CLI's flags, or an EngineConfig for `auto`); `Plan`
+holds the model summary, the ranked layouts and the reason for the pick, and turns into the
+JSON that `shardserve plan --json` prints and `shardserve deploy k8s --plan` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardserve.planner.layouts import (GpuPool, LayoutPlan, pick_reason, plan_layouts)
+from shardserve.planner.memory import ServingLimits
+from shardserve.planner.shape import ModelShape, dtype_bytes, normalize_dtype
+from shardserve.planner.weights import kv_bytes_per_token_layer, total_params
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass
+class PlanRequest:
+    """What to plan for. max_model_len None: the model's max_position_embeddings; dtype
+    'auto': the checkpoint's half type (bfloat16 for float32 checkpoints), as on CUDA."""
+
+    num_gpus: int
+    gpu_memory_bytes: int
+    gpus_per_node: int | None = None  # None: min(num_gpus, 8)
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    target_concurrency: int | None = None
+    enforce_eager: bool = False
+    max_cuda_graph_batch_size: int = 256
+    tensor_parallel_size: int | None = None  # pin a dimension; None: search it
+    pipeline_parallel_size: int | None = None
+    data_parallel_size: int | None = None
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    request: PlanRequest
+    pool: GpuPool
+    limits: ServingLimits
+    dtype: str
+    layouts: list[LayoutPlan] = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def best(self) -> LayoutPlan | None:
+        return self.layouts[0] if self.layouts and self.layouts[0].feasible else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return plan_to_dict(self)
+
+
+def resolve_dtype(dtype: str, shape: ModelShape) -> str:
+    dtype = normalize_dtype(dtype)
+    if dtype != "auto":
+        dtype_bytes(dtype)  # raises on an unknown name
+        return dtype
+    return shape.checkpoint_dtype if shape.checkpoint_dtype in ("float16", "bfloat16") else "bfloat16"
+
+
+def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
+    if request.num_gpus < 1 or request.gpu_memory_bytes <= 0:
+        raise ValueError("Planning needs at least one GPU and a positive GPU memory size.")
+    gpus_per_node = request.gpus_per_node or min(request.num_gpus, 8)
+    if request.num_gpus > gpus_per_node and request.num_gpus % gpus_per_node:
+        raise ValueError(f"{request.num_gpus} GPUs do not make whole nodes of {gpus_per_node}.")
+    dtype = resolve_dtype(request.dtype, shape)
+    limits = ServingLimits(
+        max_model_len=request.max_model_len or shape.max_position_embeddings,
+        dtype_bytes=dtype_bytes(dtype), block_size=request.block_size,
+        gpu_memory_utilization=request.gpu_memory_utilization,
+        max_num_seqs=request.max_num_seqs, max_num_batched_tokens=request.max_num_batched_tokens,
+        enforce_eager=request.enforce_eager,
+        max_cuda_graph_batch_size=request.max_cuda_graph_batch_size)
+    pool = GpuPool(request.num_gpus, request.gpu_memory_bytes, min(gpus_per_node, request.num_gpus))
+    fixed = {"tp": request.tensor_parallel_size, "pp": request.pipeline_parallel_size,
+             "dp": request.data_parallel_size}
+    layouts = plan_layouts(shape, pool, limits, request.target_concurrency, fixed)
+    plan = Plan(shape, request, pool, limits, dtype, layouts)
+    plan.reason = pick_reason(layouts, request.target_concurrency)
+    return plan
+
+
+def _stage_dict(s: Any) -> dict[str, Any]:
+    return {"stage": s.stage, "layers": [s.start_layer, s.end_layer],
+            "weights_bytes": s.weights_bytes, "activation_bytes": s.activation_bytes,
+            "overhead_bytes": s.overhead_bytes, "kv_cache_bytes": s.kv_cache_bytes,
+            "cuda_graph_bytes": s.cuda_graph_bytes, "usable_bytes": s.usable_bytes,
+            "total_bytes": s.total_bytes, "kv_bytes_per_block": s.kv_bytes_per_block}
+
+
+def _layout_dict(p: LayoutPlan) -> dict[str, Any]:
+    return {"tensor_parallel_size": p.tp, "pipeline_parallel_size": p.pp,
+            "data_parallel_size": p.dp, "gpus_per_group": p.gpus_per_group,
+            "nodes_per_group": p.nodes_per_group, "feasible": p.feasible, "rank": p.rank,
+            "num_blocks": p.num_blocks, "kv_tokens_per_replica": p.kv_tokens,
+            "max_seqs_per_replica": p.max_seqs_at_max_len, "total_seqs": p.total_seqs,
+            "meets_target": p.meets_target, "problems": p.problems, "notes": p.notes,
+            "stages": [_stage_dict(s) for s in p.stages]}
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    shape, limits, pool = plan.shape, plan.limits, plan.pool
+    best = plan.best
+    return {
+        "format_version": PLAN_FORMAT_VERSION,
+        "model": {"name": shape.name, "architecture": shape.architecture,
+                  "served_by_engine": shape.served, "num_params": total_params(shape),
+                  "num_layers": shape.num_layers, "num_attention_heads": shape.num_heads,
+                  "num_key_value_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
+                  "hidden_size": shape.hidden_size, "vocab_size": shape.vocab_size,
+                  "kv_bytes_per_token": shape.num_layers * kv_bytes_per_token_layer(
+                      shape, 1, limits.dtype_bytes),
+                  "moe": shape.moe is not None, "mla": shape.mla is not None},
+        "hardware": {"num_gpus": pool.num_gpus, "gpu_memory_bytes": pool.gpu_memory_bytes,
+                     "gpus_per_node": pool.gpus_per_node, "num_nodes": pool.num_nodes},
+        "serving": {"dtype": plan.dtype, "max_model_len": limits.max_model_len,
+                    "block_size": limits.block_size,
+                    "gpu_memory_utilization": limits.gpu_memory_utilization,
+                    "max_num_seqs": limits.max_num_seqs,
+                    "max_num_batched_tokens": limits.max_num_batched_tokens,
+                    "enforce_eager": limits.enforce_eager,
+                    "target_concurrency": plan.request.target_concurrency},
+        "recommended": _layout_dict(best) if best else None,
+        "reason": plan.reason,
+        "layouts": [_layout_dict(p) for p in plan.layouts],
+    }

@@ -1,0 +1,107 @@
+"""Which layers each pipeline stage runs: balanced on estimated compute and memory, counting the
+embedding (first stage) and the final norm + LM head (last stage), not only the layers.
+
+Each item's cost is its share of the model's compute plus its share of the model's memory:
+
+    cost(i) = flops(i) / total_flops + bytes(i) / total_bytes
+
+The embedding is a lookup (memory, no compute); the LM head is a vocabulary-wide GEMM for every
+sampled token (both). A contiguous split minimising the most expensive stage is found exactly
+by dynamic programming (at most a few hundred layers and tens of stages). Pipeline parallelism
+(issue 6) calls `pipeline_stage_layers`, or `parse_layer_partition` for an explicit
+--pp-layer-partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shardserve.planner.shape import ModelShape
+from shardserve.planner.weights import (active_params_per_token, embedding_params,
+                                        layer_params, lm_head_params)
+
+
+def partition_layers(layer_costs: Sequence[float], num_stages: int, first_extra: float = 0.0,
+                     last_extra: float = 0.0) -> list[tuple[int, int]]:
+    """Split layers into `num_stages` contiguous [start, end) ranges of at least one layer
+    each, minimising the largest stage cost (first_extra and last_extra are added to the first
+    and last stage). Ties go to the split with the most even layer counts."""
+    n = len(layer_costs)
+    if not 1 <= num_stages <= n:
+        raise ValueError(f"Cannot split {n} layers into {num_stages} pipeline stages "
+                         "(each stage needs at least one layer).")
+    prefix = [0.0]
+    for c in layer_costs:
+        prefix.append(prefix[-1] + c)
+
+    def stage_cost(stage: int, start: int, end: int) -> float:
+        extra = (first_extra if stage == 0 else 0.0) + (last_extra if stage == num_stages - 1 else 0.0)
+        return prefix[end] - prefix[start] + extra
+
+    even = n / num_stages
+    inf = (float("inf"), float("inf"))
+    # best[s][e]: (largest stage cost, unevenness) of stages 0..s covering layers [0, e).
+    best = [[inf] * (n + 1) for _ in range(num_stages)]
+    cut = [[0] * (n + 1) for _ in range(num_stages)]
+    for e in range(1, n - num_stages + 2):
+        best[0][e] = (stage_cost(0, 0, e), abs(e - even))
+    for s in range(1, num_stages):
+        for e in range(s + 1, n - num_stages + s + 2):
+            for b in range(s, e):
+                prev = best[s - 1][b]
+                if prev[0] == float("inf"):
+                    continue
+                cand = (max(prev[0], stage_cost(s, b, e)), max(prev[1], abs(e - b - even)))
+                if _better(cand, best[s][e]):
+                    best[s][e], cut[s][e] = cand, b
+    bounds, end = [], n
+    for s in range(num_stages - 1, 0, -1):
+        start = cut[s][end]
+        bounds.append((start, end))
+        end = start
+    bounds.append((0, end))
+    return bounds[::-1]
+
+
+def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    # Costs within a relative 1e-9 are equal, so the evenness tie-break can decide.
+    if abs(a[0] - b[0]) > 1e-9 * max(abs(a[0]), abs(b[0]), 1.0):
+        return a[0] < b[0]
+    return a[1] < b[1]
+
+
+def stage_costs(shape: ModelShape) -> tuple[list[float], float, float]:
+    """(per-layer cost, first-stage extra, last-stage extra) in the combined share above."""
+    layer_flops = [2.0 * active_params_per_token(shape, i) for i in range(shape.num_layers)]
+    layer_bytes = [float(layer_params(shape, i, 1)) for i in range(shape.num_layers)]
+    embed_bytes = float(embedding_params(shape, 1))
+    head_bytes = float(shape.hidden_size + lm_head_params(shape, 1, shares_embedding=False))
+    head_flops = 2.0 * embedding_params(shape, 1)
+    total_flops = sum(layer_flops) + head_flops
+    total_bytes = sum(layer_bytes) + embed_bytes + head_bytes
+    costs = [f / total_flops + b / total_bytes for f, b in zip(layer_flops, layer_bytes)]
+    return costs, embed_bytes / total_bytes, head_flops / total_flops + head_bytes / total_bytes
+
+
+def pipeline_stage_layers(shape: ModelShape, pp_size: int) -> list[tuple[int, int]]:
+    """The default layer range [start, end) of every stage for `pp_size` stages."""
+    if pp_size == 1:
+        return [(0, shape.num_layers)]
+    costs, first, last = stage_costs(shape)
+    return partition_layers(costs, pp_size, first, last)
+
+
+def parse_layer_partition(text: str, num_layers: int, pp_size: int) -> list[tuple[int, int]]:
+    """'14,10,8' -> [(0, 14), (14, 24), (24, 32)], checked against the model and pp_size."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"A layer partition is comma-separated layer counts, got {text!r}.") from None
+    if len(counts) != pp_size or sum(counts) != num_layers or min(counts) < 1:
+        raise ValueError(f"Layer partition {text!r} must give {pp_size} positive counts adding "
+                         f"up to the model's {num_layers} layers.")
+    bounds, start = [], 0
+    for count in counts:
+        bounds.append((start, start + count))
+        start += count
+    return bounds

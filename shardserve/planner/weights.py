@@ -1,0 +1,149 @@
+"""Parameter counts per tensor-parallel rank, exactly as the engine's layers allocate them.
+
+The rules follow layers/linear.py and layers/embedding.py:
+
+    QKVParallelLinear        q heads / tp, KV heads / tp (one replicated head per rank once
+                             tp >= num_kv_heads), bias rows the same when present
+    ColumnParallelLinear     out / tp rows (gate_up: 2 * intermediate / tp), sharded bias
+    RowParallelLinear        in / tp columns; the bias is whole on every rank
+    VocabParallelEmbedding   vocab padded to a multiple of 64 * tp, then / tp rows
+    RMSNorm, q/k norms       whole on every rank
+
+Counts are elements; multiply by the dtype's size. MLA attention and MoE MLPs (not served by
+the engine yet) follow vLLM's sharding for them; `attention_params` and `mlp_params` are the
+two hooks where an architecture plugs in its own accounting.
+"""
+
+from __future__ import annotations
+
+from shardserve.planner.shape import MLASpec, ModelShape
+
+VOCAB_PADDING = 64  # layers/embedding.py DEFAULT_VOCAB_PADDING_SIZE
+
+
+def pad_vocab(vocab_size: int, tp: int) -> int:
+    multiple = VOCAB_PADDING * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def vocab_rows_per_rank(shape: ModelShape, tp: int) -> int:
+    return pad_vocab(shape.vocab_size, tp) // tp
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
+    """QKVParallelLinear: KV heads split while tp <= num_kv_heads, else one replicated head."""
+    return 1 if tp >= num_kv_heads else num_kv_heads // tp
+
+
+def tp_problems(shape: ModelShape, tp: int) -> list[str]:
+    """Why the engine's layers refuse this tensor-parallel size (empty: they accept it)."""
+    problems = []
+    if shape.num_heads % tp:
+        problems.append(f"{shape.num_heads} attention heads do not divide by TP {tp}")
+    if shape.mla is None:
+        kv = shape.num_kv_heads
+        if tp >= kv and tp % kv:
+            problems.append(f"TP {tp} cannot replicate {kv} KV heads evenly (TP must be a "
+                            f"multiple of {kv} once it exceeds the KV heads)")
+        elif tp < kv and kv % tp:
+            problems.append(f"{kv} KV heads do not divide by TP {tp}")
+    if shape.intermediate_size % tp:
+        problems.append(f"intermediate_size {shape.intermediate_size} does not divide by TP {tp}")
+    if shape.moe is not None and shape.moe.expert_intermediate_size % tp:
+        problems.append(f"expert intermediate size {shape.moe.expert_intermediate_size} does "
+                        f"not divide by TP {tp}")
+    return problems
+
+
+def embedding_params(shape: ModelShape, tp: int) -> int:
+    return vocab_rows_per_rank(shape, tp) * shape.hidden_size
+
+
+def lm_head_params(shape: ModelShape, tp: int, shares_embedding: bool) -> int:
+    """The LM head's own table, 0 when tied to an embedding on the same rank. Tied heads on a
+    last pipeline stage without the embedding hold their own copy."""
+    return 0 if shares_embedding else embedding_params(shape, tp)
+
+
+def attention_params(shape: ModelShape, tp: int) -> int:
+    if shape.mla is not None:
+        return _mla_params(shape, shape.mla, tp)
+    h, d = shape.hidden_size, shape.head_dim
+    rows = (shape.num_heads // tp + 2 * kv_heads_per_rank(shape.num_kv_heads, tp)) * d
+    qkv = rows * h + (rows if shape.qkv_bias else 0)
+    o_proj = h * (shape.num_heads * d // tp) + (h if shape.o_proj_bias else 0)
+    qk_norm = 2 * d if shape.qk_norm else 0
+    return qkv + o_proj + qk_norm
+
+
+def _mla_params(shape: ModelShape, mla: MLASpec, tp: int) -> int:
+    """vLLM's DeepSeek-V2 attention: q (or q_a replicated + q_b column), kv_a replicated,
+    kv_b column, o row parallel; the latent norms whole."""
+    h, heads = shape.hidden_size, shape.num_heads // tp
+    qk_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    if mla.q_lora_rank is None:
+        q = h * heads * qk_head
+    else:
+        q = h * mla.q_lora_rank + mla.q_lora_rank + mla.q_lora_rank * heads * qk_head
+    kv_a = h * (mla.kv_lora_rank + mla.qk_rope_head_dim) + mla.kv_lora_rank
+    kv_b = mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+    o = heads * mla.v_head_dim * h
+    return q + kv_a + kv_b + o
+
+
+def mlp_params(shape: ModelShape, layer: int, tp: int) -> int:
+    h = shape.hidden_size
+    moe = shape.moe
+    if moe is not None and moe.is_moe_layer(layer):
+        # Experts split by TP (or by EP: the same bytes per rank when experts divide evenly).
+        experts = moe.num_experts * 3 * h * moe.expert_intermediate_size // tp
+        shared = 3 * h * moe.shared_intermediate_size // tp
+        router = h * moe.num_experts  # replicated
+        return experts + shared + router + (h if moe.shared_expert_gate else 0)
+    inter = shape.intermediate_size // tp
+    bias = (2 * inter + h) if shape.mlp_bias else 0
+    return 3 * h * inter + bias
+
+
+def layer_params(shape: ModelShape, layer: int, tp: int) -> int:
+    """One decoder layer on one TP rank: attention, MLP and its two RMSNorms."""
+    return attention_params(shape, tp) + mlp_params(shape, layer, tp) + 2 * shape.hidden_size
+
+
+def stage_params(shape: ModelShape, tp: int, start: int, end: int, first: bool,
+                 last: bool) -> int:
+    """Parameters on one rank of a pipeline stage holding layers [start, end); the first stage
+    holds the embedding, the last the final norm and the LM head."""
+    total = sum(layer_params(shape, i, tp) for i in range(start, end))
+    if first:
+        total += embedding_params(shape, tp)
+    if last:
+        total += shape.hidden_size + lm_head_params(
+            shape, tp, shares_embedding=shape.tie_word_embeddings and first)
+    return total
+
+
+def total_params(shape: ModelShape) -> int:
+    """The model's parameter count (TP 1, one stage), vocabulary padding included."""
+    return stage_params(shape, 1, 0, shape.num_layers, first=True, last=True)
+
+
+def active_params_per_token(shape: ModelShape, layer: int) -> int:
+    """Matmul parameters one token passes through in `layer` (TP 1): for MoE only the routed
+    top-k experts and the shared ones. Twice this is the layer's FLOPs per token."""
+    moe = shape.moe
+    if moe is None or not moe.is_moe_layer(layer):
+        return layer_params(shape, layer, 1)
+    h = shape.hidden_size
+    experts = moe.num_experts_per_tok * 3 * h * moe.expert_intermediate_size
+    return (attention_params(shape, 1) + experts + 3 * h * moe.shared_intermediate_size
+            + h * moe.num_experts)
+
+
+def kv_bytes_per_token_layer(shape: ModelShape, tp: int, elem_bytes: int) -> int:
+    """KV-cache bytes one token takes in one layer on one TP rank: K and V of this rank's KV
+    heads (executor/model_runner.py kv_bytes_per_block / block_size); for MLA the latent and
+    the RoPE key, the same on every rank."""
+    if shape.mla is not None:
+        return (shape.mla.kv_lora_rank + shape.mla.qk_rope_head_dim) * elem_bytes
+    return 2 * kv_heads_per_rank(shape.num_kv_heads, tp) * shape.head_dim * elem_bytes

