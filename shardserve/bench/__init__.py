@@ -1,0 +1,1 @@
+"""Benchmarks: `shardserve bench serve` load-tests a running server."""

@@ -1,0 +1,338 @@
+"""AsyncLLM: the asyncio front end over an engine core in its own process (engine/core_proc.py,
+reached through engine/core_client.py).
+
+    generate() ─▶ InputProcessor (validate, tokenize, n > 1 fan-out) ─▶ EngineCoreRequest ─▶ core
+    core ─▶ CoreStepOutputs ─▶ reader task ─▶ OutputProcessor (detokenize, stop strings)
+         ─▶ one asyncio.Queue per request ─▶ the generate() consumer
+
+The front end holds everything textual; the core holds only token ids. A consumer that goes
+away (generator closed or its task cancelled) aborts its request in the core, which frees its
+KV blocks at once. If the core process exits, every pending request gets EngineDeadError and
+new ones are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardserve.config import EngineConfig
+from shardserve.engine.core_client import CoreProcClient
+from shardserve.engine.core_messages import (AbortRequests, CoreFailed, CoreReady, CoreStats,
+                                             CoreStepOutputs, EngineCoreRequest)
+from shardserve.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from shardserve.engine.output_processor import OutputProcessor
+from shardserve.engine.stat_logger import StatLogger
+from shardserve.errors import EngineDeadError, InvalidRequestError, OverloadedError
+from shardserve.outputs import RequestOutput
+from shardserve.sampling_params import SamplingParams
+from shardserve.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# After the core's process exits, wait this long for its last messages (error outputs,
+# CoreFailed) to be read before failing what is left with a generic reason.
+_EXIT_GRACE_S = 0.2
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    child_ids: list[str]
+    arrival_time: float
+    num_prompt_tokens: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # RequestOutput | Exception
+    scheduled: bool = False
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+
+class AsyncLLM:
+    """Serve requests concurrently from one asyncio loop; `await start()` before use.
+
+        llm = AsyncLLM(EngineConfig.from_kwargs(model=..., max_model_len=512).resolve())
+        await llm.start()
+        async for out in llm.generate("Hello", SamplingParams(max_tokens=8), "req-1"):
+            print(out.outputs[0].delta_text, end="")
+        await llm.shutdown()
+    """
+
+    def __init__(self, config: EngineConfig, stat_logger: StatLogger | None = None,
+                 max_queue_time: float | None = None, log_level: int | None = None) -> None:
+        self.config = config  # resolved (EngineConfig.resolve()) by the caller
+        self.stat_logger = stat_logger or StatLogger()
+        self.max_waiting_requests = config.scheduler_config.max_waiting_requests
+        self.max_queue_time = max_queue_time
+        self._log_level = logging.getLogger().level if log_level is None else log_level
+        self.tokenizer: Any = None
+        self.input_processor: InputProcessor | None = None
+        self.output_processor: OutputProcessor | None = None
+        self.latest_stats: CoreStats | None = None
+        self.ready = False
+        self.dead = False
+        self.dead_reason: str | None = None
+        self._shutting_down = False
+        self._states: dict[str, _RequestState] = {}
+        self._by_child: dict[str, _RequestState] = {}
+        # Requests not scheduled yet, oldest first: the admission bound and queue-time expiry.
+        self._unscheduled: OrderedDict[str, _RequestState] = OrderedDict()
+        self._ids = itertools.count()
+        self._core = CoreProcClient(config, self._log_level)
+        self._ready_future: asyncio.Future | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._core_error: str | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the tokenizer, start the core process and wait until the model is loaded.
+        Raises EngineDeadError if the core fails to start."""
+        loop = asyncio.get_running_loop()
+        mc = self.config.model_config
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, mc.source, mc.tokenizer)
+        eos = eos_token_ids(self.tokenizer, mc.hf_config, mc.source.folder)
+        self.input_processor = InputProcessor(self.config, self.tokenizer, eos)
+        self.output_processor = OutputProcessor(self.tokenizer)
+
+        self._ready_future = loop.create_future()
+        await self._core.start(on_exit=self._on_core_exit)
+        self._tasks.append(asyncio.create_task(self._read_outputs(), name="AsyncLLM.outputs"))
+        if self.max_queue_time is not None:
+            self._tasks.append(asyncio.create_task(self._expire_queued(), name="AsyncLLM.expiry"))
+        ready: CoreReady = await self._ready_future
+        self.ready = True
+        logger.info("Engine core ready (pid %d, %d KV blocks)", ready.pid, ready.num_blocks)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the core (it gets ShutdownCore, then SIGKILL after `timeout` s) and fail what
+        is still pending."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        self._fail_all(EngineDeadError("The server is shutting down."))
+        for task in self._tasks:  # stop reading before the sockets close under the reader
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._core.shutdown(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the core process has died (liveness)."""
+        return not self.dead
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._states)
+
+    @property
+    def num_waiting_requests(self) -> int:
+        """Requests sent to the core but not yet scheduled, as this front end knows it."""
+        return len(self._unscheduled)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+        """Validate and tokenize (raises InvalidRequestError); before admission, so callers can
+        check the prompt against max_tokens themselves."""
+        self._check_started()
+        return self.input_processor.process_prompt(prompt)
+
+    async def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield RequestOutputs for one prompt until it finishes (the last has finished=True).
+
+        Admission errors (bad input, overload, dead engine) raise on the first iteration,
+        before anything is yielded. Closing or cancelling the iteration aborts the request."""
+        state = self._add_request(prompt, params, request_id)
+        finished = False
+        try:
+            while True:
+                item = await state.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(state.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """End a request from the front (client gone); its KV blocks are freed at once."""
+        state = self._forget(request_id)
+        if state is None:
+            return
+        self.output_processor.abort(request_id)
+        self._send(AbortRequests(list(state.child_ids)))
+        self.stat_logger.record_finished("abort", time.monotonic() - state.arrival_time)
+
+    def _add_request(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
+                     request_id: str | None) -> _RequestState:
+        self._check_started()
+        processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
+        if self.max_waiting_requests is not None and len(self._unscheduled) >= self.max_waiting_requests:
+            self.stat_logger.record_rejected("queue_full")
+            raise OverloadedError(
+                f"The server is overloaded: {len(self._unscheduled)} requests are already waiting "
+                f"(--max-waiting-requests {self.max_waiting_requests}); retry later.")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._states:
+            raise InvalidRequestError(f"Request id {request_id!r} is already in use.", "request_id")
+        now = time.monotonic()
+        requests = self.input_processor.make_requests(request_id, processed, params, now)
+        self.output_processor.add_request(request_id, processed.prompt, requests)
+        state = _RequestState(request_id, [r.request_id for r in requests], now,
+                              len(processed.prompt_token_ids))
+        self._states[request_id] = state
+        self._unscheduled[request_id] = state
+        for r in requests:
+            self._by_child[r.request_id] = state
+            self._send(EngineCoreRequest(r.request_id, r.prompt_token_ids, r.sampling_params,
+                                         sorted(r.eos_token_ids), r.arrival_time, r.max_tokens))
+        return state
+
+    def _check_started(self) -> None:
+        if self.dead:
+            raise EngineDeadError(f"The engine is dead ({self.dead_reason}); restart the server.")
+        if not self.ready or self._shutting_down:
+            self.stat_logger.record_rejected("not_ready")
+            raise OverloadedError("The model is still loading or the server is stopping; "
+                                  "retry shortly.")
+
+    def _forget(self, request_id: str) -> _RequestState | None:
+        state = self._states.pop(request_id, None)
+        if state is not None:
+            self._unscheduled.pop(request_id, None)
+            for child in state.child_ids:
+                self._by_child.pop(child, None)
+        return state
+
+    def _send(self, message: Any) -> None:
+        if not self.dead:
+            self._core.send(message)
+
+    # ---- outputs -----------------------------------------------------------------------------
+
+    async def _read_outputs(self) -> None:
+        try:
+            while True:
+                message = await self._core.recv()
+                if isinstance(message, CoreStepOutputs):
+                    self._handle_step(message)
+                elif isinstance(message, CoreReady):
+                    if not self._ready_future.done():
+                        self._ready_future.set_result(message)
+                elif isinstance(message, CoreFailed):
+                    self._core_error = message.message
+                    logger.error("Engine core failed: %s\n%s", message.message, message.traceback)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here would hang every request; fail them instead
+            logger.exception("The output reader failed")
+            self._mark_dead(f"output reader failed: {type(exc).__name__}: {exc}")
+
+    def _handle_step(self, message: CoreStepOutputs) -> None:
+        now = time.monotonic()
+        for child_id, scheduled_time in message.scheduled.items():
+            state = self._by_child.get(child_id)
+            if state is not None and not state.scheduled:
+                state.scheduled = True
+                self._unscheduled.pop(state.request_id, None)
+                self.stat_logger.record_scheduled(max(scheduled_time - state.arrival_time, 0.0))
+        outputs = []
+        for out in message.outputs:
+            if out.finish_reason == "error":
+                self._fail_request(out.req_id, EngineDeadError(
+                    f"The engine failed while serving this request: {out.error}"))
+            else:
+                outputs.append(out)
+        if outputs:
+            request_outputs, to_abort = self.output_processor.process_outputs(outputs)
+            if to_abort:  # a stop string ended these samples; the core must stop them too
+                self._send(AbortRequests(to_abort))
+            for ro in request_outputs:
+                state = self._states.get(ro.request_id)
+                if state is not None:
+                    self._record_output(state, ro, now)
+                    state.queue.put_nowait(ro)
+                    if ro.finished:
+                        self._forget(ro.request_id)
+        if message.stats is not None:
+            self.latest_stats = message.stats
+            self.stat_logger.record_core_stats(message.stats)
+
+    def _record_output(self, state: _RequestState, ro: RequestOutput, now: float) -> None:
+        num_new = sum(len(c.delta_token_ids) for c in ro.outputs)
+        if num_new:
+            if state.first_token_time is None:
+                state.first_token_time = now
+                self.stat_logger.record_first_token(now - state.arrival_time, state.num_prompt_tokens)
+                self.stat_logger.record_tokens(num_new, None)
+            else:
+                self.stat_logger.record_tokens(num_new, now - state.last_token_time)
+            state.last_token_time = now
+        if ro.finished:
+            reason = ro.outputs[0].finish_reason or "stop"
+            self.stat_logger.record_finished(reason, now - state.arrival_time)
+
+    def _fail_request(self, child_id: str, error: Exception) -> None:
+        state = self._by_child.get(child_id)
+        if state is None:
+            return
+        self._forget(state.request_id)
+        self.output_processor.abort(state.request_id, "error")
+        state.queue.put_nowait(error)
+        self.stat_logger.record_finished("error", time.monotonic() - state.arrival_time)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._states):
+            state = self._forget(request_id)
+            if state is not None:
+                self.output_processor.abort(request_id, "error")
+                state.queue.put_nowait(error)
+
+    async def _expire_queued(self) -> None:
+        """Turn away requests that waited longer than max_queue_time without being scheduled."""
+        limit = self.max_queue_time
+        period = min(0.05, limit / 4)
+        while True:
+            await asyncio.sleep(period)
+            deadline = time.monotonic() - limit
+            while self._unscheduled:
+                state = next(iter(self._unscheduled.values()))
+                if state.arrival_time > deadline:
+                    break
+                self.abort(state.request_id)
+                self.stat_logger.record_rejected("queue_time")
+                state.queue.put_nowait(OverloadedError(
+                    f"The server is overloaded: the request waited more than {limit:g} s "
+                    "(--max-queue-time) to be scheduled; retry later."))
+
+    # ---- death -------------------------------------------------------------------------------
+
+    def _on_core_exit(self) -> None:
+        if not self._shutting_down:
+            asyncio.get_running_loop().call_later(_EXIT_GRACE_S, self._after_core_exit)
+
+    def _after_core_exit(self) -> None:
+        reason = self._core_error or f"exit code {self._core.exitcode}"
+        self._mark_dead(f"the engine core process exited: {reason}")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.dead or self._shutting_down:
+            return
+        self.dead = True
+        self.dead_reason = reason
+        logger.error("Engine is dead: %s", reason)
+        error = EngineDeadError(f"The engine is dead ({reason}); restart the server.")
+        self._fail_all(error)
+        if self._ready_future is not None and not self._ready_future.done():
+            self._ready_future.set_exception(error)
+

@@ -1,0 +1,125 @@
+"""The front end's handle on an engine core process: spawn it, talk to it, notice its exit.
+
+    CoreProcClient.send(msg) ── msgpack ── PUSH ipc://<tmp>/input  ──▶ core (engine/core_proc.py)
+    CoreProcClient.recv()    ◀─ msgpack ── PULL ipc://<tmp>/output ◀── core
+
+The front binds both sockets and the core connects. Sends never block the event loop (the
+input queue is unbounded and the core drains it every step); receives are awaited on the loop.
+The process's sentinel is watched on the loop too, so a crash (even SIGKILL, which sends no
+message) is noticed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from shardserve.config import EngineConfig
+from shardserve.engine.core_messages import ShutdownCore, make_serializer
+from shardserve.engine.core_proc import run_engine_core
+
+logger = logging.getLogger(__name__)
+
+
+class CoreProcClient:
+    def __init__(self, config: EngineConfig, log_level: int) -> None:
+        self._config = config
+        self._log_level = log_level
+        self._serializer = make_serializer()
+        self._proc: Any = None
+        self._ipc_dir: str | None = None
+        self._zmq: zmq.Context | None = None
+        self._zmq_async: zmq.asyncio.Context | None = None
+        self._in_sock: zmq.Socket | None = None
+        self._out_sock: zmq.asyncio.Socket | None = None
+        self._closed = False
+
+    async def start(self, on_exit: Callable[[], None]) -> None:
+        """Bind the sockets and spawn the core; `on_exit` runs on the loop when it exits."""
+        self._ipc_dir = tempfile.mkdtemp(prefix="shardserve-")
+        input_addr, output_addr = f"ipc://{self._ipc_dir}/input", f"ipc://{self._ipc_dir}/output"
+        self._zmq = zmq.Context()
+        self._in_sock = self._zmq.socket(zmq.PUSH)
+        self._in_sock.setsockopt(zmq.SNDHWM, 0)  # unbounded: a send never blocks the loop
+        self._in_sock.bind(input_addr)
+        self._zmq_async = zmq.asyncio.Context()
+        self._out_sock = self._zmq_async.socket(zmq.PULL)
+        self._out_sock.setsockopt(zmq.RCVHWM, 0)
+        self._out_sock.bind(output_addr)
+        # spawn, not fork: the front may hold threads and (on GPU hosts) must not pass a CUDA
+        # context to the child.
+        ctx = multiprocessing.get_context("spawn")
+        self._proc = ctx.Process(target=run_engine_core, name="EngineCore",
+                                 args=(self._config, input_addr, output_addr, os.getpid(),
+                                       self._log_level))
+        await asyncio.to_thread(self._proc.start)
+        weakref.finalize(self, _kill_process, self._proc)
+        loop = asyncio.get_running_loop()
+        sentinel = self._proc.sentinel
+
+        def exited() -> None:
+            loop.remove_reader(sentinel)
+            if not self._closed:
+                on_exit()
+
+        loop.add_reader(sentinel, exited)
+
+    @property
+    def exitcode(self) -> int | None:
+        if self._proc is None:
+            return None
+        self._proc.join(0)
+        return self._proc.exitcode
+
+    def send(self, message: Any) -> None:
+        if self._in_sock is None or self._closed:
+            return
+        try:
+            self._in_sock.send(self._serializer.encode(message), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            logger.warning("Could not send %s to the engine core", type(message).__name__,
+                           exc_info=True)
+
+    async def recv(self) -> Any:
+        return self._serializer.decode(await self._out_sock.recv())
+
+    async def shutdown(self, timeout: float) -> None:
+        """ShutdownCore, then SIGKILL after `timeout` s; close the sockets."""
+        proc = self._proc
+        if proc is not None:
+            if proc.is_alive():
+                self.send(ShutdownCore())
+                await asyncio.to_thread(proc.join, timeout)
+            if proc.is_alive():
+                logger.warning("Engine core did not exit in %.0f s; killing it", timeout)
+                proc.kill()
+                await asyncio.to_thread(proc.join, 5.0)
+            try:
+                asyncio.get_running_loop().remove_reader(proc.sentinel)
+            except (ValueError, OSError):
+                pass
+        self._closed = True
+        for sock in (self._in_sock, self._out_sock):
+            if sock is not None:
+                sock.close(linger=0)
+        for context in (self._zmq, self._zmq_async):
+            if context is not None:
+                context.term()
+        if self._ipc_dir:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+def _kill_process(proc: Any) -> None:
+    """Last resort when the front end exits without shutdown(): no orphaned core."""
+    if proc.is_alive():
+        proc.kill()

@@ -1,0 +1,196 @@
+"""The FastAPI app and `shardserve serve`.
+
+Start-up: the port opens at once and the model loads in the background, so probes see
+/live 200 (alive) and /health 503 (not ready) while a big model loads, then /health 200.
+If loading fails the server exits 1.
+
+SIGTERM (Kubernetes' stop): /health turns 503 and new /v1 requests get 503 at once, requests
+in flight run to the end (up to --shutdown-timeout), then the engine stops and the process
+exits 0. A second SIGTERM, or SIGINT, stops without waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+from collections.abc import AsyncIterator
+from types import FrameType
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from shardserve import __version__
+from shardserve.engine.async_llm import AsyncLLM
+from shardserve.server.args import API_KEY_ENV, ServerArgs
+from shardserve.server.errors import APIError, install_error_handlers
+from shardserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from shardserve.server.protocol import ModelCard, ModelList
+from shardserve.server.serving_chat import create_chat_completion
+from shardserve.server.serving_completions import create_completion
+from shardserve.server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="shardserve", version=__version__, lifespan=_lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.ready:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": _phase(state)}, status_code=503)
+
+    @app.get("/live")
+    async def live() -> Response:
+        if state.engine.is_alive and state.startup_error is None:
+            return JSONResponse({"status": "alive"})
+        return JSONResponse({"status": "dead", "reason": state.engine.dead_reason
+                             or state.startup_error}, status_code=503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key)])
+
+    @v1.get("/models")
+    async def models() -> ModelList:
+        mc = state.config.model_config
+        return ModelList(data=[ModelCard(id=name, root=str(mc.source.path),
+                                         max_model_len=mc.max_model_len,
+                                         vocab_size=int(mc.hf_config.vocab_size))
+                               for name in state.served_model_names])
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(request, state)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(request, state)
+
+    app.include_router(v1)
+    return app
+
+
+def _phase(state: ServerState) -> str:
+    if not state.engine.is_alive or state.startup_error:
+        return "dead"
+    if state.draining:
+        return "draining"
+    return "loading"
+
+
+async def _require_api_key(request: Request) -> None:
+    key = request.app.state.server.args.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "Missing API key: send the header 'Authorization: Bearer <key>'.",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    # Constant time, so the key cannot be guessed byte by byte from response times.
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServerState = app.state.server
+    loader = asyncio.create_task(_start_engine(state), name="engine-start")
+    try:
+        yield
+    finally:
+        loader.cancel()
+        await asyncio.gather(loader, return_exceptions=True)
+        await state.engine.shutdown()
+
+
+async def _start_engine(state: ServerState) -> None:
+    try:
+        await state.engine.start()
+    except Exception as exc:
+        state.startup_error = f"{type(exc).__name__}: {exc}"
+        logger.error("The engine failed to start: %s", state.startup_error)
+        if state.on_fatal is not None:
+            state.on_fatal()
+        return
+    print(f"Ready: serving {state.model_name} on http://{state.args.host}:{state.args.port}",
+          flush=True)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with SIGTERM turned into a drain instead of an immediate stop."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.exit_code = 0
+        self._drain_task: asyncio.Task | None = None
+        state.on_fatal = self._fatal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self.state.draining and not self.should_exit:
+            # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown, and
+            # the process would die by SIGTERM instead of exiting 0.
+            self.state.draining = True
+            asyncio.get_event_loop().call_soon_threadsafe(self._begin_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def _begin_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        timeout = self.state.args.shutdown_timeout
+        logger.warning("SIGTERM: draining %d in-flight requests (up to %.0f s)",
+                       self.state.num_inflight, timeout)
+        try:
+            await asyncio.wait_for(self.state.idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            logger.warning("%d requests still in flight after %.0f s; stopping anyway",
+                           self.state.num_inflight, timeout)
+        self.should_exit = True
+
+    def _fatal(self) -> None:
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """`shardserve serve`: resolve the model (fail fast on a bad path), then serve until stopped."""
+    from shardserve.engine_args import engine_config_from_args
+
+    config = engine_config_from_args(args).resolve()
+    server_args = ServerArgs.from_namespace(args)
+    name = config.model_config.served_model_name
+    metrics = ServerMetrics(name)
+    engine = AsyncLLM(config, metrics, server_args.max_queue_time)
+    state = ServerState(config, server_args, engine, metrics, [name])
+    if server_args.api_key is None:
+        logger.warning("No --api-key (or %s): /v1 is open to anyone who can reach port %d",
+                       API_KEY_ENV, server_args.port)
+    uv_config = uvicorn.Config(build_app(state), host=server_args.host, port=server_args.port,
+                               log_level=server_args.uvicorn_log_level, access_log=False,
+                               timeout_graceful_shutdown=int(max(server_args.shutdown_timeout, 1)),
+                               timeout_keep_alive=5)
+    server = _Server(uv_config, state)
+    print(f"shardserve {__version__}: serving {name} on http://{server_args.host}:"
+          f"{server_args.port} (loading the model...)", flush=True)
+    server.run()
+    return server.exit_code

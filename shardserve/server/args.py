@@ -1,0 +1,52 @@
+"""The HTTP server's own flags (the engine's come from engine_args.add_engine_args)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from shardserve.engine_args import parse_size
+
+API_KEY_ENV = "SHARDSERVE_API_KEY"
+
+
+@dataclass
+class ServerArgs:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = None  # Bearer token required on /v1/*; None: open
+    max_queue_time: float | None = None  # seconds a request may wait unscheduled before a 503
+    shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    max_request_body_bytes: int = 4 << 20
+    max_n: int = 128  # most samples one request may ask for (n, or prompts x n)
+    uvicorn_log_level: str = "warning"
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "ServerArgs":
+        return cls(host=args.host, port=args.port,
+                   api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                   max_queue_time=args.max_queue_time, shutdown_timeout=args.shutdown_timeout,
+                   max_request_body_bytes=args.max_request_body_bytes, max_n=args.max_n,
+                   uvicorn_log_level=args.uvicorn_log_level)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    d = ServerArgs()
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host, help="address to listen on")
+    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV}); "
+                        "/health, /live, /version and /metrics stay open")
+    g.add_argument("--max-queue-time", type=float, default=None, metavar="SECONDS",
+                   help="a request not scheduled within this time gets 503 + Retry-After "
+                        "(with --max-waiting-requests: graceful overload)")
+    g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight requests may take to finish")
+    g.add_argument("--max-request-body-bytes", type=parse_size, default=d.max_request_body_bytes,
+                   metavar="SIZE", help="larger request bodies get 413 (e.g. 4MiB)")
+    g.add_argument("--max-n", type=int, default=d.max_n,
+                   help="most samples per request (n times the number of prompts)")
+    g.add_argument("--uvicorn-log-level", default=d.uvicorn_log_level,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])

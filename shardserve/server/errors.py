@@ -1,0 +1,145 @@
+"""OpenAI-style errors: every failure is {"error": {"message", "type", "param", "code"}} with
+the matching HTTP status, and a message that names the field to fix.
+
+    400 invalid_request_error   bad field, bad JSON, prompt + max_tokens over the context
+    401 invalid_api_key         missing or wrong Bearer token
+    404 model_not_found         unknown model; unknown route (not_found)
+    413 request_too_large       body over --max-request-body-bytes
+    503 overloaded / draining / engine_dead   with Retry-After where retrying can help
+    500 internal_error          a bug: logged with its traceback; the server keeps serving
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shardserve.errors import EngineDeadError, OverloadedError, ShardserveError
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # what a 503 tells a client to wait before trying again
+
+
+class APIError(Exception):
+    """An error to send as OpenAI error JSON."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def overloaded(message: str, code: str = "overloaded") -> APIError:
+    return APIError(503, message, "overloaded", None, code, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def from_exception(exc: BaseException) -> APIError:
+    """Map any exception a handler can meet to the error the client should see."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, OverloadedError):
+        return overloaded(exc.message)
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, exc.message, exc.error_type, None, "engine_dead")
+    if isinstance(exc, ShardserveError):
+        return APIError(exc.http_status, exc.message, exc.error_type, exc.param,
+                        exc.error_type if exc.http_status >= 500 else None)
+    logger.error("Internal error", exc_info=exc)
+    return APIError(500, f"Internal server error ({type(exc).__name__}); see the server log.",
+                    "internal_error", None, "internal_error")
+
+
+def validation_error(err: ValidationError, model: type[BaseModel] | None = None) -> APIError:
+    """400 naming the first bad field, in a sentence (never pydantic's raw error list)."""
+    errors = err.errors(include_url=False)
+    if not errors:
+        return APIError(400, "The request body is invalid.")
+    first = errors[0]
+    loc = first.get("loc", ())
+    if not loc:
+        return APIError(400, "The request body must be a JSON object.", param=None)
+    field = str(loc[0])
+    if first.get("type") == "missing" and len(loc) == 1:
+        return APIError(400, f"Missing required field '{field}'.", param=field)
+    same_field = [e for e in errors if e.get("loc", ())[:1] == (loc[0],)]
+    got = _describe(first.get("input"))
+    if len(same_field) > 1 and model is not None and field in model.model_fields:
+        # A union (prompt, stop, ...): pydantic reports one error per branch; say what fits.
+        expected = _type_name(model.model_fields[field].annotation)
+        return APIError(400, f"Invalid value for '{field}': expected {expected}, got {got}.",
+                        param=field)
+    path = _path(loc)
+    return APIError(400, f"Invalid value for '{path}': {first.get('msg', 'invalid')} (got {got}).",
+                    param=field)
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = str(loc[0])
+    for part in loc[1:]:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("NoneType", "null")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    async def shardserve_error(_: Request, exc: ShardserveError) -> JSONResponse:
+        return from_exception(exc).response()
+
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        err = APIError(exc.status_code, str(exc.detail), "invalid_request_error", None, code,
+                       dict(exc.headers or {}))
+        return err.response()
+
+    async def request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Our endpoints validate bodies themselves; this covers query/path parameters.
+        return APIError(400, _first_message(exc.errors())).response()
+
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc).response()
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(ShardserveError, shardserve_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, request_validation)
+    app.add_exception_handler(Exception, internal)
+
+
+def _first_message(errors: Any) -> str:
+    errors = list(errors)
+    if not errors:
+        return "The request is invalid."
+    loc = [p for p in errors[0].get("loc", ()) if p != "body"]
+    where = _path(tuple(loc)) if loc else "body"
+    return f"Invalid value for '{where}': {errors[0].get('msg', 'invalid')}."

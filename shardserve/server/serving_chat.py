@@ -1,0 +1,162 @@
+"""POST /v1/chat/completions: messages through the model's chat template, n samples, as JSON or
+as server-sent events (role first, then content deltas, then the finish reason)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from starlette.responses import JSONResponse, Response
+
+from shardserve.errors import InvalidRequestError, ShardserveError
+from shardserve.outputs import RequestOutput, SampleLogprobs
+from shardserve.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                        ChatCompletionResponse, ChatLogprobs, ChatMessage,
+                                        ChatStreamChoice, ChatTokenLogprob, DeltaMessage,
+                                        TopLogprob, random_id)
+from shardserve.server.serving_common import (SSE_DONE, ClientDisconnected, SSEResponse,
+                                              build_sampling_params, check_fits, close_all,
+                                              read_request, sse, sse_error, unless_disconnected,
+                                              usage_of)
+from shardserve.server.state import ServerState
+from shardserve.tokenizer import apply_chat_template
+
+
+async def create_chat_completion(request: Request, state: ServerState) -> Response:
+    req = await read_request(request, state, ChatCompletionRequest)
+    state.check_model(req.model)
+    _check_unsupported(req)
+    engine = state.engine
+    try:
+        prompt_ids = apply_chat_template(engine.tokenizer, req.messages, req.add_generation_prompt)
+    except ShardserveError:
+        raise
+    except Exception as err:  # a template can fail in many ways on odd messages; still a 400
+        raise InvalidRequestError(f"The chat template could not render the messages: "
+                                  f"{type(err).__name__}: {err}", "messages") from err
+    processed = engine.process_prompt({"prompt_token_ids": prompt_ids})
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    check_fits(len(processed.prompt_token_ids), max_tokens, state.config.model_config.max_model_len,
+               param)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = build_sampling_params(req, state, max_tokens, logprobs)
+
+    request_id = req.request_id or random_id("chatcmpl")
+    model = req.model or state.model_name
+    state.admit()
+    gen = engine.generate(processed, params, request_id)
+    streaming = False
+    try:
+        if not req.stream:
+            final = await unless_disconnected(request, _last(gen))
+            return JSONResponse(_response(request_id, model, final, req).model_dump())
+        first = await unless_disconnected(request, anext(gen))
+        streaming = True
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; the request is aborted
+    finally:
+        if not streaming:
+            await close_all([gen])
+            state.release()
+
+    async def on_close() -> None:
+        await close_all([gen])
+        state.release()
+
+    return SSEResponse(_stream(request_id, model, req, first, gen), on_close)
+
+
+def _check_unsupported(req: ChatCompletionRequest) -> None:
+    if req.tools:
+        raise InvalidRequestError("Tool calling is not supported by this server.", "tools")
+    if req.response_format and req.response_format.get("type") not in (None, "text"):
+        raise InvalidRequestError("Only response_format {\"type\": \"text\"} is supported.",
+                                  "response_format")
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs=true.", "top_logprobs")
+        if not 0 <= req.top_logprobs <= 20:
+            raise InvalidRequestError(f"top_logprobs must be in [0, 20], got {req.top_logprobs}.",
+                                      "top_logprobs")
+
+
+async def _last(gen: AsyncIterator[RequestOutput]) -> RequestOutput:
+    final = None
+    async for out in gen:
+        final = out
+    assert final is not None and final.finished
+    return final
+
+
+def _response(request_id: str, model: str, final: RequestOutput,
+              req: ChatCompletionRequest) -> ChatCompletionResponse:
+    choices = [ChatChoice(index=c.index, message=ChatMessage(role="assistant", content=c.text),
+                          logprobs=_logprobs(c.logprobs, req.top_logprobs or 0) if req.logprobs else None,
+                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+               for c in final.outputs]
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices,
+                                  usage=usage_of([final]))
+
+
+async def _stream(request_id: str, model: str, req: ChatCompletionRequest, first: RequestOutput,
+                  gen: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    created = int(time.time())
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    finished: set[int] = set()
+    final = first
+
+    def chunk(choices: list[ChatStreamChoice]) -> str:
+        data = ChatCompletionChunk(id=request_id, created=created, model=model,
+                                   choices=choices).model_dump()
+        if include_usage:
+            data["usage"] = None
+        return sse(data)
+
+    def events(out: RequestOutput) -> list[str]:
+        result = []
+        for c in out.outputs:
+            if c.index in finished or (not c.delta_text and not c.delta_token_ids and not c.finished):
+                continue
+            if c.finished:
+                finished.add(c.index)
+            logprobs = _logprobs(c.delta_logprobs, req.top_logprobs or 0) if req.logprobs else None
+            result.append(chunk([ChatStreamChoice(
+                index=c.index, delta=DeltaMessage(content=c.delta_text), logprobs=logprobs,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason)]))
+        return result
+
+    try:
+        # OpenAI's first chunk of each choice carries the role and empty content.
+        for i in range(req.n):
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        for event in events(first):
+            yield event
+        async for out in gen:
+            final = out
+            for event in events(out):
+                yield event
+        if include_usage:
+            data = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                       usage=usage_of([final]))
+            yield sse(data)
+    except Exception as exc:  # the engine died mid-stream: tell the client, then end cleanly
+        yield sse_error(exc)
+    yield SSE_DONE
+
+
+def _logprobs(entries: SampleLogprobs | None, k: int) -> ChatLogprobs:
+    content = []
+    for entry in entries or []:
+        items = list(entry.values())
+        if not items:
+            continue
+        chosen = items[0]
+        top = sorted((lp for lp in items if lp.rank <= k), key=lambda lp: lp.rank)[:k]
+        token = chosen.decoded_token or ""
+        content.append(ChatTokenLogprob(
+            token=token, logprob=chosen.logprob, bytes=list(token.encode()),
+            top_logprobs=[TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob,
+                                     bytes=list((lp.decoded_token or "").encode())) for lp in top]))
+    return ChatLogprobs(content=content)

@@ -1,0 +1,236 @@
+"""What both generation endpoints share: reading and checking a body, building SamplingParams,
+merging several prompts' streams, noticing a client that went away, and SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from shardserve.errors import ContextLengthError, InvalidRequestError
+from shardserve.outputs import RequestOutput
+from shardserve.sampling_params import SamplingParams
+from shardserve.server.errors import APIError, from_exception, validation_error
+from shardserve.server.protocol import UsageInfo
+from shardserve.server.state import ServerState
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the response was ready."""
+
+
+# ---- request bodies ------------------------------------------------------------------------
+
+
+async def read_request(request: Request, state: ServerState, model: type[M]) -> M:
+    """The body parsed into `model`: 413 over the size limit, 400 for bad JSON or fields."""
+    body = await read_body(request, state.args.max_request_body_bytes)
+    try:
+        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise APIError(400, f"The request body is not valid JSON: {err}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err, model) from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    too_large = APIError(413, f"The request body is larger than the server's limit of {limit} "
+                              "bytes (--max-request-body-bytes).", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            if int(length) > limit:
+                raise too_large
+        except ValueError:
+            raise APIError(400, "The Content-Length header is not an integer.") from None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _reject_constant(name: str) -> float:
+    # NaN or Infinity in a sampling field would poison the logits of a whole batch.
+    raise ValueError(f"{name} is not allowed; send finite numbers")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+
+def build_sampling_params(req: Any, state: ServerState, max_tokens: int | None,
+                          logprobs: int | None, num_prompts: int = 1) -> SamplingParams:
+    """SamplingParams from the OpenAI/vLLM fields; out-of-range values raise 400 naming the
+    field (here for what would otherwise reach a tensor, in SamplingParams for the rest)."""
+    vocab_size = int(state.config.model_config.hf_config.vocab_size)
+    if req.n < 1 or req.n * num_prompts > state.args.max_n:
+        raise InvalidRequestError(
+            f"n times the number of prompts must be in [1, {state.args.max_n}] (--max-n); "
+            f"got n={req.n} for {num_prompts} prompt(s).", "n")
+    if req.logit_bias:
+        raise InvalidRequestError("logit_bias is not supported.", "logit_bias")
+    if req.seed is not None and not _INT64_MIN <= req.seed <= _INT64_MAX - req.n:
+        raise InvalidRequestError("seed must fit in a signed 64-bit integer.", "seed")
+    bad_stop_ids = [t for t in req.stop_token_ids or [] if not 0 <= t < vocab_size]
+    if bad_stop_ids:
+        raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab_size}); got "
+                                  f"{bad_stop_ids[:5]}.", "stop_token_ids")
+    top_k = req.top_k if req.top_k is not None else 0
+    if top_k > _INT64_MAX:
+        raise InvalidRequestError("top_k is out of range.", "top_k")
+    if isinstance(req.stop, list) and len(req.stop) > 64:
+        raise InvalidRequestError("At most 64 stop strings are allowed.", "stop")
+    return SamplingParams(
+        n=req.n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=min(top_k, vocab_size),
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        logprobs=logprobs,
+        prompt_logprobs=req.prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+
+
+def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+               param: str) -> None:
+    """400 when the prompt plus the tokens asked for exceed the context (OpenAI's wording)."""
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+            f"prompt, {max_tokens} in the completion). Reduce the prompt or {param}.", param)
+
+
+def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)
+
+
+# ---- concurrency and disconnects -----------------------------------------------------------
+
+
+async def merge_async_iterators(*iterators: AsyncIterator[T]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several iterators as they come, tagged with the iterator's index. Closing the
+    merge (or an error in one) cancels and closes them all, which aborts their requests."""
+    pending: dict[asyncio.Future, tuple[int, AsyncIterator[T]]] = {
+        asyncio.ensure_future(anext(it)): (i, it) for i, it in enumerate(iterators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                i, it = pending.pop(future)
+                try:
+                    item = future.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(it))] = (i, it)
+                yield i, item
+    finally:
+        for future in pending:
+            future.cancel()
+        try:
+            await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            await close_all(iterators)
+
+
+async def close_all(iterators: Iterable[AsyncIterator[Any]]) -> None:
+    """Close async generators (each one's finally aborts its request), best effort: a
+    cancellation that interrupts one must not leave the others open."""
+    for it in iterators:
+        try:
+            await it.aclose()  # type: ignore[attr-defined]
+        except (RuntimeError, asyncio.CancelledError):  # already running, or cancelled again
+            continue
+
+
+async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, or cancel it (aborting its requests) and raise ClientDisconnected
+    when the client goes away first. Only after the body has been read."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnected()
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---- server-sent events --------------------------------------------------------------------
+
+
+def sse(payload: BaseModel | dict[str, Any] | str) -> str:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump_json()
+    elif isinstance(payload, dict):
+        payload = json.dumps(payload)
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    """An error after the 200 header went out: one error event, then [DONE]."""
+    return sse(from_exception(exc).body())
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that always runs `on_close` (abort what is left, count the request
+    done), however the stream ends: finished, client gone, or cancelled before it started."""
+
+    def __init__(self, content: AsyncIterator[str],
+                 on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()

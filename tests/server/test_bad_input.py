@@ -1,0 +1,142 @@
+"""Bad input gets OpenAI error JSON with the right status and a message naming the field; the
+API key is required and checked; nothing a client sends causes a 500 or stops the server."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.server.conftest import API_KEY
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+# (endpoint, body, status, param the error must name (None: any), words the message must hold)
+CASES = [
+    ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ("completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", "temperature"),
+    ("completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p", "top_p"),
+    ("completions", {"prompt": "hi", "top_k": -5}, 400, "top_k", "top_k"),
+    ("completions", {"prompt": "hi", "min_p": 2}, 400, "min_p", "min_p"),
+    ("completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty", "presence_penalty"),
+    ("completions", {"prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty", "frequency_penalty"),
+    ("completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", "repetition_penalty"),
+    ("completions", {"prompt": "hi", "n": 0}, 400, "n", "n"),
+    ("completions", {"prompt": "hi", "n": 10**6}, 400, "n", "n"),
+    ("completions", {"prompt": "hi", "logprobs": 99}, 400, "logprobs", "logprobs"),
+    ("completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens", "min_tokens"),
+    ("completions", {"prompt": "hi", "seed": 2**80}, 400, "seed", "seed"),
+    ("completions", {"prompt": "hi", "top_k": 2**80}, 400, "top_k", "top_k"),
+    ("completions", {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids", "stop_token_ids"),
+    ("completions", {"prompt": "hi", "stop": [""]}, 400, "stop", "stop"),
+    ("completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature", "temperature"),
+    ("completions", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens", "max_tokens"),
+    ("completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream", "stream"),
+    ("completions", {"prompt": "hi", "stream_options": {"include_usage": "x"}}, 400,
+     "stream_options", "stream_options.include_usage"),
+    ("completions", {"prompt": 42}, 400, "prompt", "prompt"),
+    ("completions", {"prompt": []}, 400, "prompt", "prompt"),
+    ("completions", {"prompt": [[]]}, 400, "prompt", "prompt"),
+    ("completions", {"prompt": [10**9]}, 400, "prompt", "prompt"),
+    ("completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("completions", {"max_tokens": 3}, 400, "prompt", "prompt"),
+    ("completions", {"prompt": "hi", "max_tokens": 600}, 400, "max_tokens", "context length"),
+    ("completions", {"prompt": "hi " * 600}, 400, "prompt", "max_model_len"),
+    ("completions", {"prompt": "hi", "echo": True}, 400, "echo", "echo"),
+    ("completions", {"prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias", "logit_bias"),
+    ("completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "gpt-4"),
+    ("chat/completions", {"messages": "hi"}, 400, "messages", "messages"),
+    ("chat/completions", {"messages": []}, 400, "messages", "messages"),
+    ("chat/completions", {"messages": [{"role": "user"}]}, 400, "messages", "content"),
+    ("chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages", "role"),
+    ("chat/completions", {"messages": [{"role": "user", "content": {"a": 1}}]}, 400, "messages", "content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages", "text"),
+    ("chat/completions", {"messages": CHAT, "max_completion_tokens": 1000}, 400,
+     "max_completion_tokens", "context length"),
+    ("chat/completions", {"messages": CHAT, "top_logprobs": 3}, 400, "top_logprobs", "logprobs"),
+    ("chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 50}, 400,
+     "top_logprobs", "top_logprobs"),
+    ("chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools", "Tool"),
+    ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema"}}, 400,
+     "response_format", "response_format"),
+    ("chat/completions", {"messages": CHAT, "model": "nope", "stream": True}, 404, "model", "nope"),
+    ("chat/completions", {"messages": CHAT, "temperature": -2, "stream": True}, 400, "temperature",
+     "temperature"),
+]
+
+
+@pytest.fixture(scope="module")
+def http(smollm2_server):
+    with httpx.Client(base_url=smollm2_server.base_url, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        yield client
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize("endpoint,body,status,param,words", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_field(http, endpoint, body, status, param, words):
+    error = assert_openai_error(http.post(f"/v1/{endpoint}", json=body), status)
+    assert error["param"] == param, error
+    assert words.lower() in error["message"].lower(), error
+    assert "input_value" not in error["message"] and "pydantic" not in error["message"].lower()
+
+
+@pytest.mark.parametrize("content,words", [
+    (b'{"prompt": "hi",', "json"),
+    (b"[1, 2, 3]", "object"),
+    (b'"just a string"', "object"),
+    (b'{"prompt": "hi", "temperature": NaN}', "nan"),
+    (b'{"prompt": "hi", "temperature": 1e999}', "range"),
+    (b"\xff\xfe not utf-8", "json"),
+    (b"", "json"),
+])
+def test_malformed_body(http, content, words):
+    r = http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
+    error = assert_openai_error(r, 400)
+    assert words in error["message"].lower()
+
+
+def test_body_over_the_size_limit(http):
+    r = http.post("/v1/completions", json={"prompt": "a" * (5 << 20)})
+    error = assert_openai_error(r, 413)
+    assert error["code"] == "request_too_large"
+
+
+def test_unknown_route_and_method(http):
+    assert_openai_error(http.get("/v1/nothing-here"), 404)
+    assert_openai_error(http.get("/v1/completions"), 405)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key"},
+                                     {"Authorization": API_KEY}, {"Authorization": "Basic abc"},
+                                     {"Authorization": "Bearer"}])
+@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
+                                         ("POST", "/v1/chat/completions")])
+def test_api_key_required_and_checked(smollm2_server, headers, method, path):
+    r = httpx.request(method, f"{smollm2_server.base_url}{path}", headers=headers,
+                      json={"prompt": "hi", "messages": CHAT, "max_tokens": 1}, timeout=30)
+    error = assert_openai_error(r, 401)
+    assert error["code"] == "invalid_api_key"
+    assert r.headers.get("www-authenticate") == "Bearer"
+
+
+def test_open_endpoints_need_no_key(smollm2_server):
+    for path in ("/health", "/live", "/version", "/metrics"):
+        assert httpx.get(f"{smollm2_server.base_url}{path}", timeout=10).status_code == 200, path
+
+
+def test_the_right_key_works_and_the_server_survived(http, smollm2_server):
+    r = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    assert smollm2_server.proc.poll() is None
+    m = smollm2_server.wait_idle()
+    assert m[("shardserve:kv_cache_usage_perc", ())] == 0.0

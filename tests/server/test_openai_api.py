@@ -1,0 +1,100 @@
+"""The official `openai` client against the server: chat and completions, streamed and not."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import API_KEY
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{smollm2_server.base_url}/v1", api_key=API_KEY, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models_and_version(smollm2_server, client, model):
+    assert model == "SmolLM2-135M-Instruct"
+    version = httpx.get(f"{smollm2_server.base_url}/version").json()["version"]
+    assert version
+
+
+def test_chat_paris(client, model):
+    r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=20, temperature=0)
+    choice = r.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.message.role == "assistant" and choice.finish_reason == "stop"
+    assert r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_joins_to_the_same_text(client, model):
+    kwargs = dict(model=model, messages=QUESTION, max_completion_tokens=8, temperature=0.8, seed=11)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    parts, roles, finish, usage = [], [], None, None
+    for chunk in client.chat.completions.create(**kwargs, stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            roles.append(c.delta.role)
+            parts.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(parts) == full
+    assert roles[0] == "assistant" and finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_completion_stream_joins_to_the_same_text(client, model):
+    kwargs = dict(model=model, prompt="The capital of France is", max_tokens=8, temperature=0.9,
+                  seed=5)
+    full = client.completions.create(**kwargs)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True)
+                       if c.choices)
+    assert streamed == full.choices[0].text and full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 8
+
+
+def test_completion_prompt_shapes_n_and_logprobs(client, model):
+    tokenizer_free_ids = client.completions.create(model=model, prompt=[504, 3575, 282], max_tokens=2,
+                                                   temperature=0)
+    assert tokenizer_free_ids.usage.prompt_tokens == 3
+    r = client.completions.create(model=model, prompt=["Hello", "One, two,"], n=2, max_tokens=3,
+                                  temperature=1.0, logprobs=2)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)
+
+
+def test_chat_logprobs_and_vllm_extras(client, model):
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Say hi."}],
+        max_tokens=4, temperature=0.7, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
+        stop=["\n\n"], logprobs=True, top_logprobs=2,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 4,
+                    "ignore_eos": True})
+    c = r.choices[0]
+    assert c.finish_reason == "length" and r.usage.completion_tokens == 4
+    assert len(c.logprobs.content) == 4
+    assert all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+
+
+def test_stop_string_ends_the_answer_streamed_or_not(smollm2_server, client, model):
+    kwargs = dict(model=model, messages=QUESTION, max_tokens=20, temperature=0, stop=["Paris"])
+    full = client.chat.completions.create(**kwargs).choices[0]
+    assert full.message.content == "The capital of France is "
+    assert full.finish_reason == "stop" and full.model_extra["stop_reason"] == "Paris"
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert smollm2_server.wait_idle()[("shardserve:kv_cache_usage_perc", ())] == 0.0
