@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_checkpoints import VOCAB, hf_logits, load_ours, save_tiny_checkpoint
+from tests.models.tiny_checkpoints import VOCAB, hf_logits, load_ours, save_tiny_checkpoint
 
 from shardserve.forward_context import AttentionMetadata, set_forward_context
 from shardserve.layers.attention import Attention, TorchAttentionBackend

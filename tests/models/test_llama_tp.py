@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_checkpoints import VOCAB, assert_close_logits, load_ours, our_logits, save_tiny_checkpoint
+from tests.models.tiny_checkpoints import VOCAB, assert_close_logits, load_ours, our_logits, save_tiny_checkpoint
 
 from shardserve.distributed import parallel_state as ps
 from shardserve.distributed.local_launch import run_local_ranks

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_checkpoints import (TINY_CONFIGS, VOCAB, assert_close_logits, hf_logits, load_ours,
+from tests.models.tiny_checkpoints import (TINY_CONFIGS, VOCAB, assert_close_logits, hf_logits, load_ours,
                               our_logits, save_tiny_checkpoint, tiny_config)
 
 from shardserve.errors import ModelLoadError, UnsupportedModelError
@@ -61,7 +61,8 @@ def test_unsupported_architecture_lists_supported() -> None:
     config.architectures = ["Qwen3ForCausalLM"]
     assert check_architecture(config) == "Qwen3ForCausalLM"
     assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "Qwen2ForCausalLM",
-                                            "Qwen3ForCausalLM"}
+                                            "Qwen3ForCausalLM", "DeepseekV2ForCausalLM",
+                                            "DeepseekV3ForCausalLM"}
 
 
 def test_half_precision_close_to_transformers(tmp_path: Path) -> None:

@@ -1,0 +1,65 @@
+"""Triton kernel: RMSNorm with the residual add fused in (one read of x and residual, one write
+of each output, instead of torch's add, square, mean, rsqrt, multiply, cast and multiply passes).
+
+Reference: `shardserve.layers.layernorm.RMSNorm` (forward(x) and forward(x, residual)), whose
+numerics it follows step for step: the residual add rounds to the input dtype, the norm runs in
+float32 and is cast back to the input dtype before the weight multiply, so half-precision
+results agree with the reference to the last bit except where the float32 sum of squares,
+reduced in another order, lands on the other side of a rounding boundary.
+
+One program normalizes one row of `hidden` elements held in one BLOCK (next power of two).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr, hidden, eps,
+                     stride_x, stride_r, stride_o, stride_ro,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    variance = tl.sum(xf * xf, 0) / hidden
+    y = (xf * tl.math.rsqrt(variance + eps)).to(x_ptr.dtype.element_ty)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    out = w.to(tl.float32) * y.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Like RMSNorm.forward: x [..., hidden] -> y, or with residual -> (y, x + residual)."""
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden)
+    assert x2.stride(-1) == 1 and weight.is_contiguous()
+    num_rows = x2.shape[0]
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if residual is not None:
+        r2 = residual.reshape(-1, hidden)
+        assert r2.stride(-1) == 1
+        residual_out = torch.empty_like(x2)
+    else:
+        r2 = residual_out = x2  # unused
+    if num_rows:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_kernel[(num_rows,)](
+            out, residual_out, x2, r2, weight, hidden, eps,
+            x2.stride(0), r2.stride(0), out.stride(0), residual_out.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK=block,
+            num_warps=min(max(block // 512, 1), 16))
+    out = out.view(x.shape)
+    if residual is None:
+        return out
+    return out, residual_out.view(x.shape)

@@ -1,0 +1,77 @@
+"""Triton kernel: rotary position embedding of q and k in place, all heads of one token per
+program, cos/sin looked up by position in the layer's table (one launch instead of torch's
+index_select, chunk, four multiplies, two adds and cat per tensor).
+
+Reference: `shardserve.layers.rotary.RotaryEmbedding.forward` (neox and GPT-J styles, partial
+rotary_dim: dims past rotary_dim are left as they are). The reference rounds each product to
+the activation dtype; this kernel rounds once at the end, so half-precision results can differ
+from it by an ulp (closer to the exact rotation, not further).
+
+    cos_sin_cache [max_positions, rotary_dim] = [cos | sin], float32
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(ptr, token, stride_t, stride_h, num_heads, cos, sin, idx1, idx2, rmask,
+                  BLOCK_H: tl.constexpr):
+    heads = tl.arange(0, BLOCK_H)
+    mask = (heads < num_heads)[:, None] & rmask[None, :]
+    base = ptr + token * stride_t + heads[:, None] * stride_h
+    x1 = tl.load(base + idx1[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + idx2[None, :], mask=mask, other=0.0).to(tl.float32)
+    o1 = x1 * cos[None, :] - x2 * sin[None, :]
+    o2 = x2 * cos[None, :] + x1 * sin[None, :]
+    tl.store(base + idx1[None, :], o1.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(base + idx2[None, :], o2.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+                   num_q_heads, num_k_heads, half,
+                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr,
+                   IS_NEOX: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    i = tl.arange(0, BLOCK_R)
+    rmask = i < half
+    # Like the reference: the float32 table is cast to the activations' dtype first.
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=rmask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + half + i, mask=rmask, other=0.0)
+    cos = cos.to(q_ptr.dtype.element_ty).to(tl.float32)
+    sin = sin.to(q_ptr.dtype.element_ty).to(tl.float32)
+    if IS_NEOX:
+        idx1 = i
+        idx2 = i + half
+    else:
+        idx1 = 2 * i
+        idx2 = 2 * i + 1
+    _rotate_heads(q_ptr, token, stride_qt, stride_qh, num_q_heads, cos, sin, idx1, idx2, rmask,
+                  BLOCK_HQ)
+    _rotate_heads(k_ptr, token, stride_kt, stride_kh, num_k_heads, cos, sin, idx1, idx2, rmask,
+                  BLOCK_HK)
+
+
+def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, head_size: int, rotary_dim: int,
+                      is_neox_style: bool = True) -> None:
+    """Rotate query [T, Hq * head_size] and key [T, Hk * head_size] in place (views of a
+    fused qkv tensor are fine: only their token stride and head layout matter)."""
+    num_tokens = positions.shape[0]
+    if num_tokens == 0:
+        return
+    q = query.view(num_tokens, -1, head_size)
+    k = key.view(num_tokens, -1, head_size)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1
+    half = rotary_dim // 2
+    _rotary_kernel[(num_tokens,)](
+        q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        cos_sin_cache.stride(0), q.shape[1], k.shape[1], half,
+        BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+        BLOCK_R=triton.next_power_of_2(half), IS_NEOX=is_neox_style, num_warps=4)

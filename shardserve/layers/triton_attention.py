@@ -1,0 +1,40 @@
+"""The CUDA attention backend: Triton kernels over the paged KV cache (kernels/store_kv.py,
+kernels/prefill_attention.py, kernels/decode_attention.py). Same static interface as
+TorchAttentionBackend; imported only when a CUDA device asks for it, so CPU-only installs never
+import Triton."""
+
+from __future__ import annotations
+
+import torch
+
+from shardserve.forward_context import AttentionMetadata
+from shardserve.kernels.decode_attention import decode_attention
+from shardserve.kernels.prefill_attention import prefill_attention
+from shardserve.kernels.store_kv import store_kv
+
+
+class TritonAttentionBackend:
+    """Decode-only steps (max_query_len == 1) take the split-K decode kernel; any step with a
+    prefill or chunked-prefill chunk takes the varlen prefill kernel, decodes included. Grids
+    are sized from the host copies in AttentionMetadata, so nothing here syncs with the GPU."""
+
+    name = "triton"
+    # Grids depend only on host values fixed at capture (max_seq_len = max_model_len).
+    supports_cuda_graphs = True
+
+    @staticmethod
+    def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+        store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    @staticmethod
+    def forward(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        if metadata.max_query_len <= 1:
+            decode_attention(query, k_cache, v_cache, metadata.query_start_loc,
+                             metadata.seq_lens, metadata.block_tables, metadata.max_seq_len,
+                             scale, out)
+        else:
+            prefill_attention(query, k_cache, v_cache, metadata.query_start_loc,
+                              metadata.seq_lens, metadata.block_tables, scale, out)
+        return out
