@@ -7,9 +7,15 @@ import os
 import pytest
 import torch
 
-from tests.device import TEST_DEVICE
+from tests.device import TEST_DEVICE, make_llm
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+if not torch.cuda.is_available():
+    # Triton kernels run through Triton's interpreter on CPU-only machines. The flag is read when
+    # a kernel module is imported, so set it before any test directory can import one
+    # (tests/kernels/conftest.py checks it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,5 +57,5 @@ def smollm2_hf_reference(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2_gguf):
     from shardserve import LLM
-    return LLM(smollm2_gguf, device=TEST_DEVICE, dtype="float32", max_model_len=1024,
+    return make_llm(smollm2_gguf, dtype="float32", max_model_len=1024,
                kv_cache_memory_bytes=256 << 20)

@@ -3,7 +3,7 @@ request, and no KV block stays allocated."""
 
 from __future__ import annotations
 
-from tests.device import TEST_DEVICE
+from tests.device import TEST_DEVICE, make_llm
 import pytest
 
 from shardserve import LLM, SamplingParams
@@ -13,7 +13,7 @@ from shardserve.errors import (CacheTooSmallError, ContextLengthError, InvalidRe
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dirs):
-    return LLM(tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32", max_model_len=64)
+    return make_llm(tiny_model_dirs["llama"], dtype="float32", max_model_len=64)
 
 
 def assert_clean_and_serving(llm):
@@ -75,9 +75,9 @@ def test_error_mid_generation_frees_blocks(llm, monkeypatch):
 
 def test_missing_path_and_no_model(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
-        LLM(str(tmp_path / "nope"), device=TEST_DEVICE)
+        make_llm(str(tmp_path / "nope"))
     with pytest.raises(ModelLoadError, match="holds no model"):
-        LLM(str(tmp_path), device=TEST_DEVICE)
+        make_llm(str(tmp_path))
 
 
 def test_unsupported_architecture(tmp_path, tiny_model_dirs):
@@ -89,9 +89,9 @@ def test_unsupported_architecture(tmp_path, tiny_model_dirs):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
-        LLM(str(path), device=TEST_DEVICE)
+        make_llm(str(path))
 
 
 def test_cache_too_small_says_how_much_is_needed(tiny_model_dirs):
     with pytest.raises(CacheTooSmallError, match="MiB"):
-        LLM(tiny_model_dirs["llama"], device=TEST_DEVICE, max_model_len=2048, kv_cache_memory_bytes=1 << 16)
+        make_llm(tiny_model_dirs["llama"], max_model_len=2048, kv_cache_memory_bytes=1 << 16)

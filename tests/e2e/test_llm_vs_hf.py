@@ -3,7 +3,7 @@ prompts served together, under prefix caching on/off, chunked prefill and forced
 
 from __future__ import annotations
 
-from tests.device import TEST_DEVICE
+from tests.device import TEST_DEVICE, make_llm
 import random
 
 import pytest
@@ -50,7 +50,7 @@ ENGINE_VARIANTS = {
 @pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
 def test_greedy_matches_transformers(tiny_model_dirs, references, arch, variant):
     model, prompts, expected = references[arch]
-    llm = LLM(tiny_model_dirs[arch], device=TEST_DEVICE, dtype="float32", max_model_len=128,
+    llm = make_llm(tiny_model_dirs[arch], dtype="float32", max_model_len=128,
               **ENGINE_VARIANTS[variant])
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -64,7 +64,7 @@ def test_greedy_matches_transformers(tiny_model_dirs, references, arch, variant)
 
 def test_logprobs_and_prompt_logprobs_match_log_softmax(tiny_model_dirs, references):
     model, prompts, expected = references["llama"]
-    llm = LLM(tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32", max_model_len=128)
+    llm = make_llm(tiny_model_dirs["llama"], dtype="float32", max_model_len=128)
     prompt = prompts[2]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3,
                             prompt_logprobs=2)
@@ -93,7 +93,7 @@ def test_prompt_logits_within_1e4(tiny_model_dirs, references):
     """The engine's logits for every prompt position agree with transformers to 1e-4."""
     from shardserve.forward_context import set_forward_context
     model, prompts, _ = references["qwen3"]
-    llm = LLM(tiny_model_dirs["qwen3"], device=TEST_DEVICE, dtype="float32", max_model_len=128)
+    llm = make_llm(tiny_model_dirs["qwen3"], dtype="float32", max_model_len=128)
     ours = llm.engine.core.executor.worker.runner.model
     prompt = prompts[4]
     with torch.inference_mode(), set_forward_context(None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.device import TEST_DEVICE
+from tests.device import TEST_DEVICE, make_llm
 import pytest
 
 from shardserve import LLM, SamplingParams
@@ -10,7 +10,7 @@ from shardserve import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dirs):
-    return LLM(tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32", max_model_len=256)
+    return make_llm(tiny_model_dirs["llama"], dtype="float32", max_model_len=256)
 
 
 PROMPT = {"prompt_token_ids": [5, 17, 300, 42, 9, 1200, 77]}

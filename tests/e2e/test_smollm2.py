@@ -3,7 +3,7 @@ the same weights saved as a Hugging Face folder, against transformers' own loadi
 
 from __future__ import annotations
 
-from tests.device import TEST_DEVICE
+from tests.device import TEST_DEVICE, make_llm
 import subprocess
 import sys
 
@@ -58,7 +58,7 @@ def test_hf_folder_of_same_weights(tmp_path_factory, smollm2_gguf, chat_prompts)
     folder = export_gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2_hf"))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     expected = [hf_greedy(model, p, NEW_TOKENS) for p in chat_prompts[:2]]
-    llm = LLM(str(folder), device=TEST_DEVICE, dtype="float32", max_model_len=512,
+    llm = make_llm(str(folder), dtype="float32", max_model_len=512,
               kv_cache_memory_bytes=64 << 20)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in chat_prompts[:2]], params, use_tqdm=False)

@@ -32,8 +32,11 @@ def _randn(*shape, dtype, gen, scale=1.0):
 
 def _assert_close(out, ref):
     assert not torch.isnan(out).any()
-    # Default per-dtype tolerances: about one ulp in half precision.
-    torch.testing.assert_close(out, ref)
+    if out.dtype in (torch.float16, torch.bfloat16):
+        # Two roundings of a float32 result may land one half-precision ulp apart.
+        torch.testing.assert_close(out, ref, rtol=4e-3, atol=4e-3)
+    else:
+        torch.testing.assert_close(out, ref)
 
 
 def _check_rms_norm(num_tokens, hidden, dtype, seed):
