@@ -11,6 +11,7 @@ from typing import Any
 
 from shardserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
                                ParallelConfig, SchedulerConfig)
+from shardserve.planner.auto import parse_parallel_size
 
 _SECTIONS = (ModelConfig, CacheConfig, ParallelConfig, SchedulerConfig, DeviceConfig)
 # Fields that are filled at start-up, not set by users.
@@ -21,6 +22,8 @@ _ALIASES = {
     "data_parallel_size": ["-dp"],
     "kv_cache_memory_bytes": ["--kv-cache-memory"],
 }
+# Parallel sizes that also take 'auto' (shardserve/planner/auto.py resolves them).
+_AUTO_SIZES = {"tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"}
 # Environment variables that act as defaults for a flag (Kubernetes manifests set these).
 _ENV_DEFAULTS = {
     "tensor_parallel_size": "TENSOR_PARALLEL_SIZE",
@@ -66,7 +69,7 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
             default = f.default if f.default is not dataclasses.MISSING else None
             env = _ENV_DEFAULTS.get(f.name)
             if env and os.environ.get(env):
-                default = int(os.environ[env])
+                default = parse_parallel_size(os.environ[env])
             hint = hints[f.name]
             kwargs: dict[str, Any] = {"dest": f.name, "default": default,
                                       "help": _HELP.get(f.name, f.name.replace("_", " "))}
@@ -80,6 +83,8 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
                 continue
             if f.name == "kv_cache_memory_bytes":
                 kwargs["type"] = parse_size
+            elif f.name in _AUTO_SIZES:
+                kwargs["type"] = parse_parallel_size  # an int or 'auto' (the planner picks)
             else:
                 base = _base_type(hint)
                 kwargs["type"] = base

@@ -53,6 +53,14 @@ class EngineDeadError(ShardserveError):
     error_type = "engine_dead"
 
 
+class RendezvousTimeoutError(ShardserveError):
+    """Not every rank of a multi-process (or multi-node) world checked in within the
+    rendezvous timeout; the message names the missing ranks and nodes."""
+
+    http_status = 503
+    error_type = "rendezvous_timeout"
+
+
 class OverloadedError(ShardserveError):
     """The waiting queue is full; the client should retry later."""
 

@@ -46,6 +46,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor/pipeline-parallel engine now (they also stop
+        when the LLM is garbage-collected or the interpreter exits)."""
+        self.engine.shutdown()
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -76,10 +81,12 @@ class LLM:
 
     def _run(self, processed, params_list, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
-        ids = [engine.add_processed(p, sp) for p, sp in zip(processed, params_list)]
+        ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
-        bar = _progress_bar(len(ids)) if use_tqdm else None
+        bar = _progress_bar(len(processed)) if use_tqdm else None
         try:
+            for p, sp in zip(processed, params_list):
+                ids.append(engine.add_processed(p, sp))
             while len(finished) < len(ids):
                 for out in engine.step():
                     if out.finished:

@@ -16,10 +16,13 @@ a one-rank group whose collectives are the identity, so single-process code need
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from shardserve.distributed.comm_timer import CommTimer
 
 
 class GroupCoordinator:
@@ -76,6 +79,28 @@ class GroupCoordinator:
             return tensor
         dist.all_reduce(tensor, group=self.device_group)
         return tensor
+
+    _TIMED = ("all_reduce", "all_gather", "gather")
+
+    def enable_comm_timer(self, timer: "CommTimer") -> None:
+        """Time this group's tensor collectives (see distributed/comm_timer.py). The timed
+        methods shadow the plain ones on this instance only, so other groups pay nothing."""
+        for name in self._TIMED:
+            plain = getattr(type(self), name).__get__(self)
+            setattr(self, name, _timed(timer, plain))
+
+    def disable_comm_timer(self) -> None:
+        for name in self._TIMED:
+            self.__dict__.pop(name, None)
+
+    def all_reduce_int(self, value: int, op: str = "min") -> int:
+        """Reduce one integer over the group through the CPU group (min, max or sum)."""
+        if self.world_size == 1:
+            return int(value)
+        ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+        box = torch.tensor([int(value)], dtype=torch.int64)
+        dist.all_reduce(box, op=ops[op], group=self.cpu_group)
+        return int(box.item())
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's `tensor` along `dim`, in rank order, on every rank."""
@@ -136,6 +161,12 @@ class GroupCoordinator:
                 f"rank_in_group={self.rank_in_group})")
 
 
+def _timed(timer: "CommTimer", fn):
+    def timed(*args, **kwargs):
+        return timer.time(fn, *args, **kwargs)
+    return timed
+
+
 def _concat_stacked(stacked: torch.Tensor, dim: int) -> torch.Tensor:
     """[world, *shape] -> shape with dim multiplied by world, rank-major along dim."""
     world, shape = stacked.shape[0], stacked.shape[1:]
@@ -147,7 +178,8 @@ _WORLD: GroupCoordinator | None = None
 _TP: GroupCoordinator | None = None
 _PP: GroupCoordinator | None = None
 _DP: GroupCoordinator | None = None
-_SINGLE = {name: GroupCoordinator.single(name) for name in ("world", "tp", "pp", "dp")}
+_EP: GroupCoordinator | None = None
+_SINGLE = {name: GroupCoordinator.single(name) for name in ("world", "tp", "pp", "dp", "ep")}
 
 
 def init_distributed_environment(world_size: int = 1, rank: int = 0, backend: str | None = None,
@@ -175,9 +207,14 @@ def init_distributed_environment(world_size: int = 1, rank: int = 0, backend: st
 
 
 def initialize_model_parallel(tensor_parallel_size: int = 1,
-                              pipeline_parallel_size: int = 1) -> None:
-    """Cut the world into TP, PP and DP groups; DP takes whatever TP x PP leaves over."""
-    global _TP, _PP, _DP
+                              pipeline_parallel_size: int = 1,
+                              enable_expert_parallel: bool = False) -> None:
+    """Cut the world into TP, PP and DP groups; DP takes whatever TP x PP leaves over.
+
+    enable_expert_parallel: MoE layers place whole experts on the ranks of the TP group (the EP
+    group is the TP group: attention stays TP-sharded over the same ranks) instead of slicing
+    every expert over them; see get_ep_group()."""
+    global _TP, _PP, _DP, _EP
     if _TP is not None:
         raise RuntimeError("Model parallel groups are already initialised; "
                            "call destroy_model_parallel() first.")
@@ -185,7 +222,7 @@ def initialize_model_parallel(tensor_parallel_size: int = 1,
     if _WORLD is None:
         if tp * pp != 1:
             raise RuntimeError(f"TP={tp} x PP={pp} needs init_distributed_environment() first.")
-        _TP, _PP, _DP = _SINGLE["tp"], _SINGLE["pp"], _SINGLE["dp"]
+        _TP, _PP, _DP, _EP = _SINGLE["tp"], _SINGLE["pp"], _SINGLE["dp"], _SINGLE["ep"]
         return
     world_size = _WORLD.world_size
     if tp < 1 or pp < 1 or world_size % (tp * pp):
@@ -195,6 +232,8 @@ def initialize_model_parallel(tensor_parallel_size: int = 1,
     _TP = GroupCoordinator(tp_groups, _WORLD.rank, backend, "tp")
     _PP = GroupCoordinator(pp_groups, _WORLD.rank, backend, "pp")
     _DP = GroupCoordinator(dp_groups, _WORLD.rank, backend, "dp")
+    # Same ranks as TP, so the same communicator serves: no extra group to create.
+    _EP = _TP if enable_expert_parallel else _SINGLE["ep"]
 
 
 def rank_grid_groups(world_size: int, tp: int,
@@ -228,13 +267,19 @@ def get_dp_group() -> GroupCoordinator:
     return _DP or _SINGLE["dp"]
 
 
+def get_ep_group() -> GroupCoordinator:
+    """The ranks that split the routed experts whole between them: the TP group under
+    --enable-expert-parallel, else one rank (each TP rank then holds a slice of every expert)."""
+    return _EP or _SINGLE["ep"]
+
+
 def destroy_model_parallel() -> None:
     """Drop the TP/PP/DP groups (the world stays); a later initialize_model_parallel rebuilds."""
-    global _TP, _PP, _DP
+    global _TP, _PP, _DP, _EP
     for group in (_TP, _PP, _DP):
         if group is not None and group.device_group is not None:
             group.destroy()
-    _TP = _PP = _DP = None
+    _TP = _PP = _DP = _EP = None  # _EP is _TP or a one-rank group: nothing of its own to destroy
 
 
 def destroy_distributed_environment() -> None:

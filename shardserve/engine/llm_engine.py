@@ -64,3 +64,7 @@ class LLMEngine:
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes (TP/PP); a no-op for one process."""
+        self.core.shutdown()

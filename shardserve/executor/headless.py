@@ -28,7 +28,13 @@ logger = logging.getLogger(__name__)
 
 def run_headless(config: EngineConfig) -> int:
     """Run this node's worker ranks until they exit; returns the process exit code."""
-    pc = config.parallel_config.resolve()
+    pc = config.parallel_config
+    if not all(isinstance(size, int) for size in (pc.tensor_parallel_size,
+                                                  pc.pipeline_parallel_size)):
+        raise InvalidRequestError("`shardserve worker` needs the -tp and -pp node 0 runs "
+                                  "with as numbers (it has no model to plan from).",
+                                  "tensor_parallel_size")
+    pc.resolve()
     if pc.nnodes < 2 or pc.node_rank == 0:
         raise InvalidRequestError(
             "`shardserve worker` runs the ranks of nodes 1.. of a multi-node world; pass "
@@ -41,7 +47,10 @@ def run_headless(config: EngineConfig) -> int:
                         parallel_config=pc, config=None, watch_parent=True,
                         num_threads=num_threads, log_level=level)
              for rank in pc.node_ranks(pc.node_rank)]
-    procs = start_worker_processes(specs, daemon=False)
+    # The engine settings (and the model's config class) arrive with "go"; preload the part
+    # of transformers every config needs.
+    procs = start_worker_processes(specs, daemon=False,
+                                   preload=["transformers.configuration_utils"])
     logger.info("Node %d of %d: started ranks %s; node 0's engine is at %s:%d", pc.node_rank,
                 pc.nnodes, list(pc.node_ranks(pc.node_rank)), pc.master_addr, pc.master_port)
 

@@ -8,18 +8,23 @@
   engine has been silent too long or, for a local rank, when its parent process is gone.
 
 Both run beside the main threads, so a long step neither delays beats nor looks like death.
+The helpers at the end stop or kill a set of worker processes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import threading
 import time
+from multiprocessing.connection import wait
+from typing import Any
 
 import zmq
 
-from shardserve.engine.serial import Serializer
+from shardserve.executor.wire import WireCodec
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +36,8 @@ class HeartbeatMonitor:
     """The engine's side: beat out, listen for every rank's beat."""
 
     def __init__(self, context: zmq.Context, beats_out: list[str], beats_in: list[str],
-                 serializer: Serializer, timeout_s: float) -> None:
-        self._serializer = serializer
+                 codec: WireCodec, timeout_s: float) -> None:
+        self._codec = codec
         self._timeout_s = timeout_s
         self._pub = context.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
@@ -70,7 +75,7 @@ class HeartbeatMonitor:
         self._thread.join(timeout=2 * BEAT_INTERVAL_S + 1)
 
     def _run(self) -> None:
-        beat = self._serializer.encode(["beat", ENGINE_RANK])
+        beat = self._codec.encode(["beat", ENGINE_RANK])
         try:
             while not self._stop.is_set():
                 self._pub.send(beat)
@@ -89,7 +94,7 @@ class HeartbeatMonitor:
         now = time.monotonic()
         while True:
             try:
-                message = self._serializer.decode(self._pull.recv(zmq.NOBLOCK))
+                message = self._codec.decode(self._pull.recv(zmq.NOBLOCK))
             except zmq.Again:
                 return
             if message[0] == "beat":
@@ -101,11 +106,11 @@ class WorkerHeartbeat:
     """A rank's side: beat to the engine; leave if the engine (or the parent) is gone."""
 
     def __init__(self, context: zmq.Context, beats_out: str, beats_in: str, rank: int,
-                 serializer: Serializer, timeout_s: float, parent_pid: int | None) -> None:
+                 codec: WireCodec, timeout_s: float, parent_sentinel: int | None) -> None:
         self._rank = rank
         self._timeout_s = timeout_s
-        self._parent_pid = parent_pid
-        self._serializer = serializer
+        self._parent_sentinel = parent_sentinel
+        self._codec = codec
         self._sub = context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.setsockopt(zmq.LINGER, 0)
@@ -124,7 +129,7 @@ class WorkerHeartbeat:
         self._thread.join(timeout=2 * BEAT_INTERVAL_S + 1)
 
     def _run(self) -> None:
-        beat = self._serializer.encode(["beat", self._rank])
+        beat = self._codec.encode(["beat", self._rank])
         last_heard = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -145,8 +150,8 @@ class WorkerHeartbeat:
                 if silent > self._timeout_s:
                     _die(f"rank {self._rank}: the engine has been silent for {silent:.1f} s "
                          "(node 0 is gone); exiting")
-                if self._parent_pid is not None and os.getppid() != self._parent_pid:
-                    _die(f"rank {self._rank}: parent process {self._parent_pid} is gone; exiting")
+                if self._parent_sentinel is not None and wait([self._parent_sentinel], 0):
+                    _die(f"rank {self._rank}: the process that started it is gone; exiting")
         finally:
             self._sub.close()
             self._push.close()
@@ -157,3 +162,39 @@ def _die(message: str) -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     os._exit(1)
+
+
+# ---- ending worker processes -------------------------------------------------------------
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def stop_processes(procs: dict[int, Any], grace_s: float, force: bool = False) -> None:
+    """Wait up to grace_s for the processes to leave after "stop", then terminate (or, with
+    force, kill at once: a failed world's ranks may be stuck in a collective or stopped)."""
+    deadline = time.monotonic() + grace_s
+    for proc in procs.values():
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs.values():
+        if proc.is_alive():
+            proc.kill() if force else proc.terminate()
+    for proc in procs.values():
+        proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+
+
+def kill_processes_and_remove(procs: dict[int, Any], directory: str | None) -> None:
+    """Last resort (garbage collection or interpreter exit) and the ipc directory's clean-up."""
+    for proc in procs.values():
+        if proc.is_alive():
+            proc.kill()
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)

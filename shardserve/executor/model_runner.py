@@ -12,6 +12,7 @@ generators therefore advance on one rank only, and seeded sampling is reproducib
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -22,7 +23,7 @@ from shardserve.errors import CacheTooSmallError
 from shardserve.executor.input_builder import ModelInputs, build_model_inputs
 from shardserve.executor.request_state import RequestStates
 from shardserve.forward_context import set_forward_context
-from shardserve.layers.attention import Attention, select_attention_backend
+from shardserve.layers.attention import AttentionLayerBase, select_attention_backend
 from shardserve.layers.sampler import (Sampler, SamplingMetadata, compute_prompt_logprobs,
                                        min_tokens_stop_ids)
 
@@ -41,8 +42,8 @@ class ModelRunner:
         self.states = RequestStates(device)
         self.sampler = Sampler()
         self.model: torch.nn.Module | None = None
-        self.attn_layers: list[Attention] = []
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.attn_layers: list[AttentionLayerBase] = []
+        self.kv_caches: list[tuple[torch.Tensor, ...]] = []  # per layer, as it declared them
         self.graph_runner = None  # CudaGraphRunner once captured
 
     # ---- start-up --------------------------------------------------------------------------
@@ -52,14 +53,15 @@ class ModelRunner:
 
         start = time.perf_counter()
         self.model = load_model(self.config.model_config, self.device)
-        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, AttentionLayerBase)]
         self.vocab_size = int(self.config.model_config.hf_config.vocab_size)
         logger.info("Model loaded in %.1f s", time.perf_counter() - start)
 
     def kv_bytes_per_block(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return sum(2 * self.block_size * layer.num_kv_heads * layer.head_size * elem
-                   for layer in self.attn_layers)
+        # Each layer declares its own cache (K/V per head, or MLA's one latent per token).
+        return sum(math.prod(shape) * elem for layer in self.attn_layers
+                   for shape in layer.kv_cache_shapes(1, self.block_size))
 
     def kv_cache_info(self) -> dict[str, int]:
         """This rank's share of the KV cache: its KV heads per layer (a shard of the model's,
@@ -128,11 +130,10 @@ class ModelRunner:
         backend = select_attention_backend(self.device)
         self.kv_caches = []
         for layer in self.attn_layers:
-            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.bind_kv_cache(k, v, backend)
-            self.kv_caches.append((k, v))
+            caches = tuple(torch.zeros(shape, dtype=self.dtype, device=self.device)
+                           for shape in layer.kv_cache_shapes(num_blocks, self.block_size))
+            layer.bind_kv_cache(*caches, backend)
+            self.kv_caches.append(caches)
         self._maybe_capture_cuda_graphs(backend)
         max_len = self.config.model_config.max_model_len
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); max concurrency at "

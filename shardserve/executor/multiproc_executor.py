@@ -28,12 +28,9 @@ from __future__ import annotations
 import logging
 import multiprocessing.process
 import os
-import shutil
-import signal
 import socket
 import time
 import weakref
-from collections import deque
 from typing import Any, NoReturn
 
 import zmq
@@ -43,8 +40,10 @@ from shardserve.config import EngineConfig
 from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.errors import EngineDeadError, RendezvousTimeoutError
 from shardserve.executor.executor import Executor
-from shardserve.executor.liveness import HeartbeatMonitor
-from shardserve.executor.wire import Endpoints, make_wire_serializer
+from shardserve.distributed.comm_timer import StepStats
+from shardserve.executor.liveness import (HeartbeatMonitor, describe_exit,
+                                          kill_processes_and_remove, stop_processes)
+from shardserve.executor.wire import Endpoints, WireCodec
 from shardserve.executor.worker_proc import WorkerSpec, start_worker_processes
 
 logger = logging.getLogger(__name__)
@@ -52,8 +51,7 @@ logger = logging.getLogger(__name__)
 PING_INTERVAL_S = 0.2
 POLL_SLICE_S = 0.1  # liveness is checked at least this often while waiting for a reply
 STARTUP_CALL_TIMEOUT_S = 3600.0  # loading and profiling a big model takes a while
-STOP_GRACE_S = 5.0
-_RECENT_STEPS = 64  # window of the communication share
+STOP_GRACE_S = 5.0  # for ranks to leave after "stop" (a failed world's are killed sooner)
 
 
 class MultiprocExecutor(Executor):
@@ -61,28 +59,29 @@ class MultiprocExecutor(Executor):
         self.config = config
         pc = config.parallel_config.resolve()
         self.parallel_config = pc
+        if pc.pipeline_parallel_size > 1:
+            # The process grid, the driver rank and the wire are ready for it; the model split
+            # into stages and the hidden-state hand-off are not (issue 6).
+            raise errors.InvalidRequestError("pipeline_parallel_size > 1 is not supported yet.",
+                                             "pipeline_parallel_size")
         if pc.node_rank != 0:
             raise errors.InvalidRequestError(
                 f"node_rank {pc.node_rank} runs headless workers, not the engine: start it with "
                 "`shardserve worker` (same flags).", "node_rank")
         self.world_size = pc.world_size
         self.driver_rank = pc.driver_rank
-        self._serializer = make_wire_serializer()
+        self._codec = WireCodec()
         self._seq = 0
         self._dead: str | None = None
         self._closed = False
         self._hosts: dict[int, tuple[str, int]] = {}  # rank -> (host, pid) from its hello
-        self._stats = {"num_steps": 0, "step_s": 0.0, "comm_s": 0.0, "num_comm": 0,
-                       "broadcast_s": 0.0, "num_broadcast": 0, "encode_s": 0.0}
-        self._recent: deque[tuple[float, float]] = deque(maxlen=_RECENT_STEPS)
+        self._step_stats = StepStats()
 
         self._context = zmq.Context()
         self._local = Endpoints.ipc()
         binds = [self._local]
-        self._remote: Endpoints | None = None
-        if pc.nnodes > 1:
-            self._remote = Endpoints.tcp(pc.master_addr, pc.master_port)
-            binds.append(self._remote.bind_addresses())
+        if pc.nnodes > 1:  # other nodes' ranks connect over TCP
+            binds.append(Endpoints.tcp(pc.master_addr, pc.master_port).bind_addresses())
         self._steps = self._context.socket(zmq.PUB)
         self._steps.setsockopt(zmq.SNDHWM, 0)
         self._steps.setsockopt(zmq.LINGER, 1000)  # let "stop" reach remote ranks
@@ -91,13 +90,13 @@ class MultiprocExecutor(Executor):
         self._results.setsockopt(zmq.LINGER, 0)
         self._procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self._monitor: HeartbeatMonitor | None = None
-        self._finalizer = weakref.finalize(self, _teardown, self._procs, self._local.ipc_directory())
+        self._finalizer = weakref.finalize(self, kill_processes_and_remove, self._procs, self._local.ipc_directory())
         try:
             for ep in binds:
                 self._steps.bind(ep.steps)
                 self._results.bind(ep.results)
             self._monitor = HeartbeatMonitor(self._context, [ep.beats_out for ep in binds],
-                                             [ep.beats_in for ep in binds], self._serializer,
+                                             [ep.beats_in for ep in binds], self._codec,
                                              pc.heartbeat_timeout_s)
             self._start_local_ranks()
             self._rendezvous()
@@ -117,7 +116,9 @@ class MultiprocExecutor(Executor):
                             endpoints=self._local, parallel_config=pc, config=self.config,
                             watch_parent=True, num_threads=num_threads, log_level=level)
                  for rank in pc.node_ranks(0)]
-        for spec, proc in zip(specs, start_worker_processes(specs, daemon=True)):
+        hf_config = self.config.model_config.hf_config
+        preload = [type(hf_config).__module__] if hf_config is not None else []
+        for spec, proc in zip(specs, start_worker_processes(specs, daemon=True, preload=preload)):
             self._procs[spec.rank] = proc
         logger.info("Started %d worker processes (ranks %s) in %.1f s", len(self._procs),
                     list(self._procs), time.perf_counter() - start)
@@ -125,8 +126,9 @@ class MultiprocExecutor(Executor):
     def _rendezvous(self) -> None:
         pc = self.parallel_config
         start = time.monotonic()
+        logger.debug("Rendezvous of %d ranks", self.world_size)
         deadline = start + pc.rendezvous_timeout_s
-        ping = self._serializer.encode(["ping"])
+        ping = self._codec.encode(["ping"])
         next_ping = 0.0
         while len(self._hosts) < self.world_size:
             now = time.monotonic()
@@ -136,17 +138,16 @@ class MultiprocExecutor(Executor):
                 self._steps.send(ping)
                 next_ping = now + PING_INTERVAL_S
             if self._results.poll(int(PING_INTERVAL_S * 1000)):
-                message = self._serializer.decode(self._results.recv())
+                message = self._codec.decode(self._results.recv())
                 if message[0] == "hello":
                     self._on_hello(*message[1:])
                 elif message[0] == "err":
                     self._on_error(message, starting=True)
             self._check_processes()
-        if pc.nnodes > 1:
-            logger.info("All %d ranks checked in after %.1f s: %s", self.world_size,
-                        time.monotonic() - start,
-                        ", ".join(f"{r}@{h}" for r, (h, _) in sorted(self._hosts.items())))
-        self._steps.send(self._serializer.encode(["go", self._setup()]))
+        logger.info("All %d ranks checked in after %.1f s: %s", self.world_size,
+                    time.monotonic() - start,
+                    ", ".join(f"{r}@{h}" for r, (h, _) in sorted(self._hosts.items())))
+        self._steps.send(self._codec.encode(["go", self._setup()]))
         self._monitor.expect(list(range(self.world_size)))
 
     def _on_hello(self, rank: int, host: str, pid: int) -> None:
@@ -171,7 +172,7 @@ class MultiprocExecutor(Executor):
         message = (f"Rendezvous timed out after {pc.rendezvous_timeout_s:.0f} s: rank(s) "
                    f"{missing} (node(s) {nodes}) did not check in; {where}.")
         self._dead = message
-        self.shutdown()
+        self._shutdown(0.5, force=True)
         raise RendezvousTimeoutError(message)
 
     def _setup(self) -> dict[str, Any]:
@@ -215,9 +216,9 @@ class MultiprocExecutor(Executor):
         self._raise_if_dead()
         self._seq += 1
         start = time.perf_counter()
-        data = self._serializer.encode(["step", self._seq, time.monotonic(), scheduler_output])
+        data = self._codec.encode_step(self._seq, time.monotonic(), scheduler_output)
         self._steps.send(data, copy=False)
-        self._stats["encode_s"] += time.perf_counter() - start
+        self._step_stats.encode_s += time.perf_counter() - start
         return self._seq
 
     def collect_step(self, seq: int) -> ModelRunnerOutput:
@@ -225,7 +226,7 @@ class MultiprocExecutor(Executor):
         reply = self._wait_replies(seq, {self.driver_rank}, self.parallel_config.step_timeout_s,
                                    kind="out")[self.driver_rank]
         output, stats = reply
-        self._record(stats)
+        self._step_stats.record(stats)
         return output
 
     def collective_rpc(self, method: str, args: list[Any] | None = None,
@@ -235,7 +236,7 @@ class MultiprocExecutor(Executor):
         all ranks) in rank order."""
         self._raise_if_dead()
         self._seq += 1
-        self._steps.send(self._serializer.encode(["call", self._seq, method, list(args or []),
+        self._steps.send(self._codec.encode(["call", self._seq, method, list(args or []),
                                                   reply_ranks]))
         ranks = set(range(self.world_size)) if reply_ranks is None else set(reply_ranks)
         replies = self._wait_replies(self._seq, ranks,
@@ -249,23 +250,8 @@ class MultiprocExecutor(Executor):
         self._check_heartbeats()
 
     def comm_stats(self) -> dict[str, float]:
-        """The communication share of recent steps and cumulative counters (driver's view:
-        TP all-reduce time, measured with CUDA events on GPU, perf_counter on CPU)."""
-        s = self._stats
-        recent_step = sum(step for step, _ in self._recent)
-        recent_comm = sum(comm for _, comm in self._recent)
-        n = max(s["num_steps"], 1)
-        return {
-            "tp_comm_time_ratio": recent_comm / recent_step if recent_step > 0 else 0.0,
-            "tp_comm_seconds_total": s["comm_s"],
-            "step_seconds_total": s["step_s"],
-            "num_steps": s["num_steps"],
-            "all_reduces_per_step": s["num_comm"] / n,
-            # Engine-side encode + send, and send -> decoded on the driver (same host only).
-            "step_encode_us_avg": s["encode_s"] / n * 1e6,
-            "step_broadcast_us_avg": (s["broadcast_s"] / s["num_broadcast"] * 1e6
-                                      if s["num_broadcast"] else 0.0),
-        }
+        """The communication share of recent steps and cumulative counters (see StepStats)."""
+        return self._step_stats.as_dict()
 
     @property
     def worker_pids(self) -> dict[int, int]:
@@ -273,16 +259,19 @@ class MultiprocExecutor(Executor):
         return {rank: proc.pid for rank, proc in self._procs.items()}
 
     def shutdown(self) -> None:
+        self._shutdown(STOP_GRACE_S)
+
+    def _shutdown(self, grace_s: float, force: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self._steps.send(self._serializer.encode(["stop"]))
+            self._steps.send(self._codec.encode(["stop"]))
         except zmq.ZMQError:
             pass
         if self._monitor is not None:
             self._monitor.close()
-        _stop_processes(self._procs, STOP_GRACE_S)
+        stop_processes(self._procs, grace_s, force)
         self._steps.close()
         self._results.close()
         self._context.term()
@@ -307,7 +296,7 @@ class MultiprocExecutor(Executor):
                 self._check_processes()
                 self._check_heartbeats()
                 continue
-            message = self._serializer.decode(self._results.recv())
+            message = self._codec.decode(self._results.recv())
             if message[0] == "err":
                 self._on_error(message, starting=kind in ("ready", "ret"))
             if message[0] == "ready" and kind == "ready":
@@ -322,7 +311,7 @@ class MultiprocExecutor(Executor):
     def _check_processes(self) -> None:
         for rank, proc in self._procs.items():
             if proc.exitcode is not None:
-                self._fail(f"Worker rank {rank} (pid {proc.pid}) died: {_describe_exit(proc.exitcode)}.")
+                self._fail(f"Worker rank {rank} (pid {proc.pid}) died: {describe_exit(proc.exitcode)}.")
 
     def _check_heartbeats(self) -> None:
         if self._monitor is None:
@@ -337,6 +326,8 @@ class MultiprocExecutor(Executor):
 
     def _on_error(self, message: list[Any], starting: bool) -> NoReturn:
         _, seq, rank, type_name, text, trace = message
+        if len(text) > 400:  # gloo/NCCL errors run long; the worker's log has all of it
+            text = text[:400] + " ..."
         # A rank that died makes its peers' collectives fail: blame the dead one if any.
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
@@ -344,7 +335,7 @@ class MultiprocExecutor(Executor):
             if dead:
                 proc = self._procs[dead[0]]
                 self._fail(f"Worker rank {dead[0]} (pid {proc.pid}) died: "
-                           f"{_describe_exit(proc.exitcode)}; rank {rank} then failed: "
+                           f"{describe_exit(proc.exitcode)}; rank {rank} then failed: "
                            f"{type_name}: {text}")
             time.sleep(0.05)
         logger.error("Worker rank %d failed:\n%s", rank, trace)
@@ -360,7 +351,7 @@ class MultiprocExecutor(Executor):
     def _fail(self, message: str) -> NoReturn:
         logger.error("%s Stopping every worker.", message)
         self._dead = message
-        self.shutdown()
+        self._shutdown(0.5, force=True)
         raise EngineDeadError(message)
 
     def _raise_if_dead(self) -> None:
@@ -376,47 +367,3 @@ class MultiprocExecutor(Executor):
             host, pid = self._hosts.get(rank, ("?", -1))
             parts.append(f"rank {rank} on node {node} ({host}, pid {pid})")
         return "; ".join(parts)
-
-    def _record(self, stats: dict[str, float]) -> None:
-        s = self._stats
-        s["num_steps"] += 1
-        s["step_s"] += stats["step_s"]
-        s["comm_s"] += stats["comm_s"]
-        s["num_comm"] += stats["num_comm"]
-        if stats["broadcast_s"] >= 0:
-            s["broadcast_s"] += stats["broadcast_s"]
-            s["num_broadcast"] += 1
-        self._recent.append((stats["step_s"], stats["comm_s"]))
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-def _stop_processes(procs: dict[int, Any], grace_s: float) -> None:
-    """Wait up to grace_s for the processes to leave after "stop", then terminate, then kill."""
-    deadline = time.monotonic() + grace_s
-    for proc in procs.values():
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs.values():
-        if proc.is_alive():
-            proc.terminate()
-    for proc in procs.values():
-        proc.join(2.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(1.0)
-
-
-def _teardown(procs: dict[int, Any], ipc_dir: str | None) -> None:
-    """Last resort (garbage collection or interpreter exit) and ipc clean-up."""
-    for proc in procs.values():
-        if proc.is_alive():
-            proc.kill()
-    if ipc_dir:
-        shutil.rmtree(ipc_dir, ignore_errors=True)

@@ -37,6 +37,20 @@ class Worker:
     def load_model(self) -> None:
         self.runner.load_model()
 
+    def warm_up_communication(self) -> None:
+        """Run each TP collective once, so NCCL creates its communicators now: a first
+        collective inside a CUDA-graph capture would fail (communicator set-up may not run
+        while a stream is capturing), and the first timed step would pay for the set-up."""
+        tp = get_tp_group()
+        if tp.world_size == 1:
+            return
+        x = torch.zeros(1, 8, device=self.device, dtype=self.config.model_config.torch_dtype)
+        tp.all_reduce(x)
+        tp.gather(x, 0, dim=-1)
+        tp.all_gather(x, dim=-1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def determine_num_blocks(self) -> int:
         """The blocks every rank can hold: each rank profiles its own memory, then all agree
         on the minimum (all_reduce MIN on the world's CPU group)."""
@@ -58,7 +72,7 @@ class Worker:
         return self.runner.kv_cache_info()
 
     def enable_comm_timing(self) -> None:
-        """Time this rank's TP all-reduces (the driver does, for the communication share)."""
+        """Time this rank's TP collectives (the driver does, for the communication share)."""
         self.comm_timer = CommTimer(self.device)
         get_tp_group().enable_comm_timer(self.comm_timer)
 
@@ -67,7 +81,7 @@ class Worker:
 
     def execute_model_timed(self, scheduler_output: SchedulerOutput
                             ) -> tuple[ModelRunnerOutput, float, float, int]:
-        """(output, step seconds, seconds in TP all-reduce, number of all-reduces)."""
+        """(output, step seconds, seconds in TP collectives, number of them)."""
         start = time.perf_counter()
         out = self.runner.execute_model(scheduler_output)
         comm_s, num_comm = self.comm_timer.collect() if self.comm_timer else (0.0, 0)

@@ -13,6 +13,8 @@ peers' state is unknown, and the engine tears the whole world down.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -25,9 +27,8 @@ from typing import Any
 import zmq
 
 from shardserve.config import EngineConfig, ParallelConfig
-from shardserve.engine.serial import Serializer
 from shardserve.executor.liveness import WorkerHeartbeat
-from shardserve.executor.wire import Endpoints, make_wire_serializer
+from shardserve.executor.wire import Endpoints, WireCodec
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +45,18 @@ class WorkerSpec:
     endpoints: Endpoints
     parallel_config: ParallelConfig  # the launching node's view, checked against node 0's
     config: EngineConfig | None  # node 0's ranks get it whole; other nodes' arrive in "go"
-    # Exit when the parent goes: ranks are forked by a fork server, which exits with the
-    # process that started it (engine or node launcher), so a changed ppid means it is gone.
+    # Exit when the process that started this rank (engine or node launcher) is gone.
     watch_parent: bool
     num_threads: int
     log_level: int = logging.INFO
 
 
-def start_worker_processes(specs: list[WorkerSpec], daemon: bool) -> list[Any]:
+def parent_gone(sentinel: int | None) -> bool:
+    return sentinel is not None and bool(multiprocessing.connection.wait([sentinel], 0))
+
+
+def start_worker_processes(specs: list[WorkerSpec], daemon: bool,
+                           preload: list[str] | None = None) -> list[Any]:
     """Start one process per spec from a fork server that has imported torch and the model
     code once (a fork per rank instead of a fresh interpreter each; no CUDA context, ZMQ or
     OpenMP threads inherited from this process).
@@ -59,13 +64,16 @@ def start_worker_processes(specs: list[WorkerSpec], daemon: bool) -> list[Any]:
     multiprocessing would re-import the user's __main__ script in each child (and a script
     without an `if __name__ == "__main__":` guard would start another engine there); the
     target lives in shardserve, so __main__ is hidden from the children while they start.
+    `preload`: more modules for the fork server to import (the Hugging Face config's class,
+    whose transformers import would otherwise cost seconds in every rank).
     """
-    import multiprocessing
     import types
 
     ctx = multiprocessing.get_context("forkserver")
+    # Preloading only takes effect when this process starts its fork server (the first time).
     ctx.set_forkserver_preload(["torch", "shardserve.executor.worker_proc",
-                                "shardserve.executor.worker"])
+                                "shardserve.executor.worker", "shardserve.loader.model_loader",
+                                *(preload or [])])
     procs = []
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
@@ -82,7 +90,10 @@ def start_worker_processes(specs: list[WorkerSpec], daemon: bool) -> list[Any]:
 
 def run_worker(spec: WorkerSpec) -> None:
     """Process entry point."""
-    # Ctrl-C reaches the whole process group; the engine (or the node launcher) owns shutdown.
+    # A Ctrl-C or SIGTERM sent to the server's process group must not kill the ranks while the
+    # server drains requests: the engine (or the node launcher) owns their shutdown. A group
+    # of their own keeps such signals away; a SIGTERM to the rank itself still ends it.
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format=f"%(levelname)s (rank {spec.rank} "
                         f"pid={os.getpid()}) %(name)s: %(message)s")
@@ -95,7 +106,7 @@ class WorkerProc:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.rank = spec.rank
-        self.serializer: Serializer = make_wire_serializer()
+        self.codec = WireCodec()
         self.context = zmq.Context()
         self.sub = self.context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -106,7 +117,10 @@ class WorkerProc:
         self.push.setsockopt(zmq.SNDHWM, 0)
         self.push.setsockopt(zmq.LINGER, 2000)  # let a last "err" reach the engine
         self.push.connect(spec.endpoints.results)
-        self.parent_pid = os.getppid() if spec.watch_parent else None
+        # Ranks are forked by a fork server, not by the engine, but multiprocessing hands
+        # each the sentinel of the process that started it: readable once that one is gone.
+        parent = multiprocessing.parent_process() if spec.watch_parent else None
+        self.parent_sentinel = parent.sentinel if parent is not None else None
         self.heartbeat: WorkerHeartbeat | None = None
         self.worker: Any = None
         self.is_driver = False
@@ -147,14 +161,14 @@ class WorkerProc:
             if not self.sub.poll(int(min(left, 1.0) * 1000) + 1):
                 self._check_parent()
                 continue
-            message = self.serializer.decode(self.sub.recv())
+            message = self.codec.decode(self.sub.recv())
             if message[0] == "ping" and not said_hello:
                 self._send(["hello", self.rank, socket.gethostname(), os.getpid()])
                 said_hello = True
             elif message[0] == "go":
                 return message[1]
             elif message[0] == "stop":
-                logger.error("The engine stopped the world during rendezvous")
+                logger.warning("The engine stopped the world during rendezvous")
                 return None
 
     def _start(self, setup: dict[str, Any]) -> None:
@@ -171,29 +185,33 @@ class WorkerProc:
                              f"pp {mine[2]}) but node 0 runs world size {theirs[0]} (tp "
                              f"{theirs[1]}, pp {theirs[2]}); start every node with the same "
                              "--tensor-parallel-size and --pipeline-parallel-size.")
+        # Beat from now on: the engine counts silence from "go", and what follows (building
+        # the config on another node, loading the model) takes a while.
+        self.heartbeat = WorkerHeartbeat(
+            self.context, self.spec.endpoints.beats_out, self.spec.endpoints.beats_in,
+            self.rank, self.codec, float(setup["config"]["heartbeat_timeout_s"]),
+            self.parent_sentinel)
         config = self.spec.config
         if config is None:
             kwargs = dict(setup["config"])
             kwargs["node_rank"] = pc.node_rank
             config = EngineConfig.from_kwargs(**kwargs).resolve()
         self.engine_host = setup.get("host", "")
-        self.heartbeat = WorkerHeartbeat(
-            self.context, self.spec.endpoints.beats_out, self.spec.endpoints.beats_in,
-            self.rank, self.serializer, config.parallel_config.heartbeat_timeout_s,
-            self.parent_pid)
         init_distributed_environment(setup["world_size"], self.rank, setup["backend"],
                                      setup["dist_init_method"], local_rank=self.spec.local_rank,
                                      timeout_s=config.parallel_config.step_timeout_s)
-        initialize_model_parallel(setup["tensor_parallel_size"], setup["pipeline_parallel_size"])
+        initialize_model_parallel(setup["tensor_parallel_size"], setup["pipeline_parallel_size"],
+                                  config.parallel_config.enable_expert_parallel)
         self.is_driver = self.rank == setup["driver_rank"]
         self.worker = Worker(config, self.spec.local_rank, is_driver=self.is_driver)
         self.worker.load_model()
+        self.worker.warm_up_communication()
         if self.is_driver:
             self.worker.enable_comm_timing()
 
     def _check_parent(self) -> None:
-        if self.parent_pid is not None and os.getppid() != self.parent_pid:
-            logger.error("Parent process %d is gone; exiting", self.parent_pid)
+        if parent_gone(self.parent_sentinel):
+            logger.error("The process that started this rank is gone; exiting")
             os._exit(1)
 
     # ---- serving ---------------------------------------------------------------------------
@@ -202,7 +220,7 @@ class WorkerProc:
         same_host = self.engine_host == socket.gethostname()
         while True:
             data = self.sub.recv()
-            message = self.serializer.decode(data)
+            message = self.codec.decode(data)
             kind = message[0]
             if kind == "step":
                 _, seq, t_sent, scheduler_output = message
@@ -243,7 +261,7 @@ class WorkerProc:
     # ---- plumbing --------------------------------------------------------------------------
 
     def _send(self, message: list[Any]) -> None:
-        self.push.send(self.serializer.encode(message))
+        self.push.send(self.codec.encode(message))
 
     def _send_error(self, seq: int, exc: BaseException) -> None:
         try:

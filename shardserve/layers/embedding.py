@@ -96,14 +96,19 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embed_tokens.weight
         return self
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[T, hidden] -> [T, vocab] float32 logits, the whole vocabulary on every TP rank.
+    def compute_logits(self, hidden_states: torch.Tensor,
+                       gather_all: bool = True) -> torch.Tensor | None:
+        """[T, hidden] -> [T, vocab] float32 logits over the whole vocabulary.
 
-        All TP ranks get them (an all_gather) so sampling can run anywhere; a later step can
-        gather to one rank only, as only the sampling rank needs them.
+        gather_all: every TP rank gets them (an all_gather). False: only TP rank 0 does (a
+        gather; the others get None), which is all serving needs, as one rank samples.
+        Every TP rank must call it either way: it is a collective.
         """
         logits = F.linear(hidden_states, self.weight, self.bias)
-        logits = get_tp_group().all_gather(logits, dim=-1)
+        tp = get_tp_group()
+        logits = tp.all_gather(logits, dim=-1) if gather_all else tp.gather(logits, 0, dim=-1)
+        if logits is None:
+            return None
         return logits[..., :self.num_embeddings].float()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

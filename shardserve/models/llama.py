@@ -200,9 +200,11 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> final hidden states [T, hidden_size]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[T, hidden_size] -> [T, vocab_size] float32, on every TP rank."""
-        return self.lm_head.compute_logits(hidden_states)
+    def compute_logits(self, hidden_states: torch.Tensor,
+                       gather_all: bool = True) -> torch.Tensor | None:
+        """[T, hidden_size] -> [T, vocab_size] float32, on every TP rank (gather_all) or on
+        TP rank 0 only (None elsewhere); see ParallelLMHead.compute_logits."""
+        return self.lm_head.compute_logits(hidden_states, gather_all)
 
     def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
         """Load HF-named checkpoint tensors (tensors or lazy slices); returns the names of the

@@ -1,0 +1,279 @@
+"""Tensor parallelism end to end on CPU (gloo): one worker process per rank behind the engine.
+
+- greedy (and seeded) outputs at tp 2 and 4 are token-identical to one process, with prefix
+  caching, chunked prefill and forced preemption, on a Llama and on a Qwen3 with fewer KV
+  heads than ranks; each rank's KV cache holds only its own heads; SmolLM2 at tp 3 (slow);
+- two "nodes" on loopback (`shardserve worker` as node 1) give the same outputs, and node 1
+  leaves when node 0 stops;
+- a rank that never arrives is named by the rendezvous timeout;
+- a worker killed (or frozen) mid-generation makes the engine raise EngineDeadError within
+  seconds; when node 0 dies, every rank of both nodes exits on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from shardserve import LLM, SamplingParams
+from shardserve.distributed.local_launch import get_open_port
+from shardserve.errors import EngineDeadError, RendezvousTimeoutError
+
+pytestmark = pytest.mark.multiproc
+
+NEW_TOKENS = 10
+# 20 blocks of 8 tokens and a 32-token step budget: prompts are chunked, two of them share a
+# 20-token prefix, and the batch cannot fit at once, so requests are preempted and resumed.
+ENGINE_KWARGS = dict(device="cpu", dtype="float32", max_model_len=128, block_size=8,
+                     num_gpu_blocks_override=20, max_num_batched_tokens=32,
+                     enable_prefix_caching=True)
+
+
+@pytest.fixture(scope="module")
+def qwen3_kv1_dir(tmp_path_factory) -> str:
+    """Qwen3 (q/k norms) with one KV head: at tp 2 each rank holds a replica of it."""
+    from shardserve.testing import write_random_model
+    return str(write_random_model(tmp_path_factory.mktemp("qwen3_kv1"), architecture="qwen3",
+                                  preset="tiny", seed=3, num_key_value_heads=1, head_dim=16))
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(2000) for _ in range(20)]
+    prompts = [[rng.randrange(2000) for _ in range(n)] for n in (3, 17, 40, 9)]
+    prompts += [shared + [rng.randrange(2000) for _ in range(5)],
+                shared + [rng.randrange(2000) for _ in range(11)]]
+    return prompts
+
+
+def _params() -> list[SamplingParams]:
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=NEW_TOKENS,
+                            ignore_eos=True)
+    return [greedy] * 5 + [seeded]
+
+
+def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], _params(), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _reference(model_dir: str, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+    llm = LLM(model_dir, **ENGINE_KWARGS)
+    outs = _generate(llm, prompts)
+    assert llm.engine.core.scheduler.num_preemptions > 0  # the settings do force preemption
+    return outs, llm.engine.core.executor.worker.runner.kv_bytes_per_block()
+
+
+@pytest.mark.parametrize("model,tp", [("llama", 2), ("llama", 4), ("qwen3_kv1", 2)])
+def test_tp_greedy_matches_one_process(tiny_model_dirs, qwen3_kv1_dir, model, tp):
+    model_dir = qwen3_kv1_dir if model == "qwen3_kv1" else tiny_model_dirs["llama"]
+    prompts = _prompts(tp)
+    expected, bytes_per_block_tp1 = _reference(model_dir, prompts)
+
+    llm = LLM(model_dir, tensor_parallel_size=tp, **ENGINE_KWARGS)
+    try:
+        assert _generate(llm, prompts) == expected
+        core = llm.engine.core
+        assert core.scheduler.num_preemptions > 0
+        assert core.scheduler.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
+
+        # The cache is sharded by KV head: a rank's block holds tp_size times fewer bytes (so
+        # the same memory holds tp_size times more blocks), unless the heads are replicated.
+        infos = core.executor.collective_rpc("kv_cache_info")
+        total_kv_heads = 1 if model == "qwen3_kv1" else 2
+        per_rank_heads = max(1, total_kv_heads // tp)
+        assert [i["num_kv_heads"] for i in infos] == [per_rank_heads] * tp
+        assert infos[0]["bytes_per_block"] * total_kv_heads == bytes_per_block_tp1 * per_rank_heads
+
+        stats = core.executor.comm_stats()
+        assert stats["num_steps"] > 0 and stats["tp_collectives_per_step"] > 0
+        assert 0.0 < stats["tp_comm_time_ratio"] < 1.0
+        assert stats["step_broadcast_us_avg"] > 0
+        print(f"\ntp={tp} {model}: {stats}")
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.slow
+def test_smollm2_tp3_matches_one_process(smollm2_llm):
+    """The real model: 9 query and 3 KV heads divide by 3 (not by 2 or 4)."""
+    conversations = [[{"role": "user", "content": "What is the capital of France?"}],
+                     [{"role": "user", "content": "Name three colours."}]]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids
+                for o in smollm2_llm.chat(conversations, params, use_tqdm=False)]
+    llm = LLM(None, tensor_parallel_size=3, device="cpu", dtype="float32", max_model_len=256,
+              kv_cache_memory_bytes=32 << 20)
+    try:
+        outs = llm.chat(conversations, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        assert outs[0].outputs[0].text.startswith("The capital of France is Paris.")
+    finally:
+        llm.shutdown()
+
+
+def test_two_nodes_on_loopback(tiny_model_dirs):
+    model_dir = tiny_model_dirs["llama"]
+    prompts = _prompts(7)
+    expected, _ = _reference(model_dir, prompts)
+    port = _free_port_range(5)
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "shardserve.cli", "worker", "--nnodes", "2", "--node-rank", "1",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "-tp", "2",
+         "--rendezvous-timeout-s", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        llm = LLM(model_dir, tensor_parallel_size=2, nnodes=2, node_rank=0,
+                  master_addr="127.0.0.1", master_port=port, rendezvous_timeout_s=60,
+                  **ENGINE_KWARGS)
+        try:
+            assert llm.engine.core.executor.worker_pids.keys() == {0}  # rank 1 is node 1's
+            assert _generate(llm, prompts) == expected
+        finally:
+            llm.shutdown()
+        # Node 0 said stop: node 1's ranks leave and its launcher exits cleanly.
+        assert node1.wait(timeout=15) == 0, node1.stdout.read()
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
+
+
+def test_missing_node_is_named_by_the_rendezvous(tiny_model_dirs):
+    start = time.monotonic()
+    with pytest.raises(RendezvousTimeoutError, match=r"rank\(s\) \[1\] \(node\(s\) \[1\]\)"):
+        LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, nnodes=2, node_rank=0,
+            master_port=_free_port_range(5), rendezvous_timeout_s=2, **ENGINE_KWARGS)
+    assert time.monotonic() - start < 30
+
+
+def test_killed_worker_raises_engine_dead_error_quickly(tiny_model_dirs):
+    llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, device="cpu", dtype="float32",
+              max_model_len=2048, kv_cache_memory_bytes=8 << 20)
+    executor = llm.engine.core.executor
+    pids = executor.worker_pids
+    killed_at: list[float] = []
+
+    def kill_rank1_mid_generation() -> None:
+        while executor.comm_stats()["num_steps"] < 3:
+            time.sleep(0.005)
+        os.kill(pids[1], signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    threading.Thread(target=kill_rank1_mid_generation, daemon=True).start()
+    params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    with pytest.raises(EngineDeadError, match="rank 1"):
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}] * 2, params, use_tqdm=False)
+    assert killed_at and time.monotonic() - killed_at[0] < 10
+    # The other rank was stopped too, and the engine refuses work at once instead of hanging.
+    assert not _alive(pids[0])
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError):
+        llm.generate({"prompt_token_ids": [4, 5]}, params, use_tqdm=False)
+    assert time.monotonic() - start < 1
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_frozen_worker_is_found_by_its_silence(tiny_model_dirs):
+    """A rank that stops answering (SIGSTOP: no exit, no error, its peer blocked in an
+    all-reduce) is named within the heartbeat timeout, not after the step timeout."""
+    llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, device="cpu", dtype="float32",
+              max_model_len=2048, kv_cache_memory_bytes=8 << 20, heartbeat_timeout_s=1.5)
+    executor = llm.engine.core.executor
+    pids = executor.worker_pids
+    stopped_at: list[float] = []
+
+    def freeze_rank1() -> None:
+        while executor.comm_stats()["num_steps"] < 3:
+            time.sleep(0.005)
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped_at.append(time.monotonic())
+
+    threading.Thread(target=freeze_rank1, daemon=True).start()
+    params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    try:
+        with pytest.raises(EngineDeadError, match="rank 1 .*silent"):
+            llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)
+        assert stopped_at and time.monotonic() - stopped_at[0] < 10
+        assert not _alive(pids[0]) and not _alive(pids[1])
+    finally:
+        if _alive(pids[1]):
+            os.kill(pids[1], signal.SIGKILL)
+
+
+def test_node1_leaves_when_node0_dies(tiny_model_dirs):
+    """Node 0's engine is SIGKILLed: its own ranks see their parent go, node 1's ranks see its
+    heartbeats stop; everything exits without being told."""
+    port = _free_port_range(5)
+    flags = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "-tp", "2", "--heartbeat-timeout-s", "2"]
+    node1 = subprocess.Popen([sys.executable, "-m", "shardserve.cli", "worker", "--node-rank",
+                              "1", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    node0_code = (
+        "import sys, time\n"
+        "from shardserve import LLM\n"
+        f"llm = LLM({tiny_model_dirs['llama']!r}, tensor_parallel_size=2, nnodes=2, "
+        f"node_rank=0, master_port={port}, heartbeat_timeout_s=2, device='cpu', "
+        "dtype='float32', max_model_len=128, kv_cache_memory_bytes=8 << 20)\n"
+        "print('READY', *llm.engine.core.executor.worker_pids.values(), flush=True)\n"
+        "time.sleep(120)\n")
+    node0 = subprocess.Popen([sys.executable, "-c", node0_code], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        line = node0.stdout.readline()
+        assert line.startswith("READY"), line
+        node0_ranks = [int(pid) for pid in line.split()[1:]]
+        node0.kill()
+        killed_at = time.monotonic()
+        assert node1.wait(timeout=20) != 0  # the engine vanished: not a clean stop
+        assert time.monotonic() - killed_at < 15
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in node0_ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in node0_ranks)
+    finally:
+        for proc in (node0, node1):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def _free_port_range(n: int) -> int:
+    """A port p with p .. p + n - 1 all free now (torch's store + the engine's four)."""
+    import socket
+    for _ in range(50):
+        base = get_open_port()
+        if base + n >= 65536:
+            continue
+        try:
+            socks = []
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
