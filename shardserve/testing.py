@@ -26,7 +26,11 @@ from typing import Any
 
 import torch
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+from shardserve.testing_deepseek import (DEEPSEEK_ARCHITECTURES, DEEPSEEK_V2_LITE, TINY_DEEPSEEK_V2,
+                                         TINY_DEEPSEEK_V3, deepseek_weight_specs)
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 **DEEPSEEK_ARCHITECTURES}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's historical default shard size
 SMOLLM2_VOCAB_SIZE = 49152  # the tokenizer every folder gets; tiny vocabularies must cover it
 
@@ -72,6 +76,12 @@ PRESETS: dict[str, Preset] = {
         head_dim=128, intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960,
         rms_norm_eps=1e-6, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # DeepSeek-V2-Lite's shape: 15.7B parameters (2.4B active), MLA + 64 routed experts.
+    "deepseek-v2-lite": Preset("deepseek_v2", "bfloat16", DEEPSEEK_V2_LITE),
+    "tiny-deepseek-v2": Preset("deepseek_v2", "float32",
+                               dict(TINY_DEEPSEEK_V2, vocab_size=SMOLLM2_VOCAB_SIZE)),
+    "tiny-deepseek-v3": Preset("deepseek_v3", "float32",
+                               dict(TINY_DEEPSEEK_V3, vocab_size=SMOLLM2_VOCAB_SIZE)),
 }
 
 
@@ -221,6 +231,9 @@ def _make_config(architecture: str, fields: dict[str, Any], dtype: str) -> Any:
 def _weight_specs(config: Any, architecture: str) -> Iterator[tuple[str, tuple[int, ...], str]]:
     """(name, shape, init) of every weight the HF model class expects, in its state-dict order.
     init: "normal" (random, std = initializer_range) or "ones" (norm scales)."""
+    if architecture in DEEPSEEK_ARCHITECTURES:
+        yield from deepseek_weight_specs(config, architecture)
+        return
     hidden, vocab = config.hidden_size, config.vocab_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads

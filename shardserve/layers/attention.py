@@ -4,11 +4,15 @@ runner binds after sizing the cache (`bind_kv_cache`)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from shardserve.forward_context import get_forward_context
 from shardserve.kernels.paged_attention_ref import paged_attention_ref, store_kv_ref
+
+logger = logging.getLogger(__name__)
 
 
 class TorchAttentionBackend:
@@ -27,11 +31,36 @@ class TorchAttentionBackend:
 
 
 def select_attention_backend(device: torch.device | str):
-    """One small interface, chosen per device. Fast kernels plug in here."""
-    return TorchAttentionBackend
+    """One small interface, chosen per device: Triton kernels on CUDA, the torch reference
+    elsewhere (and on CUDA when Triton is missing, with a warning)."""
+    if torch.device(device).type != "cuda":
+        return TorchAttentionBackend
+    try:
+        from shardserve.layers.triton_attention import TritonAttentionBackend
+    except ImportError as e:  # pragma: no cover - only on a CUDA machine without triton
+        logger.warning("Triton unavailable (%s): using the torch reference attention", e)
+        return TorchAttentionBackend
+    return TritonAttentionBackend
 
 
-class Attention(nn.Module):
+class AttentionLayerBase(nn.Module):
+    """What the model runner needs of an attention layer with a paged cache: the cache tensors
+    it wants (`kv_cache_shapes`, allocated in the model dtype, in that order) and a way to take
+    them (`bind_kv_cache(*caches, backend)`). The layout is the layer's business: K and V per
+    head here, one compressed latent per token in MLA (layers/mla_attention.py).
+    num_kv_heads x head_size is what one token stores per layer, for logs and kv_cache_info."""
+
+    num_kv_heads: int
+    head_size: int
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def bind_kv_cache(self, *caches_and_backend) -> None:
+        raise NotImplementedError
+
+
+class Attention(AttentionLayerBase):
     """Paged attention for one layer: q [T, num_heads*head_size], k/v [T, num_kv_heads*head_size]
     (this rank's heads) in, [T, num_heads*head_size] out."""
 
@@ -46,6 +75,11 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.backend = TorchAttentionBackend
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> list[tuple[int, ...]]:
+        """K and V: [num_blocks, block_size, num_kv_heads, head_size] each."""
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_size)
+        return [shape, shape]
 
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend) -> None:
         self.k_cache, self.v_cache, self.backend = k_cache, v_cache, backend

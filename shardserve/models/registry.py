@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from shardserve.errors import UnsupportedModelError
+from shardserve.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from shardserve.models.llama import LlamaForCausalLM
 
 # One implementation covers the Llama family; the flags come from each config.
@@ -14,11 +15,14 @@ SUPPORTED_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 # Configs without `architectures` (some GGUF-built ones) still name their model type.
 _MODEL_TYPE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                             "qwen3": "Qwen3ForCausalLM"}
+                             "qwen3": "Qwen3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                             "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def check_architecture(hf_config: Any) -> str:

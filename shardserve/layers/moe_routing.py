@@ -1,0 +1,117 @@
+"""Which experts each token goes to, and with what weight: DeepSeek's gates.
+
+    router_logits [T, E] (float32) --score--> scores [T, E] --choose--> topk_ids [T, k]
+                                                                        topk_weights [T, k]
+
+Scoring: "softmax" (DeepSeek-V2) or "sigmoid" (DeepSeek-V3). Choosing:
+
+    greedy                 top-k of the scores
+    group_limited_greedy   (V2) experts form n_group groups; a group scores as its best expert;
+                           only the topk_group best groups compete for the top-k
+    noaux_tc               (V3) the scores plus e_score_correction_bias choose: a group scores
+                           as the sum of its two best biased experts, topk_group groups compete;
+                           the weights are the unbiased scores of the chosen experts
+
+Then optionally renormalised to sum to 1 (norm_topk_prob) and multiplied by
+routed_scaling_factor. Everything here runs in float32 on [T, E] tensors with no host sync, so
+it is CUDA-graph safe. The arithmetic follows transformers' DeepseekV2TopkRouter and
+DeepseekV3TopkRouter op for op (HF's V2 router ignores norm_topk_prob; every released V2
+config sets it False, where both agree).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shardserve.errors import UnsupportedModelError
+
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """The gate of one MoE layer."""
+
+    num_experts: int
+    top_k: int
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    num_expert_group: int = 1
+    topk_group: int = 1
+    renormalize: bool = False
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scoring_func not in SCORING_FUNCS:
+            raise UnsupportedModelError(f"MoE scoring_func {self.scoring_func!r} is not "
+                                        f"supported; supported: {', '.join(SCORING_FUNCS)}.")
+        if self.topk_method not in TOPK_METHODS:
+            raise UnsupportedModelError(f"MoE topk_method {self.topk_method!r} is not "
+                                        f"supported; supported: {', '.join(TOPK_METHODS)}.")
+        if self.topk_method != "greedy" and self.num_experts % self.num_expert_group:
+            raise UnsupportedModelError(f"{self.num_experts} experts do not split into "
+                                        f"n_group={self.num_expert_group} groups.")
+
+    @classmethod
+    def from_deepseek_config(cls, config: Any, v3: bool) -> "RoutingConfig":
+        """V2 configs: softmax gate, greedy or group_limited_greedy. V3: sigmoid + noaux_tc
+        (transformers' V3 router always routes by groups, whatever topk_method says)."""
+        default_scoring = "sigmoid" if v3 else "softmax"
+        return cls(
+            num_experts=int(config.n_routed_experts),
+            top_k=int(config.num_experts_per_tok),
+            scoring_func=getattr(config, "scoring_func", None) or default_scoring,
+            topk_method="noaux_tc" if v3 else (getattr(config, "topk_method", None) or "greedy"),
+            num_expert_group=int(getattr(config, "n_group", None) or 1),
+            topk_group=int(getattr(config, "topk_group", None) or 1),
+            renormalize=bool(getattr(config, "norm_topk_prob", False)) and (
+                v3 or int(config.num_experts_per_tok) > 1),
+            routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
+        )
+
+
+def select_experts(router_logits: torch.Tensor, cfg: RoutingConfig,
+                   correction_bias: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (topk_weights [T, k] float32, topk_ids [T, k] int64)."""
+    logits = router_logits.float()
+    if cfg.scoring_func == "softmax":
+        scores = logits.softmax(dim=-1, dtype=torch.float32)
+    else:
+        scores = logits.sigmoid()
+    if cfg.topk_method == "greedy":
+        topk_weights, topk_ids = torch.topk(scores, k=cfg.top_k, dim=-1, sorted=False)
+    elif cfg.topk_method == "group_limited_greedy":
+        group_scores = _grouped(scores, cfg).max(dim=-1).values
+        masked = scores.masked_fill(~_group_mask(group_scores, scores, cfg), 0.0)
+        topk_weights, topk_ids = torch.topk(masked, k=cfg.top_k, dim=-1, sorted=False)
+    else:  # noaux_tc
+        biased = scores if correction_bias is None else scores + correction_bias.float()
+        group_scores = _grouped(biased, cfg).topk(2, dim=-1)[0].sum(dim=-1)
+        biased = biased.masked_fill(~_group_mask(group_scores, scores, cfg), float("-inf"))
+        topk_ids = torch.topk(biased, k=cfg.top_k, dim=-1, sorted=False)[1]
+        topk_weights = scores.gather(1, topk_ids)
+    if cfg.renormalize:
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if cfg.routed_scaling_factor != 1.0:
+        topk_weights = topk_weights * cfg.routed_scaling_factor
+    return topk_weights, topk_ids
+
+
+def _grouped(scores: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
+    """[T, E] -> [T, n_group, E / n_group]."""
+    return scores.view(-1, cfg.num_expert_group, cfg.num_experts // cfg.num_expert_group)
+
+
+def _group_mask(group_scores: torch.Tensor, scores: torch.Tensor,
+                cfg: RoutingConfig) -> torch.Tensor:
+    """[T, E] bool: the experts of each token's topk_group best groups."""
+    group_idx = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+    per_group = cfg.num_experts // cfg.num_expert_group
+    return (group_mask.unsqueeze(-1).expand(-1, cfg.num_expert_group, per_group)
+            .reshape(scores.shape[0], cfg.num_experts).bool())
