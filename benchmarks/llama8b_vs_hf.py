@@ -148,6 +148,16 @@ def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_
             log(f"{key} failed: {type(err).__name__}: {err}")
         print(json.dumps(results), flush=True)
 
+    # Where a step's time goes, for batch 1 and a full batch (decode-dominated).
+    from benchmarks.step_profile import print_profile, profile_llm
+    for bs, out_len in ((1, 64), (args.b256_num, 64)):
+        prompts = [{"prompt_token_ids": p} for p in random_prompts(bs, 512, vocab, 9)]
+        params = SamplingParams(temperature=1.0, max_tokens=out_len, ignore_eos=True)
+        try:
+            print_profile(profile_llm(llm, prompts, params), f"step profile, batch {bs}")
+        except Exception as err:
+            log(f"step profile failed: {type(err).__name__}: {err}")
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

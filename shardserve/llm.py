@@ -86,7 +86,7 @@ class LLM:
         bar = _progress_bar(len(processed)) if use_tqdm else None
         try:
             for p, sp in zip(processed, params_list):
-                ids.append(engine.add_processed(p, sp))
+                ids.append(engine.add_processed(p, sp, stream=False))
             while len(finished) < len(ids):
                 for out in engine.step():
                     if out.finished:

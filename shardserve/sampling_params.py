@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from shardserve.errors import InvalidRequestError
@@ -47,13 +48,20 @@ class SamplingParams:
         def bad(param: str, msg: str) -> None:
             raise InvalidRequestError(msg, param=param)
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(name, f"{name} must be a finite number, got {value!r}.")
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
+            bad("seed", f"seed must fit in a signed 64-bit integer, got {self.seed}.")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", f"n must be at least 1, got {self.n}.")
         if self.temperature < 0.0:
             bad("temperature", f"temperature must be non-negative, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
+        if self.top_k < 0 or self.top_k >= 2**31:
             bad("top_k", f"top_k must be 0 or -1 (disabled) or a positive integer, got {self.top_k}.")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", f"min_p must be in [0, 1], got {self.min_p}.")

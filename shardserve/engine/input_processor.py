@@ -66,6 +66,10 @@ class InputProcessor:
                       arrival_time: float | None = None) -> list[Request]:
         """One engine Request per sample (n > 1 fans out; the children share the prompt's
         blocks through the prefix cache)."""
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad_stop:
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size}); got "
+                                      f"{bad_stop[:5]}.", "stop_token_ids")
         room = self.max_model_len - len(prompt.prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         return [Request(child_request_id(request_id, i, params.n), prompt.prompt_token_ids,

@@ -81,6 +81,14 @@ class KVCacheManager:
         """Make room for num_new_tokens more tokens of the request (after its computed ones
         and any prefix hit). Returns the newly allocated blocks, or None when the pool cannot
         supply them (then nothing changed)."""
+        if not new_computed_blocks:
+            # The common decode case: the request's last block still has room.
+            held = self.req_to_blocks.get(request.request_id)
+            num_total = request.num_computed_tokens + num_new_tokens
+            if held is not None and num_total <= len(held) * self.block_size:
+                if self.enable_caching:
+                    self._cache_full_blocks(request, held, num_total)
+                return []
         new_computed_blocks = new_computed_blocks or []
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
         num_total = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens

@@ -38,10 +38,11 @@ class LLMEngine:
         processed = self.input_processor.process_prompt(prompt)
         return self.add_processed(processed, params, request_id)
 
-    def add_processed(self, processed, params: SamplingParams, request_id: str | None = None) -> str:
+    def add_processed(self, processed, params: SamplingParams, request_id: str | None = None,
+                      stream: bool = True) -> str:
         request_id = request_id or self.input_processor.next_request_id()
         requests = self.input_processor.make_requests(request_id, processed, params)
-        self.output_processor.add_request(request_id, processed.prompt, requests)
+        self.output_processor.add_request(request_id, processed.prompt, requests, stream)
         for request in requests:
             self.core.add_request(request)
         return request_id

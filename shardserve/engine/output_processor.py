@@ -37,6 +37,7 @@ class _Parent:
     metrics: RequestMetrics
     want_prompt_logprobs: bool
     child_ids: list[str]
+    stream: bool = True
     prompt_logprobs: PromptLogprobs = field(default_factory=lambda: [None])
     num_cached_tokens: int = 0
 
@@ -51,7 +52,10 @@ class OutputProcessor:
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
 
-    def add_request(self, request_id: str, prompt: str | None, requests: list[Request]) -> None:
+    def add_request(self, request_id: str, prompt: str | None, requests: list[Request],
+                    stream: bool = True) -> None:
+        """stream=False: only the final RequestOutput is built (the offline LLM's case), which
+        saves copying every sample's tokens on every step."""
         first = requests[0]
         samples = []
         for i, req in enumerate(requests):
@@ -62,7 +66,8 @@ class OutputProcessor:
             self._child_to_parent[req.request_id] = (request_id, i)
         self._parents[request_id] = _Parent(
             request_id, prompt, first.prompt_token_ids, samples, RequestMetrics(first.arrival_time),
-            first.sampling_params.prompt_logprobs is not None, [r.request_id for r in requests])
+            first.sampling_params.prompt_logprobs is not None, [r.request_id for r in requests],
+            stream=stream)
 
     def child_ids(self, request_id: str) -> list[str]:
         parent = self._parents.get(request_id)
@@ -122,7 +127,7 @@ class OutputProcessor:
                 sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
             if sample.finish_reason is not None:
                 sample.detokenizer.finish()
-        results = [self._emit(p) for p in touched.values()]
+        results = [self._emit(p) for p in touched.values() if p.stream or p.finished]
         return results, to_abort
 
     def _emit(self, parent: _Parent) -> RequestOutput:

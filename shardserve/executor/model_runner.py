@@ -180,10 +180,11 @@ class ModelRunner:
         states = [self.states.states[rid] for rid in inputs.sample_req_ids]
         metadata = SamplingMetadata.build(
             params_list=[s.sampling_params for s in states],
-            output_token_ids_list=[s.output_token_ids for s in states],
-            prompt_token_ids_list=[s.prompt_token_ids for s in states],
+            # Generators: the token lists are copied only when a penalty needs them.
+            output_token_ids_list=(s.output_token_ids for s in states),
+            prompt_token_ids_list=(s.prompt_token_ids for s in states),
             generators_list=[s.generator for s in states],
-            min_tokens_masks=[min_tokens_stop_ids(s.sampling_params, len(s.output_token_ids),
+            min_tokens_masks=[min_tokens_stop_ids(s.sampling_params, len(s.token_ids) - s.num_prompt_tokens,
                                                   s.eos_token_ids) for s in states],
             vocab_size=logits.shape[-1],
             device=self.device,

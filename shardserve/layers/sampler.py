@@ -20,7 +20,7 @@ Everything stays on the logits' device; the only device-to-host copy is the logp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,8 +70,8 @@ class SamplingMetadata:
 
     @classmethod
     def build(cls, params_list: Sequence[SamplingParams],
-              output_token_ids_list: Sequence[Sequence[int]],
-              prompt_token_ids_list: Sequence[Sequence[int]],
+              output_token_ids_list: Iterable[Sequence[int]],
+              prompt_token_ids_list: Iterable[Sequence[int]],
               generators_list: Sequence[torch.Generator | None],
               min_tokens_masks: Sequence[Sequence[int] | None],
               vocab_size: int, device: torch.device | str) -> "SamplingMetadata":

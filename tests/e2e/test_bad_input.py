@@ -95,3 +95,15 @@ def test_unsupported_architecture(tmp_path, tiny_model_dirs):
 def test_cache_too_small_says_how_much_is_needed(tiny_model_dirs):
     with pytest.raises(CacheTooSmallError, match="MiB"):
         make_llm(tiny_model_dirs["llama"], max_model_len=2048, kv_cache_memory_bytes=1 << 16)
+
+
+def test_non_finite_and_out_of_range_fields(llm):
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        SamplingParams(temperature=float("nan"))
+    with pytest.raises(InvalidRequestError, match="seed"):
+        SamplingParams(seed=2**64)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        llm.generate([{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3, 4]}],
+                     [SamplingParams(max_tokens=2), SamplingParams(max_tokens=2, stop_token_ids=[10**9])],
+                     use_tqdm=False)
+    assert_clean_and_serving(llm)
