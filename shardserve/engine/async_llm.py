@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from shardserve.config import EngineConfig
 from shardserve.engine.core_client import CoreProcClient
@@ -77,6 +77,7 @@ class AsyncLLM:
         self.ready = False
         self.dead = False
         self.dead_reason: str | None = None
+        self.on_dead: Callable[[], None] | None = None  # the server's hook (exit later)
         self._shutting_down = False
         self._states: dict[str, _RequestState] = {}
         self._by_child: dict[str, _RequestState] = {}
@@ -335,4 +336,6 @@ class AsyncLLM:
         self._fail_all(error)
         if self._ready_future is not None and not self._ready_future.done():
             self._ready_future.set_exception(error)
+        if self.on_dead is not None:
+            self.on_dead()
 

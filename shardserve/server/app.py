@@ -143,6 +143,12 @@ class _Server(uvicorn.Server):
         self.exit_code = 0
         self._drain_task: asyncio.Task | None = None
         state.on_fatal = self._fatal
+        delay = state.args.exit_on_engine_death
+        if delay >= 0:
+            def exit_later() -> None:
+                logger.error("The engine is dead: exiting with status 1 in %.0f s", delay)
+                asyncio.get_running_loop().call_later(delay, self._fatal)
+            state.engine.on_dead = exit_later
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and not self.state.draining and not self.should_exit:

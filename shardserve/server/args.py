@@ -18,6 +18,9 @@ class ServerArgs:
     api_key: str | None = None  # Bearer token required on /v1/*; None: open
     max_queue_time: float | None = None  # seconds a request may wait unscheduled before a 503
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    # After the engine dies, keep answering (503s, /live 503) this long, then exit 1 so a
+    # supervisor restarts the process; negative: never exit, leave it to the probes.
+    exit_on_engine_death: float = 5.0
     max_request_body_bytes: int = 4 << 20
     max_n: int = 128  # most samples one request may ask for (n, or prompts x n)
     uvicorn_log_level: str = "warning"
@@ -28,6 +31,7 @@ class ServerArgs:
                    api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                    max_queue_time=args.max_queue_time, shutdown_timeout=args.shutdown_timeout,
                    max_request_body_bytes=args.max_request_body_bytes, max_n=args.max_n,
+                   exit_on_engine_death=args.exit_on_engine_death,
                    uvicorn_log_level=args.uvicorn_log_level)
 
 
@@ -44,6 +48,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         "(with --max-waiting-requests: graceful overload)")
     g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="SECONDS",
                    help="on SIGTERM, how long in-flight requests may take to finish")
+    g.add_argument("--exit-on-engine-death", type=float, default=d.exit_on_engine_death,
+                   metavar="SECONDS", help="after the engine dies, exit with status 1 this many "
+                   "seconds later (requests get 503 meanwhile); negative: keep running")
     g.add_argument("--max-request-body-bytes", type=parse_size, default=d.max_request_body_bytes,
                    metavar="SIZE", help="larger request bodies get 413 (e.g. 4MiB)")
     g.add_argument("--max-n", type=int, default=d.max_n,

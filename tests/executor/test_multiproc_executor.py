@@ -151,8 +151,9 @@ def test_missing_node_is_named_by_the_rendezvous(tiny_model_dirs):
     start = time.monotonic()
     with pytest.raises(RendezvousTimeoutError, match=r"rank\(s\) \[1\] \(node\(s\) \[1\]\)"):
         LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, nnodes=2, node_rank=0,
-            master_port=_free_port_range(5), rendezvous_timeout_s=2, **ENGINE_KWARGS)
-    assert time.monotonic() - start < 30
+            master_port=_free_port_range(5), rendezvous_timeout_s=15, **ENGINE_KWARGS)
+    # Long enough for this node's own rank to start on a loaded 2-core machine; bounded.
+    assert time.monotonic() - start < 60
 
 
 def test_killed_worker_raises_engine_dead_error_quickly(tiny_model_dirs):

@@ -1,5 +1,6 @@
 """When the engine core process dies, requests in flight end with an error, new ones get 503,
-/live and /health say 503, and the HTTP server itself keeps answering."""
+/live and /health say 503, the HTTP server keeps answering for --exit-on-engine-death seconds,
+then exits with status 1."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tests.server.conftest import core_pid, start_server
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama_dir):
     server = start_server(tmp_path_factory.mktemp("death_logs"), "--max-model-len", "2048",
-                          model=tiny_llama_dir, api_key=None)
+                          "--exit-on-engine-death", "8", model=tiny_llama_dir, api_key=None)
     yield server
     server.stop()
 
@@ -45,4 +46,6 @@ def test_core_death_fails_requests_and_liveness(server):
     assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 503
     r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "hi"}, timeout=10)
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
-    assert server.proc.poll() is None  # the HTTP server still answers (probes decide)
+    assert server.proc.poll() is None  # the HTTP server still answers for a few seconds...
+    # ...then exits non-zero so a supervisor restarts it.
+    assert server.proc.wait(timeout=30) == 1
