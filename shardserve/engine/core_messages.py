@@ -60,6 +60,8 @@ class CoreStats:
     # GPU index -> bytes in use / in total, where the core can see GPUs; empty on CPU.
     gpu_memory_used_bytes: dict[int, int] = field(default_factory=dict)
     gpu_memory_total_bytes: dict[int, int] = field(default_factory=dict)
+    # EngineCore.parallel_stats(): tp_comm_time_ratio, pp_stage_busy_ratio_<i>, ...
+    parallel: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -42,6 +42,7 @@ from shardserve.errors import ShardserveError
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.1  # at most this stale while busy; sent at once when the core goes idle
+HEALTH_CHECK_INTERVAL_S = 1.0  # while idle, how often the workers' liveness is checked
 IDLE_POLL_MS = 100  # how long an idle core blocks on its socket before checking its parent
 PARENT_CHECK_S = 1.0  # how often a busy core checks its parent
 GPU_MEMORY_INTERVAL_S = 1.0  # NVML queries cost ~ms each; no need to ask every step
@@ -108,6 +109,7 @@ class EngineCoreProc:
         self._last_stats_time = 0.0
         self._last_stats: CoreStats | None = None
         self._last_parent_check = time.monotonic()
+        self._last_health_check = time.monotonic()
         self._gpu_memory = _GpuMemoryProbe(core.config.device_config.device)
 
     def run(self) -> int:
@@ -188,7 +190,13 @@ class EngineCoreProc:
         return scheduled
 
     def _send_idle_update(self) -> None:
-        """Tell the front the final state once work runs out (kv usage back to 0 at once)."""
+        """Tell the front the final state once work runs out (kv usage back to 0 at once).
+        Also the moment to check the workers: a rank that died while idle must not leave
+        /health green until the next request (raises EngineDeadError, which ends the loop)."""
+        now = time.monotonic()
+        if now - self._last_health_check >= HEALTH_CHECK_INTERVAL_S:
+            self._last_health_check = now
+            self.core.executor.check_health()
         stats = self._stats(record=False)
         if stats != self._last_stats:
             self._record(stats)
@@ -196,7 +204,7 @@ class EngineCoreProc:
 
     def _stats(self, record: bool = True) -> CoreStats:
         used, total = self._gpu_memory.read()
-        stats = CoreStats(self.core.stats(), used, total)
+        stats = CoreStats(self.core.stats(), used, total, self.core.parallel_stats())
         if record:
             self._record(stats)
         return stats

@@ -67,6 +67,12 @@ class ServerMetrics(StatLogger):
                                     _LATENCY_BUCKETS)
         self.gpu_memory_used = gauge("gpu_memory_used_bytes", "GPU memory in use.", m + ["gpu"])
         self.gpu_memory_total = gauge("gpu_memory_total_bytes", "GPU memory in total.", m + ["gpu"])
+        self.tp_comm_time_ratio = gauge("tp_comm_time_ratio",
+                                        "Share of recent step time in tensor-parallel collectives "
+                                        "(measured on the driver rank).")
+        self.pp_stage_busy_ratio = gauge("pp_stage_busy_ratio",
+                                         "Share of recent wall time each pipeline stage computed.",
+                                         m + ["stage"])
         self._last_core: CoreStats | None = None
         # Create the children up front so every series is exported (as 0) from the start.
         for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage,
@@ -101,6 +107,12 @@ class ServerMetrics(StatLogger):
             self.gpu_memory_used.labels(model, str(gpu)).set(used)
         for gpu, total in stats.gpu_memory_total_bytes.items():
             self.gpu_memory_total.labels(model, str(gpu)).set(total)
+        parallel = stats.parallel
+        if "tp_comm_time_ratio" in parallel:
+            self.tp_comm_time_ratio.labels(model).set(parallel["tp_comm_time_ratio"])
+        for key, value in parallel.items():
+            if key.startswith("pp_stage_busy_ratio_"):
+                self.pp_stage_busy_ratio.labels(model, key.rsplit("_", 1)[1]).set(value)
         self._last_core = stats
 
     def record_scheduled(self, queue_time: float) -> None:

@@ -48,6 +48,14 @@ class FakeCore:
     def stats(self) -> SchedulerStats:
         return SchedulerStats(num_running=len(self.requests))
 
+    def parallel_stats(self) -> dict[str, float]:
+        return {"tp_comm_time_ratio": 0.25}
+
+    class executor:  # noqa: N801 - stands in for the executor attribute
+        @staticmethod
+        def check_health() -> None:
+            return None
+
 
 def _run(core: FakeCore, messages: list, parent_pid: int | None = None):
     import os
