@@ -87,19 +87,27 @@ def main() -> None:
     from shardserve import LLM, SamplingParams
     p = argparse.ArgumentParser()
     p.add_argument("--model-dir", required=True)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--enforce-eager", action="store_true")
     args = p.parse_args()
+    if not os.path.exists(os.path.join(args.model_dir, "config.json")):
+        from shardserve.testing import write_random_model
+        write_random_model(args.model_dir, preset="llama-3-8b", device="cuda")
     llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=4096, enforce_eager=args.enforce_eager)
     vocab = int(llm.config.model_config.hf_config.vocab_size)
     rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(1000, vocab) for _ in range(args.input_len)]}
-               for _ in range(args.batch_size)]
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:4], params, use_tqdm=False)
-    print_profile(profile_llm(llm, prompts, params), f"batch {args.batch_size}")
+    for bs in args.batch_sizes:
+        prompts = [{"prompt_token_ids": [rng.randrange(1000, vocab) for _ in range(args.input_len)]}
+                   for _ in range(bs)]
+        llm.generate(prompts[:4], params, use_tqdm=False)
+        start = time.perf_counter()
+        prof = profile_llm(llm, prompts, params)
+        elapsed = time.perf_counter() - start
+        print_profile(prof, f"batch {bs} x ({args.input_len} in / {args.output_len} out), "
+                            f"{bs * args.output_len / elapsed:.0f} output tok/s with timers on")
 
 
 if __name__ == "__main__":
