@@ -35,6 +35,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda:
+            # One Triton kernel instead of ~8 torch kernels (add, cast, square, mean, rsqrt,
+            # multiply, cast, multiply): at batch 1 these launches cost more than the math.
+            from shardserve.kernels.rms_norm import rms_norm
+            return rms_norm(x, self.weight, self.variance_epsilon, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
