@@ -50,5 +50,18 @@ class EngineCore:
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
+    def parallel_stats(self) -> dict[str, float]:
+        """Flat numbers from the executor for /metrics: TP communication share, per-stage
+        pipeline busy ratios (key_i for stage i); empty for one process."""
+        out: dict[str, float] = {}
+        for name in ("comm_stats", "pipeline_stats"):
+            getter = getattr(self.executor, name, None)
+            for key, value in (getter() if getter else {}).items():
+                if isinstance(value, (list, tuple)):
+                    out.update({f"{key}_{i}": float(v) for i, v in enumerate(value)})
+                elif isinstance(value, (int, float)):
+                    out[key] = float(value)
+        return out
+
     def shutdown(self) -> None:
         self.executor.shutdown()
