@@ -73,6 +73,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE: whole experts per TP rank instead of TP slices
     nnodes: int | None = None  # default: $LWS_GROUP_SIZE or 1
     node_rank: int | None = None  # default: $LWS_WORKER_INDEX or 0
     master_addr: str | None = None  # node 0's address; default: $LWS_LEADER_ADDRESS or 127.0.0.1
@@ -82,6 +83,9 @@ class ParallelConfig:
     rendezvous_timeout_s: float = 300.0  # how long node 0 waits for every rank to check in
     step_timeout_s: float = 300.0  # longest a step (or a collective) may take before it is a hang
     heartbeat_timeout_s: float = 10.0  # silence after which a worker (or the engine) is dead
+    # Layers per pipeline stage, e.g. "14,10,8" (None: balanced on estimated compute and
+    # memory, counting the embedding and the LM head; planner/stages.py).
+    pp_layer_partition: str | None = None
 
     @property
     def world_size(self) -> int:

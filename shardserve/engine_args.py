@@ -35,6 +35,8 @@ _HELP = {
     "gpu_memory_utilization": "share of GPU memory for weights, activations and KV cache",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "max_num_batched_tokens": "token budget per engine step",
+    "pp_layer_partition": "layers per pipeline stage, e.g. 14,10,8 (default: balanced on "
+                          "estimated compute and memory, embedding and LM head included)",
 }
 
 

@@ -147,6 +147,24 @@ class GroupCoordinator:
         dist.broadcast_object_list(box, src=self.ranks[src], group=self.cpu_group)
         return box[0]
 
+    def send_tensor(self, tensor: torch.Tensor, dst: int | None = None) -> Any:
+        """Start sending `tensor` to group rank `dst` (default: the next rank, as a pipeline
+        stage hands on to the next); returns the work to wait() on. The tensor must stay
+        alive, unchanged, until then."""
+        if dst is None:
+            dst = (self.rank_in_group + 1) % self.world_size
+        return dist.isend(tensor.contiguous(), dst=self.ranks[dst], group=self.device_group)
+
+    def recv_tensor(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                    src: int | None = None) -> torch.Tensor:
+        """Receive a tensor of `shape`/`dtype` from group rank `src` (default: the previous
+        rank); blocks (on CUDA: the current stream waits) until it has arrived."""
+        if src is None:
+            src = (self.rank_in_group - 1) % self.world_size
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        dist.irecv(tensor, src=self.ranks[src], group=self.device_group).wait()
+        return tensor
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.cpu_group)

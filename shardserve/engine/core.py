@@ -2,17 +2,33 @@
 
 It knows nothing of text: the front end (LLMEngine in-process, or the server through a
 client) tokenizes, detokenizes and checks stop strings.
+
+Under pipeline parallelism (P stages) `step` keeps up to P micro-batches in flight (vLLM v1's
+step_with_batch_queue): it schedules a new batch while earlier ones are still in the pipeline
+and blocks for the oldest only when the queue is full or nothing more can be scheduled. The
+scheduler advances num_computed_tokens at schedule time, so a request whose step is in flight
+is not scheduled again (a request is in at most one micro-batch, except the chunks of one
+prompt, which every stage runs in order), and each micro-batch takes at most 1/P of the
+requests, so decode batches spread over the pipeline. Results are applied oldest first.
+
+    time ──▶      stage 0   stage 1   stage 2
+                  [ mb1 ]
+                  [ mb2 ]   [ mb1 ]
+                  [ mb3 ]   [ mb2 ]   [ mb1 ]   ← steady state: no stage waits
+                  [ mb4 ]   [ mb3 ]   [ mb2 ]   (mb4 scheduled once mb1's tokens are back)
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 from shardserve.config import EngineConfig
-from shardserve.engine.outputs import EngineCoreOutput
+from shardserve.engine.outputs import EngineCoreOutput, SchedulerOutput
 from shardserve.engine.request import Request, RequestStatus
 from shardserve.engine.scheduler import Scheduler, SchedulerStats
+from shardserve.errors import EngineDeadError
 from shardserve.executor.executor import Executor
 
 logger = logging.getLogger(__name__)
@@ -28,6 +44,9 @@ class EngineCore:
         self.executor.init_kv_cache(num_blocks)
         config.cache_config.num_blocks = num_blocks
         self.scheduler = Scheduler(config, num_blocks)
+        # Pipeline parallelism: (step seq, its SchedulerOutput) of the micro-batches in flight.
+        self.max_in_flight = config.parallel_config.pipeline_parallel_size
+        self._batch_queue: deque[tuple[int, SchedulerOutput]] = deque()
         self.startup_seconds = {"load": loaded - start, "kv_cache": time.perf_counter() - loaded}
         logger.info("Engine ready: load %.1f s, KV cache %.1f s", *self.startup_seconds.values())
 
@@ -38,13 +57,46 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._batch_queue)
 
     def step(self) -> list[EngineCoreOutput]:
+        if self.max_in_flight > 1:
+            return self.step_with_batch_queue()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
             return []
         runner_output = self.executor.execute_model(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def step_with_batch_queue(self) -> list[EngineCoreOutput]:
+        """Submit a new micro-batch if fewer than P are in flight; collect the oldest when the
+        pipeline is full or nothing new could be scheduled (see the module doc). Returns []
+        while the pipeline fills."""
+        try:
+            return self._step_with_batch_queue()
+        except EngineDeadError:
+            self._batch_queue.clear()  # nothing in flight will come back
+            raise
+
+    def _step_with_batch_queue(self) -> list[EngineCoreOutput]:
+        queue = self._batch_queue
+        scheduled = False
+        if len(queue) < self.max_in_flight:
+            # Split the requests over the micro-batches, so each stage has work in every one
+            # (otherwise one batch would take every request and the others stay empty).
+            num_reqs = len(self.scheduler.running) + len(self.scheduler.waiting)
+            scheduler_output = self.scheduler.schedule(max(1, -(-num_reqs // self.max_in_flight)))
+            if scheduler_output.is_empty:
+                # Nothing to run: the ids of finished requests ride on the next real step
+                # instead of taking a pipeline slot (the workers drop them before adding).
+                self.scheduler.defer_finished(scheduler_output.finished_req_ids)
+            else:
+                queue.append((self.executor.submit_step(scheduler_output), scheduler_output))
+                scheduled = True
+        if not queue or (scheduled and len(queue) < self.max_in_flight):
+            return []
+        seq, scheduler_output = queue.popleft()
+        runner_output = self.executor.collect_step(seq)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def stats(self) -> SchedulerStats:

@@ -56,6 +56,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.admitted_step_id = 0  # the scheduler step that last (re)admitted it
         # Prefix-cache hashes of this request's full blocks, extended as tokens arrive.
         self.block_hashes: list[int] = []
         # How many of all_token_ids the workers already hold (they get the rest as a diff).

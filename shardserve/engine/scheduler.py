@@ -87,15 +87,18 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_num_reqs: int | None = None) -> SchedulerOutput:
+        """The next step. `max_num_reqs` caps the requests in it (pipeline parallelism splits
+        the running requests over several micro-batches this way)."""
         budget = self.max_num_batched_tokens
+        cap = max_num_reqs if max_num_reqs is not None else self.max_num_seqs
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted_any = False
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(num_scheduled) < cap:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget,
                           self.max_model_len - request.num_computed_tokens)
@@ -122,7 +125,8 @@ class Scheduler:
 
         # Admit waiting requests only when nothing had to be preempted: otherwise the freed
         # blocks would go straight to newcomers and the preempted request would starve.
-        while self.waiting and budget > 0 and not preempted_any and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted_any
+               and len(self.running) < self.max_num_seqs and len(num_scheduled) < cap):
             request = self.waiting[0]
             hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit
@@ -138,6 +142,8 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
+            # Outputs of steps before this one belong to an earlier (preempted) run of it.
+            request.admitted_step_id = self._step_id
             self.running.append(request)
             new_reqs.append(NewRequestData(
                 request.request_id, request.prompt_token_ids, request.output_token_ids,
@@ -156,6 +162,10 @@ class Scheduler:
         for request in self.running:
             request.num_computed_tokens += num_scheduled.get(request.request_id, 0)
         return out
+
+    def defer_finished(self, request_ids: Iterable[str]) -> None:
+        """Send these finished ids with the next step (an empty step was not sent)."""
+        self._finished_req_ids.update(request_ids)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
@@ -176,8 +186,11 @@ class Scheduler:
         seen_prompt_lp = set()
         for idx, (rid, token) in enumerate(zip(runner_output.req_ids, runner_output.sampled_token_ids)):
             request = self.requests.get(rid)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted or preempted while the step ran
+            if (request is None or request.status != RequestStatus.RUNNING
+                    or scheduler_output.step_id < request.admitted_step_id):
+                # Aborted or preempted while the step ran (with several steps in flight, a
+                # preempted request may already be running again from scratch).
+                continue
             request.append_output_token(token)
             self._check_stop(request, token)
             out = EngineCoreOutput(rid, [token], num_cached_tokens=max(request.num_cached_tokens, 0))

@@ -19,6 +19,11 @@ class Executor:
         """Communication share of step time and related counters; empty with one process."""
         return {}
 
+    def pipeline_stats(self) -> dict[str, list[float] | float]:
+        """Pipeline parallelism: per-stage busy ratio and seconds (see
+        executor/pipeline_stats.py); empty without it."""
+        return {}
+
     @staticmethod
     def create(config: EngineConfig) -> "Executor":
         if config.parallel_config.world_size == 1:

@@ -7,6 +7,13 @@ Under tensor parallelism every rank runs the same steps (the collectives need th
 only the driver (TP rank 0 of the last PP stage, `is_driver`) receives the gathered logits,
 samples and builds a ModelRunnerOutput; the others return an empty one. Per-request seeded
 generators therefore advance on one rank only, and seeded sampling is reproducible at any tp.
+
+Under pipeline parallelism each stage holds its own layers (models/pipeline.py) and KV cache.
+Every rank gets every step and builds the same inputs from it (so the token count, positions
+and attention metadata need no hand-shake between stages); a non-first stage receives the
+previous stage's hidden states and residual, [2, T, hidden], from its peer in the PP group (the
+same TP rank one stage up), and a non-last stage sends its own on and returns at once, free to
+run the next micro-batch while later stages work on this one.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ import time
 import torch
 
 from shardserve.config import EngineConfig
+from shardserve.distributed.parallel_state import get_pp_group
 from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from shardserve.errors import CacheTooSmallError
 from shardserve.executor.input_builder import ModelInputs, build_model_inputs
+from shardserve.executor.pipeline_stats import StageTimer
 from shardserve.executor.request_state import RequestStates
 from shardserve.forward_context import set_forward_context
 from shardserve.layers.attention import AttentionLayerBase, select_attention_backend
 from shardserve.layers.sampler import (Sampler, SamplingMetadata, compute_prompt_logprobs,
                                        min_tokens_stop_ids)
+from shardserve.models.pipeline import IntermediateTensors, StageLayout
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +55,16 @@ class ModelRunner:
         self.attn_layers: list[AttentionLayerBase] = []
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []  # per layer, as it declared them
         self.graph_runner = None  # CudaGraphRunner once captured
+        self.pp_group = get_pp_group()
+        self.stage: StageLayout | None = None  # set by load_model
+        self.stage_timer = StageTimer(device)
+        self.last_span: tuple[float, float, float] | None = None  # (start, end, busy s)
+        # Test and benchmark hook: each stage sleeps inside its forward, to stand in for a
+        # heavy model: stage_delay_s per forward plus stage_delay_per_token_s per token
+        # (SHARDSERVE_PP_STAGE_DELAY_S / _PER_TOKEN_S in the engine's environment).
+        self.stage_delay_s = 0.0
+        self.stage_delay_per_token_s = 0.0
+        self._pending_sends: list[tuple[object, torch.Tensor]] = []
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -52,10 +72,26 @@ class ModelRunner:
         from shardserve.loader.model_loader import load_model
 
         start = time.perf_counter()
-        self.model = load_model(self.config.model_config, self.device)
+        self.stage = self._stage_layout()
+        self.model = load_model(self.config.model_config, self.device, self.stage)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, AttentionLayerBase)]
         self.vocab_size = int(self.config.model_config.hf_config.vocab_size)
-        logger.info("Model loaded in %.1f s", time.perf_counter() - start)
+        logger.info("Model loaded in %.1f s%s", time.perf_counter() - start,
+                    f" (pipeline stage {self.pp_group.rank_in_group}: layers "
+                    f"{self.stage.start_layer}-{self.stage.end_layer - 1})"
+                    if self.pp_group.world_size > 1 else "")
+
+    def _stage_layout(self) -> StageLayout:
+        from shardserve.planner.stages import engine_stage_layers
+
+        hf_config = self.config.model_config.hf_config
+        pp = self.pp_group
+        if pp.world_size == 1:
+            return StageLayout.whole(int(hf_config.num_hidden_layers))
+        bounds = engine_stage_layers(hf_config, pp.world_size,
+                                     self.config.parallel_config.pp_layer_partition)
+        start, end = bounds[pp.rank_in_group]
+        return StageLayout(start, end, pp.is_first_rank, pp.is_last_rank)
 
     def kv_bytes_per_block(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()
@@ -110,10 +146,16 @@ class ModelRunner:
         num_tokens = min(sc.max_num_batched_tokens, self.config.model_config.max_model_len)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         pos = torch.arange(num_tokens, device=self.device)
+        intermediate = None
+        if not self.stage.is_first:
+            hidden_size = int(self.config.model_config.hf_config.hidden_size)
+            zeros = torch.zeros(num_tokens, hidden_size, dtype=self.dtype, device=self.device)
+            intermediate = IntermediateTensors(zeros, zeros.clone())
         with set_forward_context(None):
-            hidden = self.model(ids, pos)
-        rows = min(sc.max_num_seqs, num_tokens)
-        self.model.compute_logits(hidden[:rows], gather_all=False)
+            hidden = self.model(ids, pos, intermediate)
+        if self.stage.is_last:
+            rows = min(sc.max_num_seqs, num_tokens)
+            self.model.compute_logits(hidden[:rows], gather_all=False)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
@@ -146,6 +188,11 @@ class ModelRunner:
         if (self.device.type != "cuda" or mc.enforce_eager
                 or not getattr(backend, "supports_cuda_graphs", False)):
             return
+        if self.pp_group.world_size > 1:
+            # The graphs take token ids and return final hidden states; a stage's graph would
+            # also need the hand-off buffers. Not done yet: pipeline stages run eagerly.
+            logger.info("Pipeline parallelism: CUDA graphs are not captured (eager stages)")
+            return
         from shardserve.executor.cuda_graph import CudaGraphRunner
         max_bs = min(mc.max_cuda_graph_batch_size, self.config.scheduler_config.max_num_seqs)
         runner = CudaGraphRunner(self.model, max_bs, mc.max_model_len, self.block_size,
@@ -158,9 +205,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.states.update(scheduler_output)
+        self.last_span = None
         if scheduler_output.is_empty:
             return ModelRunnerOutput([], [])
         inputs = build_model_inputs(scheduler_output, self.states, self.block_size, self.device)
+        if self.pp_group.world_size > 1:
+            return self._execute_stage(inputs)
         md = inputs.attn_metadata
         if self.graph_runner is not None and self.graph_runner.can_run(md, inputs.input_ids.shape[0]):
             hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, md)
@@ -168,6 +218,36 @@ class ModelRunner:
             with set_forward_context(md):
                 hidden = self.model(inputs.input_ids, inputs.positions)
         return self._sample(hidden, inputs)
+
+    def _execute_stage(self, inputs: ModelInputs) -> ModelRunnerOutput:
+        """One pipeline stage's share of a step (see the module doc)."""
+        intermediate = None
+        if not self.stage.is_first:
+            hidden_size = int(self.config.model_config.hf_config.hidden_size)
+            both = self.pp_group.recv_tensor((2, inputs.input_ids.shape[0], hidden_size),
+                                             self.dtype, self.device)
+            intermediate = IntermediateTensors(both[0], both[1])
+        self.stage_timer.start()
+        if self.stage_delay_s > 0 or self.stage_delay_per_token_s > 0:
+            time.sleep(self.stage_delay_s
+                       + self.stage_delay_per_token_s * inputs.input_ids.shape[0])
+        with set_forward_context(inputs.attn_metadata):
+            out = self.model(inputs.input_ids, inputs.positions, intermediate)
+        if self.stage.is_last:
+            result = self._sample(out, inputs)
+            self.last_span = self.stage_timer.stop()
+            return result
+        self._send(torch.stack((out.hidden_states, out.residual)))
+        self.last_span = self.stage_timer.stop()
+        return ModelRunnerOutput([], [])
+
+    def _send(self, tensor: torch.Tensor) -> None:
+        # Asynchronous, so this stage can take the next micro-batch at once; the tensors stay
+        # referenced until their sends complete (at most a few are outstanding).
+        self._pending_sends.append((self.pp_group.send_tensor(tensor), tensor))
+        self._pending_sends = [(w, t) for w, t in self._pending_sends if not w.is_completed()]
+        while len(self._pending_sends) > 2 * self.pp_group.world_size:
+            self._pending_sends.pop(0)[0].wait()
 
     def _sample(self, hidden: torch.Tensor, inputs: ModelInputs) -> ModelRunnerOutput:
         prompt_logprobs = self._prompt_logprobs(hidden, inputs)

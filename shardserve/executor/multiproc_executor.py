@@ -19,8 +19,10 @@ sentinels and every rank's heartbeats (executor/liveness.py) and bounds each ste
 step_timeout_s. A dead, silent or failing rank raises EngineDeadError naming it, after the
 executor has stopped every other rank; the caller fails the requests in flight.
 
-Steps carry a sequence number and replies are matched to it, so pipeline parallelism can keep
-several steps in flight (submit_step / collect_step) without changing the wire.
+Steps carry a sequence number and replies are matched to it, so pipeline parallelism keeps
+several steps in flight (submit_step / collect_step; EngineCore.step_with_batch_queue) without
+changing the wire. Under PP, TP rank 0 of every stage also reports each step's busy span
+("pstat"; the driver's rides on its "out"), tallied in PipelineStats (pipeline_stats()).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from shardserve.executor.executor import Executor
 from shardserve.distributed.comm_timer import StepStats
 from shardserve.executor.liveness import (HeartbeatMonitor, describe_exit,
                                           kill_processes_and_remove, stop_processes)
+from shardserve.executor.pipeline_stats import PipelineStats
 from shardserve.executor.wire import Endpoints, WireCodec
 from shardserve.executor.worker_proc import WorkerSpec, start_worker_processes
 
@@ -60,10 +63,7 @@ class MultiprocExecutor(Executor):
         pc = config.parallel_config.resolve()
         self.parallel_config = pc
         if pc.pipeline_parallel_size > 1:
-            # The process grid, the driver rank and the wire are ready for it; the model split
-            # into stages and the hidden-state hand-off are not (issue 6).
-            raise errors.InvalidRequestError("pipeline_parallel_size > 1 is not supported yet.",
-                                             "pipeline_parallel_size")
+            self._log_pipeline_stages()
         if pc.node_rank != 0:
             raise errors.InvalidRequestError(
                 f"node_rank {pc.node_rank} runs headless workers, not the engine: start it with "
@@ -76,6 +76,8 @@ class MultiprocExecutor(Executor):
         self._closed = False
         self._hosts: dict[int, tuple[str, int]] = {}  # rank -> (host, pid) from its hello
         self._step_stats = StepStats()
+        self._pp_stats = PipelineStats(pc.pipeline_parallel_size)
+        self._in_flight: set[int] = set()
 
         self._context = zmq.Context()
         self._local = Endpoints.ipc()
@@ -106,6 +108,24 @@ class MultiprocExecutor(Executor):
             raise
 
     # ---- start-up --------------------------------------------------------------------------
+
+    def _log_pipeline_stages(self) -> None:
+        """Check the stage partition before any process starts, and log it with each stage's
+        estimated cost and memory (every rank computes the same one when it builds its stage)."""
+        from shardserve.planner.stages import describe_stages, engine_stage_layers
+
+        pc, mc = self.parallel_config, self.config.model_config
+        try:
+            bounds = engine_stage_layers(mc.hf_config, pc.pipeline_parallel_size,
+                                         pc.pp_layer_partition)
+        except ValueError as exc:
+            raise errors.InvalidRequestError(str(exc), "pp_layer_partition") from None
+        elem = torch_dtype_bytes(mc.torch_dtype)
+        lines = describe_stages(mc.hf_config, bounds, pc.tensor_parallel_size, elem)
+        logger.info("Pipeline partition (%s) over %d stages x tp %d:\n  %s",
+                    f"--pp-layer-partition {pc.pp_layer_partition}" if pc.pp_layer_partition
+                    else "balanced on estimated compute + memory", pc.pipeline_parallel_size,
+                    pc.tensor_parallel_size, "\n  ".join(lines))
 
     def _start_local_ranks(self) -> None:
         pc = self.parallel_config
@@ -187,6 +207,11 @@ class MultiprocExecutor(Executor):
                 "driver_rank": self.driver_rank,
                 "backend": "nccl" if self.config.device_config.device == "cuda" else "gloo",
                 "dist_init_method": init_method, "host": socket.gethostname(),
+                # Test/benchmark hook: each pipeline stage sleeps this long in its forward
+                # (per forward, and per token of the step).
+                "pp_stage_delay_s": float(os.environ.get("SHARDSERVE_PP_STAGE_DELAY_S") or 0.0),
+                "pp_stage_delay_per_token_s": float(
+                    os.environ.get("SHARDSERVE_PP_STAGE_DELAY_PER_TOKEN_S") or 0.0),
                 "config": self.config.to_kwargs()}
 
     def _wait_ready(self) -> None:
@@ -219,6 +244,8 @@ class MultiprocExecutor(Executor):
         data = self._codec.encode_step(self._seq, time.monotonic(), scheduler_output)
         self._steps.send(data, copy=False)
         self._step_stats.encode_s += time.perf_counter() - start
+        self._in_flight.add(self._seq)
+        self._pp_stats.record_submit(len(self._in_flight))
         return self._seq
 
     def collect_step(self, seq: int) -> ModelRunnerOutput:
@@ -226,7 +253,10 @@ class MultiprocExecutor(Executor):
         reply = self._wait_replies(seq, {self.driver_rank}, self.parallel_config.step_timeout_s,
                                    kind="out")[self.driver_rank]
         output, stats = reply
+        self._in_flight.discard(seq)
         self._step_stats.record(stats)
+        if "pp_span" in stats:
+            self._pp_stats.record(stats["pp_span"][0], seq, *stats["pp_span"][1:])
         return output
 
     def collective_rpc(self, method: str, args: list[Any] | None = None,
@@ -252,6 +282,17 @@ class MultiprocExecutor(Executor):
     def comm_stats(self) -> dict[str, float]:
         """The communication share of recent steps and cumulative counters (see StepStats)."""
         return self._step_stats.as_dict()
+
+    def pipeline_stats(self) -> dict[str, list[float] | float]:
+        """Per-stage busy ratio and seconds, steps, micro-batches in flight (PipelineStats);
+        empty without pipeline parallelism."""
+        if self.parallel_config.pipeline_parallel_size == 1:
+            return {}
+        return self._pp_stats.as_dict()
+
+    def pipeline_trace(self) -> list[tuple[int, int, float, float]]:
+        """The last stage spans: (stage, step seq, start, end) on the host's monotonic clock."""
+        return list(self._pp_stats.trace)
 
     @property
     def worker_pids(self) -> dict[int, int]:
@@ -297,6 +338,9 @@ class MultiprocExecutor(Executor):
                 self._check_heartbeats()
                 continue
             message = self._codec.decode(self._results.recv())
+            if message[0] == "pstat":  # ["pstat", seq, rank, stage, start, end, busy_s]
+                self._pp_stats.record(message[3], message[1], *message[4:7])
+                continue
             if message[0] == "err":
                 self._on_error(message, starting=kind in ("ready", "ret"))
             if message[0] == "ready" and kind == "ready":
@@ -367,3 +411,8 @@ class MultiprocExecutor(Executor):
             host, pid = self._hosts.get(rank, ("?", -1))
             parts.append(f"rank {rank} on node {node} ({host}, pid {pid})")
         return "; ".join(parts)
+
+
+def torch_dtype_bytes(dtype: Any) -> int:
+    import torch
+    return torch.tensor([], dtype=dtype).element_size()

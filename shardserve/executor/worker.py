@@ -14,7 +14,7 @@ import torch
 
 from shardserve.config import EngineConfig
 from shardserve.distributed.comm_timer import CommTimer
-from shardserve.distributed.parallel_state import get_tp_group, get_world_group
+from shardserve.distributed.parallel_state import get_pp_group, get_tp_group, get_world_group
 from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.executor.model_runner import ModelRunner
 
@@ -41,13 +41,19 @@ class Worker:
         """Run each TP collective once, so NCCL creates its communicators now: a first
         collective inside a CUDA-graph capture would fail (communicator set-up may not run
         while a stream is capturing), and the first timed step would pay for the set-up."""
-        tp = get_tp_group()
-        if tp.world_size == 1:
+        tp, pp = get_tp_group(), get_pp_group()
+        if tp.world_size == 1 and pp.world_size == 1:
             return
         x = torch.zeros(1, 8, device=self.device, dtype=self.config.model_config.torch_dtype)
-        tp.all_reduce(x)
-        tp.gather(x, 0, dim=-1)
-        tp.all_gather(x, dim=-1)
+        if tp.world_size > 1:
+            tp.all_reduce(x)
+            tp.gather(x, 0, dim=-1)
+            tp.all_gather(x, dim=-1)
+        if pp.world_size > 1:  # the stage-to-stage links, in pipeline order
+            if not pp.is_first_rank:
+                pp.recv_tensor(tuple(x.shape), x.dtype, self.device)
+            if not pp.is_last_rank:
+                pp.send_tensor(x).wait()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -32,6 +32,8 @@ from shardserve.executor.wire import Endpoints, WireCodec
 
 logger = logging.getLogger(__name__)
 
+RENDEZVOUS_GRACE_S = 10.0  # see WorkerProc._rendezvous
+
 # Worker methods the engine may call by name ("call" messages).
 RPC_METHODS = frozenset({"determine_num_blocks", "init_kv_cache", "kv_cache_info"})
 
@@ -125,6 +127,8 @@ class WorkerProc:
         self.worker: Any = None
         self.is_driver = False
         self.engine_host = ""
+        self.pp_stage = -1
+        self.reports_stage = False
 
     def run(self) -> int:
         try:
@@ -148,7 +152,12 @@ class WorkerProc:
         """Answer the engine's ping with hello, then wait for go; None when node 0 never
         showed up within the rendezvous timeout."""
         pc = self.spec.parallel_config
-        deadline = time.monotonic() + pc.rendezvous_timeout_s
+        # Node 0's own ranks (started by the engine, config given whole) wait a little longer
+        # than the engine does: when another node is missing, the engine's timeout, which
+        # names the missing ranks, must fire first, not this rank's own giving up (they watch
+        # the engine's process, so they never outlive it).
+        grace = RENDEZVOUS_GRACE_S if self.spec.config is not None else 0.0
+        deadline = time.monotonic() + pc.rendezvous_timeout_s + grace
         said_hello = False
         while True:
             left = deadline - time.monotonic()
@@ -204,6 +213,15 @@ class WorkerProc:
                                   config.parallel_config.enable_expert_parallel)
         self.is_driver = self.rank == setup["driver_rank"]
         self.worker = Worker(config, self.spec.local_rank, is_driver=self.is_driver)
+        self.worker.runner.stage_delay_s = float(setup.get("pp_stage_delay_s") or 0.0)
+        self.worker.runner.stage_delay_per_token_s = float(
+            setup.get("pp_stage_delay_per_token_s") or 0.0)
+        from shardserve.distributed.parallel_state import get_pp_group, get_tp_group
+        pp = get_pp_group()
+        # TP rank 0 of each pipeline stage reports its stage's busy spans (the driver's ride
+        # on its replies; the other stages send "pstat").
+        self.pp_stage = pp.rank_in_group if pp.world_size > 1 else -1
+        self.reports_stage = self.pp_stage >= 0 and get_tp_group().is_first_rank
         self.worker.load_model()
         self.worker.warm_up_communication()
         if self.is_driver:
@@ -238,11 +256,17 @@ class WorkerProc:
         try:
             if not self.is_driver:
                 self.worker.execute_model(scheduler_output)
+                span = self.worker.runner.last_span
+                if self.reports_stage and span is not None:
+                    self._send(["pstat", seq, self.rank, self.pp_stage, *span])
                 return
             out, step_s, comm_s, num_comm = self.worker.execute_model_timed(scheduler_output)
-            self._send(["out", seq, self.rank, out,
-                        {"step_s": step_s, "comm_s": comm_s, "num_comm": num_comm,
-                         "broadcast_s": latency}])
+            stats = {"step_s": step_s, "comm_s": comm_s, "num_comm": num_comm,
+                     "broadcast_s": latency}
+            span = self.worker.runner.last_span
+            if self.reports_stage and span is not None:
+                stats["pp_span"] = [self.pp_stage, *span]
+            self._send(["out", seq, self.rank, out, stats])
         except Exception as exc:
             logger.exception("Step %d failed", seq)
             self._send_error(seq, exc)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -14,10 +14,13 @@ from shardserve.layers.weight_utils import LoadedWeight
 from shardserve.models.registry import check_architecture, get_model_class
 
 
-def load_model(model_config: Any, device: torch.device | str) -> nn.Module:
+def load_model(model_config: Any, device: torch.device | str, stage: Any = None) -> nn.Module:
     """The model of a resolved ModelConfig (hf_config, source, dtype set), its parameters
     created directly on `device` in model_config.torch_dtype and sharded for this process's
-    TP group, every one loaded from the checkpoint; ModelLoadError names any left unloaded."""
+    TP group, every one loaded from the checkpoint; ModelLoadError names any left unloaded.
+
+    `stage` (models/pipeline.py StageLayout): build and load only that pipeline stage's
+    parts; the other stages' tensors are skipped unread (GGUF: never dequantized)."""
     if model_config.hf_config is None or model_config.source is None or model_config.dtype == "auto":
         raise ValueError("load_model needs a resolved ModelConfig; call EngineConfig.resolve().")
     arch = model_config.architecture or check_architecture(model_config.hf_config)
@@ -26,9 +29,14 @@ def load_model(model_config: Any, device: torch.device | str) -> nn.Module:
     # Allocating under the device context puts parameters (and RoPE tables) straight on the
     # GPU: no full-size CPU copy first.
     with torch.device(device):
+        extra = {} if stage is None else {"stage": stage}
         model = model_cls(model_config.hf_config, dtype=model_config.torch_dtype,
-                          max_model_len=model_config.max_model_len or 0)
-    weights, total = _checkpoint_weights(model_config.source)
+                          max_model_len=model_config.max_model_len or 0, **extra)
+    include = None
+    if stage is not None:
+        tied = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
+        include = lambda name: stage.owns_weight(name, tied)  # noqa: E731
+    weights, total = _checkpoint_weights(model_config.source, include)
     progress = tqdm(weights, total=total, desc=f"Loading {model_config.source.name}",
                     unit="tensor", disable=get_world_group().rank != 0, leave=False)
     with torch.no_grad():
@@ -42,15 +50,19 @@ def load_model(model_config: Any, device: torch.device | str) -> nn.Module:
     return model.eval()
 
 
-def _checkpoint_weights(source: Any) -> tuple[Iterable[tuple[str, LoadedWeight]], int | None]:
+def _checkpoint_weights(source: Any, include: Callable[[str], bool] | None = None
+                        ) -> tuple[Iterable[tuple[str, LoadedWeight]], int | None]:
     if source.kind == "hf":
         from shardserve.loader.safetensors import (count_safetensors_weights,
                                                    iter_safetensors_weights)
-        return iter_safetensors_weights(source.path), count_safetensors_weights(source.path)
+        weights = iter_safetensors_weights(source.path)
+        if include is not None:  # lazy slices: a skipped tensor is never read
+            weights = ((name, w) for name, w in weights if include(name))
+        return weights, count_safetensors_weights(source.path)
     if source.kind == "gguf":
         # Written alongside; imported lazily so HF-only setups never need the gguf package.
         from shardserve.loader.gguf import iter_gguf_weights
         from shardserve.loader.gguf_file import GGUFFile
-        return iter_gguf_weights(source.path), len(GGUFFile(source.path).tensors)
+        return iter_gguf_weights(source.path, include=include), len(GGUFFile(source.path).tensors)
     raise ModelLoadError(f"Unknown model source kind {source.kind!r}.")
 

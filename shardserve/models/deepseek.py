@@ -41,6 +41,8 @@ from shardserve.layers.moe import FusedMoE
 from shardserve.layers.moe_routing import RoutingConfig
 from shardserve.layers.rotary import get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader, set_weight_attrs
+from shardserve.models.pipeline import (IntermediateTensors, PPMissingLayer, StageLayout,
+                                        make_layers, run_stage, stage_of, tied_head_weight_name)
 from shardserve.loader.fp8 import dequantize_fp8_weights, fp8_block_size
 from shardserve.models.deepseek_memory import deepseek_memory, is_moe_layer
 
@@ -199,24 +201,25 @@ class DeepseekV2DecoderLayer(nn.Module):
 
 
 class DeepseekV2Model(nn.Module):
-    def __init__(self, config: Any, dtype: torch.dtype | None, max_model_len: int,
-                 v3: bool) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, i, dtype, max_model_len, v3)
-                                    for i in range(config.num_hidden_layers))
-        self.start_layer, self.end_layer = 0, config.num_hidden_layers
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+    """Embedding (first pipeline stage), this stage's decoder layers, final norm (last
+    stage); see models/pipeline.py."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        if residual is None:
-            return self.norm(hidden_states)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+    def __init__(self, config: Any, dtype: torch.dtype | None, max_model_len: int,
+                 v3: bool, stage: StageLayout | None = None) -> None:
+        super().__init__()
+        self.stage = stage = stage_of(stage, config.num_hidden_layers)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+                             if stage.is_first else PPMissingLayer())
+        self.layers = make_layers(config.num_hidden_layers, stage, lambda i: DeepseekV2DecoderLayer(
+            config, i, dtype, max_model_len, v3))
+        self.start_layer, self.end_layer = stage.start_layer, stage.end_layer
+        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+                     if stage.is_last else PPMissingLayer())
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        return run_stage(self, input_ids, positions, intermediate)
 
 
 # checkpoint name part -> (our fused parameter, shard id), for dense MLPs and shared experts
@@ -235,16 +238,20 @@ class DeepseekV2ForCausalLM(nn.Module):
     is_v3 = False
 
     def __init__(self, hf_config: Any, dtype: torch.dtype | None = None,
-                 max_model_len: int = 0) -> None:
+                 max_model_len: int = 0, stage: StageLayout | None = None) -> None:
         super().__init__()
         self.config = hf_config
         self.fp8_block_size = fp8_block_size(hf_config)
-        self.model = DeepseekV2Model(hf_config, dtype, max_model_len, self.is_v3)
+        self.model = DeepseekV2Model(hf_config, dtype, max_model_len, self.is_v3, stage)
+        self.stage = self.model.stage
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size,
-                                      params_dtype=dtype)
-        if self.tie_word_embeddings:
-            self.lm_head.tie_weights(self.model.embed_tokens)
+        if self.stage.is_last:
+            self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size,
+                                          params_dtype=dtype)
+            if self.tie_word_embeddings and self.stage.is_first:
+                self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
         self._log_kv_cache_size(dtype)
 
     def _log_kv_cache_size(self, dtype: torch.dtype | None) -> None:
@@ -260,9 +267,12 @@ class DeepseekV2ForCausalLM(nn.Module):
         if moe is not None:
             logger.info("MoE experts on this rank: %s", moe.extra_repr())
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden_size]."""
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        """input_ids, positions [T] -> final hidden states [T, hidden_size] (pipeline stages:
+        see models/llama.py LlamaForCausalLM.forward)."""
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden_states: torch.Tensor,
                        gather_all: bool = True) -> torch.Tensor | None:
@@ -283,7 +293,10 @@ class DeepseekV2ForCausalLM(nn.Module):
             layer = _LAYER.match(name)
             if "rotary_emb." in name or (layer and int(layer.group(1)) >= num_layers):
                 continue  # HF buffers; multi-token-prediction layers past the decoder
-            if self.tie_word_embeddings and name.startswith("lm_head."):
+            if not self.stage.owns_weight(name, self.tie_word_embeddings):
+                continue  # another pipeline stage's
+            name = tied_head_weight_name(name, self.stage, self.tie_word_embeddings)
+            if name is None:
                 continue
             param_name, args = self._route(name)
             param = params.get(param_name)

@@ -27,6 +27,8 @@ from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.layers.rotary import get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader
+from shardserve.models.pipeline import (IntermediateTensors, PPMissingLayer, StageLayout,
+                                        make_layers, run_stage, stage_of, tied_head_weight_name)
 
 logger = logging.getLogger(__name__)
 
@@ -141,32 +143,31 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm. Layers [start_layer, end_layer) run here; the
-    range is the whole model until pipeline parallelism narrows it per stage."""
+    """Embedding, decoder layers, final norm. Under pipeline parallelism (`stage`) only this
+    stage's layers [start_layer, end_layer) are built, the embedding only on the first stage
+    and the final norm only on the last (models/pipeline.py)."""
 
     def __init__(self, config: Any, dtype: torch.dtype | None = None,
-                 max_model_len: int = 0) -> None:
+                 max_model_len: int = 0, stage: StageLayout | None = None) -> None:
         super().__init__()
         flags = LlamaFamilyFlags.from_config(config)
         layer_types = getattr(config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise UnsupportedModelError("Sliding-window attention layers are not supported "
                                         f"(layer_types: {sorted(set(layer_types))}).")
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, flags, i, dtype, max_model_len)
-                                    for i in range(config.num_hidden_layers))
-        self.start_layer, self.end_layer = 0, config.num_hidden_layers
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.stage = stage = stage_of(stage, config.num_hidden_layers)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+                             if stage.is_first else PPMissingLayer())
+        self.layers = make_layers(config.num_hidden_layers, stage, lambda i: LlamaDecoderLayer(
+            config, flags, i, dtype, max_model_len))
+        self.start_layer, self.end_layer = stage.start_layer, stage.end_layer
+        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+                     if stage.is_last else PPMissingLayer())
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        if residual is None:
-            return self.norm(hidden_states)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        return run_stage(self, input_ids, positions, intermediate)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -175,7 +176,8 @@ class LlamaForCausalLM(nn.Module):
     LlamaForCausalLM(hf_config, dtype, max_model_len): parameters are created uninitialised in
     `dtype` on the current default device (build it under `with torch.device(...)`), sharded
     for the TP group of this process; `load_weights` fills them. max_model_len (optional)
-    makes the RoPE table cover positions past max_position_embeddings.
+    makes the RoPE table cover positions past max_position_embeddings. stage (optional,
+    models/pipeline.py StageLayout): build only one pipeline stage's parts.
     """
 
     # checkpoint name part -> (our fused parameter, shard id)
@@ -185,20 +187,28 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def __init__(self, hf_config: Any, dtype: torch.dtype | None = None,
-                 max_model_len: int = 0) -> None:
+                 max_model_len: int = 0, stage: StageLayout | None = None) -> None:
         super().__init__()
         self.config = hf_config
         self.tp_size = get_tp_group().world_size
-        self.model = LlamaModel(hf_config, dtype, max_model_len)
+        self.model = LlamaModel(hf_config, dtype, max_model_len, stage)
+        self.stage = self.model.stage
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size,
-                                      params_dtype=dtype)
-        if self.tie_word_embeddings:
-            self.lm_head.tie_weights(self.model.embed_tokens)
+        if self.stage.is_last:
+            self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size,
+                                          params_dtype=dtype)
+            if self.tie_word_embeddings and self.stage.is_first:
+                self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden_size]."""
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        """input_ids, positions [T] -> final hidden states [T, hidden_size] (on a non-last
+        pipeline stage: the IntermediateTensors for the next stage; a non-first stage takes
+        the previous one's as `intermediate`)."""
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden_states: torch.Tensor,
                        gather_all: bool = True) -> torch.Tensor | None:
@@ -217,8 +227,12 @@ class LlamaForCausalLM(nn.Module):
         for name, weight in weights:
             if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name:
                 continue  # HF buffers; we compute RoPE ourselves
-            if self.tie_word_embeddings and name.startswith("lm_head."):
-                continue  # the table is the embedding's, loaded under its own name
+            if not self.stage.owns_weight(name, self.tie_word_embeddings):
+                continue  # another pipeline stage's
+            # A tied head is the embedding's table, loaded under its own name.
+            name = tied_head_weight_name(name, self.stage, self.tie_word_embeddings)
+            if name is None:
+                continue
             param_name, shard_id = self._param_name(name)
             param = params.get(param_name)
             if param is None:

@@ -105,3 +105,41 @@ def parse_layer_partition(text: str, num_layers: int, pp_size: int) -> list[tupl
         bounds.append((start, start + count))
         start += count
     return bounds
+
+
+def engine_stage_layers(hf_config, pp_size: int,
+                        partition: str | None = None) -> list[tuple[int, int]]:
+    """The layer range of every stage the engine runs: `partition` (--pp-layer-partition,
+    e.g. "14,10,8") when given, else the balanced default. Raises ValueError for a partition
+    that does not fit the model, or more stages than layers."""
+    from shardserve.planner.shape import shape_from_config
+
+    shape = shape_from_config(hf_config)
+    if partition:
+        return parse_layer_partition(partition, shape.num_layers, pp_size)
+    return pipeline_stage_layers(shape, pp_size)
+
+
+def describe_stages(hf_config, bounds: Sequence[tuple[int, int]], tp_size: int,
+                    dtype_bytes: int) -> list[str]:
+    """One line per stage for the start-up log: its layers, its share of the estimated cost
+    (compute + memory, as balanced above) and its weight and KV-cache bytes per TP rank."""
+    from shardserve.planner.shape import shape_from_config
+    from shardserve.planner.weights import kv_bytes_per_token_layer, stage_params
+
+    shape = shape_from_config(hf_config)
+    costs, first_extra, last_extra = stage_costs(shape)
+    total = sum(costs) + first_extra + last_extra
+    lines = []
+    for stage, (start, end) in enumerate(bounds):
+        first, last = stage == 0, stage == len(bounds) - 1
+        cost = sum(costs[start:end]) + (first_extra if first else 0.0) + (last_extra if last else 0.0)
+        weights = stage_params(shape, tp_size, start, end, first, last) * dtype_bytes
+        kv = (end - start) * kv_bytes_per_token_layer(shape, tp_size, dtype_bytes)
+        parts = ["embedding"] if first else []
+        parts.append(f"layers {start}-{end - 1} ({end - start})")
+        if last:
+            parts.append("norm + LM head")
+        lines.append(f"stage {stage}: {', '.join(parts)}; est. cost {cost / total:.1%}, "
+                     f"weights {weights / 2**20:.1f} MiB/rank, KV {kv} B/token/rank")
+    return lines

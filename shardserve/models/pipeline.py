@@ -1,0 +1,113 @@
+"""Pipeline stages of a decoder model: which parts one stage builds, and what passes between
+stages.
+
+    stage 0            stage 1 ..            stage P-1
+    embed_tokens  ─▶   layers [s1, e1)  ─▶   layers [sP, eP)
+    layers [0, e0)                           norm, lm_head (compute_logits, sampling)
+          └── hidden states + residual [T, hidden] (send/recv over get_pp_group()) ──┘
+
+A stage builds only its own parts; the others are `PPMissingLayer` placeholders without
+parameters, so their weights are never allocated nor loaded (`StageLayout.owns_weight` filters
+the checkpoint) and the runner's KV cache, made from the attention layers it finds, holds only
+this stage's layers. Layer indices stay global (`model.layers.17` is layer 17 on any stage).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class PPMissingLayer(nn.Identity):
+    """Stands in for a part another pipeline stage holds (no parameters, no buffers)."""
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """One pipeline stage: its layer range [start_layer, end_layer) and whether it is the
+    first (embedding) and/or the last (final norm, LM head)."""
+
+    start_layer: int
+    end_layer: int
+    is_first: bool = True
+    is_last: bool = True
+
+    @classmethod
+    def whole(cls, num_layers: int) -> "StageLayout":
+        return cls(0, num_layers, True, True)
+
+    def has_layer(self, index: int) -> bool:
+        return self.start_layer <= index < self.end_layer
+
+    def owns_weight(self, name: str, tied_embeddings: bool = False) -> bool:
+        """Whether a checkpoint tensor (Hugging Face name) is this stage's to load. A tied LM
+        head on a last stage that is not also the first is loaded from the embedding's name."""
+        m = _LAYER.match(name)
+        if m:
+            return self.has_layer(int(m.group(1)))
+        if name.startswith("model.embed_tokens."):
+            return self.is_first or (self.is_last and tied_embeddings)
+        if name.startswith(("model.norm.", "lm_head.")):
+            return self.is_last
+        return True
+
+
+def make_layers(num_layers: int, stage: StageLayout,
+                build: Callable[[int], nn.Module]) -> nn.ModuleList:
+    """The decoder layers, built for this stage's range and placeholders elsewhere."""
+    return nn.ModuleList(build(i) if stage.has_layer(i) else PPMissingLayer()
+                         for i in range(num_layers))
+
+
+@dataclass
+class IntermediateTensors:
+    """What a non-last stage hands on: hidden states and the residual stream, both
+    [num_tokens, hidden_size] in the model's dtype."""
+
+    hidden_states: torch.Tensor
+    residual: torch.Tensor
+
+
+def run_stage(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+              intermediate: IntermediateTensors | None) -> torch.Tensor | IntermediateTensors:
+    """The forward of a Llama-style decoder model (`embed_tokens`, `layers`, `norm`,
+    `stage`) over its stage: the final hidden states on the last stage, else the
+    IntermediateTensors for the next one."""
+    stage: StageLayout = model.stage
+    if stage.is_first:
+        hidden_states = model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+    else:
+        assert intermediate is not None, "a non-first pipeline stage needs the previous one's output"
+        hidden_states, residual = intermediate.hidden_states, intermediate.residual
+    for layer in model.layers[stage.start_layer:stage.end_layer]:
+        hidden_states, residual = layer(positions, hidden_states, residual)
+    if not stage.is_last:
+        return IntermediateTensors(hidden_states, residual)
+    if residual is None:
+        return model.norm(hidden_states)
+    hidden_states, _ = model.norm(hidden_states, residual)
+    return hidden_states
+
+
+def tied_head_weight_name(name: str, stage: StageLayout, tied: bool) -> str | None:
+    """Checkpoint-name routing for tied embeddings: on a stage holding the embedding the head
+    shares it (lm_head.* is skipped: None); on a last stage without the embedding the head is
+    its own parameter, loaded from the embedding's tensor. Other names pass unchanged."""
+    if not tied:
+        return name
+    if name.startswith("lm_head."):
+        return None
+    if name.startswith("model.embed_tokens.") and not stage.is_first:
+        return "lm_head." + name[len("model.embed_tokens."):]
+    return name
+
+
+def stage_of(kwargs_stage: Any, num_layers: int) -> StageLayout:
+    return kwargs_stage if kwargs_stage is not None else StageLayout.whole(num_layers)
