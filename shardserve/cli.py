@@ -1,4 +1,4 @@
-"""shardserve <command>: serve | generate | chat | bench | random-model (plan, deploy as they land).
+"""shardserve <command>: serve | router | worker | generate | chat | bench | random-model | plan | deploy.
 
 Errors we raise on purpose print as one line and exit 2; no traceback."""
 
@@ -102,8 +102,31 @@ def cmd_random_model(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if _headless_node(args):  # nodes 1.. of a multi-node world run ranks, not the server
+        return cmd_worker(args)
+    if str(args.data_parallel_size) != "1":  # N replica servers behind a router
+        from shardserve.router.data_parallel import run_data_parallel
+        return run_data_parallel(args, args.argv)
     from shardserve.server.app import run_server
     return run_server(args)
+
+
+def _headless_node(args: argparse.Namespace) -> bool:
+    import os
+    node_rank = args.node_rank if args.node_rank is not None else int(
+        os.environ.get("LWS_WORKER_INDEX") or 0)
+    return node_rank > 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from shardserve.engine_args import engine_config_from_args
+    from shardserve.executor.headless import run_headless
+    return run_headless(engine_config_from_args(args))
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from shardserve.router.app import run_router
+    return run_router(args)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -131,7 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     from shardserve.server.args import add_server_args
     add_server_args(serve)
     add_engine_args(serve)
+    from shardserve.router.app import add_router_args
+    add_router_args(serve, standalone=False)  # --router-*: used with -dp N
     serve.set_defaults(func=cmd_serve)
+
+    router = sub.add_parser("router", help="one OpenAI endpoint over several replicas: "
+                                           "load/prefix-aware balancing, health, failover")
+    add_router_args(router)
+    router.set_defaults(func=cmd_router)
+
+    worker = sub.add_parser("worker", help="run this node's ranks of a multi-node world "
+                                           "(node 1..; node 0 runs serve): --nnodes N "
+                                           "--node-rank R --master-addr HOST [--master-port P]")
+    add_engine_args(worker)
+    worker.set_defaults(func=cmd_worker)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -139,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve = bench_sub.add_parser("serve", help="load-test a running server over HTTP")
     add_bench_serve_args(bench_serve)
     bench_serve.set_defaults(func=cmd_bench_serve)
+    from shardserve.bench.offline import add_offline_bench_parsers
+    add_offline_bench_parsers(bench_sub)
 
     gen = sub.add_parser("generate", help="complete one prompt and print the result")
     gen.add_argument("--prompt", required=True)
@@ -161,12 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--out", required=True)
     rnd.add_argument("--set", action="append", help="config override key=value (repeatable)")
     rnd.set_defaults(func=cmd_random_model)
+
+    from shardserve.deploy.cli import add_deploy_parser
+    from shardserve.planner.cli import add_plan_parser
+    add_plan_parser(sub)  # shardserve plan
+    add_deploy_parser(sub)  # shardserve deploy k8s
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # serve -dp re-runs it per replica
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

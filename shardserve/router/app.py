@@ -1,0 +1,221 @@
+"""`shardserve router`: one OpenAI endpoint in front of several replicas.
+
+    /v1/*      forwarded unchanged (streaming passed through as it arrives), with failover
+    /health    200 while any replica is healthy, else 503
+    /metrics   router counters and gauges, per replica (label backend=URL) and in total
+    /backends  the router's view of each replica, as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from shardserve import __version__
+from shardserve.router.backends import BackendPool, DiscoveryConfig
+from shardserve.router.policy import POLICIES, make_policy
+from shardserve.router.proxy import Proxy, ProxyConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterArgs:
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    policy: str = "least-load"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    health_interval_s: float = 1.0
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    max_imbalance: float = 8.0
+    read_timeout_s: float = 600.0  # longest silence from a replica inside one answer
+    uvicorn_log_level: str = "warning"
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "RouterArgs":
+        return cls(
+            discovery=DiscoveryConfig(static=list(args.backend or []), file=args.backends_file,
+                                      dns=args.backends_dns),
+            policy=args.policy, host=args.host, port=args.port,
+            health_interval_s=args.health_interval,
+            proxy=ProxyConfig(max_retries=args.max_retries, max_waiting=args.max_waiting,
+                              max_in_flight=args.max_in_flight, prefix_chars=args.prefix_chars),
+            max_imbalance=args.max_imbalance, read_timeout_s=args.read_timeout,
+            uvicorn_log_level=args.uvicorn_log_level)
+
+
+def add_router_args(parser: argparse.ArgumentParser, standalone: bool = True) -> None:
+    d = RouterArgs()
+    g = parser.add_argument_group("router")
+    if standalone:
+        g.add_argument("--backend", action="append", metavar="URL",
+                       help="a replica's base URL, e.g. http://10.0.0.5:8000 (repeatable)")
+        g.add_argument("--backends-file", metavar="FILE",
+                       help="file with one replica URL per line; re-read while running")
+        g.add_argument("--backends-dns", metavar="NAME:PORT",
+                       help="a DNS name whose addresses are the replicas (a Kubernetes headless "
+                            "Service); re-resolved while running")
+        g.add_argument("--host", default=d.host)
+        g.add_argument("--port", type=int, default=d.port)
+        g.add_argument("--uvicorn-log-level", default=d.uvicorn_log_level,
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    prefix = "--" if standalone else "--router-"
+    g.add_argument(prefix + "policy", dest="policy", default=d.policy, choices=POLICIES,
+                   help="least-load: fewest outstanding requests; prefix-aware: the same prompt "
+                        "prefix goes to the same replica unless it is overloaded")
+    g.add_argument(prefix + "health-interval", dest="health_interval", type=float,
+                   default=d.health_interval_s, metavar="SECONDS",
+                   help="how often each replica's /health and /metrics are read")
+    g.add_argument(prefix + "max-retries", dest="max_retries", type=int,
+                   default=d.proxy.max_retries,
+                   help="other replicas a request that failed before its first byte may try")
+    g.add_argument(prefix + "max-waiting", dest="max_waiting", type=float,
+                   default=d.proxy.max_waiting,
+                   help="a replica reporting this many waiting requests is saturated; when all "
+                        "are, the router answers 503 + Retry-After")
+    g.add_argument(prefix + "max-in-flight", dest="max_in_flight", type=int, default=None,
+                   help="most requests the router keeps open on one replica (default: no limit)")
+    g.add_argument(prefix + "prefix-chars", dest="prefix_chars", type=int,
+                   default=d.proxy.prefix_chars,
+                   help="prefix-aware: how many leading prompt characters pick the replica")
+    g.add_argument(prefix + "max-imbalance", dest="max_imbalance", type=float,
+                   default=d.max_imbalance,
+                   help="prefix-aware: outstanding requests over the least loaded replica "
+                        "beyond which least-load decides")
+    g.add_argument(prefix + "read-timeout", dest="read_timeout", type=float,
+                   default=d.read_timeout_s, metavar="SECONDS",
+                   help="longest silence from a replica within one answer")
+
+
+def build_router_app(args: RouterArgs, on_startup: Callable[[BackendPool], None] | None = None,
+                     ) -> FastAPI:
+    pool = BackendPool(args.discovery, args.health_interval_s)
+    holder: dict[str, Proxy] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if on_startup is not None:
+            on_startup(pool)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        timeout = httpx.Timeout(connect=3.0, read=args.read_timeout_s, write=30.0, pool=None)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            holder["proxy"] = Proxy(pool, make_policy(args.policy, args.max_imbalance),
+                                    args.proxy, client)
+            await pool.start()
+            try:
+                yield
+            finally:
+                await pool.stop()
+
+    app = FastAPI(title="shardserve router", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.pool = pool
+
+    @app.get("/health")
+    async def health() -> Response:
+        n = len(pool.healthy)
+        body = {"status": "ok" if n else "no_healthy_replica", "healthy_replicas": n,
+                "replicas": len(pool.backends)}
+        return JSONResponse(body, status_code=200 if n else 503)
+
+    @app.get("/live")
+    async def live() -> Response:
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/backends")
+    async def backends() -> list[dict]:
+        return [{"url": b.url, "healthy": b.healthy, "status": b.status, "pid": b.pid,
+                 "in_flight": b.in_flight, "running": b.running, "waiting": b.waiting,
+                 "kv_cache_usage_perc": b.kv_usage, "requests": b.num_requests,
+                 "failures": b.num_failures, "retried_elsewhere": b.num_retries_from}
+                for b in pool.backends.values()]
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render_metrics(holder["proxy"]),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
+    async def forward(path: str, request: Request) -> Response:
+        body = await request.body()
+        target = "/v1/" + path + (f"?{request.url.query}" if request.url.query else "")
+        return await holder["proxy"].forward(request.method, target, dict(request.headers), body)
+
+    return app
+
+
+def render_metrics(proxy: Proxy) -> str:
+    """Prometheus text: totals, then one series per replica labelled backend=URL."""
+    s, backends = proxy.stats, list(proxy.pool.backends.values())
+    out: list[str] = []
+
+    def family(name: str, kind: str, doc: str, samples: list[tuple[str, float]]) -> None:
+        out.append(f"# HELP shardserve:{name} {doc}")
+        out.append(f"# TYPE shardserve:{name} {kind}")
+        suffix = "_total" if kind == "counter" else ""
+        for labels, value in samples:
+            out.append(f"shardserve:{name}{suffix}{labels} {value}")
+
+    family("router_requests", "counter", "Requests the router received.", [("", s.num_requests)])
+    family("router_requests_rejected", "counter",
+           "Requests answered 503 by the router (nothing healthy, or every replica saturated).",
+           [("", s.num_rejected)])
+    family("router_retries", "counter", "Requests moved to another replica after a failure.",
+           [("", s.num_retries)])
+    family("router_request_failures", "counter",
+           "Requests that ended in an error status or a broken stream.", [("", s.num_failures)])
+    family("router_in_flight", "gauge", "Requests open through the router.", [("", s.in_flight)])
+    family("router_healthy_replicas", "gauge", "Replicas in the healthy set.",
+           [("", sum(b.healthy for b in backends))])
+    family("router_replicas", "gauge", "Replicas known.", [("", len(backends))])
+
+    def per(attr: Callable) -> list[tuple[str, float]]:
+        return [(f'{{backend="{b.url}"}}', float(attr(b))) for b in backends]
+
+    family("router_backend_requests", "counter", "Requests sent to the replica (attempts).",
+           per(lambda b: b.num_requests))
+    family("router_backend_failures", "counter",
+           "Connection errors, 5xx answers and broken streams from the replica.",
+           per(lambda b: b.num_failures))
+    family("router_backend_retries", "counter",
+           "Requests that failed on the replica and were moved to another.",
+           per(lambda b: b.num_retries_from))
+    family("router_backend_healthy", "gauge", "1 if the replica is in the healthy set.",
+           per(lambda b: b.healthy))
+    family("router_backend_in_flight", "gauge", "Requests the router has open on the replica.",
+           per(lambda b: b.in_flight))
+    family("router_backend_load", "gauge",
+           "Outstanding requests: router in-flight plus the replica's running + waiting.",
+           per(lambda b: b.load))
+    family("router_backend_kv_cache_usage_perc", "gauge", "The replica's reported KV usage.",
+           per(lambda b: b.kv_usage))
+    return "\n".join(out) + "\n"
+
+
+def run_router(ns: argparse.Namespace) -> int:
+    """`shardserve router`: serve until SIGINT/SIGTERM."""
+    from shardserve.errors import InvalidRequestError
+    args = RouterArgs.from_namespace(ns)
+    d = args.discovery
+    if not (d.static or d.file or d.dns):
+        raise InvalidRequestError("give at least one of --backend, --backends-file, "
+                                  "--backends-dns.", "backend")
+    app = build_router_app(args)
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
+                            log_level=args.uvicorn_log_level, timeout_keep_alive=5)
+    print(f"shardserve router {__version__} ({args.policy}) on http://{args.host}:{args.port}",
+          flush=True)
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,264 @@
+"""Forward one OpenAI request to a replica, with failover.
+
+Until the first byte of the answer reaches the client, a failure (connection refused or reset,
+a 5xx, a stream that ends before its first chunk) moves the request to another replica, up to
+`max_retries` times. After that, a broken stream ends with an OpenAI-style error event and
+`data: [DONE]`, so a client never waits on a stream that will not finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from shardserve.router.backends import Backend, BackendPool
+from shardserve.router.policy import Policy, prefix_key
+
+logger = logging.getLogger(__name__)
+
+# Hop-by-hop and framing headers: never copied between the two connections.
+_HOP = {"host", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+        "trailer", "transfer-encoding", "upgrade", "content-length"}
+
+
+@dataclass
+class ProxyConfig:
+    max_retries: int = 2  # other replicas a failed request may move to
+    max_waiting: float = 16  # a replica reporting this many waiting requests is saturated
+    max_in_flight: int | None = None  # per replica, from this router; None: no limit
+    prefix_chars: int = 256
+    retry_after_s: int = 1
+
+
+@dataclass
+class RouterStats:
+    num_requests: int = 0
+    num_rejected: int = 0  # 503 from the router itself: nothing healthy or all saturated
+    num_retries: int = 0
+    num_failures: int = 0  # requests the client saw fail (error status or broken stream)
+    in_flight: int = 0
+
+
+class ReplicaLost(Exception):
+    """The replica stopped answering its health probes while a request waited on it."""
+
+
+async def _unless_lost(backend: Backend, awaitable):
+    """Await `awaitable`, unless the replica is declared lost first (then ReplicaLost): the
+    prober cancels every task in `backend.waiters` when it declares the replica lost.
+
+    The work runs in its own task, and this waits with asyncio.wait rather than awaiting it: a
+    cancelled caller (a client gone; anyio re-delivers that cancel on every await) then cancels
+    the work exactly once, so httpcore's shielded close of the connection can finish and the
+    replica sees the disconnect and aborts the request."""
+    if backend.lost.is_set():
+        raise ReplicaLost()
+    task = asyncio.ensure_future(awaitable)
+    backend.waiters.add(task)
+    try:
+        await asyncio.wait({task})
+    except BaseException:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise
+    finally:
+        backend.waiters.discard(task)
+    if task.cancelled():  # only the prober cancels it while we wait
+        raise ReplicaLost()
+    return task.result()
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it
+
+
+def error_body(message: str, type_: str, code: str) -> dict:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+class Proxy:
+    def __init__(self, pool: BackendPool, policy: Policy, config: ProxyConfig,
+                 client: httpx.AsyncClient) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.config = config
+        self.client = client
+        self.stats = RouterStats()
+
+    def _pick(self, exclude: set[Backend], key: str | None) -> tuple[Backend | None, str]:
+        healthy = [b for b in self.pool.healthy if b not in exclude]
+        if not healthy:
+            return None, "no_healthy_replica"
+        c = self.config
+        free = [b for b in healthy if not self.pool.is_saturated(b, c.max_waiting, c.max_in_flight)]
+        if not free:
+            return None, "overloaded"
+        return self.policy.choose(free, key), ""
+
+    def _reject(self, code: str) -> JSONResponse:
+        self.stats.num_rejected += 1
+        self.stats.num_failures += 1
+        message = ("Every replica is saturated; retry shortly." if code == "overloaded" else
+                   "No healthy replica is available; retry shortly.")
+        return JSONResponse(error_body(message, "overloaded", code), status_code=503,
+                            headers={"Retry-After": str(self.config.retry_after_s)})
+
+    async def forward(self, method: str, path: str, headers: dict[str, str],
+                      body: bytes) -> Response:
+        self.stats.num_requests += 1
+        key = (prefix_key(path, body, self.config.prefix_chars)
+               if self.policy.needs_prefix and body else None)
+        out_headers = {k: v for k, v in headers.items() if k.lower() not in _HOP}
+        tried: set[Backend] = set()
+        last_error: Response | None = None
+        for attempt in range(self.config.max_retries + 1):
+            backend, why = self._pick(tried, key)
+            if backend is None:
+                if last_error is not None:
+                    self.stats.num_failures += 1
+                    return last_error
+                return self._reject(why)
+            if attempt:
+                self.stats.num_retries += 1
+            tried.add(backend)
+            result = await self._try(backend, method, path, out_headers, body)
+            if isinstance(result, Response):
+                return result
+            last_error = result[1]
+            backend.num_retries_from += 1
+        self.stats.num_failures += 1
+        return last_error if last_error is not None else self._reject("no_healthy_replica")
+
+    async def _try(self, backend: Backend, method: str, path: str, headers: dict[str, str],
+                   body: bytes) -> Response | tuple[None, Response]:
+        """The response to send, or (None, the error to send if no other replica can help)."""
+        backend.in_flight += 1
+        backend.num_requests += 1
+        self.stats.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                backend.in_flight -= 1
+                self.stats.in_flight -= 1
+
+        try:
+            request = self.client.build_request(method, backend.url + path, headers=headers,
+                                                content=body)
+            upstream = await _unless_lost(backend, self.client.send(request, stream=True))
+        except (httpx.HTTPError, ReplicaLost) as exc:
+            release()
+            backend.num_failures += 1
+            if isinstance(exc, httpx.TransportError):
+                backend.mark_down(f"request failed: {type(exc).__name__}")
+            logger.warning("Replica %s failed before answering (%s: %s)", backend.url,
+                           type(exc).__name__, exc)
+            return None, JSONResponse(error_body(
+                f"The replica failed before answering ({type(exc).__name__}).", "server_error",
+                "replica_failed"), status_code=502)
+        except BaseException:  # cancelled (router shutting down): do not leak the counts
+            release()
+            raise
+        if upstream.status_code >= 500:
+            content = await _read_quietly(upstream)
+            release()
+            backend.num_failures += 1
+            if upstream.status_code == 503:  # overloaded or draining: skip it for a while
+                retry_after = _int(upstream.headers.get("retry-after"), 1)
+                backend.busy_until = time.monotonic() + retry_after
+            resp_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
+            return None, Response(content, status_code=upstream.status_code, headers=resp_headers)
+        chunks = upstream.aiter_raw()
+        try:
+            first = await _unless_lost(backend, chunks.__anext__())
+        except StopAsyncIteration:
+            first = b""
+        except (httpx.HTTPError, ReplicaLost) as exc:
+            await upstream.aclose()
+            release()
+            backend.num_failures += 1
+            backend.mark_down(f"stream broke before its first byte: {type(exc).__name__}")
+            return None, JSONResponse(error_body(
+                f"The replica failed before answering ({type(exc).__name__}).", "server_error",
+                "replica_failed"), status_code=502)
+        except BaseException:
+            await upstream.aclose()
+            release()
+            raise
+        is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        resp_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
+
+        async def relay() -> AsyncIterator[bytes]:
+            tail = first[-2:]
+            if first:
+                yield first
+            try:
+                while True:
+                    try:
+                        chunk = await _unless_lost(backend, chunks.__anext__())
+                    except StopAsyncIteration:
+                        break
+                    if chunk:
+                        tail = (tail + chunk)[-2:]
+                        yield chunk
+            except (httpx.HTTPError, ReplicaLost) as exc:
+                backend.num_failures += 1
+                self.stats.num_failures += 1
+                backend.mark_down(f"stream broke: {type(exc).__name__}")
+                logger.warning("Stream from %s broke mid-way (%s)", backend.url, exc)
+                if is_sse:
+                    sep = b"" if tail == b"\n\n" else b"\n\n"
+                    event = error_body(
+                        f"The replica serving this request failed mid-stream "
+                        f"({type(exc).__name__}); the output is incomplete.",
+                        "server_error", "replica_failed")
+                    yield sep + f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
+
+        async def close() -> None:
+            await upstream.aclose()
+            release()
+
+        return ProxiedResponse(relay(), upstream.status_code, resp_headers, close)
+
+
+class ProxiedResponse(StreamingResponse):
+    """A streamed answer that always runs `on_close` (close upstream, drop in-flight counts),
+    however it ends: finished, broken, or the client gone."""
+
+    def __init__(self, content: AsyncIterator[bytes], status_code: int,
+                 headers: dict[str, str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, status_code=status_code, headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+async def _read_quietly(upstream: httpx.Response) -> bytes:
+    try:
+        return await upstream.aread()
+    except httpx.HTTPError:
+        return b""
+    finally:
+        await upstream.aclose()
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return max(0, int(float(text))) if text else default
+    except ValueError:
+        return default

@@ -1,0 +1,57 @@
+"""Routers as real subprocesses (`python -m shardserve.cli router`) on free 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.conftest import ServerProcess, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start_router(log_dir: Path, *args: str, wait_healthy: bool = True) -> ServerProcess:
+    port = free_port()
+    log_path = log_dir / f"router-{port}.log"
+    cmd = [sys.executable, "-m", "shardserve.cli", "router", "--host", "127.0.0.1",
+           "--port", str(port), "--health-interval", "0.5", *args]
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    router = ServerProcess(proc, port, log_path, None)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"router exited with {proc.returncode}:\n{router.log_tail()}")
+        try:
+            r = httpx.get(f"{router.base_url}/health", timeout=2)
+            if r.status_code == 200 or (not wait_healthy and r.status_code == 503):
+                return router
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    router.stop()
+    pytest.fail(f"router not up after 60 s:\n{router.log_tail()}")
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2):
+    """Poll until predicate() is truthy; returns its value, or None on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from shardserve.testing import write_random_model
+    return str(write_random_model(tmp_path_factory.mktemp("tiny_llama"), architecture="llama",
+                                  preset="tiny", seed=1))

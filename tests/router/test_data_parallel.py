@@ -1,0 +1,236 @@
+"""`shardserve serve -dp 2` on CPU with a tiny random model: the same outputs as DP 1, both
+replicas serve, prefix-aware routing raises the prefix-cache hit rate over round-robin, and a
+replica killed under load loses no request."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.router.conftest import start_router, wait_for
+from tests.server.conftest import ServerProcess, start_server
+
+pytestmark = pytest.mark.multiproc
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "In a galaxy far away", "Hello world"]
+
+
+@pytest.fixture(scope="module")
+def dp1(tmp_path_factory, tiny_model_dir):
+    server = start_server(tmp_path_factory.mktemp("dp1"), "--max-model-len", "1024",
+                          model=tiny_model_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dp2(tmp_path_factory, tiny_model_dir):
+    server = start_server(tmp_path_factory.mktemp("dp2"), "--max-model-len", "1024",
+                          "--data-parallel-size", "2", "--router-health-interval", "0.5",
+                          model=tiny_model_dir)
+    assert wait_for(lambda: _healthy(server) == 2, 120), server.log_tail()
+    yield server
+    # Children die with the parent, even one killed outright (PR_SET_PDEATHSIG).
+    pids = [b["pid"] for b in _replicas(server)]
+    server.proc.kill()
+    server.proc.wait(10)
+    left = wait_for(lambda: not any(_alive(pid) for pid in pids), 30) is None
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, "replica processes outlived the killed front process"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _replicas(front: ServerProcess) -> list[dict]:
+    return httpx.get(f"{front.base_url}/backends", timeout=5).json()
+
+
+def _healthy(front: ServerProcess) -> int:
+    return sum(b["healthy"] for b in _replicas(front))
+
+
+def _replica_metrics(url: str) -> ServerProcess:
+    # ServerProcess only needs a port to read /metrics.
+    return ServerProcess(proc=None, port=int(url.rsplit(":", 1)[1]), log_path=None, api_key=None)
+
+
+def _complete(server: ServerProcess, prompt: str, **kw) -> str:
+    body = {"prompt": prompt, "max_tokens": 12, **kw}
+    r = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=server.headers,
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_same_outputs_as_dp1(dp1, dp2):
+    for params in ({"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.95, "seed": 1234}):
+        for prompt in PROMPTS:
+            one, two = _complete(dp1, prompt, **params), _complete(dp2, prompt, **params)
+            assert one == two, (prompt, params)
+    # Chat too, through both layers of the stack.
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+            "temperature": 0.7, "seed": 7}
+    texts = [httpx.post(f"{s.base_url}/v1/chat/completions", json=body, headers=s.headers,
+                        timeout=60).json()["choices"][0]["message"]["content"] for s in (dp1, dp2)]
+    assert texts[0] == texts[1]
+
+
+def test_both_replicas_serve(dp2):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda p: _complete(dp2, p, max_tokens=16, ignore_eos=True), PROMPTS * 2))
+    counts = {}
+    for replica in _replicas(dp2):
+        m = _replica_metrics(replica["url"]).metrics()
+        counts[replica["url"]] = sum(v for (name, _), v in m.items()
+                                     if name == "shardserve:request_success_total")
+    print("requests per replica:", counts)
+    assert len(counts) == 2 and all(c > 0 for c in counts.values()), counts
+
+
+def _hit_rate_run(router: ServerProcess, replicas: list[str], tag: str,
+                  headers: dict[str, str]) -> float:
+    """3 groups of 4 requests; each group shares a ~600-character prefix no earlier run used.
+    Returns prefix-cache hits / queries over both replicas for this run alone."""
+    def totals() -> tuple[float, float]:
+        hits = queries = 0.0
+        for url in replicas:
+            m = _replica_metrics(url)
+            hits += m.metric("shardserve:prefix_cache_hits_total")
+            queries += m.metric("shardserve:prefix_cache_queries_total")
+        return hits, queries
+
+    rng = random.Random(tag)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
+    h0, q0 = totals()
+    for group in range(3):
+        prefix = f"[{tag} {group}] " + " ".join(rng.choice(words) for _ in range(100))
+        for i in range(4):
+            r = httpx.post(f"{router.base_url}/v1/completions", timeout=60, headers=headers,
+                           json={"prompt": f"{prefix} question {i}: {rng.random()}",
+                                 "max_tokens": 1})
+            assert r.status_code == 200, r.text
+    time.sleep(1.5)  # let the replicas publish their last counters
+    h1, q1 = totals()
+    return (h1 - h0) / max(q1 - q0, 1.0)
+
+
+def test_prefix_aware_beats_round_robin(dp2, tmp_path):
+    replicas = [b["url"] for b in _replicas(dp2)]
+    backend_args = [arg for url in replicas for arg in ("--backend", url)]
+    rates = {}
+    for policy in ("round-robin", "prefix-aware"):
+        router = start_router(tmp_path, *backend_args, "--policy", policy)
+        assert wait_for(lambda: all(b["healthy"] for b in _replicas(router)), 10)
+        try:
+            rates[policy] = _hit_rate_run(router, replicas, policy, dp2.headers)
+        finally:
+            router.stop()
+    print(f"prefix-cache hit rate: round-robin {rates['round-robin']:.2f}, "
+          f"prefix-aware {rates['prefix-aware']:.2f}")
+    assert rates["prefix-aware"] > 1.3 * rates["round-robin"], rates
+    assert rates["prefix-aware"] > 0.5, rates
+
+
+def test_client_disconnect_through_router_frees_the_replica(dp2):
+    """A client that hangs up mid-stream: the router closes its replica stream, the replica
+    aborts the request and frees its KV blocks."""
+    body = {"prompt": "Disconnect me", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    for _ in range(4):
+        with httpx.stream("POST", f"{dp2.base_url}/v1/completions", json=body,
+                          headers=dp2.headers, timeout=30) as r:
+            assert r.status_code == 200
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+    assert wait_for(lambda: all(b["in_flight"] == 0 for b in _replicas(dp2)), 10)
+    for replica in _replicas(dp2):
+        m = _replica_metrics(replica["url"]).wait_idle(timeout=15)
+        busy = [m.get((f"shardserve:{g}", ()), 0.0) for g in
+                ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")]
+        assert not any(busy), (replica["url"], busy)
+
+
+def _run_request(front: ServerProcess, i: int, stream: bool) -> str:
+    """'complete', 'error' (a clear OpenAI error) or 'lost' (anything else, hangs included)."""
+    body = {"prompt": f"Request {i}: tell a long story", "max_tokens": 160,
+            "ignore_eos": True, "temperature": 0.0, "stream": stream}
+    url = f"{front.base_url}/v1/completions"
+    try:
+        if not stream:
+            r = httpx.post(url, json=body, headers=front.headers, timeout=90)
+            if r.status_code == 200:
+                choice = r.json()["choices"][0]
+                ok = choice["finish_reason"] == "length" and r.json()["usage"][
+                    "completion_tokens"] == 160
+                return "complete" if ok else "lost"
+            return "error" if r.json().get("error", {}).get("message") else "lost"
+        events = []
+        with httpx.stream("POST", url, json=body, headers=front.headers, timeout=90) as r:
+            if r.status_code != 200:
+                r.read()
+                return "error" if r.json().get("error", {}).get("message") else "lost"
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        if not events or events[-1] != "[DONE]":
+            return "lost"
+        last = json.loads(events[-2])
+        if "error" in last:
+            return "error" if last["error"].get("message") else "lost"
+        return "complete" if last["choices"][0]["finish_reason"] == "length" else "lost"
+    except (httpx.HTTPError, ValueError, KeyError, IndexError):
+        return "lost"
+
+
+def test_replica_killed_under_load_loses_nothing(dp2):
+    """Runs last in this module: it kills one of the shared server's replicas (which the
+    front restarts)."""
+    num = 8
+    with concurrent.futures.ThreadPoolExecutor(num) as pool:
+        futures = [pool.submit(_run_request, dp2, i, i % 2 == 0) for i in range(num)]
+        busy = wait_for(lambda: [b for b in _replicas(dp2) if b["in_flight"] > 0]
+                        if all(b["in_flight"] > 0 for b in _replicas(dp2)) else None, 30, 0.05)
+        assert busy, "requests never reached both replicas"
+        time.sleep(0.5)  # let streams get under way
+        victim = busy[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        # New requests succeed within seconds, while the old ones are still running.
+        first_ok = None
+        while time.monotonic() - killed_at < 15:
+            try:
+                r = httpx.post(f"{dp2.base_url}/v1/completions", headers=dp2.headers, timeout=30,
+                               json={"prompt": "after the kill", "max_tokens": 4})
+                if r.status_code == 200:
+                    first_ok = time.monotonic() - killed_at
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        outcomes = [f.result(timeout=120) for f in futures]
+    after = [_complete(dp2, "after the kill", max_tokens=4) for _ in range(4)]
+    counts = {k: outcomes.count(k) for k in ("complete", "error", "lost")}
+    print(f"replica killed with {num} requests in flight: {counts['complete']} complete, "
+          f"{counts['error']} clear errors, {counts['lost']} lost or hung; first new request "
+          f"succeeded {first_ok:.1f} s after the kill" if first_ok is not None else
+          f"no new request succeeded within 15 s; {counts}")
+    assert counts["lost"] == 0, outcomes
+    assert first_ok is not None and first_ok < 10
+    assert len(after) == 4
+    assert wait_for(lambda: any(not b["healthy"] or b["pid"] != victim["pid"]
+                                for b in _replicas(dp2) if b["url"] == victim["url"]), 10)
