@@ -41,6 +41,7 @@ from shardserve.layers.moe import FusedMoE
 from shardserve.layers.moe_routing import RoutingConfig
 from shardserve.layers.rotary import get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader, set_weight_attrs
+from shardserve.models.decoder_layer import PreNormDecoderLayer
 from shardserve.models.pipeline import (IntermediateTensors, PPMissingLayer, StageLayout,
                                         make_layers, run_stage, stage_of, tied_head_weight_name)
 from shardserve.loader.fp8 import dequantize_fp8_weights, fp8_block_size
@@ -173,7 +174,7 @@ class DeepseekV2Attention(nn.Module):
         return self.o_proj(out)
 
 
-class DeepseekV2DecoderLayer(nn.Module):
+class DeepseekV2DecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype | None,
                  max_model_len: int, v3: bool) -> None:
         super().__init__()
@@ -187,17 +188,6 @@ class DeepseekV2DecoderLayer(nn.Module):
                                      config.hidden_act, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
 
 class DeepseekV2Model(nn.Module):

@@ -27,6 +27,7 @@ from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.layers.rotary import get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader
+from shardserve.models.decoder_layer import PreNormDecoderLayer
 from shardserve.models.pipeline import (IntermediateTensors, PPMissingLayer, StageLayout,
                                         make_layers, run_stage, stage_of, tied_head_weight_name)
 
@@ -117,7 +118,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormDecoderLayer):
     """Pre-norm block. The residual stream travels beside the hidden states so each RMSNorm
     can add it in (see RMSNorm.forward)."""
 
@@ -129,17 +130,6 @@ class LlamaDecoderLayer(nn.Module):
                             getattr(config, "hidden_act", "silu"), flags.mlp_bias, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
 
 class LlamaModel(nn.Module):
