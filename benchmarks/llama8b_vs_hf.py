@@ -12,7 +12,6 @@ import argparse
 import gc
 import json
 import os
-import random
 import sys
 import time
 
@@ -20,41 +19,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+from benchmarks.common import copy_bandwidth, log, random_prompts  # noqa: E402
+from benchmarks.common import make_model_dir as _make_model_dir  # noqa: E402
 
 
 def make_model_dir(path: str, num_layers: int | None) -> str:
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    from shardserve.testing import write_random_model
-    overrides = {"num_hidden_layers": num_layers} if num_layers else {}
-    log(f"writing a random Llama-3-8B-shaped bf16 model to {path} {overrides}")
-    write_random_model(path, preset="llama-3-8b", device="cuda", **overrides)
-    return path
+    return _make_model_dir(path, "llama-3-8b", num_layers)
 
 
-def copy_bandwidth() -> float:
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    n = 20
-    for _ in range(n):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bw = 2 * x.numel() * n / (time.perf_counter() - start)
-    del x, y
-    torch.cuda.empty_cache()
-    return bw
 
 
-def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(num)]
+
+
+
+
 
 
 @torch.inference_mode()

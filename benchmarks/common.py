@@ -1,0 +1,50 @@
+"""Helpers every GPU benchmark script shares: timestamps, a random-weight model folder drawn on
+the GPU, the measured copy bandwidth (the roofline's denominator) and random token prompts."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import torch
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_model_dir(path: str, preset: str, num_layers: int | None = None) -> str:
+    """A random-weight folder of `preset` at `path` (kept if it exists), drawn on the GPU."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    from shardserve.testing import write_random_model
+    overrides = {"num_hidden_layers": num_layers} if num_layers else {}
+    log(f"writing a random {preset}-shaped model to {path} {overrides}")
+    start = time.perf_counter()
+    write_random_model(path, preset=preset, device="cuda", **overrides)
+    log(f"written in {time.perf_counter() - start:.0f} s")
+    return path
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), over a 2 GiB buffer."""
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start, n = time.perf_counter(), 20
+    for _ in range(n):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * n / (time.perf_counter() - start)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
+
+
+def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """Token-id prompts clear of the low ids where special tokens usually live."""
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(num)]
