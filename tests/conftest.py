@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.device import TEST_DEVICE, make_llm
+from tests.device import make_llm
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -56,6 +56,5 @@ def smollm2_hf_reference(smollm2_gguf):
 
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2_gguf):
-    from shardserve import LLM
     return make_llm(smollm2_gguf, dtype="float32", max_model_len=1024,
-               kv_cache_memory_bytes=256 << 20)
+                    kv_cache_memory_bytes=256 << 20)

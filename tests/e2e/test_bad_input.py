@@ -3,10 +3,10 @@ request, and no KV block stays allocated."""
 
 from __future__ import annotations
 
-from tests.device import TEST_DEVICE, make_llm
+from tests.device import make_llm
 import pytest
 
-from shardserve import LLM, SamplingParams
+from shardserve import SamplingParams
 from shardserve.errors import (CacheTooSmallError, ContextLengthError, InvalidRequestError,
                                ModelLoadError, UnsupportedModelError)
 

@@ -3,14 +3,14 @@ prompts served together, under prefix caching on/off, chunked prefill and forced
 
 from __future__ import annotations
 
-from tests.device import TEST_DEVICE, make_llm
+from tests.device import make_llm
 import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shardserve import LLM, SamplingParams
+from shardserve import SamplingParams
 from tests.e2e.hf_reference import hf_greedy, hf_logits
 
 NEW_TOKENS = 12

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from tests.device import TEST_DEVICE, make_llm
+from tests.device import make_llm
 import pytest
 
-from shardserve import LLM, SamplingParams
+from shardserve import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shardserve import LLM, SamplingParams
+from shardserve import SamplingParams
 from shardserve.tokenizer import apply_chat_template
 from tests.e2e.hf_reference import hf_greedy
 
