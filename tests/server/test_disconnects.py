@@ -58,8 +58,11 @@ def test_200_disconnects_mid_stream_free_every_block(tiny_server):
 def test_non_streaming_disconnect_aborts(tiny_server):
     before = tiny_server.wait_idle()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{tiny_server.base_url}/v1/completions", headers=AUTH, timeout=3,
-                   json={"prompt": "Tell a very long story.", "max_tokens": 400, "ignore_eos": True})
+        # The read timeout must fire while the answer is still being generated: 500 tokens
+        # take well over a second even for the tiny model, the timeout is a quarter of one.
+        httpx.post(f"{tiny_server.base_url}/v1/completions", headers=AUTH,
+                   timeout=httpx.Timeout(0.25, connect=10),
+                   json={"prompt": "Tell a very long story.", "max_tokens": 500, "ignore_eos": True})
     start = time.monotonic()
     after = tiny_server.wait_idle(timeout=30)
     assert after[("shardserve:kv_cache_usage_perc", ())] == 0.0
