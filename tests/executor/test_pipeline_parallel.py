@@ -58,7 +58,9 @@ def _reference(model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
 
 @pytest.mark.parametrize("pp,tp,partition,tied", [
     (2, 1, None, False), (3, 1, None, False), (2, 2, None, False), (2, 1, "2,3", False),
-    (2, 1, None, True)])
+    (2, 1, None, True),
+    # The seed's headline layout, TP 4 x PP 2 = 8 ranks, at tiny size.
+    (2, 4, None, False)])
 def test_pp_matches_one_process(llama5_dir, llama5_tied_dir, pp, tp, partition, tied):
     model_dir = llama5_tied_dir if tied else llama5_dir
     prompts = _prompts(10 + pp + tp)
@@ -118,23 +120,25 @@ def test_bad_partition_is_refused_before_start(llama5_dir):
     assert time.monotonic() - start < 10
 
 
-def test_two_nodes_tp_within_pp_across(llama5_dir):
-    """The seed's layout scaled down: node r holds stage r as TP 2 (ranks 2r, 2r+1); the
-    driver (last stage) lives on node 1 and answers over TCP."""
+@pytest.mark.parametrize("tp", [2, 4])
+def test_two_nodes_tp_within_pp_across(llama5_dir, tp):
+    """The seed's layout (2 nodes x 4 GPUs as TP 4 x PP 2) at tiny size, and at TP 2: node r
+    holds stage r as TP tp (ranks tp*r ... tp*r + tp - 1); the driver (last stage) lives on
+    node 1 and answers over TCP."""
     prompts = _prompts(21)
     expected = _reference(llama5_dir, prompts)
     port = _free_port_range(5)
     node1 = subprocess.Popen(
         [sys.executable, "-m", "shardserve.cli", "worker", "--nnodes", "2", "--node-rank", "1",
-         "--master-addr", "127.0.0.1", "--master-port", str(port), "-tp", "2", "-pp", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "-tp", str(tp), "-pp", "2",
          "--rendezvous-timeout-s", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        llm = LLM(llama5_dir, tensor_parallel_size=2, pipeline_parallel_size=2, nnodes=2,
+        llm = LLM(llama5_dir, tensor_parallel_size=tp, pipeline_parallel_size=2, nnodes=2,
                   node_rank=0, master_addr="127.0.0.1", master_port=port,
                   rendezvous_timeout_s=60, **PP_KWARGS)
         try:
-            assert llm.engine.core.executor.worker_pids.keys() == {0, 1}  # stage 0 here
+            assert llm.engine.core.executor.worker_pids.keys() == set(range(tp))  # stage 0 here
             assert _generate(llm, prompts) == expected
             assert len(llm.engine.core.executor.pipeline_stats()["pp_stage_busy_ratio"]) == 2
         finally:
