@@ -32,7 +32,7 @@ from torch import nn
 from shardserve.distributed.parallel_state import get_tp_group
 from shardserve.errors import UnsupportedModelError
 from shardserve.layers.activation import SiluAndMul
-from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardserve.layers.embedding import ParallelLMHead
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                       ReplicatedLinear, RowParallelLinear, divide)
@@ -42,8 +42,8 @@ from shardserve.layers.moe_routing import RoutingConfig
 from shardserve.layers.rotary import get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader, set_weight_attrs
 from shardserve.models.decoder_layer import PreNormDecoderLayer
-from shardserve.models.pipeline import (IntermediateTensors, PPMissingLayer, StageLayout,
-                                        make_layers, run_stage, stage_of, tied_head_weight_name)
+from shardserve.models.pipeline import (IntermediateTensors, PPMissingLayer, StageDecoderModel,
+                                        StageLayout, tied_head_weight_name)
 from shardserve.loader.fp8 import dequantize_fp8_weights, fp8_block_size
 from shardserve.models.deepseek_memory import deepseek_memory, is_moe_layer
 
@@ -190,26 +190,14 @@ class DeepseekV2DecoderLayer(PreNormDecoderLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
 
-class DeepseekV2Model(nn.Module):
+class DeepseekV2Model(StageDecoderModel):
     """Embedding (first pipeline stage), this stage's decoder layers, final norm (last
     stage); see models/pipeline.py."""
 
     def __init__(self, config: Any, dtype: torch.dtype | None, max_model_len: int,
                  v3: bool, stage: StageLayout | None = None) -> None:
-        super().__init__()
-        self.stage = stage = stage_of(stage, config.num_hidden_layers)
-        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
-                             if stage.is_first else PPMissingLayer())
-        self.layers = make_layers(config.num_hidden_layers, stage, lambda i: DeepseekV2DecoderLayer(
+        super().__init__(config, dtype, stage, lambda i: DeepseekV2DecoderLayer(
             config, i, dtype, max_model_len, v3))
-        self.start_layer, self.end_layer = stage.start_layer, stage.end_layer
-        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-                     if stage.is_last else PPMissingLayer())
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                intermediate: IntermediateTensors | None = None
-                ) -> torch.Tensor | IntermediateTensors:
-        return run_stage(self, input_ids, positions, intermediate)
 
 
 # checkpoint name part -> (our fused parameter, shard id), for dense MLPs and shared experts

@@ -22,14 +22,14 @@ from shardserve.distributed.parallel_state import get_tp_group
 from shardserve.errors import UnsupportedModelError
 from shardserve.layers.activation import SiluAndMul
 from shardserve.layers.attention import Attention
-from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardserve.layers.embedding import ParallelLMHead
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.layers.rotary import get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader
 from shardserve.models.decoder_layer import PreNormDecoderLayer
-from shardserve.models.pipeline import (IntermediateTensors, PPMissingLayer, StageLayout,
-                                        make_layers, run_stage, stage_of, tied_head_weight_name)
+from shardserve.models.pipeline import (IntermediateTensors, PPMissingLayer, StageDecoderModel,
+                                        StageLayout, tied_head_weight_name)
 
 logger = logging.getLogger(__name__)
 
@@ -132,32 +132,20 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(StageDecoderModel):
     """Embedding, decoder layers, final norm. Under pipeline parallelism (`stage`) only this
     stage's layers [start_layer, end_layer) are built, the embedding only on the first stage
     and the final norm only on the last (models/pipeline.py)."""
 
     def __init__(self, config: Any, dtype: torch.dtype | None = None,
                  max_model_len: int = 0, stage: StageLayout | None = None) -> None:
-        super().__init__()
         flags = LlamaFamilyFlags.from_config(config)
         layer_types = getattr(config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise UnsupportedModelError("Sliding-window attention layers are not supported "
                                         f"(layer_types: {sorted(set(layer_types))}).")
-        self.stage = stage = stage_of(stage, config.num_hidden_layers)
-        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
-                             if stage.is_first else PPMissingLayer())
-        self.layers = make_layers(config.num_hidden_layers, stage, lambda i: LlamaDecoderLayer(
+        super().__init__(config, dtype, stage, lambda i: LlamaDecoderLayer(
             config, flags, i, dtype, max_model_len))
-        self.start_layer, self.end_layer = stage.start_layer, stage.end_layer
-        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-                     if stage.is_last else PPMissingLayer())
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                intermediate: IntermediateTensors | None = None
-                ) -> torch.Tensor | IntermediateTensors:
-        return run_stage(self, input_ids, positions, intermediate)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -111,3 +111,28 @@ def tied_head_weight_name(name: str, stage: StageLayout, tied: bool) -> str | No
 
 def stage_of(kwargs_stage: Any, num_layers: int) -> StageLayout:
     return kwargs_stage if kwargs_stage is not None else StageLayout.whole(num_layers)
+
+
+class StageDecoderModel(nn.Module):
+    """Embedding (first stage only), this stage's decoder layers, final norm (last stage only):
+    the body every supported family shares. `make_layer(i)` builds decoder layer i."""
+
+    def __init__(self, config: Any, dtype: torch.dtype | None, stage: StageLayout | None,
+                 make_layer: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        # Imported here: layers/ must not import models/, and this module is imported early.
+        from shardserve.layers.embedding import VocabParallelEmbedding
+        from shardserve.layers.layernorm import RMSNorm
+
+        self.stage = stage = stage_of(stage, config.num_hidden_layers)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+                             if stage.is_first else PPMissingLayer())
+        self.layers = make_layers(config.num_hidden_layers, stage, make_layer)
+        self.start_layer, self.end_layer = stage.start_layer, stage.end_layer
+        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+                     if stage.is_last else PPMissingLayer())
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        return run_stage(self, input_ids, positions, intermediate)
