@@ -9,6 +9,7 @@ resolved tree is what crosses process boundaries.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +143,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int | None = None  # per-step token budget; default max(8192, ...)
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None  # None: unbounded (the server bounds it)
+    # Schedule and launch step N+1 while step N runs on the GPU (its sampled tokens feed N+1
+    # on the device). None: on for one CUDA process, off otherwise (resolve()).
+    async_scheduling: bool | None = None
 
 
 @dataclass
@@ -224,6 +228,16 @@ class EngineConfig:
         from shardserve.planner.auto import resolve_auto_parallel_on_device
         resolve_auto_parallel_on_device(self)
         self.parallel_config.resolve()
+        one_process = self.parallel_config.world_size == 1
+        if sc.async_scheduling is None:
+            sc.async_scheduling = one_process and dc.device == "cuda"
+        elif sc.async_scheduling and not one_process:
+            # Under TP/PP the sampled tokens live on one rank; the others would need them on
+            # their devices before the next step. Not built yet: say so and run in lock-step.
+            logging.getLogger(__name__).warning(
+                "async_scheduling applies to one process only; off with %d ranks.",
+                self.parallel_config.world_size)
+            sc.async_scheduling = False
         return self
 
     def to_kwargs(self) -> dict[str, Any]:

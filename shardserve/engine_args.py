@@ -35,6 +35,8 @@ _HELP = {
     "gpu_memory_utilization": "share of GPU memory for weights, activations and KV cache",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "max_num_batched_tokens": "token budget per engine step",
+    "async_scheduling": "prepare and launch the next step while the GPU runs this one "
+                        "(default: on for one CUDA process)",
     "pp_layer_partition": "layers per pipeline stage, e.g. 14,10,8 (default: balanced on "
                           "estimated compute and memory, embedding and LM head included)",
 }
@@ -75,8 +77,8 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
             hint = hints[f.name]
             kwargs: dict[str, Any] = {"dest": f.name, "default": default,
                                       "help": _HELP.get(f.name, f.name.replace("_", " "))}
-            if hint is bool or hint == "bool":
-                if default:
+            if hint is bool or hint == "bool" or _base_type(hint) is bool:
+                if default or default is None:  # None: 'auto', decided at start-up
                     group.add_argument(*names, **kwargs, type=_bool, nargs="?", const=True)
                     group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
                                        action="store_false", help=argparse.SUPPRESS)

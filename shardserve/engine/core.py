@@ -16,6 +16,14 @@ requests, so decode batches spread over the pipeline. Results are applied oldest
                   [ mb2 ]   [ mb1 ]
                   [ mb3 ]   [ mb2 ]   [ mb1 ]   ← steady state: no stage waits
                   [ mb4 ]   [ mb3 ]   [ mb2 ]   (mb4 scheduled once mb1's tokens are back)
+
+Async scheduling (one GPU process) uses the same queue with two steps in flight: while the
+GPU runs step N, the host schedules step N+1, builds its inputs and launches it, and only then
+waits for N's tokens. Unlike micro-batches, consecutive steps hold the same requests (see the
+scheduler's output placeholders), so the batch is not split.
+
+    host    [sched N+1 | inputs | launch][wait N][update N][sched N+2 | ... ]
+    GPU     [        step N        ][        step N+1       ][   step N+2 ...
 """
 
 from __future__ import annotations
@@ -44,8 +52,11 @@ class EngineCore:
         self.executor.init_kv_cache(num_blocks)
         config.cache_config.num_blocks = num_blocks
         self.scheduler = Scheduler(config, num_blocks)
-        # Pipeline parallelism: (step seq, its SchedulerOutput) of the micro-batches in flight.
-        self.max_in_flight = config.parallel_config.pipeline_parallel_size
+        # Pipeline parallelism: (step seq, its SchedulerOutput) of the micro-batches in flight;
+        # async scheduling: the step on the GPU and the one being prepared.
+        self.num_micro_batches = config.parallel_config.pipeline_parallel_size
+        self.async_scheduling = bool(config.scheduler_config.async_scheduling)
+        self.max_in_flight = 2 if self.async_scheduling else self.num_micro_batches
         self._batch_queue: deque[tuple[int, SchedulerOutput]] = deque()
         self.startup_seconds = {"load": loaded - start, "kv_cache": time.perf_counter() - loaded}
         logger.info("Engine ready: load %.1f s, KV cache %.1f s", *self.startup_seconds.values())
@@ -84,8 +95,11 @@ class EngineCore:
         if len(queue) < self.max_in_flight:
             # Split the requests over the micro-batches, so each stage has work in every one
             # (otherwise one batch would take every request and the others stay empty).
-            num_reqs = len(self.scheduler.running) + len(self.scheduler.waiting)
-            scheduler_output = self.scheduler.schedule(max(1, -(-num_reqs // self.max_in_flight)))
+            cap = None
+            if self.num_micro_batches > 1:
+                num_reqs = len(self.scheduler.running) + len(self.scheduler.waiting)
+                cap = max(1, -(-num_reqs // self.num_micro_batches))
+            scheduler_output = self.scheduler.schedule(cap)
             if scheduler_output.is_empty:
                 # Nothing to run: the ids of finished requests ride on the next real step
                 # instead of taking a pipeline slot (the workers drop them before adding).

@@ -61,6 +61,9 @@ class Request:
         self.block_hashes: list[int] = []
         # How many of all_token_ids the workers already hold (they get the rest as a diff).
         self.num_synced_tokens = 0
+        # Async scheduling: tokens that steps in flight will sample, not known here yet. The
+        # next step may already run on them (the worker feeds them on the device).
+        self.num_output_placeholders = 0
         self.first_scheduled_time: float | None = None
 
     @property
@@ -74,6 +77,14 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.all_token_ids[self.num_prompt_tokens:]
+
+    @property
+    def needs_known_tokens(self) -> bool:
+        """Penalties read every earlier output token on the host, so a step that samples
+        for this request cannot start before the previous one's token is known."""
+        p = self.sampling_params
+        return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                or p.frequency_penalty != 0.0)
 
     @property
     def is_finished(self) -> bool:

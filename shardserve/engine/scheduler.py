@@ -6,6 +6,13 @@ Order is first come, first served: running requests first (in arrival order), th
 ones. When blocks run out, the most recently arrived running request is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed later (its
 full blocks usually survive in the prefix cache, so recomputing is cheap).
+
+Async scheduling (one GPU process): the engine schedules step N+1 before step N's tokens are
+back. A request N samples for carries one output placeholder; N+1 runs its next position on it
+(the worker takes the token from N's sampled tensor on the device). Limits by length are known
+in advance, so a request is not scheduled past max_tokens or max_model_len; only an EOS or a
+stop token costs one discarded step. Requests with penalties wait for their token instead
+(the penalties read earlier outputs on the host).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class Scheduler:
         self.max_num_seqs = sc.max_num_seqs
         self.max_num_batched_tokens = sc.max_num_batched_tokens
         self.enable_chunked_prefill = sc.enable_chunked_prefill
+        self.async_scheduling = bool(sc.async_scheduling)
         self.max_model_len = config.model_config.max_model_len
         self.kv_cache = KVCacheManager(num_blocks, config.cache_config.block_size,
                                        config.cache_config.enable_prefix_caching)
@@ -100,9 +108,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(num_scheduled) < cap:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget,
+            pending = request.num_output_placeholders
+            num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget,
                           self.max_model_len - request.num_computed_tokens)
-            if num_new <= 0:
+            if num_new <= 0 or (pending and (request.needs_known_tokens
+                                             or self._will_finish_by_length(request))):
                 i += 1
                 continue
             new_blocks = self.kv_cache.allocate_slots(request, num_new)
@@ -160,8 +170,18 @@ class Scheduler:
         # Advance now rather than on the step's result, so a pipeline can schedule the next
         # micro-batch before this one returns (a request is in at most one batch at a time).
         for request in self.running:
-            request.num_computed_tokens += num_scheduled.get(request.request_id, 0)
+            num = num_scheduled.get(request.request_id, 0)
+            request.num_computed_tokens += num
+            if (self.async_scheduling and num and request.num_computed_tokens
+                    == request.num_tokens + request.num_output_placeholders):
+                request.num_output_placeholders += 1  # this step samples its next token
         return out
+
+    def _will_finish_by_length(self, request: Request) -> bool:
+        """Its tokens in flight take it to max_tokens or max_model_len: no further step."""
+        pending = request.num_output_placeholders
+        return (request.num_output_tokens + pending >= request.max_tokens
+                or request.num_tokens + pending >= self.max_model_len)
 
     def defer_finished(self, request_ids: Iterable[str]) -> None:
         """Send these finished ids with the next step (an empty step was not sent)."""
@@ -171,6 +191,7 @@ class Scheduler:
         self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # what is in flight for it is discarded
         request.num_preemptions += 1
         self.num_preemptions += 1
         # The workers drop it and get it whole again (as new) when it is resumed.
@@ -191,6 +212,8 @@ class Scheduler:
                 # Aborted or preempted while the step ran (with several steps in flight, a
                 # preempted request may already be running again from scratch).
                 continue
+            if request.num_output_placeholders:
+                request.num_output_placeholders -= 1
             request.append_output_token(token)
             self._check_stop(request, token)
             out = EngineCoreOutput(rid, [token], num_cached_tokens=max(request.num_cached_tokens, 0))

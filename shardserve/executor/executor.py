@@ -40,6 +40,8 @@ class UniProcExecutor(Executor):
 
         self.worker = Worker(config)
         self.worker.load_model()
+        self._seq = 0
+        self._pending: dict[int, object] = {}  # seq -> the runner's PendingOutput
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()
@@ -49,6 +51,16 @@ class UniProcExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def submit_step(self, scheduler_output: SchedulerOutput) -> int:
+        """Launch a step without waiting for its tokens (async scheduling); collect_step(seq)
+        waits. Steps run, and must be collected, in order."""
+        self._seq += 1
+        self._pending[self._seq] = self.worker.runner.execute_model_async(scheduler_output)
+        return self._seq
+
+    def collect_step(self, seq: int) -> ModelRunnerOutput:
+        return self._pending.pop(seq).get()
 
     def check_health(self) -> None:
         return None

@@ -65,6 +65,11 @@ class ModelRunner:
         self.stage_delay_s = 0.0
         self.stage_delay_per_token_s = 0.0
         self._pending_sends: list[tuple[object, torch.Tensor]] = []
+        # The last sampling step's ids on the device, and each request's row in them: the
+        # next step's placeholders read them (async scheduling).
+        self._prev_sampled: torch.Tensor | None = None
+        self._prev_sample_rows: dict[str, int] = {}
+        self.num_placeholder_tokens = 0  # fed from the device so far (a check for tests)
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -76,6 +81,7 @@ class ModelRunner:
         self.model = load_model(self.config.model_config, self.device, self.stage)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, AttentionLayerBase)]
         self.vocab_size = int(self.config.model_config.hf_config.vocab_size)
+        self.states.vocab_size = self.vocab_size
         logger.info("Model loaded in %.1f s%s", time.perf_counter() - start,
                     f" (pipeline stage {self.pp_group.rank_in_group}: layers "
                     f"{self.stage.start_layer}-{self.stage.end_layer - 1})"
@@ -204,20 +210,45 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self._execute(scheduler_output, defer=False)
+
+    @torch.inference_mode()
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> "PendingOutput":
+        """Queue the step on the device and return without waiting for it: the sampled ids
+        are copied to the host in the background; PendingOutput.get() waits for them. The next
+        step may be queued first and read this one's tokens on the device (placeholders)."""
+        return self._execute(scheduler_output, defer=True)
+
+    def _execute(self, scheduler_output: SchedulerOutput, defer: bool):
         self.states.update(scheduler_output)
         self.last_span = None
         if scheduler_output.is_empty:
-            return ModelRunnerOutput([], [])
+            return _ready(ModelRunnerOutput([], []), defer)
         inputs = build_model_inputs(scheduler_output, self.states, self.block_size, self.device)
+        if inputs.placeholder_rows:
+            self._fill_placeholders(inputs)
         if self.pp_group.world_size > 1:
-            return self._execute_stage(inputs)
+            return _ready(self._execute_stage(inputs), defer)
         md = inputs.attn_metadata
         if self.graph_runner is not None and self.graph_runner.can_run(md, inputs.input_ids.shape[0]):
             hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, md)
         else:
             with set_forward_context(md):
                 hidden = self.model(inputs.input_ids, inputs.positions)
-        return self._sample(hidden, inputs)
+        return self._sample(hidden, inputs, defer)
+
+    def _fill_placeholders(self, inputs: ModelInputs) -> None:
+        """Async scheduling: the tokens the previous step sampled, copied on the device into
+        this step's input ids (the host does not know them yet)."""
+        prev_rows = self._prev_sample_rows
+        rows = [prev_rows[rid] for rid in inputs.placeholder_req_ids]
+        index = torch.tensor(inputs.placeholder_rows, dtype=torch.long)
+        source = torch.tensor(rows, dtype=torch.long)
+        if self.device.type != "cpu":
+            index = index.pin_memory().to(self.device, non_blocking=True)
+            source = source.pin_memory().to(self.device, non_blocking=True)
+        inputs.input_ids[index] = self._prev_sampled[source]
+        self.num_placeholder_tokens += len(rows)
 
     def _execute_stage(self, inputs: ModelInputs) -> ModelRunnerOutput:
         """One pipeline stage's share of a step (see the module doc)."""
@@ -249,14 +280,14 @@ class ModelRunner:
         while len(self._pending_sends) > 2 * self.pp_group.world_size:
             self._pending_sends.pop(0)[0].wait()
 
-    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs) -> ModelRunnerOutput:
+    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs, defer: bool = False):
         prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         if not inputs.sample_req_ids:
-            return ModelRunnerOutput([], [], None, prompt_logprobs)
+            return _ready(ModelRunnerOutput([], [], None, prompt_logprobs), defer)
         # Collective under TP: every rank takes part, TP rank 0 receives the whole vocabulary.
         logits = self.model.compute_logits(hidden[inputs.sample_indices], gather_all=False)
         if not self.is_driver:
-            return ModelRunnerOutput([], [])
+            return _ready(ModelRunnerOutput([], []), defer)
         states = [self.states.states[rid] for rid in inputs.sample_req_ids]
         metadata = SamplingMetadata.build(
             params_list=[s.sampling_params for s in states],
@@ -264,14 +295,18 @@ class ModelRunner:
             output_token_ids_list=(s.output_token_ids for s in states),
             prompt_token_ids_list=(s.prompt_token_ids for s in states),
             generators_list=[s.generator for s in states],
-            min_tokens_masks=[min_tokens_stop_ids(s.sampling_params, len(s.token_ids) - s.num_prompt_tokens,
-                                                  s.eos_token_ids) for s in states],
+            min_tokens_masks=[min_tokens_stop_ids(s.sampling_params, num_out, s.eos_token_ids)
+                              for s, num_out in zip(states, inputs.sample_num_outputs)],
             vocab_size=logits.shape[-1],
             device=self.device,
         )
         result = self.sampler(logits, metadata)
-        sampled = result.tolist()
-        return ModelRunnerOutput(inputs.sample_req_ids, sampled, result.logprobs, prompt_logprobs)
+        self._prev_sampled = result.sampled_token_ids
+        self._prev_sample_rows = {rid: i for i, rid in enumerate(inputs.sample_req_ids)}
+        if not defer:
+            return ModelRunnerOutput(inputs.sample_req_ids, result.tolist(), result.logprobs,
+                                     prompt_logprobs)
+        return PendingOutput(inputs.sample_req_ids, result, prompt_logprobs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs) -> dict[str, list[TokenLogprobs]]:
         out: dict[str, list[TokenLogprobs]] = {}
@@ -286,3 +321,41 @@ class ModelRunner:
             out[rid] = compute_prompt_logprobs(logits, next_ids, state.sampling_params.prompt_logprobs)
         return out
 
+
+
+class PendingOutput:
+    """A step's output whose sampled ids may still be on their way to the host."""
+
+    def __init__(self, req_ids: list[str], result, prompt_logprobs) -> None:
+        self.req_ids = req_ids
+        self.result = result
+        self.prompt_logprobs = prompt_logprobs
+        self.host_ids: torch.Tensor | None = None
+        self.event = None
+        ids = result.sampled_token_ids
+        if ids.device.type == "cuda" and result._host_token_ids is None:
+            self.host_ids = ids.to("cpu", non_blocking=True)  # lands in pinned memory
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def get(self) -> ModelRunnerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+            sampled = self.host_ids.tolist()
+        else:
+            sampled = self.result.tolist()
+        return ModelRunnerOutput(self.req_ids, sampled, self.result.logprobs, self.prompt_logprobs)
+
+
+class _Ready:
+    """PendingOutput's interface around an output that is already on the host."""
+
+    def __init__(self, output: ModelRunnerOutput) -> None:
+        self.output = output
+
+    def get(self) -> ModelRunnerOutput:
+        return self.output
+
+
+def _ready(output: ModelRunnerOutput, defer: bool):
+    return _Ready(output) if defer else output

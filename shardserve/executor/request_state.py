@@ -36,6 +36,7 @@ class RequestStates:
 
     device: torch.device
     states: dict[str, CachedRequestState] = field(default_factory=dict)
+    vocab_size: int = 0  # the sampler's row width: what one seeded draw consumes
 
     def update(self, out: SchedulerOutput) -> None:
         for rid in out.finished_req_ids:
@@ -51,6 +52,12 @@ class RequestStates:
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed)
+            if new.output_token_ids:
+                # Resumed after preemption: replay the draws its earlier tokens took, so the
+                # rest of its tokens are the ones an uninterrupted run would sample.
+                from shardserve.layers.sampler import advance_generator
+                advance_generator(generator, len(new.output_token_ids), self.vocab_size,
+                                  self.device)
         self.states[new.req_id] = CachedRequestState(
             new.req_id, len(new.prompt_token_ids), new.prompt_token_ids + new.output_token_ids,
             params, list(new.block_ids), new.num_computed_tokens, list(new.eos_token_ids), generator)

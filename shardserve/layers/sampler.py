@@ -209,6 +209,16 @@ class Sampler(nn.Module):
         return probs.div_(q).argmax(dim=-1)
 
 
+def advance_generator(generator: torch.Generator, num_steps: int, vocab_size: int,
+                      device: torch.device | str) -> None:
+    """Move a seeded row's generator past `num_steps` sampling steps: the same draws as
+    `_sample_random` makes (one exponential_ over a float32 row of vocab_size per step), since
+    how far one call moves a generator depends on its size and, on CUDA, its launch shape."""
+    row = torch.empty(vocab_size, dtype=torch.float32, device=device)
+    for _ in range(num_steps):
+        row.exponential_(generator=generator)
+
+
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """Repetition (HF/vLLM: prompt + output tokens; positive logits divided, negative
     multiplied) then frequency and presence (OpenAI: output tokens, subtracted)."""

@@ -43,6 +43,11 @@ ENGINE_VARIANTS = {
     "chunked_small_budget": {"max_num_batched_tokens": 16},
     # 20 blocks of 8 tokens: room for max_model_len once, so the batch must preempt.
     "preemption": {"num_gpu_blocks_override": 20, "block_size": 8, "max_num_batched_tokens": 32},
+    # Two steps in flight, each step's tokens fed to the next on the device (on by default on
+    # a GPU; forced here so CPU runs cover it), alone and with preemption and small chunks.
+    "async": {"async_scheduling": True},
+    "async_preemption_chunked": {"async_scheduling": True, "num_gpu_blocks_override": 20,
+                                 "block_size": 8, "max_num_batched_tokens": 32},
 }
 
 
@@ -56,8 +61,10 @@ def test_greedy_matches_transformers(tiny_model_dirs, references, arch, variant)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     got = [o.outputs[0].token_ids for o in outs]
     assert got == expected
-    if variant == "preemption":
+    if "preemption" in variant:
         assert llm.engine.core.scheduler.num_preemptions > 0
+    if "async" in variant:  # the steps really overlapped: tokens came from the device
+        assert llm.engine.core.executor.worker.runner.num_placeholder_tokens > 0
     scheduler = llm.engine.core.scheduler
     assert scheduler.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
 
