@@ -144,7 +144,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None  # None: unbounded (the server bounds it)
     # Schedule and launch step N+1 while step N runs on the GPU (its sampled tokens feed N+1
-    # on the device). None: on for one CUDA process, off otherwise (resolve()).
+    # on the device). None: on for CUDA without pipeline parallelism (resolve()).
     async_scheduling: bool | None = None
 
 
@@ -228,15 +228,15 @@ class EngineConfig:
         from shardserve.planner.auto import resolve_auto_parallel_on_device
         resolve_auto_parallel_on_device(self)
         self.parallel_config.resolve()
-        one_process = self.parallel_config.world_size == 1
+        no_pipeline = self.parallel_config.pipeline_parallel_size == 1
         if sc.async_scheduling is None:
-            sc.async_scheduling = one_process and dc.device == "cuda"
-        elif sc.async_scheduling and not one_process:
-            # Under TP/PP the sampled tokens live on one rank; the others would need them on
-            # their devices before the next step. Not built yet: say so and run in lock-step.
+            sc.async_scheduling = no_pipeline and dc.device == "cuda"
+        elif sc.async_scheduling and not no_pipeline:
+            # Pipeline stages already overlap through their micro-batches, and the first stage
+            # would need the last one's sampled ids on its device: run them in lock-step.
             logging.getLogger(__name__).warning(
-                "async_scheduling applies to one process only; off with %d ranks.",
-                self.parallel_config.world_size)
+                "async_scheduling is off under pipeline parallelism (its micro-batches keep "
+                "the stages busy instead).")
             sc.async_scheduling = False
         return self
 

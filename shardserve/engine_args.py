@@ -36,7 +36,7 @@ _HELP = {
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "max_num_batched_tokens": "token budget per engine step",
     "async_scheduling": "prepare and launch the next step while the GPU runs this one "
-                        "(default: on for one CUDA process)",
+                        "(default: on for CUDA without pipeline parallelism)",
     "pp_layer_partition": "layers per pipeline stage, e.g. 14,10,8 (default: balanced on "
                           "estimated compute and memory, embedding and LM head included)",
 }

@@ -49,13 +49,21 @@ class CommTimer:
 
     def collect(self) -> tuple[float, int]:
         """(seconds, number of collectives) since the last collect; waits for pending events."""
-        seconds = self._seconds
-        if self._events:
-            self._events[-1][1].synchronize()
-            seconds += sum(s.elapsed_time(e) for s, e in self._events) / 1000.0
-            self._events.clear()
-        count = self._count
-        self._seconds, self._count = 0.0, 0
+        return self.resolve(self.detach())
+
+    def detach(self) -> tuple[list, float, int]:
+        """This step's records so far, without waiting: with async scheduling the next step
+        is queued before this one's are read (resolve() them once its tokens are back)."""
+        taken = (self._events, self._seconds, self._count)
+        self._events, self._seconds, self._count = [], 0.0, 0
+        return taken
+
+    @staticmethod
+    def resolve(taken: tuple[list, float, int]) -> tuple[float, int]:
+        events, seconds, count = taken
+        if events:
+            events[-1][1].synchronize()
+            seconds += sum(s.elapsed_time(e) for s, e in events) / 1000.0
         return seconds, count
 
 

@@ -58,6 +58,7 @@ class EngineCore:
         self.async_scheduling = bool(config.scheduler_config.async_scheduling)
         self.max_in_flight = 2 if self.async_scheduling else self.num_micro_batches
         self._batch_queue: deque[tuple[int, SchedulerOutput]] = deque()
+        self.num_overlapped_steps = 0  # submitted while another step was in flight
         self.startup_seconds = {"load": loaded - start, "kv_cache": time.perf_counter() - loaded}
         logger.info("Engine ready: load %.1f s, KV cache %.1f s", *self.startup_seconds.values())
 
@@ -105,6 +106,7 @@ class EngineCore:
                 # instead of taking a pipeline slot (the workers drop them before adding).
                 self.scheduler.defer_finished(scheduler_output.finished_req_ids)
             else:
+                self.num_overlapped_steps += bool(queue)
                 queue.append((self.executor.submit_step(scheduler_output), scheduler_output))
                 scheduled = True
         if not queue or (scheduled and len(queue) < self.max_in_flight):

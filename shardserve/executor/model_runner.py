@@ -25,7 +25,7 @@ import time
 import torch
 
 from shardserve.config import EngineConfig
-from shardserve.distributed.parallel_state import get_pp_group
+from shardserve.distributed.parallel_state import get_pp_group, get_tp_group
 from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from shardserve.errors import CacheTooSmallError
 from shardserve.executor.input_builder import ModelInputs, build_model_inputs
@@ -70,6 +70,10 @@ class ModelRunner:
         self._prev_sampled: torch.Tensor | None = None
         self._prev_sample_rows: dict[str, int] = {}
         self.num_placeholder_tokens = 0  # fed from the device so far (a check for tests)
+        # Async scheduling under TP: every rank feeds placeholders, so the driver broadcasts
+        # each step's sampled ids to its TP peers (a device collective, no host round trip).
+        self.share_samples = (bool(config.scheduler_config.async_scheduling)
+                              and get_tp_group().world_size > 1)
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -287,6 +291,10 @@ class ModelRunner:
         # Collective under TP: every rank takes part, TP rank 0 receives the whole vocabulary.
         logits = self.model.compute_logits(hidden[inputs.sample_indices], gather_all=False)
         if not self.is_driver:
+            if self.share_samples:
+                # The driver's sampled ids, for this rank's next step's placeholders.
+                ids = torch.empty(len(inputs.sample_req_ids), dtype=torch.long, device=self.device)
+                self._remember_samples(get_tp_group().broadcast(ids, src=0), inputs)
             return _ready(ModelRunnerOutput([], []), defer)
         states = [self.states.states[rid] for rid in inputs.sample_req_ids]
         metadata = SamplingMetadata.build(
@@ -301,12 +309,17 @@ class ModelRunner:
             device=self.device,
         )
         result = self.sampler(logits, metadata)
-        self._prev_sampled = result.sampled_token_ids
-        self._prev_sample_rows = {rid: i for i, rid in enumerate(inputs.sample_req_ids)}
+        if self.share_samples:
+            get_tp_group().broadcast(result.sampled_token_ids, src=0)
+        self._remember_samples(result.sampled_token_ids, inputs)
         if not defer:
             return ModelRunnerOutput(inputs.sample_req_ids, result.tolist(), result.logprobs,
                                      prompt_logprobs)
         return PendingOutput(inputs.sample_req_ids, result, prompt_logprobs)
+
+    def _remember_samples(self, ids: torch.Tensor, inputs: ModelInputs) -> None:
+        self._prev_sampled = ids
+        self._prev_sample_rows = {rid: i for i, rid in enumerate(inputs.sample_req_ids)}
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs) -> dict[str, list[TokenLogprobs]]:
         out: dict[str, list[TokenLogprobs]] = {}
@@ -338,6 +351,9 @@ class PendingOutput:
             self.event = torch.cuda.Event()
             self.event.record()
 
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
     def get(self) -> ModelRunnerOutput:
         if self.event is not None:
             self.event.synchronize()
@@ -352,6 +368,9 @@ class _Ready:
 
     def __init__(self, output: ModelRunnerOutput) -> None:
         self.output = output
+
+    def ready(self) -> bool:
+        return True
 
     def get(self) -> ModelRunnerOutput:
         return self.output

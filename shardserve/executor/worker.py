@@ -85,6 +85,14 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
 
+    def execute_model_async_timed(self, scheduler_output: SchedulerOutput) -> "TimedPending":
+        """Queue the step (async scheduling) and return at once; .get() waits for its tokens
+        and gives what execute_model_timed does (step seconds: launch to tokens back)."""
+        start = time.perf_counter()
+        pending = self.runner.execute_model_async(scheduler_output)
+        comm = self.comm_timer.detach() if self.comm_timer else ([], 0.0, 0)
+        return TimedPending(pending, start, comm)
+
     def execute_model_timed(self, scheduler_output: SchedulerOutput
                             ) -> tuple[ModelRunnerOutput, float, float, int]:
         """(output, step seconds, seconds in TP collectives, number of them)."""
@@ -92,3 +100,16 @@ class Worker:
         out = self.runner.execute_model(scheduler_output)
         comm_s, num_comm = self.comm_timer.collect() if self.comm_timer else (0.0, 0)
         return out, time.perf_counter() - start, comm_s, num_comm
+
+
+class TimedPending:
+    def __init__(self, pending, start: float, comm) -> None:
+        self.pending, self.start, self.comm = pending, start, comm
+
+    def ready(self) -> bool:
+        return self.pending.ready()
+
+    def get(self) -> tuple[ModelRunnerOutput, float, float, int]:
+        out = self.pending.get()
+        comm_s, num_comm = CommTimer.resolve(self.comm)
+        return out, time.perf_counter() - self.start, comm_s, num_comm

@@ -236,8 +236,14 @@ class WorkerProc:
 
     def _loop(self) -> int:
         same_host = self.engine_host == socket.gethostname()
+        self.async_driver = self.is_driver and bool(
+            self.worker.config.scheduler_config.async_scheduling)
+        self._pending: tuple[int, Any, dict[str, Any]] | None = None
         while True:
-            data = self.sub.recv()
+            data = self._next_message()
+            if data is None:  # the step in flight finished before anything new came
+                self._finish_pending()
+                continue
             message = self.codec.decode(data)
             kind = message[0]
             if kind == "step":
@@ -246,13 +252,54 @@ class WorkerProc:
                 latency = time.monotonic() - t_sent if same_host else -1.0
                 self._step(seq, scheduler_output, latency)
             elif kind == "call":
+                self._finish_pending()
                 _, seq, method, args, reply_ranks = message
                 self._call(seq, method, args, reply_ranks)
             elif kind == "stop":
                 return 0
             # Late pings and go's from the rendezvous are ignored.
 
+    def _next_message(self) -> bytes | None:
+        """The next message; with a step in flight (async driver), None as soon as that step's
+        tokens are back if no message came first."""
+        if self._pending is None:
+            return self.sub.recv()
+        handle = self._pending[1]
+        while True:
+            if self.sub.poll(0):
+                return self.sub.recv()
+            if handle.ready():
+                return None
+            time.sleep(50e-6)
+
+    def _finish_pending(self) -> None:
+        """Reply with the step in flight's output (async driver)."""
+        if self._pending is None:
+            return
+        seq, handle, stats = self._pending
+        self._pending = None
+        try:
+            out, step_s, comm_s, num_comm = handle.get()
+            stats.update(step_s=step_s, comm_s=comm_s, num_comm=num_comm)
+            self._send(["out", seq, self.rank, out, stats])
+        except Exception as exc:
+            logger.exception("Step %d failed", seq)
+            self._send_error(seq, exc)
+
     def _step(self, seq: int, scheduler_output: Any, latency: float) -> None:
+        if self.async_driver:
+            # Queue this step on the device first, then answer the one before it: the GPU
+            # never waits for the host between the two (engine/core.py, async scheduling).
+            try:
+                handle = self.worker.execute_model_async_timed(scheduler_output)
+            except Exception as exc:
+                logger.exception("Step %d failed", seq)
+                self._finish_pending()
+                self._send_error(seq, exc)
+                return
+            self._finish_pending()
+            self._pending = (seq, handle, {"broadcast_s": latency})
+            return
         try:
             if not self.is_driver:
                 self.worker.execute_model(scheduler_output)

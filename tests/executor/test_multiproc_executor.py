@@ -102,6 +102,23 @@ def test_tp_greedy_matches_one_process(tiny_model_dirs, qwen3_kv1_dir, model, tp
         llm.shutdown()
 
 
+def test_tp_async_scheduling_matches_one_process(tiny_model_dirs):
+    """Two steps in flight under TP: the driver broadcasts each step's sampled ids so every
+    rank fills the next step's placeholders on its device; same tokens as lock-step."""
+    prompts = _prompts(7)
+    expected, _ = _reference(tiny_model_dirs["llama"], prompts)
+    llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, async_scheduling=True,
+              **ENGINE_KWARGS)
+    try:
+        assert _generate(llm, prompts) == expected
+        core = llm.engine.core
+        assert core.max_in_flight == 2 and core.num_overlapped_steps > 0
+        assert core.scheduler.num_preemptions > 0
+        assert core.scheduler.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
+    finally:
+        llm.shutdown()
+
+
 @pytest.mark.slow
 def test_smollm2_tp3_matches_one_process(smollm2_llm):
     """The real model: 9 query and 3 KV heads divide by 3 (not by 2 or 4)."""
