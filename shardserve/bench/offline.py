@@ -22,6 +22,9 @@ def add_offline_bench_parsers(bench_sub: Any) -> None:
     tp.add_argument("--input-len", type=int, default=1024)
     tp.add_argument("--output-len", type=int, default=128)
     tp.add_argument("--num-prompts", type=int, default=1000)
+    tp.add_argument("--plot", default=None, metavar="PNG",
+                    help="draw throughput over time and the per-request latency spread "
+                         "(needs matplotlib)")
     _common(tp)
     tp.set_defaults(func=run_throughput)
 
@@ -64,7 +67,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     vocab = int(llm.config.model_config.hf_config.vocab_size)
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.bench_seed)
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)
-    start = time.perf_counter()
+    start, start_mono = time.perf_counter(), time.monotonic()  # requests stamp monotonic times
     outs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -81,6 +84,12 @@ def run_throughput(args: argparse.Namespace) -> int:
           f"({len(outs)} requests, {num_in} in + {num_out} out tokens, {elapsed:.1f} s; "
           f"start-up {startup:.1f} s)")
     _save(args.output_json, result)
+    if args.plot:
+        from shardserve.bench.plots import save_throughput_plot
+        title = (f"bench throughput: {len(outs)} requests x ({args.input_len} in / "
+                 f"{args.output_len} out), {result['output_tokens_per_second']:.0f} output tok/s")
+        if save_throughput_plot(outs, start_mono, elapsed, args.plot, title):
+            print(f"Saved {args.plot}")
     return 0
 
 

@@ -3,7 +3,7 @@
 Each request streams /v1/completions with a random token-id prompt of --input-len tokens and
 asks for exactly --output-len tokens (ignore_eos), so the load does not depend on the model's
 weights. Arrivals are a Poisson process at --request-rate (inf: all at once), with at most
---max-concurrency requests in flight. Per request it records time to first token, the gaps
+--max-concurrency requests in flight; several rates run one after another, with the same prompts. Per request it records time to first token, the gaps
 between streamed tokens and end-to-end latency; serve_report.py turns them into vLLM's table.
 """
 
@@ -18,8 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from shardserve.bench.serve_report import (BenchConfig, parse_goodput, print_summary,
-                                           save_plot, summarize)
+from shardserve.bench.serve_report import BenchConfig, parse_goodput, print_summary, summarize
 
 DEFAULT_VOCAB_SIZE = 32000  # when the server does not say (the smallest common Llama vocab)
 
@@ -45,8 +44,10 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name (default: the server's first)")
     parser.add_argument("--api-key", default=None,
                         help="Bearer key (default: $SHARDSERVE_API_KEY or $OPENAI_API_KEY)")
-    parser.add_argument("--request-rate", default="inf",
-                        help="requests per second, Poisson arrivals; inf sends all at once")
+    parser.add_argument("--request-rate", nargs="+", default=["inf"], metavar="RATE",
+                        help="requests per second, Poisson arrivals; inf sends all at once. "
+                             "Several (e.g. 1 2 4 inf) run one after another and --plot adds "
+                             "latency and throughput against the rate")
     parser.add_argument("--max-concurrency", type=int, default=None,
                         help="most requests in flight at once (default: no limit)")
     parser.add_argument("--num-prompts", type=int, default=100)
@@ -58,21 +59,25 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
                         help="SLOs for goodput, e.g. ttft:200 tpot:50 e2el:5000 (milliseconds)")
     parser.add_argument("--save-result", default=None, metavar="JSON",
-                        help="write the summary and per-request timings here")
+                        help="write the summary and per-request timings here (several rates: "
+                             "{\"runs\": [one such object per rate]})")
     parser.add_argument("--plot", default=None, metavar="PNG",
-                        help="draw latency percentiles and throughput over time (needs matplotlib)")
+                        help="draw latency percentiles (overall, over time, against the rate) "
+                             "and throughput (needs matplotlib)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds one request may take")
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    try:
-        rate = float(args.request_rate)
-    except ValueError:
-        print(f"error: --request-rate must be a number or inf, got {args.request_rate!r}",
-              file=sys.stderr)
-        return 2
-    if rate <= 0:
+    rates = []
+    for text in args.request_rate:
+        try:
+            rates.append(float(text))
+        except ValueError:
+            print(f"error: --request-rate must be a number or inf, got {text!r}",
+                  file=sys.stderr)
+            return 2
+    if min(rates) <= 0:
         print("error: --request-rate must be positive", file=sys.stderr)
         return 2
     try:
@@ -85,10 +90,10 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         print("error: bench serve needs httpx: pip install 'shardserve[bench]'", file=sys.stderr)
         return 2
     api_key = args.api_key or os.environ.get("SHARDSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    return asyncio.run(_main(args, rate, slos, api_key))
+    return asyncio.run(_main(args, rates, slos, api_key))
 
 
-async def _main(args: argparse.Namespace, rate: float, slos: dict[str, float],
+async def _main(args: argparse.Namespace, rates: list[float], slos: dict[str, float],
                 api_key: str | None) -> int:
     import httpx
 
@@ -96,43 +101,55 @@ async def _main(args: argparse.Namespace, rate: float, slos: dict[str, float],
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(args.timeout, connect=30.0)
+    runs: list[tuple[list[RequestResult], dict]] = []
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
         model, vocab_size = await _model_info(client, base, args)
-        rng = random.Random(args.seed)
-        prompts = [[rng.randrange(vocab_size) for _ in range(args.input_len)]
-                   for _ in range(args.num_prompts)]
-        print(f"Benchmarking {model} at {base}: {args.num_prompts} requests, {args.input_len} in / "
-              f"{args.output_len} out, rate {rate:g} req/s, max concurrency "
-              f"{args.max_concurrency or 'unlimited'}", flush=True)
-        semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-        start = time.perf_counter()
-        tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(
-                _limited(semaphore, client, base, model, prompt, args.output_len, start)))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+        for k, rate in enumerate(rates):
+            # Rate k draws its own prompts (seed + k): the prefix cache must not carry one
+            # rate's prompts into the next and flatter its TTFT.
+            results, duration = await _run_rate(client, base, model, vocab_size, rate,
+                                                args.seed + k, args)
+            config = BenchConfig(base_url=base, model=model, request_rate=rate,
+                                 max_concurrency=args.max_concurrency,
+                                 num_prompts=args.num_prompts, input_len=args.input_len,
+                                 output_len=args.output_len, seed=args.seed + k, goodput=slos)
+            summary = summarize(results, duration, config)
+            print_summary(summary)
+            runs.append((results, summary))
 
-    config = BenchConfig(base_url=base, model=model, request_rate=rate,
-                         max_concurrency=args.max_concurrency, num_prompts=args.num_prompts,
-                         input_len=args.input_len, output_len=args.output_len, seed=args.seed,
-                         goodput=slos)
-    summary = summarize(results, duration, config)
-    print_summary(summary)
     if args.save_result:
-        data = {**summary, "ttfts": [r.ttft for r in results], "itls": [r.itl for r in results],
-                "e2els": [r.latency for r in results],
-                "output_lens": [r.output_tokens for r in results],
-                "errors": [r.error for r in results]}
+        data = [{**summary, "ttfts": [r.ttft for r in results], "itls": [r.itl for r in results],
+                 "e2els": [r.latency for r in results],
+                 "output_lens": [r.output_tokens for r in results],
+                 "errors": [r.error for r in results]} for results, summary in runs]
         with open(args.save_result, "w") as f:
-            json.dump(data, f, indent=2)
+            json.dump(data[0] if len(data) == 1 else {"runs": data}, f, indent=2)
         print(f"Saved {args.save_result}")
     if args.plot:
-        if save_plot(results, summary, args.plot):
+        from shardserve.bench.plots import save_serve_plot
+        if save_serve_plot(runs, args.plot):
             print(f"Saved {args.plot}")
-    return 0 if summary["completed"] > 0 else 1
+    return 0 if all(summary["completed"] > 0 for _, summary in runs) else 1
+
+
+async def _run_rate(client, base: str, model: str, vocab_size: int, rate: float, seed: int,
+                    args: argparse.Namespace) -> tuple[list[RequestResult], float]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab_size) for _ in range(args.input_len)]
+               for _ in range(args.num_prompts)]
+    print(f"Benchmarking {model} at {base}: {args.num_prompts} requests, {args.input_len} in / "
+          f"{args.output_len} out, rate {rate:g} req/s, max concurrency "
+          f"{args.max_concurrency or 'unlimited'}", flush=True)
+    semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    start = time.perf_counter()
+    tasks = []
+    for prompt in prompts:
+        tasks.append(asyncio.create_task(
+            _limited(semaphore, client, base, model, prompt, args.output_len, start)))
+        if rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - start
 
 
 async def _model_info(client, base: str, args: argparse.Namespace) -> tuple[str, int]:

@@ -1,5 +1,6 @@
 """Turns `bench serve` request timings into vLLM's summary: throughput, goodput, and TTFT, TPOT,
-ITL and end-to-end latency (mean, median, P90, P99), as a table, JSON and a PNG."""
+ITL and end-to-end latency (mean, median, P90, P99), as a table and JSON (plots.py draws the
+PNG)."""
 
 from __future__ import annotations
 
@@ -131,45 +132,3 @@ def print_summary(s: dict[str, Any], out: Any = sys.stdout) -> None:
     print("=" * 50, file=out)
     if s["first_errors"]:
         print("Errors (first kinds): " + "; ".join(s["first_errors"]), file=out)
-
-
-def save_plot(results: list[Any], summary: dict[str, Any], path: str) -> bool:
-    """Latency percentiles (bars) and output tokens/s over time; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("warning: --plot needs matplotlib (pip install matplotlib); no plot written",
-              file=sys.stderr)
-        return False
-    fig, (ax_lat, ax_tput) = plt.subplots(1, 2, figsize=(12, 4.5))
-    metrics = ["ttft", "tpot", "itl", "e2el"]
-    width = 0.25
-    for j, stat in enumerate(("median", "p90", "p99")):
-        values = [summary[f"{stat}_{m}_ms"] for m in metrics]
-        ax_lat.bar([i + (j - 1) * width for i in range(len(metrics))], values, width, label=stat)
-    ax_lat.set_xticks(range(len(metrics)), [m.upper() for m in metrics])
-    ax_lat.set_ylabel("ms")
-    ax_lat.set_yscale("log")
-    ax_lat.set_title("Latency percentiles")
-    ax_lat.legend()
-
-    times = sorted(t for r in results if r.success for t in r.token_times)
-    duration = max(summary["duration"], 1e-9)
-    num_bins = max(1, min(60, int(duration)))
-    bin_width = duration / num_bins
-    counts = [0] * num_bins
-    for t in times:
-        counts[min(int(t / bin_width), num_bins - 1)] += 1
-    ax_tput.plot([(i + 0.5) * bin_width for i in range(num_bins)],
-                 [c / bin_width for c in counts], marker=".")
-    ax_tput.set_xlabel("time since start (s)")
-    ax_tput.set_ylabel("output chunks/s (~tokens/s)")
-    ax_tput.set_title("Throughput over time")
-    fig.suptitle(f"{summary['config_model']}  rate={summary['config_request_rate']:g}  "
-                 f"in={summary['config_input_len']} out={summary['config_output_len']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shardserve.errors import InvalidRequestError
+from shardserve.router.policy import POLICIES
 
 
 def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +14,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     k8s = targets.add_parser(
         "k8s", help="Kubernetes YAML + kustomization.yaml (kubectl apply -k DIR)",
         description="A Deployment (a group inside one node) or a LeaderWorkerSet (a group "
-                    "spanning nodes), Service, PDB, autoscaler, ServiceMonitor, dashboard.")
+                    "spanning nodes), Service, PDB, autoscaler, ServiceMonitor, dashboard; "
+                    "with several replicas, a router in front of them.")
     k8s.add_argument("--plan", default=None, help="plan.json from `shardserve plan --json`")
     k8s.add_argument("--model", default=None,
                      help="model folder inside the container; relative paths are under /models")
@@ -34,6 +36,13 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
                    help="LeaderWorkerSet: node label whose domains each hold one whole group")
     g.add_argument("--allow-tp-across-nodes", action="store_true", default=None,
                    help="let a TP group span nodes (only on a fast inter-node fabric)")
+    g.add_argument("--router", action=argparse.BooleanOptionalAction, default=None,
+                   help="also deploy `shardserve router` pods in front of the replicas, found "
+                        "through a headless Service (default: on when there can be more than "
+                        "one replica, i.e. -dp or --max-replicas above 1)")
+    g.add_argument("--router-policy", default=None, choices=POLICIES,
+                   help="the router's policy (default prefix-aware)")
+    g.add_argument("--router-replicas", type=int, default=None, help="router pods (default 2)")
     g.add_argument("--autoscaler", choices=["hpa", "keda", "none"], default=None)
     g.add_argument("--min-replicas", type=int, default=None)
     g.add_argument("--max-replicas", type=int, default=None)
@@ -59,7 +68,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
 
 
 _SPEC_FIELDS = ("name", "namespace", "image", "served_model_name", "gpu_product",
-                "group_topology_key", "allow_tp_across_nodes", "autoscaler", "min_replicas",
+                "group_topology_key", "allow_tp_across_nodes", "router", "router_policy",
+                "router_replicas", "autoscaler", "min_replicas",
                 "max_replicas", "standby_replicas", "target_waiting_per_replica",
                 "target_qps_per_replica", "prometheus_url", "model_cache", "model_cache_size",
                 "model_cache_path", "storage_class", "download_from", "model_load_s",
@@ -94,5 +104,9 @@ def cmd_deploy_k8s(args: argparse.Namespace) -> int:
           f"{spec.nodes_per_group} node(s) × {spec.gpus_per_pod} GPUs per replica")
     for path in paths:
         print(f"  wrote {path}")
+    if spec.with_router:
+        from shardserve.deploy.router import router_name
+        print(f"clients: http://{router_name(spec)}.{spec.namespace}.svc:{spec.port} "
+              f"({spec.router_replicas} router pods, {spec.router_policy})")
     print(f"apply with: kubectl apply -k {args.out}")
     return 0

@@ -1,10 +1,12 @@
-"""Scraping and dashboards: a Prometheus-operator ServiceMonitor for the server's /metrics and a
-Grafana dashboard over the server's metrics (server/metrics.py names; `shardserve:` prefix)."""
+"""Scraping and dashboards: a Prometheus-operator ServiceMonitor for the server's /metrics (and one
+for the router's, when there is one) and a Grafana dashboard over the server's metrics
+(server/metrics.py names; `shardserve:` prefix)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from shardserve.deploy.router import router_labels, router_name
 from shardserve.deploy.spec import DeploySpec
 from shardserve.deploy.workloads import pod_labels
 
@@ -28,6 +30,22 @@ def service_monitor(spec: DeploySpec) -> dict[str, Any]:
         "spec": {"selector": {"matchLabels": selector},
                  "namespaceSelector": {"matchNames": [spec.namespace]},
                  "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s",
+                                "scrapeTimeout": "10s"}]},
+    }
+
+
+def router_service_monitor(spec: DeploySpec) -> dict[str, Any]:
+    """The routers' own series (requests, 503s, retries, replica health) from their Service.
+    `replicas=false` leaves out the replicas' series the router page would add: Prometheus
+    already scrapes them from each pod, and would otherwise hold and sum them twice."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+        "metadata": {"name": router_name(spec), "namespace": spec.namespace,
+                     "labels": {**spec.labels, "app.kubernetes.io/component": "monitoring"}},
+        "spec": {"selector": {"matchLabels": router_labels(spec)},
+                 "namespaceSelector": {"matchNames": [spec.namespace]},
+                 "endpoints": [{"port": "http", "path": "/metrics",
+                                "params": {"replicas": ["false"]}, "interval": "15s",
                                 "scrapeTimeout": "10s"}]},
     }
 

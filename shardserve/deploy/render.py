@@ -4,7 +4,9 @@ Grafana dashboard JSON, a Dockerfile and a kustomization.yaml that `kubectl appl
     namespace.yaml                 (unless the namespace is 'default')
     deployment.yaml | leaderworkerset.yaml
     service.yaml  pdb.yaml  model-cache-pvc.yaml (pvc cache)
-    hpa.yaml | keda-scaledobject.yaml       servicemonitor.yaml
+    replicas-headless-service.yaml  router-deployment.yaml  router-service.yaml  router-pdb.yaml
+                                   (with a router: more than one replica, or --router)
+    hpa.yaml | keda-scaledobject.yaml       servicemonitor.yaml  router-servicemonitor.yaml
     grafana-dashboard.json         -> a ConfigMap through kustomize's configMapGenerator
     prometheus-adapter-values.yaml (HPA: Helm values for the cluster's prometheus-adapter)
     Dockerfile   kustomization.yaml
@@ -18,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from shardserve.deploy import autoscaling, monitoring, workloads
+from shardserve.deploy import autoscaling, monitoring, router, workloads
 from shardserve.deploy.dockerfile import dockerfile
 from shardserve.deploy.spec import DeploySpec
 
@@ -37,11 +39,18 @@ def manifests(spec: DeploySpec) -> dict[str, dict[str, Any]]:
         out["deployment.yaml"] = workloads.deployment(spec)
     out["service.yaml"] = workloads.service(spec)
     out["pdb.yaml"] = workloads.pod_disruption_budget(spec)
+    if spec.with_router:
+        out["replicas-headless-service.yaml"] = router.headless_service(spec)
+        out["router-deployment.yaml"] = router.router_deployment(spec)
+        out["router-service.yaml"] = router.router_service(spec)
+        out["router-pdb.yaml"] = router.router_pdb(spec)
     if spec.autoscaler == "hpa":
         out["hpa.yaml"] = autoscaling.hpa(spec)
     elif spec.autoscaler == "keda":
         out["keda-scaledobject.yaml"] = autoscaling.keda_scaled_object(spec)
     out["servicemonitor.yaml"] = monitoring.service_monitor(spec)
+    if spec.with_router:
+        out["router-servicemonitor.yaml"] = monitoring.router_service_monitor(spec)
     return out
 
 

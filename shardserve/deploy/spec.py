@@ -59,6 +59,13 @@ class DeploySpec:
     model_cache_path: str = "/mnt/nvme/shardserve-models"  # hostPath: local NVMe on each node
     storage_class: str | None = None
     download_from: str | None = None  # a Hugging Face repo id the init container fetches
+    # A router in front of the replicas (`shardserve router` over a headless Service): clients
+    # then get per-request least-load / prefix-aware balancing, failover and 503 on overload
+    # instead of kube-proxy's per-connection pick. None: on when there can be more than one
+    # replica (dp or --max-replicas above 1).
+    router: bool | None = None
+    router_policy: str = "prefix-aware"  # shared prefixes stay in one replica's prefix cache
+    router_replicas: int = 2  # rendezvous hashing: every router picks the same replica
     shm_size: str = "16Gi"
     cpu_per_gpu: int = 8
     memory_per_gpu_gib: int = 32
@@ -99,6 +106,10 @@ class DeploySpec:
         return min(max(self.min_replicas, 1) + self.standby_replicas, self.replicas_max)
 
     @property
+    def with_router(self) -> bool:
+        return self.router if self.router is not None else self.replicas_max > 1
+
+    @property
     def model_path(self) -> str:
         return self.model if self.model.startswith("/") else f"{MODEL_MOUNT}/{self.model}"
 
@@ -135,6 +146,12 @@ class DeploySpec:
             raise InvalidRequestError("--autoscaler must be hpa, keda or none.", "autoscaler")
         if self.model_cache not in ("pvc", "hostpath"):
             raise InvalidRequestError("--model-cache must be pvc or hostpath.", "model_cache")
+        from shardserve.router.policy import POLICIES
+        if self.router_policy not in POLICIES:
+            raise InvalidRequestError(f"--router-policy must be one of {', '.join(POLICIES)}.",
+                                      "router_policy")
+        if self.router_replicas < 1:
+            raise InvalidRequestError("--router-replicas must be at least 1.", "router_replicas")
         if self.replicas_min > self.replicas_max:
             raise InvalidRequestError(f"min replicas {self.replicas_min} exceed max replicas "
                                       f"{self.replicas_max}.", "min_replicas")

@@ -77,15 +77,21 @@ def leader_worker_set(spec: DeploySpec) -> dict[str, Any]:
     }
 
 
-def service(spec: DeploySpec) -> dict[str, Any]:
-    """The OpenAI endpoint (and /metrics). For a LeaderWorkerSet only leaders serve HTTP."""
+def serving_selector(spec: DeploySpec) -> dict[str, str]:
+    """The pods that serve HTTP: every replica pod, or a LeaderWorkerSet's leaders."""
     selector = pod_labels(spec)
     if spec.spans_nodes:
         selector = {**selector, ROLE_LABEL: "leader"}
+    return selector
+
+
+def service(spec: DeploySpec) -> dict[str, Any]:
+    """The replicas' OpenAI endpoint and /metrics (what the ServiceMonitor scrapes). With a
+    router (router.py), clients use the router's Service instead."""
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": _meta(spec, spec.name, "server"),
-        "spec": {"type": "ClusterIP", "selector": selector,
+        "spec": {"type": "ClusterIP", "selector": serving_selector(spec),
                  "ports": [{"name": "http", "port": spec.port, "targetPort": "http",
                             "protocol": "TCP"}]},
     }

@@ -2,7 +2,9 @@
 
     /v1/*      forwarded unchanged (streaming passed through as it arrives), with failover
     /health    200 while any replica is healthy, else 503
-    /metrics   router counters and gauges, per replica (label backend=URL) and in total
+    /metrics   the whole deployment: router counters and gauges (totals, and per replica), then
+               every healthy replica's own series labelled replica=NAME (metrics.py says why);
+               /metrics?replicas=false: the router's own series alone
     /backends  the router's view of each replica, as JSON
 """
 
@@ -20,7 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from shardserve import __version__
+from shardserve.dashboard import mount_router_dashboard
 from shardserve.router.backends import BackendPool, DiscoveryConfig
+from shardserve.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from shardserve.router.metrics import render_metrics
 from shardserve.router.policy import POLICIES, make_policy
 from shardserve.router.proxy import Proxy, ProxyConfig
 
@@ -118,6 +123,7 @@ def build_router_app(args: RouterArgs, on_startup: Callable[[BackendPool], None]
     app = FastAPI(title="shardserve router", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.pool = pool
+    mount_router_dashboard(app, pool)  # /dashboard: every replica's health, load and numbers
 
     @app.get("/health")
     async def health() -> Response:
@@ -143,9 +149,9 @@ def build_router_app(args: RouterArgs, on_startup: Callable[[BackendPool], None]
                 for b in pool.backends.values()]
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(render_metrics(holder["proxy"]),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(replicas: bool = True) -> Response:
+        return Response(await render_metrics(holder["proxy"], include_replicas=replicas),
+                        media_type=METRICS_CONTENT_TYPE)
 
     @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
     async def forward(path: str, request: Request) -> Response:
@@ -154,54 +160,6 @@ def build_router_app(args: RouterArgs, on_startup: Callable[[BackendPool], None]
         return await holder["proxy"].forward(request.method, target, dict(request.headers), body)
 
     return app
-
-
-def render_metrics(proxy: Proxy) -> str:
-    """Prometheus text: totals, then one series per replica labelled backend=URL."""
-    s, backends = proxy.stats, list(proxy.pool.backends.values())
-    out: list[str] = []
-
-    def family(name: str, kind: str, doc: str, samples: list[tuple[str, float]]) -> None:
-        out.append(f"# HELP shardserve:{name} {doc}")
-        out.append(f"# TYPE shardserve:{name} {kind}")
-        suffix = "_total" if kind == "counter" else ""
-        for labels, value in samples:
-            out.append(f"shardserve:{name}{suffix}{labels} {value}")
-
-    family("router_requests", "counter", "Requests the router received.", [("", s.num_requests)])
-    family("router_requests_rejected", "counter",
-           "Requests answered 503 by the router (nothing healthy, or every replica saturated).",
-           [("", s.num_rejected)])
-    family("router_retries", "counter", "Requests moved to another replica after a failure.",
-           [("", s.num_retries)])
-    family("router_request_failures", "counter",
-           "Requests that ended in an error status or a broken stream.", [("", s.num_failures)])
-    family("router_in_flight", "gauge", "Requests open through the router.", [("", s.in_flight)])
-    family("router_healthy_replicas", "gauge", "Replicas in the healthy set.",
-           [("", sum(b.healthy for b in backends))])
-    family("router_replicas", "gauge", "Replicas known.", [("", len(backends))])
-
-    def per(attr: Callable) -> list[tuple[str, float]]:
-        return [(f'{{backend="{b.url}"}}', float(attr(b))) for b in backends]
-
-    family("router_backend_requests", "counter", "Requests sent to the replica (attempts).",
-           per(lambda b: b.num_requests))
-    family("router_backend_failures", "counter",
-           "Connection errors, 5xx answers and broken streams from the replica.",
-           per(lambda b: b.num_failures))
-    family("router_backend_retries", "counter",
-           "Requests that failed on the replica and were moved to another.",
-           per(lambda b: b.num_retries_from))
-    family("router_backend_healthy", "gauge", "1 if the replica is in the healthy set.",
-           per(lambda b: b.healthy))
-    family("router_backend_in_flight", "gauge", "Requests the router has open on the replica.",
-           per(lambda b: b.in_flight))
-    family("router_backend_load", "gauge",
-           "Outstanding requests: router in-flight plus the replica's running + waiting.",
-           per(lambda b: b.load))
-    family("router_backend_kv_cache_usage_perc", "gauge", "The replica's reported KV usage.",
-           per(lambda b: b.kv_usage))
-    return "\n".join(out) + "\n"
 
 
 def run_router(ns: argparse.Namespace) -> int:

@@ -33,6 +33,9 @@ class Backend:
     """One replica, as the router sees it. Counters are cumulative for the router's life."""
 
     url: str  # base URL, no trailing slash
+    # The `replica` label on the router's /metrics: the index under `serve -dp N`, else the
+    # URL's host:port (what Prometheus would call the instance had it scraped the replica).
+    name: str = ""
     healthy: bool = False  # in the set requests are sent to
     status: str = "unknown"  # last /health answer or failure, for /backends
     in_flight: int = 0  # requests this router has open on it now
@@ -47,6 +50,10 @@ class Backend:
     num_probe_failures: int = 0  # probes in a row that got no answer at all
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # set: stop waiting on it
     waiters: set = field(default_factory=set)  # tasks awaiting the replica (cancelled if lost)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.url.partition("://")[2] or self.url
 
     @property
     def load(self) -> float:
@@ -91,7 +98,7 @@ class BackendPool:
     def healthy(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.healthy]
 
-    def add(self, url: str, pid: int | None = None) -> Backend:
+    def add(self, url: str, pid: int | None = None, name: str | None = None) -> Backend:
         url = normalize_url(url)
         backend = self.backends.get(url)
         if backend is None:
@@ -99,6 +106,8 @@ class BackendPool:
             logger.info("Replica %s added", url)
         if pid is not None:
             backend.pid = pid
+        if name is not None:
+            backend.name = name
         return backend
 
     async def start(self) -> None:

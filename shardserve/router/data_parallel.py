@@ -4,7 +4,9 @@ Each replica is a full `shardserve serve` child process (its own engine core, TP
 and devices) listening on a free 127.0.0.1 port; this process runs the router on --port. Why
 processes rather than N engines inside one HTTP process: a replica that crashes (or is killed)
 takes nothing else down, the router's failover and health logic is the same code that fronts
-replicas in separate pods, and each replica's /metrics stays exactly a single server's.
+replicas in separate pods, and each replica's /metrics stays exactly a single server's. The
+front port's /metrics is the whole deployment: the router's series and every replica's, labelled
+replica="0" .. "N-1" (router/metrics.py).
 
 Devices: on CUDA replica r sees GPUs [r * tp * pp, (r + 1) * tp * pp) of this process's visible
 ones (through CUDA_VISIBLE_DEVICES). Seeds are not offset: the same request seed gives the same
@@ -182,7 +184,7 @@ class Supervisor:
     def start(self, pool: BackendPool) -> None:
         for r in self.replicas:
             r.start()
-            pool.add(r.url, pid=r.proc.pid)
+            pool.add(r.url, pid=r.proc.pid, name=str(r.index))
         self._task = asyncio.get_running_loop().create_task(self._watch(pool))
 
     async def _watch(self, pool: BackendPool) -> None:

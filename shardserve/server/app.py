@@ -25,6 +25,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from shardserve import __version__
+from shardserve.dashboard import mount_server_dashboard
 from shardserve.engine.async_llm import AsyncLLM
 from shardserve.server.args import API_KEY_ENV, ServerArgs
 from shardserve.server.errors import APIError, install_error_handlers
@@ -83,6 +84,8 @@ def build_app(state: ServerState) -> FastAPI:
         return await create_chat_completion(request, state)
 
     app.include_router(v1)
+    # /dashboard: the page is public (no data, no key in it); its data needs the key like /v1.
+    mount_server_dashboard(app, state, _require_api_key)
     return app
 
 

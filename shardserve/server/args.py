@@ -15,7 +15,7 @@ API_KEY_ENV = "SHARDSERVE_API_KEY"
 class ServerArgs:
     host: str = "0.0.0.0"
     port: int = 8000
-    api_key: str | None = None  # Bearer token required on /v1/*; None: open
+    api_key: str | None = None  # Bearer token required on /v1/* and /dashboard/data; None: open
     max_queue_time: float | None = None  # seconds a request may wait unscheduled before a 503
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     # After the engine dies, keep answering (503s, /live 503) this long, then exit 1 so a
@@ -41,8 +41,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default=d.host, help="address to listen on")
     g.add_argument("--port", type=int, default=d.port)
     g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV}); "
-                        "/health, /live, /version and /metrics stay open")
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* and /dashboard/data (or "
+                        f"set {API_KEY_ENV}); /health, /live, /version, /metrics and the "
+                        "/dashboard page itself stay open")
     g.add_argument("--max-queue-time", type=float, default=None, metavar="SECONDS",
                    help="a request not scheduled within this time gets 503 + Retry-After "
                         "(with --max-waiting-requests: graceful overload)")

@@ -50,8 +50,13 @@ def _objects(case: str) -> dict[str, dict]:
             and name not in ("kustomization.yaml", "prometheus-adapter-values.yaml")}
 
 
+def _is_router_file(name: str) -> bool:
+    return name.startswith(("router-", "replicas-"))
+
+
 def _by_kind(objects: dict[str, dict]) -> dict[str, dict]:
-    return {obj["kind"]: obj for obj in objects.values()}
+    """kind -> object, of the replicas' own objects (the router's are checked on their own)."""
+    return {obj["kind"]: obj for name, obj in objects.items() if not _is_router_file(name)}
 
 
 def _pod_templates(workload: dict) -> list[tuple[str, dict]]:
@@ -314,6 +319,108 @@ def test_cli_from_flags_and_from_a_plan(tmp_path: Path, capsys) -> None:
     assert "--max-model-len=8192" in args and "--dtype=bfloat16" in args
     pvc = yaml.safe_load((tmp_path / "plan" / "model-cache-pvc.yaml").read_text())
     assert pvc["spec"]["resources"]["requests"]["storage"] == "19Gi"  # 8.03 B x 2 bytes x 1.25
+
+
+# The router in front of the replicas: dp3 (a golden case) and a LeaderWorkerSet of 2 groups.
+ROUTER_CASES = {"dp3": CASES["dp3"],
+                "lws-dp2": DeploySpec(model="llama-3-70b", tp=4, pp=2, dp=2, gpus_per_node=4,
+                                      namespace="llm", autoscaler="keda")}
+ROUTER_FILES = {"replicas-headless-service.yaml", "router-deployment.yaml", "router-service.yaml",
+                "router-pdb.yaml", "router-servicemonitor.yaml"}
+
+
+@pytest.mark.parametrize("case", sorted(ROUTER_CASES))
+def test_router_in_front_of_the_replicas(case: str) -> None:
+    from shardserve.cli import build_parser
+    from shardserve.router.app import RouterArgs
+
+    spec = ROUTER_CASES[case]
+    objects = {name: yaml.safe_load(text) for name, text in render(spec).items()
+               if name.endswith(".yaml")
+               and name not in ("kustomization.yaml", "prometheus-adapter-values.yaml")}
+    assert ROUTER_FILES <= set(objects)
+    kinds = _by_kind(objects)
+    templates = dict(_pod_templates(_workload(kinds)))
+    serving = templates.get("server") or templates["leader"]
+    headless, router = objects["replicas-headless-service.yaml"], objects["router-deployment.yaml"]
+    front, pdb = objects["router-service.yaml"], objects["router-pdb.yaml"]
+    router_pod = router["spec"]["template"]
+
+    # The headless Service lists the serving pods (leaders only), and only them.
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == kinds["Service"]["spec"]["selector"]
+    assert _subset(headless["spec"]["selector"], serving["metadata"]["labels"])
+    assert not _subset(headless["spec"]["selector"], router_pod["metadata"]["labels"])
+    if "worker" in templates:
+        assert not _subset(headless["spec"]["selector"], templates["worker"]["metadata"]["labels"])
+
+    # The router pods: the real CLI reads their arguments, the DNS name is the headless one's.
+    container = router_pod["spec"]["containers"][0]
+    assert container["args"][0] == "router"
+    args = RouterArgs.from_namespace(build_parser().parse_args(container["args"]))
+    meta = headless["metadata"]
+    assert args.discovery.dns == f"{meta['name']}.{meta['namespace']}.svc:{spec.port}"
+    assert args.discovery.static == [] and args.policy == "prefix-aware"
+    assert (args.host, args.port) == ("0.0.0.0", spec.port)
+    assert headless["spec"]["ports"][0]["port"] == spec.port
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/live"
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == [
+        "sleep", str(spec.prestop_sleep_s)]
+    assert router_pod["spec"]["terminationGracePeriodSeconds"] >= spec.min_grace_s
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+    assert "nvidia.com/gpu" not in resources["requests"] and "tolerations" not in router_pod["spec"]
+    assert router["spec"]["replicas"] == spec.router_replicas
+
+    # Selectors: the router's Deployment, Service and PDB reach the router pods and no replica.
+    labels = router_pod["metadata"]["labels"]
+    for selector in (router["spec"]["selector"]["matchLabels"], front["spec"]["selector"],
+                     pdb["spec"]["selector"]["matchLabels"]):
+        assert _subset(selector, labels)
+        assert not any(_subset(selector, t["metadata"]["labels"]) for t in templates.values())
+    assert front["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+
+    # Scraping: the replicas' ServiceMonitor picks only their own Service (not the headless one:
+    # every pod twice; not the router's: every series again); the router's asks for its own.
+    replicas_monitor = objects["servicemonitor.yaml"]["spec"]["selector"]["matchLabels"]
+    assert [n for n in ("service.yaml", "replicas-headless-service.yaml", "router-service.yaml")
+            if _subset(replicas_monitor, objects[n]["metadata"]["labels"])] == ["service.yaml"]
+    router_monitor = objects["router-servicemonitor.yaml"]["spec"]
+    assert _subset(router_monitor["selector"]["matchLabels"], front["metadata"]["labels"])
+    assert not _subset(router_monitor["selector"]["matchLabels"], headless["metadata"]["labels"])
+    assert router_monitor["endpoints"][0]["params"] == {"replicas": ["false"]}
+    assert {o["metadata"].get("namespace") for o in objects.values()
+            if o["kind"] != "Namespace"} == {spec.namespace}
+
+    kv = pytest.importorskip("kubernetes_validate")
+    for name in ROUTER_FILES - {"router-servicemonitor.yaml"}:
+        kv.validate(objects[name], "1.33", strict=True)
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(objects["router-servicemonitor.yaml"],
+                        json.loads((SCHEMAS / "servicemonitor.json").read_text()))
+
+
+def test_router_is_on_when_there_can_be_several_replicas(tmp_path: Path) -> None:
+    def files(**kw) -> set[str]:
+        return set(manifests(DeploySpec(model="m", **kw))) & ROUTER_FILES
+
+    assert files() == set()  # one replica, never more: nothing to balance
+    assert files(max_replicas=4) == ROUTER_FILES  # the autoscaler may add replicas
+    assert files(dp=3, router=False) == set()
+    assert files(router=True) == ROUTER_FILES
+    with pytest.raises(InvalidRequestError, match="router-policy"):
+        manifests(DeploySpec(model="m", dp=2, router_policy="random"))
+
+    from shardserve.cli import main
+    base = ["deploy", "k8s", "--model", "m", "-dp", "2", "--out"]
+    assert main([*base, str(tmp_path / "off"), "--no-router"]) == 0
+    assert not (tmp_path / "off" / "router-deployment.yaml").exists()
+    assert main([*base, str(tmp_path / "on"), "--router-policy", "least-load",
+                 "--router-replicas", "3"]) == 0
+    router = yaml.safe_load((tmp_path / "on" / "router-deployment.yaml").read_text())
+    assert router["spec"]["replicas"] == 3
+    assert "--policy=least-load" in router["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def test_spec_refusals() -> None:

@@ -106,6 +106,37 @@ def test_both_replicas_serve(dp2):
     assert len(counts) == 2 and all(c > 0 for c in counts.values()), counts
 
 
+def test_front_metrics_aggregate_the_replicas(dp2):
+    """The front port's /metrics holds the router's series and every replica's, labelled
+    replica="0" / "1": each replica's counters there equal its own /metrics, so their sum is the
+    deployment's, and they move as requests are served."""
+    def success(m: dict, replica: str | None = None) -> float:
+        return sum(v for (name, labels), v in m.items()
+                   if name == "shardserve:request_success_total"
+                   and (replica is None or ("replica", replica) in labels))
+
+    before = dp2.metrics()
+    for prompt in PROMPTS:
+        _complete(dp2, prompt, max_tokens=4)
+    text = httpx.get(f"{dp2.base_url}/metrics", timeout=10).text
+    front = dp2.metrics()
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), "a family declared twice"
+    assert front[("shardserve:router_requests_total", ())] == \
+        before[("shardserve:router_requests_total", ())] + len(PROMPTS)
+    assert success(front) == success(before) + len(PROMPTS)
+    names = {dict(labels)["replica"]: dict(labels)["backend"] for (name, labels) in front
+             if name == "shardserve:router_backend_requests_total"}
+    assert sorted(names) == ["0", "1"]
+    for replica, url in names.items():
+        assert front[("shardserve:router_backend_scraped",
+                      (("backend", url), ("replica", replica)))] == 1
+        assert success(front, replica) == success(_replica_metrics(url).metrics()) > 0
+        hist = "shardserve:e2e_request_latency_seconds"
+        count = front[(hist + "_count", (("replica", replica),))]
+        assert front[(hist + "_bucket", (("le", "+Inf"), ("replica", replica)))] == count > 0
+
+
 def _hit_rate_run(router: ServerProcess, replicas: list[str], tag: str,
                   headers: dict[str, str]) -> float:
     """3 groups of 4 requests; each group shares a ~600-character prefix no earlier run used.

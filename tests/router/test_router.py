@@ -62,7 +62,16 @@ def test_forwards_and_balances(fakes, router_factory):
     metrics = router.metrics()
     assert metrics[("shardserve:router_requests_total", ())] == 8
     assert metrics[("shardserve:router_healthy_replicas", ())] == 2
-    assert metrics[("shardserve:router_backend_healthy", (("backend", a.url),))] == 1
+    name_a = a.url.removeprefix("http://")  # a standalone router names replicas by host:port
+    assert metrics[("shardserve:router_backend_healthy",
+                    (("backend", a.url), ("replica", name_a)))] == 1
+    # The replicas' own series follow the router's, each labelled with its replica.
+    assert metrics[("shardserve:router_backend_scraped",
+                    (("backend", a.url), ("replica", name_a)))] == 1
+    assert metrics[("shardserve:num_requests_waiting", (("replica", name_a),))] == 0
+    own = httpx.get(f"{router.base_url}/metrics?replicas=false", timeout=5).text
+    assert "\nshardserve:router_requests_total 8.0\n" in own
+    assert "shardserve:num_requests_waiting" not in own and "router_backend_scraped" not in own
 
 
 def test_all_saturated_gives_503_with_retry_after(fakes, router_factory):
@@ -118,7 +127,8 @@ def test_failed_replica_is_retried_elsewhere(fakes, router_factory):
         assert r.status_code == 200 and r.json()["served_by"] == "b"
     assert router.metric("shardserve:router_retries_total") >= 1
     assert router.metric("shardserve:router_request_failures_total") == 0
-    assert router.metric("shardserve:router_backend_failures_total", backend=a.url) >= 1
+    assert router.metric("shardserve:router_backend_failures_total", backend=a.url,
+                         replica=a.url.removeprefix("http://")) >= 1
     b.mode = "500"  # nowhere left to go: the replica's own error comes back
     assert _post(router).status_code == 500
 

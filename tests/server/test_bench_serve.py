@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from shardserve.bench.serve_report import parse_goodput, percentile
+from tests.bench.png import png_size
 from tests.server.conftest import API_KEY
 
 
@@ -40,4 +41,20 @@ def test_bench_serve_smoke(tiny_server, tmp_path, rate):
     assert data["total_input_tokens"] == 16 * 4 and data["total_output_tokens"] == 4 * 4
     assert data["request_goodput"] == pytest.approx(data["request_throughput"])
     assert data["median_ttft_ms"] > 0 and data["p99_itl_ms"] > 0 and len(data["itls"][0]) == 3
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png_size(plot) == (1500, 450)  # plots.SERVE_SIZE at plots.DPI
+
+
+def test_bench_serve_several_rates(tiny_server, tmp_path):
+    """Two rates one after another: one summary each, and a plot with the against-rate row."""
+    result, plot = tmp_path / "result.json", tmp_path / "rates.png"
+    cmd = [sys.executable, "-m", "shardserve.cli", "bench", "serve",
+           "--base-url", tiny_server.base_url, "--api-key", API_KEY,
+           "--request-rate", "50", "inf", "--num-prompts", "3", "--input-len", "8",
+           "--output-len", "3", "--seed", "1", "--save-result", str(result), "--plot", str(plot)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("Serving Benchmark Result") == 2
+    runs = json.loads(result.read_text())["runs"]
+    assert [r["config_request_rate"] for r in runs] == [50.0, float("inf")]
+    assert all(r["completed"] == 3 for r in runs)
+    assert png_size(plot) == (1500, 900)  # plots.SERVE_RATES_SIZE at plots.DPI
