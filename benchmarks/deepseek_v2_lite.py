@@ -36,6 +36,15 @@ def make_model_dir(path: str, num_layers: int | None) -> str:
     return _make_model_dir(path, "deepseek-v2-lite", num_layers)
 
 
+def save_partial(args, results: dict) -> None:
+    """Rewrite --json after every measurement, so a run killed later keeps what it measured."""
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, args.json)
+
+
 
 
 
@@ -71,6 +80,7 @@ def run_hf(path: str, args, results: dict, check_prompt: list[int]) -> torch.Ten
     results["hf_b1"] = hf_tps(model, b1, args.b1_output_len, 1)
     log(f"transformers batch 1: {results['hf_b1']:.1f} tok/s "
         f"(experts: {results['hf_experts_implementation']})")
+    save_partial(args, results)
     if args.hf_num_prompts:
         prompts = random_prompts(args.hf_num_prompts, args.input_len, vocab, 2)
         results["hf_throughput"] = hf_tps(model, prompts, args.hf_output_len, args.hf_batch)
@@ -98,26 +108,33 @@ def bench_engine(llm, args, results: dict, key: str) -> None:
     tps(1, args.b1_input_len, 16, 0)  # warm-up
     results[f"{key}_b1"] = tps(1, args.b1_input_len, args.b1_output_len, 1)
     log(f"{key} batch 1: {results[f'{key}_b1']:.1f} tok/s")
+    save_partial(args, results)
     results[f"{key}_throughput"] = tps(args.num_prompts, args.input_len, args.output_len, 3)
     log(f"{key} {args.num_prompts} x ({args.input_len}/{args.output_len}): "
         f"{results[f'{key}_throughput']:.0f} tok/s")
+    save_partial(args, results)
 
 
-def make_llm(path: str, args, **kwargs):
+def make_llm(path: str, args, results: dict | None = None, key: str = "shardserve", **kwargs):
     from shardserve import LLM
     start = time.perf_counter()
     llm = LLM(path, dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, gpu_memory_utilization=0.9,
               enforce_eager=args.enforce_eager, **kwargs)
-    log(f"engine {kwargs or ''} ready in {time.perf_counter() - start:.1f} s, "
+    startup = time.perf_counter() - start
+    log(f"engine {kwargs or ''} ready in {startup:.1f} s, "
         f"{llm.config.cache_config.num_blocks} KV blocks of {llm.config.cache_config.block_size}")
+    if results is not None:
+        results[f"{key}_startup_s"] = startup
+        results[f"{key}_num_kv_blocks"] = llm.config.cache_config.num_blocks
+        save_partial(args, results)
     return llm
 
 
 def run_single(path: str, args, results: dict, check_prompt: list[int],
                ref: torch.Tensor | None) -> None:
     from shardserve.forward_context import set_forward_context
-    llm = make_llm(path, args)
+    llm = make_llm(path, args, results)
     runner = llm.engine.core.executor.worker.runner
     if ref is not None:
         with torch.inference_mode(), set_forward_context(None):
@@ -128,14 +145,26 @@ def run_single(path: str, args, results: dict, check_prompt: list[int],
         results["argmax_agreement_vs_hf"] = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
         log(f"logits rel err vs transformers {results['logits_rel_err_vs_hf']:.2e}, argmax "
             f"agreement {results['argmax_agreement_vs_hf']:.3f}")
+        save_partial(args, results)
     bench_engine(llm, args, results, "shardserve")
 
 
 def run_ep_vs_tp(path: str, args, results: dict) -> None:
     for mode, ep in (("tp2", False), ("ep2", True)):
-        llm = make_llm(path, args, tensor_parallel_size=2, enable_expert_parallel=ep)
+        try:  # one mode failing must not lose the other's numbers
+            llm = make_llm(path, args, results, mode, tensor_parallel_size=2,
+                           enable_expert_parallel=ep)
+        except Exception as err:
+            log(f"{mode} failed to start: {type(err).__name__}: {err}")
+            results[f"{mode}_error"] = f"{type(err).__name__}: {err}"
+            save_partial(args, results)
+            continue
         try:
             bench_engine(llm, args, results, mode)
+        except Exception as err:
+            log(f"{mode} failed: {type(err).__name__}: {err}")
+            results[f"{mode}_error"] = f"{type(err).__name__}: {err}"
+            save_partial(args, results)
         finally:
             llm.shutdown()
         del llm
@@ -150,7 +179,8 @@ def print_table(args, results: dict) -> None:
     if args.mode == "ep-vs-tp":
         print("\n| workload | TP 2 tok/s | EP 2 tok/s | EP / TP |\n|---|---|---|---|")
         for name, key in ((b1, "b1"), (big, "throughput")):
-            print(f"| {name} | {results[f'tp2_{key}']:.1f} | {results[f'ep2_{key}']:.1f} | "
+            print(f"| {name} | {results.get(f'tp2_{key}', float('nan')):.1f} | "
+                  f"{results.get(f'ep2_{key}', float('nan')):.1f} | "
                   f"{ratio(f'ep2_{key}', f'tp2_{key}')} |")
         return
     roof = results["roofline_b1"]
@@ -190,7 +220,8 @@ def main() -> None:
     args = p.parse_args()
 
     from shardserve.models.deepseek_memory import deepseek_memory
-    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    results: dict = {"kind": "deepseek_v2_lite", "mode": args.mode,
+                     "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "args": vars(args)}
     path = make_model_dir(args.model_dir, args.num_layers)
     if args.write_only:
@@ -210,7 +241,17 @@ def main() -> None:
         run_ep_vs_tp(path, args, results)
     else:
         check_prompt = random_prompts(1, 128, 102400, 7)[0]
-        ref = None if args.skip_hf else run_hf(path, args, results, check_prompt)
+        ref = None
+        if not args.skip_hf:
+            try:  # transformers failing (or running out of memory) must not cost our numbers
+                ref = run_hf(path, args, results, check_prompt)
+            except Exception as err:
+                log(f"transformers part failed: {type(err).__name__}: {err}")
+                results["hf_error"] = f"{type(err).__name__}: {err}"
+            # Outside the except block: its traceback would keep transformers' model alive.
+            gc.collect()
+            torch.cuda.empty_cache()
+            save_partial(args, results)
         run_single(path, args, results, check_prompt, ref)
     print_table(args, results)
     if args.json:

@@ -114,9 +114,26 @@ def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_
         elapsed = time.perf_counter() - start
         return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
 
+    def lockstep(fn):
+        """The same workload with async scheduling off (one step in flight), to measure what
+        overlapping the host's work with the GPU gains. Switched between runs, when idle."""
+        def run():
+            core = llm.engine.core
+            saved = core.max_in_flight, core.scheduler.async_scheduling
+            core.max_in_flight, core.scheduler.async_scheduling = 1, False
+            try:
+                return fn()
+            finally:
+                core.max_in_flight, core.scheduler.async_scheduling = saved
+        return run
+
+    results["async_scheduling"] = bool(llm.config.scheduler_config.async_scheduling)
     tps(1, 128, 16, 0)  # warm-up
     for key, run in (("shardserve_b1", lambda: tps(1, 128, args.b1_out, 1)),
+                     ("shardserve_b1_lockstep", lockstep(lambda: tps(1, 128, args.b1_out, 1))),
                      ("shardserve_b256", lambda: tps(args.b256_num, 512, args.b256_out, 2)),
+                     ("shardserve_b256_lockstep",
+                      lockstep(lambda: tps(args.b256_num, 512, args.b256_out, 2))),
                      ("shardserve_1000x1000",
                       lambda: tps(args.big_num, args.big_len, args.big_len, 3, greedy=False))):
         try:
@@ -188,6 +205,9 @@ def main() -> None:
     print(f"| {args.b256_num} x (512 in / {args.b256_out} out) | {results['shardserve_b256']:.0f} | "
           f"eager {results.get('hf_eager_b256', 0):.0f} | {ratio('shardserve_b256', 'hf_eager_b256')} | - |")
     print(f"| {args.big_num} x ({args.big_len} in / {args.big_len} out) | {results['shardserve_1000x1000']:.0f} | - | - | - |")
+    print(f"\nasync scheduling (default {results.get('async_scheduling')}) vs lock-step: batch 1 "
+          f"{ratio('shardserve_b1', 'shardserve_b1_lockstep')}, batch {args.b256_num} "
+          f"{ratio('shardserve_b256', 'shardserve_b256_lockstep')}")
     print(f"\nlogits rel err vs transformers (bf16): {results['logits_rel_err_vs_hf']:.2e}; "
           f"start-up {results['shardserve_startup_s']:.1f} s")
     if args.json:
