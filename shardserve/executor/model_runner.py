@@ -198,15 +198,11 @@ class ModelRunner:
         if (self.device.type != "cuda" or mc.enforce_eager
                 or not getattr(backend, "supports_cuda_graphs", False)):
             return
-        if self.pp_group.world_size > 1:
-            # The graphs take token ids and return final hidden states; a stage's graph would
-            # also need the hand-off buffers. Not done yet: pipeline stages run eagerly.
-            logger.info("Pipeline parallelism: CUDA graphs are not captured (eager stages)")
-            return
         from shardserve.executor.cuda_graph import CudaGraphRunner
         max_bs = min(mc.max_cuda_graph_batch_size, self.config.scheduler_config.max_num_seqs)
         runner = CudaGraphRunner(self.model, max_bs, mc.max_model_len, self.block_size,
-                                 int(mc.hf_config.hidden_size), self.dtype, self.device)
+                                 int(mc.hf_config.hidden_size), self.dtype, self.device,
+                                 self.stage)
         self.capture_seconds = runner.capture()
         self.graph_runner = runner
 
@@ -266,8 +262,12 @@ class ModelRunner:
         if self.stage_delay_s > 0 or self.stage_delay_per_token_s > 0:
             time.sleep(self.stage_delay_s
                        + self.stage_delay_per_token_s * inputs.input_ids.shape[0])
-        with set_forward_context(inputs.attn_metadata):
-            out = self.model(inputs.input_ids, inputs.positions, intermediate)
+        md = inputs.attn_metadata
+        if self.graph_runner is not None and self.graph_runner.can_run(md, inputs.input_ids.shape[0]):
+            out = self.graph_runner.run(inputs.input_ids, inputs.positions, md, intermediate)
+        else:
+            with set_forward_context(md):
+                out = self.model(inputs.input_ids, inputs.positions, intermediate)
         if self.stage.is_last:
             result = self._sample(out, inputs)
             self.last_span = self.stage_timer.stop()
