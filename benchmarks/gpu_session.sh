@@ -213,6 +213,9 @@ phase_layouts() {
         say "no 1x1 record in $SESSION_DIR/layouts.jsonl: the table's base will be 2x1 (run phase layouts-1x1 for it)"
     fi
     model_ready "$MODEL8B" || [ "$DRY" = 1 ] || write_model write-8b 0 240 "$MODEL8B" llama-3-8b
+    # CUDA graphs under NCCL (TP 2) and per pipeline stage (PP 2) against eager, tiny model.
+    [ "$CPU" = 1 ] || run_step graphs-2gpu all 120 "$PY" -m pytest -q -s -p no:cacheprovider \
+        tests/gpu/test_multi_gpu_graphs.py
     run_step layouts-2x1-1x2 all 520 "${TPS[@]}" --layouts 2x1,1x2 --timeout-s 330 \
         --budget-s "$(inner_budget 520)" --json "$DIR/layouts.json"
 }
