@@ -157,13 +157,13 @@ class ModelRunner:
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         pos = torch.arange(num_tokens, device=self.device)
         intermediate = None
-        if not self.stage.is_first:
+        if self.stage is not None and not self.stage.is_first:
             hidden_size = int(self.config.model_config.hf_config.hidden_size)
             zeros = torch.zeros(num_tokens, hidden_size, dtype=self.dtype, device=self.device)
             intermediate = IntermediateTensors(zeros, zeros.clone())
         with set_forward_context(None):
             hidden = self.model(ids, pos, intermediate)
-        if self.stage.is_last:
+        if self.stage is None or self.stage.is_last:
             rows = min(sc.max_num_seqs, num_tokens)
             self.model.compute_logits(hidden[:rows], gather_all=False)
         torch.cuda.synchronize(self.device)
