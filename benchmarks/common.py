@@ -27,6 +27,20 @@ def make_model_dir(path: str, preset: str, num_layers: int | None = None) -> str
     return path
 
 
+def logits_errors(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """How far our logits [T, V] are from transformers', over all of them (float64):
+
+    logits_rel_err_vs_hf        ||ours - ref|| / ||ref||, the usual norm-wise relative error
+    logits_max_err_over_max     max |ours - ref| / max |ref|, what the scripts reported before:
+                                one element's worst rounding over another element's size, so
+                                it moves with single outliers and reads larger
+    """
+    ours, ref = ours.double(), ref.double()
+    diff = ours - ref
+    return {"logits_rel_err_vs_hf": (diff.norm() / ref.norm()).item(),
+            "logits_max_err_over_max": (diff.abs().max() / ref.abs().max()).item()}
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write), over a 2 GiB buffer."""
     x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")

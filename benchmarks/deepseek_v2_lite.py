@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import copy_bandwidth, log, random_prompts  # noqa: E402
+from benchmarks.common import copy_bandwidth, log, logits_errors, random_prompts  # noqa: E402
 from benchmarks.common import make_model_dir as _make_model_dir  # noqa: E402
 
 
@@ -141,7 +141,7 @@ def run_single(path: str, args, results: dict, check_prompt: list[int],
             ids = torch.tensor(check_prompt, device="cuda")
             hidden = runner.model(ids, torch.arange(len(ids), device="cuda"))
             logits = runner.model.compute_logits(hidden).cpu()
-        results["logits_rel_err_vs_hf"] = ((logits - ref).abs().max() / ref.abs().max()).item()
+        results.update(logits_errors(logits, ref))
         results["argmax_agreement_vs_hf"] = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
         log(f"logits rel err vs transformers {results['logits_rel_err_vs_hf']:.2e}, argmax "
             f"agreement {results['argmax_agreement_vs_hf']:.3f}")

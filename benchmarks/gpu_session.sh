@@ -59,10 +59,10 @@ export SHARDSERVE_CACHE_DIR=${SHARDSERVE_CACHE_DIR:-/tmp/shardserve_cache}
 # Workloads (the issues ask for 1000 x (1000 in / 1000 out) for the layouts).
 LAYOUT_PROMPTS=${LAYOUT_PROMPTS:-1000}; LAYOUT_IN=${LAYOUT_IN:-1000}; LAYOUT_OUT=${LAYOUT_OUT:-1000}
 LAYOUT_DECODE=${LAYOUT_DECODE:-256}
-SERVE_RATES=${SERVE_RATES:-4:80,16:120,inf:150}; SERVE_IN=${SERVE_IN:-512}; SERVE_OUT=${SERVE_OUT:-128}
-DP_RATES=${DP_RATES:-inf:300,12:200}; DP_IN=${DP_IN:-512}; DP_OUT=${DP_OUT:-256}
+SERVE_RATES=${SERVE_RATES:-4:60,16:100,inf:120}; SERVE_IN=${SERVE_IN:-512}; SERVE_OUT=${SERVE_OUT:-128}
+DP_RATES=${DP_RATES:-inf:240,12:160}; DP_IN=${DP_IN:-512}; DP_OUT=${DP_OUT:-256}
 SERVER_FLAGS=${SERVER_FLAGS:---max-model-len 2048}
-DS_FLAGS=${DS_FLAGS:---b1-output-len 64 --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 1024}
+DS_FLAGS=${DS_FLAGS:---b1-output-len 64 --num-prompts 128 --input-len 512 --output-len 128 --max-model-len 1024}
 DS_HF_FLAGS=${DS_HF_FLAGS:---hf-num-prompts 32 --hf-batch 32 --hf-output-len 32}
 LLAMA8B_FLAGS=${LLAMA8B_FLAGS:---skip-hf-compile}
 PLANNER_PRESETS=${PLANNER_PRESETS:-llama-3-8b,qwen3-8b}; PLANNER_TOKENS=${PLANNER_TOKENS:-2048,8192}
@@ -212,7 +212,12 @@ phase_layouts() {
     if [ "$DRY" != 1 ] && ! cat "$SESSION_DIR/layouts.jsonl" "${PRIOR_LAYOUTS:-/dev/null}" 2>/dev/null | grep -q '"layout": "1x1".*"status": "ok"'; then
         say "no 1x1 record in $SESSION_DIR/layouts.jsonl: the table's base will be 2x1 (run phase layouts-1x1 for it)"
     fi
+    if [ "$CPU" != 1 ] && [ -n "${WITH_PLANNER:-}" ]; then  # GPU1 is free while GPU0 writes
+        run_step planner 1 170 "$PY" benchmarks/planner_vs_measured.py --presets "$PLANNER_PRESETS" \
+            --tokens "$PLANNER_TOKENS" --json "$DIR/planner.json" &
+    fi
     model_ready "$MODEL8B" || [ "$DRY" = 1 ] || write_model write-8b 0 240 "$MODEL8B" llama-3-8b
+    wait
     # CUDA graphs under NCCL (TP 2) and per pipeline stage (PP 2) against eager, tiny model.
     [ "$CPU" = 1 ] || run_step graphs-2gpu all 120 "$PY" -m pytest -q -s -p no:cacheprovider \
         tests/gpu/test_multi_gpu_graphs.py
@@ -245,8 +250,21 @@ phase_dp() {
 
 phase_ep() { ds_ep_vs_tp 520; }
 
+# One GPU each, at once: the 8B comparison (async vs lock-step; transformers skipped unless
+# LLAMA8B_FLAGS says otherwise) and the serving table at several rates.
+phase_final() {
+    model_ready "$MODEL8B" || [ "$DRY" = 1 ] || write_model write-8b 0 240 "$MODEL8B" llama-3-8b
+    run_step llama8b-vs-hf 0 330 "$PY" benchmarks/llama8b_vs_hf.py --model-dir "$MODEL8B" \
+        ${FINAL_LLAMA8B_FLAGS:---skip-hf} --json "$DIR/llama8b_vs_hf.json" &
+    run_step serve-tp1 1 330 "$PY" benchmarks/serve_layouts.py --model "$MODEL8B" \
+        --config "tp1=" --rates "$SERVE_RATES" --input-len "$SERVE_IN" --output-len "$SERVE_OUT" \
+        --server-flags="$SERVER_FLAGS" --budget-s "$(inner_budget 330)" \
+        --json "$DIR/serve_tp1.json" --log-dir "$DIR/serve_tp1_logs" --label "1 x H200" &
+    wait
+}
+
 case "$PHASE" in
-    single|layouts|layouts-1x1|dp|ep) ;;
+    single|layouts|layouts-1x1|dp|ep|final) ;;
     summary)
         "$PY" benchmarks/session_summary.py "$OUT" "$SESSION_DIR"
         exit 0 ;;
