@@ -38,26 +38,36 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                         seq_lens: list[int], scale: float) -> torch.Tensor:
     """Causal attention of packed queries [num_tokens, num_heads, head_size] over the paged
     cache; grouped-query attention when num_heads is a multiple of num_kv_heads."""
-    num_heads = query.shape[1]
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
     out = torch.empty_like(query)
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
-        q_len = end - start
-        if q_len == 0:
+        if end == start:
             continue
         k = gather_kv_ref(k_cache, block_tables[i], seq_len)
         v = gather_kv_ref(v_cache, block_tables[i], seq_len)
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        q = query[start:end].transpose(0, 1)  # [H, q_len, D]
-        # Query j sits at position seq_len - q_len + j and sees keys up to it.
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-        k_pos = torch.arange(seq_len, device=query.device)
-        mask = k_pos[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1),
-                                           attn_mask=mask, scale=scale)
-        out[start:end] = o.transpose(0, 1)
+        out[start:end] = causal_sdpa_like_hf(query[start:end], k, v, scale)
     return out
+
+
+def causal_sdpa_like_hf(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Causal attention of one sequence's last q_len positions, q [q_len, H, D], over its keys
+    k/v [kv_len, Hk, D] -> [q_len, H, D]; query j sits at position kv_len - q_len + j.
+
+    Called the way transformers calls SDPA, because the call picks the kernel and so the
+    rounding: 4-D [1, H, len, D] tensors, grouped-query heads through enable_gqa, is_causal for
+    a whole prompt and no mask for one decode token. The old call (3-D tensors, KV heads
+    repeated, a mask always) sent bf16 on the CPU to SDPA's math path, a float32 computation
+    rounded elsewhere than the flash kernel transformers gets: SmolLM2's bf16 prompt logits
+    were 2.5e-2 off transformers' (now bit-identical), and 5 of 16 greedy continuations parted.
+    """
+    q_len, kv_len = q.shape[0], k.shape[0]
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    mask = None
+    if 1 < q_len < kv_len:  # a chunk after a cached prefix: only here is a mask needed
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]
+    o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale,
+                                       is_causal=q_len > 1 and mask is None,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return o[0].transpose(0, 1)

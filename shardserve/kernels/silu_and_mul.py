@@ -1,27 +1,42 @@
 """Triton kernel: SwiGLU's silu(gate) * up over a stacked [gate | up] row, in one pass (torch
 runs silu, then the multiply, reading and writing the intermediate in between).
 
-Reference: `shardserve.layers.activation.SiluAndMul`. Like torch in half precision, silu is
-computed in float32 and rounded to the input dtype before the multiply, which is rounded again.
+Reference: `shardserve.layers.activation.SiluAndMul`, i.e. transformers' act(gate) * up. As
+torch does in half precision, silu is computed in float32 and rounded to the input dtype before
+the multiply, which is rounded again. The float32 silu is torch's CUDA formula,
+x / (1 + expf(-x)) with the accurate expf (libdevice) and a correctly rounded division, not
+Triton's default fast exp2-based exp and approximate division, whose last-bit differences
+would now and then round silu to the other neighbouring bf16 value.
 
 Grid: (tokens, ceil(d / BLOCK)).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+# Triton's interpreter (CPU tests) runs no libdevice calls; its tl.exp is numpy's, accurate too.
+_LIBDEVICE = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
-def _silu_and_mul_kernel(out_ptr, x_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(out_ptr, x_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr,
+                         LIBDEVICE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
-    act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)
+    if LIBDEVICE:
+        exp_neg = libdevice.exp(-gate)
+    else:
+        exp_neg = tl.exp(-gate)
+    act = tl.math.div_rn(gate, 1.0 + exp_neg).to(x_ptr.dtype.element_ty)
     out = act.to(tl.float32) * up.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -35,5 +50,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(triton.next_power_of_2(d), 1024)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            out, x2, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+            out, x2, d, x2.stride(0), out.stride(0), BLOCK=block, LIBDEVICE=_LIBDEVICE,
+            num_warps=4)
     return out.view(*x.shape[:-1], d)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from shardserve.forward_context import get_forward_context
-from shardserve.kernels.paged_attention_ref import paged_attention_ref, store_kv_ref
+from shardserve.kernels.paged_attention_ref import (causal_sdpa_like_hf, paged_attention_ref,
+                                                    store_kv_ref)
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +93,8 @@ class Attention(AttentionLayerBase):
         v = v.view(num_tokens, self.num_kv_heads, self.head_size)
         if md is None or self.k_cache is None:
             # Profiling run before the cache exists: plain causal attention over the batch.
-            out = _dense_causal(q, k, v, self.scale)
+            out = causal_sdpa_like_hf(q, k, v, self.scale)
         else:
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, md.slot_mapping)
             out = self.backend.forward(q, self.k_cache, self.v_cache, md, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_size)
-
-
-def _dense_causal(q, k, v, scale):
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale)
-    return o.transpose(0, 1)

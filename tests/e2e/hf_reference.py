@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -10,7 +12,12 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Plain greedy decoding with transformers' KV cache, never stopping at EOS (the engine
     side runs with ignore_eos). generate()'s min_new_tokens would instead mask EOS out."""
     device = next(model.parameters()).device
-    out = model(torch.tensor([prompt_ids], device=device), use_cache=True)
+    # Logits of the last prompt position only, as generate() asks for them: in half precision
+    # the LM head's matrix product for one row can round differently from the same row inside
+    # a product over the whole prompt, and the engine, too, computes just that row.
+    keep = ({"logits_to_keep": 1}
+            if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
+    out = model(torch.tensor([prompt_ids], device=device), use_cache=True, **keep)
     tokens: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())
