@@ -62,13 +62,8 @@ def headless_service(spec: DeploySpec) -> dict[str, Any]:
     """Only ready pods are listed: one that is loading or draining (its /health is 503, so its
     readiness fails) leaves the router's set with the next DNS read. Its own component label
     keeps it out of the replicas' ServiceMonitor, which would scrape every pod twice."""
-    return {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": _meta(spec, headless_name(spec), "replicas"),
-        "spec": {"clusterIP": "None", "selector": serving_selector(spec),
-                 "ports": [{"name": "http", "port": spec.port, "targetPort": "http",
-                            "protocol": "TCP"}]},
-    }
+    return _http_service(spec, headless_name(spec), "replicas", serving_selector(spec),
+                         {"clusterIP": "None"})
 
 
 def _probes() -> dict[str, Any]:
@@ -122,10 +117,16 @@ def router_deployment(spec: DeploySpec) -> dict[str, Any]:
 
 def router_service(spec: DeploySpec) -> dict[str, Any]:
     """What clients call: http://<name>-router.<namespace>.svc:<port>/v1/..."""
+    return _http_service(spec, router_name(spec), "router", router_labels(spec),
+                         {"type": "ClusterIP"})
+
+
+def _http_service(spec: DeploySpec, name: str, component: str, selector: dict[str, str],
+                  kind_fields: dict[str, str]) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _meta(spec, router_name(spec), "router"),
-        "spec": {"type": "ClusterIP", "selector": router_labels(spec),
+        "metadata": _meta(spec, name, component),
+        "spec": {**kind_fields, "selector": selector,
                  "ports": [{"name": "http", "port": spec.port, "targetPort": "http",
                             "protocol": "TCP"}]},
     }
