@@ -173,9 +173,12 @@ def test_missing_node_is_named_by_the_rendezvous(tiny_model_dirs):
     assert time.monotonic() - start < 60
 
 
-def test_killed_worker_raises_engine_dead_error_quickly(tiny_model_dirs):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_killed_worker_raises_engine_dead_error_quickly(tiny_model_dirs, async_scheduling):
+    """Also with two steps in flight (async scheduling): neither is waited for forever."""
     llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, device="cpu", dtype="float32",
-              max_model_len=2048, kv_cache_memory_bytes=8 << 20)
+              max_model_len=2048, kv_cache_memory_bytes=8 << 20,
+              async_scheduling=async_scheduling)
     executor = llm.engine.core.executor
     pids = executor.worker_pids
     killed_at: list[float] = []
