@@ -267,8 +267,8 @@ class _GpuMemoryProbe:
         total: dict[int, int] = {}
         try:
             if self._nvml is not None:
-                for i in range(self._nvml.nvmlDeviceGetCount()):
-                    info = self._nvml.nvmlDeviceGetMemoryInfo(self._nvml.nvmlDeviceGetHandleByIndex(i))
+                for i, handle in _visible_nvml_devices(self._nvml):
+                    info = self._nvml.nvmlDeviceGetMemoryInfo(handle)
                     used[i], total[i] = int(info.used), int(info.total)
             else:
                 import torch
@@ -279,3 +279,28 @@ class _GpuMemoryProbe:
             logger.debug("GPU memory probe failed", exc_info=True)
         self._cached = (used, total)
         return self._cached
+
+
+def _visible_nvml_devices(nvml: Any) -> list[tuple[int, Any]]:
+    """(host index, NVML handle) of the GPUs this process may use. NVML sees every GPU of the
+    host and ignores CUDA_VISIBLE_DEVICES, so without this a -dp replica pinned to one GPU would
+    also report its neighbours' (and a sum over replicas would count them twice)."""
+    count = nvml.nvmlDeviceGetCount()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
+    out = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if not entry:
+            continue
+        if entry.isdigit():
+            if int(entry) >= count:
+                break  # CUDA stops at the first invalid entry too
+            out.append((int(entry), nvml.nvmlDeviceGetHandleByIndex(int(entry))))
+            continue
+        try:  # a GPU-<uuid> (or MIG-<uuid>) entry
+            handle = nvml.nvmlDeviceGetHandleByUUID(entry)
+            out.append((int(nvml.nvmlDeviceGetIndex(handle)), handle))
+        except Exception:
+            break
+    return out
