@@ -140,8 +140,11 @@ def core_pid(server: ServerProcess) -> int:
 
 @pytest.fixture(scope="session")
 def tiny_server(tmp_path_factory, tiny_llama_dir):
-    """A server on the tiny model, for load-shaped tests (disconnect storms, bench serve)."""
+    """A server on the tiny model, for load-shaped tests (disconnect storms, bench serve).
+    It schedules asynchronously (two steps in flight), as servers on a GPU do by default, so
+    the disconnect storm also checks that aborts with a step in flight free every block; the
+    shared SmolLM2 server keeps lock-step scheduling."""
     server = start_server(tmp_path_factory.mktemp("tiny_server_logs"), "--max-num-seqs", "16",
-                          "--max-model-len", "1024", model=tiny_llama_dir)
+                          "--max-model-len", "1024", "--async-scheduling", model=tiny_llama_dir)
     yield server
     server.stop()
