@@ -54,15 +54,22 @@ class ServerProcess:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
     def wait_idle(self, timeout: float = 30.0) -> dict:
-        """Wait until nothing runs or waits and no KV block is in use; returns the metrics."""
+        """Wait until nothing runs or waits, no KV block is in use and the numbers have settled;
+        returns the metrics. Settled: the engine sends its counters every STATS_INTERVAL_S (and
+        once more when it goes idle), so a request that came and went between two sends can
+        leave idle gauges beside counters that still move: two equal readings a send apart."""
+        from shardserve.engine.core_proc import STATS_INTERVAL_S
+
         deadline = time.monotonic() + timeout
+        previous = None
         while True:
             m = self.metrics()
             busy = [m.get((f"shardserve:{g}", ()), 0.0) for g in
                     ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")]
-            if not any(busy) or time.monotonic() > deadline:
+            if (not any(busy) and m == previous) or time.monotonic() > deadline:
                 return m
-            time.sleep(0.2)
+            previous = None if any(busy) else m
+            time.sleep(max(0.2, 1.5 * STATS_INTERVAL_S))
 
     def stop(self) -> int:
         if self.proc.poll() is None:
