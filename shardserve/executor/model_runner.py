@@ -65,10 +65,10 @@ class ModelRunner:
         self.stage_delay_s = 0.0
         self.stage_delay_per_token_s = 0.0
         self._pending_sends: list[tuple[object, torch.Tensor]] = []
-        # The last sampling step's ids on the device, and each request's row in them: the
+        # The last sampling step's ids on the device, and whose they are (row order): the
         # next step's placeholders read them (async scheduling).
         self._prev_sampled: torch.Tensor | None = None
-        self._prev_sample_rows: dict[str, int] = {}
+        self._prev_sample_req_ids: list[str] = []
         self.num_placeholder_tokens = 0  # fed from the device so far (a check for tests)
         # Async scheduling under TP: every rank feeds placeholders, so the driver broadcasts
         # each step's sampled ids to its TP peers (a device collective, no host round trip).
@@ -240,7 +240,8 @@ class ModelRunner:
     def _fill_placeholders(self, inputs: ModelInputs) -> None:
         """Async scheduling: the tokens the previous step sampled, copied on the device into
         this step's input ids (the host does not know them yet)."""
-        prev_rows = self._prev_sample_rows
+        # Built here, not per step: only steps with placeholders need the lookup.
+        prev_rows = {rid: i for i, rid in enumerate(self._prev_sample_req_ids)}
         rows = [prev_rows[rid] for rid in inputs.placeholder_req_ids]
         index = torch.tensor(inputs.placeholder_rows, dtype=torch.long)
         source = torch.tensor(rows, dtype=torch.long)
@@ -319,7 +320,7 @@ class ModelRunner:
 
     def _remember_samples(self, ids: torch.Tensor, inputs: ModelInputs) -> None:
         self._prev_sampled = ids
-        self._prev_sample_rows = {rid: i for i, rid in enumerate(inputs.sample_req_ids)}
+        self._prev_sample_req_ids = inputs.sample_req_ids
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs) -> dict[str, list[TokenLogprobs]]:
         out: dict[str, list[TokenLogprobs]] = {}

@@ -32,7 +32,6 @@ from torch import nn
 from shardserve.distributed.parallel_state import get_tp_group
 from shardserve.errors import UnsupportedModelError
 from shardserve.layers.activation import SiluAndMul
-from shardserve.layers.embedding import ParallelLMHead
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                       ReplicatedLinear, RowParallelLinear, divide)
@@ -42,7 +41,7 @@ from shardserve.layers.moe_routing import RoutingConfig
 from shardserve.layers.rotary import get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader, set_weight_attrs
 from shardserve.models.decoder_layer import PreNormDecoderLayer
-from shardserve.models.pipeline import (IntermediateTensors, PPMissingLayer, StageDecoderModel,
+from shardserve.models.pipeline import (IntermediateTensors, StageDecoderModel, stage_lm_head,
                                         StageLayout, tied_head_weight_name)
 from shardserve.loader.fp8 import dequantize_fp8_weights, fp8_block_size
 from shardserve.models.deepseek_memory import deepseek_memory, is_moe_layer
@@ -223,13 +222,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.model = DeepseekV2Model(hf_config, dtype, max_model_len, self.is_v3, stage)
         self.stage = self.model.stage
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        if self.stage.is_last:
-            self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size,
-                                          params_dtype=dtype)
-            if self.tie_word_embeddings and self.stage.is_first:
-                self.lm_head.tie_weights(self.model.embed_tokens)
-        else:
-            self.lm_head = PPMissingLayer()
+        self.lm_head = stage_lm_head(hf_config, dtype, self.model, self.tie_word_embeddings)
         self._log_kv_cache_size(dtype)
 
     def _log_kv_cache_size(self, dtype: torch.dtype | None) -> None:

@@ -22,13 +22,12 @@ from shardserve.distributed.parallel_state import get_tp_group
 from shardserve.errors import UnsupportedModelError
 from shardserve.layers.activation import SiluAndMul
 from shardserve.layers.attention import Attention
-from shardserve.layers.embedding import ParallelLMHead
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.layers.rotary import get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader
 from shardserve.models.decoder_layer import PreNormDecoderLayer
-from shardserve.models.pipeline import (IntermediateTensors, PPMissingLayer, StageDecoderModel,
+from shardserve.models.pipeline import (IntermediateTensors, StageDecoderModel, stage_lm_head,
                                         StageLayout, tied_head_weight_name)
 
 logger = logging.getLogger(__name__)
@@ -172,13 +171,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(hf_config, dtype, max_model_len, stage)
         self.stage = self.model.stage
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        if self.stage.is_last:
-            self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size,
-                                          params_dtype=dtype)
-            if self.tie_word_embeddings and self.stage.is_first:
-                self.lm_head.tie_weights(self.model.embed_tokens)
-        else:
-            self.lm_head = PPMissingLayer()
+        self.lm_head = stage_lm_head(hf_config, dtype, self.model, self.tie_word_embeddings)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 intermediate: IntermediateTensors | None = None

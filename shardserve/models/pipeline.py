@@ -28,6 +28,20 @@ class PPMissingLayer(nn.Identity):
     """Stands in for a part another pipeline stage holds (no parameters, no buffers)."""
 
 
+def stage_lm_head(hf_config: Any, dtype: torch.dtype | None, model: nn.Module,
+                  tie_word_embeddings: bool) -> nn.Module:
+    """The LM head on the last stage (sharing the embedding's table when the checkpoint ties
+    them and this stage holds both), a stand-in on the others."""
+    from shardserve.layers.embedding import ParallelLMHead
+
+    if not model.stage.is_last:
+        return PPMissingLayer()
+    head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, params_dtype=dtype)
+    if tie_word_embeddings and model.stage.is_first:
+        head.tie_weights(model.embed_tokens)
+    return head
+
+
 @dataclass(frozen=True)
 class StageLayout:
     """One pipeline stage: its layer range [start_layer, end_layer) and whether it is the

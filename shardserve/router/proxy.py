@@ -12,13 +12,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse, Response
 
+from shardserve.closing_response import ClosingStreamingResponse
 from shardserve.router.backends import Backend, BackendPool
 from shardserve.router.policy import Policy, prefix_key
 
@@ -229,23 +229,12 @@ class Proxy:
             await upstream.aclose()
             release()
 
-        return ProxiedResponse(relay(), upstream.status_code, resp_headers, close)
+        # Closes upstream and drops the in-flight counts however the stream ends.
+        return ClosingStreamingResponse(relay(), close, status_code=upstream.status_code,
+                                        headers=resp_headers)
 
 
-class ProxiedResponse(StreamingResponse):
-    """A streamed answer that always runs `on_close` (close upstream, drop in-flight counts),
-    however it ends: finished, broken, or the client gone."""
 
-    def __init__(self, content: AsyncIterator[bytes], status_code: int,
-                 headers: dict[str, str], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content, status_code=status_code, headers=headers)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()
 
 
 async def _read_quietly(upstream: httpx.Response) -> bytes:

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive
 
+from shardserve.closing_response import ClosingStreamingResponse
 from shardserve.errors import ContextLengthError, InvalidRequestError
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
@@ -219,18 +219,11 @@ def sse_error(exc: BaseException) -> str:
     return sse(from_exception(exc).body())
 
 
-class SSEResponse(StreamingResponse):
-    """A streaming response that always runs `on_close` (abort what is left, count the request
-    done), however the stream ends: finished, client gone, or cancelled before it started."""
+class SSEResponse(ClosingStreamingResponse):
+    """Server-sent events that always run `on_close` (abort what is left, count the request
+    done), however the stream ends."""
 
     def __init__(self, content: AsyncIterator[str],
                  on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content, media_type="text/event-stream",
+        super().__init__(content, on_close, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()
