@@ -18,6 +18,8 @@ from shardserve.errors import InvalidRequestError
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Filled by resolve() or at start-up; never user settings.
 _DERIVED_FIELDS = frozenset({"source", "hf_config", "architecture", "num_blocks"})
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_SOURCE_KIND = {"safetensors": "hf", "gguf": "gguf"}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
                   "bf16": "bfloat16"}
 
@@ -34,6 +36,9 @@ class ModelConfig:
     served_model_name: str | None = None
     enforce_eager: bool = False  # CUDA: never capture or replay CUDA graphs
     max_cuda_graph_batch_size: int = 256  # decode batches up to this replay a captured graph
+    # auto: the path's own format; safetensors or gguf: insist on it; dummy: random weights
+    # from config.json alone (benchmarks of shapes too large to write first; loader/dummy.py).
+    load_format: str = "auto"
 
     # Filled by resolve(); not user settings.
     source: Any = field(default=None, repr=False)  # loader.source.ModelSource
@@ -196,7 +201,15 @@ class EngineConfig:
         if dc.device == "cuda" and not torch.cuda.is_available():
             raise InvalidRequestError("device='cuda' was asked for but no CUDA GPU is visible; "
                                       "use device='cpu' or 'auto'.", "device")
-        mc.source = resolve_model_source(mc.model)
+        if mc.load_format not in LOAD_FORMATS:
+            raise InvalidRequestError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, "
+                                      f"got {mc.load_format!r}.", "load_format")
+        mc.source = resolve_model_source(mc.model, weights_needed=mc.load_format != "dummy")
+        if mc.load_format in ("safetensors", "gguf") and mc.source.kind != _SOURCE_KIND[mc.load_format]:
+            raise InvalidRequestError(
+                f"load_format={mc.load_format!r} but {mc.source.path} is a "
+                f"{'GGUF file' if mc.source.kind == 'gguf' else 'Hugging Face folder'}; use "
+                "load_format='auto' or point --model at a matching checkpoint.", "load_format")
         mc.hf_config = load_hf_config(mc.source)
         mc.architecture = check_architecture(mc.hf_config)
         mc.dtype = _resolve_dtype(mc.dtype, mc.hf_config, dc.device)

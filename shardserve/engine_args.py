@@ -9,8 +9,8 @@ import re
 import typing
 from typing import Any
 
-from shardserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
-                               ParallelConfig, SchedulerConfig)
+from shardserve.config import (LOAD_FORMATS, CacheConfig, DeviceConfig, EngineConfig,
+                               ModelConfig, ParallelConfig, SchedulerConfig)
 from shardserve.planner.auto import parse_parallel_size
 
 _SECTIONS = (ModelConfig, CacheConfig, ParallelConfig, SchedulerConfig, DeviceConfig)
@@ -37,6 +37,8 @@ _HELP = {
     "max_num_batched_tokens": "token budget per engine step",
     "async_scheduling": "prepare and launch the next step while the GPU runs this one "
                         "(default: on for CUDA without pipeline parallelism)",
+    "load_format": "auto (the path's format), safetensors, gguf, or dummy: random weights "
+                   "from config.json alone, for benchmarking a shape",
     "pp_layer_partition": "layers per pipeline stage, e.g. 14,10,8 (default: balanced on "
                           "estimated compute and memory, embedding and LM head included)",
 }
@@ -85,6 +87,8 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
                 else:
                     group.add_argument(*names, **kwargs, action="store_true")
                 continue
+            if f.name == "load_format":
+                kwargs["choices"] = LOAD_FORMATS
             if f.name == "kv_cache_memory_bytes":
                 kwargs["type"] = parse_size
             elif f.name in _AUTO_SIZES:

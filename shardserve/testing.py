@@ -57,6 +57,12 @@ PRESETS: dict[str, Preset] = {
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
         rms_norm_eps=1e-5, tie_word_embeddings=False, rope_parameters=_LLAMA31_ROPE)),
+    # Llama-3.1-70B's shape: 141 GB in bf16, so benchmarks use --load-format dummy with a
+    # folder written with weights=False (config and tokenizer only).
+    "llama-3-70b": Preset("llama", "bfloat16", dict(
+        hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        intermediate_size=28672, vocab_size=128256, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, rope_parameters=_LLAMA31_ROPE)),
     "llama-3.2-1b": Preset("llama", "bfloat16", dict(
         hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         head_dim=64, intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
@@ -88,13 +94,14 @@ PRESETS: dict[str, Preset] = {
 def write_random_model(out_dir: str | os.PathLike[str], architecture: str | None = None,
                        preset: str = "tiny", dtype: str | None = None, seed: int = 0,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, device: str = "cpu",
-                       **config_overrides: Any) -> Path:
+                       weights: bool = True, **config_overrides: Any) -> Path:
     """Write a Hugging Face model folder with random weights and return its path.
 
     `architecture` defaults to the preset's (llama for "tiny"); `dtype` to the preset's (float32
     for tiny, bfloat16 for the full-size shapes). `config_overrides` replace config fields, e.g.
     num_hidden_layers=2 to get a short model of a big preset's width. The same seed gives the
-    same weights on the same device; device="cuda" draws them on the GPU (far faster for 8B)."""
+    same weights on the same device; device="cuda" draws them on the GPU (far faster for 8B).
+    weights=False writes no weights at all: a folder for `--load-format dummy`."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     shape = PRESETS[preset]
@@ -112,7 +119,9 @@ def write_random_model(out_dir: str | os.PathLike[str], architecture: str | None
                           dtype or shape.dtype)
     config.save_pretrained(out)
     torch_dtype = getattr(torch, dtype or shape.dtype)
-    _write_shards(out, _random_tensors(config, architecture, torch_dtype, seed, device), max_shard_bytes)
+    if weights:
+        _write_shards(out, _random_tensors(config, architecture, torch_dtype, seed, device),
+                      max_shard_bytes)
     _write_generation_config(out, config)
     _copy_tokenizer(tokenizer_dir, out)
     return out
@@ -177,12 +186,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--from-gguf", default=None, metavar="PATH",
                         help="export this llama GGUF ('default': the embedded SmolLM2) instead "
                              "of writing random weights")
+    parser.add_argument("--no-weights", action="store_true",
+                        help="write config and tokenizer only (serve it with --load-format dummy)")
     args = parser.parse_args(argv)
     if args.from_gguf is not None:
         out = export_gguf_to_hf(None if args.from_gguf == "default" else args.from_gguf, args.out)
     else:
         out = write_random_model(args.out, args.arch, args.preset, args.dtype, args.seed,
-                                 **dict(_parse_override(item, parser) for item in args.set))
+                                 weights=not args.no_weights, **dict(_parse_override(item, parser) for item in args.set))
     print(out)
     return out
 

@@ -32,6 +32,10 @@ def load_model(model_config: Any, device: torch.device | str, stage: Any = None)
         extra = {} if stage is None else {"stage": stage}
         model = model_cls(model_config.hf_config, dtype=model_config.torch_dtype,
                           max_model_len=model_config.max_model_len or 0, **extra)
+    if getattr(model_config, "load_format", "auto") == "dummy":
+        from shardserve.loader.dummy import initialize_dummy_weights
+        initialize_dummy_weights(model, seed=model_config.seed)
+        return model.eval()
     include = None
     if stage is not None:
         tied = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))

@@ -47,8 +47,10 @@ def default_model_path() -> Path:
     return path
 
 
-def resolve_model_source(model: str | os.PathLike | None) -> ModelSource:
-    """Turn a user's --model value into a ModelSource, or raise ModelLoadError saying why not."""
+def resolve_model_source(model: str | os.PathLike | None,
+                         weights_needed: bool = True) -> ModelSource:
+    """Turn a user's --model value into a ModelSource, or raise ModelLoadError saying why not.
+    weights_needed=False (--load-format dummy): a folder with only config.json will do."""
     if model is None or str(model) == "":
         return ModelSource("gguf", default_model_path(), DEFAULT_MODEL_NAME)
     path = Path(model).expanduser()
@@ -63,11 +65,12 @@ def resolve_model_source(model: str | os.PathLike | None) -> ModelSource:
                 "Hugging Face model folder.")
         return ModelSource("gguf", path.resolve(), path.stem)
     if (path / "config.json").is_file():
-        if not any(path.glob("*.safetensors")):
+        if weights_needed and not any(path.glob("*.safetensors")):
             raise ModelLoadError(
                 f"{str(model)!r} has a config.json but no *.safetensors weights; shardserve "
                 "loads safetensors checkpoints (convert .bin files with transformers' "
-                "save_pretrained(..., safe_serialization=True)).")
+                "save_pretrained(..., safe_serialization=True)), or benchmark the shape with "
+                "random weights: --load-format dummy.")
         return ModelSource("hf", path.resolve(), path.resolve().name)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
