@@ -14,6 +14,10 @@
 #   dp         ~8.5     serve_layouts DP 2 (-dp 2, two replicas behind the router) vs TP 2 on one
 #                       workload, rate inf and one finite rate (~4 min; issue 7); then DeepSeek-V2-Lite
 #                       EP 2 vs TP 2, reduced sizes (~4 min; cut by the phase budget if late).
+#   x4         ~6       4 x H200 (issue 11's 4-GPU part): the Llama-3-8B shape with random weights
+#                       (--load-format dummy, nothing written) served as TP 4, TP 2 x PP 2,
+#                       TP 2 x DP 2 and DP 4 at $X4_RATES, then memory per GPU vs the planner.
+#   x4-70b     ~7       4 x H200: the Llama-3.1-70B shape (dummy weights) as TP 4 and TP 2 x PP 2.
 #   extra phases: layouts-1x1 (~4: the 1x1 run alone, if `single` lost it), ep (~5: the DeepSeek
 #                 EP-vs-TP part alone, if `dp` ran out of time), summary (tables of $OUT and of
 #                 everything kept in $SESSION_DIR).
@@ -65,6 +69,12 @@ SERVER_FLAGS=${SERVER_FLAGS:---max-model-len 2048}
 DS_FLAGS=${DS_FLAGS:---b1-output-len 64 --num-prompts 128 --input-len 512 --output-len 128 --max-model-len 1024}
 DS_HF_FLAGS=${DS_HF_FLAGS:---hf-num-prompts 32 --hf-batch 32 --hf-output-len 32}
 LLAMA8B_FLAGS=${LLAMA8B_FLAGS:---skip-hf-compile}
+# Four GPUs (phases x4, x4-70b): config-only folders served with --load-format dummy.
+MODEL8B_CFG=${MODEL8B_CFG:-/tmp/llama3-8b-cfg}; MODEL70B_CFG=${MODEL70B_CFG:-/tmp/llama3-70b-cfg}
+X4_CONFIGS=${X4_CONFIGS:-tp4=-tp 4;tp2xpp2=-tp 2 -pp 2;tp2xdp2=-tp 2 -dp 2;dp4=-dp 4}
+X4_RATES=${X4_RATES:-inf:512,16:240}; X4_IN=${X4_IN:-512}; X4_OUT=${X4_OUT:-256}
+X70_CONFIGS=${X70_CONFIGS:-tp4=-tp 4;tp2xpp2=-tp 2 -pp 2}
+X70_RATES=${X70_RATES:-inf:256,4:100}
 PLANNER_PRESETS=${PLANNER_PRESETS:-llama-3-8b,qwen3-8b}; PLANNER_TOKENS=${PLANNER_TOKENS:-2048,8192}
 TPS_DEVICE_FLAGS=""
 if [ "$CPU" = 1 ]; then  # tiny everything, so the wiring can be checked without a GPU
@@ -263,14 +273,39 @@ phase_final() {
     wait
 }
 
+# serve_x4 NAME MODEL_DIR PRESET CONFIGS RATES CAP LABEL: serve_layouts over all visible GPUs
+# with dummy weights, then the planner's memory per GPU beside the measured one.
+serve_x4() {
+    local name=$1 dir=$2 preset=$3 configs=$4 rates=$5 cap=$6 label=$7
+    if [ "$CPU" = 1 ]; then dir=$MODEL8B; model_ready "$dir" || write_model write-tiny 0 60 "$dir" tiny
+    elif ! model_ready "$dir"; then
+        run_step "cfg-$name" all 60 "$PY" -m shardserve.testing --preset "$preset" --no-weights --out "$dir"
+    fi
+    run_step "$name" all "$cap" "$PY" benchmarks/serve_layouts.py --model "$dir" \
+        --configs "$configs" --rates "$rates" --input-len "$X4_IN" --output-len "$X4_OUT" \
+        --server-flags="$SERVER_FLAGS --load-format dummy --log-level info" --budget-s "$(inner_budget "$cap")" \
+        --json "$DIR/$name.json" --log-dir "$DIR/${name}_logs" --label "$label"
+    [ -f "$DIR/$name.json" ] && run_step "$name-memory" all 60 "$PY" benchmarks/layout_memory.py \
+        --model "$dir" --serve-json "$DIR/$name.json" --log-dir "$DIR/${name}_logs" \
+        --json "$DIR/$name-memory.json"
+}
+
+phase_x4() {
+    serve_x4 serve-x4-8b "$MODEL8B_CFG" llama-3-8b "$X4_CONFIGS" "$X4_RATES" 520 "4 x H200"
+}
+
+phase_x4_70b() {
+    serve_x4 serve-x4-70b "$MODEL70B_CFG" llama-3-70b "$X70_CONFIGS" "$X70_RATES" 520 "4 x H200"
+}
+
 case "$PHASE" in
-    single|layouts|layouts-1x1|dp|ep|final) ;;
+    single|layouts|layouts-1x1|dp|ep|final|x4|x4-70b) ;;
     summary)
         "$PY" benchmarks/session_summary.py "$OUT" "$SESSION_DIR"
         exit 0 ;;
     *)
         sed -n '2,/^set -u/p' "$0" | sed 's/^# \{0,1\}//' | head -n -1
-        echo "usage: bash $0 single|layouts|dp|layouts-1x1|ep|summary"
+        echo "usage: bash $0 single|layouts|dp|layouts-1x1|ep|final|x4|x4-70b|summary"
         exit 2 ;;
 esac
 

@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     from shardserve.planner.cli import add_plan_parser
     add_plan_parser(sub)  # shardserve plan
     add_deploy_parser(sub)  # shardserve deploy k8s
+    # Also after the command (`shardserve serve --log-level info`), where users put it; the
+    # top-level value stays the default.
+    for command in sub.choices.values():
+        command.add_argument("--log-level", default=argparse.SUPPRESS,
+                             help="logging level (DEBUG, INFO, WARNING, ...)")
     return parser
 
 
