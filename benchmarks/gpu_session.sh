@@ -173,6 +173,11 @@ finish() {
     if command -v column >/dev/null; then column -t "$DIR/steps.tsv"; else cat "$DIR/steps.tsv"; fi | sed 's/^/    /'
     "$PY" benchmarks/session_summary.py "$DIR"
     say "phase $PHASE ended after $(( $(date +%s) - T0 )) s"
+    # The device tool brings back at most 8 files: one archive of the whole phase (logs of
+    # every server and rank included) instead of the loose files.
+    if [ "$DRY" != 1 ] && [ -z "${KEEP_LOOSE:-}" ]; then
+        tar czf "$OUT/$PHASE.tgz" -C "$OUT" "$PHASE" && rm -rf "${OUT:?}/$PHASE"
+    fi
 }
 
 # ---- phases ------------------------------------------------------------------------------

@@ -181,6 +181,10 @@ class Server:
                 backends = self.backends()
                 if backends is None or all(b.get("healthy") for b in backends):
                     return True, "ready"
+                for b in backends:  # a replica that died while starting never comes up
+                    if not b.get("healthy") and b.get("pid") and not _pid_alive(b["pid"]):
+                        return False, (f"replica {b.get('url')} (pid {b['pid']}) exited: "
+                                       f"{b.get('status')}")
                 # Some replicas up, others still loading: wait for all (bounded).
             if time.monotonic() - last_print >= 15:
                 last_print = time.monotonic()
@@ -225,6 +229,20 @@ class Server:
             how += "; some processes of its group are still alive"
         self._log.close()
         return how
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError):
+        return True
+    try:  # a zombie (exited, not yet reaped by the router) is gone too
+        with open(f"/proc/{int(pid)}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -337,6 +355,57 @@ def nvidia_smi_memory() -> list[dict] | None:
     return [r for r in rows if keep is None or r["gpu"] in keep]
 
 
+def gpu_processes() -> list[dict]:
+    """Compute processes on any GPU (pid, MiB, command line), from nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    procs = []
+    for line in out.stdout.strip().splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit():
+            try:
+                with open(f"/proc/{parts[0]}/cmdline", "rb") as fh:
+                    cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                cmd = "?"
+            procs.append({"pid": int(parts[0]), "used_mib": parts[1], "cmd": cmd[:200]})
+    return procs
+
+
+def wait_for_free_gpus(timeout_s: float, busy_mib: float = 2048.0) -> dict:
+    """Until every visible GPU uses less than busy_mib (or timeout_s): returns how long it
+    took and, if it timed out, the processes that held memory (those of an earlier shardserve
+    run are then killed, so one stuck config cannot spoil every later one)."""
+    start = time.monotonic()
+    while True:
+        mem = nvidia_smi_memory()
+        if mem is None:
+            return {"waited_s": 0.0, "note": "no nvidia-smi"}
+        busy = {r["gpu"]: r["used_mib"] for r in mem if r["used_mib"] >= busy_mib}
+        waited = time.monotonic() - start
+        if not busy:
+            if waited > 1:
+                log(f"GPUs free after {waited:.0f} s")
+            return {"waited_s": round(waited, 1)}
+        if waited >= timeout_s:
+            procs = gpu_processes()
+            log(f"GPUs still in use after {waited:.0f} s: {busy} MiB; processes: {procs}")
+            for p in procs:
+                if "shardserve" in p["cmd"] or "multiprocessing" in p["cmd"]:
+                    try:
+                        os.kill(p["pid"], signal.SIGKILL)
+                    except OSError:
+                        pass
+            time.sleep(5)
+            return {"waited_s": round(waited, 1), "busy_mib": busy, "holders": procs,
+                    "killed": True}
+        time.sleep(1.0)
+
+
 def run_bench(args, base_url: str, rate: float, num: int, out_json: str, log_path: str,
               timeout_s: float, seed: int) -> tuple[dict | None, str]:
     """One `shardserve bench serve` run. Each run gets its own seed, so the prefix cache never
@@ -429,6 +498,10 @@ def main() -> int:
             log(f"{name}: skipped, {left():.0f} s left of --budget-s")
             save()
             continue
+        # The last config's ranks run in process groups of their own and free their GPU
+        # memory as they exit; a server started before that sizes its KV cache from what is
+        # left (0 blocks, seen on 4 x H200). Wait for the GPUs, and say who held them.
+        entry["gpu_wait"] = wait_for_free_gpus(min(120.0, max(left() - 60, 5)))
         port = args.port or free_port()
         base_url = f"http://{args.host}:{port}"
         argv = [sys.executable, "-m", "shardserve.cli", "serve", "--model", args.model,
