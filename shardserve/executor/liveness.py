@@ -177,18 +177,46 @@ def describe_exit(code: int) -> str:
 
 def stop_processes(procs: dict[int, Any], grace_s: float, force: bool = False) -> None:
     """Wait up to grace_s for the processes to leave after "stop", then terminate (or, with
-    force, kill at once: a failed world's ranks may be stuck in a collective or stopped)."""
+    force, kill at once: a failed world's ranks may be stuck in a collective or stopped).
+    Every wait after the grace is shared by all processes, so the whole stop stays under
+    grace_s + 3 s however many ranks hang (the engine core's own stop is bounded too, and
+    a core killed half-way would orphan the ranks it had not stopped yet)."""
     deadline = time.monotonic() + grace_s
     for proc in procs.values():
         proc.join(max(0.0, deadline - time.monotonic()))
     for proc in procs.values():
         if proc.is_alive():
             proc.kill() if force else proc.terminate()
+    _join_all(procs.values(), 2.0)
     for proc in procs.values():
-        proc.join(2.0)
         if proc.is_alive():
             proc.kill()
-            proc.join(1.0)
+    _join_all(procs.values(), 1.0)
+
+
+def _join_all(procs: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+
+
+def arm_exit_watchdog(timeout_s: float, code: int, what: str) -> threading.Event:
+    """End this process with `code` unless the returned event is set within timeout_s.
+
+    For tear-down that can block for ever: destroying NCCL communicators whose peers already
+    left has been seen to hang (4 x H200, a pipeline stage's ranks lived on for minutes after
+    their engine, holding 115 GiB each). os._exit from a thread works while the main thread
+    is stuck inside such a call, and the driver frees the GPU memory."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(timeout_s):
+            logger.warning("%s did not finish in %.0f s; exiting now", what, timeout_s)
+            logging.shutdown()
+            os._exit(code)
+
+    threading.Thread(target=watch, name="shardserve-exit-watchdog", daemon=True).start()
+    return done
 
 
 def kill_processes_and_remove(procs: dict[int, Any], directory: str | None) -> None:

@@ -27,12 +27,15 @@ from typing import Any
 import zmq
 
 from shardserve.config import EngineConfig, ParallelConfig
-from shardserve.executor.liveness import WorkerHeartbeat
+from shardserve.executor.liveness import WorkerHeartbeat, arm_exit_watchdog
 from shardserve.executor.wire import Endpoints, WireCodec
 
 logger = logging.getLogger(__name__)
 
 RENDEZVOUS_GRACE_S = 10.0  # see WorkerProc._rendezvous
+# Longest a rank's tear-down (leaving torch.distributed, closing sockets) may take before the
+# rank exits anyway; under the engine's stop grace, so a stop never has to kill a rank.
+TEARDOWN_TIMEOUT_S = 4.0
 
 # Worker methods the engine may call by name ("call" messages).
 RPC_METHODS = frozenset({"determine_num_blocks", "init_kv_cache", "kv_cache_info"})
@@ -342,6 +345,9 @@ class WorkerProc:
             logger.exception("Could not report the error to the engine")
 
     def _close(self) -> None:
+        # The heartbeat stops first (a stopping rank must not be declared dead), which also
+        # ends its parent watch: from here the watchdog bounds whatever tear-down blocks.
+        done = arm_exit_watchdog(TEARDOWN_TIMEOUT_S, 1, f"Rank {self.rank}'s tear-down")
         if self.heartbeat is not None:
             self.heartbeat.close()
         try:
@@ -352,3 +358,4 @@ class WorkerProc:
         self.sub.close()
         self.push.close()
         self.context.term()
+        done.set()
