@@ -86,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda", help="cuda, or cpu to try the script on a tiny model")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--engine-args", default="{}", type=json.loads, metavar="JSON",
+                   help='more LLM(...) keyword arguments, e.g. \'{"load_format": "dummy", '
+                        '"disable_custom_all_reduce": true}\' (dummy: only config.json is '
+                        'written, and the greedy agreement between layouts means nothing)')
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; sizes given explicitly still win
         quick = {"decode_tokens": 64, "num_prompts": 128, "input_len": 256, "output_len": 128}
@@ -167,7 +171,7 @@ def one_run(args: argparse.Namespace, tp: int, pp: int, save) -> dict:
               dtype=args.dtype, device=args.device,
               max_model_len=max_len, max_num_seqs=args.max_num_seqs,
               gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, **args.engine_args)
     result.update(startup_s=time.perf_counter() - start,
                   num_kv_blocks=llm.config.cache_config.num_blocks,
                   block_size=llm.config.cache_config.block_size)
@@ -322,6 +326,7 @@ def run_layout(args: argparse.Namespace, tp: int, pp: int, timeout_s: float | No
 
 def workload(args: argparse.Namespace) -> dict:
     return {"model_dir": args.model_dir, "dtype": args.dtype, "device": args.device,
+            "engine_args": args.engine_args,
             "enforce_eager": args.enforce_eager, "decode_tokens": args.decode_tokens,
             "num_prompts": args.num_prompts, "input_len": args.input_len,
             "output_len": args.output_len, "max_num_seqs": args.max_num_seqs}
@@ -367,7 +372,8 @@ def main() -> None:
         log(f"writing a random {args.preset} model to {args.model_dir} {overrides}")
         code = ("import sys; from shardserve.testing import write_random_model; "
                 f"write_random_model({args.model_dir!r}, preset={args.preset!r}, "
-                f"device={'cuda' if args.device == 'cuda' else 'cpu'!r}, **{overrides!r})")
+                f"device={'cuda' if args.device == 'cuda' else 'cpu'!r}, "
+                f"weights={args.engine_args.get('load_format') != 'dummy'}, **{overrides!r})")
         subprocess.run([sys.executable, "-c", code], check=True)
 
     prior = [r for path in args.prior_jsonl for r in read_jsonl(path)
