@@ -18,6 +18,11 @@
 #                       (--load-format dummy, nothing written) served as TP 4, TP 2 x PP 2,
 #                       TP 2 x DP 2 and DP 4 at $X4_RATES, then memory per GPU vs the planner.
 #   x4-70b     ~7       4 x H200: the Llama-3.1-70B shape (dummy weights) as TP 4 and TP 2 x PP 2.
+#   x4-final   ~9       4 x H200, one job per GPU pair at once: GPU 0 the one-GPU 8B comparison
+#                       with transformers (issue 3); GPU 1 DeepSeek-V2-Lite 1000 x (1000/1000)
+#                       against transformers (issue 9); GPUs 2,3 the custom all-reduce test and
+#                       benchmark, TP 2 batch-1 decode with it on and off (issue 5), then the
+#                       70B shape as TP 2 under load (issue 11).
 #   extra phases: layouts-1x1 (~4: the 1x1 run alone, if `single` lost it), ep (~5: the DeepSeek
 #                 EP-vs-TP part alone, if `dp` ran out of time), summary (tables of $OUT and of
 #                 everything kept in $SESSION_DIR).
@@ -303,8 +308,43 @@ phase_x4_70b() {
     serve_x4 serve-x4-70b "$MODEL70B_CFG" llama-3-70b "$X70_CONFIGS" "$X70_RATES" 520 "4 x H200"
 }
 
+phase_x4_final() {
+    gpu0() {
+        write_model write-8b 0 120 "$MODEL8B" llama-3-8b || return
+        run_step llama8b-vs-hf 0 460 "$PY" benchmarks/llama8b_vs_hf.py --model-dir "$MODEL8B" \
+            $LLAMA8B_FLAGS --json "$DIR/llama8b_vs_hf.json"
+    }
+    gpu1() {
+        write_model write-dsv2lite 1 150 "$DSDIR" deepseek-v2-lite || return
+        run_step ds-1000 1 480 "$PY" benchmarks/deepseek_v2_lite.py --model-dir "$DSDIR" \
+            ${DS_FINAL_FLAGS:---b1-output-len 128 --hf-num-prompts 32 --hf-batch 32 --hf-output-len 64} \
+            --json "$DIR/ds_single.json"
+    }
+    gpu23() {
+        [ -f tests/gpu/test_custom_all_reduce.py ] && run_step car-test 2,3 120 "$PY" -m pytest \
+            -q -s -p no:cacheprovider tests/gpu/test_custom_all_reduce.py
+        [ -f benchmarks/all_reduce_bench.py ] && run_step car-bench 2,3 90 "$PY" \
+            benchmarks/all_reduce_bench.py ${CAR_BENCH_FLAGS:-}
+        # Batch 1 at TP 2; the one-GPU base is llama8b-vs-hf's batch-1 figure on GPU 0.
+        local tps=("$PY" benchmarks/tp_scaling.py --model-dir "$MODEL8B_CFG" --layouts 2x1
+                   --skip-throughput --decode-tokens 256 --timeout-s 150)
+        run_step tp2-b1-custom 2,3 200 "${tps[@]}" --engine-args '{"load_format": "dummy"}' \
+            --json "$DIR/tp2_b1_custom.json"
+        run_step tp2-b1-nccl 2,3 200 "${tps[@]}" \
+            --engine-args '{"load_format": "dummy", "disable_custom_all_reduce": true}' \
+            --json "$DIR/tp2_b1_nccl.json"
+        export CUDA_VISIBLE_DEVICES=2,3  # this subshell only
+        serve_x4 serve-70b-tp2 "$MODEL70B_CFG" llama-3-70b \
+            "tp2=-tp 2" "${X70_TP2_RATES:-inf:128,2:40}" 240 "2 x H200 (of 4)"
+    }
+    gpu0 & local p0=$!
+    gpu1 & local p1=$!
+    gpu23 & local p2=$!
+    wait $p0 $p1 $p2
+}
+
 case "$PHASE" in
-    single|layouts|layouts-1x1|dp|ep|final|x4|x4-70b) ;;
+    single|layouts|layouts-1x1|dp|ep|final|x4|x4-70b|x4-final) ;;
     summary)
         "$PY" benchmarks/session_summary.py "$OUT" "$SESSION_DIR"
         exit 0 ;;
