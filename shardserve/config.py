@@ -92,6 +92,11 @@ class ParallelConfig:
     # Layers per pipeline stage, e.g. "14,10,8" (None: balanced on estimated compute and
     # memory, counting the embedding and the LM head; planner/stages.py).
     pp_layer_partition: str | None = None
+    # TP all-reduces of small messages over symmetric memory instead of NCCL, when the TP group
+    # is one node's GPUs with peer access (distributed/custom_all_reduce.py); messages larger
+    # than custom_all_reduce_max_bytes (its buffer per GPU) go through NCCL.
+    disable_custom_all_reduce: bool = False
+    custom_all_reduce_max_bytes: int = 8 << 20
 
     @property
     def world_size(self) -> int:

@@ -41,6 +41,10 @@ _HELP = {
                    "from config.json alone, for benchmarking a shape",
     "pp_layer_partition": "layers per pipeline stage, e.g. 14,10,8 (default: balanced on "
                           "estimated compute and memory, embedding and LM head included)",
+    "disable_custom_all_reduce": "always all-reduce through NCCL, never over symmetric memory "
+                                 "(the one-node fast path for small messages)",
+    "custom_all_reduce_max_bytes": "largest all-reduce, e.g. 8MiB, taken by the custom "
+                                   "all-reduce (its buffer per GPU); larger ones use NCCL",
 }
 
 
@@ -89,7 +93,7 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
                 continue
             if f.name == "load_format":
                 kwargs["choices"] = LOAD_FORMATS
-            if f.name == "kv_cache_memory_bytes":
+            if f.name in ("kv_cache_memory_bytes", "custom_all_reduce_max_bytes"):
                 kwargs["type"] = parse_size
             elif f.name in _AUTO_SIZES:
                 kwargs["type"] = parse_parallel_size  # an int or 'auto' (the planner picks)

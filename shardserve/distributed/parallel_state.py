@@ -22,14 +22,18 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
+    from shardserve.config import ParallelConfig
     from shardserve.distributed.comm_timer import CommTimer
+    from shardserve.distributed.custom_all_reduce import CustomAllReduce
 
 
 class GroupCoordinator:
     """One communication group of this process: its ranks and the collectives over them.
 
     `device_group` carries tensors (nccl on CUDA, gloo on CPU); `cpu_group` is always gloo and
-    carries metadata and Python objects, so they never need a device copy.
+    carries metadata and Python objects, so they never need a device copy. `custom_all_reduce`,
+    when set (TP groups within one node, see distributed/custom_all_reduce.py), takes the small
+    all-reduces that NCCL would spend most of its time on.
     """
 
     def __init__(self, group_ranks: list[list[int]], rank: int, backend: str,
@@ -44,6 +48,7 @@ class GroupCoordinator:
         self.ranks: list[int] = []
         self.device_group: dist.ProcessGroup | None = None
         self.cpu_group: dist.ProcessGroup | None = None
+        self.custom_all_reduce: CustomAllReduce | None = None
         for ranks in group_ranks:
             device_group = dist.new_group(ranks, backend=backend)
             # gloo already runs on the CPU: one group serves both purposes.
@@ -62,6 +67,7 @@ class GroupCoordinator:
         group = cls.__new__(cls)
         group.name, group.rank, group.ranks = name, 0, [0]
         group.device_group = group.cpu_group = None
+        group.custom_all_reduce = None
         group.rank_in_group, group.world_size = 0, 1
         return group
 
@@ -74,11 +80,32 @@ class GroupCoordinator:
         return self.rank_in_group == self.world_size - 1
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the group. Reduces in place (callers pass fresh activations) and returns it."""
+        """Sum over the group. Reduces in place (callers pass fresh activations) and returns it.
+
+        Small CUDA messages go through the custom all-reduce when the group has one (it
+        declines, returning None, what it does not take); everything else through NCCL/gloo."""
         if self.world_size == 1:
             return tensor
+        if self.custom_all_reduce is not None:
+            out = self.custom_all_reduce.all_reduce(tensor)
+            if out is not None:
+                return out
         dist.all_reduce(tensor, group=self.device_group)
         return tensor
+
+    def init_custom_all_reduce(self, parallel_config: "ParallelConfig | None" = None) -> None:
+        """Set up the custom all-reduce for this group when it can serve (collective over the
+        group's ranks); otherwise all-reduces stay on NCCL and the reason is logged once."""
+        from shardserve.distributed.custom_all_reduce import DEFAULT_MAX_BYTES, CustomAllReduce
+        if self.world_size == 1 or self.device_group is None:
+            return
+        pc = parallel_config
+        self.custom_all_reduce = CustomAllReduce.create(
+            self,
+            disabled=bool(pc and pc.disable_custom_all_reduce),
+            max_bytes=pc.custom_all_reduce_max_bytes if pc else DEFAULT_MAX_BYTES,
+            nnodes=(pc.nnodes or 1) if pc else 1,
+            num_local_ranks=pc.num_local_ranks if pc else None)
 
     _TIMED = ("all_reduce", "all_gather", "gather")
 
@@ -170,6 +197,7 @@ class GroupCoordinator:
             dist.barrier(group=self.cpu_group)
 
     def destroy(self) -> None:
+        self.custom_all_reduce = None  # its buffer goes before the groups it was set up over
         for group in {id(g): g for g in (self.device_group, self.cpu_group) if g is not None}.values():
             dist.destroy_process_group(group)
         self.device_group = self.cpu_group = None
@@ -226,12 +254,17 @@ def init_distributed_environment(world_size: int = 1, rank: int = 0, backend: st
 
 def initialize_model_parallel(tensor_parallel_size: int = 1,
                               pipeline_parallel_size: int = 1,
-                              enable_expert_parallel: bool = False) -> None:
+                              enable_expert_parallel: bool = False,
+                              parallel_config: "ParallelConfig | None" = None) -> None:
     """Cut the world into TP, PP and DP groups; DP takes whatever TP x PP leaves over.
 
     enable_expert_parallel: MoE layers place whole experts on the ranks of the TP group (the EP
     group is the TP group: attention stays TP-sharded over the same ranks) instead of slicing
-    every expert over them; see get_ep_group()."""
+    every expert over them; see get_ep_group().
+
+    parallel_config: where the nodes' boundaries lie and the custom all-reduce settings
+    (disable_custom_all_reduce, custom_all_reduce_max_bytes) for the TP group; None: defaults
+    (custom all-reduce on wherever it can serve, nodes told apart by hostname)."""
     global _TP, _PP, _DP, _EP
     if _TP is not None:
         raise RuntimeError("Model parallel groups are already initialised; "
@@ -252,6 +285,9 @@ def initialize_model_parallel(tensor_parallel_size: int = 1,
     _DP = GroupCoordinator(dp_groups, _WORLD.rank, backend, "dp")
     # Same ranks as TP, so the same communicator serves: no extra group to create.
     _EP = _TP if enable_expert_parallel else _SINGLE["ep"]
+    # Only TP all-reduces activations every layer; PP and DP never all-reduce tensors on a
+    # step. After every new_group (collective over the whole world), as this talks within TP.
+    _TP.init_custom_all_reduce(parallel_config)
 
 
 def rank_grid_groups(world_size: int, tp: int,

@@ -100,6 +100,10 @@ def run_worker(spec: WorkerSpec) -> None:
     # of their own keeps such signals away; a SIGTERM to the rank itself still ends it.
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # shardserve never uses NVLink multicast, and torch's symmetric-memory rendezvous (the
+    # custom all-reduce) would otherwise set it up: off unless the user says otherwise
+    # (distributed/custom_all_reduce.py takes its path only with this set to 1).
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     logging.basicConfig(level=spec.log_level, format=f"%(levelname)s (rank {spec.rank} "
                         f"pid={os.getpid()}) %(name)s: %(message)s")
     import torch
@@ -213,7 +217,8 @@ class WorkerProc:
                                      setup["dist_init_method"], local_rank=self.spec.local_rank,
                                      timeout_s=config.parallel_config.step_timeout_s)
         initialize_model_parallel(setup["tensor_parallel_size"], setup["pipeline_parallel_size"],
-                                  config.parallel_config.enable_expert_parallel)
+                                  config.parallel_config.enable_expert_parallel,
+                                  parallel_config=config.parallel_config)
         self.is_driver = self.rank == setup["driver_rank"]
         self.worker = Worker(config, self.spec.local_rank, is_driver=self.is_driver)
         self.worker.runner.stage_delay_s = float(setup.get("pp_stage_delay_s") or 0.0)
