@@ -109,6 +109,12 @@ def bench_engine(llm, args, results: dict, key: str) -> None:
     results[f"{key}_b1"] = tps(1, args.b1_input_len, args.b1_output_len, 1)
     log(f"{key} batch 1: {results[f'{key}_b1']:.1f} tok/s")
     save_partial(args, results)
+    if args.profile_b1 and torch.cuda.is_available():
+        from benchmarks.kernel_profile import print_profile, profile_decode
+        prof = profile_decode(llm, random_prompts(1, args.b1_input_len, vocab, 5)[0], 32)
+        results[f"{key}_b1_profile"] = prof
+        print_profile(prof, f"{key} batch-1 decode")
+        save_partial(args, results)
     results[f"{key}_throughput"] = tps(args.num_prompts, args.input_len, args.output_len, 3)
     log(f"{key} {args.num_prompts} x ({args.input_len}/{args.output_len}): "
         f"{results[f'{key}_throughput']:.0f} tok/s")
@@ -213,6 +219,8 @@ def main() -> None:
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--hf-output-len", type=int, default=128)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--profile-b1", action="store_true",
+                   help="after the batch-1 run, the kernels of a 32-token decode by GPU time")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)

@@ -317,7 +317,7 @@ phase_x4_final() {
     gpu1() {
         write_model write-dsv2lite 1 150 "$DSDIR" deepseek-v2-lite || return
         run_step ds-1000 1 480 "$PY" benchmarks/deepseek_v2_lite.py --model-dir "$DSDIR" \
-            ${DS_FINAL_FLAGS:---b1-output-len 128 --hf-num-prompts 32 --hf-batch 32 --hf-output-len 64} \
+            ${DS_FINAL_FLAGS:---b1-output-len 128 --hf-num-prompts 32 --hf-batch 32 --hf-output-len 64 --profile-b1} \
             --json "$DIR/ds_single.json"
     }
     gpu23() {

@@ -156,6 +156,14 @@ def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_
             print_profile(profile_llm(llm, prompts, params), f"step profile, batch {bs}")
         except Exception as err:
             log(f"step profile failed: {type(err).__name__}: {err}")
+    # The GPU side of batch 1: which kernels, and how busy the GPU is between them.
+    try:
+        from benchmarks.kernel_profile import print_profile as print_kernels
+        from benchmarks.kernel_profile import profile_decode
+        results["shardserve_b1_kernels"] = profile_decode(llm, random_prompts(1, 128, vocab, 6)[0])
+        print_kernels(results["shardserve_b1_kernels"])
+    except Exception as err:
+        log(f"kernel profile failed: {type(err).__name__}: {err}")
 
 
 def main() -> None:
