@@ -96,7 +96,8 @@ def cmd_random_model(args: argparse.Namespace) -> int:
         key, _, value = item.partition("=")
         overrides[key] = _literal(value)
     path = write_random_model(args.out, architecture=args.arch, preset=args.preset,
-                              dtype=args.dtype, seed=args.seed, **overrides)
+                              dtype=args.dtype, seed=args.seed, weights=not args.no_weights,
+                              **overrides)
     print(path)
     return 0
 
@@ -191,10 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 
+    from shardserve.testing import ARCHITECTURES, PRESETS
     rnd = sub.add_parser("random-model", help="write a random-weight Hugging Face model folder")
-    rnd.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"])
-    rnd.add_argument("--preset", default="tiny")
-    rnd.add_argument("--dtype", default="float32")
+    rnd.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES),
+                     help="default: the preset's (llama for tiny)")
+    rnd.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    rnd.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                     help="default: the preset's (float32 for tiny, bfloat16 for full sizes)")
+    rnd.add_argument("--no-weights", action="store_true",
+                     help="config and tokenizer only: serve it with --load-format dummy")
     rnd.add_argument("--seed", type=int, default=0)
     rnd.add_argument("--out", required=True)
     rnd.add_argument("--set", action="append", help="config override key=value (repeatable)")
