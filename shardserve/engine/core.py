@@ -28,6 +28,8 @@ scheduler's output placeholders), so the batch is not split.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import time
 from collections import deque
@@ -61,6 +63,7 @@ class EngineCore:
         self.num_overlapped_steps = 0  # submitted while another step was in flight
         self.startup_seconds = {"load": loaded - start, "kv_cache": time.perf_counter() - loaded}
         logger.info("Engine ready: load %.1f s, KV cache %.1f s", *self.startup_seconds.values())
+        freeze_startup_heap()
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -133,3 +136,22 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def freeze_startup_heap() -> None:
+    """Move everything alive now (torch, the model, the tokenizer: the bulk of the heap) out of
+    the cycle collector's reach. A full collection otherwise walks all of it, 0.1-0.3 s, a few
+    times per thousand decode steps (about 1 ms per step at batch 256). Unfreezing first lets
+    garbage from engines made earlier in this process (tests) be collected, not frozen; at
+    exit everything is unfrozen again, so the interpreter's last collection finalizes it (native
+    extensions report what is left as leaks)."""
+    global _unfreeze_at_exit
+    if not _unfreeze_at_exit:
+        atexit.register(gc.unfreeze)
+        _unfreeze_at_exit = True
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+_unfreeze_at_exit = False

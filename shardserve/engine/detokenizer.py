@@ -19,6 +19,11 @@ Python window without losing state.
 Stop strings: only the new text plus a tail of len(stop) - 1 characters is searched; for the
 same reason a stream holds back the last len(longest stop) - 1 characters until it is sure
 they do not start a stop string.
+
+Lazy sequences (the offline LLM, which reads text only when a request ends): without stop
+strings nothing needs the text earlier, so ids are only collected, at no cost per step, and
+decoded when the text is first read. At the end of a byte-level BPE sequence that is one
+decode of the whole output (see `_TokenDecoder.decode_all`) instead of two per token.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ try:  # tokenizers >= 0.21
     from tokenizers.decoders import DecodeStream
 except ImportError:  # pragma: no cover - older tokenizers
     DecodeStream = None  # type: ignore[assignment,misc]
+try:
+    from tokenizers.decoders import ByteLevel as _ByteLevelDecoder
+except ImportError:  # pragma: no cover - no tokenizers at all
+    _ByteLevelDecoder = None  # type: ignore[assignment,misc]
 
 _REPLACEMENT = "\ufffd"
 # Prompt tokens decoded ahead of the output as context: at least a few (so neighbour-sensitive
@@ -58,9 +67,33 @@ class _TokenDecoder:
         self._stream = None
         if use_decode_stream and backend is not None and DecodeStream is not None:
             self._stream = _new_stream(backend, self._ids, skip_special_tokens)
+        self._stepped = False
+
+    def decode_all(self, ids: list[int]) -> str | None:
+        """What stepping through `ids` and then flushing returns in total, in one decode, for a
+        fresh decoder; None where that shortcut is not known to give the same text.
+
+        Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2) decodes to the tokens' bytes
+        concatenated, read as UTF-8 with each invalid sequence replaced by U+FFFD. The stream
+        cuts only where the text so far does not end in U+FFFD, that is after a complete
+        character, where such decoding of what follows does not depend on what came before;
+        the context decodes cleanly too. So the pieces add up to
+        decode(context + ids) minus decode(context)."""
+        if (self._stepped or self._stream is None or _ByteLevelDecoder is None
+                or not isinstance(self._backend.decoder, _ByteLevelDecoder)):
+            return None
+        context = self._ids[:self._read_offset]
+        prefix = self._decode(context)
+        text = self._decode(context + ids)
+        if not text.startswith(prefix):
+            return None
+        self._ids.extend(ids)
+        self._stream = None  # flushed: nothing more comes
+        return text[len(prefix):]
 
     def step(self, token_id: int) -> str:
         """Append one id; return the text it completes ("" while a character is incomplete)."""
+        self._stepped = True
         self._ids.append(token_id)
         if self._stream is not None:
             try:
@@ -144,10 +177,14 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int],
                  skip_special_tokens: bool = True, stop: Sequence[str] | None = None,
                  include_stop_str_in_output: bool = False, *,
-                 use_decode_stream: bool = True) -> None:
+                 use_decode_stream: bool = True, lazy: bool = False) -> None:
+        """lazy: the text is read only when the request ends (see the module docstring); with
+        stop strings it is decoded as it comes all the same."""
         context = _prompt_context(tokenizer, prompt_token_ids, skip_special_tokens)
         self._decoder = _TokenDecoder(tokenizer, context, skip_special_tokens, use_decode_stream)
         self._stop = [s for s in (stop or ()) if s]
+        self._lazy = lazy and not self._stop
+        self._pending: list[int] = []  # lazy: ids not decoded yet
         self._include_stop = include_stop_str_in_output
         # Characters a stream holds back: the longest text that could still grow into a stop.
         self._hold = max((len(s) for s in self._stop), default=1) - 1
@@ -159,11 +196,15 @@ class IncrementalDetokenizer:
 
     @property
     def output_text(self) -> str:
+        if self._pending:
+            self._catch_up()
         return self._text
 
     @property
     def streamable_text(self) -> str:
         """output_text without the tail that may still become a stop string."""
+        if self._pending:
+            self._catch_up()
         return self._text[:self._stream_limit()]
 
     def update(self, new_token_ids: Sequence[int], stop_terminated: bool = False) -> str | None:
@@ -177,6 +218,12 @@ class IncrementalDetokenizer:
         ids = list(new_token_ids)
         if stop_terminated and not self._include_stop and ids:
             ids = ids[:-1]
+        if self._lazy:
+            # No stop strings: nothing to find in the text, so it can wait (see the module doc).
+            self._pending.extend(ids)
+            if stop_terminated:
+                self.finish()
+            return None
         for tid in ids:
             self.token_ids.append(tid)
             delta = self._decoder.step(tid)
@@ -190,13 +237,33 @@ class IncrementalDetokenizer:
         """The request ended without a stop string: flush held bytes and release held text."""
         if self.finished:
             return
+        if self._pending and not self.token_ids:
+            whole = self._decoder.decode_all(self._pending)
+            if whole is not None:
+                self.token_ids, self._pending = self._pending, []
+                self._text = whole
+                self.finished = True
+                return
+        if self._pending:
+            self._catch_up()
         tail = self._decoder.flush()
         if tail:
             self._append(tail)
         self.finished = True
 
+    def _catch_up(self) -> None:
+        """Decode the ids a lazy sequence collected, one by one as `update` would have."""
+        ids, self._pending = self._pending, []
+        for tid in ids:
+            self.token_ids.append(tid)
+            delta = self._decoder.step(tid)
+            if delta:
+                self._append(delta)  # no stop strings: never ends the sequence
+
     def get_next_delta(self) -> str:
         """Text added since the last call that can no longer turn into a stop string."""
+        if self._pending:
+            self._catch_up()
         limit = self._stream_limit()
         if limit <= self._num_sent:
             return ""

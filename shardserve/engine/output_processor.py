@@ -55,13 +55,15 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, requests: list[Request],
                     stream: bool = True) -> None:
         """stream=False: only the final RequestOutput is built (the offline LLM's case), which
-        saves copying every sample's tokens on every step."""
+        saves copying every sample's tokens on every step, and text is decoded only at the end
+        unless stop strings need it earlier."""
         first = requests[0]
         samples = []
         for i, req in enumerate(requests):
             p = req.sampling_params
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
-                                           p.skip_special_tokens, p.stop, p.include_stop_str_in_output)
+                                           p.skip_special_tokens, p.stop, p.include_stop_str_in_output,
+                                           lazy=not stream)
             samples.append(_Sample(i, detok, p.logprobs is not None))
             self._child_to_parent[req.request_id] = (request_id, i)
         self._parents[request_id] = _Parent(
@@ -94,31 +96,34 @@ class OutputProcessor:
         """Returns the updated RequestOutputs and the child request ids the engine core must
         abort (a stop string was found in their text)."""
         now = time.monotonic()
+        # Parents to emit: streaming ones with news, and the others once they finish.
         touched: dict[str, _Parent] = {}
         to_abort: list[str] = []
+        child_to_parent, parents = self._child_to_parent, self._parents
         for out in outputs:
-            key = self._child_to_parent.get(out.req_id)
+            key = child_to_parent.get(out.req_id)
             if key is None:
                 continue
-            parent = self._parents[key[0]]
+            parent = parents[key[0]]
             sample = parent.samples[key[1]]
-            touched[parent.request_id] = parent
+            if parent.stream:
+                touched[parent.request_id] = parent
             if out.new_prompt_logprobs:
                 parent.prompt_logprobs.extend(self._convert(out.new_prompt_logprobs))
-            if not out.new_token_ids and out.finish_reason is None:
-                continue
-            if sample.finish_reason is not None:
+            new_ids = out.new_token_ids
+            if (not new_ids and out.finish_reason is None) or sample.finish_reason is not None:
                 continue
             parent.num_cached_tokens = out.num_cached_tokens
-            if parent.metrics.first_token_time is None and out.new_token_ids:
-                parent.metrics.first_token_time = now
-            parent.metrics.last_token_time = now
-            sample.token_ids.extend(out.new_token_ids)
+            metrics = parent.metrics
+            if metrics.first_token_time is None and new_ids:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            sample.token_ids.extend(new_ids)
             if out.new_logprobs and sample.want_logprobs:
                 converted = self._convert(out.new_logprobs)
                 sample.logprobs.extend(converted)
                 sample.cumulative_logprob += sum(e.logprobs[0] for e in out.new_logprobs)
-            stop_str = sample.detokenizer.update(out.new_token_ids)
+            stop_str = sample.detokenizer.update(new_ids)
             if stop_str is not None:
                 sample.finish_reason, sample.stop_reason = "stop", stop_str
                 if out.finish_reason is None:
@@ -127,7 +132,9 @@ class OutputProcessor:
                 sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
             if sample.finish_reason is not None:
                 sample.detokenizer.finish()
-        results = [self._emit(p) for p in touched.values() if p.stream or p.finished]
+                if parent.finished:
+                    touched[parent.request_id] = parent
+        results = [self._emit(p) for p in touched.values()]
         return results, to_abort
 
     def _emit(self, parent: _Parent) -> RequestOutput:

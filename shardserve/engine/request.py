@@ -65,6 +65,7 @@ class Request:
         # next step may already run on them (the worker feeds them on the device).
         self.num_output_placeholders = 0
         self.first_scheduled_time: float | None = None
+        self._needs_known_tokens: bool | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -82,9 +83,11 @@ class Request:
     def needs_known_tokens(self) -> bool:
         """Penalties read every earlier output token on the host, so a step that samples
         for this request cannot start before the previous one's token is known."""
-        p = self.sampling_params
-        return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                or p.frequency_penalty != 0.0)
+        if self._needs_known_tokens is None:  # asked every step: worked out once
+            p = self.sampling_params
+            self._needs_known_tokens = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                                        or p.frequency_penalty != 0.0)
+        return self._needs_known_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -105,32 +105,49 @@ class Scheduler:
         cached_reqs: list[CachedRequestData] = []
         preempted_any = False
 
+        # Hot loop (every running request, every step): attributes read once into locals.
+        running = self.running
+        kv_cache = self.kv_cache
+        max_model_len = self.max_model_len
+        async_scheduling = self.async_scheduling
         i = 0
-        while i < len(self.running) and budget > 0 and len(num_scheduled) < cap:
-            request = self.running[i]
+        while i < len(running) and budget > 0 and len(num_scheduled) < cap:
+            request = running[i]
             pending = request.num_output_placeholders
-            num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget,
-                          self.max_model_len - request.num_computed_tokens)
-            if num_new <= 0 or (pending and (request.needs_known_tokens
-                                             or self._will_finish_by_length(request))):
+            computed = request.num_computed_tokens
+            num_tokens = len(request.all_token_ids)
+            num_new = min(num_tokens + pending - computed, budget, max_model_len - computed)
+            if num_new <= 0 or (pending and (
+                    request.needs_known_tokens
+                    # Its tokens in flight take it to max_tokens or max_model_len already.
+                    or num_tokens - request.num_prompt_tokens + pending >= request.max_tokens
+                    or num_tokens + pending >= max_model_len)):
                 i += 1
                 continue
-            new_blocks = self.kv_cache.allocate_slots(request, num_new)
+            new_blocks = kv_cache.allocate_slots(request, num_new)
             while new_blocks is None:
-                victim = self.running.pop()
+                victim = running.pop()
                 self._preempt(victim)
                 preempted_any = True
                 if victim is request:
                     break
-                new_blocks = self.kv_cache.allocate_slots(request, num_new)
+                new_blocks = kv_cache.allocate_slots(request, num_new)
             if new_blocks is None:
                 break
+            synced = request.num_synced_tokens
             cached_reqs.append(CachedRequestData(
-                request.request_id, request.all_token_ids[request.num_synced_tokens:],
-                [b.block_id for b in new_blocks], request.num_computed_tokens))
-            request.num_synced_tokens = request.num_tokens
+                request.request_id,
+                request.all_token_ids[synced:] if synced < num_tokens else [],
+                [b.block_id for b in new_blocks] if new_blocks else [], computed))
+            request.num_synced_tokens = num_tokens
             num_scheduled[request.request_id] = num_new
             budget -= num_new
+            # Advance now rather than on the step's result, so a pipeline can schedule the next
+            # micro-batch before this one returns (a request is in at most one batch at a time).
+            # Preemption takes requests from the end of `running`, never one scheduled already.
+            request.num_computed_tokens = computed + num_new
+            if async_scheduling and computed + num_new == num_tokens + pending:
+                request.num_output_placeholders = pending + 1  # this step samples its next token
             i += 1
 
         # Admit waiting requests only when nothing had to be preempted: otherwise the freed
@@ -151,7 +168,6 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
                 request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_hit
             # Outputs of steps before this one belong to an earlier (preempted) run of it.
             request.admitted_step_id = self._step_id
             self.running.append(request)
@@ -162,26 +178,16 @@ class Scheduler:
             request.num_synced_tokens = request.num_tokens
             num_scheduled[request.request_id] = num_new
             budget -= num_new
+            request.num_computed_tokens = num_hit + num_new
+            if (self.async_scheduling and request.num_computed_tokens
+                    == request.num_tokens + request.num_output_placeholders):
+                request.num_output_placeholders += 1
 
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self._finished_req_ids, self._step_id)
         self._finished_req_ids = set()
         self._step_id += 1
-        # Advance now rather than on the step's result, so a pipeline can schedule the next
-        # micro-batch before this one returns (a request is in at most one batch at a time).
-        for request in self.running:
-            num = num_scheduled.get(request.request_id, 0)
-            request.num_computed_tokens += num
-            if (self.async_scheduling and num and request.num_computed_tokens
-                    == request.num_tokens + request.num_output_placeholders):
-                request.num_output_placeholders += 1  # this step samples its next token
         return out
-
-    def _will_finish_by_length(self, request: Request) -> bool:
-        """Its tokens in flight take it to max_tokens or max_model_len: no further step."""
-        pending = request.num_output_placeholders
-        return (request.num_output_tokens + pending >= request.max_tokens
-                or request.num_tokens + pending >= self.max_model_len)
 
     def defer_finished(self, request_ids: Iterable[str]) -> None:
         """Send these finished ids with the next step (an empty step was not sent)."""
@@ -204,45 +210,55 @@ class Scheduler:
         """Append the sampled tokens, apply the stop rules, free finished requests."""
         outputs: list[EngineCoreOutput] = []
         logprobs = runner_output.logprobs
+        prompt_logprobs = runner_output.prompt_logprobs
         seen_prompt_lp = set()
+        requests = self.requests
+        step_id = scheduler_output.step_id
         for idx, (rid, token) in enumerate(zip(runner_output.req_ids, runner_output.sampled_token_ids)):
-            request = self.requests.get(rid)
-            if (request is None or request.status != RequestStatus.RUNNING
-                    or scheduler_output.step_id < request.admitted_step_id):
+            request = requests.get(rid)
+            if (request is None or request.status is not _RUNNING
+                    or step_id < request.admitted_step_id):
                 # Aborted or preempted while the step ran (with several steps in flight, a
                 # preempted request may already be running again from scratch).
                 continue
             if request.num_output_placeholders:
                 request.num_output_placeholders -= 1
-            request.append_output_token(token)
-            self._check_stop(request, token)
+            request.all_token_ids.append(token)
+            finished = self._check_stop(request, token)
             out = EngineCoreOutput(rid, [token], num_cached_tokens=max(request.num_cached_tokens, 0))
             if logprobs is not None and request.sampling_params.logprobs is not None:
                 out.new_logprobs = [logprobs[idx]]
-            if rid in runner_output.prompt_logprobs:
-                out.new_prompt_logprobs = runner_output.prompt_logprobs[rid]
+            if prompt_logprobs and rid in prompt_logprobs:
+                out.new_prompt_logprobs = prompt_logprobs[rid]
                 seen_prompt_lp.add(rid)
-            if request.is_finished:
+            if finished:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason
                 self.running.remove(request)
                 self._free_request(request)
             outputs.append(out)
         # Prompt chunks that produced no sample still carry prompt logprobs.
-        for rid, entries in runner_output.prompt_logprobs.items():
+        for rid, entries in prompt_logprobs.items():
             if rid not in seen_prompt_lp and rid in self.requests:
                 outputs.append(EngineCoreOutput(rid, [], new_prompt_logprobs=entries))
         return outputs
 
-    def _check_stop(self, request: Request, token: int) -> None:
+    def _check_stop(self, request: Request, token: int) -> bool:
+        """Set the finished status the newly appended token gives, if any; True if finished."""
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+        num_tokens = len(request.all_token_ids)
+        if num_tokens - request.num_prompt_tokens >= params.min_tokens:
             if token in request.eos_token_ids and not params.ignore_eos:
                 request.status = RequestStatus.FINISHED_STOPPED
-                return
+                return True
             if token in params.stop_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = token
-                return
-        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+                return True
+        if num_tokens - request.num_prompt_tokens >= request.max_tokens or num_tokens >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+
+_RUNNING = RequestStatus.RUNNING

@@ -22,19 +22,20 @@ import logging
 import math
 import time
 
+import numpy as np
 import torch
 
 from shardserve.config import EngineConfig
 from shardserve.distributed.parallel_state import get_pp_group, get_tp_group
 from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from shardserve.errors import CacheTooSmallError
-from shardserve.executor.input_builder import ModelInputs, build_model_inputs
+from shardserve.executor.input_builder import ModelInputs, build_model_inputs, upload
 from shardserve.executor.pipeline_stats import StageTimer
 from shardserve.executor.request_state import RequestStates
+from shardserve.executor.sampling_batch import SamplingBatch
 from shardserve.forward_context import set_forward_context
 from shardserve.layers.attention import AttentionLayerBase, select_attention_backend
-from shardserve.layers.sampler import (Sampler, SamplingMetadata, compute_prompt_logprobs,
-                                       min_tokens_stop_ids)
+from shardserve.layers.sampler import Sampler, compute_prompt_logprobs
 from shardserve.models.pipeline import IntermediateTensors, StageLayout
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class ModelRunner:
         self.dtype = config.model_config.torch_dtype
         self.states = RequestStates(device)
         self.sampler = Sampler()
+        self.sampling_batch = SamplingBatch(device)
         self.model: torch.nn.Module | None = None
         self.attn_layers: list[AttentionLayerBase] = []
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []  # per layer, as it declared them
@@ -142,10 +144,14 @@ class ModelRunner:
         max_len = self.config.model_config.max_model_len
         needed = -(-max_len // self.block_size)
         if num_blocks < needed:
+            held = getattr(self, "_memory_held_elsewhere", 0)
+            elsewhere = (f" {held / 2**30:.1f} GiB of this GPU is held outside this process's "
+                         "PyTorch allocator (another process on the GPU?)."
+                         if held > 2**30 else "")
             raise CacheTooSmallError(
                 f"The KV cache holds {num_blocks} blocks ({num_blocks * self.block_size} tokens) "
                 f"but one sequence of max_model_len={max_len} needs {needed} blocks, "
-                f"{needed * per_block / 2**20:.1f} MiB. Give the cache more memory "
+                f"{needed * per_block / 2**20:.1f} MiB.{elsewhere} Give the cache more memory "
                 "(--kv-cache-memory / --gpu-memory-utilization) or lower --max-model-len.")
         return num_blocks
 
@@ -172,10 +178,12 @@ class ModelRunner:
         # Memory other processes or non-torch allocations hold counts against us too.
         non_torch = total - free - torch.cuda.memory_reserved(self.device)
         budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak - non_torch
+        self._memory_held_elsewhere = non_torch
         del hidden
         torch.cuda.empty_cache()
-        logger.info("Profiled peak %.2f GiB of %.2f GiB; %.2f GiB left for the KV cache",
-                    peak / 2**30, total / 2**30, max(budget, 0) / 2**30)
+        logger.info("Profiled peak %.2f GiB of %.2f GiB (%.2f GiB held outside PyTorch); "
+                    "%.2f GiB left for the KV cache", peak / 2**30, total / 2**30,
+                    non_torch / 2**30, max(budget, 0) / 2**30)
         return max(budget // per_block, 0)
 
     def init_kv_cache(self, num_blocks: int) -> None:
@@ -240,16 +248,20 @@ class ModelRunner:
     def _fill_placeholders(self, inputs: ModelInputs) -> None:
         """Async scheduling: the tokens the previous step sampled, copied on the device into
         this step's input ids (the host does not know them yet)."""
+        num = len(inputs.placeholder_rows)
+        self.num_placeholder_tokens += num
+        if (inputs.placeholder_rows[-1] == num - 1
+                and inputs.placeholder_req_ids == self._prev_sample_req_ids):
+            # A decode batch of the same requests: row i takes the previous step's sample i
+            # (rows ascend from 0, so the last being num - 1 means they are 0..num-1).
+            inputs.input_ids[:num].copy_(self._prev_sampled)
+            return
         # Built here, not per step: only steps with placeholders need the lookup.
         prev_rows = {rid: i for i, rid in enumerate(self._prev_sample_req_ids)}
-        rows = [prev_rows[rid] for rid in inputs.placeholder_req_ids]
-        index = torch.tensor(inputs.placeholder_rows, dtype=torch.long)
-        source = torch.tensor(rows, dtype=torch.long)
-        if self.device.type != "cpu":
-            index = index.pin_memory().to(self.device, non_blocking=True)
-            source = source.pin_memory().to(self.device, non_blocking=True)
+        index, source = upload([np.array(inputs.placeholder_rows, dtype=np.int64),
+                                np.array([prev_rows[rid] for rid in inputs.placeholder_req_ids],
+                                         dtype=np.int64)], self.device)
         inputs.input_ids[index] = self._prev_sampled[source]
-        self.num_placeholder_tokens += len(rows)
 
     def _execute_stage(self, inputs: ModelInputs) -> ModelRunnerOutput:
         """One pipeline stage's share of a step (see the module doc)."""
@@ -297,18 +309,8 @@ class ModelRunner:
                 ids = torch.empty(len(inputs.sample_req_ids), dtype=torch.long, device=self.device)
                 self._remember_samples(get_tp_group().broadcast(ids, src=0), inputs)
             return _ready(ModelRunnerOutput([], []), defer)
-        states = [self.states.states[rid] for rid in inputs.sample_req_ids]
-        metadata = SamplingMetadata.build(
-            params_list=[s.sampling_params for s in states],
-            # Generators: the token lists are copied only when a penalty needs them.
-            output_token_ids_list=(s.output_token_ids for s in states),
-            prompt_token_ids_list=(s.prompt_token_ids for s in states),
-            generators_list=[s.generator for s in states],
-            min_tokens_masks=[min_tokens_stop_ids(s.sampling_params, num_out, s.eos_token_ids)
-                              for s, num_out in zip(states, inputs.sample_num_outputs)],
-            vocab_size=logits.shape[-1],
-            device=self.device,
-        )
+        metadata = self.sampling_batch.metadata(inputs.sample_states, inputs.sample_num_outputs,
+                                                logits.shape[-1])
         result = self.sampler(logits, metadata)
         if self.share_samples:
             get_tp_group().broadcast(result.sampled_token_ids, src=0)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shardserve.engine.outputs import CachedRequestData, NewRequestData, SchedulerOutput
+from shardserve.executor.block_table import BlockTable
 from shardserve.sampling_params import SamplingParams
 
 
@@ -16,7 +17,7 @@ class CachedRequestState:
     num_prompt_tokens: int
     token_ids: list[int]  # prompt + outputs known so far
     sampling_params: SamplingParams
-    block_ids: list[int]
+    block_row: int  # its row of RequestStates.block_table
     num_computed_tokens: int
     eos_token_ids: list[int]
     generator: torch.Generator | None = None  # per-request seed: same output in any batch
@@ -37,10 +38,11 @@ class RequestStates:
     device: torch.device
     states: dict[str, CachedRequestState] = field(default_factory=dict)
     vocab_size: int = 0  # the sampler's row width: what one seeded draw consumes
+    block_table: BlockTable = field(default_factory=BlockTable)
 
     def update(self, out: SchedulerOutput) -> None:
         for rid in out.finished_req_ids:
-            self.states.pop(rid, None)
+            self._remove(rid)
         for new in out.scheduled_new_reqs:
             self._add(new)
         for cached in out.scheduled_cached_reqs:
@@ -58,12 +60,21 @@ class RequestStates:
                 from shardserve.layers.sampler import advance_generator
                 advance_generator(generator, len(new.output_token_ids), self.vocab_size,
                                   self.device)
+        self._remove(new.req_id)  # not expected: the scheduler drops it first
         self.states[new.req_id] = CachedRequestState(
             new.req_id, len(new.prompt_token_ids), new.prompt_token_ids + new.output_token_ids,
-            params, list(new.block_ids), new.num_computed_tokens, list(new.eos_token_ids), generator)
+            params, self.block_table.add(new.block_ids), new.num_computed_tokens,
+            list(new.eos_token_ids), generator)
 
     def _advance(self, cached: CachedRequestData) -> None:
         state = self.states[cached.req_id]
-        state.token_ids.extend(cached.new_token_ids)
-        state.block_ids.extend(cached.new_block_ids)
+        if cached.new_token_ids:
+            state.token_ids.extend(cached.new_token_ids)
+        if cached.new_block_ids:
+            self.block_table.append(state.block_row, cached.new_block_ids)
         state.num_computed_tokens = cached.num_computed_tokens
+
+    def _remove(self, req_id: str) -> None:
+        state = self.states.pop(req_id, None)
+        if state is not None:
+            self.block_table.free(state.block_row)

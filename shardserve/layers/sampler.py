@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -67,6 +67,9 @@ class SamplingMetadata:
     no_top_p_top_k: bool
     no_min_p: bool
     vocab_size: int
+    # Per row, host side: has any penalty / a repetition penalty (which rows need token ids).
+    has_penalty: list[bool] = field(default_factory=list)
+    has_repetition: list[bool] = field(default_factory=list)
 
     @classmethod
     def build(cls, params_list: Sequence[SamplingParams],
@@ -75,11 +78,22 @@ class SamplingMetadata:
               generators_list: Sequence[torch.Generator | None],
               min_tokens_masks: Sequence[Sequence[int] | None],
               vocab_size: int, device: torch.device | str) -> "SamplingMetadata":
-        """One call per step from the model runner; all lists are aligned with the logits' rows.
+        """All lists are aligned with the logits' rows.
 
         min_tokens_masks[i]: token ids row i must not sample this step (EOS and stop ids while
         it is short of min_tokens; see `min_tokens_stop_ids`), or None / empty.
         """
+        rows = cls.build_rows(params_list, generators_list, vocab_size, device)
+        return rows.with_step_inputs(output_token_ids_list, prompt_token_ids_list,
+                                     enumerate(min_tokens_masks))
+
+    @classmethod
+    def build_rows(cls, params_list: Sequence[SamplingParams],
+                   generators_list: Sequence[torch.Generator | None],
+                   vocab_size: int, device: torch.device | str) -> "SamplingMetadata":
+        """What depends only on which requests the rows are: the per-step inputs (penalties'
+        token ids, min_tokens masks) are left unset; `with_step_inputs` adds them. The model
+        runner keeps this part while a batch's rows stay the same requests."""
         device = torch.device(device)
         if not params_list:
             return _empty(vocab_size, device)
@@ -101,22 +115,6 @@ class SamplingMetadata:
         has_rep = [p.repetition_penalty != 1.0 for p in params_list]
         has_pen = [r or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
                    for r, p in zip(has_rep, params_list)]
-        no_penalties = not any(has_pen)
-        output_ids = prompt_ids = None
-        if not no_penalties:
-            # Rows without penalties contribute no ids: padding stays as short as it can be.
-            output_ids = _padded([o if h else () for o, h in zip(output_token_ids_list, has_pen)],
-                                 vocab_size, device)
-            if any(has_rep):
-                prompt_ids = _padded([q if h else () for q, h in zip(prompt_token_ids_list, has_rep)],
-                                     vocab_size, device)
-
-        mt_rows = mt_ids = None
-        pairs = [(row, tok) for row, ids in enumerate(min_tokens_masks) for tok in (ids or ())]
-        if pairs:
-            both = _to_device(torch.tensor(pairs, dtype=torch.int64), device)
-            mt_rows, mt_ids = both[:, 0], both[:, 1]
-
         num_logprobs = [p.logprobs for p in params_list]
         asked = [k for k in num_logprobs if k is not None]
         return cls(
@@ -127,11 +125,40 @@ class SamplingMetadata:
                         if g is not None and not greedy[row]},
             presence_penalties=packed[_PRESENCE], frequency_penalties=packed[_FREQUENCY],
             repetition_penalties=packed[_REPETITION],
-            prompt_token_ids=prompt_ids, output_token_ids=output_ids,
-            min_tokens_rows=mt_rows, min_tokens_token_ids=mt_ids,
+            prompt_token_ids=None, output_token_ids=None,
+            min_tokens_rows=None, min_tokens_token_ids=None,
             num_logprobs=num_logprobs, max_num_logprobs=max(asked) if asked else None,
-            no_penalties=no_penalties, no_top_p_top_k=no_top_p_top_k, no_min_p=no_min_p,
-            vocab_size=vocab_size)
+            no_penalties=not any(has_pen), no_top_p_top_k=no_top_p_top_k, no_min_p=no_min_p,
+            vocab_size=vocab_size, has_penalty=has_pen, has_repetition=has_rep)
+
+    def with_step_inputs(self, output_token_ids_list: Iterable[Sequence[int]],
+                         prompt_token_ids_list: Iterable[Sequence[int]],
+                         min_tokens_masks: Iterable[tuple[int, Sequence[int] | None]]
+                         ) -> "SamplingMetadata":
+        """This step's metadata: these rows plus the inputs that change every step. The token
+        lists are read only when a row has a penalty (they may be generators);
+        min_tokens_masks holds (row, ids) pairs, and may leave out rows with nothing to mask.
+        Returns self when the step adds nothing."""
+        device = self.temperature.device
+        output_ids = prompt_ids = None
+        if not self.no_penalties:
+            # Rows without penalties contribute no ids: padding stays as short as it can be.
+            output_ids = _padded([o if h else () for o, h in zip(output_token_ids_list,
+                                                                 self.has_penalty)],
+                                 self.vocab_size, device)
+            if any(self.has_repetition):
+                prompt_ids = _padded([q if h else () for q, h in zip(prompt_token_ids_list,
+                                                                     self.has_repetition)],
+                                     self.vocab_size, device)
+        mt_rows = mt_ids = None
+        pairs = [(row, tok) for row, ids in min_tokens_masks for tok in (ids or ())]
+        if pairs:
+            both = _to_device(torch.tensor(pairs, dtype=torch.int64), device)
+            mt_rows, mt_ids = both[:, 0], both[:, 1]
+        if output_ids is None and mt_rows is None:
+            return self
+        return replace(self, prompt_token_ids=prompt_ids, output_token_ids=output_ids,
+                       min_tokens_rows=mt_rows, min_tokens_token_ids=mt_ids)
 
 
 def min_tokens_stop_ids(params: SamplingParams, num_output_tokens: int,

@@ -197,3 +197,91 @@ def test_prompt_context_keeps_sentencepiece_leading_space() -> None:
         assert d.output_text == " world! the" == "".join(deltas)
         d, _, _ = _run(tok, [], [2, 4, 3], use_stream=use_stream)
         assert d.output_text == "world! the" == tok.decode([2, 4, 3])
+
+
+# ---- lazy sequences (the offline LLM: text read only at the end) ----------------------------
+
+def _lazy_vs_eager(tokenizer: Any, prompt: list[int], ids: list[int], skip: bool,
+                   use_stream: bool = True, stop: list[str] | None = None,
+                   chunk: int = 1) -> tuple[IncrementalDetokenizer, IncrementalDetokenizer]:
+    eager = IncrementalDetokenizer(tokenizer, prompt, skip, stop, use_decode_stream=use_stream)
+    lazy = IncrementalDetokenizer(tokenizer, prompt, skip, stop, use_decode_stream=use_stream,
+                                  lazy=True)
+    for i in range(0, len(ids), chunk):
+        hits = (eager.update(ids[i:i + chunk]), lazy.update(ids[i:i + chunk]))
+        assert hits[0] == hits[1]
+        if hits[0] is not None:
+            break
+    eager.finish()
+    lazy.finish()
+    return eager, lazy
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_lazy_matches_eager_on_random_tokens(tok: Any, chat_prompt: list[int], skip: bool) -> None:
+    """The one-decode shortcut at the end (byte-level BPE) gives the stepped text exactly,
+    invalid and incomplete UTF-8 and special tokens included."""
+    rng = random.Random(99)
+    vocab = len(tok)
+    for trial in range(200):
+        ids = [rng.randrange(vocab) if rng.random() < 0.5 else rng.randrange(0, 260)
+               for _ in range(rng.randrange(0, 80))]
+        prompt = [chat_prompt, [], [rng.randrange(0, 260) for _ in range(9)]][trial % 3]
+        for name, tokenizer, use_stream in _variants(tok):
+            eager, lazy = _lazy_vs_eager(tokenizer, prompt, ids, skip, use_stream, chunk=1 + trial % 3)
+            assert lazy.output_text == eager.output_text, (name, prompt, ids)
+            assert lazy.token_ids == eager.token_ids
+            assert lazy.get_next_delta() == eager.get_next_delta()
+
+
+def test_lazy_collects_ids_without_decoding(tok: Any, monkeypatch) -> None:
+    ids = tok.encode("Héllo 世界 🎉 and more", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, [], True, lazy=True)
+    calls = []
+    real_step = d._decoder.step
+    monkeypatch.setattr(d._decoder, "step", lambda t: calls.append(t) or real_step(t))
+    for i in ids:
+        assert d.update([i]) is None
+    assert d.token_ids == [] and not calls  # nothing decoded per step
+    d.finish()
+    assert d.output_text == "Héllo 世界 🎉 and more" and d.token_ids == ids
+    assert not calls  # one decode of the whole output
+
+
+def test_lazy_read_before_the_end_catches_up(tok: Any) -> None:
+    """Reading the text early (an abort emits it) decodes what was collected; later ids
+    continue from there."""
+    ids = tok.encode("one two three", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, [], True, lazy=True)
+    d.update(ids[:2])
+    assert d.output_text == tok.decode(ids[:2])
+    d.update(ids[2:])
+    d.finish()
+    assert d.output_text == "one two three" and d.get_next_delta() == "one two three"
+
+
+def test_lazy_ended_by_eos(tok: Any) -> None:
+    ids = tok.encode("Hi", add_special_tokens=False) + [tok.eos_token_id]
+    d = IncrementalDetokenizer(tok, [], False, lazy=True)
+    assert d.update(ids, stop_terminated=True) is None
+    assert d.finished and d.output_text == "Hi"
+
+
+def test_lazy_with_stop_strings_still_decodes_as_it_goes(tok: Any) -> None:
+    ids = tok.encode("The capital of France is Paris. It is big.", add_special_tokens=False)
+    eager, lazy = _lazy_vs_eager(tok, [], ids, True, stop=["Paris"])
+    assert lazy.stop_string == eager.stop_string == "Paris"
+    assert lazy.output_text == eager.output_text == "The capital of France is "
+
+
+def test_lazy_sentencepiece_falls_back_to_stepping() -> None:
+    """Not byte-level: the shortcut is not taken, the ids are stepped through at the end."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "▁the": 3, "!": 4}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    backend.decoder = tokenizers.decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    eager, lazy = _lazy_vs_eager(tok, [1, 2, 3, 1], [2, 4, 3], True)
+    assert lazy.output_text == eager.output_text == " world! the"

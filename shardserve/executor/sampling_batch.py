@@ -1,0 +1,61 @@
+"""The sampling metadata of the rows a step samples, kept across steps.
+
+Building it costs a pass over every row's SamplingParams, a host tensor and two host-to-device
+copies; in a decode batch the rows are the same requests, in the same order, step after step.
+So the per-request part (temperature, top-p/k, min-p, penalties' weights, seeded generators,
+logprob counts) is rebuilt only when the rows change, and each step adds only what really
+changes per step, for the rows that need it: the output (and prompt) token ids of rows with
+penalties and the masked ids of rows still short of min_tokens.
+
+    step N    rows [a b c d]  ─ build_rows ─▶ kept
+    step N+1  rows [a b c d]  ─ same objects ─▶ kept + this step's inputs
+    step N+2  rows [a c d e]  ─ changed ─▶ build_rows again
+
+Rows are compared by their CachedRequestState objects: a request resumed after preemption gets a
+new state (and a new generator), so it never reuses its earlier run's rows.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from shardserve.executor.request_state import CachedRequestState
+from shardserve.layers.sampler import SamplingMetadata, min_tokens_stop_ids
+
+
+class SamplingBatch:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._states: list[CachedRequestState] = []
+        self._rows: SamplingMetadata | None = None
+        self._min_tokens_rows: list[int] = []  # rows whose request has min_tokens > 0
+        self.num_rebuilds = 0  # how often the rows changed (a check for tests)
+
+    def metadata(self, states: list[CachedRequestState], num_outputs: list[int],
+                 vocab_size: int) -> SamplingMetadata:
+        """The metadata for rows `states`; num_outputs[i]: row i's output tokens before this
+        step's sample (counting placeholders), for min_tokens."""
+        if not self._same_rows(states, vocab_size):
+            self._rows = SamplingMetadata.build_rows(
+                [s.sampling_params for s in states], [s.generator for s in states],
+                vocab_size, self.device)
+            self._states = list(states)
+            self._min_tokens_rows = [i for i, s in enumerate(states)
+                                     if s.sampling_params.min_tokens > 0]
+            self.num_rebuilds += 1
+        rows = self._rows
+        masks = [(i, min_tokens_stop_ids(states[i].sampling_params, num_outputs[i],
+                                         states[i].eos_token_ids))
+                 for i in self._min_tokens_rows]
+        if rows.no_penalties and not masks:
+            return rows
+        # Generators: the token lists are copied only when a penalty needs them.
+        return rows.with_step_inputs((s.output_token_ids for s in states),
+                                     (s.prompt_token_ids for s in states), masks)
+
+    def _same_rows(self, states: list[CachedRequestState], vocab_size: int) -> bool:
+        return (self._rows is not None and self._rows.vocab_size == vocab_size
+                and len(states) == len(self._states)
+                and all(map(operator.is_, states, self._states)))
