@@ -316,11 +316,14 @@ phase_x4_final() {
     }
     gpu1() {
         write_model write-dsv2lite 1 150 "$DSDIR" deepseek-v2-lite || return
-        run_step ds-1000 1 480 "$PY" benchmarks/deepseek_v2_lite.py --model-dir "$DSDIR" \
-            ${DS_FINAL_FLAGS:---b1-output-len 128 --hf-num-prompts 32 --hf-batch 32 --hf-output-len 64 --profile-b1} \
+        run_step ds-1000 1 500 "$PY" benchmarks/deepseek_v2_lite.py --model-dir "$DSDIR" \
+            ${DS_FINAL_FLAGS:---b1-output-len 128 --hf-num-prompts 32 --hf-batch 32 --hf-output-len 32 --profile-b1} \
             --json "$DIR/ds_single.json"
     }
     gpu23() {
+        # The engine's CUDA-only input paths (pinned packing, placeholders) against lock-step.
+        SHARDSERVE_TEST_DEVICE=cuda run_step async-gpu-tests 2 150 "$PY" -m pytest -q -x \
+            -p no:cacheprovider tests/engine/test_async_scheduling.py tests/e2e/test_sampling_e2e.py
         [ -f tests/gpu/test_custom_all_reduce.py ] && run_step car-test 2,3 120 "$PY" -m pytest \
             -q -s -p no:cacheprovider tests/gpu/test_custom_all_reduce.py
         [ -f benchmarks/all_reduce_bench.py ] && run_step car-bench 2,3 90 "$PY" \
