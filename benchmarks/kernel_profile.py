@@ -33,8 +33,13 @@ def profile_decode(llm, prompt_ids: list[int], new_tokens: int = 32, top: int = 
         llm.generate(request, params, use_tqdm=False)
         sync()
         wall = time.perf_counter() - start
+    from torch.autograd import DeviceType
     rows = []
     for evt in prof.key_averages():
+        # Kernels only: an operator run eagerly (aten::mm of the LM head) also carries the
+        # device time of the kernels it launched, which are listed on their own.
+        if getattr(evt, "device_type", None) == DeviceType.CPU:
+            continue
         device_us = getattr(evt, "self_device_time_total", None)
         if device_us is None:  # older torch
             device_us = getattr(evt, "self_cuda_time_total", 0.0)
