@@ -182,16 +182,21 @@ def test_updates_after_finish_are_ignored(tok: Any) -> None:
     assert d.output_text == "stop "
 
 
-def test_prompt_context_keeps_sentencepiece_leading_space() -> None:
-    """Metaspace decoders drop the leading space of the first token of a decode; the first
-    output token follows the prompt, so its space is real text."""
+def _metaspace_tokenizer() -> Any:
+    """A tiny sentencepiece-style (Metaspace) tokenizer: not byte-level."""
     tokenizers = pytest.importorskip("tokenizers")
     from transformers import PreTrainedTokenizerFast
     vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "▁the": 3, "!": 4}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
     backend.decoder = tokenizers.decoders.Metaspace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_prompt_context_keeps_sentencepiece_leading_space() -> None:
+    """Metaspace decoders drop the leading space of the first token of a decode; the first
+    output token follows the prompt, so its space is real text."""
+    tok = _metaspace_tokenizer()
     for use_stream in (True, False):
         d, deltas, _ = _run(tok, [1, 2, 3, 1], [2, 4, 3], use_stream=use_stream)
         assert d.output_text == " world! the" == "".join(deltas)
@@ -276,12 +281,6 @@ def test_lazy_with_stop_strings_still_decodes_as_it_goes(tok: Any) -> None:
 
 def test_lazy_sentencepiece_falls_back_to_stepping() -> None:
     """Not byte-level: the shortcut is not taken, the ids are stepped through at the end."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "▁the": 3, "!": 4}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
-    backend.decoder = tokenizers.decoders.Metaspace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tok = _metaspace_tokenizer()
     eager, lazy = _lazy_vs_eager(tok, [1, 2, 3, 1], [2, 4, 3], True)
     assert lazy.output_text == eager.output_text == " world! the"
