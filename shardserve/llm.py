@@ -46,6 +46,24 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def start_profile(self, out_dir: str | None = None) -> None:
+        """Profile every rank with torch.profiler from now until stop_profile() (vLLM's API).
+        out_dir defaults to $SHARDSERVE_TORCH_PROFILER_DIR; each rank writes its own trace
+        there, so tensor- and pipeline-parallel ranks are seen too, not just this process."""
+        from shardserve.executor.profiler import profiler_dir
+        if getattr(self, "_profiling", False):
+            raise RuntimeError("Already profiling; call stop_profile() first.")
+        self.engine.core.executor.start_profile(profiler_dir(out_dir))
+        self._profiling = True
+
+    def stop_profile(self) -> list[dict]:
+        """Stop profiling; returns one dict a rank: its trace file, its kernel table file and
+        the top kernels (by GPU time; operators by CPU time on a CPU)."""
+        if not getattr(self, "_profiling", False):
+            raise RuntimeError("Not profiling; call start_profile() first.")
+        self._profiling = False
+        return self.engine.core.executor.stop_profile()
+
     def shutdown(self) -> None:
         """Stop the worker processes of a tensor/pipeline-parallel engine now (they also stop
         when the LLM is garbage-collected or the interpreter exits)."""

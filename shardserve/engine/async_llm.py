@@ -25,7 +25,8 @@ from typing import Any, Callable
 from shardserve.config import EngineConfig
 from shardserve.engine.core_client import CoreProcClient
 from shardserve.engine.core_messages import (AbortRequests, CoreFailed, CoreReady, CoreStats,
-                                             CoreStepOutputs, EngineCoreRequest)
+                                             CoreStepOutputs, EngineCoreRequest, ProfileControl,
+                                             ProfileResult)
 from shardserve.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from shardserve.engine.output_processor import OutputProcessor
 from shardserve.engine.stat_logger import StatLogger
@@ -88,6 +89,8 @@ class AsyncLLM:
         self._ready_future: asyncio.Future | None = None
         self._tasks: list[asyncio.Task] = []
         self._core_error: str | None = None
+        self._profile_future: asyncio.Future | None = None
+        self._profiling = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -121,6 +124,36 @@ class AsyncLLM:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._core.shutdown(timeout)
+
+    async def start_profile(self, out_dir: str | None = None) -> None:
+        """torch.profiler on every rank until stop_profile() (LLM.start_profile's twin);
+        out_dir defaults to $SHARDSERVE_TORCH_PROFILER_DIR."""
+        from shardserve.executor.profiler import profiler_dir
+        if self._profiling:
+            raise RuntimeError("Already profiling; call stop_profile first.")
+        await self._profile_call(ProfileControl("start", profiler_dir(out_dir)))
+        self._profiling = True
+
+    async def stop_profile(self) -> list[dict]:
+        """Stop profiling; one summary a rank (trace and kernel-table files, top kernels)."""
+        if not self._profiling:
+            raise RuntimeError("Not profiling; call start_profile first.")
+        self._profiling = False
+        return (await self._profile_call(ProfileControl("stop"))).summaries
+
+    async def _profile_call(self, message: ProfileControl) -> ProfileResult:
+        self._check_started()
+        if self._profile_future is not None:
+            raise RuntimeError("A profiler call is already under way.")
+        self._profile_future = asyncio.get_running_loop().create_future()
+        try:
+            self._send(message)
+            result: ProfileResult = await self._profile_future
+        finally:
+            self._profile_future = None
+        if result.error:
+            raise RuntimeError(f"Profiler {message.action} failed: {result.error}")
+        return result
 
     @property
     def is_alive(self) -> bool:
@@ -230,6 +263,9 @@ class AsyncLLM:
                 elif isinstance(message, CoreReady):
                     if not self._ready_future.done():
                         self._ready_future.set_result(message)
+                elif isinstance(message, ProfileResult):
+                    if self._profile_future is not None and not self._profile_future.done():
+                        self._profile_future.set_result(message)
                 elif isinstance(message, CoreFailed):
                     self._core_error = message.message
                     logger.error("Engine core failed: %s\n%s", message.message, message.traceback)
@@ -336,6 +372,8 @@ class AsyncLLM:
         self._fail_all(error)
         if self._ready_future is not None and not self._ready_future.done():
             self._ready_future.set_exception(error)
+        if self._profile_future is not None and not self._profile_future.done():
+            self._profile_future.set_exception(error)
         if self.on_dead is not None:
             self.on_dead()
 

@@ -44,6 +44,23 @@ class ShutdownCore:
 
 
 @dataclass
+class ProfileControl:
+    """Start (into out_dir) or stop torch.profiler on every rank (executor/profiler.py)."""
+
+    action: str  # "start" | "stop"
+    out_dir: str = ""
+
+
+@dataclass
+class ProfileResult:
+    """The answer to ProfileControl: each rank's summary on stop, or why it failed."""
+
+    action: str
+    summaries: list = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
 class CoreReady:
     """The model is loaded and the KV cache allocated; requests may come."""
 
@@ -85,7 +102,7 @@ class CoreFailed:
 
 
 WIRE_CLASSES = (EngineCoreRequest, AbortRequests, ShutdownCore, CoreReady, CoreStats,
-                CoreStepOutputs, CoreFailed, EngineCoreOutput, TokenLogprobs, SamplingParams,
+                CoreStepOutputs, CoreFailed, ProfileControl, ProfileResult, EngineCoreOutput, TokenLogprobs, SamplingParams,
                 SchedulerStats)
 
 

@@ -32,8 +32,8 @@ import zmq
 from shardserve.config import EngineConfig
 from shardserve.engine.core import EngineCore
 from shardserve.engine.core_messages import (AbortRequests, CoreFailed, CoreReady, CoreStats,
-                                             CoreStepOutputs, EngineCoreRequest, ShutdownCore,
-                                             make_serializer)
+                                             CoreStepOutputs, EngineCoreRequest, ProfileControl,
+                                             ProfileResult, ShutdownCore, make_serializer)
 from shardserve.engine.outputs import EngineCoreOutput
 from shardserve.engine.request import Request
 from shardserve.engine.serial import Serializer
@@ -157,8 +157,25 @@ class EngineCoreProc:
                 self._unscheduled.discard(rid)
         elif isinstance(message, ShutdownCore):
             self._stopping = True
+        elif isinstance(message, ProfileControl):
+            self._profile(message)
         else:
             logger.warning("Ignoring an unexpected message: %r", type(message).__name__)
+
+    def _profile(self, message: ProfileControl) -> None:
+        """Between steps (a step in flight is collected as usual afterwards); a bad call
+        answers with its error and the core carries on."""
+        try:
+            if message.action == "start":
+                self.core.executor.start_profile(message.out_dir)
+                result = ProfileResult("start")
+            elif message.action == "stop":
+                result = ProfileResult("stop", self.core.executor.stop_profile())
+            else:
+                result = ProfileResult(message.action, error=f"unknown action {message.action!r}")
+        except (RuntimeError, ValueError, OSError) as exc:
+            result = ProfileResult(message.action, error=f"{type(exc).__name__}: {exc}")
+        self._send(result)
 
     # ---- one step --------------------------------------------------------------------------
 

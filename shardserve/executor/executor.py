@@ -19,6 +19,14 @@ class Executor:
         """Communication share of step time and related counters; empty with one process."""
         return {}
 
+    def start_profile(self, out_dir: str) -> None:
+        """torch.profiler on every rank until stop_profile (executor/profiler.py)."""
+        raise NotImplementedError
+
+    def stop_profile(self) -> list[dict]:
+        """Stop every rank's profiler; one summary (files written, top kernels) a rank."""
+        raise NotImplementedError
+
     def pipeline_stats(self) -> dict[str, list[float] | float]:
         """Pipeline parallelism: per-stage busy ratio and seconds (see
         executor/pipeline_stats.py); empty without it."""
@@ -61,6 +69,12 @@ class UniProcExecutor(Executor):
 
     def collect_step(self, seq: int) -> ModelRunnerOutput:
         return self._pending.pop(seq).get()
+
+    def start_profile(self, out_dir: str) -> None:
+        self.worker.start_profile(out_dir)
+
+    def stop_profile(self) -> list[dict]:
+        return [self.worker.stop_profile()]
 
     def check_health(self) -> None:
         return None

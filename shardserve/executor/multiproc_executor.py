@@ -78,6 +78,7 @@ class MultiprocExecutor(Executor):
         self._step_stats = StepStats()
         self._pp_stats = PipelineStats(pc.pipeline_parallel_size)
         self._in_flight: set[int] = set()
+        self._early_outputs: dict[int, list[Any]] = {}  # seq -> a step's answer come early
 
         self._context = zmq.Context()
         self._local = Endpoints.ipc()
@@ -250,8 +251,11 @@ class MultiprocExecutor(Executor):
 
     def collect_step(self, seq: int) -> ModelRunnerOutput:
         """The driver's output of step `seq` (blocks; bounded by step_timeout_s)."""
-        reply = self._wait_replies(seq, {self.driver_rank}, self.parallel_config.step_timeout_s,
-                                   kind="out")[self.driver_rank]
+        reply = self._early_outputs.pop(seq, None)
+        if reply is None:
+            reply = self._wait_replies(seq, {self.driver_rank},
+                                       self.parallel_config.step_timeout_s,
+                                       kind="out")[self.driver_rank]
         output, stats = reply
         self._in_flight.discard(seq)
         self._step_stats.record(stats)
@@ -272,6 +276,14 @@ class MultiprocExecutor(Executor):
         replies = self._wait_replies(self._seq, ranks,
                                      timeout_s or self.parallel_config.step_timeout_s, kind="ret")
         return [replies[r] for r in sorted(replies)]
+
+    def start_profile(self, out_dir: str) -> None:
+        self.collective_rpc("start_profile", [out_dir])
+
+    def stop_profile(self) -> list[dict]:
+        # Writing a GPU trace of a long window takes a while: more than a step's timeout.
+        return self.collective_rpc("stop_profile",
+                                   timeout_s=max(self.parallel_config.step_timeout_s, 600.0))
 
     def check_health(self) -> None:
         """Raise EngineDeadError if any rank is dead or silent (cheap; call it when idle)."""
@@ -347,6 +359,10 @@ class MultiprocExecutor(Executor):
                 replies[message[1]] = message[2]
             elif message[0] == kind and message[1] == seq:
                 replies[message[2]] = message[3] if kind == "ret" else message[3:]
+            elif message[0] == "out" and message[1] in self._in_flight:
+                # A step in flight answered while an RPC (start_profile between steps) was
+                # waited for: kept for its collect_step.
+                self._early_outputs[message[1]] = message[3:]
             elif message[0] != "hello":
                 logger.warning("Ignoring an unexpected %r from the workers (waiting for %s %d)",
                                message[0], kind, seq)

@@ -17,6 +17,7 @@ from shardserve.distributed.comm_timer import CommTimer
 from shardserve.distributed.parallel_state import get_pp_group, get_tp_group, get_world_group
 from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.executor.model_runner import ModelRunner
+from shardserve.executor.profiler import RankProfiler
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,19 @@ class Worker:
         self.is_driver = is_driver
         self.runner = ModelRunner(config, self.device, is_driver=is_driver)
         self.comm_timer: CommTimer | None = None
+        self.profiler: RankProfiler | None = None
+
+    def start_profile(self, out_dir: str) -> None:
+        """Record this rank with torch.profiler until stop_profile (executor/profiler.py)."""
+        if self.profiler is None:
+            self.profiler = RankProfiler(get_world_group().rank, self.device)
+        self.profiler.start(out_dir)
+
+    def stop_profile(self) -> dict:
+        """Stop recording; write this rank's trace and kernel table; return their summary."""
+        if self.profiler is None:
+            raise RuntimeError("This rank is not profiling; call start_profile first.")
+        return self.profiler.stop()
 
     def load_model(self) -> None:
         self.runner.load_model()

@@ -38,7 +38,8 @@ RENDEZVOUS_GRACE_S = 10.0  # see WorkerProc._rendezvous
 TEARDOWN_TIMEOUT_S = 4.0
 
 # Worker methods the engine may call by name ("call" messages).
-RPC_METHODS = frozenset({"determine_num_blocks", "init_kv_cache", "kv_cache_info"})
+RPC_METHODS = frozenset({"determine_num_blocks", "init_kv_cache", "kv_cache_info",
+                         "start_profile", "stop_profile"})
 
 
 @dataclass

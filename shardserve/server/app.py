@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from types import FrameType
@@ -27,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from shardserve import __version__
 from shardserve.dashboard import mount_server_dashboard
 from shardserve.engine.async_llm import AsyncLLM
+from shardserve.executor.profiler import PROFILER_DIR_ENV
 from shardserve.server.args import API_KEY_ENV, ServerArgs
 from shardserve.server.errors import APIError, install_error_handlers
 from shardserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -84,9 +86,33 @@ def build_app(state: ServerState) -> FastAPI:
         return await create_chat_completion(request, state)
 
     app.include_router(v1)
+    if os.environ.get(PROFILER_DIR_ENV):
+        mount_profiler_routes(app, state)
     # /dashboard: the page is public (no data, no key in it); its data needs the key like /v1.
     mount_server_dashboard(app, state, _require_api_key)
     return app
+
+
+def mount_profiler_routes(app: FastAPI, state: ServerState) -> None:
+    """POST /start_profile and /stop_profile (vLLM's), only when $SHARDSERVE_TORCH_PROFILER_DIR
+    names where every rank writes its trace; they need the API key like /v1."""
+    guard = [Depends(_require_api_key)]
+
+    @app.post("/start_profile", dependencies=guard)
+    async def start_profile() -> dict:
+        try:
+            await state.engine.start_profile()
+        except RuntimeError as exc:
+            raise APIError(409, str(exc), code="profiler_state") from exc
+        return {"status": "profiling", "dir": os.environ[PROFILER_DIR_ENV]}
+
+    @app.post("/stop_profile", dependencies=guard)
+    async def stop_profile() -> dict:
+        try:
+            summaries = await state.engine.stop_profile()
+        except RuntimeError as exc:
+            raise APIError(409, str(exc), code="profiler_state") from exc
+        return {"status": "stopped", "ranks": summaries}
 
 
 def _phase(state: ServerState) -> str:

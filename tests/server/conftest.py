@@ -89,7 +89,8 @@ def free_port() -> int:
 
 
 def start_server(log_dir: Path, *extra: str, model: str | None = None,
-                 api_key: str | None = API_KEY) -> ServerProcess:
+                 api_key: str | None = API_KEY,
+                 env_extra: dict[str, str] | None = None) -> ServerProcess:
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "shardserve.cli", "serve", "--host", "127.0.0.1",
@@ -99,7 +100,7 @@ def start_server(log_dir: Path, *extra: str, model: str | None = None,
         cmd += ["--model", model]
     if api_key:
         cmd += ["--api-key", api_key]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1", **(env_extra or {})}
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=Path(__file__).resolve().parents[2])
