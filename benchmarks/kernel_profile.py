@@ -20,6 +20,7 @@ def profile_decode(llm, prompt_ids: list[int], new_tokens: int = 32, top: int = 
     from torch.profiler import ProfilerActivity, profile
 
     from shardserve import SamplingParams
+    from shardserve.executor.profiler import top_rows
 
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     request = [{"prompt_token_ids": list(prompt_ids)}]
@@ -33,19 +34,7 @@ def profile_decode(llm, prompt_ids: list[int], new_tokens: int = 32, top: int = 
         llm.generate(request, params, use_tqdm=False)
         sync()
         wall = time.perf_counter() - start
-    from torch.autograd import DeviceType
-    rows = []
-    for evt in prof.key_averages():
-        # Kernels only: an operator run eagerly (aten::mm of the LM head) also carries the
-        # device time of the kernels it launched, which are listed on their own.
-        if getattr(evt, "device_type", None) == DeviceType.CPU:
-            continue
-        device_us = getattr(evt, "self_device_time_total", None)
-        if device_us is None:  # older torch
-            device_us = getattr(evt, "self_cuda_time_total", 0.0)
-        if device_us > 0:
-            rows.append({"name": evt.key, "count": evt.count, "total_us": float(device_us)})
-    rows.sort(key=lambda r: -r["total_us"])
+    rows = top_rows(prof, on_device=True, limit=None) if cuda else []
     kernel_us = sum(r["total_us"] for r in rows)
     return {"new_tokens": new_tokens, "wall_ms_per_token": wall * 1e3 / new_tokens,
             "kernel_ms_per_token": kernel_us / 1e3 / new_tokens,

@@ -90,15 +90,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_random_model(args: argparse.Namespace) -> int:
-    from shardserve.testing import write_random_model
-    overrides = {}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        overrides[key] = _literal(value)
-    path = write_random_model(args.out, architecture=args.arch, preset=args.preset,
-                              dtype=args.dtype, seed=args.seed, weights=not args.no_weights,
-                              **overrides)
-    print(path)
+    from shardserve.testing import write_model_from_args
+    print(write_model_from_args(args, args.random_model_parser))
     return 0
 
 
@@ -133,14 +126,6 @@ def cmd_router(args: argparse.Namespace) -> int:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from shardserve.bench.serve import run_bench_serve
     return run_bench_serve(args)
-
-
-def _literal(text: str):
-    import json
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,19 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 
-    from shardserve.testing import ARCHITECTURES, PRESETS
+    from shardserve.testing import add_model_writer_args
     rnd = sub.add_parser("random-model", help="write a random-weight Hugging Face model folder")
-    rnd.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES),
-                     help="default: the preset's (llama for tiny)")
-    rnd.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    rnd.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                     help="default: the preset's (float32 for tiny, bfloat16 for full sizes)")
-    rnd.add_argument("--no-weights", action="store_true",
-                     help="config and tokenizer only: serve it with --load-format dummy")
-    rnd.add_argument("--seed", type=int, default=0)
-    rnd.add_argument("--out", required=True)
-    rnd.add_argument("--set", action="append", help="config override key=value (repeatable)")
-    rnd.set_defaults(func=cmd_random_model)
+    add_model_writer_args(rnd)
+    rnd.set_defaults(func=cmd_random_model, random_model_parser=rnd)
 
     from shardserve.deploy.cli import add_deploy_parser
     from shardserve.planner.cli import add_plan_parser

@@ -51,18 +51,12 @@ class LLM:
         out_dir defaults to $SHARDSERVE_TORCH_PROFILER_DIR; each rank writes its own trace
         there, so tensor- and pipeline-parallel ranks are seen too, not just this process."""
         from shardserve.executor.profiler import profiler_dir
-        if getattr(self, "_profiling", False):
-            raise RuntimeError("Already profiling; call stop_profile() first.")
-        self.engine.core.executor.start_profile(profiler_dir(out_dir))
-        self._profiling = True
+        self.engine.core.start_profile(profiler_dir(out_dir))
 
     def stop_profile(self) -> list[dict]:
         """Stop profiling; returns one dict a rank: its trace file, its kernel table file and
         the top kernels (by GPU time; operators by CPU time on a CPU)."""
-        if not getattr(self, "_profiling", False):
-            raise RuntimeError("Not profiling; call start_profile() first.")
-        self._profiling = False
-        return self.engine.core.executor.stop_profile()
+        return self.engine.core.stop_profile()
 
     def shutdown(self) -> None:
         """Stop the worker processes of a tensor/pipeline-parallel engine now (they also stop

@@ -174,6 +174,14 @@ def cached_gguf_tokenizer_dir(gguf_path: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m shardserve.testing",
                                      description="Write a Hugging Face model folder for tests.")
+    add_model_writer_args(parser)
+    out = write_model_from_args(parser.parse_args(argv), parser)
+    print(out)
+    return out
+
+
+def add_model_writer_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python -m shardserve.testing` and `shardserve random-model`."""
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
                         help="architecture (default: the preset's; llama for tiny)")
@@ -188,14 +196,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
                              "of writing random weights")
     parser.add_argument("--no-weights", action="store_true",
                         help="write config and tokenizer only (serve it with --load-format dummy)")
-    args = parser.parse_args(argv)
+
+
+def write_model_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """Write the folder add_model_writer_args' flags describe; returns its path."""
     if args.from_gguf is not None:
-        out = export_gguf_to_hf(None if args.from_gguf == "default" else args.from_gguf, args.out)
-    else:
-        out = write_random_model(args.out, args.arch, args.preset, args.dtype, args.seed,
-                                 weights=not args.no_weights, **dict(_parse_override(item, parser) for item in args.set))
-    print(out)
-    return out
+        return export_gguf_to_hf(None if args.from_gguf == "default" else args.from_gguf,
+                                 args.out)
+    overrides = dict(_parse_override(item, parser) for item in args.set)
+    return write_random_model(args.out, args.arch, args.preset, args.dtype, args.seed,
+                              weights=not args.no_weights, **overrides)
 
 
 def _parse_override(item: str, parser: argparse.ArgumentParser) -> tuple[str, Any]:

@@ -90,7 +90,6 @@ class AsyncLLM:
         self._tasks: list[asyncio.Task] = []
         self._core_error: str | None = None
         self._profile_future: asyncio.Future | None = None
-        self._profiling = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -129,16 +128,10 @@ class AsyncLLM:
         """torch.profiler on every rank until stop_profile() (LLM.start_profile's twin);
         out_dir defaults to $SHARDSERVE_TORCH_PROFILER_DIR."""
         from shardserve.executor.profiler import profiler_dir
-        if self._profiling:
-            raise RuntimeError("Already profiling; call stop_profile first.")
         await self._profile_call(ProfileControl("start", profiler_dir(out_dir)))
-        self._profiling = True
 
     async def stop_profile(self) -> list[dict]:
         """Stop profiling; one summary a rank (trace and kernel-table files, top kernels)."""
-        if not self._profiling:
-            raise RuntimeError("Not profiling; call start_profile first.")
-        self._profiling = False
         return (await self._profile_call(ProfileControl("stop"))).summaries
 
     async def _profile_call(self, message: ProfileControl) -> ProfileResult:

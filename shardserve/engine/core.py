@@ -61,6 +61,7 @@ class EngineCore:
         self.max_in_flight = 2 if self.async_scheduling else self.num_micro_batches
         self._batch_queue: deque[tuple[int, SchedulerOutput]] = deque()
         self.num_overlapped_steps = 0  # submitted while another step was in flight
+        self._profiling = False
         self.startup_seconds = {"load": loaded - start, "kv_cache": time.perf_counter() - loaded}
         logger.info("Engine ready: load %.1f s, KV cache %.1f s", *self.startup_seconds.values())
         freeze_startup_heap()
@@ -133,6 +134,21 @@ class EngineCore:
                 elif isinstance(value, (int, float)):
                     out[key] = float(value)
         return out
+
+    def start_profile(self, out_dir: str) -> None:
+        """torch.profiler on every rank until stop_profile (executor/profiler.py). Misuse is
+        refused here, before a rank could fail on it (a failing rank ends the engine)."""
+        if self._profiling:
+            raise RuntimeError("Already profiling; call stop_profile first.")
+        self.executor.start_profile(out_dir)
+        self._profiling = True
+
+    def stop_profile(self) -> list[dict]:
+        """Stop profiling; one summary a rank (its trace and kernel-table files, top kernels)."""
+        if not self._profiling:
+            raise RuntimeError("Not profiling; call start_profile first.")
+        self._profiling = False
+        return self.executor.stop_profile()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

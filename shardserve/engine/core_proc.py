@@ -167,10 +167,10 @@ class EngineCoreProc:
         answers with its error and the core carries on."""
         try:
             if message.action == "start":
-                self.core.executor.start_profile(message.out_dir)
+                self.core.start_profile(message.out_dir)
                 result = ProfileResult("start")
             elif message.action == "stop":
-                result = ProfileResult("stop", self.core.executor.stop_profile())
+                result = ProfileResult("stop", self.core.stop_profile())
             else:
                 result = ProfileResult(message.action, error=f"unknown action {message.action!r}")
         except (RuntimeError, ValueError, OSError) as exc:

@@ -224,14 +224,20 @@ class IncrementalDetokenizer:
             if stop_terminated:
                 self.finish()
             return None
+        if self._step_through(ids):
+            return self.stop_string
+        if stop_terminated:
+            self.finish()
+        return None
+
+    def _step_through(self, ids: Sequence[int]) -> bool:
+        """Decode ids one by one into the text; True when a stop string ended it."""
         for tid in ids:
             self.token_ids.append(tid)
             delta = self._decoder.step(tid)
             if delta and self._append(delta):
-                return self.stop_string
-        if stop_terminated:
-            self.finish()
-        return None
+                return True
+        return False
 
     def finish(self) -> None:
         """The request ended without a stop string: flush held bytes and release held text."""
@@ -252,13 +258,10 @@ class IncrementalDetokenizer:
         self.finished = True
 
     def _catch_up(self) -> None:
-        """Decode the ids a lazy sequence collected, one by one as `update` would have."""
+        """Decode the ids a lazy sequence collected, one by one as `update` would have (a
+        lazy sequence has no stop strings, so nothing ends it early)."""
         ids, self._pending = self._pending, []
-        for tid in ids:
-            self.token_ids.append(tid)
-            delta = self._decoder.step(tid)
-            if delta:
-                self._append(delta)  # no stop strings: never ends the sequence
+        self._step_through(ids)
 
     def get_next_delta(self) -> str:
         """Text added since the last call that can no longer turn into a stop string."""

@@ -82,15 +82,11 @@ class KVCacheManager:
         and any prefix hit). Returns the newly allocated blocks, or None when the pool cannot
         supply them (then nothing changed)."""
         if not new_computed_blocks:
-            # The common decode case: the request's last block still has room (and, most
-            # steps, no block has filled up to be cached either).
-            rid = request.request_id
-            held = self.req_to_blocks.get(rid)
+            # The common decode case: the request's last block still has room.
+            held = self.req_to_blocks.get(request.request_id)
             num_total = request.num_computed_tokens + num_new_tokens
             if held is not None and num_total <= len(held) * self.block_size:
-                if (self.enable_caching
-                        and min(num_total, len(request.all_token_ids)) // self.block_size
-                        > self._num_cached_blocks.get(rid, 0)):
+                if self.enable_caching:
                     self._cache_full_blocks(request, held, num_total)
                 return []
         new_computed_blocks = new_computed_blocks or []

@@ -65,7 +65,11 @@ class Request:
         # next step may already run on them (the worker feeds them on the device).
         self.num_output_placeholders = 0
         self.first_scheduled_time: float | None = None
-        self._needs_known_tokens: bool | None = None
+        p = sampling_params
+        # Penalties read every earlier output token on the host, so a step that samples for
+        # this request cannot start before the previous one's token is known.
+        self.needs_known_tokens = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                                   or p.frequency_penalty != 0.0)
 
     @property
     def num_tokens(self) -> int:
@@ -78,16 +82,6 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.all_token_ids[self.num_prompt_tokens:]
-
-    @property
-    def needs_known_tokens(self) -> bool:
-        """Penalties read every earlier output token on the host, so a step that samples
-        for this request cannot start before the previous one's token is known."""
-        if self._needs_known_tokens is None:  # asked every step: worked out once
-            p = self.sampling_params
-            self._needs_known_tokens = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                                        or p.frequency_penalty != 0.0)
-        return self._needs_known_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -115,13 +115,10 @@ class Scheduler:
             request = running[i]
             pending = request.num_output_placeholders
             computed = request.num_computed_tokens
-            num_tokens = len(request.all_token_ids)
+            num_tokens = request.num_tokens
             num_new = min(num_tokens + pending - computed, budget, max_model_len - computed)
-            if num_new <= 0 or (pending and (
-                    request.needs_known_tokens
-                    # Its tokens in flight take it to max_tokens or max_model_len already.
-                    or num_tokens - request.num_prompt_tokens + pending >= request.max_tokens
-                    or num_tokens + pending >= max_model_len)):
+            if num_new <= 0 or (pending and (request.needs_known_tokens
+                                             or self._will_finish_by_length(request))):
                 i += 1
                 continue
             new_blocks = kv_cache.allocate_slots(request, num_new)
@@ -189,6 +186,12 @@ class Scheduler:
         self._step_id += 1
         return out
 
+    def _will_finish_by_length(self, request: Request) -> bool:
+        """Its tokens in flight take it to max_tokens or max_model_len: no further step."""
+        pending = request.num_output_placeholders
+        return (request.num_output_tokens + pending >= request.max_tokens
+                or request.num_tokens + pending >= self.max_model_len)
+
     def defer_finished(self, request_ids: Iterable[str]) -> None:
         """Send these finished ids with the next step (an empty step was not sent)."""
         self._finished_req_ids.update(request_ids)
@@ -216,14 +219,14 @@ class Scheduler:
         step_id = scheduler_output.step_id
         for idx, (rid, token) in enumerate(zip(runner_output.req_ids, runner_output.sampled_token_ids)):
             request = requests.get(rid)
-            if (request is None or request.status is not _RUNNING
+            if (request is None or request.status != RequestStatus.RUNNING
                     or step_id < request.admitted_step_id):
                 # Aborted or preempted while the step ran (with several steps in flight, a
                 # preempted request may already be running again from scratch).
                 continue
             if request.num_output_placeholders:
                 request.num_output_placeholders -= 1
-            request.all_token_ids.append(token)
+            request.append_output_token(token)
             finished = self._check_stop(request, token)
             out = EngineCoreOutput(rid, [token], num_cached_tokens=max(request.num_cached_tokens, 0))
             if logprobs is not None and request.sampling_params.logprobs is not None:
@@ -246,8 +249,8 @@ class Scheduler:
     def _check_stop(self, request: Request, token: int) -> bool:
         """Set the finished status the newly appended token gives, if any; True if finished."""
         params = request.sampling_params
-        num_tokens = len(request.all_token_ids)
-        if num_tokens - request.num_prompt_tokens >= params.min_tokens:
+        num_outputs = request.num_output_tokens
+        if num_outputs >= params.min_tokens:
             if token in request.eos_token_ids and not params.ignore_eos:
                 request.status = RequestStatus.FINISHED_STOPPED
                 return True
@@ -255,10 +258,8 @@ class Scheduler:
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = token
                 return True
-        if num_tokens - request.num_prompt_tokens >= request.max_tokens or num_tokens >= self.max_model_len:
+        if num_outputs >= request.max_tokens or request.num_tokens >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH
             return True
         return False
 
-
-_RUNNING = RequestStatus.RUNNING

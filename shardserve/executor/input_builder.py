@@ -101,10 +101,7 @@ def _scan_requests(req_ids: list[str], req_states: list[CachedRequestState], sta
         tokens = state.token_ids
         num_known = len(tokens)
         row0 = len(input_ids)
-        if end - start == 1 and start < num_known:
-            input_ids.append(tokens[start])  # a decode step's one token
-        else:
-            input_ids.extend(tokens[start:end])
+        input_ids.extend(tokens[start:end])
         if end > num_known:
             # Async scheduling: the last position's token is being sampled by the step before
             # (at most one, since at most two steps are in flight).

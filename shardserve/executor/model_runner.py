@@ -72,6 +72,9 @@ class ModelRunner:
         self._prev_sampled: torch.Tensor | None = None
         self._prev_sample_req_ids: list[str] = []
         self.num_placeholder_tokens = 0  # fed from the device so far (a check for tests)
+        # CUDA profiling: GPU memory neither this process's allocator nor free (other
+        # processes, NCCL); named when the KV cache comes out too small.
+        self._memory_held_elsewhere = 0
         # Async scheduling under TP: every rank feeds placeholders, so the driver broadcasts
         # each step's sampled ids to its TP peers (a device collective, no host round trip).
         self.share_samples = (bool(config.scheduler_config.async_scheduling)
@@ -144,7 +147,7 @@ class ModelRunner:
         max_len = self.config.model_config.max_model_len
         needed = -(-max_len // self.block_size)
         if num_blocks < needed:
-            held = getattr(self, "_memory_held_elsewhere", 0)
+            held = self._memory_held_elsewhere
             elsewhere = (f" {held / 2**30:.1f} GiB of this GPU is held outside this process's "
                          "PyTorch allocator (another process on the GPU?)."
                          if held > 2**30 else "")

@@ -70,8 +70,9 @@ class RankProfiler:
         return {"rank": self.rank, "trace": trace, "summary": table, "top": rows[:10]}
 
 
-def top_rows(prof: Any, on_device: bool, limit: int = TOP_ROWS) -> list[dict[str, Any]]:
-    """Kernels by total device time (CUDA), or operators by self CPU time (CPU)."""
+def top_rows(prof: Any, on_device: bool, limit: int | None = TOP_ROWS) -> list[dict[str, Any]]:
+    """Kernels by total device time (CUDA), or operators by self CPU time (CPU); all of them
+    with limit None."""
     from torch.autograd import DeviceType
     rows = []
     for evt in prof.key_averages():

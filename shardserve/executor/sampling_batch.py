@@ -45,14 +45,12 @@ class SamplingBatch:
             self._min_tokens_rows = [i for i, s in enumerate(states)
                                      if s.sampling_params.min_tokens > 0]
             self.num_rebuilds += 1
-        rows = self._rows
         masks = [(i, min_tokens_stop_ids(states[i].sampling_params, num_outputs[i],
                                          states[i].eos_token_ids))
                  for i in self._min_tokens_rows]
-        if rows.no_penalties and not masks:
-            return rows
-        # Generators: the token lists are copied only when a penalty needs them.
-        return rows.with_step_inputs((s.output_token_ids for s in states),
+        # Generators: the token lists are copied only when a penalty needs them; with neither
+        # penalties nor masks this is the kept rows themselves.
+        return self._rows.with_step_inputs((s.output_token_ids for s in states),
                                      (s.prompt_token_ids for s in states), masks)
 
     def _same_rows(self, states: list[CachedRequestState], vocab_size: int) -> bool:

@@ -234,9 +234,6 @@ class Proxy:
                                         headers=resp_headers)
 
 
-
-
-
 async def _read_quietly(upstream: httpx.Response) -> bytes:
     try:
         return await upstream.aread()
