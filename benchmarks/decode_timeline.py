@@ -136,6 +136,10 @@ def run_tp(args, tp: int) -> dict:
     tok_s = (args.output_len - 1) / max(wall - prefill_s, 1e-9)
     log(f"TP {tp}: batch 1, {args.input_len} in / {args.output_len} out: "
         f"{args.output_len / wall:.1f} tok/s end to end, {tok_s:.1f} tok/s decode")
+    if tp == 1:  # the engine runs in this process: what linear() picked per shape
+        from shardserve.layers.linear_op import chosen
+        for (n, k, dtype, bias, _), config in sorted(chosen().items(), key=str):
+            log(f"  GEMV [{n}, {k}]{' +bias' if bias else ''}: {config or 'F.linear (cuBLAS)'}")
     out_dir = os.path.join(args.out, f"tp{tp}")
     llm.start_profile(out_dir)
     llm.generate(prompt, params(args.profile_tokens), use_tqdm=False)

@@ -49,13 +49,24 @@ def hf_generate_tps(model, prompts: list[list[int]], new_tokens: int, **gen_kwar
     return len(prompts) * new_tokens / elapsed
 
 
-def run_hf(path: str, args, results: dict, check_prompt: list[int]) -> torch.Tensor:
+def run_hf(path: str, args, results: dict, check_prompt: list[int]
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' speeds into results; returns its prompt logits in bf16 and float32."""
     from transformers import AutoModelForCausalLM
     log("transformers: loading")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
     vocab = model.config.vocab_size
     with torch.inference_mode():
         ref_logits = model(torch.tensor([check_prompt], device="cuda")).logits[0].float().cpu()
+        # The float32 truth both bf16 results are measured against: how far transformers' own
+        # bf16 is from it is the noise floor for "agrees with transformers" (bf16 -> float32
+        # -> bf16 is exact, so the model is unchanged afterwards).
+        model.float()
+        ref32 = model(torch.tensor([check_prompt], device="cuda")).logits[0].float().cpu()
+        model.to(torch.bfloat16)
+    results["hf_bf16_vs_fp32"] = logits_errors(ref_logits, ref32)
+    log(f"transformers bf16 vs float32 logits: rel err "
+        f"{results['hf_bf16_vs_fp32']['logits_rel_err_vs_hf']:.2e}")
     b1 = random_prompts(1, 128, vocab, 1)
     hf_generate_tps(model, b1, 8)  # warm-up
     results["hf_eager_b1"] = hf_generate_tps(model, b1, args.b1_out)
@@ -76,10 +87,11 @@ def run_hf(path: str, args, results: dict, check_prompt: list[int]) -> torch.Ten
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    return ref_logits
+    return ref_logits, ref32
 
 
-def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_logits) -> None:
+def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_logits,
+                   ref32=None) -> None:
     from shardserve import LLM, SamplingParams
     from shardserve.forward_context import set_forward_context
     log("shardserve: starting engine")
@@ -97,6 +109,11 @@ def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_
             logits = runner.model.compute_logits(
                 runner.model(ids, torch.arange(len(ids), device="cuda"))).cpu()
         results.update(logits_errors(logits, ref_logits))
+        if ref32 is not None:
+            results["shardserve_bf16_vs_fp32"] = logits_errors(logits, ref32)
+            log(f"shardserve bf16 vs float32 logits: rel err "
+                f"{results['shardserve_bf16_vs_fp32']['logits_rel_err_vs_hf']:.2e} (transformers' "
+                f"bf16: {results['hf_bf16_vs_fp32']['logits_rel_err_vs_hf']:.2e})")
         lp = llm.generate({"prompt_token_ids": check_prompt},
                           SamplingParams(max_tokens=1, prompt_logprobs=0),
                           use_tqdm=False)[0].prompt_logprobs
@@ -196,14 +213,14 @@ def main() -> None:
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
         f"batch-1 roofline {results['roofline_b1']:.0f} tok/s")
     check_prompt = random_prompts(1, 128, 128256, 7)[0]
-    ref_logits = None
+    ref_logits = ref32 = None
     if not args.skip_hf:
         try:
-            ref_logits = run_hf(path, args, results, check_prompt)
+            ref_logits, ref32 = run_hf(path, args, results, check_prompt)
         except Exception as err:
             log(f"transformers part failed: {type(err).__name__}: {err}")
         print(json.dumps(results), flush=True)
-    run_shardserve(path, args, results, check_prompt, ref_logits)
+    run_shardserve(path, args, results, check_prompt, ref_logits, ref32)
 
     for key in ("shardserve_b1", "shardserve_b256", "shardserve_1000x1000"):
         results.setdefault(key, 0.0)
@@ -226,6 +243,11 @@ def main() -> None:
     print(f"\nlogits rel err vs transformers (bf16, ||a-b||/||b||): "
           f"{f'{err:.2e}' if err is not None else 'not measured (--skip-hf)'}; "
           f"start-up {results['shardserve_startup_s']:.1f} s")
+    ours32, hf32 = results.get("shardserve_bf16_vs_fp32"), results.get("hf_bf16_vs_fp32")
+    if ours32 and hf32:
+        print(f"against transformers' float32 logits: shardserve bf16 "
+              f"{ours32['logits_rel_err_vs_hf']:.2e}, transformers bf16 "
+              f"{hf32['logits_rel_err_vs_hf']:.2e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

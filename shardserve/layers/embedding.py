@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_group
+from shardserve.layers.linear_op import linear
 from shardserve.layers.weight_utils import (LoadedWeight, copy_weight, narrow_weight,
                                             set_weight_attrs, weight_shape)
 
@@ -104,7 +105,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         gather; the others get None), which is all serving needs, as one rank samples.
         Every TP rank must call it either way: it is a collective.
         """
-        logits = F.linear(hidden_states, self.weight, self.bias)
+        logits = linear(hidden_states, self.weight, self.bias)
         tp = get_tp_group()
         logits = tp.all_gather(logits, dim=-1) if gather_all else tp.gather(logits, 0, dim=-1)
         if logits is None:

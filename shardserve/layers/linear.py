@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_group
+from shardserve.layers.linear_op import linear
 from shardserve.layers.weight_utils import (LoadedWeight, copy_weight, default_weight_loader,
                                             narrow_weight, set_weight_attrs)
 
@@ -80,7 +80,7 @@ class ReplicatedLinear(LinearBase):
                          shard_output=False, shard_input=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -108,7 +108,7 @@ class ColumnParallelLinear(LinearBase):
                     narrow_weight(loaded_weight, 0, src_start, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.bias)
         if self.gather_output:
             out = get_tp_group().all_gather(out, dim=-1)
         return out
@@ -226,8 +226,8 @@ class RowParallelLinear(LinearBase):
             size = self.input_size_per_partition
             x = x.narrow(-1, self.tp_rank * size, size)
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = F.linear(x, self.weight)
+            return linear(x, self.weight, self.bias)
+        out = linear(x, self.weight)
         if self.reduce_results:
             out = get_tp_group().all_reduce(out)
             if self.bias is not None:
