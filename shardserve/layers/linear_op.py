@@ -5,7 +5,8 @@ The choice is measured per shape, not assumed: the first single-row call of an
 (N, K, dtype, bias, device) made outside CUDA-graph capture (the graph runner's warm-up
 forwards come before each capture) times F.linear and every GEMV configuration on scratch
 weights of that shape, with enough copies to overflow the L2 cache so that each read comes
-from HBM as in a real step, and keeps the fastest. A call during capture before its shape was
+from HBM as in a real step, each replayed as a CUDA graph so that only GPU time counts, and
+keeps the fastest. A call during capture before its shape was
 timed takes F.linear: nothing can be timed inside a capture.
 
     SHARDSERVE_GEMV=auto (default) | triton | cublas     force one side (benchmarks, debugging)
@@ -97,17 +98,31 @@ def time_candidates(n: int, k: int, dtype: torch.dtype, has_bias: bool,
     for config in candidates:  # compile, and first-touch everything
         run(config, weights[0])
     torch.cuda.synchronize(device)
+    # Each candidate's calls over every copy, replayed as one CUDA graph: the GPU time alone,
+    # as in a decode graph (timing eager launches would measure the host's launch cost).
+    graphs = []
+    try:
+        for config in candidates:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for w in weights:
+                    run(config, w)
+            graphs.append(graph)
+    except RuntimeError as err:  # no graphs here (e.g. an unsupported driver): keep cuBLAS
+        logger.warning("Could not time the GEMV for [%d, %d] in a CUDA graph (%s): F.linear",
+                       n, k, err)
+        return None
     totals = [0.0] * len(candidates)
-    for _ in range(TIMING_ROUNDS):
-        for i, config in enumerate(candidates):  # interleaved, so drift hits all alike
+    for round_ in range(TIMING_ROUNDS + 1):
+        for i, graph in enumerate(graphs):  # interleaved, so drift hits all alike
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for w in weights:
-                run(config, w)
+            graph.replay()
             end.record()
             end.synchronize()
-            totals[i] += start.elapsed_time(end)
-    del weights
+            if round_:  # the first round warms the graphs up
+                totals[i] += start.elapsed_time(end)
+    del graphs, weights
     scale = 1e3 / (TIMING_ROUNDS * copies)  # ms per round of copies -> us a call
     return [(config, total * scale) for config, total in zip(candidates, totals)]
 
