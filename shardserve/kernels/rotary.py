@@ -28,18 +28,40 @@ def _rotate_heads(ptr, token, stride_t, stride_h, num_heads, cos, sin, idx1, idx
     base = ptr + token * stride_t + heads[:, None] * stride_h
     x1 = tl.load(base + idx1[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + idx2[None, :], mask=mask, other=0.0).to(tl.float32)
-    # Each product rounded to the activation dtype (a no-op for float32), then the sum, which
-    # the store rounds. Products of two half-precision values are exact in float32, so each
-    # rounding here is the one torch makes.
+    # Each product rounded to the activation dtype (a no-op for float32), then the sum.
+    # Products of two half-precision values are exact in float32, so each rounding here is
+    # the one torch makes.
     dtype = ptr.dtype.element_ty
     x1_cos = (x1 * cos[None, :]).to(dtype).to(tl.float32)
     x2_sin = (x2 * sin[None, :]).to(dtype).to(tl.float32)
     x2_cos = (x2 * cos[None, :]).to(dtype).to(tl.float32)
     x1_sin = (x1 * sin[None, :]).to(dtype).to(tl.float32)
-    o1 = x1_cos - x2_sin
-    o2 = x2_cos + x1_sin
-    tl.store(base + idx1[None, :], o1.to(ptr.dtype.element_ty), mask=mask)
-    tl.store(base + idx2[None, :], o2.to(ptr.dtype.element_ty), mask=mask)
+    o1 = (x1_cos - x2_sin).to(dtype)
+    o2 = (x2_cos + x1_sin).to(dtype)
+    tl.store(base + idx1[None, :], o1, mask=mask)
+    tl.store(base + idx2[None, :], o2, mask=mask)
+    return o1, o2  # as stored (kernels/rotary_store.py also writes them to the KV cache)
+
+
+@triton.jit
+def _cos_sin(cos_sin_ptr, positions_ptr, token, stride_cs, half, like_ptr,
+             BLOCK_R: tl.constexpr, IS_NEOX: tl.constexpr):
+    """This token's cos and sin [BLOCK_R] and the pair of dims (idx1, idx2) each rotates."""
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    i = tl.arange(0, BLOCK_R)
+    rmask = i < half
+    # Like the reference: the float32 table is cast to the activations' dtype first.
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=rmask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + half + i, mask=rmask, other=0.0)
+    cos = cos.to(like_ptr.dtype.element_ty).to(tl.float32)
+    sin = sin.to(like_ptr.dtype.element_ty).to(tl.float32)
+    if IS_NEOX:
+        idx1 = i
+        idx2 = i + half
+    else:
+        idx1 = 2 * i
+        idx2 = 2 * i + 1
+    return cos, sin, idx1, idx2, rmask
 
 
 @triton.jit
@@ -49,20 +71,8 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr,
                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr,
                    IS_NEOX: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + token).to(tl.int64)
-    i = tl.arange(0, BLOCK_R)
-    rmask = i < half
-    # Like the reference: the float32 table is cast to the activations' dtype first.
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=rmask, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + half + i, mask=rmask, other=0.0)
-    cos = cos.to(q_ptr.dtype.element_ty).to(tl.float32)
-    sin = sin.to(q_ptr.dtype.element_ty).to(tl.float32)
-    if IS_NEOX:
-        idx1 = i
-        idx2 = i + half
-    else:
-        idx1 = 2 * i
-        idx2 = 2 * i + 1
+    cos, sin, idx1, idx2, rmask = _cos_sin(cos_sin_ptr, positions_ptr, token, stride_cs, half,
+                                           q_ptr, BLOCK_R, IS_NEOX)
     _rotate_heads(q_ptr, token, stride_qt, stride_qh, num_q_heads, cos, sin, idx1, idx2, rmask,
                   BLOCK_HQ)
     _rotate_heads(k_ptr, token, stride_kt, stride_kh, num_k_heads, cos, sin, idx1, idx2, rmask,

@@ -166,6 +166,11 @@ class RotaryEmbedding(nn.Module):
             rotary_embedding_(positions, query, key, self.cos_sin_cache, self.head_size,
                               self.rotary_dim, self.is_neox_style)
             return query, key
+        return self.forward_native(positions, query, key)
+
+    def forward_native(self, positions: torch.Tensor, query: torch.Tensor,
+                       key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch path on any device (new tensors; the reference of the Triton kernels)."""
         cos_sin = self.cos_sin_cache.index_select(0, positions.long())
         # Like HF: cos/sin computed in float32, then cast to the activations' dtype.
         cos, sin = cos_sin.to(query.dtype).unsqueeze(1).chunk(2, dim=-1)

@@ -1,7 +1,7 @@
 """The CUDA attention backend: Triton kernels over the paged KV cache (kernels/store_kv.py,
-kernels/prefill_attention.py, kernels/decode_attention.py). Same static interface as
-TorchAttentionBackend; imported only when a CUDA device asks for it, so CPU-only installs never
-import Triton."""
+kernels/rotary_store.py, kernels/prefill_attention.py, kernels/decode_attention.py). Same
+static interface as TorchAttentionBackend; imported only when a CUDA device asks for it, so
+CPU-only installs never import Triton."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 from shardserve.forward_context import AttentionMetadata
 from shardserve.kernels.decode_attention import decode_attention
 from shardserve.kernels.prefill_attention import prefill_attention
+from shardserve.kernels.rotary_store import rotary_store_kv_
 from shardserve.kernels.store_kv import store_kv
+from shardserve.layers.rotary import RotaryEmbedding
 
 
 class TritonAttentionBackend:
@@ -25,6 +27,19 @@ class TritonAttentionBackend:
     @staticmethod
     def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
         store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    @staticmethod
+    def rotate_and_store(positions, query, key, value, k_cache, v_cache, slot_mapping,
+                         rotary) -> bool:
+        """RoPE of query [T, H, D] and key [T, Hkv, D] in place, then key and value into the
+        cache, in one launch (kernels/rotary_store.py) for any RotaryEmbedding of this head
+        size (neox or GPT-J style, partial rotary_dim). False, with nothing done, otherwise."""
+        if not (isinstance(rotary, RotaryEmbedding) and rotary.head_size == key.shape[-1]
+                and query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1):
+            return False
+        rotary_store_kv_(positions, query, key, value, k_cache, v_cache, slot_mapping,
+                         rotary.cos_sin_cache, rotary.rotary_dim, rotary.is_neox_style)
+        return True
 
     @staticmethod
     def forward(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

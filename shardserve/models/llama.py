@@ -113,8 +113,8 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
             k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
             q, k = q.reshape(num_tokens, -1), k.reshape(num_tokens, -1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        # RoPE inside the attention layer: on CUDA one kernel rotates and writes the cache.
+        return self.o_proj(self.attn(q, k, v, positions, self.rotary_emb))
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):
