@@ -154,13 +154,16 @@ def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_
     tps(1, 128, 16, 0)
     tps(min(args.b256_num, 64), 512, 8, 10)
     # Each run has prompts of its own seed: a repeat would hit the prefix cache.
-    for key, run in (("shardserve_b1", lambda: tps(1, 128, args.b1_out, 1)),
-                     ("shardserve_b1_lockstep", lockstep(lambda: tps(1, 128, args.b1_out, 11))),
-                     ("shardserve_b256", lambda: tps(args.b256_num, 512, args.b256_out, 2)),
-                     ("shardserve_b256_lockstep",
-                      lockstep(lambda: tps(args.b256_num, 512, args.b256_out, 12))),
-                     ("shardserve_1000x1000",
-                      lambda: tps(args.big_num, args.big_len, args.big_len, 3, greedy=False))):
+    runs = (("shardserve_b1", lambda: tps(1, 128, args.b1_out, 1)),
+            ("shardserve_b1_lockstep", lockstep(lambda: tps(1, 128, args.b1_out, 11))),
+            ("shardserve_b256", lambda: tps(args.b256_num, 512, args.b256_out, 2)),
+            ("shardserve_b256_lockstep",
+             lockstep(lambda: tps(args.b256_num, 512, args.b256_out, 12))),
+            ("shardserve_1000x1000",
+             lambda: tps(args.big_num, args.big_len, args.big_len, 3, greedy=False)))
+    for key, run in runs:
+        if args.skip_lockstep and key.endswith("_lockstep"):
+            continue
         try:
             results[key] = run()
             log(f"{key}: {results[key]:.1f} output tok/s")
@@ -195,6 +198,8 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-hf-compile", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--skip-lockstep", action="store_true",
+                   help="measure async scheduling only (not lock-step beside it)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--json", default=None)
