@@ -30,7 +30,10 @@ def _rotate_heads(ptr, token, stride_t, stride_h, num_heads, cos, sin, idx1, idx
     x2 = tl.load(base + idx2[None, :], mask=mask, other=0.0).to(tl.float32)
     # Each product rounded to the activation dtype (a no-op for float32), then the sum.
     # Products of two half-precision values are exact in float32, so each rounding here is
-    # the one torch makes.
+    # the one torch makes. The launches pass enable_fp_fusion=False: on the GPU the compiler
+    # may narrow the rounded products to half-precision multiplies and contract one with the
+    # add into a fused multiply-add, rounding once where torch rounds twice (an ulp off in
+    # many elements on an H200; the interpreter never fuses).
     dtype = ptr.dtype.element_ty
     x1_cos = (x1 * cos[None, :]).to(dtype).to(tl.float32)
     x2_sin = (x2 * sin[None, :]).to(dtype).to(tl.float32)
@@ -95,4 +98,5 @@ def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.T
         q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         cos_sin_cache.stride(0), q.shape[1], k.shape[1], half,
         BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-        BLOCK_R=triton.next_power_of_2(half), IS_NEOX=is_neox_style, num_warps=4)
+        BLOCK_R=triton.next_power_of_2(half), IS_NEOX=is_neox_style, num_warps=4,
+        enable_fp_fusion=False)

@@ -96,4 +96,4 @@ def rotary_store_kv_(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         BLOCK_HQ=triton.next_power_of_2(query.shape[1]),
         BLOCK_HK=triton.next_power_of_2(num_kv_heads), BLOCK_R=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(head_size), IS_NEOX=is_neox_style,
-        PARTIAL=rotary_dim < head_size, num_warps=4)
+        PARTIAL=rotary_dim < head_size, num_warps=4, enable_fp_fusion=False)
