@@ -49,3 +49,33 @@ def test_gpu_single_row_close_to_f_linear(monkeypatch, mode):
         assert linear_op.chosen()[key] is None
     if mode == "triton":
         assert linear_op.chosen()[key] is not None
+
+
+def test_choice_is_timed_once_per_shape_and_never_during_capture(monkeypatch):
+    """The selection logic without a GPU: a capture gets F.linear and nothing is kept; the
+    first call outside one times the candidates once and keeps the fastest for that shape."""
+    monkeypatch.delenv(linear_op.GEMV_ENV, raising=False)
+    monkeypatch.setattr(linear_op, "_choices", {})
+    calls = []
+
+    def fake_timings(n, k, dtype, has_bias, device):
+        calls.append((n, k, has_bias))
+        return [(None, 10.0), ("fast", 7.5), ("slow", 12.0)]
+
+    monkeypatch.setattr(linear_op, "time_candidates", fake_timings)
+    x, w = torch.randn(1, 32).to(torch.bfloat16), torch.randn(16, 32).to(torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert linear_op._choice(x, w, None) is None and not calls and not linear_op.chosen()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert linear_op._choice(x, w, None) == "fast"
+    assert linear_op._choice(x, w, None) == "fast"
+    assert calls == [(16, 32, False)]
+    # cuBLAS wins another shape; no scratch memory (None) means cuBLAS too.
+    monkeypatch.setattr(linear_op, "time_candidates",
+                        lambda *a: [(None, 5.0), ("fast", 7.5)])
+    assert linear_op._choice(x, torch.randn(8, 32).to(torch.bfloat16), None) is None
+    monkeypatch.setattr(linear_op, "time_candidates", lambda *a: None)
+    assert linear_op._choice(x, torch.randn(4, 32).to(torch.bfloat16), None) is None
+    # Forced modes skip the timing.
+    monkeypatch.setenv(linear_op.GEMV_ENV, "cublas")
+    assert linear_op._choice(x, torch.randn(2, 32).to(torch.bfloat16), None) is None
