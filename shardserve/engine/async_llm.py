@@ -135,7 +135,7 @@ class AsyncLLM:
         return (await self._profile_call(ProfileControl("stop"))).summaries
 
     async def _profile_call(self, message: ProfileControl) -> ProfileResult:
-        self._check_started()
+        self.check_started()
         if self._profile_future is not None:
             raise RuntimeError("A profiler call is already under way.")
         self._profile_future = asyncio.get_running_loop().create_future()
@@ -167,7 +167,7 @@ class AsyncLLM:
     def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
         """Validate and tokenize (raises InvalidRequestError); before admission, so callers can
         check the prompt against max_tokens themselves."""
-        self._check_started()
+        self.check_started()
         return self.input_processor.process_prompt(prompt)
 
     async def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
@@ -202,7 +202,7 @@ class AsyncLLM:
 
     def _add_request(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                      request_id: str | None) -> _RequestState:
-        self._check_started()
+        self.check_started()
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         if self.max_waiting_requests is not None and len(self._unscheduled) >= self.max_waiting_requests:
             self.stat_logger.record_rejected("queue_full")
@@ -225,7 +225,9 @@ class AsyncLLM:
                                          sorted(r.eos_token_ids), r.arrival_time, r.max_tokens))
         return state
 
-    def _check_started(self) -> None:
+    def check_started(self) -> None:
+        """Raise unless the engine takes requests: EngineDeadError once it died,
+        OverloadedError (503) while it loads or drains."""
         if self.dead:
             raise EngineDeadError(f"The engine is dead ({self.dead_reason}); restart the server.")
         if not self.ready or self._shutting_down:

@@ -28,6 +28,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     state.check_model(req.model)
     _check_unsupported(req)
     engine = state.engine
+    engine.check_started()  # before the template: while loading there is no tokenizer yet
     try:
         prompt_ids = apply_chat_template(engine.tokenizer, req.messages, req.add_generation_prompt)
     except ShardserveError:
