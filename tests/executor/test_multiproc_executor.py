@@ -137,22 +137,36 @@ def test_smollm2_tp3_matches_one_process(smollm2_llm):
         llm.shutdown()
 
 
-def test_two_nodes_on_loopback(tiny_model_dirs):
-    model_dir = tiny_model_dirs["llama"]
+@pytest.fixture(scope="module")
+def llama_h8_dir(tmp_path_factory) -> str:
+    """8 query heads over 2 KV heads: TP 8 splits the query heads and replicates each KV head
+    on four ranks."""
+    from shardserve.testing import write_random_model
+    return str(write_random_model(tmp_path_factory.mktemp("llama_h8"), architecture="llama",
+                                  preset="tiny", seed=8, num_attention_heads=8,
+                                  num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("tp", [2, 8])
+def test_two_nodes_on_loopback(tiny_model_dirs, llama_h8_dir, tp):
+    """TP across two "nodes" (two launches on loopback), each holding tp / 2 ranks; tp 8 is
+    issue 11's TP 8 over 2 x 4 GPUs at tiny size."""
+    model_dir = tiny_model_dirs["llama"] if tp == 2 else llama_h8_dir
     prompts = _prompts(7)
     expected, _ = _reference(model_dir, prompts)
     port = _free_port_range(5)
     node1 = subprocess.Popen(
         [sys.executable, "-m", "shardserve.cli", "worker", "--nnodes", "2", "--node-rank", "1",
-         "--master-addr", "127.0.0.1", "--master-port", str(port), "-tp", "2",
-         "--rendezvous-timeout-s", "60"],
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "-tp", str(tp),
+         "--rendezvous-timeout-s", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        llm = LLM(model_dir, tensor_parallel_size=2, nnodes=2, node_rank=0,
-                  master_addr="127.0.0.1", master_port=port, rendezvous_timeout_s=60,
+        llm = LLM(model_dir, tensor_parallel_size=tp, nnodes=2, node_rank=0,
+                  master_addr="127.0.0.1", master_port=port, rendezvous_timeout_s=120,
                   **ENGINE_KWARGS)
         try:
-            assert llm.engine.core.executor.worker_pids.keys() == {0}  # rank 1 is node 1's
+            # This launch holds the first half of the ranks; the rest are node 1's.
+            assert llm.engine.core.executor.worker_pids.keys() == set(range(tp // 2))
             assert _generate(llm, prompts) == expected
         finally:
             llm.shutdown()

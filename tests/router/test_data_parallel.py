@@ -94,6 +94,32 @@ def test_same_outputs_as_dp1(dp1, dp2):
     assert texts[0] == texts[1]
 
 
+def test_tp2_dp4_eight_ranks_match_dp1(dp1, tmp_path):
+    """Issue 11's TP 2 x DP 4 (8 ranks) at tiny size: four replicas of two TP ranks each come
+    up behind the router, give DP 1's outputs, and share the requests."""
+    server = start_server(tmp_path, "--max-model-len", "1024", "-tp", "2",
+                          "--data-parallel-size", "4", "--router-health-interval", "0.5",
+                          model=dp1_model(dp1))
+    try:
+        assert wait_for(lambda: _healthy(server) == 4, 240), server.log_tail()
+        params = {"temperature": 0.0, "max_tokens": 8, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(lambda p: _complete(server, p, **params), PROMPTS * 2))
+        assert texts == [_complete(dp1, p, **params) for p in PROMPTS * 2]
+        served = [sum(v for (name, _), v in _replica_metrics(r["url"]).metrics().items()
+                      if name == "shardserve:request_success_total")
+                  for r in _replicas(server)]
+        assert len(served) == 4 and sum(served) >= len(PROMPTS) * 2, served
+        assert sum(c > 0 for c in served) >= 2, served  # routed, not all to one replica
+    finally:
+        server.stop()
+
+
+def dp1_model(server: ServerProcess) -> str:
+    return httpx.get(f"{server.base_url}/v1/models", headers=server.headers,
+                     timeout=10).json()["data"][0]["root"]
+
+
 def test_both_replicas_serve(dp2):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda p: _complete(dp2, p, max_tokens=16, ignore_eos=True), PROMPTS * 2))
