@@ -23,6 +23,8 @@
 #                       against transformers (issue 9); GPUs 2,3 the custom all-reduce test and
 #                       benchmark, TP 2 batch-1 decode with it on and off (issue 5), then the
 #                       70B shape as TP 2 under load (issue 11).
+#   check      ~6       2 x H200: compiled kernel tests, tests/gpu, batch-1 timelines at TP 1 and
+#                       TP 2 (decode_timeline.py): what to run first after kernel changes.
 #   extra phases: layouts-1x1 (~4: the 1x1 run alone, if `single` lost it), ep (~5: the DeepSeek
 #                 EP-vs-TP part alone, if `dp` ran out of time), summary (tables of $OUT and of
 #                 everything kept in $SESSION_DIR).
@@ -346,14 +348,26 @@ phase_x4_final() {
     wait $p0 $p1 $p2
 }
 
+# Two GPUs, ~6 min: every compiled kernel test and the GPU-only tests (bf16 rounding against
+# transformers, SmolLM2 bf16 agreement, graphs under TP/PP, the custom all-reduce), then the
+# batch-1 timelines at TP 1 and TP 2 (benchmarks/decode_timeline.py, dummy weights).
+phase_check() {
+    run_step kernel-tests 0 200 "$PY" -m pytest -q -p no:cacheprovider tests/kernels \
+        tests/layers/test_linear_op.py
+    run_step gpu-tests all 200 "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu
+    local tl=("$PY" benchmarks/decode_timeline.py --model-dir "$MODEL8B_CFG" --out "$DIR/timeline")
+    run_step timeline-tp1 0 120 "${tl[@]}" --tp 1 --json "$DIR/timeline_tp1.json"
+    run_step timeline-tp2 all 120 "${tl[@]}" --tp 2 --json "$DIR/timeline_tp2.json"
+}
+
 case "$PHASE" in
-    single|layouts|layouts-1x1|dp|ep|final|x4|x4-70b|x4-final) ;;
+    single|layouts|layouts-1x1|dp|ep|final|x4|x4-70b|x4-final|check) ;;
     summary)
         "$PY" benchmarks/session_summary.py "$OUT" "$SESSION_DIR"
         exit 0 ;;
     *)
         sed -n '2,/^set -u/p' "$0" | sed 's/^# \{0,1\}//' | head -n -1
-        echo "usage: bash $0 single|layouts|dp|layouts-1x1|ep|final|x4|x4-70b|summary"
+        echo "usage: bash $0 single|layouts|dp|layouts-1x1|ep|final|x4|x4-70b|check|summary"
         exit 2 ;;
 esac
 
