@@ -33,6 +33,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (plus the sampled one)
     prompt_logprobs: int | None = None  # top-k logprobs per prompt token
     skip_special_tokens: bool = True
+    # token id -> added to its logit before sampling (OpenAI's logit_bias; -100 bans, 100 forces)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +44,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+        if self.logit_bias is not None:
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the field and the accepted range."""
@@ -83,6 +87,14 @@ class SamplingParams:
             bad("prompt_logprobs", f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}.")
         if any(not s for s in self.stop):
             bad("stop", "stop strings must be non-empty.")
+        for token, bias in (self.logit_bias or {}).items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                bad("logit_bias", f"logit_bias keys must be token ids (non-negative integers), "
+                                  f"got {token!r}.")
+            if (isinstance(bias, bool) or not isinstance(bias, (int, float))
+                    or not -100.0 <= bias <= 100.0):
+                bad("logit_bias", f"logit_bias values must be numbers in [-100, 100], got "
+                                  f"{bias!r} for token {token}.")
 
     @property
     def greedy(self) -> bool:

@@ -70,6 +70,10 @@ class InputProcessor:
         if bad_stop:
             raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size}); got "
                                       f"{bad_stop[:5]}.", "stop_token_ids")
+        bad_bias = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad_bias:
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, "
+                                      f"{self.vocab_size}); got {bad_bias[:5]}.", "logit_bias")
         room = self.max_model_len - len(prompt.prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         return [Request(child_request_id(request_id, i, params.n), prompt.prompt_token_ids,

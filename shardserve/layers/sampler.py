@@ -5,6 +5,7 @@ Order (vLLM's):
     raw logits ─▶ log_softmax ─▶ logprobs (sampled token + top-k, ranks)      only if asked
         │
         ├─ min_tokens: EOS / stop ids -> -inf
+        ├─ logit_bias: added per (row, token id)
         ├─ repetition penalty (prompt + output tokens), frequency + presence (output tokens)
         ├─ greedy rows: argmax
         └─ random rows: / temperature ─▶ top-k ─▶ top-p ─▶ min-p ─▶ softmax ─▶ argmax(p / q)
@@ -61,6 +62,10 @@ class SamplingMetadata:
     # (rows, token ids) pairs set to -inf: EOS and stop ids of rows still short of min_tokens
     min_tokens_rows: torch.Tensor | None
     min_tokens_token_ids: torch.Tensor | None
+    # (rows, token ids, biases) added to the logits: OpenAI's logit_bias; None when no row has one
+    logit_bias_rows: torch.Tensor | None
+    logit_bias_token_ids: torch.Tensor | None
+    logit_bias_values: torch.Tensor | None
     num_logprobs: list[int | None]  # per row, as asked (host side: only used to cut the lists)
     max_num_logprobs: int | None  # None: no row asked for logprobs
     no_penalties: bool
@@ -117,6 +122,14 @@ class SamplingMetadata:
                    for r, p in zip(has_rep, params_list)]
         num_logprobs = [p.logprobs for p in params_list]
         asked = [k for k in num_logprobs if k is not None]
+        bias_rows = bias_ids = bias_values = None
+        biases = [(row, tok, b) for row, p in enumerate(params_list)
+                  for tok, b in (p.logit_bias or {}).items()]
+        if biases:
+            ids = _to_device(torch.tensor([[r, t] for r, t, _ in biases], dtype=torch.int64), device)
+            bias_rows, bias_ids = ids[:, 0], ids[:, 1]
+            bias_values = _to_device(torch.tensor([b for _, _, b in biases], dtype=torch.float32),
+                                     device)
         return cls(
             temperature=temperature, greedy_mask=greedy_mask,
             all_greedy=all(greedy), all_random=not any(greedy),
@@ -127,6 +140,7 @@ class SamplingMetadata:
             repetition_penalties=packed[_REPETITION],
             prompt_token_ids=None, output_token_ids=None,
             min_tokens_rows=None, min_tokens_token_ids=None,
+            logit_bias_rows=bias_rows, logit_bias_token_ids=bias_ids, logit_bias_values=bias_values,
             num_logprobs=num_logprobs, max_num_logprobs=max(asked) if asked else None,
             no_penalties=not any(has_pen), no_top_p_top_k=no_top_p_top_k, no_min_p=no_min_p,
             vocab_size=vocab_size, has_penalty=has_pen, has_repetition=has_rep)
@@ -199,6 +213,9 @@ class Sampler(nn.Module):
         logits = logits.float()
         if md.min_tokens_rows is not None:
             logits[md.min_tokens_rows, md.min_tokens_token_ids] = -math.inf
+        if md.logit_bias_rows is not None:
+            logits.index_put_((md.logit_bias_rows, md.logit_bias_token_ids),
+                              md.logit_bias_values, accumulate=True)
         if not md.no_penalties:
             logits = apply_penalties(logits, md)
 
@@ -353,5 +370,6 @@ def _empty(vocab_size: int, device: torch.device) -> SamplingMetadata:
         temperature=f, greedy_mask=f.bool(), all_greedy=True, all_random=True, top_p=f,
         top_k=f.long(), min_p=f, generators={}, presence_penalties=f, frequency_penalties=f,
         repetition_penalties=f, prompt_token_ids=None, output_token_ids=None,
-        min_tokens_rows=None, min_tokens_token_ids=None, num_logprobs=[], max_num_logprobs=None,
+        min_tokens_rows=None, min_tokens_token_ids=None, logit_bias_rows=None,
+        logit_bias_token_ids=None, logit_bias_values=None, num_logprobs=[], max_num_logprobs=None,
         no_penalties=True, no_top_p_top_k=True, no_min_p=True, vocab_size=vocab_size)

@@ -79,6 +79,8 @@ def _finite_float(text: str) -> float:
 
 # ---- sampling ------------------------------------------------------------------------------
 
+MAX_LOGIT_BIAS = 1024  # entries per request (OpenAI documents no limit; this bounds the work)
+
 
 def build_sampling_params(req: Any, state: ServerState, max_tokens: int | None,
                           logprobs: int | None, num_prompts: int = 1) -> SamplingParams:
@@ -89,8 +91,7 @@ def build_sampling_params(req: Any, state: ServerState, max_tokens: int | None,
         raise InvalidRequestError(
             f"n times the number of prompts must be in [1, {state.args.max_n}] (--max-n); "
             f"got n={req.n} for {num_prompts} prompt(s).", "n")
-    if req.logit_bias:
-        raise InvalidRequestError("logit_bias is not supported.", "logit_bias")
+    logit_bias = _logit_bias(req.logit_bias, vocab_size)
     if req.seed is not None and not _INT64_MIN <= req.seed <= _INT64_MAX - req.n:
         raise InvalidRequestError("seed must fit in a signed 64-bit integer.", "seed")
     bad_stop_ids = [t for t in req.stop_token_ids or [] if not 0 <= t < vocab_size]
@@ -121,7 +122,29 @@ def build_sampling_params(req: Any, state: ServerState, max_tokens: int | None,
         logprobs=logprobs,
         prompt_logprobs=req.prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        logit_bias=logit_bias,
     )
+
+
+def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} (JSON keys are strings) -> {id: bias}, ids in the vocabulary."""
+    if not raw:
+        return None
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries.",
+                                  "logit_bias")
+    out = {}
+    for key, bias in raw.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}.",
+                                      "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab_size}); "
+                                      f"got {token}.", "logit_bias")
+        out[token] = bias
+    return out
 
 
 def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,

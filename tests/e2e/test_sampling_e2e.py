@@ -76,3 +76,20 @@ def test_penalties_change_greedy_output(llm):
     if len(set(plain)) < len(plain):  # repeats in plain greedy: penalties must reduce them
         assert len(set(penal)) > len(set(plain))
     assert penal != plain or len(set(plain)) == len(plain)
+
+
+def test_logit_bias_bans_forces_and_is_per_request(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    plain = llm.generate(PROMPT, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    banned_params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                   logit_bias={plain[0]: -100.0})
+    forced_params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=5,
+                                   logit_bias={123: 100.0})
+    # In one batch with an unbiased request: each row gets only its own bias.
+    outs = llm.generate([PROMPT] * 3, [banned_params, forced_params, greedy], use_tqdm=False)
+    banned, forced, again = (o.outputs[0].token_ids for o in outs)
+    assert banned[0] != plain[0] and plain[0] not in banned
+    assert forced == [123] * 6
+    assert again == plain
+    with pytest.raises(Exception, match="logit_bias"):
+        llm.generate(PROMPT, SamplingParams(logit_bias={10**7: 1.0}), use_tqdm=False)

@@ -10,6 +10,7 @@ import torch
 
 from shardserve.layers.sampler import (Sampler, SamplingMetadata, apply_penalties,
                                        compute_prompt_logprobs, min_tokens_stop_ids)
+from shardserve.errors import InvalidRequestError
 from shardserve.sampling_params import SamplingParams
 
 VOCAB = 32
@@ -219,6 +220,38 @@ def test_logprobs_from_raw_logits() -> None:
         assert entry.ranks[1:] == list(range(1, k + 1))
     # Row 0's repetition penalty changed its pick, so the sampled token is not rank 1 there.
     assert out.logprobs[0].ranks[0] > 1
+
+
+def test_logit_bias_forces_bans_and_leaves_other_rows() -> None:
+    """+100 forces a token on greedy and random rows, -100 bans the argmax, rows without a
+    bias are untouched, and logprobs still describe the raw model."""
+    torch.manual_seed(7)
+    logits = torch.randn(4, VOCAB)
+    top = logits.argmax(-1).tolist()
+    params = [SamplingParams(temperature=0, logit_bias={3: 100.0}),
+              SamplingParams(temperature=1.0, logit_bias={11: 100}),
+              SamplingParams(temperature=0, logit_bias={top[2]: -100.0}, logprobs=1),
+              SamplingParams(temperature=0)]
+    md = build(params)
+    assert md.logit_bias_rows.tolist() == [0, 1, 2]
+    out = Sampler()(logits.clone(), md)
+    got = out.tolist()
+    assert got[0] == 3 and got[1] == 11 and got[3] == top[3]
+    assert got[2] != top[2] and got[2] == logits[2].topk(2).indices[1].item()
+    raw = torch.log_softmax(logits[2], -1)
+    assert math.isclose(out.logprobs[2].logprobs[0], raw[got[2]].item(), rel_tol=1e-6)
+    assert build([SamplingParams()]).logit_bias_rows is None
+
+
+def test_logit_bias_is_validated() -> None:
+    with pytest.raises(InvalidRequestError, match=r"\[-100, 100\]"):
+        SamplingParams(logit_bias={1: 150})
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        SamplingParams(logit_bias={"1": 1.0})
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        SamplingParams(logit_bias={-2: 1.0})
+    assert SamplingParams(logit_bias={1: 2}).logit_bias == {1: 2.0}
+    assert SamplingParams(logit_bias={}).logit_bias is None
 
 
 def test_no_logprobs_when_not_asked() -> None:

@@ -75,6 +75,19 @@ def test_completion_prompt_shapes_n_and_logprobs(client, model):
     assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)
 
 
+def test_logit_bias_forces_a_token(client, model):
+    """OpenAI's logit_bias: +100 on one token makes every sampled token that one, on both
+    endpoints (banning is tested through the Python API, which returns token ids)."""
+    forced = client.completions.create(model=model, prompt="The capital of France is",
+                                       max_tokens=4, temperature=0.9, seed=3, logprobs=0,
+                                       logit_bias={"504": 100})
+    tokens = forced.choices[0].logprobs.tokens
+    assert len(tokens) == 4 and len(set(tokens)) == 1, tokens
+    chat = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=3,
+                                          temperature=0, logprobs=True, logit_bias={"504": 100})
+    assert [t.token for t in chat.choices[0].logprobs.content] == tokens[:1] * 3
+
+
 def test_chat_logprobs_and_vllm_extras(client, model):
     r = client.chat.completions.create(
         model=model, messages=[{"role": "system", "content": "Be brief."},
