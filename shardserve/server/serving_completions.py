@@ -1,8 +1,14 @@
 """POST /v1/completions: one engine request per prompt, merged back into one response (choice
-index = prompt index x n + sample index), as JSON or as server-sent events."""
+index = prompt index x n + sample index), as JSON or as server-sent events.
+
+echo puts the prompt before each choice's text (with logprobs: the prompt tokens' logprobs
+first, the first token's None, as OpenAI does). echo with max_tokens 0 scores the prompt
+alone, as evaluation harnesses ask for log-likelihoods: the engine samples one token, which is
+dropped from the text, the logprobs and the usage."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,19 +30,27 @@ from shardserve.server.state import ServerState
 async def create_completion(request: Request, state: ServerState) -> Response:
     req = await read_request(request, state, CompletionRequest)
     state.check_model(req.model)
-    if req.echo:
-        raise InvalidRequestError("echo is not supported.", "echo")
     if req.suffix:
         raise InvalidRequestError("suffix is not supported.", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise InvalidRequestError("best_of must equal n (or be left out).", "best_of")
+    score_only = req.max_tokens == 0
+    if score_only and not req.echo:
+        raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo, which "
+                                  "returns the prompt and, with logprobs, its logprobs).",
+                                  "max_tokens")
+    max_tokens = 1 if score_only else req.max_tokens
     engine = state.engine
     prompts = _prompts(req.prompt)
     processed = [engine.process_prompt(p) for p in prompts]
     max_model_len = state.config.model_config.max_model_len
     for p in processed:
-        check_fits(len(p.prompt_token_ids), req.max_tokens, max_model_len, "max_tokens")
-    params = build_sampling_params(req, state, req.max_tokens, req.logprobs, len(prompts))
+        check_fits(len(p.prompt_token_ids), max_tokens, max_model_len, "max_tokens")
+    params = build_sampling_params(req, state, max_tokens, req.logprobs, len(prompts))
+    if req.echo and req.logprobs is not None:
+        params = dataclasses.replace(
+            params, prompt_logprobs=max(req.logprobs, params.prompt_logprobs or 0))
+    echo = _Echo(bool(req.echo), score_only, req.logprobs, engine.tokenizer)
 
     request_id = req.request_id or random_id("cmpl")
     model = req.model or state.model_name
@@ -49,7 +63,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         merged = merge_async_iterators(*gens)
         if not req.stream:
             finals = await unless_disconnected(request, _collect(merged, len(prompts)))
-            return JSONResponse(_response(request_id, model, finals, req).model_dump())
+            return JSONResponse(_response(request_id, model, finals, req, echo).model_dump())
         # Wait for the first output before answering 200, so that admission errors (overload,
         # queue time, a dead engine) still get their HTTP status.
         first = await unless_disconnected(request, anext(merged))
@@ -60,7 +74,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         if not streaming:
             await close_all([merged, *gens] if merged is not None else [])
             state.release()
-    stream = _stream(request_id, model, req, first, merged)
+    stream = _stream(request_id, model, req, first, merged, echo)
 
     async def on_close() -> None:
         # Closing the merge closes each request's generator; closing them again directly covers
@@ -98,21 +112,81 @@ async def _collect(merged: AsyncIterator[tuple[int, RequestOutput]],
     return [finals[i] for i in range(num_prompts)]
 
 
+class _Echo:
+    """What echo and scoring (max_tokens 0) add to or take from a choice."""
+
+    def __init__(self, echo: bool, score_only: bool, logprobs: int | None, tokenizer) -> None:
+        self.echo, self.score_only, self.k, self.tokenizer = echo, score_only, logprobs, tokenizer
+
+    def prompt_text(self, out: RequestOutput) -> str:
+        if out.prompt is not None:
+            return out.prompt
+        return self.tokenizer.decode(out.prompt_token_ids)
+
+    def prompt_logprobs(self, out: RequestOutput) -> CompletionLogprobs:
+        """The prompt tokens as logprob entries: the first has no logprob (nothing precedes
+        it), each other its logprob given the tokens before it and the top k."""
+        lp = CompletionLogprobs()
+        offset = 0
+        entries = out.prompt_logprobs or [None]
+        for pos, token_id in enumerate(out.prompt_token_ids):
+            entry = entries[pos] if pos < len(entries) else None
+            if entry is None:
+                token = self.tokenizer.decode([token_id])
+                lp.tokens.append(token)
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                lp.text_offset.append(offset)
+                offset += len(token)
+                continue
+            one = _logprobs([entry], self.k, offset)
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(lp, name).extend(getattr(one, name))
+            offset += len(one.tokens[0]) if one.tokens else 0
+        return lp
+
+
+def _joined(first: CompletionLogprobs, second: CompletionLogprobs, shift: int) -> CompletionLogprobs:
+    """first's entries, then second's with their text offsets moved by shift characters."""
+    return CompletionLogprobs(
+        text_offset=first.text_offset + [o + shift for o in second.text_offset],
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        tokens=first.tokens + second.tokens,
+        top_logprobs=first.top_logprobs + second.top_logprobs)
+
+
 def _response(request_id: str, model: str, finals: list[RequestOutput],
-              req: CompletionRequest) -> CompletionResponse:
+              req: CompletionRequest, echo: _Echo) -> CompletionResponse:
     choices = []
     for i, out in enumerate(finals):
+        prompt_text = echo.prompt_text(out) if echo.echo else ""
+        prompt_lp = (echo.prompt_logprobs(out) if echo.echo and req.logprobs is not None
+                     else CompletionLogprobs())
         for c in out.outputs:
-            logprobs = _logprobs(c.logprobs, req.logprobs, 0) if req.logprobs is not None else None
-            choices.append(CompletionChoice(index=i * req.n + c.index, text=c.text,
+            text = "" if echo.score_only else c.text
+            logprobs = None
+            if req.logprobs is not None:
+                own = CompletionLogprobs() if echo.score_only else _logprobs(c.logprobs,
+                                                                             req.logprobs, 0)
+                logprobs = _joined(prompt_lp, own, len(prompt_text))
+            choices.append(CompletionChoice(index=i * req.n + c.index, text=prompt_text + text,
                                             logprobs=logprobs, finish_reason=c.finish_reason,
                                             stop_reason=c.stop_reason))
     return CompletionResponse(id=request_id, model=model, choices=choices,
-                              usage=usage_of(finals))
+                              usage=_usage(finals, echo))
+
+
+def _usage(finals: list[RequestOutput], echo: _Echo):
+    usage = usage_of(finals)
+    if echo.score_only:
+        usage.completion_tokens = 0
+        usage.total_tokens = usage.prompt_tokens
+    return usage
 
 
 async def _stream(request_id: str, model: str, req: CompletionRequest, first: tuple[int, RequestOutput],
-                  merged: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+                  merged: AsyncIterator[tuple[int, RequestOutput]],
+                  echo: _Echo) -> AsyncIterator[str]:
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     finals: dict[int, RequestOutput] = {}
@@ -129,13 +203,22 @@ async def _stream(request_id: str, model: str, req: CompletionRequest, first: tu
                 continue
             if not c.delta_text and not c.delta_token_ids and not c.finished:
                 continue
+            delta_text = "" if echo.score_only else c.delta_text
+            delta_lp = None if echo.score_only else c.delta_logprobs
+            prefix, prefix_lp = "", CompletionLogprobs()
+            if echo.echo and index not in offsets:  # this choice's first chunk: the prompt
+                prefix = echo.prompt_text(out)
+                if req.logprobs is not None:
+                    prefix_lp = echo.prompt_logprobs(out)
+                offsets[index] = 0
             logprobs = None
             if req.logprobs is not None:
-                logprobs = _logprobs(c.delta_logprobs, req.logprobs, offsets.get(index, 0))
-            offsets[index] = offsets.get(index, 0) + len(c.delta_text)
+                own = _logprobs(delta_lp, req.logprobs, 0)
+                logprobs = _joined(prefix_lp, own, offsets.get(index, 0) + len(prefix))
+            offsets[index] = offsets.get(index, 0) + len(prefix) + len(delta_text)
             if c.finished:
                 finished.add(index)
-            choice = CompletionChoice(index=index, text=c.delta_text, logprobs=logprobs,
+            choice = CompletionChoice(index=index, text=prefix + delta_text, logprobs=logprobs,
                                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
             chunk = CompletionResponse(id=request_id, created=created, model=model,
                                        choices=[choice])
@@ -152,7 +235,7 @@ async def _stream(request_id: str, model: str, req: CompletionRequest, first: tu
             for event in chunks(i, out):
                 yield event
         if include_usage:
-            usage = usage_of([finals[i] for i in sorted(finals)])
+            usage = _usage([finals[i] for i in sorted(finals)], echo)
             final = CompletionResponse(id=request_id, created=created, model=model, choices=[],
                                        usage=usage)
             yield sse(final)

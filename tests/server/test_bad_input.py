@@ -41,7 +41,7 @@ CASES = [
     ("completions", {"max_tokens": 3}, 400, "prompt", "prompt"),
     ("completions", {"prompt": "hi", "max_tokens": 600}, 400, "max_tokens", "context length"),
     ("completions", {"prompt": "hi " * 600}, 400, "prompt", "max_model_len"),
-    ("completions", {"prompt": "hi", "echo": True}, 400, "echo", "echo"),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "echo"),
     ("completions", {"prompt": "hi", "logit_bias": {"five": 1}}, 400, "logit_bias", "token ids"),
     ("completions", {"prompt": "hi", "logit_bias": {"10000000": 1}}, 400, "logit_bias", "token ids"),
     ("completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias", "[-100, 100]"),

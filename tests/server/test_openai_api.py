@@ -88,6 +88,41 @@ def test_logit_bias_forces_a_token(client, model):
     assert [t.token for t in chat.choices[0].logprobs.content] == tokens[:1] * 3
 
 
+def test_echo_puts_the_prompt_first_streamed_or_not(client, model):
+    prompt = "The capital of France is"
+    kwargs = dict(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=1)
+    plain = client.completions.create(**kwargs)
+    echoed = client.completions.create(echo=True, **kwargs)
+    text = echoed.choices[0].text
+    assert text == prompt + plain.choices[0].text
+    lp = echoed.choices[0].logprobs
+    num_prompt = echoed.usage.prompt_tokens
+    assert len(lp.tokens) == num_prompt + 4 and echoed.usage.completion_tokens == 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == text and lp.text_offset[num_prompt] == len(prompt)
+    assert lp.tokens[num_prompt:] == plain.choices[0].logprobs.tokens
+    streamed = client.completions.create(echo=True, stream=True, **kwargs)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(client, model):
+    """What lm-evaluation-harness sends for log-likelihoods: the prompt's own logprobs."""
+    prompt = "The capital of France is Paris"
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True,
+                                  logprobs=0, temperature=0)
+    c = r.choices[0]
+    assert c.text == prompt and r.usage.completion_tokens == 0
+    assert len(c.logprobs.tokens) == r.usage.prompt_tokens == r.usage.total_tokens
+    # The same numbers as the prompt logprobs of a normal request (vLLM's prompt_logprobs).
+    again = client.completions.create(model=model, prompt=prompt, max_tokens=2, echo=True,
+                                      logprobs=0, temperature=0)
+    n = r.usage.prompt_tokens
+    assert again.choices[0].logprobs.token_logprobs[:n] == c.logprobs.token_logprobs
+
+
 def test_chat_logprobs_and_vllm_extras(client, model):
     r = client.chat.completions.create(
         model=model, messages=[{"role": "system", "content": "Be brief."},
