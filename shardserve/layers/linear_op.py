@@ -6,8 +6,8 @@ The choice is measured per shape, not assumed: the first single-row call of an
 forwards come before each capture) times F.linear and every GEMV configuration on scratch
 weights of that shape, with enough copies to overflow the L2 cache so that each read comes
 from HBM as in a real step, each replayed as a CUDA graph so that only GPU time counts, and
-keeps the fastest. A call during capture before its shape was
-timed takes F.linear: nothing can be timed inside a capture.
+keeps the fastest. A call during capture before its shape was timed takes F.linear: nothing
+can be timed inside a capture.
 
     SHARDSERVE_GEMV=auto (default) | triton | cublas     force one side (benchmarks, debugging)
 
@@ -35,7 +35,8 @@ _choices: dict[tuple, object] = {}
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    if not x.is_cuda or x.dtype not in _HALF or x.numel() != x.shape[-1] or weight.dtype != x.dtype:
+    if (not x.is_cuda or x.dtype not in _HALF or x.numel() != x.shape[-1]
+            or weight.dtype != x.dtype or weight.stride(1) != 1):
         return F.linear(x, weight, bias)
     config = _choice(x, weight, bias)
     if config is None:
@@ -57,7 +58,7 @@ def _choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     if key in _choices:
         return _choices[key]
     mode = gemv_mode()
-    if mode == "cublas" or weight.stride(1) != 1:
+    if mode == "cublas":
         return _choices.setdefault(key, None)
     from shardserve.kernels.gemv import DEFAULT_CONFIG
     if mode == "triton":
