@@ -246,6 +246,7 @@ class EngineConfig:
         from shardserve.planner.auto import resolve_auto_parallel_on_device
         resolve_auto_parallel_on_device(self)
         self.parallel_config.resolve()
+        self._check_tensor_parallel_fits()
         no_pipeline = self.parallel_config.pipeline_parallel_size == 1
         if sc.async_scheduling is None:
             sc.async_scheduling = no_pipeline and dc.device == "cuda"
@@ -257,6 +258,26 @@ class EngineConfig:
                 "the stages busy instead).")
             sc.async_scheduling = False
         return self
+
+    def _check_tensor_parallel_fits(self) -> None:
+        """Refuse a TP size the model's layers cannot split (heads, KV heads, MLP width) here,
+        before any worker starts, naming the sizes that do fit (the planner's rules)."""
+        from shardserve.planner.shape import shape_from_config
+        from shardserve.planner.weights import tp_problems
+
+        tp = self.parallel_config.tensor_parallel_size
+        if tp == 1:
+            return
+        try:
+            shape = shape_from_config(self.model_config.hf_config)
+        except Exception:  # a config the planner cannot read: the layers still check
+            return
+        problems = tp_problems(shape, tp)
+        if problems:
+            fits = [t for t in range(1, 65) if not tp_problems(shape, t)]
+            raise InvalidRequestError(
+                f"tensor_parallel_size={tp} does not fit this model: {'; '.join(problems)}. "
+                f"Sizes that fit: {', '.join(map(str, fits))}.", "tensor_parallel_size")
 
     def to_kwargs(self) -> dict[str, Any]:
         """The flat user-level settings (the inverse of from_kwargs; no derived fields), in

@@ -29,3 +29,18 @@ def test_async_scheduling_flag(argv, expected):
 def test_async_scheduling_resolves(tiny_model_dirs, kwargs, expected):
     config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu", **kwargs)
     assert config.resolve().scheduler_config.async_scheduling is expected
+
+
+def test_tensor_parallel_size_that_does_not_split_the_model_is_refused_at_once(tmp_path):
+    """SmolLM2-135M has 9 heads over 3 KV heads: TP 2 is refused while resolving the config,
+    before any worker process starts, naming the sizes that fit."""
+    import time
+
+    from shardserve import LLM
+    from shardserve.errors import InvalidRequestError
+
+    start = time.monotonic()
+    with pytest.raises(InvalidRequestError, match=r"9 attention heads .*Sizes that fit: 1, 3\.") as err:
+        LLM(None, tensor_parallel_size=2, device="cpu", dtype="float32")
+    assert err.value.param == "tensor_parallel_size"
+    assert time.monotonic() - start < 30
