@@ -247,6 +247,20 @@ class EngineConfig:
         resolve_auto_parallel_on_device(self)
         self.parallel_config.resolve()
         self._check_tensor_parallel_fits()
+        if self.parallel_config.pp_layer_partition and self.parallel_config.pipeline_parallel_size == 1:
+            raise InvalidRequestError(
+                f"pp_layer_partition={self.parallel_config.pp_layer_partition!r} splits layers "
+                "between pipeline stages, but pipeline_parallel_size is 1; drop it or set "
+                "--pipeline-parallel-size to its number of stages.", "pp_layer_partition")
+        from shardserve.layers.rotary import get_rope_config
+        model_max = int(getattr(mc.hf_config, "max_position_embeddings", 0) or 0)
+        # With RoPE scaling the model is meant to run past it; without, positions beyond it
+        # were never trained.
+        if model_max and mc.max_model_len > model_max and get_rope_config(mc.hf_config)[1] is None:
+            logging.getLogger(__name__).warning(
+                "max_model_len %d is beyond the model's max_position_embeddings %d: positions "
+                "past it were never trained and outputs there may be wrong.",
+                mc.max_model_len, model_max)
         no_pipeline = self.parallel_config.pipeline_parallel_size == 1
         if sc.async_scheduling is None:
             sc.async_scheduling = no_pipeline and dc.device == "cuda"

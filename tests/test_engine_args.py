@@ -44,3 +44,12 @@ def test_tensor_parallel_size_that_does_not_split_the_model_is_refused_at_once(t
         LLM(None, tensor_parallel_size=2, device="cpu", dtype="float32")
     assert err.value.param == "tensor_parallel_size"
     assert time.monotonic() - start < 30
+
+
+def test_layer_partition_without_pipeline_stages_is_refused():
+    from shardserve import LLM
+    from shardserve.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="pipeline_parallel_size is 1") as err:
+        LLM(None, pp_layer_partition="10,20", device="cpu", dtype="float32")
+    assert err.value.param == "pp_layer_partition"
