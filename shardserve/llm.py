@@ -120,10 +120,17 @@ def _broadcast_params(params, n: int) -> list[SamplingParams]:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
+    if isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__"):
+        raise InvalidRequestError(f"sampling_params must be a SamplingParams or a list of them; "
+                                  f"got {type(params).__name__}.", "sampling_params")
     params = list(params)
     if len(params) != n:
         raise InvalidRequestError(f"Got {len(params)} sampling params for {n} prompts; pass one, "
                                   "or one per prompt.", "sampling_params")
+    wrong = [type(p).__name__ for p in params if not isinstance(p, SamplingParams)]
+    if wrong:
+        raise InvalidRequestError(f"sampling_params must be SamplingParams objects; got "
+                                  f"{wrong[0]}.", "sampling_params")
     return params
 
 

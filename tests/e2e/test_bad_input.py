@@ -55,6 +55,17 @@ def test_bad_token_ids_and_empty_prompt(llm):
     assert_clean_and_serving(llm)
 
 
+def test_sampling_params_of_the_wrong_type(llm):
+    prompt = {"prompt_token_ids": [1, 2, 3]}
+    for bad in ({"max_tokens": 3}, "greedy", 0.5, [SamplingParams(), {"max_tokens": 2}]):
+        prompts = [prompt] * (len(bad) if isinstance(bad, list) else 1)
+        with pytest.raises(InvalidRequestError, match="SamplingParams") as err:
+            llm.generate(prompts, bad, use_tqdm=False)
+        assert err.value.param == "sampling_params"
+    with pytest.raises(InvalidRequestError, match="3 sampling params for 2 prompts"):
+        llm.generate([prompt] * 2, [SamplingParams()] * 3, use_tqdm=False)
+
+
 def test_error_mid_generation_frees_blocks(llm, monkeypatch):
     runner = llm.engine.core.executor.worker.runner
     calls = {"n": 0}
