@@ -218,7 +218,8 @@ class EngineConfig:
         mc.hf_config = load_hf_config(mc.source)
         mc.architecture = check_architecture(mc.hf_config)
         mc.dtype = _resolve_dtype(mc.dtype, mc.hf_config, dc.device)
-        model_max = int(getattr(mc.hf_config, "max_position_embeddings", 0) or 2048)
+        trained_len = getattr(mc.hf_config, "max_position_embeddings", None)
+        model_max = int(trained_len or 2048)
         if mc.max_model_len is None:
             mc.max_model_len = model_max
         elif mc.max_model_len < 1:
@@ -253,14 +254,14 @@ class EngineConfig:
                 "between pipeline stages, but pipeline_parallel_size is 1; drop it or set "
                 "--pipeline-parallel-size to its number of stages.", "pp_layer_partition")
         from shardserve.layers.rotary import get_rope_config
-        model_max = int(getattr(mc.hf_config, "max_position_embeddings", 0) or 0)
         # With RoPE scaling the model is meant to run past it; without, positions beyond it
         # were never trained.
-        if model_max and mc.max_model_len > model_max and get_rope_config(mc.hf_config)[1] is None:
+        if (trained_len and mc.max_model_len > trained_len
+                and get_rope_config(mc.hf_config)[1] is None):
             logging.getLogger(__name__).warning(
                 "max_model_len %d is beyond the model's max_position_embeddings %d: positions "
                 "past it were never trained and outputs there may be wrong.",
-                mc.max_model_len, model_max)
+                mc.max_model_len, trained_len)
         no_pipeline = self.parallel_config.pipeline_parallel_size == 1
         if sc.async_scheduling is None:
             sc.async_scheduling = no_pipeline and dc.device == "cuda"

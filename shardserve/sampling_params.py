@@ -45,7 +45,7 @@ class SamplingParams:
             self.top_k = 0
         self.validate()
         if self.logit_bias is not None:
-            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
+            self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()} or None
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the field and the accepted range."""

@@ -126,24 +126,11 @@ class _Echo:
     def prompt_logprobs(self, out: RequestOutput) -> CompletionLogprobs:
         """The prompt tokens as logprob entries: the first has no logprob (nothing precedes
         it), each other its logprob given the tokens before it and the top k."""
-        lp = CompletionLogprobs()
-        offset = 0
-        entries = out.prompt_logprobs or [None]
-        for pos, token_id in enumerate(out.prompt_token_ids):
-            entry = entries[pos] if pos < len(entries) else None
-            if entry is None:
-                token = self.tokenizer.decode([token_id])
-                lp.tokens.append(token)
-                lp.token_logprobs.append(None)
-                lp.top_logprobs.append(None)
-                lp.text_offset.append(offset)
-                offset += len(token)
-                continue
-            one = _logprobs([entry], self.k, offset)
-            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                getattr(lp, name).extend(getattr(one, name))
-            offset += len(one.tokens[0]) if one.tokens else 0
-        return lp
+        first = self.tokenizer.decode(out.prompt_token_ids[:1])
+        head = CompletionLogprobs(text_offset=[0], token_logprobs=[None], tokens=[first],
+                                  top_logprobs=[None])
+        return _joined(head, _logprobs((out.prompt_logprobs or [None])[1:], self.k, 0),
+                       len(first))
 
 
 def _joined(first: CompletionLogprobs, second: CompletionLogprobs, shift: int) -> CompletionLogprobs:
@@ -192,6 +179,7 @@ async def _stream(request_id: str, model: str, req: CompletionRequest, first: tu
     finals: dict[int, RequestOutput] = {}
     offsets: dict[int, int] = {}  # choice index -> length of its text so far (logprob offsets)
     finished: set[int] = set()
+    prompts: dict[int, tuple[str, CompletionLogprobs]] = {}  # echo: prompt i's text, logprobs
 
     def chunks(i: int, out: RequestOutput) -> list[str]:
         events = []
@@ -207,9 +195,10 @@ async def _stream(request_id: str, model: str, req: CompletionRequest, first: tu
             delta_lp = None if echo.score_only else c.delta_logprobs
             prefix, prefix_lp = "", CompletionLogprobs()
             if echo.echo and index not in offsets:  # this choice's first chunk: the prompt
-                prefix = echo.prompt_text(out)
-                if req.logprobs is not None:
-                    prefix_lp = echo.prompt_logprobs(out)
+                if i not in prompts:  # once per prompt, whatever its n
+                    prompts[i] = (echo.prompt_text(out), echo.prompt_logprobs(out)
+                                  if req.logprobs is not None else CompletionLogprobs())
+                prefix, prefix_lp = prompts[i]
                 offsets[index] = 0
             logprobs = None
             if req.logprobs is not None:
