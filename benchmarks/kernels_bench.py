@@ -8,6 +8,9 @@ intermediate 14336, bf16, KV blocks of 16 tokens.
     python benchmarks/kernels_bench.py --quick     # no sweeps, no torch reference/compile
     python benchmarks/kernels_bench.py --cpu-smoke # tiny shapes through Triton's interpreter:
                                                    # checks the script itself, times nothing
+    python benchmarks/kernels_bench.py --quick --only decode,prefill --kv-cache-dtype fp8
+                                                   # the attention kernels over an fp8 cache
+                                                   # (SDPA still gets the bf16 values)
 
 Every Triton result is checked first (attention against the float64 reference); a failed check
 prints FAIL in its row and the script exits 1 after the tables. Times are medians of
@@ -61,6 +64,7 @@ DTYPE = torch.float32 if SMOKE else torch.bfloat16
 if SMOKE:  # tiny, so the interpreter gets through it in a minute
     HEADS, KV_HEADS, HEAD, HIDDEN, INTERMEDIATE = 4, 2, 32, 64, 96
 FAILURES: list[str] = []
+KV_DTYPE = DTYPE  # --kv-cache-dtype fp8: torch.float8_e4m3fn
 
 
 def bench(fn, rep: int = 100) -> float:
@@ -100,8 +104,8 @@ class Paged:
             self.block_tables[i, :n] = perm[offs:offs + n]
             offs += n
         shape = (num_blocks, BLOCK, KV_HEADS, HEAD)
-        self.k_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE)
-        self.v_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE)
+        self.k_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE).to(KV_DTYPE)
+        self.v_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE).to(KV_DTYPE)
         self.qsl_cpu = [0]
         for _, q in specs:
             self.qsl_cpu.append(self.qsl_cpu[-1] + q)
@@ -131,7 +135,7 @@ class Paged:
         tables = self.block_tables.long()
 
         def gather(cache):
-            x = cache[tables].reshape(b, -1, KV_HEADS, HEAD)[:, :s].transpose(1, 2)
+            x = cache.to(DTYPE)[tables].reshape(b, -1, KV_HEADS, HEAD)[:, :s].transpose(1, 2)
             return x.repeat_interleave(HEADS // KV_HEADS, 1) if rep_kv else x.contiguous()
         q = self.query.view(b, q_len, HEADS, HEAD).transpose(1, 2).contiguous()
         return q, gather(self.k_cache), gather(self.v_cache)
@@ -369,17 +373,24 @@ def main() -> int:
                         help="skip the tuning sweeps, the torch reference and torch.compile")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny shapes through Triton's interpreter; checks the script only")
+    parser.add_argument("--only", default="decode,prefill,store,fused",
+                        help="comma-separated tables to run")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="fp8: the attention tables read an e4m3 cache")
     args = parser.parse_args()
+    global KV_DTYPE
+    if args.kv_cache_dtype == "fp8":
+        KV_DTYPE = torch.float8_e4m3fn
     if not SMOKE:
         assert torch.cuda.is_available(), "needs a CUDA GPU (or --cpu-smoke)"
         print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | "
               f"triton {triton.__version__}")
     torch.manual_seed(0)
     measure_ceilings()
-    decode_table(args.quick)
-    prefill_table(args.quick)
-    store_table()
-    fused_table(args.quick)
+    tables = {"decode": lambda: decode_table(args.quick), "prefill": lambda: prefill_table(args.quick),
+              "store": store_table, "fused": lambda: fused_table(args.quick)}
+    for name in args.only.split(","):
+        tables[name]()
     if FAILURES:
         print(f"\nFAILED checks: {FAILURES}")
         return 1

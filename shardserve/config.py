@@ -22,6 +22,8 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _SOURCE_KIND = {"safetensors": "hf", "gguf": "gguf"}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
                   "bf16": "bfloat16"}
+# KV cache element types (vLLM's --kv-cache-dtype): auto is the model's dtype; fp8 is e4m3.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass
@@ -60,8 +62,19 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU's memory for the whole process
     kv_cache_memory_bytes: int | None = None  # CPU (or an explicit CUDA size); default 1 GiB on CPU
     num_gpu_blocks_override: int | None = None  # tests: force a tiny cache
+    # auto: the model's dtype. fp8 (= fp8_e4m3) or fp8_e5m2: one byte per element, so twice
+    # the tokens in the same memory and half the bytes each decode step reads; values are
+    # stored unscaled (vLLM's default scale of 1.0), saturated at the format's largest finite
+    # value, and widened back to the model's dtype inside attention.
+    kv_cache_dtype: str = "auto"
 
     num_blocks: int = 0  # filled once the cache is sized
+
+    def kv_torch_dtype(self, model_dtype):
+        """The cache's element type for a model computing in model_dtype (a torch dtype)."""
+        import torch
+        return {"auto": model_dtype, "fp8": torch.float8_e4m3fn,
+                "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[self.kv_cache_dtype]
 
 
 @dataclass
@@ -228,6 +241,7 @@ class EngineConfig:
         if cc.block_size < 1 or cc.block_size & (cc.block_size - 1):
             raise InvalidRequestError(f"block_size must be a power of two, got {cc.block_size}.",
                                       "block_size")
+        self._check_kv_cache_dtype()
         if sc.max_num_batched_tokens is None:
             sc.max_num_batched_tokens = 8192 if sc.enable_chunked_prefill else max(8192, mc.max_model_len)
         if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < mc.max_model_len:
@@ -273,6 +287,18 @@ class EngineConfig:
                 "the stages busy instead).")
             sc.async_scheduling = False
         return self
+
+    def _check_kv_cache_dtype(self) -> None:
+        cc = self.cache_config
+        if cc.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                f"{cc.kv_cache_dtype!r}.", "kv_cache_dtype")
+        if cc.kv_cache_dtype != "auto" and getattr(self.model_config.hf_config, "kv_lora_rank", None):
+            raise InvalidRequestError(
+                f"kv_cache_dtype={cc.kv_cache_dtype!r} is not supported for multi-head latent "
+                "attention models (DeepSeek-V2/V3) yet: their latent cache stays in the model's "
+                "dtype. Use kv_cache_dtype='auto'.", "kv_cache_dtype")
 
     def _check_tensor_parallel_fits(self) -> None:
         """Refuse a TP size the model's layers cannot split (heads, KV heads, MLP width) here,

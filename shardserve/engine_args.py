@@ -9,7 +9,7 @@ import re
 import typing
 from typing import Any
 
-from shardserve.config import (LOAD_FORMATS, CacheConfig, DeviceConfig, EngineConfig,
+from shardserve.config import (KV_CACHE_DTYPES, LOAD_FORMATS, CacheConfig, DeviceConfig, EngineConfig,
                                ModelConfig, ParallelConfig, SchedulerConfig)
 from shardserve.planner.auto import parse_parallel_size
 
@@ -33,6 +33,8 @@ _HELP = {
     "model": "Hugging Face model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
     "kv_cache_memory_bytes": "KV cache size, e.g. 2GiB or 500MB (CPU default 1GiB)",
     "gpu_memory_utilization": "share of GPU memory for weights, activations and KV cache",
+    "kv_cache_dtype": "KV cache element type: auto (the model's dtype), or fp8 (= fp8_e4m3) / "
+                      "fp8_e5m2: half the memory and decode-attention traffic, unscaled",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "max_num_batched_tokens": "token budget per engine step",
     "async_scheduling": "prepare and launch the next step while the GPU runs this one "
@@ -93,6 +95,8 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
                 continue
             if f.name == "load_format":
                 kwargs["choices"] = LOAD_FORMATS
+            if f.name == "kv_cache_dtype":
+                kwargs["choices"] = KV_CACHE_DTYPES
             if f.name in ("kv_cache_memory_bytes", "custom_all_reduce_max_bytes"):
                 kwargs["type"] = parse_size
             elif f.name in _AUTO_SIZES:

@@ -53,3 +53,25 @@ def test_layer_partition_without_pipeline_stages_is_refused():
     with pytest.raises(InvalidRequestError, match="pipeline_parallel_size is 1") as err:
         LLM(None, pp_layer_partition="10,20", device="cpu", dtype="float32")
     assert err.value.param == "pp_layer_partition"
+
+
+def test_kv_cache_dtype_flag_takes_vllm_names():
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert parser.parse_args([]).kv_cache_dtype == "auto"
+    assert parser.parse_args(["--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "int8"])
+
+
+def test_fp8_kv_cache_is_refused_for_latent_attention(tmp_path):
+    """DeepSeek's MLA caches one compressed latent per token, which the fp8 path does not cover:
+    refused while resolving, naming the setting."""
+    from shardserve.errors import InvalidRequestError
+    from tests.models.deepseek_checkpoints import save_tiny_deepseek
+
+    save_tiny_deepseek("v2_lite", tmp_path, with_tokenizer=True)
+    config = EngineConfig.from_kwargs(model=str(tmp_path), device="cpu", kv_cache_dtype="fp8")
+    with pytest.raises(InvalidRequestError, match="multi-head latent") as err:
+        config.resolve()
+    assert err.value.param == "kv_cache_dtype"

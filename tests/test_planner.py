@@ -286,3 +286,19 @@ def test_shape_flags_follow_the_engine() -> None:
     yarn = shape_from_config({**_tiny_dict(), "rope_scaling": {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}})
     assert yarn.rope_table_positions(100) == 256
+
+
+def test_fp8_kv_cache_doubles_the_tokens_and_reaches_the_deployment() -> None:
+    from shardserve.deploy import spec_from_plan
+
+    bf16 = _plan("llama-3-8b", 1, 141, max_model_len=4096)
+    fp8 = _plan("llama-3-8b", 1, 141, max_model_len=4096, kv_cache_dtype="fp8")
+    # Same memory left for the cache, half the bytes a block: twice the blocks (+-1 rounding).
+    assert abs(fp8.best.num_blocks - 2 * bf16.best.num_blocks) <= 1
+    data = fp8.to_dict()
+    assert data["serving"]["kv_cache_dtype"] == "fp8"
+    assert data["model"]["kv_bytes_per_token"] == bf16.to_dict()["model"]["kv_bytes_per_token"] // 2
+    assert "--kv-cache-dtype=fp8" in spec_from_plan(data).serve_args
+    assert "--kv-cache-dtype=fp8" not in " ".join(spec_from_plan(bf16.to_dict()).serve_args)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        _plan("llama-3-8b", 1, 141, kv_cache_dtype="int4")

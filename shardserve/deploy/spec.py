@@ -176,6 +176,8 @@ def spec_from_plan(plan: dict[str, Any] | str | Path, **overrides: Any) -> Deplo
             f"--dtype={serving['dtype']}", f"--max-num-seqs={serving['max_num_seqs']}",
             f"--max-num-batched-tokens={serving['max_num_batched_tokens']}",
             f"--block-size={serving['block_size']}"]
+    if serving.get("kv_cache_dtype", "auto") != "auto":
+        args.append(f"--kv-cache-dtype={serving['kv_cache_dtype']}")
     values: dict[str, Any] = {
         "model": plan.get("model", {}).get("name", "model"),
         "tp": best["tensor_parallel_size"], "pp": best["pipeline_parallel_size"],

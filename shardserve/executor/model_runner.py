@@ -50,6 +50,7 @@ class ModelRunner:
         self.is_driver = is_driver
         self.block_size = config.cache_config.block_size
         self.dtype = config.model_config.torch_dtype
+        self.kv_dtype = config.cache_config.kv_torch_dtype(self.dtype)  # --kv-cache-dtype
         self.states = RequestStates(device)
         self.sampler = Sampler()
         self.sampling_batch = SamplingBatch(device)
@@ -109,7 +110,7 @@ class ModelRunner:
         return StageLayout(start, end, pp.is_first_rank, pp.is_last_rank)
 
     def kv_bytes_per_block(self) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         # Each layer declares its own cache (K/V per head, or MLA's one latent per token).
         return sum(math.prod(shape) * elem for layer in self.attn_layers
                    for shape in layer.kv_cache_shapes(1, self.block_size))
@@ -193,15 +194,16 @@ class ModelRunner:
         backend = select_attention_backend(self.device)
         self.kv_caches = []
         for layer in self.attn_layers:
-            caches = tuple(torch.zeros(shape, dtype=self.dtype, device=self.device)
+            caches = tuple(torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                            for shape in layer.kv_cache_shapes(num_blocks, self.block_size))
             layer.bind_kv_cache(*caches, backend)
             self.kv_caches.append(caches)
         self._maybe_capture_cuda_graphs(backend)
         max_len = self.config.model_config.max_model_len
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); max concurrency at "
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s); max concurrency at "
                     "max_model_len=%d: %.2fx", num_blocks, self.block_size,
-                    num_blocks * self.kv_bytes_per_block() / 2**30, max_len,
+                    num_blocks * self.kv_bytes_per_block() / 2**30,
+                    str(self.kv_dtype).replace("torch.", ""), max_len,
                     num_blocks * self.block_size / max_len)
 
     def _maybe_capture_cuda_graphs(self, backend) -> None:

@@ -93,8 +93,9 @@ def _decode_kernel(
                   + kv_head * stride_ch)
         ptrs = kv_off[:, None] + dims[None, :]
         ld_mask = kmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + ptrs, mask=ld_mask, other=0.0)
-        v = tl.load(v_cache_ptr + ptrs, mask=ld_mask, other=0.0)
+        # An fp8 cache (--kv-cache-dtype) is widened to the query's type (no-op otherwise).
+        k = tl.load(k_cache_ptr + ptrs, mask=ld_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + ptrs, mask=ld_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         qk = tl.where(kmask[None, :], qk, float("-inf"))
         # Every tile holds at least one key (tile_start < end), so m_new is finite.

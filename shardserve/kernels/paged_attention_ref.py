@@ -13,38 +13,56 @@ import torch
 import torch.nn.functional as F
 
 
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's element type. One-byte (fp8) caches saturate at the format's largest
+    finite value, as the Triton stores do, rather than turn large values into NaN."""
+    if x.dtype == cache_dtype:
+        return x
+    if cache_dtype.itemsize == 1:
+        limit = torch.finfo(cache_dtype).max
+        x = x.float().clamp(-limit, limit)  # exact for float16/bfloat16 inputs
+    return x.to(cache_dtype)
+
+
+def _indexable(cache: torch.Tensor) -> torch.Tensor:
+    """The cache as a type index_copy_/index_select take on every device (fp8 as bytes)."""
+    return cache.view(torch.uint8) if cache.dtype.itemsize == 1 else cache
+
+
 def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write key/value [num_tokens, num_kv_heads, head_size] into their slots. Slots < 0 are
-    padding and are skipped."""
+    """Write key/value [num_tokens, num_kv_heads, head_size] into their slots, in the cache's
+    element type. Slots < 0 are padding and are skipped."""
     num_blocks, block_size = k_cache.shape[:2]
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+    for cache, new in ((k_cache, key), (v_cache, value)):
+        _indexable(cache).view(num_blocks * block_size, *cache.shape[2:]).index_copy_(
+            0, slot_mapping, _indexable(to_cache_dtype(new, cache.dtype)))
 
 
 def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The first seq_len tokens of one sequence: [seq_len, num_kv_heads, head_size]."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:num_blocks].long())
-    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+    blocks = _indexable(cache).index_select(0, block_table[:num_blocks].long())
+    return blocks.view(cache.dtype).reshape(-1, *cache.shape[2:])[:seq_len]
 
 
 def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, query_start_loc: list[int],
                         seq_lens: list[int], scale: float) -> torch.Tensor:
     """Causal attention of packed queries [num_tokens, num_heads, head_size] over the paged
-    cache; grouped-query attention when num_heads is a multiple of num_kv_heads."""
+    cache; grouped-query attention when num_heads is a multiple of num_kv_heads. A cache in
+    another element type (fp8) is widened to the query's type first."""
     out = torch.empty_like(query)
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
         if end == start:
             continue
-        k = gather_kv_ref(k_cache, block_tables[i], seq_len)
-        v = gather_kv_ref(v_cache, block_tables[i], seq_len)
+        k = gather_kv_ref(k_cache, block_tables[i], seq_len).to(query.dtype)
+        v = gather_kv_ref(v_cache, block_tables[i], seq_len).to(query.dtype)
         out[start:end] = causal_sdpa_like_hf(query[start:end], k, v, scale)
     return out
 

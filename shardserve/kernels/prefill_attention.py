@@ -77,6 +77,9 @@ def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_ptr, ti
     else:
         k = tl.load(k_cache_ptr + ptrs, mask=dmask[None, :], other=0.0)
         v = tl.load(v_cache_ptr + ptrs, mask=dmask[None, :], other=0.0)
+    # An fp8 cache (--kv-cache-dtype) is widened to the query's type (no-op otherwise).
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
     if MASK:
         visible = (k_pos[None, :] <= q_pos[:, None]) & kmask[None, :]

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from shardserve.kernels.rotary import _cos_sin, _rotate_heads
+from shardserve.kernels.store_kv import to_cache
 
 
 @triton.jit
@@ -51,11 +52,11 @@ def _rotary_store_kv_kernel(
         head_mask = heads < num_kv_heads
         dst = ((slot // block_size) * stride_cb + (slot % block_size) * stride_co
                + heads[:, None] * stride_ch)
-        # Rotated k in its own dtype (as stored in place), then cast like store_kv casts.
+        # Rotated k in its own dtype (as stored in place), then cast as store_kv casts.
         rot_mask = head_mask[:, None] & rmask[None, :]
-        tl.store(k_cache_ptr + dst + idx1[None, :], k1.to(k_cache_ptr.dtype.element_ty),
+        tl.store(k_cache_ptr + dst + idx1[None, :], to_cache(k1, k_cache_ptr),
                  mask=rot_mask)
-        tl.store(k_cache_ptr + dst + idx2[None, :], k2.to(k_cache_ptr.dtype.element_ty),
+        tl.store(k_cache_ptr + dst + idx2[None, :], to_cache(k2, k_cache_ptr),
                  mask=rot_mask)
         dims = tl.arange(0, BLOCK_D)
         tile_mask = head_mask[:, None] & (dims < head_size)[None, :]
@@ -64,11 +65,11 @@ def _rotary_store_kv_kernel(
             pass_mask = tile_mask & (dims >= 2 * half)[None, :]
             k = tl.load(k_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :],
                         mask=pass_mask)
-            tl.store(k_cache_ptr + dst + dims[None, :], k.to(k_cache_ptr.dtype.element_ty),
+            tl.store(k_cache_ptr + dst + dims[None, :], to_cache(k, k_cache_ptr),
                      mask=pass_mask)
         v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :],
                     mask=tile_mask)
-        tl.store(v_cache_ptr + dst + dims[None, :], v.to(v_cache_ptr.dtype.element_ty),
+        tl.store(v_cache_ptr + dst + dims[None, :], to_cache(v, v_cache_ptr),
                  mask=tile_mask)
 
 

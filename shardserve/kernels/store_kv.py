@@ -8,7 +8,8 @@ Reference: `paged_attention_ref.store_kv_ref` (same arguments, same result).
 
 One program copies one token's K and V rows (all heads) in one [heads, head_size] tile; the
 slot decides where they go. Addresses are int64: a cache of 100k blocks x 16 x 8 x 128 already
-passes 2^31 elements.
+passes 2^31 elements. The rows are cast to the cache's element type (`to_cache`): an fp8 cache
+(--kv-cache-dtype) saturates at the format's largest finite value, as `to_cache_dtype` does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def to_cache(x, cache_ptr):
+    """x in cache_ptr's element type; fp8 rounds from float32 (as torch's cast does) and
+    saturates instead of overflowing to NaN."""
+    ty = cache_ptr.dtype.element_ty
+    if ty == tl.float8e4nv:
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+    elif ty == tl.float8e5:
+        x = tl.clamp(x.to(tl.float32), -57344.0, 57344.0)
+    return x.to(ty)
 
 
 @triton.jit
@@ -40,8 +53,8 @@ def _store_kv_kernel(
     dst = block * stride_cb + offset * stride_co + heads[:, None] * stride_ch + dims[None, :]
     k = tl.load(src_k, mask=mask)
     v = tl.load(src_v, mask=mask)
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + dst, to_cache(k, k_cache_ptr), mask=mask)
+    tl.store(v_cache_ptr + dst, to_cache(v, v_cache_ptr), mask=mask)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,

@@ -58,8 +58,9 @@ def select_attention_backend(device: torch.device | str):
 
 class AttentionLayerBase(nn.Module):
     """What the model runner needs of an attention layer with a paged cache: the cache tensors
-    it wants (`kv_cache_shapes`, allocated in the model dtype, in that order) and a way to take
-    them (`bind_kv_cache(*caches, backend)`). The layout is the layer's business: K and V per
+    it wants (`kv_cache_shapes`, in that order, allocated in the KV cache dtype: the model's
+    unless --kv-cache-dtype says otherwise) and a way to take them
+    (`bind_kv_cache(*caches, backend)`). The layout is the layer's business: K and V per
     head here, one compressed latent per token in MLA (layers/mla_attention.py).
     num_kv_heads x head_size is what one token stores per layer, for logs and kv_cache_info."""
 

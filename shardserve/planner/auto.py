@@ -69,6 +69,7 @@ def resolve_auto_parallel(engine_config: Any, num_gpus: int, gpu_memory_bytes: i
         max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens or 8192,
         enforce_eager=bool(getattr(mc, "enforce_eager", False)),
         max_cuda_graph_batch_size=int(getattr(mc, "max_cuda_graph_batch_size", 256)),
+        kv_cache_dtype=cc.kv_cache_dtype,
         tensor_parallel_size=pinned["tp"], pipeline_parallel_size=pinned["pp"],
         # DP not asked for stays as given: a pinned 1 means one replica, not "fill the GPUs".
         data_parallel_size=pinned["dp"])

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from shardserve.config import KV_CACHE_DTYPES
 from shardserve.errors import InvalidRequestError
 
 
@@ -32,6 +33,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-cuda-graph-batch-size", type=int, default=256)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the engine's --kv-cache-dtype: fp8 stores one byte per element")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="pin TP")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None, help="pin PP")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=None, help="pin DP")
@@ -52,7 +55,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         target_concurrency=args.target_concurrency, enforce_eager=args.enforce_eager,
         max_cuda_graph_batch_size=args.max_cuda_graph_batch_size,
-        tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         data_parallel_size=args.data_parallel_size)
     try:

@@ -47,6 +47,11 @@ class ServingLimits:
     max_num_batched_tokens: int = 8192
     enforce_eager: bool = False
     max_cuda_graph_batch_size: int = 256  # ModelConfig's: decode batches up to it are graphs
+    kv_dtype_bytes: int | None = None  # --kv-cache-dtype: 1 for fp8; None: dtype_bytes
+
+    @property
+    def kv_elem_bytes(self) -> int:
+        return self.kv_dtype_bytes or self.dtype_bytes
 
     @property
     def profile_tokens(self) -> int:
@@ -196,7 +201,8 @@ def stage_memory(shape: ModelShape, tp: int, pp: int, stage: int, start: int, en
     first, last = stage == 0, stage == pp - 1
     params = stage_params(shape, tp, start, end, first, last)
     elem = limits.dtype_bytes
-    per_block = limits.block_size * (end - start) * kv_bytes_per_token_layer(shape, tp, elem)
+    per_block = limits.block_size * (end - start) * kv_bytes_per_token_layer(
+        shape, tp, limits.kv_elem_bytes)
     return StageMemory(
         stage=stage, start_layer=start, end_layer=end,
         weights_bytes=params * elem + rope_table_bytes(shape, limits.max_model_len),

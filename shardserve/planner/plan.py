@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from shardserve.config import KV_CACHE_DTYPES
 from shardserve.planner.layouts import (GpuPool, LayoutPlan, pick_reason, plan_layouts)
 from shardserve.planner.memory import ServingLimits
 from shardserve.planner.shape import ModelShape, dtype_bytes, normalize_dtype
@@ -35,6 +36,7 @@ class PlanRequest:
     target_concurrency: int | None = None
     enforce_eager: bool = False
     max_cuda_graph_batch_size: int = 256
+    kv_cache_dtype: str = "auto"  # the engine's --kv-cache-dtype: fp8 halves the KV bytes
     tensor_parallel_size: int | None = None  # pin a dimension; None: search it
     pipeline_parallel_size: int | None = None
     data_parallel_size: int | None = None
@@ -73,13 +75,17 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     if request.num_gpus > gpus_per_node and request.num_gpus % gpus_per_node:
         raise ValueError(f"{request.num_gpus} GPUs do not make whole nodes of {gpus_per_node}.")
     dtype = resolve_dtype(request.dtype, shape)
+    if request.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                         f"{request.kv_cache_dtype!r}.")
     limits = ServingLimits(
         max_model_len=request.max_model_len or shape.max_position_embeddings,
         dtype_bytes=dtype_bytes(dtype), block_size=request.block_size,
         gpu_memory_utilization=request.gpu_memory_utilization,
         max_num_seqs=request.max_num_seqs, max_num_batched_tokens=request.max_num_batched_tokens,
         enforce_eager=request.enforce_eager,
-        max_cuda_graph_batch_size=request.max_cuda_graph_batch_size)
+        max_cuda_graph_batch_size=request.max_cuda_graph_batch_size,
+        kv_dtype_bytes=1 if request.kv_cache_dtype.startswith("fp8") else None)
     pool = GpuPool(request.num_gpus, request.gpu_memory_bytes, min(gpus_per_node, request.num_gpus))
     fixed = {"tp": request.tensor_parallel_size, "pp": request.pipeline_parallel_size,
              "dp": request.data_parallel_size}
@@ -118,7 +124,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                   "num_key_value_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
                   "hidden_size": shape.hidden_size, "vocab_size": shape.vocab_size,
                   "kv_bytes_per_token": shape.num_layers * kv_bytes_per_token_layer(
-                      shape, 1, limits.dtype_bytes),
+                      shape, 1, limits.kv_elem_bytes),
                   "moe": shape.moe is not None, "mla": shape.mla is not None},
         "hardware": {"num_gpus": pool.num_gpus, "gpu_memory_bytes": pool.gpu_memory_bytes,
                      "gpus_per_node": pool.gpus_per_node, "num_nodes": pool.num_nodes},
@@ -128,6 +134,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                     "max_num_seqs": limits.max_num_seqs,
                     "max_num_batched_tokens": limits.max_num_batched_tokens,
                     "enforce_eager": limits.enforce_eager,
+                    "kv_cache_dtype": plan.request.kv_cache_dtype,
                     "target_concurrency": plan.request.target_concurrency},
         "recommended": _layout_dict(best) if best else None,
         "reason": plan.reason,

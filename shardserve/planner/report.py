@@ -19,7 +19,7 @@ def _tokens(n: int) -> str:
 
 def format_plan(plan: Plan) -> str:
     shape, limits, pool = plan.shape, plan.limits, plan.pool
-    kv_token = shape.num_layers * kv_bytes_per_token_layer(shape, 1, limits.dtype_bytes)
+    kv_token = shape.num_layers * kv_bytes_per_token_layer(shape, 1, limits.kv_elem_bytes)
     extras = [x for x, on in (("MoE", shape.moe), ("MLA", shape.mla)) if on]
     lines = [
         f"Model    {shape.name} ({shape.architecture}{', ' + ' + '.join(extras) if extras else ''}"

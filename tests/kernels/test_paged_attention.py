@@ -25,7 +25,8 @@ from shardserve.kernels.decode_attention import decode_attention  # noqa: E402
 from shardserve.kernels.prefill_attention import prefill_attention  # noqa: E402
 from shardserve.layers.triton_attention import TritonAttentionBackend  # noqa: E402
 from tests.kernels.kernel_cases import (  # noqa: E402
-    assert_close_to_reference, make_batch, poisoned_like, reference)
+    FP8_STORE_NEEDS_GPU, INTERPRET, assert_close_to_reference, make_batch, poisoned_like,
+    reference)
 
 SMALL_TILES = {"block_m": 16, "block_n": 16}
 # (cached tokens, new tokens): new prefills, chunked prefills over a cached prefix (ending on
@@ -129,6 +130,46 @@ def test_backend_dispatch_and_store(specs):
     out = TritonAttentionBackend.forward(batch.query, batch.k_cache, batch.v_cache, md,
                                          batch.scale)
     assert_close_to_reference(out, ref, torch.float32)
+
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("kv_dtype", FP8, ids=["e4m3", "e5m2"])
+def test_fp8_cache_prefill_and_decode(kv_dtype):
+    """--kv-cache-dtype fp8: both kernels widen the one-byte cache to the query's type, so they
+    match the float64 reference over the same stored values as tightly as a float32 cache."""
+    batch = make_batch(MIXED, 8, 2, 64, 16, torch.float32, seed=41, kv_dtype=kv_dtype)
+    assert batch.k_cache.dtype == kv_dtype
+    assert_close_to_reference(_run_prefill(batch, **SMALL_TILES), reference(batch),
+                              torch.float32)
+    batch = make_batch(DECODE, 8, 2, 64, 16, torch.float32, seed=42, kv_dtype=kv_dtype)
+    ref = reference(batch)
+    for num_splits in (1, 5):
+        out = _run_decode(batch, num_splits=num_splits, block_n=16, min_partition=16)
+        assert_close_to_reference(out, ref, torch.float32)
+
+
+@pytest.mark.skipif(INTERPRET, reason=FP8_STORE_NEEDS_GPU)
+def test_fp8_cache_backend_store_then_attend():
+    """The backend on an fp8 cache: this step's float32 K/V go in through store_kv (rounded as
+    store_kv_ref rounds them), then attention reads them back."""
+    from shardserve.kernels.paged_attention_ref import store_kv_ref
+    batch = make_batch(MIXED, 8, 2, 64, 16, torch.float32, seed=43,
+                       kv_dtype=torch.float8_e4m3fn)
+    md = batch.metadata
+    gen = torch.Generator().manual_seed(44)
+    n = md.slot_mapping.shape[0]
+    k_new = torch.randn(n, 2, 64, generator=gen).to(batch.query.device)
+    v_new = torch.randn(n, 2, 64, generator=gen).to(batch.query.device)
+    k_ref, v_ref = batch.k_cache.clone(), batch.v_cache.clone()
+    store_kv_ref(k_new, v_new, k_ref, v_ref, md.slot_mapping)
+    TritonAttentionBackend.store_kv(k_new, v_new, batch.k_cache, batch.v_cache, md.slot_mapping)
+    assert torch.equal(batch.k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(batch.v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+    out = TritonAttentionBackend.forward(batch.query, batch.k_cache, batch.v_cache, md,
+                                         batch.scale)
+    assert_close_to_reference(out, reference(batch), torch.float32)
 
 
 def test_select_backend_per_device():
@@ -243,3 +284,14 @@ def test_gpu_decode_cuda_graph_replay():
         ref = reference(batch)
         assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu()))
         assert_close_to_reference(out, ref, torch.bfloat16, rows=list(range(num_reqs - 1)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", FP8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_size", [(32, 8, 128), (16, 2, 64)])
+def test_gpu_fp8_cache_large(kv_dtype, num_heads, num_kv_heads, head_size):
+    """bf16 queries over an fp8 cache (--kv-cache-dtype fp8), the engine's configuration."""
+    for specs, run in ((_large_mixed(3), _run_prefill), (_large_decode(4), _run_decode)):
+        batch = make_batch(specs, num_heads, num_kv_heads, head_size, 16, torch.bfloat16,
+                           seed=head_size, kv_dtype=kv_dtype)
+        assert_close_to_reference(run(batch), reference(batch), torch.bfloat16)

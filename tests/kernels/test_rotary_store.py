@@ -26,10 +26,11 @@ from shardserve.kernels.store_kv import store_kv  # noqa: E402
 from shardserve.layers.attention import Attention  # noqa: E402
 from shardserve.layers.rotary import get_rope  # noqa: E402
 from shardserve.layers.triton_attention import TritonAttentionBackend  # noqa: E402
-from tests.kernels.kernel_cases import DEVICE, INTERPRET, make_batch  # noqa: E402
+from tests.kernels.kernel_cases import (  # noqa: E402
+    DEVICE, FP8_STORE_NEEDS_GPU, INTERPRET, make_batch)
 
 MAX_POS = 4096
-INT_OF = {4: torch.int32, 2: torch.int16}
+INT_OF = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (num_heads, num_kv_heads, head_size, rotary_dim, neox)
 SHAPES = [(6, 2, 64, 64, True), (6, 2, 128, 128, False), (6, 2, 128, 64, True),
@@ -48,7 +49,8 @@ class Case:
 
     def __init__(self, num_tokens: int, num_heads: int, num_kv_heads: int, head_size: int,
                  rotary_dim: int, neox: bool, dtype: torch.dtype, seed: int,
-                 num_padding: int = 2, block_size: int = 16, num_blocks: int = 5) -> None:
+                 num_padding: int = 2, block_size: int = 16, num_blocks: int = 5,
+                 kv_dtype: torch.dtype | None = None) -> None:
         gen = torch.Generator().manual_seed(seed)
         with torch.device(DEVICE):
             self.rope = get_rope(head_size, rotary_dim, MAX_POS, 500000.0, is_neox_style=neox)
@@ -62,8 +64,10 @@ class Case:
         slots[torch.randperm(num_tokens, generator=gen)[:num_padding]] = -1
         self.slot_mapping = slots.to(DEVICE)
         cache_shape = (num_blocks, block_size, num_kv_heads, head_size)
-        self.k_cache = torch.full(cache_shape, float("nan"), dtype=dtype, device=DEVICE)
-        self.v_cache = torch.full(cache_shape, float("nan"), dtype=dtype, device=DEVICE)
+        self.k_cache = torch.full(cache_shape, float("nan"), dtype=kv_dtype or dtype,
+                                  device=DEVICE)
+        self.v_cache = torch.full(cache_shape, float("nan"), dtype=kv_dtype or dtype,
+                                  device=DEVICE)
 
     def tensors(self):
         """Fresh copies: (qkv, q [T, H, D], k, v [T, Hkv, D] views of it, k_cache, v_cache)."""
@@ -106,7 +110,7 @@ def _check_poison(case: Case, qkv: torch.Tensor, k_cache: torch.Tensor,
     """Written slots hold values, every other slot is still NaN, v is unchanged."""
     slots = case.slot_mapping[case.slot_mapping >= 0]
     for cache in (k_cache, v_cache):
-        flat = cache.view(-1, *cache.shape[2:])
+        flat = cache.float().view(-1, *cache.shape[2:])  # float: fp8 caches too
         written = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
         written[slots] = True
         assert not torch.isnan(flat[written]).any()
@@ -229,3 +233,26 @@ def test_gpu_model_sized(num_heads, num_kv_heads, head_size, rotary_dim, neox, d
     case = Case(4099, num_heads, num_kv_heads, head_size, rotary_dim, neox, dtype, seed=5,
                 num_padding=37, num_blocks=613)
     _check(case, dtype)
+
+
+@pytest.mark.skipif(INTERPRET, reason=FP8_STORE_NEEDS_GPU)
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_rotary_store_into_fp8_cache(kv_dtype):
+    """--kv-cache-dtype fp8: the fused kernel rounds the rotated k and v into the one-byte cache
+    (saturating past the format's largest value) exactly as rotary then store_kv do, and as the
+    torch path does up to a rounding step where the rotation itself differs in a last bit."""
+    case = Case(9, 6, 2, 64, 64, True, torch.bfloat16, seed=31, kv_dtype=kv_dtype)
+    case.qkv = case.qkv * 200  # values up to ~2000: e4m3 (max 448) saturates
+    fused = case.fused()
+    _check_poison(case, *fused)
+    for got, want in zip(fused, case.two_kernels()):
+        assert _same_bits(got, want)
+    limit = torch.finfo(kv_dtype).max
+    written = fused[1].float()[~torch.isnan(fused[1].float())]
+    assert written.abs().max() <= limit
+    if kv_dtype == torch.float8_e4m3fn:
+        assert (written.abs() == limit).any(), "no value reached the saturation point"
+    step = torch.finfo(kv_dtype).eps  # one fp8 rounding step, relative
+    for got, want in zip(fused[1:], case.torch_reference()[1:]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=step, atol=1e-3,
+                                   equal_nan=True)

@@ -1,0 +1,74 @@
+"""--kv-cache-dtype fp8 end to end on the CPU (the torch attention path; the Triton kernels'
+fp8 reads and writes are tested in tests/kernels): one byte per cached element, so the same
+memory holds four times the float32 blocks, and SmolLM2 still answers and scores its prompt
+nearly as it does with a float32 cache. fp8 is unscaled (vLLM's default scale of 1.0), so it
+is not token-identical to transformers, and no test claims it is."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardserve import LLM, SamplingParams
+from shardserve.errors import InvalidRequestError
+
+TEXT = ("The history of the city goes back more than two thousand years. It began as a small "
+        "fishing village on the banks of a wide river, grew into a market town in the middle "
+        "ages, and became one of the great ports of the world when ships began to cross the "
+        "ocean. Today it is known for its museums, its parks and its food, and millions of "
+        "visitors come every year to walk along the old harbour and the narrow streets.")
+KV_BYTES = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def float32_cache_llm(smollm2_gguf):
+    return LLM(smollm2_gguf, dtype="float32", max_model_len=512, kv_cache_memory_bytes=KV_BYTES)
+
+
+@pytest.fixture(scope="module", params=["fp8", "fp8_e5m2"])
+def fp8_llm(request, smollm2_gguf):
+    return LLM(smollm2_gguf, dtype="float32", max_model_len=512, kv_cache_memory_bytes=KV_BYTES,
+               kv_cache_dtype=request.param)
+
+
+def test_fp8_cache_holds_four_times_the_float32_blocks(fp8_llm, float32_cache_llm):
+    assert fp8_llm.config.cache_config.num_blocks == 4 * float32_cache_llm.config.cache_config.num_blocks
+    import torch
+    runner = fp8_llm.engine.core.executor.worker.runner
+    expected = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+    assert runner.kv_caches[0][0].dtype == expected[fp8_llm.config.cache_config.kv_cache_dtype]
+
+
+def test_fp8_cache_still_answers(fp8_llm):
+    out = fp8_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
+
+
+def _prompt_scores(llm):
+    out = llm.generate(TEXT, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    ids = out.prompt_token_ids
+    actual, top1 = [], []
+    for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        actual.append(entry[ids[pos]].logprob)
+        top1.append(next(t for t, lp in entry.items() if lp.rank == 1))
+    return actual, top1
+
+
+def test_fp8_cache_scores_the_prompt_close_to_float32(fp8_llm, float32_cache_llm):
+    """Per prompt position: the most likely next token mostly agrees, and the log-probability
+    of the text's own next token moves little on average (unscaled fp8 rounds K and V to 3 or
+    2 mantissa bits)."""
+    ref_lp, ref_top = _prompt_scores(float32_cache_llm)
+    lp, top = _prompt_scores(fp8_llm)
+    agree = sum(a == b for a, b in zip(ref_top, top)) / len(top)
+    mean_shift = sum(abs(a - b) for a, b in zip(ref_lp, lp)) / len(lp)
+    print(f"{fp8_llm.config.cache_config.kv_cache_dtype}: top-1 agreement {agree:.0%}, mean "
+          f"|logprob shift| {mean_shift:.3f} over {len(lp)} positions")
+    assert agree >= 0.85
+    assert mean_shift < 0.25
+    assert lp != ref_lp  # the cache really is rounded
+
+
+def test_bad_kv_cache_dtype_is_refused(smollm2_gguf):
+    with pytest.raises(InvalidRequestError, match="kv_cache_dtype must be one of"):
+        LLM(smollm2_gguf, dtype="float32", kv_cache_dtype="int4")
