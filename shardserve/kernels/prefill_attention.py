@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shardserve.kernels.decode_attention import query_as_fp16, fp8_as_fp16
+
 LOG2E = 1.4426950408889634
 
 
@@ -77,7 +79,8 @@ def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_ptr, ti
     else:
         k = tl.load(k_cache_ptr + ptrs, mask=dmask[None, :], other=0.0)
         v = tl.load(v_cache_ptr + ptrs, mask=dmask[None, :], other=0.0)
-    # An fp8 cache (--kv-cache-dtype) is widened to the query's type (no-op otherwise).
+    # An fp8 cache (--kv-cache-dtype) widens to the query's type (no-op otherwise), float16
+    # for half-precision queries (query_as_fp16).
     k = k.to(q.dtype)
     v = v.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
@@ -100,6 +103,7 @@ def _prefill_attention_kernel(
     stride_cb, stride_co, stride_ch, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8_AS_FP16: tl.constexpr,
 ):
     # Highest tile ids first: the last tiles of a request see the most keys (causal), and
     # starting them first shortens the tail of the launch.
@@ -125,6 +129,8 @@ def _prefill_attention_kernel(
     q_mask = row_valid[:, None] & dmask[None, :]
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=q_mask, other=0.0)
+    if FP8_AS_FP16:
+        q = query_as_fp16(q)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -200,7 +206,7 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_size), BLOCK_SIZE=block_size,
-        DOT_PRECISION=precision,
+        DOT_PRECISION=precision, FP8_AS_FP16=fp8_as_fp16(query, k_cache),
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out

@@ -150,6 +150,17 @@ def test_fp8_cache_prefill_and_decode(kv_dtype):
         assert_close_to_reference(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_cache_half_precision_queries(dtype):
+    """Half-precision queries over an fp8 cache take the float16 path (query_as_fp16): within
+    the query dtype's tolerance of the float64 reference, prefill and split decode."""
+    batch = make_batch(MIXED, 8, 2, 64, 16, dtype, seed=45, kv_dtype=torch.float8_e4m3fn)
+    assert_close_to_reference(_run_prefill(batch, **SMALL_TILES), reference(batch), dtype)
+    batch = make_batch(DECODE, 8, 2, 64, 16, dtype, seed=46, kv_dtype=torch.float8_e4m3fn)
+    out = _run_decode(batch, num_splits=3, block_n=16, min_partition=16)
+    assert_close_to_reference(out, reference(batch), dtype)
+
+
 @pytest.mark.skipif(INTERPRET, reason=FP8_STORE_NEEDS_GPU)
 def test_fp8_cache_backend_store_then_attend():
     """The backend on an fp8 cache: this step's float32 K/V go in through store_kv (rounded as
