@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -36,6 +37,13 @@ class AttentionMetadata:
     @property
     def num_reqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+    @functools.cached_property
+    def has_decodes(self) -> bool:
+        """Some request has exactly one query token (a decode row) this step: worked out once
+        a step from the host copy, however many layers ask."""
+        qsl = self.query_start_loc_cpu
+        return any(b - a == 1 for a, b in zip(qsl, qsl[1:]))
 
 
 @dataclass

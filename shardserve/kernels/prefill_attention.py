@@ -103,7 +103,7 @@ def _prefill_attention_kernel(
     stride_cb, stride_co, stride_ch, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FP8_AS_FP16: tl.constexpr,
+    FP8_AS_FP16: tl.constexpr, SKIP_DECODES: tl.constexpr,
 ):
     # Highest tile ids first: the last tiles of a request see the most keys (causal), and
     # starting them first shortens the tail of the launch.
@@ -115,6 +115,8 @@ def _prefill_attention_kernel(
     q_tile = tile - (q_start // BLOCK_Q + req)
     if q_tile * BLOCK_Q >= q_len:
         return
+    if SKIP_DECODES and q_len == 1:
+        return  # the decode kernel's (one valid row in BLOCK_Q would waste the tile)
     seq_len = tl.load(seq_lens_ptr + req)
     context_len = seq_len - q_len
 
@@ -177,9 +179,12 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       block_tables: torch.Tensor, scale: float,
                       out: torch.Tensor | None = None, *, block_m: int | None = None,
                       block_n: int | None = None, num_warps: int | None = None,
-                      num_stages: int | None = None) -> torch.Tensor:
+                      num_stages: int | None = None, skip_decodes: bool = False
+                      ) -> torch.Tensor:
     """Causal paged attention of packed queries [num_tokens, num_heads, head_size]; returns
-    (or fills) out of the same shape. Tile sizes default per head size and dtype."""
+    (or fills) out of the same shape. Tile sizes default per head size and dtype.
+    skip_decodes: leave requests with one query token (their rows of out) to
+    decode_attention, which attends them at a fraction of the cost."""
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = k_cache.shape[2]
     block_size = k_cache.shape[1]
@@ -207,6 +212,7 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_size), BLOCK_SIZE=block_size,
         DOT_PRECISION=precision, FP8_AS_FP16=fp8_as_fp16(query, k_cache),
+        SKIP_DECODES=skip_decodes,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out

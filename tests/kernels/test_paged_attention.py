@@ -183,6 +183,28 @@ def test_fp8_cache_backend_store_then_attend():
     assert_close_to_reference(out, reference(batch), torch.float32)
 
 
+def test_mixed_step_is_split_between_the_kernels():
+    """prefill_attention(skip_decodes=True) leaves the one-token requests' rows unwritten and
+    decode_attention leaves the prefill chunks' rows alone; together they give the reference
+    (what the backend launches for a mixed step)."""
+    batch = make_batch(MIXED, 8, 2, 64, 16, torch.float32, seed=47)
+    md = batch.metadata
+    qsl = md.query_start_loc_cpu
+    decode_rows = [a for a, b in zip(qsl, qsl[1:]) if b - a == 1]
+    other_rows = [t for t in range(qsl[-1]) if t not in decode_rows]
+    assert md.has_decodes and decode_rows and other_rows
+    ref = reference(batch)
+    out = _run_prefill(batch, skip_decodes=True, **SMALL_TILES)
+    assert torch.isnan(out[decode_rows]).all()
+    assert_close_to_reference(out, ref, torch.float32, rows=other_rows)
+    before = out[other_rows].clone()
+    decode_attention(batch.query, batch.k_cache, batch.v_cache, md.query_start_loc, md.seq_lens,
+                     md.block_tables, md.max_seq_len, batch.scale, out, num_splits=3,
+                     block_n=16, min_partition=16)
+    assert torch.equal(out[other_rows], before)
+    assert_close_to_reference(out, ref, torch.float32)
+
+
 def test_select_backend_per_device():
     from shardserve.layers.attention import TorchAttentionBackend, select_attention_backend
     assert select_attention_backend("cpu") is TorchAttentionBackend
