@@ -72,3 +72,20 @@ def test_fp8_cache_scores_the_prompt_close_to_float32(fp8_llm, float32_cache_llm
 def test_bad_kv_cache_dtype_is_refused(smollm2_gguf):
     with pytest.raises(InvalidRequestError, match="kv_cache_dtype must be one of"):
         LLM(smollm2_gguf, dtype="float32", kv_cache_dtype="int4")
+
+
+def test_tp2_fp8_cache_matches_one_process(tiny_model_dirs):
+    """Under tensor parallelism each rank keeps its own KV heads in fp8 (so twice the blocks
+    per rank in the same memory), and greedy outputs equal one process's with the same cache
+    dtype."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(100 + i, 130 + 5 * i))} for i in range(3)]
+    outs, blocks = {}, {}
+    for tp in (1, 2):
+        llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", tensor_parallel_size=tp,
+                  kv_cache_dtype="fp8", kv_cache_memory_bytes=8 << 20)
+        outs[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        blocks[tp] = llm.config.cache_config.num_blocks
+        llm.shutdown()
+    assert outs[2] == outs[1]
+    assert blocks[2] == 2 * blocks[1]
