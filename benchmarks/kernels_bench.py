@@ -8,6 +8,7 @@ intermediate 14336, bf16, KV blocks of 16 tokens.
     python benchmarks/kernels_bench.py --quick     # no sweeps, no torch reference/compile
     python benchmarks/kernels_bench.py --cpu-smoke # tiny shapes through Triton's interpreter:
                                                    # checks the script itself, times nothing
+    python benchmarks/kernels_bench.py --only decode-tiles   # decode tiles, bf16 and fp8 caches
     python benchmarks/kernels_bench.py --quick --only decode,prefill --kv-cache-dtype fp8
                                                    # the attention kernels over an fp8 cache
                                                    # (SDPA still gets the bf16 values)
@@ -229,6 +230,43 @@ def decode_table(quick: bool) -> None:
             print(f"    b{batch:<4} ctx{ctx:<5} {cells}   best={min(row, key=lambda r: r[1])[0]}")
 
 
+def decode_tile_table() -> None:
+    """The decode kernel's tiles on one long-context batch (256 requests x 1,500 keys), over a
+    bf16 cache and an fp8 one: is it reading at the bandwidth, and which tiles are best?"""
+    global KV_DTYPE
+    batch, ctx = (4, 40) if SMOKE else (256, 1500)
+    print(f"\n== decode tiles: {batch} requests x {ctx} keys (TB/s of K/V bytes) ==")
+    configs = ([(16, 1, 1)] if SMOKE else
+               [(bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (2, 3)])
+    for kv_dtype in (DTYPE, torch.float8_e4m3fn):
+        saved, KV_DTYPE = KV_DTYPE, kv_dtype
+        try:
+            p = Paged([(ctx - 1, 1)] * batch, seed=ctx)
+        finally:
+            KV_DTYPE = saved
+        ref = p.reference()
+        out = torch.empty_like(p.query)
+        gb = p.kv_bytes() / 1e9
+        cells = []
+        for bn, w, st in [(None, None, None)] + configs:
+            kw = dict(block_n=bn, num_warps=w, num_stages=st,
+                      min_partition=max(MIN_PARTITION, bn or 0))
+            out.fill_(float("nan"))
+            decode_attention(p.query, p.k_cache, p.v_cache, p.qsl, p.seq_lens, p.block_tables,
+                             p.max_seq_len, p.scale, out, **kw)
+            status = check(f"decode tiles {kv_dtype} {bn}/{w}/{st}", out, ref)
+            t = bench(lambda: decode_attention(p.query, p.k_cache, p.v_cache, p.qsl, p.seq_lens,
+                                               p.block_tables, p.max_seq_len, p.scale, out,
+                                               **kw))
+            label = "default" if bn is None else f"bn{bn}/w{w}/s{st}"
+            cells.append((t, f"{label}:{t:.0f}us({gb / (t * 1e-6) / 1e3:.2f})"
+                          f"{'' if status.startswith('ok') else ' ' + status}"))
+        default = cells[0][1]
+        best = sorted(cells[1:])[:4]
+        print(f"  {str(kv_dtype).replace('torch.', ''):>14} {gb:.2f} GB | {default} | best: "
+              + "  ".join(c for _, c in best))
+
+
 def prefill_table(quick: bool) -> None:
     print(f"\n== prefill: causal, paged (TFLOP/s of attention math; roofline "
           f"{BF16_FLOPS / 1e12:.0f}; with decodes: both kernels, as the backend runs them) ==")
@@ -380,7 +418,7 @@ def main() -> int:
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny shapes through Triton's interpreter; checks the script only")
     parser.add_argument("--only", default="decode,prefill,store,fused",
-                        help="comma-separated tables to run")
+                        help="comma-separated tables to run (also: decode-tiles)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: the attention tables read an e4m3 cache")
     args = parser.parse_args()
@@ -393,7 +431,8 @@ def main() -> int:
               f"triton {triton.__version__}")
     torch.manual_seed(0)
     measure_ceilings()
-    tables = {"decode": lambda: decode_table(args.quick), "prefill": lambda: prefill_table(args.quick),
+    tables = {"decode": lambda: decode_table(args.quick), "decode-tiles": decode_tile_table,
+              "prefill": lambda: prefill_table(args.quick),
               "store": store_table, "fused": lambda: fused_table(args.quick)}
     for name in args.only.split(","):
         tables[name]()
