@@ -9,8 +9,8 @@ import re
 import typing
 from typing import Any
 
-from shardserve.config import (KV_CACHE_DTYPES, LOAD_FORMATS, CacheConfig, DeviceConfig, EngineConfig,
-                               ModelConfig, ParallelConfig, SchedulerConfig)
+from shardserve.config import (KV_CACHE_DTYPES, LOAD_FORMATS, CacheConfig, DeviceConfig,
+                               EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig)
 from shardserve.planner.auto import parse_parallel_size
 
 _SECTIONS = (ModelConfig, CacheConfig, ParallelConfig, SchedulerConfig, DeviceConfig)

@@ -205,7 +205,8 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """Attention of one query token per request (query [num_tokens, num_heads, head_size],
     request i's token at query_start_loc[i]) over the paged cache. Requests with no token, or
     with several (a prefill chunk in a mixed step: prefill_attention(skip_decodes=True) takes
-    those), are skipped and their rows of out left as they are. max_seq_len bounds seq_lens (a host value; it only caps the split count).
+    those), are skipped and their rows of out left as they are. max_seq_len bounds seq_lens
+    (a host value; it only caps the split count).
     num_splits overrides the heuristic (benchmarks and tests; at most MAX_SPLITS)."""
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = k_cache.shape[2]

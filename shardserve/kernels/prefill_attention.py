@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardserve.kernels.decode_attention import query_as_fp16, fp8_as_fp16
+from shardserve.kernels.decode_attention import fp8_as_fp16, query_as_fp16
 
 LOG2E = 1.4426950408889634
 

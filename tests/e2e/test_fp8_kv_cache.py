@@ -31,7 +31,8 @@ def fp8_llm(request, smollm2_gguf):
 
 
 def test_fp8_cache_holds_four_times_the_float32_blocks(fp8_llm, float32_cache_llm):
-    assert fp8_llm.config.cache_config.num_blocks == 4 * float32_cache_llm.config.cache_config.num_blocks
+    blocks = fp8_llm.config.cache_config.num_blocks
+    assert blocks == 4 * float32_cache_llm.config.cache_config.num_blocks
     import torch
     runner = fp8_llm.engine.core.executor.worker.runner
     expected = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
