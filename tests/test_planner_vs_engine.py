@@ -76,6 +76,7 @@ def _kv_bytes_per_block(model: torch.nn.Module, elem: int) -> int:
 
     runner = ModelRunner.__new__(ModelRunner)  # only its KV sizing is used
     runner.block_size, runner.dtype = BLOCK_SIZE, {4: torch.float32, 2: torch.bfloat16}[elem]
+    runner.kv_dtype = runner.dtype  # --kv-cache-dtype auto
     runner.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
     return runner.kv_bytes_per_block()
 
