@@ -16,27 +16,20 @@ TEXT = ("The history of the city goes back more than two thousand years. It bega
         "ages, and became one of the great ports of the world when ships began to cross the "
         "ocean. Today it is known for its museums, its parks and its food, and millions of "
         "visitors come every year to walk along the old harbour and the narrow streets.")
-KV_BYTES = 64 << 20
 
 
 @pytest.fixture(scope="module")
-def float32_cache_llm(smollm2_gguf):
-    return LLM(smollm2_gguf, dtype="float32", max_model_len=512, kv_cache_memory_bytes=KV_BYTES)
+def fp8_llm(smollm2_gguf):
+    # A quarter of the float32 session engine's (smollm2_llm) 256 MiB: the same block count.
+    return LLM(smollm2_gguf, dtype="float32", max_model_len=1024,
+               kv_cache_memory_bytes=64 << 20, kv_cache_dtype="fp8")
 
 
-@pytest.fixture(scope="module", params=["fp8", "fp8_e5m2"])
-def fp8_llm(request, smollm2_gguf):
-    return LLM(smollm2_gguf, dtype="float32", max_model_len=512, kv_cache_memory_bytes=KV_BYTES,
-               kv_cache_dtype=request.param)
-
-
-def test_fp8_cache_holds_four_times_the_float32_blocks(fp8_llm, float32_cache_llm):
-    blocks = fp8_llm.config.cache_config.num_blocks
-    assert blocks == 4 * float32_cache_llm.config.cache_config.num_blocks
+def test_fp8_cache_holds_four_times_the_float32_blocks(fp8_llm, smollm2_llm):
     import torch
+    assert fp8_llm.config.cache_config.num_blocks == smollm2_llm.config.cache_config.num_blocks
     runner = fp8_llm.engine.core.executor.worker.runner
-    expected = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-    assert runner.kv_caches[0][0].dtype == expected[fp8_llm.config.cache_config.kv_cache_dtype]
+    assert runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
 
 
 def test_fp8_cache_still_answers(fp8_llm):
@@ -55,15 +48,15 @@ def _prompt_scores(llm):
     return actual, top1
 
 
-def test_fp8_cache_scores_the_prompt_close_to_float32(fp8_llm, float32_cache_llm):
+def test_fp8_cache_scores_the_prompt_close_to_float32(fp8_llm, smollm2_llm):
     """Per prompt position: the most likely next token mostly agrees, and the log-probability
-    of the text's own next token moves little on average (unscaled fp8 rounds K and V to 3 or
-    2 mantissa bits)."""
-    ref_lp, ref_top = _prompt_scores(float32_cache_llm)
+    of the text's own next token moves little on average (e4m3 keeps 3 mantissa bits of K and
+    V; e5m2, with 2, measured 94% and 0.14 here, and goes through the same code)."""
+    ref_lp, ref_top = _prompt_scores(smollm2_llm)
     lp, top = _prompt_scores(fp8_llm)
     agree = sum(a == b for a, b in zip(ref_top, top)) / len(top)
     mean_shift = sum(abs(a - b) for a, b in zip(ref_lp, lp)) / len(lp)
-    print(f"{fp8_llm.config.cache_config.kv_cache_dtype}: top-1 agreement {agree:.0%}, mean "
+    print(f"fp8: top-1 agreement {agree:.0%}, mean "
           f"|logprob shift| {mean_shift:.3f} over {len(lp)} positions")
     assert agree >= 0.85
     assert mean_shift < 0.25
