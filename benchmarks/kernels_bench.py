@@ -92,7 +92,8 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 1.5e-2) 
 class Paged:
     """A batch over a paged cache: (cached, new) tokens per request; physical blocks shuffled."""
 
-    def __init__(self, specs: list[tuple[int, int]], seed: int = 0):
+    def __init__(self, specs: list[tuple[int, int]], seed: int = 0,
+                 kv_dtype: torch.dtype | None = None):
         gen = torch.Generator(device=DEVICE).manual_seed(seed)
         self.specs = specs
         self.seq_lens_cpu = [c + q for c, q in specs]
@@ -105,8 +106,9 @@ class Paged:
             self.block_tables[i, :n] = perm[offs:offs + n]
             offs += n
         shape = (num_blocks, BLOCK, KV_HEADS, HEAD)
-        self.k_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE).to(KV_DTYPE)
-        self.v_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE).to(KV_DTYPE)
+        kv_dtype = kv_dtype or KV_DTYPE
+        self.k_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE).to(kv_dtype)
+        self.v_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE).to(kv_dtype)
         self.qsl_cpu = [0]
         for _, q in specs:
             self.qsl_cpu.append(self.qsl_cpu[-1] + q)
@@ -233,17 +235,12 @@ def decode_table(quick: bool) -> None:
 def decode_tile_table() -> None:
     """The decode kernel's tiles on one long-context batch (256 requests x 1,500 keys), over a
     bf16 cache and an fp8 one: is it reading at the bandwidth, and which tiles are best?"""
-    global KV_DTYPE
     batch, ctx = (4, 40) if SMOKE else (256, 1500)
     print(f"\n== decode tiles: {batch} requests x {ctx} keys (TB/s of K/V bytes) ==")
     configs = ([(16, 1, 1)] if SMOKE else
                [(bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (2, 3)])
     for kv_dtype in (DTYPE, torch.float8_e4m3fn):
-        saved, KV_DTYPE = KV_DTYPE, kv_dtype
-        try:
-            p = Paged([(ctx - 1, 1)] * batch, seed=ctx)
-        finally:
-            KV_DTYPE = saved
+        p = Paged([(ctx - 1, 1)] * batch, seed=ctx, kv_dtype=kv_dtype)
         ref = p.reference()
         out = torch.empty_like(p.query)
         gb = p.kv_bytes() / 1e9

@@ -73,8 +73,9 @@ class CacheConfig:
     def kv_torch_dtype(self, model_dtype):
         """The cache's element type for a model computing in model_dtype (a torch dtype)."""
         import torch
-        return {"auto": model_dtype, "fp8": torch.float8_e4m3fn,
-                "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[self.kv_cache_dtype]
+        fp8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+               "fp8_e5m2": torch.float8_e5m2}
+        return model_dtype if self.kv_cache_dtype == "auto" else fp8[self.kv_cache_dtype]
 
 
 @dataclass

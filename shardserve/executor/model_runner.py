@@ -110,7 +110,7 @@ class ModelRunner:
         return StageLayout(start, end, pp.is_first_rank, pp.is_last_rank)
 
     def kv_bytes_per_block(self) -> int:
-        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
+        elem = self.kv_dtype.itemsize
         # Each layer declares its own cache (K/V per head, or MLA's one latent per token).
         return sum(math.prod(shape) * elem for layer in self.attn_layers
                    for shape in layer.kv_cache_shapes(1, self.block_size))

@@ -23,6 +23,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton 3.6's interpreter rounds float32 -> fp8 wrongly where rounding up crosses a power of
 # two (7.87 -> 4, 125.2 -> 64 in e4m3); compiled kernels use the GPU's conversion. Tests of
 # kernels that write fp8 run on the GPU only (reading fp8 is exact in the interpreter too).
+FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]  # --kv-cache-dtype fp8_e4m3 / fp8_e5m2
+FP8_IDS = ["e4m3", "e5m2"]
 FP8_STORE_NEEDS_GPU = "Triton's interpreter rounds float32 -> fp8 wrongly (kernel_cases.py)"
 # ‖out - ref‖ / ‖ref‖ against a float64 reference, whole batch and per token.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}

@@ -25,7 +25,7 @@ from shardserve.kernels.decode_attention import decode_attention  # noqa: E402
 from shardserve.kernels.prefill_attention import prefill_attention  # noqa: E402
 from shardserve.layers.triton_attention import TritonAttentionBackend  # noqa: E402
 from tests.kernels.kernel_cases import (  # noqa: E402
-    FP8_STORE_NEEDS_GPU, INTERPRET, assert_close_to_reference, make_batch, poisoned_like,
+    FP8_DTYPES, FP8_IDS, FP8_STORE_NEEDS_GPU, INTERPRET, assert_close_to_reference, make_batch, poisoned_like,
     reference)
 
 SMALL_TILES = {"block_m": 16, "block_n": 16}
@@ -132,10 +132,7 @@ def test_backend_dispatch_and_store(specs):
     assert_close_to_reference(out, ref, torch.float32)
 
 
-FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
-
-
-@pytest.mark.parametrize("kv_dtype", FP8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("kv_dtype", FP8_DTYPES, ids=FP8_IDS)
 def test_fp8_cache_prefill_and_decode(kv_dtype):
     """--kv-cache-dtype fp8: both kernels widen the one-byte cache to the query's type, so they
     match the float64 reference over the same stored values as tightly as a float32 cache."""
@@ -320,7 +317,7 @@ def test_gpu_decode_cuda_graph_replay():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_dtype", FP8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("kv_dtype", FP8_DTYPES, ids=FP8_IDS)
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_size", [(32, 8, 128), (16, 2, 64)])
 def test_gpu_fp8_cache_large(kv_dtype, num_heads, num_kv_heads, head_size):
     """bf16 queries over an fp8 cache (--kv-cache-dtype fp8), the engine's configuration."""

@@ -27,7 +27,7 @@ from shardserve.layers.attention import Attention  # noqa: E402
 from shardserve.layers.rotary import get_rope  # noqa: E402
 from shardserve.layers.triton_attention import TritonAttentionBackend  # noqa: E402
 from tests.kernels.kernel_cases import (  # noqa: E402
-    DEVICE, FP8_STORE_NEEDS_GPU, INTERPRET, make_batch)
+    DEVICE, FP8_DTYPES, FP8_IDS, FP8_STORE_NEEDS_GPU, INTERPRET, make_batch)
 
 MAX_POS = 4096
 INT_OF = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -236,7 +236,7 @@ def test_gpu_model_sized(num_heads, num_kv_heads, head_size, rotary_dim, neox, d
 
 
 @pytest.mark.skipif(INTERPRET, reason=FP8_STORE_NEEDS_GPU)
-@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("kv_dtype", FP8_DTYPES, ids=FP8_IDS)
 def test_rotary_store_into_fp8_cache(kv_dtype):
     """--kv-cache-dtype fp8: the fused kernel rounds the rotated k and v into the one-byte cache
     (saturating past the format's largest value) exactly as rotary then store_kv do, and as the

@@ -13,7 +13,8 @@ pytest.importorskip("triton")
 
 from shardserve.kernels.paged_attention_ref import store_kv_ref  # noqa: E402
 from shardserve.kernels.store_kv import store_kv  # noqa: E402
-from tests.kernels.kernel_cases import DEVICE, FP8_STORE_NEEDS_GPU, INTERPRET  # noqa: E402
+from tests.kernels.kernel_cases import (  # noqa: E402
+    DEVICE, FP8_DTYPES, FP8_IDS, FP8_STORE_NEEDS_GPU, INTERPRET)
 
 
 def _check(num_tokens: int, num_kv_heads: int, head_size: int, block_size: int,
@@ -45,11 +46,10 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.uint8) if x.element_size() == 1 else x
 
 
-FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
 @pytest.mark.skipif(INTERPRET, reason=FP8_STORE_NEEDS_GPU)
-@pytest.mark.parametrize("cache_dtype", FP8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("cache_dtype", FP8_DTYPES, ids=FP8_IDS)
 def test_store_kv_into_fp8_cache(cache_dtype):
     """--kv-cache-dtype fp8: float32 rows rounded into a one-byte cache as torch rounds them,
     values past e4m3's 448 saturated (scale 300 puts many there), padding skipped."""
@@ -60,7 +60,7 @@ def test_store_kv_into_fp8_cache(cache_dtype):
 def test_to_cache_dtype_saturates():
     from shardserve.kernels.paged_attention_ref import to_cache_dtype
     x = torch.tensor([1e6, -1e6, 0.3, float("nan")], dtype=torch.bfloat16)
-    for dtype in FP8:
+    for dtype in FP8_DTYPES:
         limit = torch.finfo(dtype).max
         got = to_cache_dtype(x, dtype).float()
         assert got[:2].tolist() == [limit, -limit]
@@ -97,7 +97,7 @@ def test_store_kv_half_precision_large(dtype, num_kv_heads, head_size, block_siz
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cache_dtype", FP8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("cache_dtype", FP8_DTYPES, ids=FP8_IDS)
 def test_store_kv_fp8_large(dtype, cache_dtype):
     _check(num_tokens=4099, num_kv_heads=8, head_size=128, block_size=16, num_blocks=613,
            dtype=dtype, seed=12, num_padding=37, cache_dtype=cache_dtype, scale=100.0)
