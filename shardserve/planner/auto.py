@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
 from shardserve.errors import CacheTooSmallError
 from shardserve.planner.plan import PlanRequest, make_plan
 
@@ -68,7 +69,8 @@ def resolve_auto_parallel(engine_config: Any, num_gpus: int, gpu_memory_bytes: i
         gpu_memory_utilization=cc.gpu_memory_utilization, block_size=cc.block_size,
         max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens or 8192,
         enforce_eager=bool(getattr(mc, "enforce_eager", False)),
-        max_cuda_graph_batch_size=int(getattr(mc, "max_cuda_graph_batch_size", 256)),
+        max_cuda_graph_batch_size=int(getattr(mc, "max_cuda_graph_batch_size",
+                                               DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE)),
         kv_cache_dtype=cc.kv_cache_dtype,
         tensor_parallel_size=pinned["tp"], pipeline_parallel_size=pinned["pp"],
         # DP not asked for stays as given: a pinned 1 means one replica, not "fill the GPUs".

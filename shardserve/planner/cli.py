@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from shardserve.config import KV_CACHE_DTYPES
+from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, KV_CACHE_DTYPES
 from shardserve.errors import InvalidRequestError
 
 
@@ -32,7 +32,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--max-cuda-graph-batch-size", type=int, default=256)
+    p.add_argument("--max-cuda-graph-batch-size", type=int,
+                   default=DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE)
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="the engine's --kv-cache-dtype: fp8 stores one byte per element")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="pin TP")

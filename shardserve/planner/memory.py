@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
 from shardserve.planner.shape import ModelShape
 from shardserve.planner.weights import kv_bytes_per_token_layer, kv_heads_per_rank, stage_params
 
@@ -46,7 +47,8 @@ class ServingLimits:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enforce_eager: bool = False
-    max_cuda_graph_batch_size: int = 256  # ModelConfig's: decode batches up to it are graphs
+    # ModelConfig's: decode batches up to it are graphs
+    max_cuda_graph_batch_size: int = DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
     kv_dtype_bytes: int | None = None  # --kv-cache-dtype: 1 for fp8; None: dtype_bytes
 
     @property

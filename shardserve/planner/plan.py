@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardserve.config import KV_CACHE_DTYPES
+from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, KV_CACHE_DTYPES
 from shardserve.planner.layouts import (GpuPool, LayoutPlan, pick_reason, plan_layouts)
 from shardserve.planner.memory import ServingLimits
 from shardserve.planner.shape import ModelShape, dtype_bytes, normalize_dtype
@@ -35,7 +35,7 @@ class PlanRequest:
     max_num_batched_tokens: int = 8192
     target_concurrency: int | None = None
     enforce_eager: bool = False
-    max_cuda_graph_batch_size: int = 256
+    max_cuda_graph_batch_size: int = DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
     kv_cache_dtype: str = "auto"  # the engine's --kv-cache-dtype: fp8 halves the KV bytes
     tensor_parallel_size: int | None = None  # pin a dimension; None: search it
     pipeline_parallel_size: int | None = None
