@@ -238,7 +238,7 @@ def decode_tile_table() -> None:
     batch, ctx = (4, 40) if SMOKE else (256, 1500)
     print(f"\n== decode tiles: {batch} requests x {ctx} keys (TB/s of K/V bytes) ==")
     configs = ([(16, 1, 1)] if SMOKE else
-               [(bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (2, 3)])
+               [(bn, w, st) for bn in (32, 64, 128) for w in (1, 2, 4) for st in (1, 2, 3)])
     for kv_dtype in (DTYPE, torch.float8_e4m3fn):
         p = Paged([(ctx - 1, 1)] * batch, seed=ctx, kv_dtype=kv_dtype)
         ref = p.reference()
