@@ -46,7 +46,7 @@ def main() -> None:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("Llama-3-8B shape, bf16, one GPU: results over time")
+    fig.suptitle("Llama-3-8B shape, bf16 weights, one GPU: results over time")
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out}")
