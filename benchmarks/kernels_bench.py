@@ -47,7 +47,7 @@ import triton  # noqa: E402
 from shardserve.kernels.decode_attention import (  # noqa: E402
     MIN_PARTITION, choose_num_splits, decode_attention)
 from shardserve.kernels.paged_attention_ref import paged_attention_ref  # noqa: E402
-from shardserve.kernels.prefill_attention import prefill_attention  # noqa: E402
+from shardserve.kernels.paged_attention import paged_attention  # noqa: E402
 from shardserve.kernels.rms_norm import rms_norm  # noqa: E402
 from shardserve.kernels.rotary import rotary_embedding_  # noqa: E402
 from shardserve.kernels.silu_and_mul import silu_and_mul  # noqa: E402
@@ -283,13 +283,10 @@ def prefill_table(quick: bool) -> None:
 
         decodes = any(q == 1 for _, q in specs)
 
-        def run(**kw):
-            # As the engine's backend runs a mixed step: decode rows go to the decode kernel.
-            prefill_attention(p.query, p.k_cache, p.v_cache, p.qsl, p.seq_lens, p.block_tables,
-                              p.scale, out, skip_decodes=decodes, **kw)
-            if decodes:
-                decode_attention(p.query, p.k_cache, p.v_cache, p.qsl, p.seq_lens,
-                                 p.block_tables, p.max_seq_len, p.scale, out)
+        def run(**kw):  # as the engine's backend runs the step
+            paged_attention(p.query, p.k_cache, p.v_cache, p.qsl, p.seq_lens, p.block_tables,
+                            p.max_seq_len, p.scale, out, has_prefills=True,
+                            has_decodes=decodes, **kw)
         out.fill_(float("nan"))
         run()
         status = check(f"prefill {name}", out, ref)

@@ -1,5 +1,5 @@
 """The CUDA attention backend: Triton kernels over the paged KV cache (kernels/store_kv.py,
-kernels/rotary_store.py, kernels/prefill_attention.py, kernels/decode_attention.py). Same
+kernels/rotary_store.py, kernels/paged_attention.py over the prefill and decode kernels). Same
 static interface as TorchAttentionBackend; imported only when a CUDA device asks for it, so
 CPU-only installs never import Triton."""
 
@@ -8,20 +8,15 @@ from __future__ import annotations
 import torch
 
 from shardserve.forward_context import AttentionMetadata
-from shardserve.kernels.decode_attention import decode_attention
-from shardserve.kernels.prefill_attention import prefill_attention
+from shardserve.kernels.paged_attention import paged_attention
 from shardserve.kernels.rotary_store import rotary_store_kv_
 from shardserve.kernels.store_kv import store_kv
 from shardserve.layers.rotary import RotaryEmbedding
 
 
 class TritonAttentionBackend:
-    """Decode rows (requests with one query token) take the split-K decode kernel, prefill and
-    chunked-prefill chunks the varlen prefill kernel: a mixed step launches both, each
-    skipping the other's requests: in a prefill query tile a decode row is one valid token of
-    BLOCK_Q, and the tile still walks that request's whole context (kernels_bench on an H200:
-    1,536 prompt tokens beside 512 decodes took 1.21 ms in the prefill kernel alone, 8x a
-    2,048-token prompt's 0.15 ms; 0.66 ms split). Grids are sized from the host copies in
+    """Decode rows take the split-K decode kernel and prefill chunks the varlen prefill kernel,
+    both in a mixed step (kernels/paged_attention.py). Grids are sized from the host copies in
     AttentionMetadata: nothing here syncs with the GPU."""
 
     name = "triton"
@@ -49,17 +44,8 @@ class TritonAttentionBackend:
     def forward(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        if metadata.max_query_len <= 1:
-            decode_attention(query, k_cache, v_cache, metadata.query_start_loc,
-                             metadata.seq_lens, metadata.block_tables, metadata.max_seq_len,
-                             scale, out)
-        else:
-            decodes = metadata.has_decodes
-            prefill_attention(query, k_cache, v_cache, metadata.query_start_loc,
-                              metadata.seq_lens, metadata.block_tables, scale, out,
-                              skip_decodes=decodes)
-            if decodes:
-                decode_attention(query, k_cache, v_cache, metadata.query_start_loc,
-                                 metadata.seq_lens, metadata.block_tables,
-                                 metadata.max_seq_len, scale, out)
-        return out
+        prefills = metadata.max_query_len > 1
+        return paged_attention(query, k_cache, v_cache, metadata.query_start_loc,
+                               metadata.seq_lens, metadata.block_tables, metadata.max_seq_len,
+                               scale, out, has_prefills=prefills,
+                               has_decodes=not prefills or metadata.has_decodes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, KV_CACHE_DTYPES
+from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, check_kv_cache_dtype
 from shardserve.planner.layouts import (GpuPool, LayoutPlan, pick_reason, plan_layouts)
 from shardserve.planner.memory import ServingLimits
 from shardserve.planner.shape import ModelShape, dtype_bytes, normalize_dtype
@@ -75,9 +75,7 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     if request.num_gpus > gpus_per_node and request.num_gpus % gpus_per_node:
         raise ValueError(f"{request.num_gpus} GPUs do not make whole nodes of {gpus_per_node}.")
     dtype = resolve_dtype(request.dtype, shape)
-    if request.kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
-                         f"{request.kv_cache_dtype!r}.")
+    check_kv_cache_dtype(request.kv_cache_dtype)
     limits = ServingLimits(
         max_model_len=request.max_model_len or shape.max_position_embeddings,
         dtype_bytes=dtype_bytes(dtype), block_size=request.block_size,
@@ -85,7 +83,7 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
         max_num_seqs=request.max_num_seqs, max_num_batched_tokens=request.max_num_batched_tokens,
         enforce_eager=request.enforce_eager,
         max_cuda_graph_batch_size=request.max_cuda_graph_batch_size,
-        kv_dtype_bytes=1 if request.kv_cache_dtype.startswith("fp8") else None)
+        kv_dtype_bytes=None if request.kv_cache_dtype == "auto" else 1)
     pool = GpuPool(request.num_gpus, request.gpu_memory_bytes, min(gpus_per_node, request.num_gpus))
     fixed = {"tp": request.tensor_parallel_size, "pp": request.pipeline_parallel_size,
              "dp": request.data_parallel_size}
