@@ -16,8 +16,9 @@ from typing import Any
 from shardserve.errors import InvalidRequestError
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
-# Filled by resolve() or at start-up; never user settings.
-_DERIVED_FIELDS = frozenset({"source", "hf_config", "architecture", "num_blocks"})
+# Filled by resolve(), at start-up or by the entry point (usage_context); never flags.
+DERIVED_FIELDS = frozenset({"source", "hf_config", "architecture", "num_blocks",
+                             "usage_context"})
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _SOURCE_KIND = {"safetensors": "hf", "gguf": "gguf"}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
@@ -180,12 +181,31 @@ class ParallelConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # per-step token budget; default max(8192, ...)
+    max_num_batched_tokens: int | None = None  # per-step token budget; default: see below
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None  # None: unbounded (the server bounds it)
     # Schedule and launch step N+1 while step N runs on the GPU (its sampled tokens feed N+1
     # on the device). None: on for CUDA without pipeline parallelism (resolve()).
     async_scheduling: bool | None = None
+    # Who runs the engine, as vLLM's UsageContext: "server" (OpenAI server, the default) or
+    # "llm" (the offline LLM class, `bench throughput`/`latency`). It only picks the default
+    # max_num_batched_tokens (default_max_num_batched_tokens).
+    usage_context: str = "server"
+
+
+def default_max_num_batched_tokens(usage_context: str, device: str) -> int:
+    """vLLM's defaults on GPUs of 70 GiB or more (H100, H200; not A100): 16,384 tokens a step
+    offline, where only throughput counts, 8,192 for a server, whose decodes wait behind each
+    prompt chunk. On the H200, 1000 x (1000 in / 1000 out) with the fp8 cache made 11,597
+    output tok/s at 16,384 against 11,043 at 8,192 (BENCHMARKS.md, session 6): fewer prompt
+    steps, each carrying the running decodes. Everywhere else 8,192."""
+    if usage_context == "llm" and device == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        if props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower():
+            return 16384
+    return 8192
 
 
 @dataclass
@@ -259,8 +279,13 @@ class EngineConfig:
             raise InvalidRequestError(f"block_size must be a power of two, got {cc.block_size}.",
                                       "block_size")
         self._check_kv_cache_dtype()
+        if sc.usage_context not in ("server", "llm"):
+            raise InvalidRequestError(f"usage_context must be 'server' or 'llm', got "
+                                      f"{sc.usage_context!r}.", "usage_context")
         if sc.max_num_batched_tokens is None:
-            sc.max_num_batched_tokens = 8192 if sc.enable_chunked_prefill else max(8192, mc.max_model_len)
+            budget = default_max_num_batched_tokens(sc.usage_context, dc.device)
+            sc.max_num_batched_tokens = (budget if sc.enable_chunked_prefill
+                                         else max(budget, mc.max_model_len))
         if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < mc.max_model_len:
             raise InvalidRequestError(
                 f"Without chunked prefill, max_num_batched_tokens ({sc.max_num_batched_tokens}) must "
@@ -341,7 +366,7 @@ class EngineConfig:
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             for f in dataclasses.fields(value):
-                if f.init and f.name not in _DERIVED_FIELDS:
+                if f.init and f.name not in DERIVED_FIELDS:
                     out[f.name] = getattr(value, f.name)
         return out
 

@@ -9,13 +9,12 @@ import re
 import typing
 from typing import Any
 
-from shardserve.config import (KV_CACHE_DTYPES, LOAD_FORMATS, CacheConfig, DeviceConfig,
-                               EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig)
+from shardserve.config import (DERIVED_FIELDS, KV_CACHE_DTYPES, LOAD_FORMATS, CacheConfig,
+                               DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
+                               SchedulerConfig)
 from shardserve.planner.auto import parse_parallel_size
 
 _SECTIONS = (ModelConfig, CacheConfig, ParallelConfig, SchedulerConfig, DeviceConfig)
-# Fields that are filled at start-up, not set by users.
-_DERIVED = {"source", "hf_config", "architecture", "num_blocks"}
 _ALIASES = {
     "tensor_parallel_size": ["-tp"],
     "pipeline_parallel_size": ["-pp"],
@@ -74,7 +73,7 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
     for section in _SECTIONS:
         hints = typing.get_type_hints(section)
         for f in dataclasses.fields(section):
-            if f.name in _DERIVED or (f.name == "model" and not include_model):
+            if f.name in DERIVED_FIELDS or (f.name == "model" and not include_model):
                 continue
             flag = "--" + f.name.replace("_", "-")
             names = [flag] + _ALIASES.get(f.name, [])
@@ -113,7 +112,7 @@ def _base_type(hint) -> type:
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    names = {f.name for s in _SECTIONS for f in dataclasses.fields(s) if f.name not in _DERIVED}
+    names = {f.name for s in _SECTIONS for f in dataclasses.fields(s) if f.name not in DERIVED_FIELDS}
     return {k: v for k, v in vars(args).items() if k in names}
 
 

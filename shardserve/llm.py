@@ -36,7 +36,8 @@ class LLM:
             model=model, device=device, dtype=dtype, max_model_len=max_model_len,
             block_size=block_size, enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            gpu_memory_utilization=gpu_memory_utilization, seed=seed, **kwargs)
+            gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+            **{"usage_context": "llm", **kwargs})
         self.engine = LLMEngine(config)
 
     @property

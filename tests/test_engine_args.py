@@ -75,3 +75,45 @@ def test_fp8_kv_cache_is_refused_for_latent_attention(tmp_path):
     with pytest.raises(InvalidRequestError, match="multi-head latent") as err:
         config.resolve()
     assert err.value.param == "kv_cache_dtype"
+
+
+class _FakeGpu:
+    def __init__(self, name: str, gib: int):
+        self.name, self.total_memory = name, gib * 2**30
+
+
+@pytest.mark.parametrize("usage,device,gpu,expected", [
+    ("llm", "cuda", _FakeGpu("NVIDIA H200", 141), 16384),  # vLLM's offline default there
+    ("server", "cuda", _FakeGpu("NVIDIA H200", 141), 8192),
+    ("llm", "cuda", _FakeGpu("NVIDIA A100-SXM4-80GB", 80), 8192),  # vLLM measured it slower
+    ("llm", "cuda", _FakeGpu("NVIDIA L4", 23), 8192),
+    ("llm", "cpu", None, 8192),
+])
+def test_default_token_budget_follows_vllm_usage_contexts(monkeypatch, usage, device, gpu,
+                                                          expected):
+    import torch
+
+    from shardserve.config import default_max_num_batched_tokens
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    assert default_max_num_batched_tokens(usage, device) == expected
+
+
+def test_usage_context_is_set_by_the_entry_point_not_a_flag(tiny_model_dirs):
+    """The offline LLM class says "llm", a config from flags (the server) "server"; an
+    explicit --max-num-batched-tokens always wins. Not a flag, and not sent to other nodes
+    (they get the resolved budget)."""
+    from shardserve import LLM
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert "usage_context" not in vars(parser.parse_args([]))
+    assert EngineConfig.from_kwargs().scheduler_config.usage_context == "server"
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", max_num_batched_tokens=333,
+              kv_cache_memory_bytes=2**20)
+    sc = llm.config.scheduler_config
+    assert (sc.usage_context, sc.max_num_batched_tokens) == ("llm", 333)
+    assert "usage_context" not in llm.config.to_kwargs()
+    with pytest.raises(Exception, match="usage_context must be"):
+        EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                 usage_context="batch").resolve()
