@@ -29,6 +29,7 @@ from shardserve.config import EngineConfig
 from shardserve.distributed.parallel_state import get_pp_group, get_tp_group
 from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from shardserve.errors import CacheTooSmallError
+from shardserve.executor.kernel_warmup import warm_up_step_kernels
 from shardserve.executor.input_builder import ModelInputs, build_model_inputs, upload
 from shardserve.executor.pipeline_stats import StageTimer
 from shardserve.executor.request_state import RequestStates
@@ -199,6 +200,13 @@ class ModelRunner:
             layer.bind_kv_cache(*caches, backend)
             self.kv_caches.append(caches)
         self._maybe_capture_cuda_graphs(backend)
+        if self.device.type == "cuda":
+            # Triton compiles on first use: do it now for prompt steps too (kernel_warmup.py).
+            mc = self.config.model_config
+            seconds = warm_up_step_kernels(self.model, self.device, self.dtype,
+                                           int(mc.hf_config.hidden_size), self.block_size,
+                                           mc.max_model_len, self.stage)
+            logger.info("Prompt-step kernels compiled and warmed up in %.1f s", seconds)
         max_len = self.config.model_config.max_model_len
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s); max concurrency at "
                     "max_model_len=%d: %.2fx", num_blocks, self.block_size,

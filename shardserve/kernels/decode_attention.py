@@ -56,7 +56,9 @@ def query_as_fp16(q):
     return tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
 
-@triton.jit
+# Ints that change from step to step are not specialized on (Triton would compile again
+# when one turns 1 or a multiple of 16, in the middle of serving; executor/kernel_warmup.py).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
     seq_lens_ptr, query_start_loc_ptr, scale_log2e, head_size, num_heads, num_splits,
@@ -131,7 +133,7 @@ def _decode_kernel(
                  + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, query_start_loc_ptr,
     head_size, num_heads, num_splits, min_partition, stride_ot, stride_oh,

@@ -33,7 +33,9 @@ import triton.language as tl
 from shardserve.kernels.fused_moe_ref import silu_and_mul, sort_pairs_by_expert
 
 
-@triton.jit
+# Ints that change from step to step are not specialized on (Triton would compile again
+# when one turns 1 or a multiple of 16, in the middle of serving; executor/kernel_warmup.py).
+@triton.jit(do_not_specialize=["num_pairs"])
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
     N, K, num_pairs, a_row_div,

@@ -41,7 +41,9 @@ MIN_PARTITION = 128  # keys; smaller partitions spend more on partial writes tha
 MAX_SPLITS = 64      # the reduce holds every partition of a head in one tile
 
 
-@triton.jit
+# Ints that change from step to step are not specialized on (Triton would compile again
+# when one turns 1 or a multiple of 16, in the middle of serving; executor/kernel_warmup.py).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _mla_decode_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, q_lat_ptr, q_pe_ptr, cache_ptr, block_tables_ptr,
     seq_lens_ptr, query_start_loc_ptr, scale_log2e, num_heads, num_splits, min_partition,
@@ -113,7 +115,7 @@ def _mla_decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _mla_reduce_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, query_start_loc_ptr, kv_lora_rank,
     num_heads, num_splits, min_partition, stride_ot, stride_oh,

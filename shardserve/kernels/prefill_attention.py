@@ -95,7 +95,9 @@ def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_ptr, ti
     return acc, l_i, m_new
 
 
-@triton.jit
+# Ints that change from step to step are not specialized on (Triton would compile again
+# when one turns 1 or a multiple of 16, in the middle of serving; executor/kernel_warmup.py).
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
 def _prefill_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     query_start_loc_ptr, scale_log2e, num_reqs, head_size,
