@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -54,8 +55,12 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 
 
 def apply_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
-                        add_generation_prompt: bool = True) -> list[int]:
+                        add_generation_prompt: bool = True,
+                        template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """Token ids of a chat rendered with the model's template.
+
+    `template_kwargs` (vLLM's chat_template_kwargs) are extra variables for the template, e.g.
+    Qwen3's enable_thinking; they may override add_generation_prompt, as in vLLM.
 
     Raises InvalidRequestError when the model has no chat template, the messages are malformed,
     or the template itself rejects them (e.g. roles that do not alternate)."""
@@ -67,9 +72,10 @@ def apply_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
             "prompt to /v1/completions instead, or pass a tokenizer with a chat template "
             "(--tokenizer).", "messages")
     conversation = _validate_messages(messages)
+    options = {"add_generation_prompt": add_generation_prompt,
+               **_template_variables(tokenizer, template_kwargs)}
     try:
-        text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, **options)
     except jinja2.TemplateError as err:
         raise InvalidRequestError(
             f"The model's chat template rejected the messages: {err}", "messages") from err
@@ -141,6 +147,23 @@ def _find_chat_template(kind: str, path: Path) -> str | None:
             if isinstance(template, str):
                 return template
     return None
+
+
+def _template_variables(tokenizer: Any, template_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The caller's template variables, refusing the names of apply_chat_template's own
+    parameters (tokenize, tools, chat_template, ...): those would change what the call returns
+    or bypass the checks on tools, not just what the template sees."""
+    if not template_kwargs:
+        return {}
+    if not isinstance(template_kwargs, Mapping):
+        raise InvalidRequestError("chat_template_kwargs must be an object.", "chat_template_kwargs")
+    own = set(inspect.signature(tokenizer.apply_chat_template).parameters) | {"messages"}
+    reserved = sorted(own.intersection(template_kwargs)
+                      - {"add_generation_prompt", "continue_final_message"})
+    if reserved:
+        raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}; it "
+                                  "holds variables for the chat template.", "chat_template_kwargs")
+    return dict(template_kwargs)
 
 
 def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

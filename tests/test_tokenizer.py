@@ -84,6 +84,20 @@ def test_chat_errors_are_invalid_requests(tiny_model_dirs, tmp_path):
         load_tokenizer(ModelSource("hf", tmp_path, "x"), tokenizer_path=tmp_path / "missing")
 
 
+def test_template_kwargs_are_template_variables(tiny_model_dirs):
+    tokenizer = load_tokenizer(ModelSource("hf", Path(tiny_model_dirs["llama"]), "tiny"))
+    tokenizer.chat_template = ("{% if enable_thinking is defined and not enable_thinking %}"
+                               "no-think {% endif %}{{ messages[0]['content'] }}")
+    text = tokenizer.decode(apply_chat_template(tokenizer, CHAT, template_kwargs={"enable_thinking": False}))
+    assert text == "no-think What is the capital of France?"
+    assert tokenizer.decode(apply_chat_template(tokenizer, CHAT)) == CHAT[0]["content"]
+    # apply_chat_template's own parameters are not template variables.
+    for key in ("tokenize", "chat_template", "tools", "messages"):
+        with pytest.raises(InvalidRequestError, match=key) as err:
+            apply_chat_template(tokenizer, CHAT, template_kwargs={key: True})
+        assert err.value.param == "chat_template_kwargs"
+
+
 def test_eos_ids_include_generation_config(tmp_path):
     class Tok:
         eos_token_id = 2

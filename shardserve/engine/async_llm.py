@@ -204,7 +204,7 @@ class AsyncLLM:
                      request_id: str | None) -> _RequestState:
         self.check_started()
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
-        if self.max_waiting_requests is not None and len(self._unscheduled) >= self.max_waiting_requests:
+        if self._queue_full():
             self.stat_logger.record_rejected("queue_full")
             raise OverloadedError(
                 f"The server is overloaded: {len(self._unscheduled)} requests are already waiting "
@@ -224,6 +224,19 @@ class AsyncLLM:
             self._send(EngineCoreRequest(r.request_id, r.prompt_token_ids, r.sampling_params,
                                          sorted(r.eos_token_ids), r.arrival_time, r.max_tokens))
         return state
+
+    def _queue_full(self) -> bool:
+        """Whether a new request would make more than --max-waiting-requests wait. Only the
+        unscheduled requests beyond the --max-num-seqs slots still free will wait: counting
+        them all would turn a burst on an idle engine away with slots to spare (and
+        --max-waiting-requests 0 would refuse everything). Counts requests, not their n
+        samples: an estimate, as the KV cache may hold requests back too (--max-queue-time
+        bounds those)."""
+        if self.max_waiting_requests is None:
+            return False
+        num_running = len(self._states) - len(self._unscheduled)
+        free = max(0, self.config.scheduler_config.max_num_seqs - num_running)
+        return len(self._unscheduled) >= free + self.max_waiting_requests
 
     def check_started(self) -> None:
         """Raise unless the engine takes requests: EngineDeadError once it died,

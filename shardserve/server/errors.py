@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shardserve.errors import EngineDeadError, OverloadedError, ShardserveError
 
@@ -126,14 +127,41 @@ def install_error_handlers(app: FastAPI) -> None:
         # Our endpoints validate bodies themselves; this covers query/path parameters.
         return APIError(400, _first_message(exc.errors())).response()
 
-    async def internal(_: Request, exc: Exception) -> JSONResponse:
-        return from_exception(exc).response()
-
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(ShardserveError, shardserve_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, request_validation)
-    app.add_exception_handler(Exception, internal)
+    app.add_middleware(_InternalErrors)
+
+
+class _InternalErrors:
+    """An exception no handler took becomes a 500 error JSON, and the connection stays usable.
+
+    Not Starlette's handler for Exception: that one sends the 500 and then re-raises, so
+    uvicorn closes the connection, and the client's next request on it (sent as soon as the 500
+    arrived) fails with a connection reset. Mid-response (a stream) there is nothing to send
+    instead: re-raise, and closing the connection tells the client."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            if started:
+                raise
+            await from_exception(exc).response()(scope, receive, send)
 
 
 def _first_message(errors: Any) -> str:

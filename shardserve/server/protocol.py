@@ -71,6 +71,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
     response_format: dict[str, Any] | None = None
     # vLLM's chat extras.
     add_generation_prompt: bool = True

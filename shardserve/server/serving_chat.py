@@ -30,7 +30,8 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     engine = state.engine
     engine.check_started()  # before the template: while loading there is no tokenizer yet
     try:
-        prompt_ids = apply_chat_template(engine.tokenizer, req.messages, req.add_generation_prompt)
+        prompt_ids = apply_chat_template(engine.tokenizer, req.messages, req.add_generation_prompt,
+                                         req.chat_template_kwargs)
     except ShardserveError:
         raise
     except Exception as err:  # a template can fail in many ways on odd messages; still a 400
@@ -39,6 +40,8 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     processed = engine.process_prompt({"prompt_token_ids": prompt_ids})
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if max_tokens is not None and max_tokens < 1:  # here, to name the field the client sent
+        raise InvalidRequestError(f"{param} must be at least 1, got {max_tokens}.", param)
     check_fits(len(processed.prompt_token_ids), max_tokens, state.config.model_config.max_model_len,
                param)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -72,6 +75,13 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
 def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.tools:
         raise InvalidRequestError("Tool calling is not supported by this server.", "tools")
+    if req.functions:
+        raise InvalidRequestError("Function calling is not supported by this server.", "functions")
+    # "none" and "auto" without tools mean plain text, which is what we give; "required" or a
+    # named function ask for a tool call we cannot make.
+    if req.tool_choice is not None and req.tool_choice not in ("none", "auto"):
+        raise InvalidRequestError("tool_choice can only be \"none\" or \"auto\": tool calling is "
+                                  "not supported by this server.", "tool_choice")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise InvalidRequestError("Only response_format {\"type\": \"text\"} is supported.",
                                   "response_format")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -38,9 +39,15 @@ async def read_request(request: Request, state: ServerState, model: type[M]) -> 
     """The body parsed into `model`: 413 over the size limit, 400 for bad JSON or fields."""
     body = await read_body(request, state.args.max_request_body_bytes)
     try:
-        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        # Strict UTF-8, a BOM allowed (json.loads on bytes lets raw surrogate bytes through).
+        text = body.decode("utf-8-sig")
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError) as err:
         raise APIError(400, f"The request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise APIError(400, "The request body is not valid JSON: it is nested too deeply.") from None
+    if _SURROGATE_ESCAPE.search(text):  # rare (emoji escaped as pairs): only then walk the data
+        _check_unicode(data)
     try:
         return model.model_validate(data)
     except ValidationError as err:
@@ -68,6 +75,29 @@ async def read_body(request: Request, limit: int) -> bytes:
 def _reject_constant(name: str) -> float:
     # NaN or Infinity in a sampling field would poison the logits of a whole batch.
     raise ValueError(f"{name} is not allowed; send finite numbers")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(data: Any) -> None:
+    """400 for a string holding a lone surrogate: JSON's \\ud800 escapes decode to a str that
+    cannot be encoded as UTF-8, which would fail later in the tokenizer or on the way to the
+    engine as a 500. Iterative, as the nesting can be as deep as the JSON parser allows."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "The request body holds a string with a lone UTF-16 surrogate "
+                                    f"escape ({ascii(value[:40])}); send valid Unicode text.") from None
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def _finite_float(text: str) -> float:

@@ -59,7 +59,18 @@ CASES = [
     ("chat/completions", {"messages": CHAT, "top_logprobs": 3}, 400, "top_logprobs", "logprobs"),
     ("chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 50}, 400,
      "top_logprobs", "top_logprobs"),
+    ("chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, 400,
+     "max_completion_tokens", "max_completion_tokens"),
     ("chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools", "Tool"),
+    ("chat/completions", {"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice",
+     "tool calling"),
+    ("chat/completions", {"messages": CHAT, "tool_choice": {"type": "function",
+                                                           "function": {"name": "f"}}}, 400,
+     "tool_choice", "tool calling"),
+    ("chat/completions", {"messages": CHAT, "functions": [{"name": "f"}]}, 400, "functions",
+     "Function calling"),
+    ("chat/completions", {"messages": CHAT, "chat_template_kwargs": {"tokenize": True}}, 400,
+     "chat_template_kwargs", "tokenize"),
     ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema"}}, 400,
      "response_format", "response_format"),
     ("chat/completions", {"messages": CHAT, "model": "nope", "stream": True}, 404, "model", "nope"),
@@ -101,11 +112,25 @@ def test_bad_field(http, endpoint, body, status, param, words):
     (b'{"prompt": "hi", "temperature": 1e999}', "range"),
     (b"\xff\xfe not utf-8", "json"),
     (b"", "json"),
+    # Lone surrogates (escaped, or as raw bytes) cannot be tokenized or sent to the engine.
+    (b'{"prompt": "\\ud800"}', "surrogate"),
+    (b'{"prompt": "hi", "stop": ["\\udfff"], "stream": true}', "surrogate"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
+    (b'{"prompt": "\xed\xa0\x80"}', "json"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "deeply"),
 ])
-def test_malformed_body(http, content, words):
-    r = http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_malformed_body(http, endpoint, content, words):
+    r = http.post(f"/v1/{endpoint}", content=content, headers={"Content-Type": "application/json"})
     error = assert_openai_error(r, 400)
     assert words in error["message"].lower()
+
+
+def test_escaped_surrogate_pairs_and_a_bom_are_fine(http):
+    body = b'\xef\xbb\xbf{"prompt": "\\ud83d\\ude00 \xf0\x9f\x98\x80", "max_tokens": 1}'
+    r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > 0
 
 
 def test_body_over_the_size_limit(http):

@@ -146,3 +146,14 @@ def test_stop_string_ends_the_answer_streamed_or_not(smollm2_server, client, mod
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.message.content
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert smollm2_server.wait_idle()[("shardserve:kv_cache_usage_perc", ())] == 0.0
+
+
+def test_chat_template_kwargs_reach_the_template(client, model):
+    # vLLM's chat_template_kwargs are template variables (Qwen3's enable_thinking) and may
+    # override add_generation_prompt: SmolLM2's prompt then lacks "<|im_start|>assistant\n"
+    # (4 tokens).
+    kwargs = dict(model=model, messages=QUESTION, max_tokens=1, temperature=0)
+    full = client.chat.completions.create(**kwargs).usage.prompt_tokens
+    bare = client.chat.completions.create(
+        **kwargs, extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})
+    assert bare.usage.prompt_tokens == full - 4

@@ -28,6 +28,24 @@ def server(tmp_path_factory, tiny_llama_dir):
     server.stop()
 
 
+def test_a_burst_that_fits_the_free_slots_and_the_queue_is_all_accepted(server):
+    # --max-num-seqs 2 run at once and MAX_WAITING more may wait: on an idle server a burst of
+    # that many must all be served, though none is scheduled yet when the last arrives.
+    server.wait_idle()
+    num_requests = 2 + MAX_WAITING
+
+    async def burst():
+        limits = httpx.Limits(max_connections=num_requests)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60, limits=limits) as c:
+            return await asyncio.gather(*(
+                c.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 2,
+                                                "ignore_eos": True})
+                for _ in range(num_requests)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * num_requests, [r.text for r in responses]
+
+
 def test_burst_ten_times_over_the_bound_gets_fast_503s(server):
     rejected_before = server.metric("shardserve:num_requests_rejected_total", reason="queue_full")
     num_requests = 10 * (MAX_WAITING + 2)  # the bound plus what can run at once, ten times over
