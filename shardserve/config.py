@@ -213,6 +213,24 @@ class DeviceConfig:
     device: str = "auto"  # auto | cpu | cuda
 
 
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """A number or flag of the wrong type (LLM(max_model_len=2.5), block_size="16") would
+    pass or break the range checks in resolve() in odd ways; name it here instead."""
+    optional = annotation.endswith(" | None")
+    kind = annotation.removesuffix(" | None")
+    if (value is None and optional) or kind not in ("int", "float", "bool"):
+        return
+    if kind == "int" and name.endswith("_parallel_size") and value == "auto":
+        return  # the planner picks the layout
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "bool": isinstance(value, bool)}[kind]
+    if not ok:
+        what = {"int": "an integer", "float": "a number", "bool": "True or False"}[kind]
+        raise InvalidRequestError(f"{name} must be {what}{' or None' if optional else ''}, "
+                                  f"got {value!r}.", name)
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
@@ -233,8 +251,10 @@ class EngineConfig:
                                           ("parallel_config", ParallelConfig),
                                           ("scheduler_config", SchedulerConfig),
                                           ("device_config", DeviceConfig)):
-            names = {f.name for f in dataclasses.fields(section_cls) if f.init}
-            built[section_name] = section_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+            fields = {f.name: f.type for f in dataclasses.fields(section_cls) if f.init}
+            for k in fields.keys() & kwargs.keys():
+                _check_type(k, fields[k], kwargs[k])
+            built[section_name] = section_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
         assert set(built) == set(sections)
         if kwargs:
             raise TypeError(f"Unknown engine arguments: {', '.join(sorted(kwargs))}")

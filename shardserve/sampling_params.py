@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 
 from shardserve.errors import InvalidRequestError
+
+_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+_OPTIONAL_INT_FIELDS = frozenset({"seed", "max_tokens", "logprobs", "prompt_logprobs"})
 
 # Below this temperature sampling is treated as greedy: dividing logits by ~0 overflows.
 _GREEDY_EPS = 1e-5
@@ -18,7 +22,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: no top-k cut
+    top_k: int = 0  # 0, -1 or None: no top-k cut
     min_p: float = 0.0
     seed: int | None = None
     presence_penalty: float = 0.0
@@ -33,19 +37,45 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (plus the sampled one)
     prompt_logprobs: int | None = None  # top-k logprobs per prompt token
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (text "", no stop strings), as in vLLM
     # token id -> added to its logit before sampling (OpenAI's logit_bias; -100 bans, 100 forces)
     logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.top_k is None:
+            self.top_k = 0
+        self._check_types()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids or []]
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
         if self.logit_bias is not None:
             self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()} or None
+
+    def _check_types(self) -> None:
+        """Counts must be integers (numpy ones are converted): a float or a bool would pass
+        the range checks and fail later inside a step (torch.topk, manual_seed)."""
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_INT_FIELDS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                none = " or None" if name in _OPTIONAL_INT_FIELDS else ""
+                raise InvalidRequestError(f"{name} must be an integer{none}, got {value!r}.",
+                                          param=name)
+            setattr(self, name, int(value))
+        if not (self.stop is None or isinstance(self.stop, str) or (
+                isinstance(self.stop, (list, tuple)) and all(isinstance(x, str) for x in self.stop))):
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got "
+                                      f"{self.stop!r}.", param="stop")
+        ids = self.stop_token_ids
+        if not (ids is None or (isinstance(ids, (list, tuple)) and all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids))):
+            raise InvalidRequestError(f"stop_token_ids must be a list of token ids (integers), "
+                                      f"got {ids!r}.", param="stop_token_ids")
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the field and the accepted range."""
@@ -57,10 +87,12 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 bad(name, f"{name} must be a finite number, got {value!r}.")
-        if self.seed is not None and not -2**63 <= self.seed < 2**63:
-            bad("seed", f"seed must fit in a signed 64-bit integer, got {self.seed}.")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", f"n must be at least 1, got {self.n}.")
+        # The n samples are seeded seed, seed + 1, ..., seed + n - 1 (see for_child).
+        if self.seed is not None and not -2**63 <= self.seed <= 2**63 - self.n:
+            bad("seed", f"seed must fit in a signed 64-bit integer, and so must seed + n - 1; "
+                        f"got seed={self.seed}, n={self.n}.")
         if self.temperature < 0.0:
             bad("temperature", f"temperature must be non-negative, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
@@ -87,6 +119,9 @@ class SamplingParams:
             bad("prompt_logprobs", f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}.")
         if any(not s for s in self.stop):
             bad("stop", "stop strings must be non-empty.")
+        if self.stop and not self.detokenize:
+            bad("stop", "stop strings are matched in the text, so they need detokenize=True; "
+                        "use stop_token_ids instead.")
         for token, bias in (self.logit_bias or {}).items():
             if isinstance(token, bool) or not isinstance(token, int) or token < 0:
                 bad("logit_bias", f"logit_bias keys must be token ids (non-negative integers), "

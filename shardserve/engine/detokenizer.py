@@ -177,15 +177,17 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int],
                  skip_special_tokens: bool = True, stop: Sequence[str] | None = None,
                  include_stop_str_in_output: bool = False, *,
-                 use_decode_stream: bool = True, lazy: bool = False) -> None:
+                 use_decode_stream: bool = True, lazy: bool = False, min_tokens: int = 0) -> None:
         """lazy: the text is read only when the request ends (see the module docstring); with
-        stop strings it is decoded as it comes all the same."""
+        stop strings it is decoded as it comes all the same. min_tokens: as in vLLM, a stop
+        string counts only if it ends after the text of the first min_tokens tokens."""
         context = _prompt_context(tokenizer, prompt_token_ids, skip_special_tokens)
         self._decoder = _TokenDecoder(tokenizer, context, skip_special_tokens, use_decode_stream)
         self._stop = [s for s in (stop or ()) if s]
         self._lazy = lazy and not self._stop
         self._pending: list[int] = []  # lazy: ids not decoded yet
         self._include_stop = include_stop_str_in_output
+        self._min_tokens = min_tokens
         # Characters a stream holds back: the longest text that could still grow into a stop.
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._text = ""
@@ -235,7 +237,7 @@ class IncrementalDetokenizer:
         for tid in ids:
             self.token_ids.append(tid)
             delta = self._decoder.step(tid)
-            if delta and self._append(delta):
+            if delta and self._append(delta, search=len(self.token_ids) > self._min_tokens):
                 return True
         return False
 
@@ -277,10 +279,13 @@ class IncrementalDetokenizer:
     def _stream_limit(self) -> int:
         return len(self._text) if self.finished else max(0, len(self._text) - self._hold)
 
-    def _append(self, delta: str) -> bool:
-        """Add text; on a stop string cut the text there, finish, and return True."""
+    def _append(self, delta: str, search: bool = True) -> bool:
+        """Add text; on a stop string (searched for only if `search`) cut the text there,
+        finish, and return True."""
         old_len = len(self._text)
         self._text += delta
+        if not search:
+            return False
         best: tuple[int, str] | None = None
         for stop in self._stop:
             # Earlier text was searched already: start where a stop could still overlap it.

@@ -41,7 +41,8 @@ class InputProcessor:
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = list(prompt["prompt_token_ids"])
             text = prompt.get("prompt")
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                   or not 0 <= t < self.vocab_size]
             if bad:
                 raise InvalidRequestError(
                     f"prompt_token_ids must be integers in [0, {self.vocab_size}); got {bad[:5]}.",

@@ -14,10 +14,25 @@ from shardserve.outputs import (CompletionOutput, Logprob, PromptLogprobs, Reque
                                 RequestOutput, SampleLogprobs)
 
 
+class _NoText:
+    """The detokenizer of a detokenize=False sample: no text, no stop strings."""
+
+    output_text = ""
+
+    def update(self, new_token_ids: Any, stop_terminated: bool = False) -> None:
+        return None
+
+    def finish(self) -> None:
+        pass
+
+    def get_next_delta(self) -> str:
+        return ""
+
+
 @dataclass
 class _Sample:
     index: int
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | _NoText
     want_logprobs: bool
     token_ids: list[int] = field(default_factory=list)
     logprobs: SampleLogprobs = field(default_factory=list)
@@ -40,6 +55,7 @@ class _Parent:
     stream: bool = True
     prompt_logprobs: PromptLogprobs = field(default_factory=lambda: [None])
     num_cached_tokens: int = 0
+    detokenize: bool = True  # False: logprobs carry no decoded_token either
 
     @property
     def finished(self) -> bool:
@@ -61,15 +77,17 @@ class OutputProcessor:
         samples = []
         for i, req in enumerate(requests):
             p = req.sampling_params
-            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
-                                           p.skip_special_tokens, p.stop, p.include_stop_str_in_output,
-                                           lazy=not stream)
+            detok = (IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
+                                            p.skip_special_tokens, p.stop,
+                                            p.include_stop_str_in_output, lazy=not stream,
+                                            min_tokens=p.min_tokens)
+                     if p.detokenize else _NoText())
             samples.append(_Sample(i, detok, p.logprobs is not None))
             self._child_to_parent[req.request_id] = (request_id, i)
         self._parents[request_id] = _Parent(
             request_id, prompt, first.prompt_token_ids, samples, RequestMetrics(first.arrival_time),
             first.sampling_params.prompt_logprobs is not None, [r.request_id for r in requests],
-            stream=stream)
+            stream=stream, detokenize=first.sampling_params.detokenize)
 
     def child_ids(self, request_id: str) -> list[str]:
         parent = self._parents.get(request_id)
@@ -109,7 +127,8 @@ class OutputProcessor:
             if parent.stream:
                 touched[parent.request_id] = parent
             if out.new_prompt_logprobs:
-                parent.prompt_logprobs.extend(self._convert(out.new_prompt_logprobs))
+                parent.prompt_logprobs.extend(self._convert(out.new_prompt_logprobs,
+                                                            parent.detokenize))
             new_ids = out.new_token_ids
             if (not new_ids and out.finish_reason is None) or sample.finish_reason is not None:
                 continue
@@ -120,10 +139,12 @@ class OutputProcessor:
             metrics.last_token_time = now
             sample.token_ids.extend(new_ids)
             if out.new_logprobs and sample.want_logprobs:
-                converted = self._convert(out.new_logprobs)
+                converted = self._convert(out.new_logprobs, parent.detokenize)
                 sample.logprobs.extend(converted)
                 sample.cumulative_logprob += sum(e.logprobs[0] for e in out.new_logprobs)
-            stop_str = sample.detokenizer.update(new_ids)
+            # An EOS or stop token ended it (stop strings are found here, not in the core):
+            # as in vLLM, that token adds no text unless include_stop_str_in_output.
+            stop_str = sample.detokenizer.update(new_ids, out.finish_reason == "stop")
             if stop_str is not None:
                 sample.finish_reason, sample.stop_reason = "stop", stop_str
                 if out.finish_reason is None:
@@ -158,12 +179,12 @@ class OutputProcessor:
                              finished, parent.prompt_logprobs if parent.want_prompt_logprobs else None,
                              parent.num_cached_tokens, parent.metrics)
 
-    def _convert(self, entries: list[TokenLogprobs]) -> list[dict[int, Logprob]]:
+    def _convert(self, entries: list[TokenLogprobs], detokenize: bool) -> list[dict[int, Logprob]]:
         out = []
         for e in entries:
             d: dict[int, Logprob] = {}
             for tid, lp, rank in zip(e.token_ids, e.logprobs, e.ranks):
                 if tid not in d:
-                    d[tid] = Logprob(lp, rank, self.tokenizer.decode([tid]))
+                    d[tid] = Logprob(lp, rank, self.tokenizer.decode([tid]) if detokenize else None)
             out.append(d)
         return out

@@ -56,6 +56,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # Prompt positions whose logprobs went out (a preempted request recomputes them).
+        self.num_prompt_logprobs_sent = 0
         self.admitted_step_id = 0  # the scheduler step that last (re)admitted it
         # Prefix-cache hashes of this request's full blocks, extended as tokens arrive.
         self.block_hashes: list[int] = []

@@ -214,6 +214,8 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         logprobs = runner_output.logprobs
         prompt_logprobs = runner_output.prompt_logprobs
+        if prompt_logprobs:
+            prompt_logprobs = self._unsent_prompt_logprobs(scheduler_output, prompt_logprobs)
         seen_prompt_lp = set()
         requests = self.requests
         step_id = scheduler_output.step_id
@@ -245,6 +247,25 @@ class Scheduler:
             if rid not in seen_prompt_lp and rid in self.requests:
                 outputs.append(EngineCoreOutput(rid, [], new_prompt_logprobs=entries))
         return outputs
+
+    def _unsent_prompt_logprobs(self, scheduler_output: SchedulerOutput,
+                                prompt_logprobs: dict[str, list]) -> dict[str, list]:
+        """Drop prompt logprobs of positions sent already: a preempted request recomputes its
+        prompt from the start, and its workers score those positions again."""
+        starts = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+        starts.update((r.req_id, r.num_computed_tokens)
+                      for r in scheduler_output.scheduled_cached_reqs)
+        unsent = {}
+        for rid, entries in prompt_logprobs.items():
+            request = self.requests.get(rid)
+            if request is None or rid not in starts:
+                continue
+            start = starts[rid]  # entries[i] scores prompt token start + i + 1
+            skip = max(0, request.num_prompt_logprobs_sent - start)
+            if skip < len(entries):
+                unsent[rid] = entries[skip:]
+                request.num_prompt_logprobs_sent = start + len(entries)
+        return unsent
 
     def _check_stop(self, request: Request, token: int) -> bool:
         """Set the finished status the newly appended token gives, if any; True if finished."""

@@ -51,8 +51,9 @@ def materialize(weight: LoadedWeight) -> torch.Tensor:
 def copy_weight(dst: torch.Tensor, src: torch.Tensor, name: str = "") -> None:
     """dst.copy_(src) after a shape check that names the parameter (copy_ would broadcast)."""
     if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"Weight {name or '?'}: checkpoint shape {tuple(src.shape)} does not "
-                         f"match parameter shape {tuple(dst.shape)}.")
+        shapes = f"shape {tuple(src.shape)} does not match parameter shape {tuple(dst.shape)}."
+        # Without a name, the model loader adds the checkpoint tensor's.
+        raise ValueError(f"Weight {name}: checkpoint {shapes}" if name else f"Checkpoint {shapes}")
     with torch.no_grad():
         dst.copy_(src)
 

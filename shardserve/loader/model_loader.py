@@ -41,10 +41,16 @@ def load_model(model_config: Any, device: torch.device | str, stage: Any = None)
         tied = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
         include = lambda name: stage.owns_weight(name, tied)  # noqa: E731
     weights, total = _checkpoint_weights(model_config.source, include)
-    progress = tqdm(weights, total=total, desc=f"Loading {model_config.source.name}",
-                    unit="tensor", disable=get_world_group().rank != 0, leave=False)
-    with torch.no_grad():
-        loaded = model.load_weights(progress)
+    progress = tqdm(_track_names(weights, current := []), total=total,
+                    desc=f"Loading {model_config.source.name}", unit="tensor",
+                    disable=get_world_group().rank != 0, leave=False)
+    try:
+        with torch.no_grad():
+            loaded = model.load_weights(progress)
+    except ValueError as err:  # a shape mismatch: the config does not describe these weights
+        tensor = f" tensor {current[-1]}" if current else ""
+        raise ModelLoadError(f"Cannot load{tensor} of {model_config.source.path}: {err} Does "
+                             "config.json belong to this checkpoint?") from err
     missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
     if missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
@@ -52,6 +58,14 @@ def load_model(model_config: Any, device: torch.device | str, stage: Any = None)
                              f"{len(missing)} parameters of {arch}: {shown} (a fused "
                              "qkv_proj/gate_up_proj needs all of q/k/v_proj or gate/up_proj).")
     return model.eval()
+
+
+def _track_names(weights: Iterable[tuple[str, LoadedWeight]], current: list[str]
+                 ) -> Iterable[tuple[str, LoadedWeight]]:
+    """The weights, with the name of the one being loaded kept in current[-1] (for errors)."""
+    for name, weight in weights:
+        current[:] = [name]
+        yield name, weight
 
 
 def _checkpoint_weights(source: Any, include: Callable[[str], bool] | None = None

@@ -7,10 +7,11 @@ until it is indexed, so a TP rank's weight_loader pages in only its own rows or 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from shardserve.errors import ModelLoadError
 from shardserve.layers.weight_utils import LazySlice
@@ -43,11 +44,24 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return files
 
 
+@contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    """safe_open, with a damaged file (truncated download, not safetensors) reported as a
+    ModelLoadError naming it rather than as the library's bare header error."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"Cannot read {path}: {err}. The file is damaged or incomplete; "
+                             "download the checkpoint again.") from err
+    with handle as f:
+        yield f
+
+
 def count_safetensors_weights(folder: str | Path) -> int:
     """Number of tensors in the checkpoint (reads only the headers)."""
     total = 0
     for path in safetensors_files(folder):
-        with safe_open(str(path), framework="pt") as f:
+        with _open(path) as f:
             total += len(f.keys())
     return total
 
@@ -56,6 +70,6 @@ def iter_safetensors_weights(folder: str | Path) -> Iterator[tuple[str, LazySlic
     """(HF tensor name, lazy slice) for every tensor of the checkpoint. Use each slice before
     asking for the next item: its file is closed once the iteration leaves it."""
     for path in safetensors_files(folder):
-        with safe_open(str(path), framework="pt") as f:
+        with _open(path) as f:
             for name in f.keys():
                 yield name, f.get_slice(name)

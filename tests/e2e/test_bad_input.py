@@ -31,11 +31,37 @@ def assert_clean_and_serving(llm):
     ({"temperature": -0.5}, "temperature"),
     ({"top_k": -3}, "top_k"),
     ({"n": 0}, "n"),
+    # Wrong types pass the range checks; each must fail here, not inside a step.
+    ({"n": 1.5}, "n"),
+    ({"n": True}, "n"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"max_tokens": 1.5}, "max_tokens"),
+    ({"max_tokens": "3"}, "max_tokens"),
+    ({"seed": 1.5}, "seed"),
+    ({"logprobs": True}, "logprobs"),
+    ({"prompt_logprobs": 0.5}, "prompt_logprobs"),
+    ({"min_tokens": None}, "min_tokens"),
+    ({"stop": 5}, "stop"),
+    ({"stop": ["a", 5]}, "stop"),
+    ({"stop_token_ids": 5}, "stop_token_ids"),
+    ({"stop_token_ids": [1.5]}, "stop_token_ids"),
+    ({"stop": ["x"], "detokenize": False}, "stop"),
+    ({"seed": 2**63}, "seed"),
+    ({"seed": 2**63 - 1, "n": 2}, "seed"),  # the second sample's seed would overflow
 ])
 def test_bad_sampling_params(kwargs, param):
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams(**kwargs)
     assert err.value.param == param and param in str(err.value)
+
+
+def test_integer_like_sampling_params_are_plain_ints():
+    np = pytest.importorskip("numpy")
+    params = SamplingParams(n=np.int64(2), max_tokens=np.int32(5), seed=np.int64(3), top_k=None,
+                            stop_token_ids=[np.int64(7)])
+    assert (params.n, params.max_tokens, params.seed, params.top_k) == (2, 5, 3, 0)
+    assert all(type(v) is int for v in (params.n, params.max_tokens, params.seed,
+                                        *params.stop_token_ids))
 
 
 def test_prompt_longer_than_max_model_len(llm):
@@ -52,6 +78,8 @@ def test_bad_token_ids_and_empty_prompt(llm):
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
     with pytest.raises(InvalidRequestError):
         llm.generate(12345, use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="prompt_token_ids"):
+        llm.generate({"prompt_token_ids": [True, 3]}, use_tqdm=False)
     assert_clean_and_serving(llm)
 
 

@@ -96,6 +96,26 @@ def test_logprobs_and_prompt_logprobs_match_log_softmax(tiny_model_dirs, referen
         assert abs(entry[tok].rank - (int((ref[pos - 1] > ref[pos - 1, tok]).sum()) + 1)) <= 3
 
 
+@pytest.mark.parametrize("variant", ["preemption", "async_preemption_chunked"])
+def test_prompt_logprobs_once_per_position_under_preemption(tiny_model_dirs, references, variant):
+    """A preempted request recomputes its prompt; its prompt logprobs must not repeat."""
+    model, prompts, expected = references["llama"]
+    llm = make_llm(tiny_model_dirs["llama"], dtype="float32", max_model_len=128,
+                   **ENGINE_VARIANTS[variant])
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                            prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.engine.core.scheduler.num_preemptions > 0
+    for out, prompt, tokens in zip(outs, prompts, expected):
+        assert out.outputs[0].token_ids == tokens
+        assert len(out.prompt_logprobs) == len(prompt)
+        ref = torch.log_softmax(hf_logits(model, prompt), dim=-1)
+        for pos in range(1, len(prompt)):
+            entry = out.prompt_logprobs[pos][prompt[pos]]
+            assert entry.logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), rel=1e-4,
+                                                  abs=1e-5)
+
+
 def test_prompt_logits_within_1e4(tiny_model_dirs, references):
     """The engine's logits for every prompt position agree with transformers to 1e-4."""
     from shardserve.forward_context import set_forward_context

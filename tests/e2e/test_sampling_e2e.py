@@ -59,6 +59,48 @@ def test_stop_token_ids_and_stop_strings(llm):
     assert llm.engine.core.scheduler.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
 
 
+def test_stop_token_adds_no_text_unless_included(llm):
+    """As in vLLM: the EOS or stop_token_ids token that ends a request stays in token_ids,
+    but its text is in the output only with include_stop_str_in_output."""
+    tok = llm.get_tokenizer()
+    base = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    stop_id = base.token_ids[3]
+    cut = base.token_ids[:base.token_ids.index(stop_id) + 1]
+    eos = next(iter(llm.engine.input_processor.eos_token_ids))
+    for stop, bias in ((stop_id, None), (eos, {eos: 100.0})):  # a stop token; a forced EOS
+        for include in (False, True):
+            out = llm.generate(PROMPT, SamplingParams(
+                temperature=0.0, max_tokens=8, stop_token_ids=[stop], logit_bias=bias,
+                skip_special_tokens=False, include_stop_str_in_output=include),
+                use_tqdm=False)[0].outputs[0]
+            ids = cut if stop == stop_id else [eos]
+            assert out.token_ids == ids and out.finish_reason == "stop"
+            assert out.text == tok.decode(ids if include else ids[:-1], skip_special_tokens=False)
+
+
+def test_detokenize_false_gives_ids_only(llm):
+    params = dict(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    text = llm.generate(PROMPT, SamplingParams(**params), use_tqdm=False)[0]
+    ids = llm.generate(PROMPT, SamplingParams(**params, detokenize=False), use_tqdm=False)[0]
+    assert text.outputs[0].text and ids.outputs[0].text == ""
+    assert ids.outputs[0].token_ids == text.outputs[0].token_ids
+    assert all(lp.decoded_token is None for entry in ids.outputs[0].logprobs + ids.prompt_logprobs[1:]
+               for lp in entry.values())
+
+
+def test_stop_string_not_matched_within_min_tokens(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    base = llm.generate(PROMPT, greedy, use_tqdm=False)[0].outputs[0]
+    stop = base.text[:4]  # in the first tokens' text: min_tokens must skip it
+    assert stop.strip()
+    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                                              stop=[stop], min_tokens=6), use_tqdm=False)[0].outputs[0]
+    later = base.text.find(stop, len(llm.get_tokenizer().decode(base.token_ids[:6])) - len(stop) + 1)
+    assert len(out.token_ids) >= 6
+    assert out.text == (base.text if later == -1 else base.text[:later])
+
+
 def test_min_tokens_suppresses_eos_and_max_tokens_bounds(llm):
     eos = next(iter(llm.engine.input_processor.eos_token_ids))
     out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=10, min_tokens=10,

@@ -143,6 +143,21 @@ def test_stop_string_inside_one_token_and_across_tokens(tok: Any) -> None:
     assert hit == "lo w" and d.output_text == "hel"
 
 
+def test_stop_string_ignored_within_min_tokens(tok: Any) -> None:
+    """vLLM's rule: a stop string counts only if it ends after the first min_tokens tokens'
+    text, so it may start inside them."""
+    ids = tok.encode("The capital of France is Paris. The capital is big.", add_special_tokens=False)
+    first = len(tok.encode("The capital", add_special_tokens=False))
+    for name, tokenizer, use_stream in _variants(tok):
+        d = IncrementalDetokenizer(tokenizer, [], True, ["capital"], False,
+                                   use_decode_stream=use_stream, min_tokens=first)
+        assert d.update(ids) == "capital", name  # the second "capital"
+        assert d.output_text == "The capital of France is Paris. The ", name
+        d = IncrementalDetokenizer(tokenizer, [], True, ["The capital of"], False,
+                                   use_decode_stream=use_stream, min_tokens=first)
+        assert d.update(ids) == "The capital of" and d.output_text == "", name  # ends later
+
+
 def test_stop_string_with_split_characters(tok: Any) -> None:
     ids = tok.encode("I like 世界 and 🎉 parties", add_special_tokens=False)
     d, deltas, hit = _run(tok, [], ids, stop=["🎉"])
