@@ -324,6 +324,7 @@ class EngineConfig:
         resolve_auto_parallel_on_device(self)
         self.parallel_config.resolve()
         self._check_tensor_parallel_fits()
+        self._check_pipeline_parallel_fits()
         if self.parallel_config.pp_layer_partition and self.parallel_config.pipeline_parallel_size == 1:
             raise InvalidRequestError(
                 f"pp_layer_partition={self.parallel_config.pp_layer_partition!r} splits layers "
@@ -366,18 +367,30 @@ class EngineConfig:
         from shardserve.planner.weights import tp_problems
 
         tp = self.parallel_config.tensor_parallel_size
+        ep = self.parallel_config.enable_expert_parallel
         if tp == 1:
             return
         try:
             shape = shape_from_config(self.model_config.hf_config)
         except Exception:  # a config the planner cannot read: the layers still check
             return
-        problems = tp_problems(shape, tp)
+        problems = tp_problems(shape, tp, ep)
         if problems:
-            fits = [t for t in range(1, 65) if not tp_problems(shape, t)]
+            fits = [t for t in range(1, 65) if not tp_problems(shape, t, ep)]
             raise InvalidRequestError(
                 f"tensor_parallel_size={tp} does not fit this model: {'; '.join(problems)}. "
                 f"Sizes that fit: {', '.join(map(str, fits))}.", "tensor_parallel_size")
+
+    def _check_pipeline_parallel_fits(self) -> None:
+        """Each pipeline stage holds at least one layer: refuse more stages than layers here,
+        naming the flag (the partition itself is checked before the workers start)."""
+        pp = self.parallel_config.pipeline_parallel_size
+        num_layers = getattr(self.model_config.hf_config, "num_hidden_layers", None)
+        if isinstance(num_layers, int) and pp > num_layers:
+            raise InvalidRequestError(
+                f"pipeline_parallel_size={pp} exceeds this model's {num_layers} layers (each "
+                f"stage needs at least one); use --pipeline-parallel-size {num_layers} or less.",
+                "pipeline_parallel_size")
 
     def to_kwargs(self) -> dict[str, Any]:
         """The flat user-level settings (the inverse of from_kwargs; no derived fields), in

@@ -78,12 +78,17 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
             flag = "--" + f.name.replace("_", "-")
             names = [flag] + _ALIASES.get(f.name, [])
             default = f.default if f.default is not dataclasses.MISSING else None
+            help_text = _HELP.get(f.name, f.name.replace("_", " "))
             env = _ENV_DEFAULTS.get(f.name)
-            if env and os.environ.get(env):
-                default = parse_parallel_size(os.environ[env])
+            if env:
+                help_text += f" (default: ${env} when set)"
+                if os.environ.get(env):
+                    # Left as text: argparse converts a string default with `type` only when
+                    # the flag is not given, so a bad value is a usage error of the command
+                    # that reads it, not a traceback while building every parser.
+                    default = os.environ[env]
             hint = hints[f.name]
-            kwargs: dict[str, Any] = {"dest": f.name, "default": default,
-                                      "help": _HELP.get(f.name, f.name.replace("_", " "))}
+            kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
             if hint is bool or hint == "bool" or _base_type(hint) is bool:
                 if default or default is None:  # None: 'auto', decided at start-up
                     group.add_argument(*names, **kwargs, type=_bool, nargs="?", const=True)

@@ -46,6 +46,36 @@ def test_tensor_parallel_size_that_does_not_split_the_model_is_refused_at_once(t
     assert time.monotonic() - start < 30
 
 
+def test_expert_parallel_size_that_does_not_split_the_experts_is_refused_at_once(tmp_path):
+    """6 routed experts over 4 expert-parallel ranks: refused while resolving the config (not
+    by a worker after every process started), naming the flag and the sizes that fit. Without
+    expert parallelism the same TP slices the experts' width and is fine."""
+    from shardserve.errors import InvalidRequestError
+    from shardserve.testing import write_random_model
+
+    model = write_random_model(tmp_path, preset="tiny-deepseek-v2", weights=False,
+                               n_routed_experts=6, n_group=1)
+    kwargs = dict(model=str(model), load_format="dummy", device="cpu", dtype="float32",
+                  tensor_parallel_size=4)
+    with pytest.raises(InvalidRequestError,
+                       match=r"6 experts do not divide over 4 .*--enable-expert-parallel.*"
+                             r"Sizes that fit: 1, 2\.") as err:
+        EngineConfig.from_kwargs(enable_expert_parallel=True, **kwargs).resolve()
+    assert err.value.param == "tensor_parallel_size"
+    EngineConfig.from_kwargs(**kwargs).resolve()
+
+
+def test_more_pipeline_stages_than_layers_is_refused_naming_the_flag(tiny_model_dirs):
+    from shardserve.errors import InvalidRequestError
+
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      pipeline_parallel_size=3)  # 2 layers
+    with pytest.raises(InvalidRequestError, match=r"pipeline_parallel_size=3 exceeds this "
+                       r"model's 2 layers.*--pipeline-parallel-size 2 or less") as err:
+        config.resolve()
+    assert err.value.param == "pipeline_parallel_size"
+
+
 def test_layer_partition_without_pipeline_stages_is_refused():
     from shardserve import LLM
     from shardserve.errors import InvalidRequestError
@@ -53,6 +83,25 @@ def test_layer_partition_without_pipeline_stages_is_refused():
     with pytest.raises(InvalidRequestError, match="pipeline_parallel_size is 1") as err:
         LLM(None, pp_layer_partition="10,20", device="cpu", dtype="float32")
     assert err.value.param == "pp_layer_partition"
+
+
+def test_parallel_size_environment_variables(monkeypatch):
+    """TENSOR_PARALLEL_SIZE is the default of -tp; a bad value is a usage error (exit 2) of a
+    command that reads it, not a traceback while the parsers of every command are built."""
+    from shardserve.cli import build_parser
+
+    monkeypatch.setenv("TENSOR_PARALLEL_SIZE", "2")
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert parser.parse_args([]).tensor_parallel_size == 2
+    assert parser.parse_args(["-tp", "4"]).tensor_parallel_size == 4
+    monkeypatch.setenv("TENSOR_PARALLEL_SIZE", "abc")
+    cli = build_parser()  # `plan` and every other command still parse
+    assert cli.parse_args(["plan", "--model", "m", "--gpus", "1", "--gpu-memory", "1GiB"]).gpus == 1
+    assert cli.parse_args(["serve", "-tp", "4"]).tensor_parallel_size == 4
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args(["serve"])
+    assert exit_.value.code == 2
 
 
 def test_kv_cache_dtype_flag_takes_vllm_names():

@@ -131,6 +131,49 @@ def test_pinned_sizes_are_respected() -> None:
     assert all(p.tp == 2 and p.dp == 1 for p in plan.layouts)
 
 
+def test_pinned_sizes_that_leave_no_layout_say_why(capsys) -> None:
+    """-tp 4 on 2 GPUs, or PP 64: no candidate at all. The plan says why instead of printing an
+    empty table, and `auto` raises with the same reason."""
+    from shardserve.cli import main
+
+    plan = _plan("llama-3-8b", 2, 80, tensor_parallel_size=4)
+    assert plan.layouts == [] and plan.best is None
+    assert plan.reason.startswith("No layout of 2 GPUs has TP 4:")
+    assert main(["plan", "--model", "llama-3-8b", "--gpus", "2", "--gpu-memory", "80GiB",
+                 "-pp", "64", "-dp", "1"]) == 1
+    assert "No layout of 2 GPUs has PP 64 x DP 1:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gpu-memory", "80"], "80 bytes is too small to plan for; give a unit"),
+    (["--gpu-memory", "80GiB", "--max-model-len", "0"], "max_model_len must be positive"),
+])
+def test_plan_refuses_nonsense_flags(flags, message, capsys) -> None:
+    from shardserve.cli import main
+
+    assert main(["plan", "--model", "llama-3-8b", "--gpus", "2", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_expert_parallel_changes_what_must_divide() -> None:
+    """Under EP the TP ranks hold whole experts: the experts must divide, their width need not;
+    the shared experts stay TP-sliced."""
+    from shardserve.planner.weights import tp_problems
+
+    def shape(experts: int, shared: int):
+        return load_model_shape({
+            **_tiny_dict(), "architectures": ["DeepseekV2ForCausalLM"],
+            "model_type": "deepseek_v2", "n_routed_experts": experts, "n_shared_experts": shared,
+            "moe_intermediate_size": 30, "num_experts_per_tok": 2, "kv_lora_rank": 32,
+            "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16})
+
+    assert "expert intermediate size 30" in tp_problems(shape(8, 2), 4)[-1]
+    assert tp_problems(shape(8, 2), 4, expert_parallel=True) == []
+    ep4 = tp_problems(shape(6, 1), 4, expert_parallel=True)
+    assert "6 experts do not divide over 4 expert-parallel ranks" in ep4[0]
+    assert "shared experts' intermediate size 30 does not divide by TP 4" in ep4[1]
+
+
 def test_oom_diagnosis_says_what_is_missing() -> None:
     plan = _plan("llama-3-70b", 1, 80)
     problem = plan.layouts[0].problems[0]
@@ -202,12 +245,21 @@ def test_plan_reads_config_json(tmp_path) -> None:
         load_model_shape(tmp_path / "missing")
 
 
-def test_moe_and_mla_are_planned_but_flagged() -> None:
+def test_moe_and_mla_are_planned() -> None:
     plan = _plan("deepseek-v2-lite", 1, 80)
-    assert not plan.shape.served and plan.shape.mla and plan.shape.moe
-    assert "does not serve DeepseekV2ForCausalLM" in format_plan(plan)
+    assert plan.shape.served and plan.shape.mla and plan.shape.moe
+    assert "does not serve" not in format_plan(plan)
+    mixtral = _plan("mixtral-8x7b", 8, 80)  # planned, but the engine has no Mixtral class
+    assert not mixtral.shape.served and "does not serve MixtralForCausalLM" in format_plan(mixtral)
     # MLA caches one 576-wide latent per token and layer, whatever the TP size.
     assert plan.to_dict()["model"]["kv_bytes_per_token"] == 27 * 576 * 2
+
+
+def test_served_architectures_are_the_engines() -> None:
+    """The planner's torch-free list says what the engine serves: the registry, exactly."""
+    from shardserve.models.registry import SUPPORTED_ARCHITECTURES
+    from shardserve.planner.shape import SERVED_ARCHITECTURES
+    assert set(SERVED_ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES)
 
 
 # ---- auto parallel sizes --------------------------------------------------------------------
@@ -252,6 +304,11 @@ def test_resolve_auto_parallel_on_gpus_and_cpu() -> None:
                                       max_model_len=8192)
     with pytest.raises(Exception, match="No parallel layout of 1 GPUs fits"):
         resolve_auto_parallel(config, 1, 80 * GiB)
+    # -tp auto -pp 4 on 2 GPUs: the pin leaves nothing to pick from, and the error says so.
+    config = EngineConfig.from_kwargs(model="llama-3-8b", tensor_parallel_size="auto",
+                                      pipeline_parallel_size=4, max_model_len=8192)
+    with pytest.raises(Exception, match="No layout of 2 GPUs has PP 4 x DP 1: TP and PP must divide"):
+        resolve_auto_parallel(config, 2, 80 * GiB)
 
 
 def test_engine_resolve_turns_auto_into_ints_on_cpu(tiny_model_dirs) -> None:

@@ -152,9 +152,15 @@ class DeploySpec:
                                       "router_policy")
         if self.router_replicas < 1:
             raise InvalidRequestError("--router-replicas must be at least 1.", "router_replicas")
-        if self.replicas_min > self.replicas_max:
-            raise InvalidRequestError(f"min replicas {self.replicas_min} exceed max replicas "
-                                      f"{self.replicas_max}.", "min_replicas")
+        if self.replicas_max < 1:
+            raise InvalidRequestError("--max-replicas must be at least 1.", "max_replicas")
+        # replicas_min is capped at the maximum (standby replicas stop there); the floor the
+        # user asked for is not, so compare that one.
+        if max(self.min_replicas, 1) > self.replicas_max:
+            raise InvalidRequestError(f"--min-replicas {self.min_replicas} exceeds the maximum "
+                                      f"of {self.replicas_max} replicas (--max-replicas, default "
+                                      "the DP size); lower it or raise --max-replicas.",
+                                      "min_replicas")
         return self
 
 

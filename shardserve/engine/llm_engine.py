@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config.resolve()
+        dp = self.config.parallel_config.data_parallel_size
+        if dp > 1:  # replicas are processes behind a router (router/data_parallel.py)
+            logger.warning("data_parallel_size=%d is ignored here: this engine is one "
+                           "replica. `shardserve serve -dp %d` runs %d replicas behind a router.",
+                           dp, dp, dp)
         mc = self.config.model_config
         self.tokenizer = load_tokenizer(mc.source, mc.tokenizer)
         eos = eos_token_ids(self.tokenizer, mc.hf_config, mc.source.folder)

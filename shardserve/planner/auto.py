@@ -78,7 +78,8 @@ def resolve_auto_parallel(engine_config: Any, num_gpus: int, gpu_memory_bytes: i
     plan = make_plan(shape, request)
     best = plan.best
     if best is None:
-        problems = "; ".join(f"{p.name}: {p.problems[0]}" for p in plan.layouts[:4])
+        problems = ("; ".join(f"{p.name}: {p.problems[0]}" for p in plan.layouts[:4])
+                    or plan.reason.rstrip("."))  # no layouts: the pinned sizes leave none
         raise CacheTooSmallError(f"No parallel layout of {request.num_gpus} GPUs fits "
                                  f"{shape.name} at max_model_len {plan.limits.max_model_len}: "
                                  f"{problems}.", autos[0])

@@ -12,7 +12,7 @@ from typing import Any
 
 from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, check_kv_cache_dtype
 from shardserve.planner.layouts import (GpuPool, LayoutPlan, pick_reason, plan_layouts)
-from shardserve.planner.memory import ServingLimits
+from shardserve.planner.memory import GiB, ServingLimits
 from shardserve.planner.shape import ModelShape, dtype_bytes, normalize_dtype
 from shardserve.planner.weights import kv_bytes_per_token_layer, total_params
 
@@ -71,6 +71,11 @@ def resolve_dtype(dtype: str, shape: ModelShape) -> str:
 def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     if request.num_gpus < 1 or request.gpu_memory_bytes <= 0:
         raise ValueError("Planning needs at least one GPU and a positive GPU memory size.")
+    if request.gpu_memory_bytes < GiB:  # '--gpu-memory 80' is 80 bytes, not 80 GiB
+        raise ValueError(f"GPU memory of {request.gpu_memory_bytes} bytes is too small to plan "
+                         "for; give a unit, e.g. --gpu-memory 80GiB.")
+    if request.max_model_len is not None and request.max_model_len < 1:
+        raise ValueError(f"max_model_len must be positive, got {request.max_model_len}.")
     gpus_per_node = request.gpus_per_node or min(request.num_gpus, 8)
     if request.num_gpus > gpus_per_node and request.num_gpus % gpus_per_node:
         raise ValueError(f"{request.num_gpus} GPUs do not make whole nodes of {gpus_per_node}.")
@@ -89,8 +94,20 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
              "dp": request.data_parallel_size}
     layouts = plan_layouts(shape, pool, limits, request.target_concurrency, fixed)
     plan = Plan(shape, request, pool, limits, dtype, layouts)
-    plan.reason = pick_reason(layouts, request.target_concurrency)
+    plan.reason = (pick_reason(layouts, request.target_concurrency) if layouts
+                   else _no_candidate_reason(request))
     return plan
+
+
+def _no_candidate_reason(request: PlanRequest) -> str:
+    """The pinned sizes leave no layout to evaluate: say why instead of an empty table."""
+    pinned = [f"{name} {value}" for name, value in (("TP", request.tensor_parallel_size),
+                                                    ("PP", request.pipeline_parallel_size),
+                                                    ("DP", request.data_parallel_size))
+              if value is not None]
+    return (f"No layout of {request.num_gpus} GPUs has {' x '.join(pinned)}: TP and PP must "
+            f"divide the GPU count and TP x PP x DP must not exceed it; change the GPU count or "
+            "the pinned sizes.")
 
 
 def _stage_dict(s: Any) -> dict[str, Any]:

@@ -35,8 +35,10 @@ def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
     return 1 if tp >= num_kv_heads else num_kv_heads // tp
 
 
-def tp_problems(shape: ModelShape, tp: int) -> list[str]:
-    """Why the engine's layers refuse this tensor-parallel size (empty: they accept it)."""
+def tp_problems(shape: ModelShape, tp: int, expert_parallel: bool = False) -> list[str]:
+    """Why the engine's layers refuse this tensor-parallel size (empty: they accept it). Under
+    `expert_parallel` the TP ranks hold whole experts (layers/moe.py), so the experts, not their
+    width, must divide by TP."""
     problems = []
     if shape.num_heads % tp:
         problems.append(f"{shape.num_heads} attention heads do not divide by TP {tp}")
@@ -49,7 +51,14 @@ def tp_problems(shape: ModelShape, tp: int) -> list[str]:
             problems.append(f"{kv} KV heads do not divide by TP {tp}")
     if shape.intermediate_size % tp:
         problems.append(f"intermediate_size {shape.intermediate_size} does not divide by TP {tp}")
-    if shape.moe is not None and shape.moe.expert_intermediate_size % tp:
+    if shape.moe is not None and expert_parallel:
+        if shape.moe.num_experts % tp:
+            problems.append(f"{shape.moe.num_experts} experts do not divide over {tp} "
+                            "expert-parallel ranks (or drop --enable-expert-parallel)")
+        if shape.moe.shared_intermediate_size % tp:  # shared experts stay TP-sliced
+            problems.append(f"shared experts' intermediate size "
+                            f"{shape.moe.shared_intermediate_size} does not divide by TP {tp}")
+    elif shape.moe is not None and shape.moe.expert_intermediate_size % tp:
         problems.append(f"expert intermediate size {shape.moe.expert_intermediate_size} does "
                         f"not divide by TP {tp}")
     return problems

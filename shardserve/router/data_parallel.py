@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
@@ -122,14 +123,15 @@ def replica_argv(argv: list[str]) -> list[str]:
 
 
 def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
-    tp, pp, num = args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size
-    if "auto" in (str(tp), str(pp), str(num)):  # let the planner pick, then pin the result
-        from shardserve.engine_args import engine_config_from_args
-        pc = engine_config_from_args(args).resolve().parallel_config
-        tp, pp, num = pc.tensor_parallel_size, pc.pipeline_parallel_size, pc.data_parallel_size
-        if int(num) == 1:
-            from shardserve.server.app import run_server
-            return run_server(args)
+    # Check the settings here, once: a flag that does not fit the model (TP, PP, model path)
+    # is one clear error, not every replica failing and being restarted. 'auto' sizes are
+    # picked by the planner in the same step and pinned for the replicas.
+    from shardserve.engine_args import engine_config_from_args
+    pc = engine_config_from_args(args).resolve().parallel_config
+    tp, pp, num = pc.tensor_parallel_size, pc.pipeline_parallel_size, pc.data_parallel_size
+    if int(num) == 1:
+        from shardserve.server.app import run_server
+        return run_server(args)
     if (args.nnodes or 1) > 1:
         raise InvalidRequestError(
             "--data-parallel-size with --nnodes > 1: run one `shardserve serve` per replica "
@@ -163,6 +165,7 @@ def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
                             log_level=args.uvicorn_log_level, timeout_keep_alive=5,
                             timeout_graceful_shutdown=int(max(args.shutdown_timeout, 1)))
     server = _FrontServer(config, supervisor, args.shutdown_timeout)
+    supervisor.on_give_up = server.give_up
     print(f"shardserve {__version__}: {num} data-parallel replicas behind "
           f"http://{args.host}:{args.port} ({args.policy}); replicas on "
           f"{', '.join(r.url for r in replicas)}", flush=True)
@@ -180,6 +183,9 @@ class Supervisor:
         self.replicas = replicas
         self.stopping = False
         self._task: asyncio.Task | None = None
+        # Called once every replica is dead for good (restarts used up): nothing is left to
+        # serve, so the front exits non-zero instead of answering 503 forever.
+        self.on_give_up: Callable[[], None] | None = None
 
     def start(self, pool: BackendPool) -> None:
         for r in self.replicas:
@@ -202,6 +208,12 @@ class Supervisor:
                                r.proc.returncode, r.restarts, MAX_RESTARTS)
                 r.start()
                 backend.pid = r.proc.pid
+            if not self.stopping and all(r.proc.poll() is not None and r.restarts >= MAX_RESTARTS
+                                         for r in self.replicas if r.proc is not None):
+                logger.error("Every replica exited %d times; giving up.", MAX_RESTARTS + 1)
+                self.stopping = True
+                if self.on_give_up is not None:
+                    self.on_give_up()
 
     def signal_all(self, sig: int) -> None:
         self.stopping = True
@@ -245,6 +257,10 @@ class _FrontServer(uvicorn.Server):
             return
         self.supervisor.signal_all(signal.SIGINT)
         super().handle_exit(sig, frame)
+
+    def give_up(self) -> None:
+        self.exit_code = 1
+        self.should_exit = True
 
     def _begin_drain(self) -> None:
         self._drain_task = asyncio.get_running_loop().create_task(self._drain())

@@ -430,3 +430,10 @@ def test_spec_refusals() -> None:
         manifests(DeploySpec(model="m", name="Bad_Name"))
     with pytest.raises(InvalidRequestError, match="no feasible layout"):
         spec_from_plan({"recommended": None})
+    # Not silently clamped to the maximum: an HPA with minReplicas 2 is not what was asked.
+    with pytest.raises(InvalidRequestError, match="--min-replicas 5 exceeds the maximum of 2"):
+        manifests(DeploySpec(model="m", dp=2, min_replicas=5))
+    with pytest.raises(InvalidRequestError, match="--max-replicas must be at least 1"):
+        manifests(DeploySpec(model="m", dp=2, max_replicas=0))
+    # Standby replicas above the floor still stop at the maximum.
+    assert DeploySpec(model="m", dp=2, min_replicas=2, standby_replicas=3).check().replicas_min == 2

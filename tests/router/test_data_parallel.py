@@ -291,3 +291,45 @@ def test_replica_killed_under_load_loses_nothing(dp2):
     assert len(after) == 4
     assert wait_for(lambda: any(not b["healthy"] or b["pid"] != victim["pid"]
                                 for b in _replicas(dp2) if b["url"] == victim["url"]), 10)
+
+
+def test_layout_that_does_not_fit_is_refused_before_any_replica_starts(tiny_model_dir):
+    """-dp 2 -tp 3 on a model with 4 heads: one clear error and exit 2 from the front process,
+    not two replicas failing and being restarted over and over behind a router."""
+    import subprocess
+    import sys
+
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardserve.cli", "serve", "--model", tiny_model_dir, "--device",
+         "cpu", "--port", "0", "-dp", "2", "-tp", "3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "tensor_parallel_size=3 does not fit this model" in proc.stderr
+    assert "Replica" not in proc.stdout + proc.stderr  # none was started
+    assert time.monotonic() - start < 60
+
+
+def test_front_gives_up_once_every_replica_is_dead_for_good(monkeypatch):
+    """Replicas that keep exiting are restarted MAX_RESTARTS times each; then the front stops
+    (exit code 1) instead of answering 503 forever."""
+    import asyncio
+    import sys
+
+    from shardserve.router import data_parallel as dp
+    from shardserve.router.backends import BackendPool, DiscoveryConfig
+
+    monkeypatch.setattr(dp, "MAX_RESTARTS", 2)
+    replicas = [dp.Replica(i, 1, [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+                for i in range(2)]
+    supervisor = dp.Supervisor(replicas)
+    gave_up = []
+    supervisor.on_give_up = lambda: gave_up.append(time.monotonic())
+
+    async def run() -> None:
+        supervisor.start(BackendPool(DiscoveryConfig(static=[])))
+        await asyncio.wait_for(supervisor._task, 60)
+
+    asyncio.run(run())
+    assert len(gave_up) == 1
+    assert [r.restarts for r in replicas] == [2, 2]
+    assert all(r.proc.returncode == 3 for r in replicas)
