@@ -359,3 +359,114 @@ def test_fp8_kv_cache_doubles_the_tokens_and_reaches_the_deployment() -> None:
     assert "--kv-cache-dtype=fp8" not in " ".join(spec_from_plan(bf16.to_dict()).serve_args)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         _plan("llama-3-8b", 1, 141, kv_cache_dtype="int4")
+
+
+
+# ---- expert parallelism, DeepSeek accounting, warnings --------------------------------------
+
+def _tiny_deepseek_dict(**overrides) -> dict:
+    """A DeepSeek-V3 shape whose expert width (30) TP 4 cannot slice but EP 4 places whole."""
+    return {**_tiny_dict(), "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3", "n_routed_experts": 8, "n_shared_experts": 2,
+            "moe_intermediate_size": 30, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+            "kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 16, "v_head_dim": 16, **overrides}
+
+
+def test_plan_enable_expert_parallel_reaches_memory_and_deployment(tmp_path, capsys) -> None:
+    """`plan --enable-expert-parallel`: layouts checked and sized for whole experts per rank
+    (E / TP of them), the flag in the JSON and the text, and the deployment's serve command
+    carries it."""
+    from shardserve.cli import main
+    from shardserve.deploy import spec_from_plan
+
+    (tmp_path / "config.json").write_text(json.dumps(_tiny_deepseek_dict()))
+    flags = ["plan", "--model", str(tmp_path), "--gpus", "4", "--gpu-memory", "80GiB", "-tp", "4",
+             "--dtype", "fp32", "--json"]
+    assert main(flags) == 1  # TP slices every expert: 30 does not divide by 4
+    tp_only = json.loads(capsys.readouterr().out)
+    assert "expert intermediate size 30" in tp_only["layouts"][0]["problems"][0]
+    assert tp_only["serving"]["enable_expert_parallel"] is False
+    assert "--enable-expert-parallel" not in spec_from_plan(
+        _plan("deepseek-v2-lite", 1, 80).to_dict()).serve_args
+
+    assert main(flags + ["--enable-expert-parallel"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["serving"]["enable_expert_parallel"] is True
+    assert data["recommended"]["tensor_parallel_size"] == 4
+    assert "--enable-expert-parallel" in spec_from_plan(data).serve_args
+    # Experts that divide evenly weigh the same per rank either way; each EP rank holds 2 whole
+    # experts of the 8, so widening them by 2 adds 2 x 3 x 64 x 2 float32s to it.
+    def weights(width: int, ep: bool) -> int:
+        shape = load_model_shape(_tiny_deepseek_dict(moe_intermediate_size=width,
+                                                     n_shared_experts=0))
+        plan = make_plan(shape, PlanRequest(num_gpus=4, gpu_memory_bytes=80 * GiB, dtype="fp32",
+                                            tensor_parallel_size=4, enable_expert_parallel=ep))
+        return plan.best.stages[0].weights_bytes
+
+    assert weights(32, ep=True) == weights(32, ep=False)
+    assert weights(32, ep=True) - weights(30, ep=True) == 2 * 3 * 64 * 2 * 4
+    assert main(flags[:-1] + ["--enable-expert-parallel"]) == 0
+    assert "block_size 16, expert parallel" in capsys.readouterr().out
+
+
+def test_auto_parallel_plans_with_the_engines_expert_parallel(monkeypatch) -> None:
+    from shardserve.config import EngineConfig
+    from shardserve.planner import auto
+
+    requests = []
+
+    def recording_make_plan(shape, request):
+        requests.append(request)
+        return make_plan(shape, request)
+
+    monkeypatch.setattr(auto, "make_plan", recording_make_plan)
+    for ep in (False, True):
+        config = EngineConfig.from_kwargs(model="deepseek-v2-lite", tensor_parallel_size="auto",
+                                          max_model_len=8192, enable_expert_parallel=ep)
+        resolve_auto_parallel(config, 2, 80 * GiB)
+    assert [r.enable_expert_parallel for r in requests] == [False, True]
+
+
+def test_deepseek_weights_count_what_is_not_in_the_model_dtype() -> None:
+    """DeepSeek's router stays float32 in a bfloat16 model (V3 adds a float32 bias per expert),
+    and every MoE layer holds an int64 expert_map of its experts; the RoPE table is only
+    qk_rope_head_dim wide."""
+    from shardserve.planner.memory import rope_table_bytes
+    from shardserve.planner.weights import stage_params, stage_weight_bytes
+
+    lite = load_model_shape("deepseek-v2-lite")  # 27 layers, 26 of them MoE with 64 experts
+    assert rope_table_bytes(lite, 8192) == 163840 * 64 * 4  # YaRN: 4096 x 40 positions
+    extra = 26 * (64 * 2048 * 2 + 64 * 8)
+    assert stage_weight_bytes(lite, 1, 0, 27, True, True, 2) == stage_params(
+        lite, 1, 0, 27, True, True) * 2 + extra
+    v3 = load_model_shape(_tiny_deepseek_dict(num_hidden_layers=3))  # layers 1 and 2 MoE
+    assert v3.moe.router_float32 and v3.moe.router_bias
+    assert stage_weight_bytes(v3, 1, 0, 3, True, True, 2) == stage_params(
+        v3, 1, 0, 3, True, True) * 2 + 2 * (8 * (64 + 1) * 2 + 8 * 8)
+    # moe_layer_freq counts from layer 0 in DeepSeek (layer % freq == 0 past the dense ones).
+    freq2 = load_model_shape(_tiny_deepseek_dict(num_hidden_layers=5, moe_layer_freq=2))
+    assert [freq2.moe.is_moe_layer(i) for i in range(5)] == [False, False, True, False, True]
+
+
+def test_mla_refuses_an_fp8_kv_cache_as_the_engine_does() -> None:
+    with pytest.raises(ValueError, match="not supported for multi-head latent attention"):
+        _plan("deepseek-v2-lite", 1, 80, kv_cache_dtype="fp8")
+
+
+def test_max_model_len_beyond_the_trained_positions_warns(capsys) -> None:
+    """As EngineConfig.resolve() warns: beyond max_position_embeddings without RoPE scaling
+    the positions were never trained. The text and the JSON say so; scaled RoPE does not."""
+    from shardserve.cli import main
+
+    flags = ["plan", "--model", "llama-3-8b", "--gpus", "1", "--gpu-memory", "80GiB"]
+    assert main(flags + ["--max-model-len", "16384"]) == 0
+    text = capsys.readouterr().out
+    assert ("Warning  max_model_len 16384 is beyond the model's max_position_embeddings 8192"
+            in text)
+    assert main(flags + ["--max-model-len", "16384", "--json"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert len(warnings) == 1 and "never trained" in warnings[0]
+    assert _plan("llama-3-8b", 1, 80, max_model_len=8192).warnings == []
+    assert _plan("llama-3-8b", 1, 80).warnings == []
+    assert _plan("llama-3.1-8b", 1, 141, max_model_len=200000).warnings == []  # llama3 RoPE

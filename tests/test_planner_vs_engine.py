@@ -2,9 +2,12 @@
 
 - Every TP rank's parameters: the model is built on the meta device under a stand-in TP group
   of each size and rank (construction does no communication), for Llama, Qwen2, Qwen3, tied
-  embeddings, biases, and KV heads replicated when TP exceeds them.
+  embeddings, biases, and KV heads replicated when TP exceeds them; for DeepSeek-V2/V3 (MLA +
+  MoE: float32 router, V3's routing bias, FusedMoE's expert_map) with and without expert
+  parallelism.
 - The real thing on CPU: the tiny models loaded by shardserve's loader through ModelRunner
-  (TP 1), and by two gloo ranks (TP 2): parameter bytes, the RoPE table and KV bytes per block.
+  (TP 1), and by two gloo ranks (TP 2, DeepSeek also EP 2): parameter bytes, the RoPE table, KV
+  bytes per block and the number of blocks.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from shardserve.distributed import parallel_state as ps
 from shardserve.planner.memory import ServingLimits, rope_table_bytes, stage_memory
 from shardserve.planner.shape import load_model_shape
-from shardserve.planner.weights import kv_bytes_per_token_layer
+from shardserve.planner.weights import kv_bytes_per_token_layer, tp_problems
 
 MAX_MODEL_LEN = 256
 BLOCK_SIZE = 16
@@ -49,17 +52,20 @@ def _hf_config(variant: str):
 
 
 @contextmanager
-def _stand_in_tp_group(world_size: int, rank: int) -> Iterator[None]:
-    """get_tp_group() answers (world_size, rank) without torch.distributed: enough to build
-    the sharded layers, which only read their rank and size."""
+def _stand_in_tp_group(world_size: int, rank: int,
+                       expert_parallel: bool = False) -> Iterator[None]:
+    """get_tp_group() (and under expert parallelism get_ep_group(), the same ranks) answers
+    (world_size, rank) without torch.distributed: enough to build the sharded layers, which
+    only read their rank and size."""
     group = ps.GroupCoordinator.single("tp")
     group.world_size, group.rank_in_group = world_size, rank
-    saved = ps._TP
+    saved = ps._TP, ps._EP
     ps._TP = group
+    ps._EP = group if expert_parallel else None
     try:
         yield
     finally:
-        ps._TP = saved
+        ps._TP, ps._EP = saved
 
 
 def _engine_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -72,18 +78,19 @@ def _engine_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 def _kv_bytes_per_block(model: torch.nn.Module, elem: int) -> int:
     from shardserve.executor.model_runner import ModelRunner
-    from shardserve.layers.attention import Attention
+    from shardserve.layers.attention import AttentionLayerBase
 
     runner = ModelRunner.__new__(ModelRunner)  # only its KV sizing is used
     runner.block_size, runner.dtype = BLOCK_SIZE, {4: torch.float32, 2: torch.bfloat16}[elem]
     runner.kv_dtype = runner.dtype  # --kv-cache-dtype auto
-    runner.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+    runner.attn_layers = [m for m in model.modules() if isinstance(m, AttentionLayerBase)]
     return runner.kv_bytes_per_block()
 
 
-def _planner_stage(config_dict: dict, tp: int, elem: int):
+def _planner_stage(config_dict: dict, tp: int, elem: int, expert_parallel: bool = False):
     shape = load_model_shape(config_dict)
-    limits = ServingLimits(max_model_len=MAX_MODEL_LEN, dtype_bytes=elem, block_size=BLOCK_SIZE)
+    limits = ServingLimits(max_model_len=MAX_MODEL_LEN, dtype_bytes=elem, block_size=BLOCK_SIZE,
+                           expert_parallel=expert_parallel)
     return shape, stage_memory(shape, tp, 1, 0, 0, shape.num_layers, limits, 80 << 30)
 
 
@@ -107,39 +114,115 @@ def test_every_rank_matches_the_planner(variant: str, tp: int, dtype: torch.dtyp
             shape, tp, elem)
 
 
-def _engine_config(model_dir: str):
+# DeepSeek (shardserve/testing_deepseek.py's tiny shapes): attention biases and MoE on every
+# other layer; an expert width (30) TP 4 cannot slice but EP 4 places whole.
+DEEPSEEK_VARIANTS = {
+    "v2": ("deepseek_v2", {}),
+    "v3": ("deepseek_v3", {}),
+    "v2_bias_moe_freq2": ("deepseek_v2", {"attention_bias": True, "num_hidden_layers": 4,
+                                          "moe_layer_freq": 2}),
+    "v3_width30": ("deepseek_v3", {"moe_intermediate_size": 30, "n_shared_experts": 2}),
+}
+
+
+def _deepseek_hf_config(variant: str):
+    from transformers import AutoConfig
+
+    from shardserve.testing_deepseek import (DEEPSEEK_ARCHITECTURES, TINY_DEEPSEEK_V2,
+                                             TINY_DEEPSEEK_V3)
+
+    model_type, overrides = DEEPSEEK_VARIANTS[variant]
+    base = TINY_DEEPSEEK_V3 if model_type == "deepseek_v3" else TINY_DEEPSEEK_V2
+    return AutoConfig.for_model(model_type, architectures=[DEEPSEEK_ARCHITECTURES[model_type]],
+                                vocab_size=500, **{**base, **overrides})
+
+
+@pytest.mark.parametrize("variant", sorted(DEEPSEEK_VARIANTS))
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("expert_parallel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_deepseek_rank_matches_the_planner(variant: str, tp: int, expert_parallel: bool,
+                                                 dtype: torch.dtype) -> None:
+    """Exact bytes, the float32 router (and V3's bias) in a bfloat16 model and the int64
+    expert_map included; a TP size the planner refuses, the layers refuse too."""
+    from shardserve.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+
+    hf_config = _deepseek_hf_config(variant)
+    cls = DeepseekV3ForCausalLM if hf_config.model_type == "deepseek_v3" else DeepseekV2ForCausalLM
+    elem = torch.tensor([], dtype=dtype).element_size()
+    shape, stage = _planner_stage(hf_config.to_dict(), tp, elem, expert_parallel)
+    refused = tp_problems(shape, tp, expert_parallel)
+    for rank in range(tp):
+        with _stand_in_tp_group(tp, rank, expert_parallel), torch.device("meta"):
+            if refused:
+                with pytest.raises(ValueError, match="not divisible by tensor parallel size"):
+                    cls(hf_config, dtype=dtype, max_model_len=MAX_MODEL_LEN)
+                continue
+            model = cls(hf_config, dtype=dtype, max_model_len=MAX_MODEL_LEN)
+        params, buffers = _engine_bytes(model)
+        assert params + buffers == stage.weights_bytes, (variant, tp, expert_parallel, rank)
+        # MLA: one latent + RoPE key per token and layer, whole on every rank.
+        assert _kv_bytes_per_block(model, elem) == stage.kv_bytes_per_block == (
+            BLOCK_SIZE * shape.num_layers * (hf_config.kv_lora_rank + hf_config.qk_rope_head_dim)
+            * elem)
+    assert bool(refused) == (variant == "v3_width30" and tp == 4 and not expert_parallel)
+
+
+def _engine_config(model_dir: str, dtype: str = "float32", expert_parallel: bool = False):
     from shardserve.config import EngineConfig
 
-    return EngineConfig.from_kwargs(model=model_dir, device="cpu", dtype="float32",
+    return EngineConfig.from_kwargs(model=model_dir, device="cpu", dtype=dtype,
                                     max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
-                                    kv_cache_memory_bytes=4 << 20).resolve()
+                                    kv_cache_memory_bytes=4 << 20,
+                                    enable_expert_parallel=expert_parallel).resolve()
 
 
-def _measure(model_dir: str) -> dict[str, int]:
+def _measure(model_dir: str, dtype: str = "float32",
+             expert_parallel: bool = False) -> dict[str, int]:
     """Load through the engine's own runner on CPU and report what it allocated."""
     from shardserve.executor.model_runner import ModelRunner
+    from shardserve.layers.moe import FusedMoE
 
-    runner = ModelRunner(_engine_config(model_dir), torch.device("cpu"))
+    runner = ModelRunner(_engine_config(model_dir, dtype, expert_parallel), torch.device("cpu"))
     runner.load_model()
     params, buffers = _engine_bytes(runner.model)
+    ep_sizes = {m.ep_size for m in runner.model.modules() if isinstance(m, FusedMoE)}
     return {"params": params, "buffers": buffers, "kv_per_block": runner.kv_bytes_per_block(),
-            "num_blocks": runner.determine_num_blocks()}
+            "num_blocks": runner.determine_num_blocks(), "ep_size": max(ep_sizes, default=1)}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_loaded_model_matches_the_planner(tiny_model_dirs, arch: str) -> None:
-    measured = _measure(tiny_model_dirs[arch])
-    config = json.loads((Path(tiny_model_dirs[arch]) / "config.json").read_text())
-    shape, stage = _planner_stage(config, 1, 4)
+@pytest.fixture(scope="module")
+def tiny_deepseek_dirs(tmp_path_factory) -> dict[str, str]:
+    from shardserve.testing import write_random_model
+
+    root = tmp_path_factory.mktemp("tiny_deepseek")
+    return {arch: str(write_random_model(root / arch, preset=f"tiny-{arch}", seed=1))
+            for arch in ("deepseek-v2", "deepseek-v3")}
+
+
+def _model_dir(arch: str, tiny_model_dirs: dict, tiny_deepseek_dirs: dict) -> str:
+    return (tiny_deepseek_dirs if arch.startswith("deepseek") else tiny_model_dirs)[arch]
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"),
+                                        ("qwen3", "float32"), ("deepseek-v2", "bfloat16"),
+                                        ("deepseek-v3", "float32"), ("deepseek-v3", "bfloat16")])
+def test_loaded_model_matches_the_planner(tiny_model_dirs, tiny_deepseek_dirs, arch: str,
+                                          dtype: str) -> None:
+    model_dir = _model_dir(arch, tiny_model_dirs, tiny_deepseek_dirs)
+    measured = _measure(model_dir, dtype)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    shape, stage = _planner_stage(config, 1, 4 if dtype == "float32" else 2)
     assert measured["params"] + measured["buffers"] == stage.weights_bytes
     assert measured["kv_per_block"] == stage.kv_bytes_per_block
     assert measured["num_blocks"] == (4 << 20) // stage.kv_bytes_per_block
 
 
-def _tp2_rank(rank: int, model_dir: str, out_dir: str) -> None:
-    ps.initialize_model_parallel(tensor_parallel_size=2, pipeline_parallel_size=1)
+def _tp2_rank(rank: int, model_dir: str, out_dir: str, expert_parallel: bool) -> None:
+    ps.initialize_model_parallel(tensor_parallel_size=2, pipeline_parallel_size=1,
+                                 enable_expert_parallel=expert_parallel)
     try:
-        measured = _measure(model_dir)
+        measured = _measure(model_dir, expert_parallel=expert_parallel)
         measured.pop("num_blocks")
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(measured))
     finally:
@@ -147,14 +230,19 @@ def _tp2_rank(rank: int, model_dir: str, out_dir: str) -> None:
 
 
 @pytest.mark.multiproc
-def test_tp2_ranks_match_the_planner(tiny_model_dirs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch,expert_parallel", [("qwen3", False), ("deepseek-v2", False),
+                                                  ("deepseek-v3", True)])
+def test_tp2_ranks_match_the_planner(tiny_model_dirs, tiny_deepseek_dirs, tmp_path: Path,
+                                     arch: str, expert_parallel: bool) -> None:
     from shardserve.distributed.local_launch import run_local_ranks
 
-    model_dir = tiny_model_dirs["qwen3"]
-    run_local_ranks(_tp2_rank, 2, args=(model_dir, str(tmp_path)), timeout_s=120)
+    model_dir = _model_dir(arch, tiny_model_dirs, tiny_deepseek_dirs)
+    run_local_ranks(_tp2_rank, 2, args=(model_dir, str(tmp_path), expert_parallel),
+                    timeout_s=120)
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    _, stage = _planner_stage(config, 2, 4)
+    _, stage = _planner_stage(config, 2, 4, expert_parallel)
     for rank in (0, 1):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert measured["params"] + measured["buffers"] == stage.weights_bytes
         assert measured["kv_per_block"] == stage.kv_bytes_per_block
+        assert measured["ep_size"] == (2 if expert_parallel else 1)

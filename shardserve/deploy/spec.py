@@ -184,6 +184,8 @@ def spec_from_plan(plan: dict[str, Any] | str | Path, **overrides: Any) -> Deplo
             f"--block-size={serving['block_size']}"]
     if serving.get("kv_cache_dtype", "auto") != "auto":
         args.append(f"--kv-cache-dtype={serving['kv_cache_dtype']}")
+    if serving.get("enable_expert_parallel"):  # the plan's memory per GPU assumed EP sharding
+        args.append("--enable-expert-parallel")
     values: dict[str, Any] = {
         "model": plan.get("model", {}).get("name", "model"),
         "tp": best["tensor_parallel_size"], "pp": best["pipeline_parallel_size"],

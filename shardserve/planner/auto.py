@@ -72,6 +72,7 @@ def resolve_auto_parallel(engine_config: Any, num_gpus: int, gpu_memory_bytes: i
         max_cuda_graph_batch_size=int(getattr(mc, "max_cuda_graph_batch_size",
                                                DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE)),
         kv_cache_dtype=cc.kv_cache_dtype,
+        enable_expert_parallel=bool(getattr(pc, "enable_expert_parallel", False)),
         tensor_parallel_size=pinned["tp"], pipeline_parallel_size=pinned["pp"],
         # DP not asked for stays as given: a pinned 1 means one replica, not "fill the GPUs".
         data_parallel_size=pinned["dp"])

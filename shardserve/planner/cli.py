@@ -36,6 +36,10 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    default=DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE)
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="the engine's --kv-cache-dtype: fp8 stores one byte per element")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="the engine's flag: MoE layers hold num_experts / TP whole experts per "
+                        "GPU instead of a 1/TP slice of every expert (the experts, not their "
+                        "width, must divide by TP)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="pin TP")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None, help="pin PP")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=None, help="pin DP")
@@ -56,7 +60,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         target_concurrency=args.target_concurrency, enforce_eager=args.enforce_eager,
         max_cuda_graph_batch_size=args.max_cuda_graph_batch_size,
-        kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype, enable_expert_parallel=args.enable_expert_parallel,
+        tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         data_parallel_size=args.data_parallel_size)
     try:

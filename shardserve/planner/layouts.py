@@ -118,7 +118,8 @@ def placement_problems(tp: int, pp: int, pool: GpuPool) -> list[str]:
 def evaluate_layout(shape: ModelShape, tp: int, pp: int, dp: int, nodes_per_group: int,
                     pool: GpuPool, limits: ServingLimits) -> LayoutPlan:
     plan = LayoutPlan(tp, pp, dp, nodes_per_group)
-    plan.problems += tp_problems(shape, tp) + placement_problems(tp, pp, pool)
+    plan.problems += (tp_problems(shape, tp, limits.expert_parallel)
+                      + placement_problems(tp, pp, pool))
     if pp > shape.num_layers:
         plan.problems.append(f"PP {pp} is more than the model's {shape.num_layers} layers")
     if plan.problems:

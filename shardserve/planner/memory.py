@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
 from shardserve.planner.shape import ModelShape
-from shardserve.planner.weights import kv_bytes_per_token_layer, kv_heads_per_rank, stage_params
+from shardserve.planner.weights import (kv_bytes_per_token_layer, kv_heads_per_rank,
+                                        stage_weight_bytes)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -38,7 +39,8 @@ CUDA_GRAPH_BYTES_PER_GRAPH = 4 * MiB
 
 @dataclass(frozen=True)
 class ServingLimits:
-    """The serving settings that change memory (CacheConfig / SchedulerConfig / ModelConfig)."""
+    """The serving settings that change memory (CacheConfig / SchedulerConfig / ModelConfig,
+    and ParallelConfig's enable_expert_parallel)."""
 
     max_model_len: int
     dtype_bytes: int = 2
@@ -50,6 +52,7 @@ class ServingLimits:
     # ModelConfig's: decode batches up to it are graphs
     max_cuda_graph_batch_size: int = DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
     kv_dtype_bytes: int | None = None  # --kv-cache-dtype: 1 for fp8; None: dtype_bytes
+    expert_parallel: bool = False  # MoE: each TP rank holds E / tp whole experts
 
     @property
     def kv_elem_bytes(self) -> int:
@@ -109,7 +112,8 @@ def rope_table_bytes(shape: ModelShape, max_model_len: int) -> int:
     return shape.rope_table_positions(max_model_len) * shape.rotary_dim * 4
 
 
-def _token_transient_bytes(shape: ModelShape, tp: int, elem: int) -> int:
+def _token_transient_bytes(shape: ModelShape, tp: int, elem: int,
+                           expert_parallel: bool = False) -> int:
     """Peak bytes per token inside one decoder layer, beyond the weights, in the profiling
     forward. Traced through models/llama.py (counts in elements of `elem` bytes, f32 = 4):
 
@@ -138,7 +142,8 @@ def _token_transient_bytes(shape: ModelShape, tp: int, elem: int) -> int:
             attn += (q + kv) * (elem + 8)
     if shape.moe is not None:  # hook: fused-MoE workspace for top-k routed copies of each token
         moe = shape.moe
-        inter = max(moe.expert_intermediate_size, 1) // tp
+        # kernels/fused_moe.py keeps a row per (token, top-k) pair, whole experts under EP.
+        inter = max(moe.expert_intermediate_size, 1) // (1 if expert_parallel else tp)
         mlp = (moe.num_experts_per_tok * (4 * inter + 2 * h) + moe.num_experts * 2) * elem
         mlp = max(mlp, 4 * (shape.intermediate_size // tp) * elem)
     else:
@@ -152,7 +157,7 @@ def activation_bytes(shape: ModelShape, tp: int, limits: ServingLimits, last: bo
     rows (LM head output, its TP all-gather, and the float32 copy) if that is higher."""
     elem, tokens = limits.dtype_bytes, limits.profile_tokens
     ids_and_positions = 16 * tokens  # int64 each
-    layers = tokens * _token_transient_bytes(shape, tp, elem)
+    layers = tokens * _token_transient_bytes(shape, tp, elem, limits.expert_parallel)
     if not last:
         return ids_and_positions + layers
     rows = limits.profile_logit_rows
@@ -184,7 +189,8 @@ def cuda_graph_bytes(shape: ModelShape, tp: int, limits: ServingLimits, last: bo
         return 0
     top = sizes[-1]
     decode = ServingLimits(max_model_len=top, dtype_bytes=limits.dtype_bytes,
-                           max_num_seqs=top, max_num_batched_tokens=top)
+                           max_num_seqs=top, max_num_batched_tokens=top,
+                           expert_parallel=limits.expert_parallel)
     max_blocks = -(-limits.max_model_len // limits.block_size)
     static = top * (8 * 3 + 4 + 4 * max_blocks + shape.hidden_size * limits.dtype_bytes)
     return (activation_bytes(shape, tp, decode, last) + len(sizes) * CUDA_GRAPH_BYTES_PER_GRAPH
@@ -201,13 +207,13 @@ def stage_memory(shape: ModelShape, tp: int, pp: int, stage: int, start: int, en
                  limits: ServingLimits, gpu_memory_bytes: int) -> StageMemory:
     """One GPU of `stage` (of `pp`) holding layers [start, end) at tensor parallel size tp."""
     first, last = stage == 0, stage == pp - 1
-    params = stage_params(shape, tp, start, end, first, last)
-    elem = limits.dtype_bytes
+    weights = stage_weight_bytes(shape, tp, start, end, first, last, limits.dtype_bytes,
+                                 limits.expert_parallel)
     per_block = limits.block_size * (end - start) * kv_bytes_per_token_layer(
         shape, tp, limits.kv_elem_bytes)
     return StageMemory(
         stage=stage, start_layer=start, end_layer=end,
-        weights_bytes=params * elem + rope_table_bytes(shape, limits.max_model_len),
+        weights_bytes=weights + rope_table_bytes(shape, limits.max_model_len),
         activation_bytes=activation_bytes(shape, tp, limits, last),
         overhead_bytes=framework_overhead_bytes(tp * pp),
         cuda_graph_bytes=cuda_graph_bytes(shape, tp, limits, last),

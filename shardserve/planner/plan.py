@@ -37,6 +37,7 @@ class PlanRequest:
     enforce_eager: bool = False
     max_cuda_graph_batch_size: int = DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
     kv_cache_dtype: str = "auto"  # the engine's --kv-cache-dtype: fp8 halves the KV bytes
+    enable_expert_parallel: bool = False  # MoE: whole experts per TP rank (layers/moe.py)
     tensor_parallel_size: int | None = None  # pin a dimension; None: search it
     pipeline_parallel_size: int | None = None
     data_parallel_size: int | None = None
@@ -51,6 +52,7 @@ class Plan:
     dtype: str
     layouts: list[LayoutPlan] = field(default_factory=list)
     reason: str = ""
+    warnings: list[str] = field(default_factory=list)  # what the engine would warn about too
 
     @property
     def best(self) -> LayoutPlan | None:
@@ -81,6 +83,10 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
         raise ValueError(f"{request.num_gpus} GPUs do not make whole nodes of {gpus_per_node}.")
     dtype = resolve_dtype(request.dtype, shape)
     check_kv_cache_dtype(request.kv_cache_dtype)
+    if request.kv_cache_dtype != "auto" and shape.mla is not None:  # as EngineConfig.resolve()
+        raise ValueError(f"kv_cache_dtype={request.kv_cache_dtype!r} is not supported for "
+                         "multi-head latent attention models (DeepSeek-V2/V3) yet: their latent "
+                         "cache stays in the model's dtype. Use --kv-cache-dtype auto.")
     limits = ServingLimits(
         max_model_len=request.max_model_len or shape.max_position_embeddings,
         dtype_bytes=dtype_bytes(dtype), block_size=request.block_size,
@@ -88,15 +94,30 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
         max_num_seqs=request.max_num_seqs, max_num_batched_tokens=request.max_num_batched_tokens,
         enforce_eager=request.enforce_eager,
         max_cuda_graph_batch_size=request.max_cuda_graph_batch_size,
-        kv_dtype_bytes=None if request.kv_cache_dtype == "auto" else 1)
+        kv_dtype_bytes=None if request.kv_cache_dtype == "auto" else 1,
+        expert_parallel=request.enable_expert_parallel)
     pool = GpuPool(request.num_gpus, request.gpu_memory_bytes, min(gpus_per_node, request.num_gpus))
     fixed = {"tp": request.tensor_parallel_size, "pp": request.pipeline_parallel_size,
              "dp": request.data_parallel_size}
     layouts = plan_layouts(shape, pool, limits, request.target_concurrency, fixed)
-    plan = Plan(shape, request, pool, limits, dtype, layouts)
+    plan = Plan(shape, request, pool, limits, dtype, layouts,
+                warnings=plan_warnings(shape, limits))
     plan.reason = (pick_reason(layouts, request.target_concurrency) if layouts
                    else _no_candidate_reason(request))
     return plan
+
+
+def plan_warnings(shape: ModelShape, limits: ServingLimits) -> list[str]:
+    """The engine's start-up warnings that the plan can foresee (EngineConfig.resolve())."""
+    warnings = []
+    # With RoPE scaling the model is meant to run past max_position_embeddings; without, the
+    # positions past it were never trained.
+    mpe = shape.max_position_embeddings
+    if limits.max_model_len > mpe and shape.rope_type == "default":
+        warnings.append(f"max_model_len {limits.max_model_len} is beyond the model's "
+                        f"max_position_embeddings {mpe}: positions past it were never trained "
+                        "and outputs there may be wrong.")
+    return warnings
 
 
 def _no_candidate_reason(request: PlanRequest) -> str:
@@ -150,8 +171,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                     "max_num_batched_tokens": limits.max_num_batched_tokens,
                     "enforce_eager": limits.enforce_eager,
                     "kv_cache_dtype": plan.request.kv_cache_dtype,
+                    "enable_expert_parallel": limits.expert_parallel,
                     "target_concurrency": plan.request.target_concurrency},
         "recommended": _layout_dict(best) if best else None,
         "reason": plan.reason,
+        "warnings": list(plan.warnings),
         "layouts": [_layout_dict(p) for p in plan.layouts],
     }

@@ -31,8 +31,10 @@ def format_plan(plan: Plan) -> str:
         f"gpu_memory_utilization {limits.gpu_memory_utilization:.2f} -> "
         f"{pool.gpu_memory_bytes * limits.gpu_memory_utilization / GiB:.1f} GiB usable per GPU",
         f"Serving  max_model_len {limits.max_model_len}, max_num_seqs {limits.max_num_seqs}, "
-        f"max_num_batched_tokens {limits.max_num_batched_tokens}, block_size {limits.block_size}",
+        f"max_num_batched_tokens {limits.max_num_batched_tokens}, block_size {limits.block_size}"
+        + (", expert parallel" if limits.expert_parallel else ""),
     ]
+    lines += [f"Warning  {w}" for w in plan.warnings]
     if not shape.served:
         lines.append(f"Note     the engine does not serve {shape.architecture} yet; the "
                      "numbers follow vLLM's layout for it")

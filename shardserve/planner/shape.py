@@ -48,14 +48,18 @@ class MoESpec:
     shared_intermediate_size: int = 0  # all shared experts together; 0: none
     shared_expert_gate: bool = False  # Qwen2-MoE: a [1, hidden] sigmoid gate on the shared expert
     first_k_dense: int = 0
-    sparse_step: int = 1
+    sparse_step: int = 1  # Qwen-MoE's decoder_sparse_step: layers with (layer + 1) % step == 0
+    moe_layer_freq: int = 1  # DeepSeek's: layers with layer % freq == 0 (models/deepseek_memory.py)
     dense_layers: tuple[int, ...] = ()
+    # DeepSeek keeps the router in float32 whatever the model dtype (models/deepseek.py), and
+    # V3's noaux_tc routing adds one float32 e_score_correction_bias per expert.
+    router_float32: bool = False
+    router_bias: bool = False
 
     def is_moe_layer(self, layer: int) -> bool:
         if layer < self.first_k_dense or layer in self.dense_layers:
             return False
-        # Qwen-MoE's rule; DeepSeek's moe_layer_freq is 1 in every released config.
-        return (layer + 1) % self.sparse_step == 0
+        return (layer + 1) % self.sparse_step == 0 and layer % self.moe_layer_freq == 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,8 @@ class ModelShape:
 
     @property
     def rotary_dim(self) -> int:
+        if self.mla is not None:  # MLA rotates only the decoupled RoPE part of q and k
+            return self.mla.qk_rope_head_dim
         return int(self.head_dim * self.partial_rotary_factor)
 
     def rope_table_positions(self, max_model_len: int) -> int:
@@ -207,13 +213,21 @@ def _moe(config: Any) -> MoESpec | None:
         shared = int(_get(config, "n_shared_experts")) * expert_inter
     elif _get(config, "shared_expert_intermediate_size"):
         shared = int(_get(config, "shared_expert_intermediate_size"))
+    arch = _architecture(config)
+    deepseek = model_type in ("deepseek_v2", "deepseek_v3") or arch in (
+        "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+    v3 = model_type == "deepseek_v3" or arch == "DeepseekV3ForCausalLM"
     return MoESpec(
         num_experts=int(num_experts), num_experts_per_tok=top_k,
         expert_intermediate_size=expert_inter, shared_intermediate_size=shared,
         shared_expert_gate=model_type == "qwen2_moe" and shared > 0,
         first_k_dense=int(_get(config, "first_k_dense_replace", default=0)),
-        sparse_step=int(_get(config, "decoder_sparse_step", "moe_layer_freq", default=1)),
-        dense_layers=tuple(int(i) for i in (_get(config, "mlp_only_layers", default=[]) or [])))
+        sparse_step=1 if deepseek else int(_get(config, "decoder_sparse_step", default=1)),
+        moe_layer_freq=int(_get(config, "moe_layer_freq", default=1)) if deepseek else 1,
+        dense_layers=tuple(int(i) for i in (_get(config, "mlp_only_layers", default=[]) or [])),
+        # layers/moe_routing.py from_deepseek_config: V3 always routes by noaux_tc.
+        router_float32=deepseek,
+        router_bias=deepseek and (v3 or _get(config, "topk_method", default="") == "noaux_tc"))
 
 
 def _mla(config: Any) -> MLASpec | None:

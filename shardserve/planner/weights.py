@@ -9,9 +9,14 @@ The rules follow layers/linear.py and layers/embedding.py:
     VocabParallelEmbedding   vocab padded to a multiple of 64 * tp, then / tp rows
     RMSNorm, q/k norms       whole on every rank
 
-Counts are elements; multiply by the dtype's size. MLA attention and MoE MLPs (not served by
-the engine yet) follow vLLM's sharding for them; `attention_params` and `mlp_params` are the
-two hooks where an architecture plugs in its own accounting.
+    FusedMoE (layers/moe.py) every expert sliced to I / tp, or under expert parallelism E / tp
+                             whole experts; shared experts TP-sliced either way; the router
+                             replicated (DeepSeek: float32, V3 with a float32 bias per expert)
+
+Counts are elements; multiply by the dtype's size, or take `stage_weight_bytes`, which adds
+what is not in the model dtype (DeepSeek's float32 router, FusedMoE's int64 expert_map).
+`attention_params` and `mlp_params` are the two hooks where an architecture plugs in its own
+accounting (MLA follows models/deepseek.py).
 """
 
 from __future__ import annotations
@@ -97,38 +102,66 @@ def _mla_params(shape: ModelShape, mla: MLASpec, tp: int) -> int:
     kv_a = h * (mla.kv_lora_rank + mla.qk_rope_head_dim) + mla.kv_lora_rank
     kv_b = mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
     o = heads * mla.v_head_dim * h
-    return q + kv_a + kv_b + o
+    # attention_bias: the replicated q_a and kv_a projections' biases, o_proj's whole on every rank
+    bias = ((mla.q_lora_rank or 0) + mla.kv_lora_rank + mla.qk_rope_head_dim + h
+            if shape.o_proj_bias else 0)
+    return q + kv_a + kv_b + o + bias
 
 
-def mlp_params(shape: ModelShape, layer: int, tp: int) -> int:
+def router_params(shape: ModelShape) -> int:
+    """One MoE layer's router, replicated on every rank: its weight and V3's correction bias."""
+    moe = shape.moe
+    assert moe is not None
+    return moe.num_experts * (shape.hidden_size + (1 if moe.router_bias else 0))
+
+
+def mlp_params(shape: ModelShape, layer: int, tp: int, expert_parallel: bool = False) -> int:
     h = shape.hidden_size
     moe = shape.moe
     if moe is not None and moe.is_moe_layer(layer):
-        # Experts split by TP (or by EP: the same bytes per rank when experts divide evenly).
-        experts = moe.num_experts * 3 * h * moe.expert_intermediate_size // tp
-        shared = 3 * h * moe.shared_intermediate_size // tp
-        router = h * moe.num_experts  # replicated
-        return experts + shared + router + (h if moe.shared_expert_gate else 0)
+        inter = moe.expert_intermediate_size
+        if expert_parallel:  # E / tp whole experts (the same bytes when both divide evenly)
+            experts = moe.num_experts // tp * 3 * h * inter
+        else:  # every expert, I / tp of its width
+            experts = moe.num_experts * 3 * h * (inter // tp)
+        shared = 3 * h * moe.shared_intermediate_size // tp  # TP-sliced under EP too
+        return experts + shared + router_params(shape) + (h if moe.shared_expert_gate else 0)
     inter = shape.intermediate_size // tp
     bias = (2 * inter + h) if shape.mlp_bias else 0
     return 3 * h * inter + bias
 
 
-def layer_params(shape: ModelShape, layer: int, tp: int) -> int:
+def layer_params(shape: ModelShape, layer: int, tp: int, expert_parallel: bool = False) -> int:
     """One decoder layer on one TP rank: attention, MLP and its two RMSNorms."""
-    return attention_params(shape, tp) + mlp_params(shape, layer, tp) + 2 * shape.hidden_size
+    return (attention_params(shape, tp) + mlp_params(shape, layer, tp, expert_parallel)
+            + 2 * shape.hidden_size)
 
 
 def stage_params(shape: ModelShape, tp: int, start: int, end: int, first: bool,
-                 last: bool) -> int:
+                 last: bool, expert_parallel: bool = False) -> int:
     """Parameters on one rank of a pipeline stage holding layers [start, end); the first stage
     holds the embedding, the last the final norm and the LM head."""
-    total = sum(layer_params(shape, i, tp) for i in range(start, end))
+    total = sum(layer_params(shape, i, tp, expert_parallel) for i in range(start, end))
     if first:
         total += embedding_params(shape, tp)
     if last:
         total += shape.hidden_size + lm_head_params(
             shape, tp, shares_embedding=shape.tie_word_embeddings and first)
+    return total
+
+
+def stage_weight_bytes(shape: ModelShape, tp: int, start: int, end: int, first: bool,
+                       last: bool, elem_bytes: int, expert_parallel: bool = False) -> int:
+    """Bytes one rank of a pipeline stage allocates for its weights: the parameters in the
+    model dtype, except each MoE layer's router in float32 where the model keeps it so, plus
+    FusedMoE's int64 expert_map buffer (global expert id -> local index, on every rank)."""
+    total = stage_params(shape, tp, start, end, first, last, expert_parallel) * elem_bytes
+    moe = shape.moe
+    if moe is not None:
+        per_layer = 8 * moe.num_experts
+        if moe.router_float32:
+            per_layer += router_params(shape) * (4 - elem_bytes)
+        total += per_layer * sum(1 for i in range(start, end) if moe.is_moe_layer(i))
     return total
 
 
@@ -146,7 +179,7 @@ def active_params_per_token(shape: ModelShape, layer: int) -> int:
     h = shape.hidden_size
     experts = moe.num_experts_per_tok * 3 * h * moe.expert_intermediate_size
     return (attention_params(shape, 1) + experts + 3 * h * moe.shared_intermediate_size
-            + h * moe.num_experts)
+            + router_params(shape))
 
 
 def kv_bytes_per_token_layer(shape: ModelShape, tp: int, elem_bytes: int) -> int:
