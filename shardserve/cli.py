@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from shardserve.errors import ShardserveError
@@ -206,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `shardserve plan ... | head`: the reader left; say nothing more, not a traceback
+        # (stdout is pointed at devnull so the interpreter's final flush fails quietly too).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
