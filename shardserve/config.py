@@ -51,7 +51,13 @@ class ModelConfig:
     dtype: str = "auto"  # auto: the checkpoint's half type on CUDA, float32 on CPU
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0
-    served_model_name: str | None = None
+    # The model's name in the API; several (vLLM's `--served-model-name a b`): all are accepted
+    # in requests and listed by /v1/models, the first is the one responses report. None: the
+    # model path.
+    served_model_name: str | list[str] | None = None
+    # Accepted for vLLM compatibility and ignored: shardserve runs only its own model code
+    # (models/), never Python shipped inside a checkpoint.
+    trust_remote_code: bool = False
     enforce_eager: bool = False  # CUDA: never capture or replay CUDA graphs
     # decode batches up to this replay a captured graph (capped by max_num_seqs)
     max_cuda_graph_batch_size: int = DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
@@ -63,6 +69,12 @@ class ModelConfig:
     source: Any = field(default=None, repr=False)  # loader.source.ModelSource
     hf_config: Any = field(default=None, repr=False)  # transformers.PretrainedConfig
     architecture: str = ""
+
+    @property
+    def served_model_names(self) -> list[str]:
+        """Every name the model answers to, the reported one first (after resolve())."""
+        name = self.served_model_name
+        return [name] if isinstance(name, str) else list(name or [])
 
     @property
     def torch_dtype(self):
@@ -231,6 +243,23 @@ def _check_type(name: str, annotation: str, value: Any) -> None:
                                   f"got {value!r}.", name)
 
 
+def _check_served_model_name(mc: ModelConfig) -> None:
+    """Default the name to the model path; several names must be distinct non-empty strings."""
+    name = mc.served_model_name
+    if name is None or (isinstance(name, (list, tuple)) and not name):
+        mc.served_model_name = mc.model if mc.model else mc.source.name
+        return
+    names = [name] if isinstance(name, str) else name
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise InvalidRequestError(f"served_model_name must be a non-empty string or a list of "
+                                  f"them, got {name!r}.", "served_model_name")
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"served_model_name lists a name twice: {name!r}.",
+                                  "served_model_name")
+    if not isinstance(name, str):
+        mc.served_model_name = list(names)
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
@@ -317,8 +346,7 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"gpu_memory_utilization must be in (0, 1], got {cc.gpu_memory_utilization}.",
                 "gpu_memory_utilization")
-        if mc.served_model_name is None:
-            mc.served_model_name = mc.model if mc.model else mc.source.name
+        _check_served_model_name(mc)
         # -tp/-pp/-dp 'auto': the planner picks from the model and the visible GPUs (ints after).
         from shardserve.planner.auto import resolve_auto_parallel_on_device
         resolve_auto_parallel_on_device(self)

@@ -46,6 +46,11 @@ _HELP = {
                                  "(the one-node fast path for small messages)",
     "custom_all_reduce_max_bytes": "largest all-reduce, e.g. 8MiB, taken by the custom "
                                    "all-reduce (its buffer per GPU); larger ones use NCCL",
+    "served_model_name": "the model's name(s) in the API: all are accepted in requests and "
+                         "listed by /v1/models, the first is reported in responses (default: "
+                         "the --model path)",
+    "trust_remote_code": "accepted for vLLM compatibility and ignored: shardserve runs only its "
+                         "own model code, never Python code shipped with a checkpoint",
 }
 
 
@@ -101,6 +106,8 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
                 kwargs["choices"] = LOAD_FORMATS
             if f.name == "kv_cache_dtype":
                 kwargs["choices"] = KV_CACHE_DTYPES
+            if f.name == "served_model_name":
+                kwargs["nargs"] = "+"  # vLLM's aliases: --served-model-name a b
             if f.name in ("kv_cache_memory_bytes", "custom_all_reduce_max_bytes"):
                 kwargs["type"] = parse_size
             elif f.name in _AUTO_SIZES:

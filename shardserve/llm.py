@@ -11,7 +11,7 @@ from shardserve.engine.llm_engine import LLMEngine
 from shardserve.errors import InvalidRequestError
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
-from shardserve.tokenizer import apply_chat_template
+from shardserve.tokenizer import chat_prompt_ids, render_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,12 @@ class LLM:
             raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} "
                                       "dicts (or a list of such lists).", "messages")
         conversations = messages if isinstance(messages[0], list) else [messages]
-        prompts = [{"prompt_token_ids": apply_chat_template(self.engine.tokenizer, conv,
-                                                            add_generation_prompt)}
-                   for conv in conversations]
+        tokenizer = self.engine.tokenizer
+        texts = [render_chat_template(tokenizer, conv, add_generation_prompt)
+                 for conv in conversations]
+        # The rendered text rides along as the prompt, so RequestOutput.prompt holds it (vLLM).
+        prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, text), "prompt": text}
+                   for text in texts]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, processed, params_list, use_tqdm: bool) -> list[RequestOutput]:

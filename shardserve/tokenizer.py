@@ -57,7 +57,20 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 def apply_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
                         add_generation_prompt: bool = True,
                         template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
-    """Token ids of a chat rendered with the model's template.
+    """Token ids of a chat rendered with the model's template (render_chat_template's text)."""
+    text = render_chat_template(tokenizer, messages, add_generation_prompt, template_kwargs)
+    return chat_prompt_ids(tokenizer, text)
+
+
+def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """The ids of a rendered chat: the template wrote any BOS itself, so none is added."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def render_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
+                         add_generation_prompt: bool = True,
+                         template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The prompt text of a chat rendered with the model's template.
 
     `template_kwargs` (vLLM's chat_template_kwargs) are extra variables for the template, e.g.
     Qwen3's enable_thinking; they may override add_generation_prompt, as in vLLM.
@@ -75,11 +88,10 @@ def apply_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     options = {"add_generation_prompt": add_generation_prompt,
                **_template_variables(tokenizer, template_kwargs)}
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, **options)
+        return tokenizer.apply_chat_template(conversation, tokenize=False, **options)
     except jinja2.TemplateError as err:
         raise InvalidRequestError(
             f"The model's chat template rejected the messages: {err}", "messages") from err
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def eos_token_ids(tokenizer: Any, hf_config: Any, folder: str | os.PathLike[str] | None) -> list[int]:
@@ -166,6 +178,10 @@ def _template_variables(tokenizer: Any, template_kwargs: Mapping[str, Any] | Non
     return dict(template_kwargs)
 
 
+# OpenAI's message roles ("function" is its deprecated form of "tool").
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Check OpenAI-style messages and flatten text content parts to one string, as text-only
     models' templates expect."""
@@ -181,6 +197,12 @@ def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise InvalidRequestError(f"messages[{i}].role must be a non-empty string.", "messages")
+        if role not in CHAT_ROLES:
+            # OpenAI refuses other roles; a template would render them as some other turn or
+            # silently drop them.
+            raise InvalidRequestError(
+                f"messages[{i}].role {role!r} is not a chat role; use one of "
+                f"{', '.join(CHAT_ROLES)}.", f"messages[{i}].role")
         content = message.get("content")
         if isinstance(content, list):
             content = _join_text_parts(content, i)

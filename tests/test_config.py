@@ -28,3 +28,41 @@ def test_right_types_pass():
                                       async_scheduling=None)
     assert config.cache_config.block_size == 8 and config.cache_config.gpu_memory_utilization == 1
     assert config.parallel_config.tensor_parallel_size == "auto"
+
+
+def test_trust_remote_code_is_accepted_and_unknown_names_still_refused(tmp_path):
+    """vLLM users pass trust_remote_code=True by habit: a documented no-op here (shardserve
+    runs only its own model code), while a misspelt argument is still an error."""
+    from shardserve import LLM
+    from shardserve.errors import ModelLoadError
+
+    assert EngineConfig.from_kwargs(trust_remote_code=True).model_config.trust_remote_code
+    with pytest.raises(TypeError, match="trust_remote_cod\\b"):
+        EngineConfig.from_kwargs(trust_remote_cod=True)
+    # Through LLM(...) too: it gets as far as looking for the model.
+    with pytest.raises(ModelLoadError):
+        LLM(str(tmp_path / "missing"), device="cpu", trust_remote_code=True)
+
+
+@pytest.mark.parametrize("value,names", [
+    (None, None),  # the model path
+    ("org/model", ["org/model"]),
+    (["org/model", "alias"], ["org/model", "alias"]),
+    (("a", "b"), ["a", "b"]),
+])
+def test_served_model_names(tiny_model_dirs, value, names):
+    model = tiny_model_dirs["llama"]
+    mc = EngineConfig.from_kwargs(model=model, device="cpu",
+                                  served_model_name=value).resolve().model_config
+    assert mc.served_model_names == (names or [model])
+    if isinstance(value, str):  # a single name stays a plain string for Python callers
+        assert mc.served_model_name == value
+
+
+@pytest.mark.parametrize("value", [["a", ""], ["a", "a"], [1], 5, ""])
+def test_bad_served_model_names(tiny_model_dirs, value):
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      served_model_name=value)
+    with pytest.raises(InvalidRequestError) as err:
+        config.resolve()
+    assert err.value.param == "served_model_name"

@@ -21,6 +21,25 @@ def test_async_scheduling_flag(argv, expected):
     assert parser.parse_args(argv).async_scheduling is expected
 
 
+@pytest.mark.parametrize("argv,expected", [
+    ([], None), (["--served-model-name", "org/m"], ["org/m"]),
+    (["--served-model-name", "org/m", "m", "--max-model-len", "64"], ["org/m", "m"]),
+    (["--served-model-name=org/m"], ["org/m"]),
+])
+def test_served_model_name_takes_several(argv, expected):
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert parser.parse_args(argv).served_model_name == expected
+
+
+def test_trust_remote_code_is_a_documented_no_op_flag():
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert parser.parse_args(["--trust-remote-code"]).trust_remote_code is True
+    assert parser.parse_args([]).trust_remote_code is False
+    assert "ignored" in " ".join(parser.format_help().split())
+
+
 @pytest.mark.parametrize("kwargs,expected", [
     ({}, False),  # CPU: lock-step unless asked
     ({"async_scheduling": True}, True),

@@ -11,7 +11,8 @@ import pytest
 
 from shardserve.errors import InvalidRequestError, ModelLoadError
 from shardserve.loader.source import ModelSource
-from shardserve.tokenizer import apply_chat_template, encode_prompt, eos_token_ids, load_tokenizer
+from shardserve.tokenizer import (apply_chat_template, encode_prompt, eos_token_ids, load_tokenizer,
+                                  render_chat_template)
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -82,6 +83,23 @@ def test_chat_errors_are_invalid_requests(tiny_model_dirs, tmp_path):
         apply_chat_template(tokenizer, CHAT)
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_tokenizer(ModelSource("hf", tmp_path, "x"), tokenizer_path=tmp_path / "missing")
+
+
+def test_only_openai_roles_are_accepted(tiny_model_dirs):
+    """OpenAI's roles reach the template; any other is refused, naming the message and the
+    roles to use (a template would render it as some other turn, or drop it silently)."""
+    tokenizer = load_tokenizer(ModelSource("hf", Path(tiny_model_dirs["llama"]), "tiny"))
+    for role in ("system", "developer", "user", "assistant", "tool", "function"):
+        text = render_chat_template(tokenizer, [*CHAT, {"role": role, "content": "x"}])
+        assert f"<|im_start|>{role}\nx<|im_end|>" in text, role
+        assert apply_chat_template(tokenizer, [*CHAT, {"role": role, "content": "x"}]) == \
+            tokenizer.encode(text, add_special_tokens=False)
+    for role in ("wizard", "User", "model"):
+        with pytest.raises(InvalidRequestError) as err:
+            apply_chat_template(tokenizer, [*CHAT, {"role": role, "content": "x"}])
+        assert err.value.param == "messages[1].role"
+        assert repr(role) in str(err.value)
+        assert "system, developer, user, assistant, tool, function" in str(err.value)
 
 
 def test_template_kwargs_are_template_variables(tiny_model_dirs):

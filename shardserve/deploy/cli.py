@@ -28,7 +28,9 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--name", default=None, help="object name (default shardserve)")
     g.add_argument("--namespace", default=None)
     g.add_argument("--image", default=None, help="container image (default shardserve:latest)")
-    g.add_argument("--served-model-name", default=None)
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the server's --served-model-name: one name, or several (the first is "
+                        "reported, all are accepted)")
     g.add_argument("--gpu-product", default=None,
                    help="require nodes labelled nvidia.com/gpu.product=VALUE "
                         "(e.g. NVIDIA-H100-80GB-HBM3)")

@@ -36,8 +36,13 @@ def engine_args(spec: DeploySpec, multi_node: bool) -> list[str]:
 def serve_args(spec: DeploySpec) -> list[str]:
     args = ["serve", *engine_args(spec, spec.spans_nodes), "--host=0.0.0.0",
             f"--port={spec.port}", f"--shutdown-timeout={spec.shutdown_timeout_s}"]
-    if spec.served_model_name:
-        args.append(f"--served-model-name={spec.served_model_name}")
+    names = spec.served_model_name
+    if isinstance(names, str):
+        names = [names]
+    if names and len(names) == 1:
+        args.append(f"--served-model-name={names[0]}")
+    elif names:  # not --flag=A B: argparse would refuse B as an unrecognized argument
+        args += ["--served-model-name", *names]
     return args
 
 

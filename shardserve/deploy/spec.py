@@ -32,7 +32,7 @@ class DeploySpec:
     name: str = "shardserve"
     namespace: str = "default"
     image: str = "shardserve:latest"
-    served_model_name: str | None = None
+    served_model_name: str | list[str] | None = None  # several: aliases, the first reported
     serve_args: list[str] = field(default_factory=list)  # extra engine flags (--max-model-len ...)
     gpu_product: str | None = None  # node label nvidia.com/gpu.product to require
     group_topology_key: str = "topology.kubernetes.io/zone"  # LWS: one group per domain

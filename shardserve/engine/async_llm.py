@@ -29,7 +29,7 @@ from shardserve.engine.core_messages import (AbortRequests, CoreFailed, CoreRead
                                              ProfileResult)
 from shardserve.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from shardserve.engine.output_processor import OutputProcessor
-from shardserve.engine.stat_logger import StatLogger
+from shardserve.engine.stat_logger import FinishedRequestStats, StatLogger
 from shardserve.errors import EngineDeadError, InvalidRequestError, OverloadedError
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
@@ -48,8 +48,11 @@ class _RequestState:
     child_ids: list[str]
     arrival_time: float
     num_prompt_tokens: int
+    n: int
+    max_tokens: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # RequestOutput | Exception
     scheduled: bool = False
+    scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
 
@@ -216,7 +219,8 @@ class AsyncLLM:
         requests = self.input_processor.make_requests(request_id, processed, params, now)
         self.output_processor.add_request(request_id, processed.prompt, requests)
         state = _RequestState(request_id, [r.request_id for r in requests], now,
-                              len(processed.prompt_token_ids))
+                              len(processed.prompt_token_ids), len(requests),
+                              requests[0].max_tokens)
         self._states[request_id] = state
         self._unscheduled[request_id] = state
         for r in requests:
@@ -289,6 +293,7 @@ class AsyncLLM:
             state = self._by_child.get(child_id)
             if state is not None and not state.scheduled:
                 state.scheduled = True
+                state.scheduled_time = scheduled_time
                 self._unscheduled.pop(state.request_id, None)
                 self.stat_logger.record_scheduled(max(scheduled_time - state.arrival_time, 0.0))
         outputs = []
@@ -309,6 +314,8 @@ class AsyncLLM:
                     state.queue.put_nowait(ro)
                     if ro.finished:
                         self._forget(ro.request_id)
+        if message.num_step_tokens:
+            self.stat_logger.record_iteration(message.num_step_tokens)
         if message.stats is not None:
             self.latest_stats = message.stats
             self.stat_logger.record_core_stats(message.stats)
@@ -326,6 +333,15 @@ class AsyncLLM:
         if ro.finished:
             reason = ro.outputs[0].finish_reason or "stop"
             self.stat_logger.record_finished(reason, now - state.arrival_time)
+            if reason in ("stop", "length"):
+                scheduled = (state.scheduled_time if state.scheduled_time is not None
+                             else state.arrival_time)
+                # No token at all (echo with max_tokens 0): the prompt was the whole work.
+                first = state.first_token_time if state.first_token_time is not None else now
+                last = state.last_token_time if state.last_token_time is not None else now
+                self.stat_logger.record_request(FinishedRequestStats(
+                    state.num_prompt_tokens, sum(len(c.token_ids) for c in ro.outputs),
+                    state.n, state.max_tokens, max(first - scheduled, 0.0), last - first))
 
     def _fail_request(self, child_id: str, error: Exception) -> None:
         state = self._by_child.get(child_id)

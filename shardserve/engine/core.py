@@ -62,6 +62,9 @@ class EngineCore:
         self._batch_queue: deque[tuple[int, SchedulerOutput]] = deque()
         self.num_overlapped_steps = 0  # submitted while another step was in flight
         self._profiling = False
+        # Tokens the model computed in the step whose outputs step() returned last (0: none
+        # came back), for the iteration_tokens_total histogram.
+        self.num_step_tokens = 0
         self.startup_seconds = {"load": loaded - start, "kv_cache": time.perf_counter() - loaded}
         logger.info("Engine ready: load %.1f s, KV cache %.1f s", *self.startup_seconds.values())
         freeze_startup_heap()
@@ -76,12 +79,14 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests() or bool(self._batch_queue)
 
     def step(self) -> list[EngineCoreOutput]:
+        self.num_step_tokens = 0
         if self.max_in_flight > 1:
             return self.step_with_batch_queue()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
             return []
         runner_output = self.executor.execute_model(scheduler_output)
+        self.num_step_tokens = scheduler_output.total_num_scheduled_tokens
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def step_with_batch_queue(self) -> list[EngineCoreOutput]:
@@ -117,6 +122,7 @@ class EngineCore:
             return []
         seq, scheduler_output = queue.popleft()
         runner_output = self.executor.collect_step(seq)
+        self.num_step_tokens = scheduler_output.total_num_scheduled_tokens
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def stats(self) -> SchedulerStats:

@@ -91,6 +91,8 @@ class CoreStepOutputs:
     scheduled: dict[str, float]
     stats: CoreStats | None = None
     timestamp: float = 0.0
+    # Tokens the model computed in the step these outputs came from (0: no step came back).
+    num_step_tokens: int = 0
 
 
 @dataclass

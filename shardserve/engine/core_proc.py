@@ -187,8 +187,9 @@ class EngineCoreProc:
                 self._live.pop(out.req_id, None)
         now = time.monotonic()
         stats = self._stats() if now - self._last_stats_time >= STATS_INTERVAL_S else None
-        if outputs or scheduled or stats is not None:
-            self._send(CoreStepOutputs(outputs, scheduled, stats, now))
+        num_tokens = self.core.num_step_tokens
+        if outputs or scheduled or stats is not None or num_tokens:
+            self._send(CoreStepOutputs(outputs, scheduled, stats, now, num_tokens))
 
     def _newly_scheduled(self, outputs: list[EngineCoreOutput]) -> dict[str, float]:
         if not self._unscheduled:

@@ -6,7 +6,21 @@ metrics library, and the default logger does nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from shardserve.engine.core_messages import CoreStats
+
+
+@dataclass
+class FinishedRequestStats:
+    """One request that ended with stop or length (all its n samples together)."""
+
+    num_prompt_tokens: int
+    num_generation_tokens: int  # over all samples, as usage.completion_tokens
+    n: int
+    max_tokens: int  # the limit in force: the request's, or what max_model_len leaves
+    prefill_time: float  # first scheduled -> first token
+    decode_time: float  # first token -> last token
 
 
 class StatLogger:
@@ -28,6 +42,12 @@ class StatLogger:
 
     def record_finished(self, finish_reason: str, e2e_latency: float) -> None:
         """A request ended: stop | length | abort | error."""
+
+    def record_request(self, stats: FinishedRequestStats) -> None:
+        """A request ended with stop or length (after its record_finished)."""
+
+    def record_iteration(self, num_tokens: int) -> None:
+        """An engine step came back having computed num_tokens tokens (prompt and decode)."""
 
     def record_rejected(self, reason: str) -> None:
         """A request was turned away (queue_full, queue_time, draining, not_ready)."""

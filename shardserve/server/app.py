@@ -69,13 +69,21 @@ def build_app(state: ServerState) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key)])
 
+    def model_card(name: str) -> ModelCard:
+        mc = state.config.model_config
+        return ModelCard(id=name, created=int(state.start_time), root=str(mc.source.path),
+                         max_model_len=mc.max_model_len, vocab_size=int(mc.hf_config.vocab_size))
+
     @v1.get("/models")
     async def models() -> ModelList:
-        mc = state.config.model_config
-        return ModelList(data=[ModelCard(id=name, root=str(mc.source.path),
-                                         max_model_len=mc.max_model_len,
-                                         vocab_size=int(mc.hf_config.vocab_size))
-                               for name in state.served_model_names])
+        return ModelList(data=[model_card(name) for name in state.served_model_names])
+
+    # A path parameter: names like meta-llama/Llama-3-8B hold slashes (the openai client's
+    # models.retrieve(name) sends them as they are).
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        state.check_model(model_id)
+        return model_card(model_id)
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
@@ -213,10 +221,11 @@ def run_server(args: argparse.Namespace) -> int:
 
     config = engine_config_from_args(args).resolve()
     server_args = ServerArgs.from_namespace(args)
-    name = config.model_config.served_model_name
-    metrics = ServerMetrics(name)
+    names = config.model_config.served_model_names
+    name = names[0]
+    metrics = ServerMetrics(name, config.model_config.max_model_len)
     engine = AsyncLLM(config, metrics, server_args.max_queue_time)
-    state = ServerState(config, server_args, engine, metrics, [name])
+    state = ServerState(config, server_args, engine, metrics, names)
     if server_args.api_key is None:
         logger.warning("No --api-key (or %s): /v1 is open to anyone who can reach port %d",
                        API_KEY_ENV, server_args.port)

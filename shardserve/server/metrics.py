@@ -14,7 +14,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 
 from shardserve.engine.core_messages import CoreStats
-from shardserve.engine.stat_logger import StatLogger
+from shardserve.engine.stat_logger import FinishedRequestStats, StatLogger
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 PREFIX = "shardserve:"
@@ -25,10 +25,23 @@ _ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 7.5, 10.0, 20.0, 40.0, 80.0]
 _LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+_ITERATION_TOKENS_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+_N_BUCKETS = [1, 2, 5, 10, 20]
+
+
+def buckets_1_2_5(max_value: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value (vLLM's buckets for token counts)."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return buckets
+            buckets.append(mantissa * scale)
+        scale *= 10
 
 
 class ServerMetrics(StatLogger):
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_model_len: int = 131072) -> None:
         # No `*_created` series next to every counter and histogram (vLLM turns them off too);
         # a process-wide switch in prometheus_client, harmless in a server process.
         prometheus_client.disable_created_metrics()
@@ -65,6 +78,26 @@ class ServerMetrics(StatLogger):
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduling.",
                                     _LATENCY_BUCKETS)
+        # Per finished request (stop or length), as vLLM: sizes, the phases of its time on
+        # the engine, and what it asked for.
+        tokens = buckets_1_2_5(max_model_len)
+        self.request_prompt_tokens = histogram("request_prompt_tokens",
+                                               "Prompt tokens of each finished request.", tokens)
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Tokens generated for each finished request (all its "
+            "n samples).", tokens)
+        self.request_prefill_time = histogram("request_prefill_time_seconds",
+                                              "First scheduling to first token.", _LATENCY_BUCKETS)
+        self.request_decode_time = histogram("request_decode_time_seconds",
+                                             "First token to last token.", _LATENCY_BUCKETS)
+        self.request_params_n = histogram("request_params_n", "The n of each finished request.",
+                                          _N_BUCKETS)
+        self.request_params_max_tokens = histogram(
+            "request_params_max_tokens", "The max_tokens in force for each finished request "
+            "(what max_model_len leaves when the request set none).", tokens)
+        self.iteration_tokens = histogram("iteration_tokens_total",
+                                          "Tokens computed per engine step (prompt and decode).",
+                                          _ITERATION_TOKENS_BUCKETS)
         self.gpu_memory_used = gauge("gpu_memory_used_bytes", "GPU memory in use.", m + ["gpu"])
         self.gpu_memory_total = gauge("gpu_memory_total_bytes", "GPU memory in total.", m + ["gpu"])
         self.tp_comm_time_ratio = gauge("tp_comm_time_ratio",
@@ -78,7 +111,9 @@ class ServerMetrics(StatLogger):
         for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage,
                        self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions,
                        self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e,
-                       self.queue_time):
+                       self.queue_time, self.request_prompt_tokens, self.request_generation_tokens,
+                       self.request_prefill_time, self.request_decode_time, self.request_params_n,
+                       self.request_params_max_tokens, self.iteration_tokens):
             metric.labels(model_name)
         for reason in ("stop", "length", "abort", "error"):
             self.request_success.labels(model_name, reason)
@@ -130,6 +165,18 @@ class ServerMetrics(StatLogger):
     def record_finished(self, finish_reason: str, e2e_latency: float) -> None:
         self.request_success.labels(self._model, finish_reason).inc()
         self.e2e.labels(self._model).observe(e2e_latency)
+
+    def record_request(self, stats: FinishedRequestStats) -> None:
+        model = self._model
+        self.request_prompt_tokens.labels(model).observe(stats.num_prompt_tokens)
+        self.request_generation_tokens.labels(model).observe(stats.num_generation_tokens)
+        self.request_prefill_time.labels(model).observe(stats.prefill_time)
+        self.request_decode_time.labels(model).observe(stats.decode_time)
+        self.request_params_n.labels(model).observe(stats.n)
+        self.request_params_max_tokens.labels(model).observe(stats.max_tokens)
+
+    def record_iteration(self, num_tokens: int) -> None:
+        self.iteration_tokens.labels(self._model).observe(num_tokens)
 
     def record_rejected(self, reason: str) -> None:
         self.requests_rejected.labels(self._model, reason).inc()

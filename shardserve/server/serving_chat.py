@@ -48,7 +48,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     params = build_sampling_params(req, state, max_tokens, logprobs)
 
     request_id = req.request_id or random_id("chatcmpl")
-    model = req.model or state.model_name
+    model = state.model_name  # the first served name, whichever alias was asked for (vLLM)
     state.admit()
     gen = engine.generate(processed, params, request_id)
     streaming = False

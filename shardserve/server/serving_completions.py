@@ -53,7 +53,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     echo = _Echo(bool(req.echo), score_only, req.logprobs, engine.tokenizer)
 
     request_id = req.request_id or random_id("cmpl")
-    model = req.model or state.model_name
+    model = state.model_name  # the first served name, whichever alias was asked for (vLLM)
     state.admit()
     merged = None
     gens: list = []

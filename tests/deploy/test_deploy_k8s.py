@@ -437,3 +437,17 @@ def test_spec_refusals() -> None:
         manifests(DeploySpec(model="m", dp=2, max_replicas=0))
     # Standby replicas above the floor still stop at the maximum.
     assert DeploySpec(model="m", dp=2, min_replicas=2, standby_replicas=3).check().replicas_min == 2
+
+
+@pytest.mark.parametrize("names", [["org/model"], ["org/model", "alias"]])
+def test_served_model_names_reach_the_server(tmp_path: Path, names: list[str]) -> None:
+    """`deploy k8s --served-model-name a b` gives the server flags its parser reads back as
+    the same names (not `--served-model-name=a b`, which argparse would refuse)."""
+    from shardserve.cli import build_parser, main
+
+    assert main(["deploy", "k8s", "--model", "m", "--served-model-name", *names,
+                 "--out", str(tmp_path)]) == 0
+    dep = yaml.safe_load((tmp_path / "deployment.yaml").read_text())
+    args = [a.replace("$(TENSOR_PARALLEL_SIZE)", "1").replace("$(PIPELINE_PARALLEL_SIZE)", "1")
+            for a in dep["spec"]["template"]["spec"]["containers"][0]["args"]]
+    assert build_parser().parse_args(args).served_model_name == names

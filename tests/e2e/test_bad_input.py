@@ -112,6 +112,15 @@ def test_error_mid_generation_frees_blocks(llm, monkeypatch):
     assert_clean_and_serving(llm)
 
 
+def test_chat_role_that_openai_refuses(llm):
+    good = {"role": "user", "content": "hi"}
+    with pytest.raises(InvalidRequestError, match="'wizard'.*system, developer, user") as err:
+        llm.chat([[good], [good, {"role": "wizard", "content": "abracadabra"}]],
+                 SamplingParams(max_tokens=2), use_tqdm=False)
+    assert err.value.param == "messages[1].role"
+    assert_clean_and_serving(llm)
+
+
 def test_missing_path_and_no_model(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         make_llm(str(tmp_path / "nope"))

@@ -51,6 +51,12 @@ def test_paris(smollm2_llm):
                            SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"
+    # vLLM's RequestOutput.prompt of a chat: the templated text, which is what was tokenized.
+    assert out.prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+                          "trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the "
+                          "capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    tokenizer = smollm2_llm.get_tokenizer()
+    assert tokenizer.encode(out.prompt, add_special_tokens=False) == out.prompt_token_ids
 
 
 def test_hf_folder_of_same_weights(tmp_path_factory, smollm2_gguf, chat_prompts):

@@ -23,6 +23,7 @@ class FakeCore:
         self.requests: dict = {}
         self.aborted: list[str] = []
         self.fail = fail
+        self.num_step_tokens = 0
 
     def add_request(self, request) -> None:
         self.requests[request.request_id] = request
@@ -39,9 +40,11 @@ class FakeCore:
         if self.fail:
             raise RuntimeError("boom")
         outputs = []
+        self.num_step_tokens = 0
         for rid, request in list(self.requests.items()):
             request.first_scheduled_time = time.monotonic()
             outputs.append(EngineCoreOutput(rid, [7], finish_reason="length"))
+            self.num_step_tokens += len(request.prompt_token_ids)
             del self.requests[rid]
         return outputs
 
@@ -94,6 +97,7 @@ def test_outputs_and_scheduled_times_then_clean_exit():
     assert [o.req_id for o in steps[0].outputs] == ["a"]
     assert set(steps[0].scheduled) == {"a"}
     assert steps[0].stats is not None
+    assert steps[0].num_step_tokens == 3  # the step's computed tokens ride along (metrics)
 
 
 def test_exception_fails_every_inflight_request_and_exits_1():

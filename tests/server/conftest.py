@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 API_KEY = "test-key-123"
+TINY_SERVER_NAMES = ("org/tiny-llama", "tiny")
 STARTUP_TIMEOUT_S = 300.0
 
 
@@ -151,8 +152,10 @@ def tiny_server(tmp_path_factory, tiny_llama_dir):
     """A server on the tiny model, for load-shaped tests (disconnect storms, bench serve).
     It schedules asynchronously (two steps in flight), as servers on a GPU do by default, so
     the disconnect storm also checks that aborts with a step in flight free every block; the
-    shared SmolLM2 server keeps lock-step scheduling."""
+    shared SmolLM2 server keeps lock-step scheduling. It answers to two names (vLLM's several
+    --served-model-name), the first with a slash as Hugging Face repo ids have."""
     server = start_server(tmp_path_factory.mktemp("tiny_server_logs"), "--max-num-seqs", "16",
-                          "--max-model-len", "1024", "--async-scheduling", model=tiny_llama_dir)
+                          "--max-model-len", "1024", "--async-scheduling",
+                          "--served-model-name", *TINY_SERVER_NAMES, model=tiny_llama_dir)
     yield server
     server.stop()

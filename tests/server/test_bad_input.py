@@ -51,6 +51,8 @@ CASES = [
     ("chat/completions", {"messages": []}, 400, "messages", "messages"),
     ("chat/completions", {"messages": [{"role": "user"}]}, 400, "messages", "content"),
     ("chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages", "role"),
+    ("chat/completions", {"messages": [*CHAT, {"role": "wizard", "content": "hi"}]}, 400,
+     "messages[1].role", "system, developer, user, assistant, tool, function"),
     ("chat/completions", {"messages": [{"role": "user", "content": {"a": 1}}]}, 400, "messages", "content"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages", "text"),
@@ -147,7 +149,9 @@ def test_unknown_route_and_method(http):
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key"},
                                      {"Authorization": API_KEY}, {"Authorization": "Basic abc"},
                                      {"Authorization": "Bearer"}])
-@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
+@pytest.mark.parametrize("method,path", [("GET", "/v1/models"),
+                                         ("GET", "/v1/models/SmolLM2-135M-Instruct"),
+                                         ("POST", "/v1/completions"),
                                          ("POST", "/v1/chat/completions")])
 def test_api_key_required_and_checked(smollm2_server, headers, method, path):
     r = httpx.request(method, f"{smollm2_server.base_url}{path}", headers=headers,

@@ -44,3 +44,51 @@ def test_metrics_exist_and_move(smollm2_server):
         assert delta(f"{name}_sum") > 0, name
     assert delta("inter_token_latency_seconds_count") == 6  # 3 gaps between 4 tokens, twice
     assert after[("shardserve:kv_cache_usage_perc", ())] == 0.0
+
+
+def test_request_histograms_have_each_finished_requests_numbers(tiny_server):
+    """vLLM's per-request histograms take one observation per finished request, with its
+    numbers; iteration_tokens_total one per engine step, summing to the tokens computed. On the
+    tiny server, which schedules asynchronously (a step in flight must not count twice)."""
+    before = tiny_server.wait_idle()
+    requests = [{"prompt": "Fourteen quiet otters read the metrics page", "max_tokens": 5},
+                {"prompt": "Seven owls", "max_tokens": 3, "n": 2}]
+    usages = []
+    for body in requests:
+        r = httpx.post(f"{tiny_server.base_url}/v1/completions", headers=AUTH, timeout=60,
+                       json={**body, "ignore_eos": True, "temperature": 1.0})
+        assert r.status_code == 200, r.text
+        usages.append(r.json()["usage"])
+    after = tiny_server.wait_idle()
+
+    def delta(name: str, labels: tuple = ()) -> float:
+        key = (f"shardserve:{name}", labels)
+        return after[key] - before.get(key, 0.0)
+
+    def bucket(name: str, le: str) -> float:
+        return delta(f"{name}_bucket", (("le", le),))
+
+    prompts = [u["prompt_tokens"] for u in usages]
+    for name, total in (("request_prompt_tokens", sum(prompts)),
+                        ("request_generation_tokens", 5 + 2 * 3),
+                        ("request_params_n", 1 + 2),
+                        ("request_params_max_tokens", 5 + 3)):
+        assert delta(f"{name}_count") == 2, name
+        assert delta(f"{name}_sum") == total, name
+        assert bucket(name, "+Inf") == 2, name
+    assert bucket("request_params_n", "1.0") == 1 and bucket("request_params_n", "2.0") == 2
+    assert bucket("request_params_max_tokens", "2.0") == 0
+    assert bucket("request_params_max_tokens", "5.0") == 2
+    assert bucket("request_generation_tokens", "5.0") == 1  # 5 tokens; the other has 6
+    # Token-count buckets are vLLM's 1-2-5 series up to max_model_len (1024 here).
+    assert ("shardserve:request_prompt_tokens_bucket", (("le", "1000.0"),)) in after
+    assert ("shardserve:request_prompt_tokens_bucket", (("le", "2000.0"),)) not in after
+    # Prefill and decode split the time between first scheduling and the last token.
+    for name in ("request_prefill_time_seconds", "request_decode_time_seconds"):
+        assert delta(f"{name}_count") == 2 and delta(f"{name}_sum") > 0, name
+    assert (delta("request_prefill_time_seconds_sum") + delta("request_decode_time_seconds_sum")
+            <= delta("e2e_request_latency_seconds_sum"))
+    # Each sample computes its prompt (less prefix-cache hits) and every token but its last.
+    computed = (prompts[0] + 5 - 1) + 2 * (prompts[1] + 3 - 1) - delta("prefix_cache_hits_total")
+    assert delta("iteration_tokens_total_sum") == computed
+    assert 5 <= delta("iteration_tokens_total_count") <= 5 + 3 + 3

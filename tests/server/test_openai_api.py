@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import API_KEY
+from tests.server.conftest import API_KEY, TINY_SERVER_NAMES
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -23,8 +23,32 @@ def model(client) -> str:
 
 def test_models_and_version(smollm2_server, client, model):
     assert model == "SmolLM2-135M-Instruct"
+    assert client.models.retrieve(model) == client.models.list().data[0]
     version = httpx.get(f"{smollm2_server.base_url}/version").json()["version"]
     assert version
+
+
+def test_several_served_model_names(tiny_server):
+    """vLLM's `--served-model-name a b`: both listed and retrievable (a name with a slash
+    too), both accepted, the first reported in responses and in the metrics' model_name."""
+    client = openai.OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key=API_KEY, timeout=60)
+    listed = client.models.list().data
+    assert [m.id for m in listed] == list(TINY_SERVER_NAMES)
+    for card in listed:
+        assert client.models.retrieve(card.id) == card
+    for name in TINY_SERVER_NAMES:
+        r = client.completions.create(model=name, prompt="Hello", max_tokens=1)
+        assert r.model == TINY_SERVER_NAMES[0]
+        chat = client.chat.completions.create(model=name, messages=QUESTION, max_tokens=1)
+        assert chat.model == TINY_SERVER_NAMES[0]
+    for unknown in ("org/other", "tiny-llama", "org"):
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve(unknown)
+        assert err.value.body["code"] == "model_not_found" and unknown in err.value.body["message"]
+        assert err.value.body["param"] == "model"
+    metrics = httpx.get(f"{tiny_server.base_url}/metrics", timeout=10).text
+    assert f'model_name="{TINY_SERVER_NAMES[0]}"' in metrics
+    assert f'model_name="{TINY_SERVER_NAMES[1]}"' not in metrics
 
 
 def test_chat_paris(client, model):
