@@ -3,8 +3,8 @@
 - `write_random_model`: a Hugging Face folder (config.json, *.safetensors, generation_config.json,
   tokenizer) of any shape with random weights — tiny ones for tests, Llama-3-8B or Qwen3-8B
   shapes for GPU benchmarks, where with ignore_eos throughput does not depend on the values.
-- `export_gguf_to_hf`: the embedded SmolLM2 GGUF (or any llama GGUF) as a float32 HF folder, so
-  the safetensors path can be tested against a real model.
+- `export_gguf_to_hf`: the embedded SmolLM2 GGUF (or any llama, qwen2 or qwen3 GGUF) as a float32
+  HF folder, so the safetensors path can be tested against a real model.
 
 Every folder gets SmolLM2's tokenizer (so text prompts and the chat template work) and a vocab at
 least as large as it; weights are written one tensor at a time into shards, never the whole model.
@@ -129,7 +129,8 @@ def write_random_model(out_dir: str | os.PathLike[str], architecture: str | None
 
 def export_gguf_to_hf(gguf_path: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write a llama GGUF (None: the embedded SmolLM2) as a float32 Hugging Face folder."""
+    """Write a llama, qwen2 or qwen3 GGUF (None: the embedded SmolLM2) as a float32 Hugging Face
+    folder."""
     from shardserve.loader.gguf import gguf_config, iter_gguf_weights
 
     path = Path(gguf_path) if gguf_path is not None else _default_gguf()
@@ -192,7 +193,7 @@ def add_model_writer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field; VALUE is parsed as JSON if it can be")
     parser.add_argument("--from-gguf", default=None, metavar="PATH",
-                        help="export this llama GGUF ('default': the embedded SmolLM2) instead "
+                        help="export this GGUF ('default': the embedded SmolLM2) instead "
                              "of writing random weights")
     parser.add_argument("--no-weights", action="store_true",
                         help="write config and tokenizer only (serve it with --load-format dummy)")

@@ -1,10 +1,12 @@
-"""Serve llama-architecture GGUF files: a Hugging Face LlamaConfig from the metadata, and the
-weights dequantized to float32 under Hugging Face Llama names.
+"""Serve llama, qwen2 and qwen3 GGUF files: a Hugging Face config from the metadata, and the
+weights dequantized to float32 under Hugging Face names (the three share them; Qwen2 adds q/k/v
+biases, Qwen3 q/k norms).
 
 Two things llama.cpp's converter (convert_hf_to_gguf.py) does that we undo here:
 - it lists dims innermost first, so a [out, in] weight reads as [in, out] (gguf_file.py reverses);
-- it permutes the rows of q_proj and k_proj within each head, from Hugging Face's rotary layout
-  (first half / second half of the head) to GGML's interleaved pairs:
+- for llama only (Qwen's converter keeps Hugging Face's layout), it permutes the rows of q_proj
+  and k_proj within each head, from Hugging Face's rotary layout (first half / second half of
+  the head) to GGML's interleaved pairs:
 
       HF rows of one head:   x0 x1 ... x(d/2-1) | y0 y1 ... y(d/2-1)
       GGUF rows of the head: x0 y0 x1 y1 ... x(d/2-1) y(d/2-1)
@@ -31,11 +33,12 @@ from gguf.quants import dequantize
 from shardserve.errors import ModelLoadError, UnsupportedModelError
 from shardserve.loader.gguf_file import GGUFFile, GGUFTensorInfo
 
-SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
-    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
-    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K,
-)
+# Every type a llama.cpp quantization mix may hold. The mixes fall back per tensor: rows not a
+# multiple of 256 (SmolLM2's 576) cannot take K-quants, so a Q4_K_M file also carries Q5_0 and
+# Q8_0, a Q5_K_M Q5_1, and Q2_K/Q3_K/IQ mixes IQ4_NL.
+SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = tuple(GGMLQuantizationType[t] for t in (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+    "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S"))
 _SUPPORTED_IDS = frozenset(int(t) for t in SUPPORTED_TENSOR_TYPES)
 
 _GLOBAL_NAMES = {
@@ -53,18 +56,23 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
+# The GGUF architectures we serve, as Hugging Face model types and architectures.
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp stores Llama-3.1-style rope scaling as per-frequency factors, not metadata keys.
 _ROPE_FREQS = "rope_freqs.weight"
 
 
 def gguf_config(path: str | os.PathLike[str]) -> Any:
-    """A transformers LlamaConfig built from a llama GGUF's metadata.
+    """A transformers config (Llama, Qwen2 or Qwen3) built from a GGUF's metadata.
 
-    Raises UnsupportedModelError for any architecture other than llama, ModelLoadError when a
-    required key is missing."""
-    from transformers import LlamaConfig
+    Raises UnsupportedModelError for any other architecture, ModelLoadError when a required key
+    is missing."""
+    from transformers import AutoConfig
 
     gguf_file = GGUFFile(path)
     arch = _check_architecture(gguf_file)
@@ -81,7 +89,12 @@ def gguf_config(path: str | os.PathLike[str]) -> Any:
     num_heads = int(key("attention.head_count", required=True))
     head_dim = key("attention.key_length") or key("rope.dimension_count") or hidden_size // num_heads
     rope_theta = float(key("rope.freq_base", 10000.0))
-    config = LlamaConfig(
+    # Qwen2 always has q/k/v biases and no attention_bias field; the others say what they have.
+    biases = {} if arch == "qwen2" else {"attention_bias": "blk.0.attn_q.bias" in gguf_file.tensors}
+    if arch == "llama":
+        biases["mlp_bias"] = "blk.0.ffn_gate.bias" in gguf_file.tensors
+    config = AutoConfig.for_model(
+        arch,
         vocab_size=_vocab_size(gguf_file, arch),
         hidden_size=hidden_size,
         intermediate_size=int(key("feed_forward_length", required=True)),
@@ -96,9 +109,8 @@ def gguf_config(path: str | os.PathLike[str]) -> Any:
         eos_token_id=_token_id(gguf_file, "eos_token_id"),
         pad_token_id=_token_id(gguf_file, "padding_token_id"),
         tie_word_embeddings="output.weight" not in gguf_file.tensors,
-        attention_bias="blk.0.attn_q.bias" in gguf_file.tensors,
-        mlp_bias="blk.0.ffn_gate.bias" in gguf_file.tensors,
-        architectures=["LlamaForCausalLM"],
+        architectures=[_ARCHITECTURES[arch]],
+        **biases,
     )
     config.name_or_path = str(gguf_file.path)
     return config
@@ -108,7 +120,7 @@ def iter_gguf_weights(
     path: str | os.PathLike[str],
     include: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face Llama name, float32 tensor in HF shape) for every weight in the file.
+    """Yield (Hugging Face name, float32 tensor in HF shape) for every weight in the file.
 
     `include`, given an HF name, says whether to yield it; the rest are never dequantized (a
     pipeline stage skips other stages' layers this way). lm_head.weight is absent when the
@@ -117,27 +129,28 @@ def iter_gguf_weights(
     arch = _check_architecture(gguf_file)
     num_heads = int(gguf_file.get(f"{arch}.attention.head_count"))
     num_kv_heads = int(gguf_file.get(f"{arch}.attention.head_count_kv", num_heads))
+    permuted = arch == "llama"  # Qwen's converter keeps Hugging Face's Q/K row order
     for info in gguf_file.tensors.values():
         if info.name == _ROPE_FREQS:
             continue  # folded into gguf_config's rope_parameters
         name = hf_weight_name(info.name)
         if name is None:
             raise UnsupportedModelError(
-                f"GGUF tensor {info.name!r} in {gguf_file.path} has no Hugging Face Llama "
-                "counterpart; this llama-architecture file carries weights shardserve cannot "
+                f"GGUF tensor {info.name!r} in {gguf_file.path} has no Hugging Face "
+                f"counterpart; this {arch}-architecture file carries weights shardserve cannot "
                 "place. Serve the model from its Hugging Face folder instead.")
         if include is not None and not include(name):
             continue
         tensor = _dequantize(gguf_file, info)
-        if ".self_attn.q_proj." in name:
+        if permuted and ".self_attn.q_proj." in name:
             tensor = _unpermute_rows(tensor, num_heads)
-        elif ".self_attn.k_proj." in name:
+        elif permuted and ".self_attn.k_proj." in name:
             tensor = _unpermute_rows(tensor, num_kv_heads)
         yield name, tensor
 
 
 def hf_weight_name(gguf_name: str) -> str | None:
-    """The Hugging Face Llama name of a llama GGUF tensor, or None if it has none."""
+    """The Hugging Face name of a llama/qwen2/qwen3 GGUF tensor, or None if it has none."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_TENSOR.fullmatch(gguf_name)
@@ -149,11 +162,12 @@ def hf_weight_name(gguf_name: str) -> str | None:
 
 def _check_architecture(gguf_file: GGUFFile) -> str:
     arch = gguf_file.get("general.architecture")
-    if arch != "llama":
+    if arch not in _ARCHITECTURES:
         raise UnsupportedModelError(
-            f"{gguf_file.path} is a GGUF of architecture {arch!r}; shardserve only serves llama "
-            "GGUFs (Llama, SmolLM, Mistral and other llama-architecture files). Serve this model "
-            "from its Hugging Face folder (config.json + *.safetensors) instead.")
+            f"{gguf_file.path} is a GGUF of architecture {arch!r}; shardserve only serves "
+            f"{', '.join(_ARCHITECTURES)} GGUFs (Llama, SmolLM, Mistral, Qwen2/2.5, Qwen3 and "
+            "DeepSeek-R1-Distill files). Serve this model from its Hugging Face folder "
+            "(config.json + *.safetensors) instead.")
     return arch
 
 

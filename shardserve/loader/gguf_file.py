@@ -32,6 +32,7 @@ from shardserve.errors import ModelLoadError
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
+_KNOWN_TYPES = frozenset(int(t) for t in GGML_QUANT_SIZES)
 _SCALAR_FORMATS: dict[int, str] = {
     GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
     GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
@@ -79,6 +80,15 @@ class GGUFFile:
             raise ModelLoadError(
                 f"{self.path} is not a readable GGUF file ({err}); check that the download is "
                 "complete, or re-export it with llama.cpp's convert_hf_to_gguf.py.") from err
+        num_parts = int(self.metadata.get("split.count", 1))
+        if num_parts > 1:
+            # Each part holds only some tensors (and only the first the metadata); loading one
+            # would fail later on missing weights, far from the cause.
+            part = int(self.metadata.get("split.no", 0)) + 1
+            raise ModelLoadError(
+                f"{self.path} is part {part} of a GGUF split into {num_parts} files; shardserve "
+                "loads single-file GGUFs. Merge the parts with llama.cpp's `llama-gguf-split "
+                "--merge <first part> merged.gguf` and pass the merged file.")
 
     def raw(self, info: GGUFTensorInfo) -> np.ndarray:
         """The tensor's bytes, read-only and without a copy, shaped as `gguf.quants.dequantize`
@@ -158,5 +168,11 @@ def _parse(buf: mmap.mmap) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo], i
     for name, shape, ggml_type, offset in headers:
         if name in tensors:
             raise ValueError(f"tensor {name!r} appears twice")
-        tensors[name] = GGUFTensorInfo(name, shape, ggml_type, data_start + offset)
+        info = GGUFTensorInfo(name, shape, ggml_type, data_start + offset)
+        # A cut-off download parses fine up to here; catch it now, naming the file, rather than
+        # as a reshape error deep inside the tokenizer or weight loading.
+        if ggml_type in _KNOWN_TYPES and info.offset + info.num_bytes > len(buf):
+            raise ValueError(f"tensor {name!r} ends at byte {info.offset + info.num_bytes} but the "
+                             f"file has only {len(buf)} bytes: it is truncated")
+        tensors[name] = info
     return metadata, tensors, version

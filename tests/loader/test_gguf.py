@@ -12,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from shardserve.errors import UnsupportedModelError
+from shardserve.errors import ModelLoadError, UnsupportedModelError
 from shardserve.loader.gguf import SUPPORTED_TENSOR_TYPES, gguf_config, iter_gguf_weights
 from shardserve.loader.gguf_file import GGUFFile
 
@@ -99,7 +99,8 @@ def test_include_skips_tensors(smollm2_gguf):
 
 # What quantization may lose, as a share of the largest magnitude (scales are per block, the
 # bound uses the global maximum so it is loose but safe).
-_ROUND_TRIP_LOSS = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 8e-3, Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 8, Q.Q4_1: 1 / 15}
+_ROUND_TRIP_LOSS = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 8e-3, Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 8, Q.Q4_1: 1 / 15,
+                    Q.Q5_0: 1 / 16, Q.Q5_1: 1 / 31}
 
 
 @pytest.mark.parametrize("qtype", list(_ROUND_TRIP_LOSS), ids=lambda q: q.name)
@@ -116,19 +117,25 @@ def test_round_trip_through_a_gguf_file(tmp_path, qtype):
     assert np.abs(loaded.numpy() - up).max() <= _ROUND_TRIP_LOSS[qtype] * np.abs(up).max() + 1e-7
 
 
+# Where each block keeps its fp16 super-block scales: d (and dmin), or d alone.
+_SCALE_BYTES = {Q.Q2_K: (80, 84), Q.Q3_K: (108, 110), Q.Q4_K: (0, 4), Q.Q5_K: (0, 4), Q.Q6_K: (208, 210)}
+_BLOCK_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_S, Q.IQ3_XXS,
+                Q.IQ2_S, Q.IQ2_XS, Q.IQ2_XXS, Q.IQ1_S]
+
+
 def _random_blocks(qtype: Q, num_rows: int, row_len: int, rng: np.random.Generator) -> np.ndarray:
     """Random K-quant bytes with sane fp16 super-block scales (random bits could be inf/NaN)."""
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (num_rows * row_len // block_size, type_size), dtype=np.uint8)
-    scale_bytes = {Q.Q4_K: (0, 4), Q.Q6_K: (208, 210)}[qtype]  # Q4_K: d, dmin; Q6_K: d
+    scale_bytes = _SCALE_BYTES.get(qtype, (0, 2))  # the IQ types start with d
     scales = rng.uniform(1e-3, 1e-2, (blocks.shape[0], (scale_bytes[1] - scale_bytes[0]) // 2))
     blocks[:, scale_bytes[0]:scale_bytes[1]] = scales.astype(np.float16).view(np.uint8)
     return blocks.reshape(num_rows, -1)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
-def test_k_quants_match_an_independent_dequantizer(tmp_path, qtype):
-    # The gguf package cannot quantize K-quants and SmolLM2's file has none, so we check the
+@pytest.mark.parametrize("qtype", _BLOCK_TYPES, ids=lambda q: q.name)
+def test_block_quants_match_an_independent_dequantizer(tmp_path, qtype):
+    # The gguf package cannot quantize K- or IQ-quants and SmolLM2's file has none, so we check the
     # file plumbing on random blocks and the values against transformers' own torch dequantizer.
     reference = pytest.importorskip("transformers.integrations.gguf.dequant",
                                     reason="needs transformers' torch GGUF dequantizer (>= 5.2x)")
@@ -154,21 +161,26 @@ def test_q_and_k_rows_are_unpermuted(tmp_path):
     assert np.array_equal(loaded["model.layers.0.self_attn.k_proj.weight"].numpy(), k)
 
 
+def test_every_supported_type_is_checked_here():
+    assert set(SUPPORTED_TENSOR_TYPES) == set(_ROUND_TRIP_LOSS) | set(_BLOCK_TYPES)
+
+
 def test_unsupported_tensor_type_names_tensor_and_types(tmp_path):
     up = np.random.default_rng(3).standard_normal((512, HIDDEN), dtype=np.float32)
-    path = write_gguf(tmp_path / "q5.gguf", {"blk.0.ffn_up.weight": (quantize(up, Q.Q5_0), Q.Q5_0)})
+    path = write_gguf(tmp_path / "tq.gguf", {"blk.0.ffn_up.weight": (quantize(up, Q.TQ2_0), Q.TQ2_0)})
     with pytest.raises(UnsupportedModelError) as err:
         list(iter_gguf_weights(path))
     message = str(err.value)
-    assert "blk.0.ffn_up.weight" in message and "Q5_0" in message
+    assert "blk.0.ffn_up.weight" in message and "TQ2_0" in message
     assert all(t.name in message for t in SUPPORTED_TENSOR_TYPES)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["phi3", "gemma", "qwen2moe", "gpt2"])
 def test_other_architectures_are_refused(tmp_path, arch):
     path = write_gguf(tmp_path / f"{arch}.gguf", {}, arch=arch)
     for load in (gguf_config, lambda p: list(iter_gguf_weights(p))):
-        with pytest.raises(UnsupportedModelError, match=f"architecture '{arch}'.*only serves llama"):
+        with pytest.raises(UnsupportedModelError,
+                           match=f"architecture '{arch}'.*only serves llama, qwen2, qwen3 GGUFs"):
             load(path)
 
 
@@ -222,3 +234,31 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
                       "low_freq_factor": low, "high_freq_factor": high,
                       "original_max_position_embeddings": original}
     assert list(iter_gguf_weights(path)) == []  # folded into the config, not a weight
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    up = np.random.default_rng(4).standard_normal((512, HIDDEN), dtype=np.float32)
+    path = write_gguf(tmp_path / "whole.gguf", {"blk.0.ffn_up.weight": (up, None)})
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-1000])  # the header is whole, the data is not
+    for load in (GGUFFile, gguf_config, lambda p: list(iter_gguf_weights(p))):
+        with pytest.raises(ModelLoadError, match=r"cut.gguf.*'blk.0.ffn_up.weight'.*truncated"):
+            load(cut)
+
+
+def test_split_gguf_is_refused_naming_the_merge(tmp_path):
+    # llama.cpp's gguf-split (and convert_hf_to_gguf --split-max-tensors) writes
+    # name-00001-of-00002.gguf parts; each part alone lacks tensors.
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama", split_max_tensors=1)
+    writer.add_block_count(1)
+    rng = np.random.default_rng(5)
+    for name in ("blk.0.ffn_up.weight", "blk.0.ffn_down.weight"):
+        writer.add_tensor(name, rng.standard_normal((8, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for part in (1, 2):
+        path = tmp_path / f"m-0000{part}-of-00002.gguf"
+        with pytest.raises(ModelLoadError, match=f"part {part} of a GGUF split into 2 files.*--merge"):
+            gguf_config(path)
