@@ -27,10 +27,11 @@ from typing import Any
 import torch
 
 from shardserve.testing_deepseek import (DEEPSEEK_ARCHITECTURES, DEEPSEEK_V2_LITE, TINY_DEEPSEEK_V2,
-                                         TINY_DEEPSEEK_V3, deepseek_weight_specs)
+                                         TINY_DEEPSEEK_V3, deepseek_weight_specs, mlp_specs)
 
+QWEN_MOE_ARCHITECTURES = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 **DEEPSEEK_ARCHITECTURES}
+                 **QWEN_MOE_ARCHITECTURES, **DEEPSEEK_ARCHITECTURES}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's historical default shard size
 SMOLLM2_VOCAB_SIZE = 49152  # the tokenizer every folder gets; tiny vocabularies must cover it
 
@@ -246,6 +247,14 @@ def _make_config(architecture: str, fields: dict[str, Any], dtype: str) -> Any:
     if architecture == "qwen3":
         # Qwen3Config defaults head_dim to 128 rather than hidden_size / heads.
         fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    if architecture in QWEN_MOE_ARCHITECTURES:
+        # The tiny preset has no experts: 8 narrow ones, two per token (a Qwen3-MoE with the
+        # renormalised top-k its releases use, a Qwen2-MoE with its shared expert).
+        for key, value in dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                               norm_topk_prob=architecture == "qwen3_moe").items():
+            fields.setdefault(key, value)
+        if architecture == "qwen2_moe":
+            fields.setdefault("shared_expert_intermediate_size", 64)
     return AutoConfig.for_model(architecture, architectures=[ARCHITECTURES[architecture]],
                                 dtype=dtype, **fields)
 
@@ -261,7 +270,8 @@ def _weight_specs(config: Any, architecture: str) -> Iterator[tuple[str, tuple[i
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     inter = config.intermediate_size
     attention_bias = bool(getattr(config, "attention_bias", False))
-    qkv_bias = architecture == "qwen2" or attention_bias
+    qkv_bias = (architecture == "qwen2" or attention_bias
+                or (architecture == "qwen2_moe" and bool(getattr(config, "qkv_bias", True))))
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     yield "model.embed_tokens.weight", (vocab, hidden), "normal"
     for layer in range(config.num_hidden_layers):
@@ -274,19 +284,36 @@ def _weight_specs(config: Any, architecture: str) -> Iterator[tuple[str, tuple[i
         yield f"{p}self_attn.o_proj.weight", (hidden, heads * head_dim), "normal"
         if attention_bias:
             yield f"{p}self_attn.o_proj.bias", (hidden,), "normal"
-        if architecture == "qwen3":
+        if architecture in ("qwen3", "qwen3_moe"):
             yield f"{p}self_attn.q_norm.weight", (head_dim,), "ones"
             yield f"{p}self_attn.k_norm.weight", (head_dim,), "ones"
-        for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
-                            ("down_proj", (hidden, inter))):
-            yield f"{p}mlp.{proj}.weight", shape, "normal"
-            if mlp_bias:
-                yield f"{p}mlp.{proj}.bias", shape[:1], "normal"
+        if architecture in QWEN_MOE_ARCHITECTURES and _is_qwen_moe_layer(config, layer):
+            yield from _qwen_moe_specs(config, f"{p}mlp.")
+        else:
+            yield from mlp_specs(f"{p}mlp.", hidden, inter, mlp_bias)
         yield f"{p}input_layernorm.weight", (hidden,), "ones"
         yield f"{p}post_attention_layernorm.weight", (hidden,), "ones"
     yield "model.norm.weight", (hidden,), "ones"
     if not config.tie_word_embeddings:
         yield "lm_head.weight", (vocab, hidden), "normal"
+
+
+def _is_qwen_moe_layer(config: Any, layer: int) -> bool:
+    from shardserve.models.qwen_moe import is_qwen_moe_layer  # torch layers: imported late
+    return is_qwen_moe_layer(config, layer)
+
+
+def _qwen_moe_specs(config: Any, prefix: str) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """A Qwen2/Qwen3-MoE sparse block as transformers saves it: router, experts one tensor
+    each, and Qwen2-MoE's shared expert with its gate."""
+    hidden = config.hidden_size
+    yield f"{prefix}gate.weight", (config.num_experts, hidden), "normal"
+    for e in range(config.num_experts):
+        yield from mlp_specs(f"{prefix}experts.{e}.", hidden, config.moe_intermediate_size)
+    shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+    if shared:
+        yield from mlp_specs(f"{prefix}shared_expert.", hidden, shared)
+        yield f"{prefix}shared_expert_gate.weight", (1, hidden), "normal"
 
 
 def _random_tensors(config: Any, architecture: str, dtype: torch.dtype,

@@ -72,11 +72,11 @@ def deepseek_weight_specs(config: Any, architecture: str
             if architecture == "deepseek_v3":
                 yield p + "mlp.gate.e_score_correction_bias", (experts,), "normal"
             for e in range(experts):
-                yield from _mlp(f"{p}mlp.experts.{e}.", h, moe_inter)
+                yield from mlp_specs(f"{p}mlp.experts.{e}.", h, moe_inter)
             if shared:
-                yield from _mlp(f"{p}mlp.shared_experts.", h, shared)
+                yield from mlp_specs(f"{p}mlp.shared_experts.", h, shared)
         else:
-            yield from _mlp(f"{p}mlp.", h, config.intermediate_size)
+            yield from mlp_specs(f"{p}mlp.", h, config.intermediate_size)
         yield p + "input_layernorm.weight", (h,), "ones"
         yield p + "post_attention_layernorm.weight", (h,), "ones"
     yield "model.norm.weight", (h,), "ones"
@@ -84,7 +84,11 @@ def deepseek_weight_specs(config: Any, architecture: str
         yield "lm_head.weight", (vocab, h), "normal"
 
 
-def _mlp(prefix: str, hidden: int, inter: int) -> Iterator[tuple[str, tuple[int, ...], str]]:
-    yield prefix + "gate_proj.weight", (inter, hidden), "normal"
-    yield prefix + "up_proj.weight", (inter, hidden), "normal"
-    yield prefix + "down_proj.weight", (hidden, inter), "normal"
+def mlp_specs(prefix: str, hidden: int, inter: int,
+              bias: bool = False) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """A SwiGLU MLP's gate/up/down projections (and their biases) under `prefix`."""
+    for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                        ("down_proj", (hidden, inter))):
+        yield f"{prefix}{proj}.weight", shape, "normal"
+        if bias:
+            yield f"{prefix}{proj}.bias", shape[:1], "normal"

@@ -3,8 +3,9 @@
 - Every TP rank's parameters: the model is built on the meta device under a stand-in TP group
   of each size and rank (construction does no communication), for Llama, Qwen2, Qwen3, tied
   embeddings, biases, and KV heads replicated when TP exceeds them; for DeepSeek-V2/V3 (MLA +
-  MoE: float32 router, V3's routing bias, FusedMoE's expert_map) with and without expert
-  parallelism.
+  MoE: float32 router, V3's routing bias, FusedMoE's expert_map) and Qwen2/Qwen3-MoE (router in
+  the model dtype, Qwen2-MoE's gated shared expert, dense layers by decoder_sparse_step and
+  mlp_only_layers) with and without expert parallelism.
 - The real thing on CPU: the tiny models loaded by shardserve's loader through ModelRunner
   (TP 1), and by two gloo ranks (TP 2, DeepSeek also EP 2): parameter bytes, the RoPE table, KV
   bytes per block and the number of blocks.
@@ -137,6 +138,27 @@ def _deepseek_hf_config(variant: str):
                                 vocab_size=500, **{**base, **overrides})
 
 
+def _check_moe_ranks(cls: type, hf_config, tp: int, expert_parallel: bool,
+                     dtype: torch.dtype) -> list[str]:
+    """Every TP rank of an MoE model built on the meta device allocates exactly the planner's
+    weight and KV bytes; a TP size the planner refuses, the layers refuse too. Returns the
+    planner's problems with the size."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    shape, stage = _planner_stage(hf_config.to_dict(), tp, elem, expert_parallel)
+    refused = tp_problems(shape, tp, expert_parallel)
+    for rank in range(tp):
+        with _stand_in_tp_group(tp, rank, expert_parallel), torch.device("meta"):
+            if refused:
+                with pytest.raises(ValueError, match="not divisible by tensor parallel size"):
+                    cls(hf_config, dtype=dtype, max_model_len=MAX_MODEL_LEN)
+                continue
+            model = cls(hf_config, dtype=dtype, max_model_len=MAX_MODEL_LEN)
+        params, buffers = _engine_bytes(model)
+        assert params + buffers == stage.weights_bytes, (tp, expert_parallel, rank)
+        assert _kv_bytes_per_block(model, elem) == stage.kv_bytes_per_block
+    return refused
+
+
 @pytest.mark.parametrize("variant", sorted(DEEPSEEK_VARIANTS))
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("expert_parallel", [False, True])
@@ -149,23 +171,49 @@ def test_every_deepseek_rank_matches_the_planner(variant: str, tp: int, expert_p
 
     hf_config = _deepseek_hf_config(variant)
     cls = DeepseekV3ForCausalLM if hf_config.model_type == "deepseek_v3" else DeepseekV2ForCausalLM
-    elem = torch.tensor([], dtype=dtype).element_size()
-    shape, stage = _planner_stage(hf_config.to_dict(), tp, elem, expert_parallel)
-    refused = tp_problems(shape, tp, expert_parallel)
-    for rank in range(tp):
-        with _stand_in_tp_group(tp, rank, expert_parallel), torch.device("meta"):
-            if refused:
-                with pytest.raises(ValueError, match="not divisible by tensor parallel size"):
-                    cls(hf_config, dtype=dtype, max_model_len=MAX_MODEL_LEN)
-                continue
-            model = cls(hf_config, dtype=dtype, max_model_len=MAX_MODEL_LEN)
-        params, buffers = _engine_bytes(model)
-        assert params + buffers == stage.weights_bytes, (variant, tp, expert_parallel, rank)
-        # MLA: one latent + RoPE key per token and layer, whole on every rank.
-        assert _kv_bytes_per_block(model, elem) == stage.kv_bytes_per_block == (
-            BLOCK_SIZE * shape.num_layers * (hf_config.kv_lora_rank + hf_config.qk_rope_head_dim)
-            * elem)
+    refused = _check_moe_ranks(cls, hf_config, tp, expert_parallel, dtype)
     assert bool(refused) == (variant == "v3_width30" and tp == 4 and not expert_parallel)
+    # MLA: one latent + RoPE key per token and layer, whole on every rank.
+    elem = torch.tensor([], dtype=dtype).element_size()
+    _, stage = _planner_stage(hf_config.to_dict(), tp, elem, expert_parallel)
+    assert stage.kv_bytes_per_block == (BLOCK_SIZE * hf_config.num_hidden_layers
+                                        * (hf_config.kv_lora_rank + hf_config.qk_rope_head_dim)
+                                        * elem)
+
+
+# Qwen MoE (models/qwen_moe.py) on _BASE: 8 experts of width 32, two per token. An expert width
+# (30) TP 4 cannot slice but EP 4 places whole; nor can it slice a shared expert of width 30,
+# EP or not; a dense width (90) no layer builds does not matter.
+_QWEN_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+QWEN_MOE_VARIANTS = {
+    "qwen2_moe": ("qwen2_moe", {"shared_expert_intermediate_size": 64}),
+    "qwen2_moe_step2_no_bias": ("qwen2_moe", {"decoder_sparse_step": 2, "qkv_bias": False,
+                                              "shared_expert_intermediate_size": 64}),
+    "qwen3_moe_dense_layer_tied": ("qwen3_moe", {"mlp_only_layers": [1],
+                                                 "tie_word_embeddings": True}),
+    "qwen2_moe_shared30": ("qwen2_moe", {"shared_expert_intermediate_size": 30}),
+    "qwen3_moe_width30": ("qwen3_moe", {"moe_intermediate_size": 30, "intermediate_size": 90}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(QWEN_MOE_VARIANTS))
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("expert_parallel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_qwen_moe_rank_matches_the_planner(variant: str, tp: int, expert_parallel: bool,
+                                                 dtype: torch.dtype) -> None:
+    """The router in the model dtype, Qwen2-MoE's shared expert and its gate, dense layers."""
+    from transformers import AutoConfig
+
+    from shardserve.models.qwen_moe import QwenMoeForCausalLM
+    from shardserve.testing import QWEN_MOE_ARCHITECTURES
+
+    model_type, overrides = QWEN_MOE_VARIANTS[variant]
+    hf_config = AutoConfig.for_model(model_type, architectures=[QWEN_MOE_ARCHITECTURES[model_type]],
+                                     **{**_BASE, **_QWEN_MOE, **overrides})
+    refused = _check_moe_ranks(QwenMoeForCausalLM, hf_config, tp, expert_parallel, dtype)
+    assert bool(refused) == (tp == 4 and (variant == "qwen2_moe_shared30" or (
+        variant == "qwen3_moe_width30" and not expert_parallel)))
 
 
 def _engine_config(model_dir: str, dtype: str = "float32", expert_parallel: bool = False):
@@ -192,24 +240,29 @@ def _measure(model_dir: str, dtype: str = "float32",
 
 
 @pytest.fixture(scope="module")
-def tiny_deepseek_dirs(tmp_path_factory) -> dict[str, str]:
+def tiny_moe_dirs(tmp_path_factory) -> dict[str, str]:
+    """Tiny random DeepSeek (their presets) and Qwen MoE (the tiny preset) folders."""
     from shardserve.testing import write_random_model
 
-    root = tmp_path_factory.mktemp("tiny_deepseek")
-    return {arch: str(write_random_model(root / arch, preset=f"tiny-{arch}", seed=1))
+    root = tmp_path_factory.mktemp("tiny_moe")
+    dirs = {arch: str(write_random_model(root / arch, preset=f"tiny-{arch}", seed=1))
             for arch in ("deepseek-v2", "deepseek-v3")}
+    dirs.update({arch: str(write_random_model(root / arch, architecture=arch, seed=1))
+                 for arch in ("qwen2_moe", "qwen3_moe")})
+    return dirs
 
 
-def _model_dir(arch: str, tiny_model_dirs: dict, tiny_deepseek_dirs: dict) -> str:
-    return (tiny_deepseek_dirs if arch.startswith("deepseek") else tiny_model_dirs)[arch]
+def _model_dir(arch: str, tiny_model_dirs: dict, tiny_moe_dirs: dict) -> str:
+    return (tiny_model_dirs if arch in tiny_model_dirs else tiny_moe_dirs)[arch]
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"),
                                         ("qwen3", "float32"), ("deepseek-v2", "bfloat16"),
-                                        ("deepseek-v3", "float32"), ("deepseek-v3", "bfloat16")])
-def test_loaded_model_matches_the_planner(tiny_model_dirs, tiny_deepseek_dirs, arch: str,
+                                        ("deepseek-v3", "float32"), ("deepseek-v3", "bfloat16"),
+                                        ("qwen2_moe", "bfloat16"), ("qwen3_moe", "float32")])
+def test_loaded_model_matches_the_planner(tiny_model_dirs, tiny_moe_dirs, arch: str,
                                           dtype: str) -> None:
-    model_dir = _model_dir(arch, tiny_model_dirs, tiny_deepseek_dirs)
+    model_dir = _model_dir(arch, tiny_model_dirs, tiny_moe_dirs)
     measured = _measure(model_dir, dtype)
     config = json.loads((Path(model_dir) / "config.json").read_text())
     shape, stage = _planner_stage(config, 1, 4 if dtype == "float32" else 2)
@@ -232,11 +285,11 @@ def _tp2_rank(rank: int, model_dir: str, out_dir: str, expert_parallel: bool) ->
 @pytest.mark.multiproc
 @pytest.mark.parametrize("arch,expert_parallel", [("qwen3", False), ("deepseek-v2", False),
                                                   ("deepseek-v3", True)])
-def test_tp2_ranks_match_the_planner(tiny_model_dirs, tiny_deepseek_dirs, tmp_path: Path,
+def test_tp2_ranks_match_the_planner(tiny_model_dirs, tiny_moe_dirs, tmp_path: Path,
                                      arch: str, expert_parallel: bool) -> None:
     from shardserve.distributed.local_launch import run_local_ranks
 
-    model_dir = _model_dir(arch, tiny_model_dirs, tiny_deepseek_dirs)
+    model_dir = _model_dir(arch, tiny_model_dirs, tiny_moe_dirs)
     run_local_ranks(_tp2_rank, 2, args=(model_dir, str(tmp_path), expert_parallel),
                     timeout_s=120)
     config = json.loads((Path(model_dir) / "config.json").read_text())

@@ -1,9 +1,9 @@
-"""Which experts each token goes to, and with what weight: DeepSeek's gates.
+"""Which experts each token goes to, and with what weight: DeepSeek's and Qwen-MoE's gates.
 
     router_logits [T, E] (float32) --score--> scores [T, E] --choose--> topk_ids [T, k]
                                                                         topk_weights [T, k]
 
-Scoring: "softmax" (DeepSeek-V2) or "sigmoid" (DeepSeek-V3). Choosing:
+Scoring: "softmax" (DeepSeek-V2, Qwen-MoE) or "sigmoid" (DeepSeek-V3). Choosing:
 
     greedy                 top-k of the scores
     group_limited_greedy   (V2) experts form n_group groups; a group scores as its best expert;
@@ -16,7 +16,7 @@ Then optionally renormalised to sum to 1 (norm_topk_prob) and multiplied by
 routed_scaling_factor. Everything here runs in float32 on [T, E] tensors with no host sync, so
 it is CUDA-graph safe. The arithmetic follows transformers' DeepseekV2TopkRouter and
 DeepseekV3TopkRouter op for op (HF's V2 router ignores norm_topk_prob; every released V2
-config sets it False, where both agree).
+config sets it False, where both agree); Qwen2/Qwen3-MoE's routers are softmax + greedy.
 """
 
 from __future__ import annotations
@@ -72,6 +72,14 @@ class RoutingConfig:
                 v3 or int(config.num_experts_per_tok) > 1),
             routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
         )
+
+
+    @classmethod
+    def from_qwen_moe_config(cls, config: Any) -> "RoutingConfig":
+        """Qwen2-MoE / Qwen3-MoE: softmax over all experts, the top-k kept, renormalised when
+        norm_topk_prob (transformers' Qwen2MoeTopKRouter / Qwen3MoeTopKRouter)."""
+        return cls(num_experts=int(config.num_experts), top_k=int(config.num_experts_per_tok),
+                   renormalize=bool(getattr(config, "norm_topk_prob", False)))
 
 
 def select_experts(router_logits: torch.Tensor, cfg: RoutingConfig,

@@ -30,11 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_group
-from shardserve.errors import UnsupportedModelError
-from shardserve.layers.activation import SiluAndMul
 from shardserve.layers.layernorm import RMSNorm
-from shardserve.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
-                                      ReplicatedLinear, RowParallelLinear, divide)
+from shardserve.layers.linear import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
+                                      divide)
 from shardserve.layers.mla_attention import MLAAttention
 from shardserve.layers.moe import FusedMoE
 from shardserve.layers.moe_routing import RoutingConfig
@@ -42,9 +40,11 @@ from shardserve.layers.rotary import get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader, set_weight_attrs
 from shardserve.models.decoder_layer import PreNormDecoderLayer
 from shardserve.models.pipeline import (IntermediateTensors, StageDecoderModel, stage_lm_head,
-                                        StageLayout, tied_head_weight_name)
+                                        StageLayout)
 from shardserve.loader.fp8 import dequantize_fp8_weights, fp8_block_size
 from shardserve.models.deepseek_memory import deepseek_memory, is_moe_layer
+from shardserve.models.llama import LlamaMLP
+from shardserve.models.weight_loading import load_checkpoint_weights
 
 logger = logging.getLogger(__name__)
 
@@ -68,26 +68,6 @@ def softmax_scale(config: Any) -> float:
     return scale
 
 
-class DeepseekV2MLP(nn.Module):
-    """SwiGLU, TP-sliced. reduce_results=False leaves the all-reduce to the caller (the MoE
-    block reduces routed + shared experts together)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str,
-                 dtype: torch.dtype | None, reduce_results: bool = True) -> None:
-        super().__init__()
-        if hidden_act != "silu":
-            raise UnsupportedModelError(f"MLP activation {hidden_act!r} is not supported "
-                                        "(only 'silu').")
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2,
-                                                       bias=False, params_dtype=dtype)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False,
-                                           reduce_results=reduce_results, params_dtype=dtype)
-        self.act_fn = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
-
-
 class DeepseekV2MoE(nn.Module):
     """Router (float32) -> routed experts + shared experts -> one all-reduce."""
 
@@ -104,9 +84,9 @@ class DeepseekV2MoE(nn.Module):
         self.experts = FusedMoE(config.hidden_size, config.moe_intermediate_size, routing, dtype,
                                 reduce_results=False)
         num_shared = int(getattr(config, "n_shared_experts", 0) or 0)
-        self.shared_experts = DeepseekV2MLP(
+        self.shared_experts = LlamaMLP(
             config.hidden_size, config.moe_intermediate_size * num_shared, config.hidden_act,
-            dtype, reduce_results=False) if num_shared else None
+            False, dtype, reduce_results=False) if num_shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = F.linear(x.float(), self.gate.weight)
@@ -183,8 +163,8 @@ class DeepseekV2DecoderLayer(PreNormDecoderLayer):
         if is_moe_layer(config, layer_idx):
             self.mlp: nn.Module = DeepseekV2MoE(config, dtype, v3)
         else:
-            self.mlp = DeepseekV2MLP(config.hidden_size, config.intermediate_size,
-                                     config.hidden_act, dtype)
+            self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                                False, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -201,10 +181,6 @@ class DeepseekV2Model(StageDecoderModel):
 
 # checkpoint name part -> (our fused parameter, shard id), for dense MLPs and shared experts
 _STACKED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_STACKED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-_EXPERT_SHARD = {"gate_proj": ("w13_weight", "w1"), "up_proj": ("w13_weight", "w3"),
-                 "down_proj": ("w2_weight", "w2"), "gate_up_proj": ("w13_weight", "w13")}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -255,65 +231,11 @@ class DeepseekV2ForCausalLM(nn.Module):
         parts (a fused gate_up_proj both halves, an expert stack every local expert)."""
         if self.fp8_block_size is not None:
             weights = dequantize_fp8_weights(weights, self.fp8_block_size)
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        parts_seen: dict[str, set[Any]] = {}
-        unexpected: list[str] = []
         num_layers = self.config.num_hidden_layers
-        for name, weight in weights:
-            layer = _LAYER.match(name)
-            if "rotary_emb." in name or (layer and int(layer.group(1)) >= num_layers):
-                continue  # HF buffers; multi-token-prediction layers past the decoder
-            if not self.stage.owns_weight(name, self.tie_word_embeddings):
-                continue  # another pipeline stage's
-            name = tied_head_weight_name(name, self.stage, self.tie_word_embeddings)
-            if name is None:
-                continue
-            param_name, args = self._route(name)
-            param = params.get(param_name)
-            if param is None:
-                unexpected.append(name)
-                continue
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            loader(param, weight, *args)
-            if args:
-                parts_seen.setdefault(param_name, set()).add(args)
-            else:
-                loaded.add(param_name)
-        loaded.update(name for name, seen in parts_seen.items() if self._is_complete(name, seen))
-        if unexpected:
-            logger.warning("Ignored %d checkpoint tensors the model has no parameter for: %s",
-                           len(unexpected), ", ".join(unexpected[:10]))
-        return loaded
-
-    def _route(self, name: str) -> tuple[str, tuple]:
-        """Checkpoint name -> (our parameter, extra weight_loader args)."""
-        m = _EXPERT.match(name)
-        if m:
-            param, shard = _EXPERT_SHARD[m.group(3)]
-            return f"{m.group(1)}.{param}", (shard, int(m.group(2)))
-        m = _STACKED_EXPERTS.match(name)
-        if m:
-            param, shard = _EXPERT_SHARD[m.group(2)]
-            return f"{m.group(1)}.{param}", (shard, None)
-        parts = name.split(".")
-        for i, part in enumerate(parts):
-            if part in _STACKED:
-                fused, shard_id = _STACKED[part]
-                return ".".join(parts[:i] + [fused] + parts[i + 1:]), (shard_id,)
-        return name, ()
-
-    def _is_complete(self, param_name: str, seen: set[tuple]) -> bool:
-        """Whether a fused parameter got every part: gate and up; or a stacked expert tensor,
-        or each local expert's shards."""
-        if param_name.endswith("gate_up_proj.weight"):
-            return seen >= {(0,), (1,)}
-        shards = ("w2",) if param_name.endswith("w2_weight") else ("w1", "w3")
-        if ("w2" if shards == ("w2",) else "w13", None) in seen:
-            return True
-        moe = self.get_submodule(param_name.rsplit(".", 1)[0])
-        experts = range(moe.expert_start, moe.expert_start + moe.num_local_experts)
-        return seen >= {(s, e) for s in shards for e in experts}
+        # Multi-token-prediction layers past the decoder are not loaded.
+        weights = ((name, w) for name, w in weights
+                   if not ((layer := _LAYER.match(name)) and int(layer.group(1)) >= num_layers))
+        return load_checkpoint_weights(self, weights, _STACKED)
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

@@ -3,7 +3,9 @@
 They differ only in flags read from the config (`LlamaFamilyFlags`): Qwen2 has q/k/v biases,
 Qwen3 normalises each query/key head (q_norm/k_norm) before RoPE and sets head_dim explicitly,
 Llama may have attention/MLP biases. Weights use the HF names, except that q/k/v and gate/up
-are fused (qkv_proj, gate_up_proj) so one GEMM does each; `load_weights` maps the names.
+are fused (qkv_proj, gate_up_proj) so one GEMM does each; `load_weights` maps the names
+(models/weight_loading.py). The Qwen MoE models (models/qwen_moe.py) are this decoder with a
+mixture-of-experts MLP (`make_mlp`).
 
 Tokens arrive packed: input_ids and positions are [T] over all scheduled requests, activations
 are [T, hidden]; attention finds request boundaries in the forward context.
@@ -11,9 +13,8 @@ are [T, hidden]; attention finds request boundaries in the forward context.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -25,12 +26,11 @@ from shardserve.layers.attention import Attention
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.layers.rotary import get_rope, get_rope_config
-from shardserve.layers.weight_utils import LoadedWeight, default_weight_loader
+from shardserve.layers.weight_utils import LoadedWeight
 from shardserve.models.decoder_layer import PreNormDecoderLayer
 from shardserve.models.pipeline import (IntermediateTensors, StageDecoderModel, stage_lm_head,
-                                        StageLayout, tied_head_weight_name)
-
-logger = logging.getLogger(__name__)
+                                        StageLayout)
+from shardserve.models.weight_loading import load_checkpoint_weights
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,13 @@ class LlamaFamilyFlags:
         if "Qwen2ForCausalLM" in archs or model_type == "qwen2":
             # Qwen2 hard-codes biases on q/k/v only; its config has no attention_bias.
             return cls(qkv_bias=True, o_proj_bias=False, mlp_bias=False, qk_norm=False)
+        if "Qwen2MoeForCausalLM" in archs or model_type == "qwen2_moe":
+            # Qwen2-MoE's q/k/v biases follow its qkv_bias (older configs lack it: True).
+            return cls(qkv_bias=bool(getattr(config, "qkv_bias", True)), o_proj_bias=False,
+                       mlp_bias=False, qk_norm=False)
         attention_bias = bool(getattr(config, "attention_bias", False))
-        is_qwen3 = "Qwen3ForCausalLM" in archs or model_type == "qwen3"
+        is_qwen3 = bool(archs & {"Qwen3ForCausalLM", "Qwen3MoeForCausalLM"}) or model_type in (
+            "qwen3", "qwen3_moe")
         return cls(qkv_bias=attention_bias, o_proj_bias=attention_bias,
                    mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=is_qwen3)
 
@@ -60,8 +65,11 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaMLP(nn.Module):
+    """SwiGLU, TP-sliced. reduce_results=False leaves the all-reduce to the caller (an MoE
+    block reduces routed and shared experts together)."""
+
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool,
-                 dtype: torch.dtype | None) -> None:
+                 dtype: torch.dtype | None, reduce_results: bool = True) -> None:
         super().__init__()
         if hidden_act != "silu":
             raise UnsupportedModelError(f"MLP activation {hidden_act!r} is not supported "
@@ -69,7 +77,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2,
                                                        bias=bias, params_dtype=dtype)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias,
-                                           params_dtype=dtype)
+                                           reduce_results=reduce_results, params_dtype=dtype)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,16 +125,26 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, positions, self.rotary_emb))
 
 
+# (config, flags, layer index, dtype) -> the layer's MLP
+MakeMLP = Callable[[Any, LlamaFamilyFlags, int, "torch.dtype | None"], nn.Module]
+
+
+def dense_mlp(config: Any, flags: LlamaFamilyFlags, layer_idx: int,
+              dtype: torch.dtype | None) -> nn.Module:
+    return LlamaMLP(config.hidden_size, config.intermediate_size,
+                    getattr(config, "hidden_act", "silu"), flags.mlp_bias, dtype)
+
+
 class LlamaDecoderLayer(PreNormDecoderLayer):
     """Pre-norm block. The residual stream travels beside the hidden states so each RMSNorm
     can add it in (see RMSNorm.forward)."""
 
     def __init__(self, config: Any, flags: LlamaFamilyFlags, layer_idx: int,
-                 dtype: torch.dtype | None, max_model_len: int = 0) -> None:
+                 dtype: torch.dtype | None, max_model_len: int = 0,
+                 make_mlp: MakeMLP = dense_mlp) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, flags, layer_idx, dtype, max_model_len)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
-                            getattr(config, "hidden_act", "silu"), flags.mlp_bias, dtype)
+        self.mlp = make_mlp(config, flags, layer_idx, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -137,18 +155,26 @@ class LlamaModel(StageDecoderModel):
     and the final norm only on the last (models/pipeline.py)."""
 
     def __init__(self, config: Any, dtype: torch.dtype | None = None,
-                 max_model_len: int = 0, stage: StageLayout | None = None) -> None:
+                 max_model_len: int = 0, stage: StageLayout | None = None,
+                 make_mlp: MakeMLP = dense_mlp) -> None:
         flags = LlamaFamilyFlags.from_config(config)
         layer_types = getattr(config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise UnsupportedModelError("Sliding-window attention layers are not supported "
                                         f"(layer_types: {sorted(set(layer_types))}).")
+        if (not layer_types and getattr(config, "use_sliding_window", False)
+                and getattr(config, "sliding_window", None)):
+            # Configs without layer_types (Qwen3-MoE) window every layer.
+            raise UnsupportedModelError(
+                f"Sliding-window attention (use_sliding_window, sliding_window="
+                f"{config.sliding_window}) is not supported; set use_sliding_window false.")
         super().__init__(config, dtype, stage, lambda i: LlamaDecoderLayer(
-            config, flags, i, dtype, max_model_len))
+            config, flags, i, dtype, max_model_len, make_mlp))
 
 
 class LlamaForCausalLM(nn.Module):
-    """LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM.
+    """LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM (and, with its `make_mlp`, the
+    Qwen MoE models of models/qwen_moe.py).
 
     LlamaForCausalLM(hf_config, dtype, max_model_len): parameters are created uninitialised in
     `dtype` on the current default device (build it under `with torch.device(...)`), sharded
@@ -163,12 +189,14 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
+    make_mlp: MakeMLP = staticmethod(dense_mlp)
+
     def __init__(self, hf_config: Any, dtype: torch.dtype | None = None,
                  max_model_len: int = 0, stage: StageLayout | None = None) -> None:
         super().__init__()
         self.config = hf_config
         self.tp_size = get_tp_group().world_size
-        self.model = LlamaModel(hf_config, dtype, max_model_len, stage)
+        self.model = LlamaModel(hf_config, dtype, max_model_len, stage, self.make_mlp)
         self.stage = self.model.stage
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = stage_lm_head(hf_config, dtype, self.model, self.tie_word_embeddings)
@@ -191,47 +219,4 @@ class LlamaForCausalLM(nn.Module):
         """Load HF-named checkpoint tensors (tensors or lazy slices); returns the names of the
         parameters that received data. Each parameter's weight_loader reads only this rank's
         slice."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        shards_seen: dict[str, set[str | int]] = {}  # fused param -> parts loaded so far
-        unexpected: list[str] = []
-        for name, weight in weights:
-            if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name:
-                continue  # HF buffers; we compute RoPE ourselves
-            if not self.stage.owns_weight(name, self.tie_word_embeddings):
-                continue  # another pipeline stage's
-            # A tied head is the embedding's table, loaded under its own name.
-            name = tied_head_weight_name(name, self.stage, self.tie_word_embeddings)
-            if name is None:
-                continue
-            param_name, shard_id = self._param_name(name)
-            param = params.get(param_name)
-            if param is None:
-                unexpected.append(name)
-                continue
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard_id is None:
-                loader(param, weight)
-                loaded.add(param_name)
-            else:
-                loader(param, weight, shard_id)
-                shards_seen.setdefault(param_name, set()).add(shard_id)
-        # A fused parameter counts as loaded only once every part of it was.
-        loaded.update(name for name, seen in shards_seen.items()
-                      if seen == self._shard_ids_of(name))
-        if unexpected:
-            logger.warning("Ignored %d checkpoint tensors the model has no parameter for: %s",
-                           len(unexpected), ", ".join(unexpected[:10]))
-        return loaded
-
-    def _shard_ids_of(self, param_name: str) -> set[str | int]:
-        fused = param_name.split(".")[-2]
-        return {sid for f, sid in self.stacked_params_mapping.values() if f == fused}
-
-    def _param_name(self, name: str) -> tuple[str, str | int | None]:
-        parts = name.split(".")
-        for i, part in enumerate(parts):
-            if part in self.stacked_params_mapping:
-                fused, shard_id = self.stacked_params_mapping[part]
-                return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard_id
-        return name, None
+        return load_checkpoint_weights(self, weights, self.stacked_params_mapping)

@@ -9,19 +9,25 @@ from torch import nn
 from shardserve.errors import UnsupportedModelError
 from shardserve.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from shardserve.models.llama import LlamaForCausalLM
+from shardserve.models.qwen_moe import QwenMoeForCausalLM
 
-# One implementation covers the Llama family; the flags come from each config.
+# One implementation covers the Llama family (its Qwen MoE models swap in an MoE MLP);
+# the flags come from each config.
 SUPPORTED_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen2MoeForCausalLM": QwenMoeForCausalLM,
+    "Qwen3MoeForCausalLM": QwenMoeForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 # Configs without `architectures` (some GGUF-built ones) still name their model type.
 _MODEL_TYPE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                             "qwen3": "Qwen3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                             "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                             "qwen3_moe": "Qwen3MoeForCausalLM",
+                             "deepseek_v2": "DeepseekV2ForCausalLM",
                              "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 

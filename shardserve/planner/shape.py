@@ -23,6 +23,7 @@ from shardserve.errors import ModelLoadError
 
 # What the engine serves today (models/registry.py); kept here so the planner needs no torch.
 SERVED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                        "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                         "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 _MODEL_TYPE_ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -220,7 +221,9 @@ def _moe(config: Any) -> MoESpec | None:
     return MoESpec(
         num_experts=int(num_experts), num_experts_per_tok=top_k,
         expert_intermediate_size=expert_inter, shared_intermediate_size=shared,
-        shared_expert_gate=model_type == "qwen2_moe" and shared > 0,
+        # models/qwen_moe.py gates a shared expert by sigmoid(shared_expert_gate(x)).
+        shared_expert_gate=(model_type in ("qwen2_moe", "qwen3_moe") or arch in (
+            "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")) and shared > 0,
         first_k_dense=int(_get(config, "first_k_dense_replace", default=0)),
         sparse_step=1 if deepseek else int(_get(config, "decoder_sparse_step", default=1)),
         moe_layer_freq=int(_get(config, "moe_layer_freq", default=1)) if deepseek else 1,
@@ -253,8 +256,10 @@ def shape_from_config(config: Any, name: str | None = None) -> ModelShape:
     model_type = _get(config, "model_type", default="")
     hidden, heads = int(_get(config, "hidden_size")), int(_get(config, "num_attention_heads"))
     num_layers = int(_get(config, "num_hidden_layers"))
-    # The same flags as models/llama.py LlamaFamilyFlags: Qwen2 hard-codes q/k/v biases.
+    # The same flags as models/llama.py LlamaFamilyFlags: Qwen2 hard-codes q/k/v biases,
+    # Qwen2-MoE reads them from qkv_bias.
     is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM") or model_type in ("qwen2", "qwen2_moe")
+    is_qwen2_moe = arch == "Qwen2MoeForCausalLM" or model_type == "qwen2_moe"
     is_qwen3 = arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or model_type in ("qwen3", "qwen3_moe")
     attention_bias = bool(_get(config, "attention_bias", default=False))
     rope_type, factor, original, partial = _rope(config)
@@ -271,7 +276,8 @@ def shape_from_config(config: Any, name: str | None = None) -> ModelShape:
         vocab_size=int(_get(config, "vocab_size")),
         max_position_embeddings=int(_get(config, "max_position_embeddings", default=2048)),
         tie_word_embeddings=bool(_get(config, "tie_word_embeddings", default=False)),
-        qkv_bias=True if is_qwen2 else attention_bias,
+        qkv_bias=(bool(_get(config, "qkv_bias", default=True)) if is_qwen2_moe
+                  else True if is_qwen2 else attention_bias),
         o_proj_bias=False if is_qwen2 else attention_bias,
         mlp_bias=False if is_qwen2 else bool(_get(config, "mlp_bias", default=False)),
         qk_norm=is_qwen3,

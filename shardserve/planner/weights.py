@@ -11,7 +11,8 @@ The rules follow layers/linear.py and layers/embedding.py:
 
     FusedMoE (layers/moe.py) every expert sliced to I / tp, or under expert parallelism E / tp
                              whole experts; shared experts TP-sliced either way; the router
-                             replicated (DeepSeek: float32, V3 with a float32 bias per expert)
+                             replicated (DeepSeek: float32, V3 with a float32 bias per expert;
+                             Qwen2-MoE: a [1, hidden] shared-expert gate beside it)
 
 Counts are elements; multiply by the dtype's size, or take `stage_weight_bytes`, which adds
 what is not in the model dtype (DeepSeek's float32 router, FusedMoE's int64 expert_map).
@@ -54,18 +55,20 @@ def tp_problems(shape: ModelShape, tp: int, expert_parallel: bool = False) -> li
                             f"multiple of {kv} once it exceeds the KV heads)")
         elif tp < kv and kv % tp:
             problems.append(f"{kv} KV heads do not divide by TP {tp}")
-    if shape.intermediate_size % tp:
+    moe = shape.moe
+    # Only dense layers build an MLP of intermediate_size (Qwen3-MoE may have none).
+    has_dense = moe is None or not all(moe.is_moe_layer(i) for i in range(shape.num_layers))
+    if has_dense and shape.intermediate_size % tp:
         problems.append(f"intermediate_size {shape.intermediate_size} does not divide by TP {tp}")
-    if shape.moe is not None and expert_parallel:
-        if shape.moe.num_experts % tp:
-            problems.append(f"{shape.moe.num_experts} experts do not divide over {tp} "
-                            "expert-parallel ranks (or drop --enable-expert-parallel)")
-        if shape.moe.shared_intermediate_size % tp:  # shared experts stay TP-sliced
-            problems.append(f"shared experts' intermediate size "
-                            f"{shape.moe.shared_intermediate_size} does not divide by TP {tp}")
-    elif shape.moe is not None and shape.moe.expert_intermediate_size % tp:
-        problems.append(f"expert intermediate size {shape.moe.expert_intermediate_size} does "
+    if moe is not None and expert_parallel and moe.num_experts % tp:
+        problems.append(f"{moe.num_experts} experts do not divide over {tp} "
+                        "expert-parallel ranks (or drop --enable-expert-parallel)")
+    elif moe is not None and not expert_parallel and moe.expert_intermediate_size % tp:
+        problems.append(f"expert intermediate size {moe.expert_intermediate_size} does "
                         f"not divide by TP {tp}")
+    if moe is not None and moe.shared_intermediate_size % tp:  # shared experts: TP-sliced
+        problems.append(f"shared experts' intermediate size "
+                        f"{moe.shared_intermediate_size} does not divide by TP {tp}")
     return problems
 
 

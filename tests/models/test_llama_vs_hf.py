@@ -61,7 +61,8 @@ def test_unsupported_architecture_lists_supported() -> None:
     config.architectures = ["Qwen3ForCausalLM"]
     assert check_architecture(config) == "Qwen3ForCausalLM"
     assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "Qwen2ForCausalLM",
-                                            "Qwen3ForCausalLM", "DeepseekV2ForCausalLM",
+                                            "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
+                                            "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM",
                                             "DeepseekV3ForCausalLM"}
 
 

@@ -1,4 +1,5 @@
-"""Tiny random Llama/Qwen checkpoints written by transformers, and our loaded counterpart."""
+"""Tiny random Llama/Qwen (dense and MoE) checkpoints written by transformers, and our loaded
+counterpart."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ VOCAB = 500
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                rms_norm_eps=1e-5)
+
+_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
 
 # name -> (config class name, overrides)
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -27,6 +30,17 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
     "qwen3_kv1": ("Qwen3Config", {"head_dim": 16, "num_key_value_heads": 1}),
+    # MoE: every layer sparse with a shared expert; every other layer (decoder_sparse_step 2)
+    # without q/k/v biases; dense layers by mlp_only_layers, tied, and Qwen3's renormalised top-k.
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_hidden_layers": 3, "shared_expert_intermediate_size": 48,
+                                     **_MOE}),
+    "qwen2_moe_step2": ("Qwen2MoeConfig", {
+        "num_hidden_layers": 4, "decoder_sparse_step": 2, "qkv_bias": False,
+        "norm_topk_prob": True, "shared_expert_intermediate_size": 48, **_MOE}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 32, "norm_topk_prob": True, **_MOE}),
+    "qwen3_moe_dense_layers": ("Qwen3MoeConfig", {"head_dim": 16, "num_hidden_layers": 3,
+                                                  "mlp_only_layers": [0, 2],
+                                                  "tie_word_embeddings": True, **_MOE}),
 }
 
 
