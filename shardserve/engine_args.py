@@ -49,6 +49,12 @@ _HELP = {
     "served_model_name": "the model's name(s) in the API: all are accepted in requests and "
                          "listed by /v1/models, the first is reported in responses (default: "
                          "the --model path)",
+    "rendezvous_timeout_s": "seconds node 0 waits for every rank (and node) to check in",
+    "step_timeout_s": "seconds one step or collective may take before its ranks count as hung "
+                      "and the engine dies (failing its requests; the server then exits 1)",
+    "heartbeat_timeout_s": "seconds of silence after which a worker rank, the engine core, or "
+                           "(seen from the workers) node 0 counts as dead: stopped, frozen or "
+                           "gone; a long step does not silence it",
     "trust_remote_code": "accepted for vLLM compatibility and ignored: shardserve runs only its "
                          "own model code, never Python code shipped with a checkpoint",
 }

@@ -383,6 +383,9 @@ class AsyncLLM:
             asyncio.get_running_loop().call_later(_EXIT_GRACE_S, self._after_core_exit)
 
     def _after_core_exit(self) -> None:
+        if self._core.kill_reason and not self._core_error:
+            self._mark_dead(f"the engine core process {self._core.kill_reason}")
+            return
         reason = self._core_error or f"exit code {self._core.exitcode}"
         self._mark_dead(f"the engine core process exited: {reason}")
 

@@ -6,7 +6,10 @@
 The front binds both sockets and the core connects. Sends never block the event loop (the
 input queue is unbounded and the core drains it every step); receives are awaited on the loop.
 The process's sentinel is watched on the loop too, so a crash (even SIGKILL, which sends no
-message) is noticed at once.
+message) is noticed at once. A core that stops without exiting (SIGSTOP, a frozen host) sends
+nothing and never exits: its heartbeat (a shared counter its own thread counts up) is watched,
+and after heartbeat_timeout_s of silence the core is killed, which the sentinel then reports
+like any crash, with `kill_reason` saying why.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +30,7 @@ import zmq.asyncio
 
 from shardserve.config import EngineConfig
 from shardserve.engine.core_messages import ShutdownCore, make_serializer
-from shardserve.engine.core_proc import run_engine_core
+from shardserve.engine.core_proc import BEAT_INTERVAL_S, run_engine_core
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,9 @@ class CoreProcClient:
         self._in_sock: zmq.Socket | None = None
         self._out_sock: zmq.asyncio.Socket | None = None
         self._closed = False
+        self._beat: Any = None  # the core's heartbeat count (0: not beating yet)
+        self._watch: asyncio.Task | None = None
+        self.kill_reason: str | None = None  # set when the front killed a frozen core
 
     async def start(self, on_exit: Callable[[], None]) -> None:
         """Bind the sockets and spawn the core; `on_exit` runs on the loop when it exits."""
@@ -59,9 +66,10 @@ class CoreProcClient:
         # spawn, not fork: the front may hold threads and (on GPU hosts) must not pass a CUDA
         # context to the child.
         ctx = multiprocessing.get_context("spawn")
+        self._beat = ctx.RawValue("Q", 0)
         self._proc = ctx.Process(target=run_engine_core, name="EngineCore",
                                  args=(self._config, input_addr, output_addr, os.getpid(),
-                                       self._log_level))
+                                       self._log_level, self._beat))
         await asyncio.to_thread(self._proc.start)
         weakref.finalize(self, _kill_process, self._proc)
         loop = asyncio.get_running_loop()
@@ -73,6 +81,30 @@ class CoreProcClient:
                 on_exit()
 
         loop.add_reader(sentinel, exited)
+        self._watch = loop.create_task(self._watch_heartbeat(), name="CoreProcClient.heartbeat")
+
+    async def _watch_heartbeat(self) -> None:
+        """Kill the core once its heartbeat has not moved for heartbeat_timeout_s. Silence
+        counts from its first beat (spawning and importing torch take a while before it), and
+        on this process's clock: time this loop itself did not run (the front stopped too,
+        e.g. Ctrl-Z then fg) is not held against the core."""
+        timeout = self._config.parallel_config.heartbeat_timeout_s
+        last_beat, heard_at, checked_at = 0, 0.0, time.monotonic()
+        while not self._closed:
+            await asyncio.sleep(BEAT_INTERVAL_S)
+            now, beat = time.monotonic(), self._beat.value
+            if beat != last_beat or (beat and now - checked_at > timeout):
+                last_beat, heard_at = beat, now
+            checked_at = now
+            silent = now - heard_at
+            if not beat or silent <= timeout or self._closed or not self._proc.is_alive():
+                continue
+            self.kill_reason = (f"(pid {self._proc.pid}) stopped answering: no heartbeat "
+                                f"for {silent:.1f} s (heartbeat_timeout_s {timeout:g}); it is "
+                                "stopped or frozen and was killed")
+            logger.error("The engine core %s", self.kill_reason)
+            self._proc.kill()  # SIGKILL also ends a stopped process; its ranks follow it
+            return
 
     @property
     def exitcode(self) -> int | None:
@@ -95,6 +127,8 @@ class CoreProcClient:
 
     async def shutdown(self, timeout: float) -> None:
         """ShutdownCore, then SIGKILL after `timeout` s; close the sockets."""
+        if self._watch is not None:
+            self._watch.cancel()
         proc = self._proc
         if proc is not None:
             if proc.is_alive():

@@ -15,6 +15,10 @@ can start, die and be replaced without the front rebinding. The core ignores SIG
 the front owns the lifecycle (a Ctrl-C or a Kubernetes SIGTERM reaches the whole process
 group, and in-flight requests must be allowed to drain); it exits on ShutdownCore, when its
 parent dies, or, after an exception, with every in-flight request failed and exit code 1.
+
+A thread of its own counts up a heartbeat shared with the front (start_beating) from the start:
+a long step or load never stops it, a frozen process (SIGSTOP, a stalled host) does, and the
+front then kills the core instead of letting its requests wait for ever (engine/core_client.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -46,11 +51,15 @@ HEALTH_CHECK_INTERVAL_S = 1.0  # while idle, how often the workers' liveness is 
 IDLE_POLL_MS = 100  # how long an idle core blocks on its socket before checking its parent
 PARENT_CHECK_S = 1.0  # how often a busy core checks its parent
 GPU_MEMORY_INTERVAL_S = 1.0  # NVML queries cost ~ms each; no need to ask every step
+BEAT_INTERVAL_S = 0.5  # how often the core's heartbeat counts up
 
 
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int,
-                    log_level: int = logging.INFO) -> None:
-    """Process entry point (multiprocessing spawn target)."""
+                    log_level: int = logging.INFO, beat: Any = None) -> None:
+    """Process entry point (multiprocessing spawn target). `beat`: a shared counter (a
+    multiprocessing RawValue) that start_beating keeps counting up."""
+    if beat is not None:
+        start_beating(beat)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level,
@@ -88,6 +97,18 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         out_sock.close(linger=0 if orphaned else 2000)
         context.term()
         sys.exit(code)
+
+
+def start_beating(beat: Any) -> None:
+    """Count `beat` up every BEAT_INTERVAL_S from a daemon thread: the main thread may sit in a
+    step (or the model load) for minutes, which must not look like death."""
+
+    def run() -> None:
+        while True:
+            beat.value += 1
+            time.sleep(BEAT_INTERVAL_S)
+
+    threading.Thread(target=run, name="shardserve-core-heartbeat", daemon=True).start()
 
 
 class EngineCoreProc:

@@ -8,7 +8,9 @@ which connect to node 0 over TCP (master_port + 1 .. + 4), check in, receive nod
 settings (so model and cache flags need not be repeated here, though -tp/-pp/--nnodes must
 match) and serve steps until node 0 says stop or falls silent for heartbeat_timeout_s. The
 launcher exits with 0 when all its ranks did, and otherwise non-zero after stopping the rest,
-so a supervisor (Kubernetes, a LeaderWorkerSet) restarts the group.
+so a supervisor (Kubernetes, a LeaderWorkerSet) restarts the group. It also listens to node 0's
+heartbeats: a rank that cannot leave by itself (stopped, frozen) is killed once node 0 has been
+silent past heartbeat_timeout_s and the rank's tear-down time, as is one that ignores a stop.
 """
 
 from __future__ import annotations
@@ -16,14 +18,23 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from multiprocessing.connection import wait
+
+import zmq
 
 from shardserve.config import EngineConfig
 from shardserve.errors import InvalidRequestError
+from shardserve.executor.liveness import BEAT_INTERVAL_S
 from shardserve.executor.wire import Endpoints
-from shardserve.executor.worker_proc import WorkerSpec, start_worker_processes
+from shardserve.executor.worker_proc import (TEARDOWN_TIMEOUT_S, WorkerSpec,
+                                             start_worker_processes)
 
 logger = logging.getLogger(__name__)
+
+# How long a rank told to go (or whose node 0 went silent) may take to leave before it is
+# killed: its tear-down is bounded by TEARDOWN_TIMEOUT_S.
+LEAVE_GRACE_S = TEARDOWN_TIMEOUT_S + 2.0
 
 
 def run_headless(config: EngineConfig) -> int:
@@ -54,28 +65,45 @@ def run_headless(config: EngineConfig) -> int:
     logger.info("Node %d of %d: started ranks %s; node 0's engine is at %s:%d", pc.node_rank,
                 pc.nnodes, list(pc.node_ranks(pc.node_rank)), pc.master_addr, pc.master_port)
 
-    stopping = []
+    stopping: list[int] = []
+    kill_at: list[float] = []  # when the ranks still here are killed (they were told to go)
 
     def on_signal(signum, _frame) -> None:
         stopping.append(signum)
+        kill_at.append(time.monotonic() + LEAVE_GRACE_S)
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    engine = _EngineBeats(endpoints.beats_out)
+    # A rank leaves by itself once node 0 has been silent for heartbeat_timeout_s (this node's
+    # flag; node 0's governs the ranks); one still here well after that is stopped or frozen.
+    silence_limit = pc.heartbeat_timeout_s + LEAVE_GRACE_S
     try:
         running = list(procs)
         while running:
-            for sentinel in wait([p.sentinel for p in running]):
+            for sentinel in wait([p.sentinel for p in running], BEAT_INTERVAL_S):
                 proc = next(p for p in running if p.sentinel == sentinel)
                 proc.join()
                 running.remove(proc)
                 if proc.exitcode != 0 and not stopping:
                     logger.error("%s exited with %s; stopping this node's other ranks",
                                  proc.name, proc.exitcode)
+                    kill_at.append(time.monotonic() + LEAVE_GRACE_S)
                     for other in running:
                         other.terminate()
+            silent = engine.silent_s()
+            if running and silent is not None and silent > silence_limit and 0.0 not in kill_at:
+                logger.error("Node 0's engine has been silent for %.0f s but %s did not leave "
+                             "(stopped or frozen?); killing it", silent,
+                             ", ".join(p.name for p in running))
+                kill_at.append(0.0)
+            if running and kill_at and time.monotonic() > min(kill_at):
+                for proc in running:
+                    proc.kill()  # also ends a stopped process, which SIGTERM does not
     finally:
+        engine.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
         for proc in procs:
@@ -84,3 +112,30 @@ def run_headless(config: EngineConfig) -> int:
     if stopping:
         return 128 + stopping[0]
     return max((abs(p.exitcode or 0) for p in procs), default=0) and 1
+
+
+class _EngineBeats:
+    """Node 0's engine heartbeats, as this node's launcher hears them."""
+
+    def __init__(self, address: str) -> None:
+        self._context = zmq.Context()
+        self._sub = self._context.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.connect(address)
+        self._last: float | None = None
+
+    def silent_s(self) -> float | None:
+        """Seconds since the last beat; None before the first (node 0 may start later: the
+        ranks' rendezvous timeout covers that)."""
+        while True:
+            try:
+                self._sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._last = time.monotonic()
+        return None if self._last is None else time.monotonic() - self._last
+
+    def close(self) -> None:
+        self._sub.close()
+        self._context.term()

@@ -7,7 +7,8 @@
   leaves when node 0 stops;
 - a rank that never arrives is named by the rendezvous timeout;
 - a worker killed (or frozen) mid-generation makes the engine raise EngineDeadError within
-  seconds; when node 0 dies, every rank of both nodes exits on its own.
+  seconds; when node 0 dies, every rank of both nodes exits on its own; a frozen rank on node 1,
+  which cannot, is killed by its launcher, which exits non-zero.
 """
 
 from __future__ import annotations
@@ -280,6 +281,60 @@ def test_node1_leaves_when_node0_dies(tiny_model_dirs):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_frozen_rank_on_node1_is_killed_by_its_launcher(tiny_model_dirs):
+    """Node 1's only rank is SIGSTOPped mid-generation: node 0's engine names it within the
+    heartbeat timeout and stops; the rank cannot leave by itself, so node 1's launcher kills it
+    once node 0 has been silent past the timeout and exits non-zero instead of waiting for
+    ever (a supervisor restarts the group)."""
+    port = _free_port_range(5)
+    node1 = subprocess.Popen([sys.executable, "-m", "shardserve.cli", "worker", "--node-rank",
+                              "1", "--nnodes", "2", "--master-addr", "127.0.0.1",
+                              "--master-port", str(port), "-tp", "2",
+                              "--heartbeat-timeout-s", "1.5"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rank1 = None
+    try:
+        llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, nnodes=2, node_rank=0,
+                  master_port=port, heartbeat_timeout_s=1.5, device="cpu", dtype="float32",
+                  max_model_len=2048, kv_cache_memory_bytes=8 << 20)
+        executor = llm.engine.core.executor
+        forkserver = [pid for pid in _children(node1.pid) if b"forkserver" in _cmdline(pid)]
+        (rank1,) = [pid for fs in forkserver for pid in _children(fs)]
+        stopped_at: list[float] = []
+
+        def freeze_rank1() -> None:
+            while executor.comm_stats()["num_steps"] < 3:
+                time.sleep(0.005)
+            os.kill(rank1, signal.SIGSTOP)
+            stopped_at.append(time.monotonic())
+
+        threading.Thread(target=freeze_rank1, daemon=True).start()
+        params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+        with pytest.raises(EngineDeadError, match="rank 1 on node 1 .*silent"):
+            llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)
+        assert stopped_at and time.monotonic() - stopped_at[0] < 10
+        # The engine has stopped beating: 1.5 s of silence, the rank's tear-down grace.
+        assert node1.wait(timeout=30) != 0, node1.stdout.read()
+        assert time.monotonic() - stopped_at[0] < 25
+        assert not _alive(rank1)
+    finally:
+        if rank1 is not None and _alive(rank1):
+            os.kill(rank1, signal.SIGKILL)
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for task in os.listdir(f"/proc/{pid}/task")
+            for child in open(f"/proc/{pid}/task/{task}/children").read().split()]
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
 
 
 def _alive(pid: int) -> bool:
