@@ -25,7 +25,7 @@ import zmq
 
 from shardserve.config import EngineConfig
 from shardserve.errors import InvalidRequestError
-from shardserve.executor.liveness import BEAT_INTERVAL_S
+from shardserve.executor.liveness import BEAT_INTERVAL_S, EngineBeats
 from shardserve.executor.wire import Endpoints
 from shardserve.executor.worker_proc import (TEARDOWN_TIMEOUT_S, WorkerSpec,
                                              start_worker_processes)
@@ -76,7 +76,11 @@ def run_headless(config: EngineConfig) -> int:
                 proc.terminate()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    engine = _EngineBeats(endpoints.beats_out)
+    context = zmq.Context()
+    engine = EngineBeats(context, endpoints.beats_out)
+    # None until node 0's first beat (it may start later; the ranks' rendezvous timeout
+    # covers that).
+    last_beat: float | None = None
     # A rank leaves by itself once node 0 has been silent for heartbeat_timeout_s (this node's
     # flag; node 0's governs the ranks); one still here well after that is stopped or frozen.
     silence_limit = pc.heartbeat_timeout_s + LEAVE_GRACE_S
@@ -93,7 +97,9 @@ def run_headless(config: EngineConfig) -> int:
                     kill_at.append(time.monotonic() + LEAVE_GRACE_S)
                     for other in running:
                         other.terminate()
-            silent = engine.silent_s()
+            if engine.heard():
+                last_beat = time.monotonic()
+            silent = None if last_beat is None else time.monotonic() - last_beat
             if running and silent is not None and silent > silence_limit and 0.0 not in kill_at:
                 logger.error("Node 0's engine has been silent for %.0f s but %s did not leave "
                              "(stopped or frozen?); killing it", silent,
@@ -104,6 +110,7 @@ def run_headless(config: EngineConfig) -> int:
                     proc.kill()  # also ends a stopped process, which SIGTERM does not
     finally:
         engine.close()
+        context.term()
         for s, handler in previous.items():
             signal.signal(s, handler)
         for proc in procs:
@@ -113,29 +120,3 @@ def run_headless(config: EngineConfig) -> int:
         return 128 + stopping[0]
     return max((abs(p.exitcode or 0) for p in procs), default=0) and 1
 
-
-class _EngineBeats:
-    """Node 0's engine heartbeats, as this node's launcher hears them."""
-
-    def __init__(self, address: str) -> None:
-        self._context = zmq.Context()
-        self._sub = self._context.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.connect(address)
-        self._last: float | None = None
-
-    def silent_s(self) -> float | None:
-        """Seconds since the last beat; None before the first (node 0 may start later: the
-        ranks' rendezvous timeout covers that)."""
-        while True:
-            try:
-                self._sub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self._last = time.monotonic()
-        return None if self._last is None else time.monotonic() - self._last
-
-    def close(self) -> None:
-        self._sub.close()
-        self._context.term()

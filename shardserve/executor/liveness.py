@@ -111,10 +111,7 @@ class WorkerHeartbeat:
         self._timeout_s = timeout_s
         self._parent_sentinel = parent_sentinel
         self._codec = codec
-        self._sub = context.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.connect(beats_out)
+        self._engine = EngineBeats(context, beats_out)
         self._push = context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
         self._push.setsockopt(zmq.SNDHWM, 16)  # never pile beats up for a gone engine
@@ -137,12 +134,7 @@ class WorkerHeartbeat:
                     self._push.send(beat, zmq.NOBLOCK)
                 except zmq.Again:
                     pass
-                if self._sub.poll(int(BEAT_INTERVAL_S * 1000)):
-                    while True:
-                        try:
-                            self._sub.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                if self._engine.heard(BEAT_INTERVAL_S):
                     last_heard = time.monotonic()
                 if self._stop.is_set():
                     break
@@ -153,8 +145,32 @@ class WorkerHeartbeat:
                 if self._parent_sentinel is not None and wait([self._parent_sentinel], 0):
                     _die(f"rank {self._rank}: the process that started it is gone; exiting")
         finally:
-            self._sub.close()
+            self._engine.close()
             self._push.close()
+
+
+class EngineBeats:
+    """Node 0's engine heartbeats, as a subscriber hears them: a rank's heartbeat thread, and
+    a node's launcher (headless.py), which kills ranks left behind once they stop."""
+
+    def __init__(self, context: zmq.Context, beats_out: str) -> None:
+        self._sub = context.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.connect(beats_out)
+
+    def heard(self, timeout_s: float = 0.0) -> bool:
+        """Whether a beat came, waiting up to timeout_s for one; every queued beat is read."""
+        if not self._sub.poll(int(timeout_s * 1000)):
+            return False
+        while True:
+            try:
+                self._sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+
+    def close(self) -> None:
+        self._sub.close()
 
 
 def _die(message: str) -> None:
