@@ -126,7 +126,8 @@ class OutputProcessor:
             sample = parent.samples[key[1]]
             if parent.stream:
                 touched[parent.request_id] = parent
-            if out.new_prompt_logprobs:
+            # Every sample of n > 1 scores the same prompt: keep the first one's, once.
+            if out.new_prompt_logprobs and key[1] == 0:
                 parent.prompt_logprobs.extend(self._convert(out.new_prompt_logprobs,
                                                             parent.detokenize))
             new_ids = out.new_token_ids

@@ -32,9 +32,11 @@ from shardserve.executor.profiler import PROFILER_DIR_ENV
 from shardserve.server.args import API_KEY_ENV, ServerArgs
 from shardserve.server.errors import APIError, install_error_handlers
 from shardserve.server.metrics import CONTENT_TYPE, ServerMetrics
-from shardserve.server.protocol import ModelCard, ModelList
+from shardserve.server.protocol import (DetokenizeResponse, ModelCard, ModelList,
+                                        TokenizeResponse)
 from shardserve.server.serving_chat import create_chat_completion
 from shardserve.server.serving_completions import create_completion
+from shardserve.server.serving_tokenize import detokenize, tokenize
 from shardserve.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,16 @@ def build_app(state: ServerState) -> FastAPI:
         return await create_chat_completion(request, state)
 
     app.include_router(v1)
+
+    # vLLM's tokenizer routes sit outside /v1; here they need the key like /v1.
+    @app.post("/tokenize", dependencies=[Depends(_require_api_key)])
+    async def tokenize_route(request: Request) -> TokenizeResponse:
+        return await tokenize(request, state)
+
+    @app.post("/detokenize", dependencies=[Depends(_require_api_key)])
+    async def detokenize_route(request: Request) -> DetokenizeResponse:
+        return await detokenize(request, state)
+
     if os.environ.get(PROFILER_DIR_ENV):
         mount_profiler_routes(app, state)
     # /dashboard: the page is public (no data, no key in it); its data needs the key like /v1.

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from shardserve.engine_args import parse_size
 
 API_KEY_ENV = "SHARDSERVE_API_KEY"
+# vLLM's name, read too: a deployment moved over from vLLM must not lose its key silently.
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
 
 
 @dataclass
@@ -28,7 +30,8 @@ class ServerArgs:
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "ServerArgs":
         return cls(host=args.host, port=args.port,
-                   api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                   api_key=(args.api_key or os.environ.get(API_KEY_ENV)
+                            or os.environ.get(VLLM_API_KEY_ENV) or None),
                    max_queue_time=args.max_queue_time, shutdown_timeout=args.shutdown_timeout,
                    max_request_body_bytes=args.max_request_body_bytes, max_n=args.max_n,
                    exit_on_engine_death=args.exit_on_engine_death,
@@ -41,9 +44,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default=d.host, help="address to listen on")
     g.add_argument("--port", type=int, default=d.port)
     g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* and /dashboard/data (or "
-                        f"set {API_KEY_ENV}); /health, /live, /version, /metrics and the "
-                        "/dashboard page itself stay open")
+                   help=f"require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                        f"and /dashboard/data (or set {API_KEY_ENV} or {VLLM_API_KEY_ENV}); "
+                        "/health, /live, /version, /metrics and the /dashboard page itself stay "
+                        "open")
     g.add_argument("--max-queue-time", type=float, default=None, metavar="SECONDS",
                    help="a request not scheduled within this time gets 503 + Retry-After "
                         "(with --max-waiting-requests: graceful overload)")

@@ -24,6 +24,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM: usage in every chunk, not just the last
 
 
 class _SamplingFields(_Request):
@@ -75,7 +76,27 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: dict[str, Any] | None = None
     # vLLM's chat extras.
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # render the last message open, to be continued
+    echo: bool = False  # start the answer with the last message when it is the assistant's
     chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: prompt (text) or messages (a chat, with these template options)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for a chat
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -104,6 +125,7 @@ class CompletionChoice(_Response):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM, with prompt_logprobs=k
 
 
 class CompletionResponse(_Response):
@@ -149,6 +171,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM, with prompt_logprobs=k
 
 
 class DeltaMessage(_Response):
@@ -190,3 +213,14 @@ class ModelCard(_Response):
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Response):
+    prompt: str

@@ -1,5 +1,8 @@
 """POST /v1/chat/completions: messages through the model's chat template, n samples, as JSON or
-as server-sent events (role first, then content deltas, then the finish reason)."""
+as server-sent events (role first, then content deltas, then the finish reason).
+
+vLLM's continue_final_message renders the last (assistant) message open so the answer continues
+it; echo puts that message's text before the answer."""
 
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from shardserve.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         TopLogprob, random_id)
 from shardserve.server.serving_common import (SSE_DONE, ClientDisconnected, SSEResponse,
                                               build_sampling_params, check_fits, close_all,
-                                              read_request, sse, sse_error, unless_disconnected,
+                                              chunk_usage, prompt_logprobs_of, read_request, sse,
+                                              sse_error, stream_usage, unless_disconnected,
                                               usage_of)
 from shardserve.server.state import ServerState
 from shardserve.tokenizer import apply_chat_template
@@ -29,9 +33,12 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     _check_unsupported(req)
     engine = state.engine
     engine.check_started()  # before the template: while loading there is no tokenizer yet
+    template_kwargs = req.chat_template_kwargs
+    if req.continue_final_message:
+        template_kwargs = {"continue_final_message": True, **(template_kwargs or {})}
     try:
         prompt_ids = apply_chat_template(engine.tokenizer, req.messages, req.add_generation_prompt,
-                                         req.chat_template_kwargs)
+                                         template_kwargs)
     except ShardserveError:
         raise
     except Exception as err:  # a template can fail in many ways on odd messages; still a 400
@@ -85,6 +92,11 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise InvalidRequestError("Only response_format {\"type\": \"text\"} is supported.",
                                   "response_format")
+    if req.continue_final_message and req.add_generation_prompt:
+        # vLLM's rule: one continues the last message, the other opens a new one.
+        raise InvalidRequestError("continue_final_message needs add_generation_prompt=false: "
+                                  "the first continues the last message, the second starts a "
+                                  "new one.", "continue_final_message")
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true.", "top_logprobs")
@@ -103,26 +115,30 @@ async def _last(gen: AsyncIterator[RequestOutput]) -> RequestOutput:
 
 def _response(request_id: str, model: str, final: RequestOutput,
               req: ChatCompletionRequest) -> ChatCompletionResponse:
-    choices = [ChatChoice(index=c.index, message=ChatMessage(role="assistant", content=c.text),
+    echo = _echoed(req)
+    choices = [ChatChoice(index=c.index,
+                          message=ChatMessage(role="assistant", content=echo + c.text),
                           logprobs=_logprobs(c.logprobs, req.top_logprobs or 0) if req.logprobs else None,
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                for c in final.outputs]
     return ChatCompletionResponse(id=request_id, model=model, choices=choices,
-                                  usage=usage_of([final]))
+                                  usage=usage_of([final]),
+                                  prompt_logprobs=prompt_logprobs_of(final, req.prompt_logprobs))
 
 
 async def _stream(request_id: str, model: str, req: ChatCompletionRequest, first: RequestOutput,
                   gen: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
     created = int(time.time())
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = stream_usage(req.stream_options)
+    num_prompt = len(first.prompt_token_ids)
     finished: set[int] = set()
     final = first
 
-    def chunk(choices: list[ChatStreamChoice]) -> str:
+    def chunk(choices: list[ChatStreamChoice], num_tokens: int = 0) -> str:
         data = ChatCompletionChunk(id=request_id, created=created, model=model,
                                    choices=choices).model_dump()
         if include_usage:
-            data["usage"] = None
+            data["usage"] = chunk_usage(continuous, num_prompt, num_tokens)
         return sse(data)
 
     def events(out: RequestOutput) -> list[str]:
@@ -135,13 +151,16 @@ async def _stream(request_id: str, model: str, req: ChatCompletionRequest, first
             logprobs = _logprobs(c.delta_logprobs, req.top_logprobs or 0) if req.logprobs else None
             result.append(chunk([ChatStreamChoice(
                 index=c.index, delta=DeltaMessage(content=c.delta_text), logprobs=logprobs,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason)]))
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason)], len(c.token_ids)))
         return result
 
     try:
         # OpenAI's first chunk of each choice carries the role and empty content.
         for i in range(req.n):
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        echo = _echoed(req)
+        for i in range(req.n if echo else 0):
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=echo))])
         for event in events(first):
             yield event
         async for out in gen:
@@ -155,6 +174,18 @@ async def _stream(request_id: str, model: str, req: ChatCompletionRequest, first
     except Exception as exc:  # the engine died mid-stream: tell the client, then end cleanly
         yield sse_error(exc)
     yield SSE_DONE
+
+
+def _echoed(req: ChatCompletionRequest) -> str:
+    """vLLM's echo: the answer starts with the last message's text when that message is the
+    assistant's (the one continue_final_message continues); otherwise nothing."""
+    last = req.messages[-1] if req.echo else {}
+    if last.get("role") != "assistant":
+        return ""
+    content = last.get("content") or ""
+    if isinstance(content, list):  # text parts (checked by the template step), as it joins them
+        content = "\n".join(part.get("text", "") for part in content)
+    return content
 
 
 def _logprobs(entries: SampleLogprobs | None, k: int) -> ChatLogprobs:

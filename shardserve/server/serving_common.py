@@ -19,7 +19,7 @@ from shardserve.errors import ContextLengthError, InvalidRequestError
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
 from shardserve.server.errors import APIError, from_exception, validation_error
-from shardserve.server.protocol import UsageInfo
+from shardserve.server.protocol import StreamOptions, UsageInfo
 from shardserve.server.state import ServerState
 
 T = TypeVar("T")
@@ -131,6 +131,9 @@ def build_sampling_params(req: Any, state: ServerState, max_tokens: int | None,
     top_k = req.top_k if req.top_k is not None else 0
     if top_k > _INT64_MAX:
         raise InvalidRequestError("top_k is out of range.", "top_k")
+    if req.stream and req.prompt_logprobs is not None:  # vLLM's rule: they come whole, at the end
+        raise InvalidRequestError("prompt_logprobs are not available with stream=true.",
+                                  "prompt_logprobs")
     if isinstance(req.stop, list) and len(req.stop) > 64:
         raise InvalidRequestError("At most 64 stop strings are allowed.", "stop")
     return SamplingParams(
@@ -185,6 +188,37 @@ def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: in
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
             f"prompt, {max_tokens} in the completion). Reduce the prompt or {param}.", param)
+
+
+def stream_usage(options: StreamOptions | None) -> tuple[bool, bool]:
+    """(a usage chunk at the end, usage in every chunk too): OpenAI's include_usage and
+    vLLM's continuous_usage_stats, which only counts with include_usage."""
+    include = bool(options and options.include_usage)
+    return include, include and bool(options.continuous_usage_stats)
+
+
+def chunk_usage(continuous: bool, num_prompt: int, num_tokens: int) -> dict[str, int] | None:
+    """A chunk's usage: null (OpenAI) or, continuous, its prompt and its choice's tokens so far."""
+    if not continuous:
+        return None
+    return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_tokens,
+                     total_tokens=num_prompt + num_tokens).model_dump()
+
+
+def prompt_logprobs_of(out: RequestOutput, k: int | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's prompt_logprobs field: per prompt token, null for the first (nothing precedes
+    it), else {token id: {logprob, rank, decoded_token}} for the token itself and the top k."""
+    if k is None:
+        return None
+    result: list[dict[str, Any] | None] = []
+    for entry in out.prompt_logprobs or []:
+        if entry is None:
+            result.append(None)
+            continue
+        result.append({str(token): {"logprob": max(lp.logprob, -9999.0), "rank": lp.rank,
+                                    "decoded_token": lp.decoded_token}
+                       for i, (token, lp) in enumerate(entry.items()) if i == 0 or lp.rank <= k})
+    return result
 
 
 def usage_of(outputs: list[RequestOutput]) -> UsageInfo:

@@ -21,9 +21,10 @@ from shardserve.outputs import RequestOutput, SampleLogprobs
 from shardserve.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                         CompletionResponse, random_id)
 from shardserve.server.serving_common import (SSE_DONE, ClientDisconnected, SSEResponse,
-                                              build_sampling_params, check_fits, close_all,
-                                              merge_async_iterators, read_request, sse, sse_error,
-                                              unless_disconnected, usage_of)
+                                              build_sampling_params, check_fits, chunk_usage,
+                                              close_all, merge_async_iterators,
+                                              prompt_logprobs_of, read_request, sse, sse_error,
+                                              stream_usage, unless_disconnected, usage_of)
 from shardserve.server.state import ServerState
 
 
@@ -156,9 +157,10 @@ def _response(request_id: str, model: str, finals: list[RequestOutput],
                 own = CompletionLogprobs() if echo.score_only else _logprobs(c.logprobs,
                                                                              req.logprobs, 0)
                 logprobs = _joined(prompt_lp, own, len(prompt_text))
-            choices.append(CompletionChoice(index=i * req.n + c.index, text=prompt_text + text,
-                                            logprobs=logprobs, finish_reason=c.finish_reason,
-                                            stop_reason=c.stop_reason))
+            choices.append(CompletionChoice(
+                index=i * req.n + c.index, text=prompt_text + text, logprobs=logprobs,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                prompt_logprobs=prompt_logprobs_of(out, req.prompt_logprobs)))
     return CompletionResponse(id=request_id, model=model, choices=choices,
                               usage=_usage(finals, echo))
 
@@ -175,9 +177,9 @@ async def _stream(request_id: str, model: str, req: CompletionRequest, first: tu
                   merged: AsyncIterator[tuple[int, RequestOutput]],
                   echo: _Echo) -> AsyncIterator[str]:
     created = int(time.time())
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = stream_usage(req.stream_options)
     finals: dict[int, RequestOutput] = {}
-    offsets: dict[int, int] = {}  # choice index -> length of its text so far (logprob offsets)
+    offsets: dict[int, int] = {}  # choice index -> text_offset of its next logprobs token
     finished: set[int] = set()
     prompts: dict[int, tuple[str, CompletionLogprobs]] = {}  # echo: prompt i's text, logprobs
 
@@ -201,10 +203,14 @@ async def _stream(request_id: str, model: str, req: CompletionRequest, first: tu
                 prefix, prefix_lp = prompts[i]
                 offsets[index] = 0
             logprobs = None
+            covered = len(delta_text)
             if req.logprobs is not None:
                 own = _logprobs(delta_lp, req.logprobs, 0)
                 logprobs = _joined(prefix_lp, own, offsets.get(index, 0) + len(prefix))
-            offsets[index] = offsets.get(index, 0) + len(prefix) + len(delta_text)
+                # Offsets follow the tokens' own text, as in the whole response: the text
+                # (held back while it may start a stop string, cut at one) lags or falls short.
+                covered = sum(len(t) for t in own.tokens)
+            offsets[index] = offsets.get(index, 0) + len(prefix) + covered
             if c.finished:
                 finished.add(index)
             choice = CompletionChoice(index=index, text=prefix + delta_text, logprobs=logprobs,
@@ -213,7 +219,8 @@ async def _stream(request_id: str, model: str, req: CompletionRequest, first: tu
                                        choices=[choice])
             data = chunk.model_dump()
             if include_usage:
-                data["usage"] = None
+                num_tokens = 0 if echo.score_only else len(c.token_ids)
+                data["usage"] = chunk_usage(continuous, len(out.prompt_token_ids), num_tokens)
             events.append(sse(data))
         return events
 

@@ -135,3 +135,17 @@ def test_logit_bias_bans_forces_and_is_per_request(llm):
     assert again == plain
     with pytest.raises(Exception, match="logit_bias"):
         llm.generate(PROMPT, SamplingParams(logit_bias={10**7: 1.0}), use_tqdm=False)
+
+
+def test_prompt_logprobs_once_with_n_samples(llm):
+    """n > 1 samples share one prompt: one prompt logprob per prompt token, not one per sample."""
+    tokens = PROMPT["prompt_token_ids"]
+    one = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1),
+                       use_tqdm=False)[0].prompt_logprobs
+    out = llm.generate(PROMPT, SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=2,
+                                              prompt_logprobs=1), use_tqdm=False)[0]
+    assert len(one) == len(out.prompt_logprobs) == len(tokens)
+    assert out.prompt_logprobs[0] is None
+    for entry, alone, token in zip(out.prompt_logprobs[1:], one[1:], tokens[1:]):
+        assert token in entry
+        assert entry[token].logprob == pytest.approx(alone[token].logprob, abs=1e-4)

@@ -75,6 +75,16 @@ CASES = [
      "chat_template_kwargs", "tokenize"),
     ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema"}}, 400,
      "response_format", "response_format"),
+    ("chat/completions", {"messages": CHAT, "continue_final_message": True}, 400,
+     "continue_final_message", "add_generation_prompt"),
+    ("chat/completions", {"messages": CHAT, "prompt_logprobs": 1, "stream": True}, 400,
+     "prompt_logprobs", "stream"),
+    ("/tokenize", {}, 400, "prompt", "messages"),
+    ("/tokenize", {"prompt": "hi", "messages": CHAT}, 400, "prompt", "either"),
+    ("/tokenize", {"messages": []}, 400, "messages", "messages"),
+    ("/tokenize", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "gpt-4"),
+    ("/detokenize", {"tokens": [10**9]}, 400, "tokens", "tokens"),
+    ("/detokenize", {"tokens": "hi"}, 400, "tokens", "tokens"),
     ("chat/completions", {"messages": CHAT, "model": "nope", "stream": True}, 404, "model", "nope"),
     ("chat/completions", {"messages": CHAT, "temperature": -2, "stream": True}, 400, "temperature",
      "temperature"),
@@ -100,7 +110,8 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict:
 @pytest.mark.parametrize("endpoint,body,status,param,words", CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_bad_field(http, endpoint, body, status, param, words):
-    error = assert_openai_error(http.post(f"/v1/{endpoint}", json=body), status)
+    path = endpoint if endpoint.startswith("/") else f"/v1/{endpoint}"  # vLLM's /tokenize
+    error = assert_openai_error(http.post(path, json=body), status)
     assert error["param"] == param, error
     assert words.lower() in error["message"].lower(), error
     assert "input_value" not in error["message"] and "pydantic" not in error["message"].lower()
@@ -152,7 +163,8 @@ def test_unknown_route_and_method(http):
 @pytest.mark.parametrize("method,path", [("GET", "/v1/models"),
                                          ("GET", "/v1/models/SmolLM2-135M-Instruct"),
                                          ("POST", "/v1/completions"),
-                                         ("POST", "/v1/chat/completions")])
+                                         ("POST", "/v1/chat/completions"),
+                                         ("POST", "/tokenize"), ("POST", "/detokenize")])
 def test_api_key_required_and_checked(smollm2_server, headers, method, path):
     r = httpx.request(method, f"{smollm2_server.base_url}{path}", headers=headers,
                       json={"prompt": "hi", "messages": CHAT, "max_tokens": 1}, timeout=30)

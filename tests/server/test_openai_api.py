@@ -181,3 +181,117 @@ def test_chat_template_kwargs_reach_the_template(client, model):
     bare = client.chat.completions.create(
         **kwargs, extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})
     assert bare.usage.prompt_tokens == full - 4
+
+
+def test_echo_with_n_gives_each_choice_the_prompt_once(client, model):
+    """n samples share one prompt: each echoed choice holds its logprobs once, not n times."""
+    kwargs = dict(model=model, prompt="The capital of France is", max_tokens=3, temperature=0,
+                  logprobs=1, echo=True)
+    one = client.completions.create(**kwargs).choices[0].logprobs
+    two = client.completions.create(**kwargs, n=2)
+    assert len(two.choices) == 2
+    for choice in two.choices:
+        assert choice.logprobs.tokens == one.tokens
+        assert choice.logprobs.text_offset == one.text_offset
+        assert "".join(choice.logprobs.tokens) == choice.text
+
+
+def test_streamed_logprobs_match_the_whole_response_with_a_stop_string(client, model):
+    """Text held back while it may start a stop string must not shift the streamed text_offset
+    away from the non-streamed one."""
+    kwargs = dict(model=model, prompt="The capital of France is", max_tokens=8, temperature=0,
+                  logprobs=1)
+    tokens = client.completions.create(**kwargs).choices[0].logprobs.tokens
+    assert len(tokens[0]) > 2
+    stop = tokens[0][2:] + tokens[1]  # starts inside the first token, ends in the second
+    full = client.completions.create(**kwargs, stop=[stop]).choices[0]
+    assert full.finish_reason == "stop" and full.text == tokens[0][:2]
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stop=[stop], stream=True)
+              if c.choices]
+    assert "".join(c.text for c in chunks) == full.text
+    for field in ("tokens", "token_logprobs", "text_offset"):
+        assert [x for c in chunks for x in getattr(c.logprobs, field)] == \
+            getattr(full.logprobs, field), field
+
+
+def test_continue_final_message_and_echo(smollm2_server, client, model):
+    """vLLM's continue_final_message: the assistant's last message is continued, not closed;
+    echo puts it before the answer, streamed or not."""
+    started = "The capital of France is"
+    messages = [*QUESTION, {"role": "assistant", "content": started}]
+    extra = {"continue_final_message": True, "add_generation_prompt": False}
+    kwargs = dict(model=model, messages=messages, max_tokens=4, temperature=0)
+    r = client.chat.completions.create(**kwargs, extra_body=extra)
+    assert "Paris" in r.choices[0].message.content
+    counted = httpx.post(f"{smollm2_server.base_url}/tokenize", headers=smollm2_server.headers,
+                         json={"messages": messages, **extra}, timeout=30).json()
+    assert r.usage.prompt_tokens == counted["count"]
+    assert client.completions.create(model=model, prompt=counted["tokens"], max_tokens=4,
+                                     temperature=0).choices[0].text == r.choices[0].message.content
+    echoed = client.chat.completions.create(**kwargs, extra_body={**extra, "echo": True})
+    assert echoed.choices[0].message.content == started + r.choices[0].message.content
+    streamed = client.chat.completions.create(**kwargs, stream=True,
+                                              extra_body={**extra, "echo": True})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        echoed.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**kwargs, extra_body={"continue_final_message": True})
+    assert err.value.body["param"] == "continue_final_message"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_continuous_usage_stats_put_usage_in_every_chunk(client, model, endpoint):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    if endpoint == "chat":
+        stream = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=4,
+                                                stream=True, stream_options=options)
+    else:
+        stream = client.completions.create(model=model, prompt="Hello", max_tokens=4,
+                                           stream=True, stream_options=options)
+    chunks = list(stream)
+    assert all(c.usage is not None for c in chunks)
+    prompt = chunks[-1].usage.prompt_tokens
+    counts = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert counts == sorted(counts) and counts[-1] == 4 == chunks[-1].usage.completion_tokens
+    assert not chunks[-1].choices
+    assert all(c.usage.prompt_tokens == prompt and
+               c.usage.total_tokens == prompt + c.usage.completion_tokens for c in chunks)
+
+
+def test_tokenize_and_detokenize(smollm2_server, client, model):
+    """vLLM's /tokenize and /detokenize count what the generation endpoints count."""
+    with httpx.Client(base_url=smollm2_server.base_url, headers=smollm2_server.headers,
+                      timeout=30) as http:
+        prompt = http.post("/tokenize", json={"prompt": "The capital of France is",
+                                              "return_token_strs": True}).json()
+        r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=1)
+        assert prompt["count"] == len(prompt["tokens"]) == r.usage.prompt_tokens
+        assert prompt["max_model_len"] == 512 and len(prompt["token_strs"]) == prompt["count"]
+        text = http.post("/detokenize", json={"tokens": prompt["tokens"]}).json()["prompt"]
+        assert text == "The capital of France is"
+        chat = http.post("/tokenize", json={"messages": QUESTION, "model": model}).json()
+        r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1)
+        assert chat["count"] == r.usage.prompt_tokens
+        rendered = http.post("/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
+        assert rendered.endswith("<|im_start|>assistant\n") and QUESTION[0]["content"] in rendered
+
+
+def test_prompt_logprobs_are_returned(client, model):
+    """vLLM's prompt_logprobs=k: per prompt token (null for the first) the token's own logprob
+    and the top k, on the choice (completions) or the response (chat); the same numbers as
+    echo's."""
+    prompt = "The capital of France is"
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0,
+                                  echo=True, logprobs=0, extra_body={"prompt_logprobs": 2})
+    choice = r.choices[0]
+    entries = choice.model_extra["prompt_logprobs"]
+    assert len(entries) == r.usage.prompt_tokens and entries[0] is None
+    for entry, logprob in zip(entries[1:], choice.logprobs.token_logprobs[1:]):
+        assert 1 <= len(entry) <= 3 and {e["rank"] for e in entry.values()} >= {1, 2}
+        assert next(iter(entry.values()))["logprob"] == pytest.approx(logprob, abs=1e-5)
+    chat = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    entries = chat.model_extra["prompt_logprobs"]
+    assert len(entries) == chat.usage.prompt_tokens and entries[0] is None
+    assert all(len(e) == 1 for e in entries[1:])

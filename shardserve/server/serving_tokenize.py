@@ -1,0 +1,64 @@
+"""vLLM's POST /tokenize and /detokenize: the token ids the server would use for a prompt or a
+chat (its template applied, as /v1/chat/completions does), and the text of token ids. Clients
+use them to count tokens and to trim prompts to the context before sending them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+from shardserve.errors import InvalidRequestError, ShardserveError
+from shardserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
+                                        TokenizeResponse)
+from shardserve.server.serving_common import read_request
+from shardserve.server.state import ServerState
+from shardserve.tokenizer import render_chat_template
+
+
+async def tokenize(request: Request, state: ServerState) -> TokenizeResponse:
+    req = await read_request(request, state, TokenizeRequest)
+    state.check_model(req.model)
+    state.engine.check_started()  # no tokenizer while the model loads
+    tokenizer = state.engine.tokenizer
+    if (req.prompt is None) == (req.messages is None):
+        raise InvalidRequestError("Send either prompt (text) or messages (a chat).", "prompt")
+    if req.prompt is not None:
+        text = req.prompt
+        add_special = True if req.add_special_tokens is None else req.add_special_tokens
+    else:
+        text = _render_chat(tokenizer, req)
+        # The template writes BOS itself where the model wants one (see tokenizer.py).
+        add_special = bool(req.add_special_tokens)
+    ids = list(tokenizer.encode(text, add_special_tokens=add_special))
+    return TokenizeResponse(
+        count=len(ids), max_model_len=state.config.model_config.max_model_len, tokens=ids,
+        token_strs=tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None)
+
+
+async def detokenize(request: Request, state: ServerState) -> DetokenizeResponse:
+    req = await read_request(request, state, DetokenizeRequest)
+    state.check_model(req.model)
+    state.engine.check_started()
+    vocab_size = int(state.config.model_config.hf_config.vocab_size)
+    bad = [t for t in req.tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"tokens must be ids in [0, {vocab_size}); got {bad[:5]}.",
+                                  "tokens")
+    return DetokenizeResponse(prompt=state.engine.tokenizer.decode(req.tokens))
+
+
+def _render_chat(tokenizer: Any, req: TokenizeRequest) -> str:
+    if req.continue_final_message and req.add_generation_prompt:
+        raise InvalidRequestError("continue_final_message needs add_generation_prompt=false.",
+                                  "continue_final_message")
+    kwargs = req.chat_template_kwargs
+    if req.continue_final_message:
+        kwargs = {"continue_final_message": True, **(kwargs or {})}
+    try:
+        return render_chat_template(tokenizer, req.messages, req.add_generation_prompt, kwargs)
+    except ShardserveError:
+        raise
+    except Exception as err:  # as /v1/chat/completions: a template failure is still a 400
+        raise InvalidRequestError(f"The chat template could not render the messages: "
+                                  f"{type(err).__name__}: {err}", "messages") from err
