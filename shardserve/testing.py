@@ -3,7 +3,7 @@
 - `write_random_model`: a Hugging Face folder (config.json, *.safetensors, generation_config.json,
   tokenizer) of any shape with random weights — tiny ones for tests, Llama-3-8B or Qwen3-8B
   shapes for GPU benchmarks, where with ignore_eos throughput does not depend on the values.
-- `export_gguf_to_hf`: the embedded SmolLM2 GGUF (or any llama, qwen2 or qwen3 GGUF) as a float32
+- `export_gguf_to_hf`: the embedded SmolLM2 GGUF (or any GGUF the loader serves) as a float32
   HF folder, so the safetensors path can be tested against a real model.
 
 Every folder gets SmolLM2's tokenizer (so text prompts and the chat template work) and a vocab at
@@ -130,7 +130,7 @@ def write_random_model(out_dir: str | os.PathLike[str], architecture: str | None
 
 def export_gguf_to_hf(gguf_path: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write a llama, qwen2 or qwen3 GGUF (None: the embedded SmolLM2) as a float32 Hugging Face
+    """Write a GGUF the loader serves (None: the embedded SmolLM2) as a float32 Hugging Face
     folder."""
     from shardserve.loader.gguf import gguf_config, iter_gguf_weights
 

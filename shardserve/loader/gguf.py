@@ -1,6 +1,14 @@
-"""Serve llama, qwen2 and qwen3 GGUF files: a Hugging Face config from the metadata, and the
-weights dequantized to float32 under Hugging Face names (the three share them; Qwen2 adds q/k/v
-biases, Qwen3 q/k norms).
+"""Serve llama, qwen2, qwen3, qwen2moe, qwen3moe and deepseek2 GGUF files: a Hugging Face config
+from the metadata, and the weights dequantized to float32 under Hugging Face names (they share
+most of them; Qwen2 adds q/k/v biases, Qwen3 q/k norms, the MoE archs their experts, deepseek2
+its latent attention: loader/gguf_deepseek.py).
+
+The MoE archs store each layer's experts stacked, ffn_{gate,up,down}_exps [E, I, H] / [E, H, I];
+we yield them one expert at a time under transformers' per-expert names
+(mlp.experts.{e}.gate_proj.weight, ...), which FusedMoE's weight loader already takes, TP-sliced
+or EP-split. Metadata that GGUF does not carry comes from llama.cpp's own rules: a layer is
+sparse when it has a router (ffn_gate_inp), and qwen3moe renormalises its top-k while qwen2moe
+does not (llama.cpp's qwen3moe.cpp / qwen2moe.cpp), unless expert_weights_norm says otherwise.
 
 Two things llama.cpp's converter (convert_hf_to_gguf.py) does that we undo here:
 - it lists dims innermost first, so a [out, in] weight reads as [in, out] (gguf_file.py reverses);
@@ -31,6 +39,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from shardserve.errors import ModelLoadError, UnsupportedModelError
+from shardserve.loader import gguf_deepseek
 from shardserve.loader.gguf_file import GGUFFile, GGUFTensorInfo
 
 # Every type a llama.cpp quantization mix may hold. The mixes fall back per tensor: rows not a
@@ -59,16 +68,37 @@ _LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
-# The GGUF architectures we serve, as Hugging Face model types and architectures.
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
+# The MoE archs' routers and shared experts (deepseek2's: gguf_deepseek.LAYER_NAMES).
+_MOE_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+# Stacked experts [E, ...] -> the per-expert projection each slice is.
+_EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
+                  "ffn_down_exps": "down_proj"}
+# The GGUF architectures we serve: (Hugging Face model type, architecture).
+_ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                  "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+                  "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+                  "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+                  "deepseek2": ("deepseek_v2", "DeepseekV2ForCausalLM")}
+_DEEPSEEK_V3 = ("deepseek_v3", "DeepseekV3ForCausalLM")
+_MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")  # deepseek2 is MoE too, with its own config
+_EXPERT_ARCHITECTURES = (*_MOE_ARCHITECTURES, "deepseek2")
+# llama.cpp renormalises the chosen experts' weights for qwen3moe only.
+_NORM_TOPK_DEFAULT = {"qwen2moe": False, "qwen3moe": True}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp stores Llama-3.1-style rope scaling as per-frequency factors, not metadata keys.
 _ROPE_FREQS = "rope_freqs.weight"
 
 
 def gguf_config(path: str | os.PathLike[str]) -> Any:
-    """A transformers config (Llama, Qwen2 or Qwen3) built from a GGUF's metadata.
+    """A transformers config (Llama, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 or V3) built
+    from a GGUF's metadata.
 
     Raises UnsupportedModelError for any other architecture, ModelLoadError when a required key
     is missing."""
@@ -89,28 +119,46 @@ def gguf_config(path: str | os.PathLike[str]) -> Any:
     num_heads = int(key("attention.head_count", required=True))
     head_dim = key("attention.key_length") or key("rope.dimension_count") or hidden_size // num_heads
     rope_theta = float(key("rope.freq_base", 10000.0))
-    # Qwen2 always has q/k/v biases and no attention_bias field; the others say what they have.
-    biases = {} if arch == "qwen2" else {"attention_bias": "blk.0.attn_q.bias" in gguf_file.tensors}
+    rope_parameters = _rope_parameters(gguf_file, arch, rope_theta, int(head_dim))
+    num_layers = int(key("block_count", required=True))
+    has_q_bias = "blk.0.attn_q.bias" in gguf_file.tensors
+    # Qwen2 always has q/k/v biases and no attention_bias field; Qwen2-MoE's follow qkv_bias;
+    # the others say what they have.
+    if arch == "qwen2":
+        extra: dict[str, Any] = {}
+    elif arch == "qwen2moe":
+        extra = {"qkv_bias": has_q_bias}
+    else:
+        extra = {"attention_bias": has_q_bias}
     if arch == "llama":
-        biases["mlp_bias"] = "blk.0.ffn_gate.bias" in gguf_file.tensors
+        extra["mlp_bias"] = "blk.0.ffn_gate.bias" in gguf_file.tensors
+    if arch in _MOE_ARCHITECTURES:
+        extra.update(_moe_config(gguf_file, arch, key, num_layers))
+    model_type, architecture = _ARCHITECTURES[arch]
+    if arch == "deepseek2":
+        extra = gguf_deepseek.deepseek_config(gguf_file, key, num_heads, rope_parameters)
+        if gguf_deepseek.is_v3(gguf_file):
+            model_type, architecture = _DEEPSEEK_V3
+    else:
+        extra.update(num_key_value_heads=int(key("attention.head_count_kv", num_heads)),
+                     head_dim=int(head_dim), rope_parameters=rope_parameters)
     config = AutoConfig.for_model(
-        arch,
+        model_type,
         vocab_size=_vocab_size(gguf_file, arch),
         hidden_size=hidden_size,
-        intermediate_size=int(key("feed_forward_length", required=True)),
-        num_hidden_layers=int(key("block_count", required=True)),
+        # An MoE file whose layers are all sparse needs no dense size (llama.cpp ignores it).
+        intermediate_size=int(key("feed_forward_length", extra.get("moe_intermediate_size"),
+                                  required=True)),
+        num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=int(key("attention.head_count_kv", num_heads)),
-        head_dim=int(head_dim),
         max_position_embeddings=int(key("context_length", required=True)),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_parameters=_rope_parameters(gguf_file, arch, rope_theta, int(head_dim)),
         bos_token_id=_token_id(gguf_file, "bos_token_id"),
         eos_token_id=_token_id(gguf_file, "eos_token_id"),
         pad_token_id=_token_id(gguf_file, "padding_token_id"),
         tie_word_embeddings="output.weight" not in gguf_file.tensors,
-        architectures=[_ARCHITECTURES[arch]],
-        **biases,
+        architectures=[architecture],
+        **extra,
     )
     config.name_or_path = str(gguf_file.path)
     return config
@@ -133,7 +181,19 @@ def iter_gguf_weights(
     for info in gguf_file.tensors.values():
         if info.name == _ROPE_FREQS:
             continue  # folded into gguf_config's rope_parameters
-        name = hf_weight_name(info.name)
+        expert_names = _expert_names(info) if arch in _EXPERT_ARCHITECTURES else None
+        if expert_names is not None:
+            if include is None or include(expert_names[0]):  # every expert is in one layer
+                yield from zip(expert_names, _dequantize(gguf_file, info))
+            continue
+        split_kv_b = gguf_deepseek.split_kv_b(gguf_file, info.name) if arch == "deepseek2" else None
+        if split_kv_b is not None:
+            name, (k_b, v_b) = split_kv_b
+            if info.name == k_b.name and (include is None or include(name)):
+                yield name, gguf_deepseek.merged_kv_b(_dequantize(gguf_file, k_b),
+                                                      _dequantize(gguf_file, v_b))
+            continue  # attn_v_b: yielded with its attn_k_b
+        name = hf_weight_name(info.name, arch)
         if name is None:
             raise UnsupportedModelError(
                 f"GGUF tensor {info.name!r} in {gguf_file.path} has no Hugging Face "
@@ -146,18 +206,80 @@ def iter_gguf_weights(
             tensor = _unpermute_rows(tensor, num_heads)
         elif permuted and ".self_attn.k_proj." in name:
             tensor = _unpermute_rows(tensor, num_kv_heads)
+        elif name.endswith(".shared_expert_gate.weight") and tensor.dim() == 1:
+            tensor = tensor[None]  # llama.cpp keeps this [1, H] router as a vector [H]
         yield name, tensor
 
 
-def hf_weight_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama/qwen2/qwen3 GGUF tensor, or None if it has none."""
+def num_gguf_weights(path: str | os.PathLike[str]) -> int:
+    """How many tensors iter_gguf_weights yields without `include` (a stack of E experts counts
+    E times)."""
+    gguf_file = GGUFFile(path)
+    return sum(len(names) if (names := _expert_names(info)) is not None else 1
+               for info in gguf_file.tensors.values()
+               if info.name != _ROPE_FREQS and ".attn_v_b." not in info.name)
+
+
+def hf_weight_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name of a GGUF tensor of one of our architectures, or None if it has
+    none (stacked experts have one name per expert: see _expert_names; deepseek2's split
+    attn_k_b/attn_v_b one between them: gguf_deepseek.split_kv_b)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_TENSOR.fullmatch(gguf_name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
+    if match is None:
         return None
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    if arch == "deepseek2":
+        if part in gguf_deepseek.BIAS_NAMES and kind == "bias":
+            return f"model.layers.{layer}.{gguf_deepseek.BIAS_NAMES[part]}"
+        names = {**_MOE_LAYER_NAMES, **gguf_deepseek.LAYER_NAMES}
+    else:
+        names = _MOE_LAYER_NAMES if arch in _MOE_ARCHITECTURES else _LAYER_NAMES
+    return f"model.layers.{layer}.{names[part]}.{kind}" if part in names else None
+
+
+def _expert_names(info: GGUFTensorInfo) -> list[str] | None:
+    """The per-expert Hugging Face names of a stacked-experts tensor, or None if it is not one."""
+    match = _LAYER_TENSOR.fullmatch(info.name)
+    if match is None or match.group(2) not in _EXPERT_STACKS or match.group(3) != "weight":
+        return None
+    layer, proj = match.group(1), _EXPERT_STACKS[match.group(2)]
+    return [f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight" for e in range(info.shape[0])]
+
+
+def _moe_config(gguf_file: GGUFFile, arch: str, key: Callable[..., Any],
+                num_layers: int) -> dict[str, Any]:
+    """The Qwen-MoE config fields. Sizes missing from the metadata (older converters) are read
+    off the tensors; which layers are sparse is read off the tensors always (GGUF has no
+    decoder_sparse_step or mlp_only_layers)."""
+    tensors = gguf_file.tensors
+
+    def size_of(tensor: str, dim: int) -> int | None:
+        info = tensors.get(tensor)
+        return None if info is None else info.shape[dim]
+
+    sparse = [f"blk.{i}.ffn_gate_inp.weight" in tensors for i in range(num_layers)]
+    first = sparse.index(True) if any(sparse) else 0
+    fields = {
+        "num_experts": int(key("expert_count", required=True)),
+        "num_experts_per_tok": int(key("expert_used_count", required=True)),
+        "moe_intermediate_size": key("expert_feed_forward_length")
+        or size_of(f"blk.{first}.ffn_gate_exps.weight", 1),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i, is_sparse in enumerate(sparse) if not is_sparse],
+        "norm_topk_prob": bool(key("expert_weights_norm", _NORM_TOPK_DEFAULT[arch])),
+    }
+    if fields["moe_intermediate_size"] is None:
+        raise ModelLoadError(
+            f"GGUF file {gguf_file.path} states no expert size: it lacks the metadata key "
+            f"'{arch}.expert_feed_forward_length' and any ffn_gate_exps tensor. Re-export it.")
+    fields["moe_intermediate_size"] = int(fields["moe_intermediate_size"])
+    if arch == "qwen2moe":
+        shared = (key("expert_shared_feed_forward_length")
+                  or size_of(f"blk.{first}.ffn_up_shexp.weight", 0) or 0)
+        fields["shared_expert_intermediate_size"] = int(shared)
+    return fields
 
 
 def _check_architecture(gguf_file: GGUFFile) -> str:
@@ -165,9 +287,10 @@ def _check_architecture(gguf_file: GGUFFile) -> str:
     if arch not in _ARCHITECTURES:
         raise UnsupportedModelError(
             f"{gguf_file.path} is a GGUF of architecture {arch!r}; shardserve only serves "
-            f"{', '.join(_ARCHITECTURES)} GGUFs (Llama, SmolLM, Mistral, Qwen2/2.5, Qwen3 and "
-            "DeepSeek-R1-Distill files). Serve this model from its Hugging Face folder "
-            "(config.json + *.safetensors) instead.")
+            f"{', '.join(_ARCHITECTURES)} GGUFs (Llama, SmolLM, Mistral, Qwen2/2.5, Qwen3, "
+            "Qwen1.5-MoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3/R1 and DeepSeek-R1-Distill "
+            "files). Serve this model from its Hugging Face folder (config.json + "
+            "*.safetensors) instead.")
     return arch
 
 

@@ -79,8 +79,7 @@ def _checkpoint_weights(source: Any, include: Callable[[str], bool] | None = Non
         return weights, count_safetensors_weights(source.path)
     if source.kind == "gguf":
         # Written alongside; imported lazily so HF-only setups never need the gguf package.
-        from shardserve.loader.gguf import iter_gguf_weights
-        from shardserve.loader.gguf_file import GGUFFile
-        return iter_gguf_weights(source.path, include=include), len(GGUFFile(source.path).tensors)
+        from shardserve.loader.gguf import iter_gguf_weights, num_gguf_weights
+        return iter_gguf_weights(source.path, include=include), num_gguf_weights(source.path)
     raise ModelLoadError(f"Unknown model source kind {source.kind!r}.")
 

@@ -175,12 +175,12 @@ def test_unsupported_tensor_type_names_tensor_and_types(tmp_path):
     assert all(t.name in message for t in SUPPORTED_TENSOR_TYPES)
 
 
-@pytest.mark.parametrize("arch", ["phi3", "gemma", "qwen2moe", "gpt2"])
+@pytest.mark.parametrize("arch", ["phi3", "gemma", "mixtral", "gpt2"])
 def test_other_architectures_are_refused(tmp_path, arch):
     path = write_gguf(tmp_path / f"{arch}.gguf", {}, arch=arch)
     for load in (gguf_config, lambda p: list(iter_gguf_weights(p))):
-        with pytest.raises(UnsupportedModelError,
-                           match=f"architecture '{arch}'.*only serves llama, qwen2, qwen3 GGUFs"):
+        with pytest.raises(UnsupportedModelError, match=f"architecture '{arch}'.*only serves "
+                           "llama, qwen2, qwen3, qwen2moe, qwen3moe, deepseek2 GGUFs"):
             load(path)
 
 

@@ -33,12 +33,14 @@ def prompts(seed: int, vocab: int) -> list[list[int]]:
                   shared + [rng.randrange(vocab) for _ in range(13)]]
 
 
-def assert_engine_matches_transformers(hf: Any, folder: Path, seed: int, vocab: int) -> None:
-    """`folder` (hf's checkpoint and a tokenizer) served by the engine: twice the same greedy
-    tokens as hf (the second pass finds every full prompt block cached) and hf's logprobs."""
+def assert_engine_matches_transformers(hf: Any, folder: Path, seed: int, vocab: int,
+                                       **llm_kwargs: Any) -> None:
+    """`folder` (hf's checkpoint and a tokenizer, or a GGUF file of it and llm_kwargs' tokenizer)
+    served by the engine: twice the same greedy tokens as hf (the second pass finds every full
+    prompt block cached) and hf's logprobs."""
     batch = prompts(seed, vocab)
     expected = [hf_greedy(hf, p, NEW_TOKENS) for p in batch]
-    llm = LLM(str(folder), **ENGINE_KWARGS)
+    llm = LLM(str(folder), **ENGINE_KWARGS, **llm_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     for attempt in range(2):
         outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
