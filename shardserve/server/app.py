@@ -54,6 +54,9 @@ def build_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": _phase(state)}, status_code=503)
 
+    # vLLM's /ping (SageMaker's health route): the same answer as /health, for GET and POST.
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
     @app.get("/live")
     async def live() -> Response:
         if state.engine.is_alive and state.startup_error is None:

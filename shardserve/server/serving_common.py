@@ -131,6 +131,9 @@ def build_sampling_params(req: Any, state: ServerState, max_tokens: int | None,
     top_k = req.top_k if req.top_k is not None else 0
     if top_k > _INT64_MAX:
         raise InvalidRequestError("top_k is out of range.", "top_k")
+    if req.stream_options is not None and not req.stream:  # vLLM's rule too
+        raise InvalidRequestError("stream_options can only be set with stream=true.",
+                                  "stream_options")
     if req.stream and req.prompt_logprobs is not None:  # vLLM's rule: they come whole, at the end
         raise InvalidRequestError("prompt_logprobs are not available with stream=true.",
                                   "prompt_logprobs")

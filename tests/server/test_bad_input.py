@@ -33,6 +33,11 @@ CASES = [
     ("completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream", "stream"),
     ("completions", {"prompt": "hi", "stream_options": {"include_usage": "x"}}, 400,
      "stream_options", "stream_options.include_usage"),
+    ("completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "stream_options", "stream=true"),
+    ("chat/completions", {"messages": CHAT, "stream": False,
+                          "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "stream=true"),
     ("completions", {"prompt": 42}, 400, "prompt", "prompt"),
     ("completions", {"prompt": []}, 400, "prompt", "prompt"),
     ("completions", {"prompt": [[]]}, 400, "prompt", "prompt"),
@@ -174,8 +179,9 @@ def test_api_key_required_and_checked(smollm2_server, headers, method, path):
 
 
 def test_open_endpoints_need_no_key(smollm2_server):
-    for path in ("/health", "/live", "/version", "/metrics"):
+    for path in ("/health", "/ping", "/live", "/version", "/metrics"):
         assert httpx.get(f"{smollm2_server.base_url}{path}", timeout=10).status_code == 200, path
+    assert httpx.post(f"{smollm2_server.base_url}/ping", timeout=10).status_code == 200
 
 
 def test_the_right_key_works_and_the_server_survived(http, smollm2_server):
