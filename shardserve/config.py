@@ -18,7 +18,7 @@ from shardserve.errors import InvalidRequestError
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Filled by resolve(), at start-up or by the entry point (usage_context); never flags.
 DERIVED_FIELDS = frozenset({"source", "hf_config", "architecture", "num_blocks",
-                             "usage_context"})
+                             "usage_context", "generation_defaults"})
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _SOURCE_KIND = {"safetensors": "hf", "gguf": "gguf"}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
@@ -64,11 +64,16 @@ class ModelConfig:
     # auto: the path's own format; safetensors or gguf: insist on it; dummy: random weights
     # from config.json alone (benchmarks of shapes too large to write first; loader/dummy.py).
     load_format: str = "auto"
+    # Where unset sampling fields take their defaults from (vLLM's --generation-config): auto,
+    # the model's generation_config.json; vllm, none (SamplingParams' own); or a folder.
+    generation_config: str = "auto"
 
     # Filled by resolve(); not user settings.
     source: Any = field(default=None, repr=False)  # loader.source.ModelSource
     hf_config: Any = field(default=None, repr=False)  # transformers.PretrainedConfig
     architecture: str = ""
+    # SamplingParams keyword arguments from generation_config (generation_defaults.py)
+    generation_defaults: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def served_model_names(self) -> list[str]:
@@ -293,6 +298,7 @@ class EngineConfig:
         """Fill the model-dependent fields and check the settings against each other."""
         import torch
 
+        from shardserve.generation_defaults import load_generation_defaults
         from shardserve.loader.hf_config import load_hf_config
         from shardserve.loader.source import resolve_model_source
         from shardserve.models.registry import check_architecture
@@ -315,6 +321,7 @@ class EngineConfig:
                 f"{'GGUF file' if mc.source.kind == 'gguf' else 'Hugging Face folder'}; use "
                 "load_format='auto' or point --model at a matching checkpoint.", "load_format")
         mc.hf_config = load_hf_config(mc.source)
+        mc.generation_defaults = load_generation_defaults(mc.generation_config, mc.source.folder)
         mc.architecture = check_architecture(mc.hf_config)
         mc.dtype = _resolve_dtype(mc.dtype, mc.hf_config, dc.device)
         trained_len = getattr(mc.hf_config, "max_position_embeddings", None)

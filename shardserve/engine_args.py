@@ -55,6 +55,9 @@ _HELP = {
     "heartbeat_timeout_s": "seconds of silence after which a worker rank, the engine core, or "
                            "(seen from the workers) node 0 counts as dead: stopped, frozen or "
                            "gone; a long step does not silence it",
+    "generation_config": "where sampling fields a request leaves unset take their defaults: "
+                         "auto (the model's generation_config.json), vllm (none: "
+                         "SamplingParams' own) or a folder holding a generation_config.json",
     "trust_remote_code": "accepted for vLLM compatibility and ignored: shardserve runs only its "
                          "own model code, never Python code shipped with a checkpoint",
 }

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from shardserve.config import EngineConfig
 from shardserve.engine.input_processor import PromptType
 from shardserve.engine.llm_engine import LLMEngine
-from shardserve.errors import InvalidRequestError
+from shardserve.errors import InvalidRequestError, ShardserveError
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
 from shardserve.tokenizer import chat_prompt_ids, render_chat_template
@@ -41,11 +41,22 @@ class LLM:
         self.engine = LLMEngine(config)
 
     @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's name for the engine under this LLM."""
+        return self.engine
+
+    @property
     def config(self) -> EngineConfig:
         return self.engine.config
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate() and chat() use when sampling_params is None: SamplingParams'
+        defaults overlaid with the model's generation_config.json (generation_config='auto',
+        as in vLLM; 'vllm' keeps SamplingParams' own)."""
+        return SamplingParams(**self.config.model_config.generation_defaults)
 
     def start_profile(self, out_dir: str | None = None) -> None:
         """Profile every rank with torch.profiler from now until stop_profile() (vLLM's API).
@@ -66,14 +77,17 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request: Any = None) -> list[RequestOutput]:
         """Generate for one prompt or a list; returns one RequestOutput per prompt, in order."""
+        _refuse_lora(lora_request)
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
             raise InvalidRequestError("prompts must be a string, a {'prompt_token_ids': [...]} dict, "
                                       f"or a list of those; got {type(prompts).__name__}.", "prompts")
         prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params_list = _broadcast_params(sampling_params, len(prompts))
         # Check every prompt before queueing any: a bad one must not leave others behind.
         processed = [self.engine.input_processor.process_prompt(p) for p in prompts]
@@ -81,19 +95,43 @@ class LLM:
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, through the chat template."""
+             use_tqdm: bool = True, lora_request: Any = None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the chat template
+        (vLLM's arguments: chat_template is Jinja text used instead of the model's; tools are
+        handed to the template, whose text the reply is, as in vLLM: no tool-call parsing)."""
+        _refuse_lora(lora_request)
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} "
                                       "dicts (or a list of such lists).", "messages")
+        if continue_final_message and add_generation_prompt:
+            raise InvalidRequestError("continue_final_message=True needs add_generation_prompt="
+                                      "False: the first continues the last message, the second "
+                                      "starts a new one.", "continue_final_message")
         conversations = messages if isinstance(messages[0], list) else [messages]
+        template_kwargs = dict(chat_template_kwargs or {})
+        if continue_final_message:
+            template_kwargs.setdefault("continue_final_message", True)
         tokenizer = self.engine.tokenizer
-        texts = [render_chat_template(tokenizer, conv, add_generation_prompt)
+        texts = [self._render(conv, add_generation_prompt, template_kwargs, chat_template, tools)
                  for conv in conversations]
         # The rendered text rides along as the prompt, so RequestOutput.prompt holds it (vLLM).
         prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, text), "prompt": text}
                    for text in texts]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _render(self, conversation, add_generation_prompt, template_kwargs, chat_template, tools):
+        try:
+            return render_chat_template(self.engine.tokenizer, conversation, add_generation_prompt,
+                                        template_kwargs, chat_template=chat_template, tools=tools)
+        except ShardserveError:
+            raise
+        except Exception as err:  # a template fails in many ways on odd input (raise_exception,
+            # a TypeError on a missing key, transformers' own checks): still the caller's input
+            raise InvalidRequestError(f"The chat template could not render the messages: "
+                                      f"{type(err).__name__}: {err}", "messages") from err
 
     def _run(self, processed, params_list, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
@@ -120,8 +158,6 @@ class LLM:
 
 
 def _broadcast_params(params, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     if isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__"):
@@ -136,6 +172,13 @@ def _broadcast_params(params, n: int) -> list[SamplingParams]:
         raise InvalidRequestError(f"sampling_params must be SamplingParams objects; got "
                                   f"{wrong[0]}.", "sampling_params")
     return params
+
+
+def _refuse_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise InvalidRequestError("LoRA adapters are not supported: lora_request must be None "
+                                  "(merge the adapter into the weights and load that model).",
+                                  "lora_request")
 
 
 def _progress_bar(total: int):

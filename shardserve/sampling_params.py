@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass, replace
@@ -134,6 +135,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    def clone(self) -> "SamplingParams":
+        """A deep copy (vLLM's): changing it leaves this one as it was."""
+        return copy.deepcopy(self)
 
     def for_child(self, index: int) -> "SamplingParams":
         """The params of the index-th of n parallel samples: n=1, and a distinct seed if seeded."""

@@ -69,8 +69,11 @@ def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:
 
 def render_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
                          add_generation_prompt: bool = True,
-                         template_kwargs: Mapping[str, Any] | None = None) -> str:
-    """The prompt text of a chat rendered with the model's template.
+                         template_kwargs: Mapping[str, Any] | None = None, *,
+                         chat_template: str | None = None,
+                         tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The prompt text of a chat rendered with the model's template, or with `chat_template`
+    (a Jinja string) in its place; `tools` (function schemas) are the template's `tools`.
 
     `template_kwargs` (vLLM's chat_template_kwargs) are extra variables for the template, e.g.
     Qwen3's enable_thinking; they may override add_generation_prompt, as in vLLM.
@@ -79,14 +82,26 @@ def render_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     or the template itself rejects them (e.g. roles that do not alternate)."""
     import jinja2
 
-    if not getattr(tokenizer, "chat_template", None):
+    if chat_template is not None and (not isinstance(chat_template, str) or not chat_template):
+        raise InvalidRequestError("chat_template must be the template's Jinja text (a non-empty "
+                                  "string).", "chat_template")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError(
             "This model has no chat template, so it cannot take chat messages; send a plain "
             "prompt to /v1/completions instead, or pass a tokenizer with a chat template "
             "(--tokenizer).", "messages")
+    if tools is not None and (isinstance(tools, (str, bytes, Mapping))
+                              or not isinstance(tools, Sequence)
+                              or not all(isinstance(t, Mapping) for t in tools)):
+        raise InvalidRequestError("tools must be a list of tool (function schema) objects.",
+                                  "tools")
     conversation = _validate_messages(messages)
     options = {"add_generation_prompt": add_generation_prompt,
                **_template_variables(tokenizer, template_kwargs)}
+    if chat_template is not None:
+        options["chat_template"] = chat_template
+    if tools:
+        options["tools"] = [dict(t) for t in tools]
     try:
         return tokenizer.apply_chat_template(conversation, tokenize=False, **options)
     except jinja2.TemplateError as err:

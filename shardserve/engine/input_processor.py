@@ -5,6 +5,7 @@ Every check happens here, up front, so a bad request raises before it holds a KV
 from __future__ import annotations
 
 import itertools
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,18 +36,21 @@ class InputProcessor:
         return str(next(self._ids))
 
     def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+        if isinstance(prompt, dict):
+            _check_prompt_keys(prompt)
         if isinstance(prompt, str):
             ids = encode_prompt(self.tokenizer, prompt)
             text: str | None = prompt
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = list(prompt["prompt_token_ids"])
             text = prompt.get("prompt")
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)
                    or not 0 <= t < self.vocab_size]
             if bad:
                 raise InvalidRequestError(
                     f"prompt_token_ids must be integers in [0, {self.vocab_size}); got {bad[:5]}.",
                     "prompt")
+            ids = [int(t) for t in ids]  # numpy integers (e.g. from an array) as plain ints
         elif isinstance(prompt, dict) and "prompt" in prompt:
             text = prompt["prompt"]
             ids = encode_prompt(self.tokenizer, text)
@@ -81,6 +85,21 @@ class InputProcessor:
                         params.for_child(i) if params.n > 1 else params,
                         self.eos_token_ids, arrival_time, max_tokens)
                 for i in range(params.n)]
+
+
+# What a prompt dict may hold (vLLM's TextPrompt / TokensPrompt, text only): prompt_token_ids
+# with an optional prompt (the text shown in RequestOutput.prompt), or a prompt alone.
+_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
+
+
+def _check_prompt_keys(prompt: dict[str, Any]) -> None:
+    """Refuse what vLLM's prompt dicts may also carry (multi_modal_data, cache_salt, ...) and
+    typos: dropping them silently would answer a different question than the one asked."""
+    extra = sorted(str(k) for k, v in prompt.items() if k not in _PROMPT_KEYS and v is not None)
+    if extra:
+        raise InvalidRequestError(
+            f"A prompt dict holds 'prompt' and/or 'prompt_token_ids' only; {', '.join(extra)} "
+            "is not supported (this engine takes text-only prompts).", "prompt")
 
 
 def child_request_id(request_id: str, index: int, n: int) -> str:

@@ -128,7 +128,17 @@ def build_sampling_params(req: Any, state: ServerState, max_tokens: int | None,
     if bad_stop_ids:
         raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab_size}); got "
                                   f"{bad_stop_ids[:5]}.", "stop_token_ids")
-    top_k = req.top_k if req.top_k is not None else 0
+    # Fields the request leaves unset take the model's recommended defaults
+    # (generation_config.json, --generation-config), then SamplingParams' own, as in vLLM.
+    defaults = state.config.model_config.generation_defaults
+
+    def unset_or(name: str, fallback: Any) -> Any:
+        value = getattr(req, name)
+        return defaults.get(name, fallback) if value is None else value
+
+    if max_tokens is None:
+        max_tokens = defaults.get("max_tokens")
+    top_k = unset_or("top_k", 0)
     if top_k > _INT64_MAX:
         raise InvalidRequestError("top_k is out of range.", "top_k")
     if req.stream_options is not None and not req.stream:  # vLLM's rule too
@@ -141,14 +151,14 @@ def build_sampling_params(req: Any, state: ServerState, max_tokens: int | None,
         raise InvalidRequestError("At most 64 stop strings are allowed.", "stop")
     return SamplingParams(
         n=req.n,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        temperature=unset_or("temperature", 1.0),
+        top_p=unset_or("top_p", 1.0),
         top_k=min(top_k, vocab_size),
-        min_p=req.min_p or 0.0,
+        min_p=unset_or("min_p", 0.0),
         seed=req.seed,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        repetition_penalty=unset_or("repetition_penalty", 1.0),
         max_tokens=max_tokens,
         min_tokens=req.min_tokens,
         stop=req.stop,
