@@ -1,10 +1,10 @@
 """shardserve: serve LLMs on one GPU, many GPUs of a node, or many nodes."""
 
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "__version__"]
 
 
 def __getattr__(name: str):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from shardserve.config import EngineConfig
 from shardserve.engine.input_processor import PromptType
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.errors import InvalidRequestError, ShardserveError
 from shardserve.outputs import RequestOutput
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import BeamSearchParams, SamplingParams
 from shardserve.tokenizer import chat_prompt_ids, render_chat_template
+
+if TYPE_CHECKING:
+    from shardserve.beam_search import BeamSearchOutput
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,20 @@ class LLM:
         # Check every prompt before queueing any: a bad one must not leave others behind.
         processed = [self.engine.input_processor.process_prompt(p) for p in prompts]
         return self._run(processed, params_list, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    lora_request: Any = None, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None) -> list["BeamSearchOutput"]:
+        """vLLM's beam search: per prompt, the params.beam_width best sequences, best first
+        (see shardserve/beam_search.py). Runs on generate()'s engine one token a step; prefix
+        caching (on by default) keeps the repeated prompts cheap. concurrency_limit: how many
+        prompts search together (all by default)."""
+        from shardserve.beam_search import beam_search
+        _refuse_lora(lora_request)
+        if not isinstance(prompts, (str, dict, list, tuple)):
+            raise InvalidRequestError("prompts must be a string, a {'prompt_token_ids': [...]} dict, "
+                                      f"or a list of those; got {type(prompts).__name__}.", "prompts")
+        return beam_search(self, prompts, params, use_tqdm, concurrency_limit)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

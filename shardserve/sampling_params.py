@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from shardserve.errors import InvalidRequestError
 
@@ -41,6 +41,16 @@ class SamplingParams:
     detokenize: bool = True  # False: token ids only (text "", no stop strings), as in vLLM
     # token id -> added to its logit before sampling (OpenAI's logit_bias; -100 bans, 100 forces)
     logit_bias: dict[int, float] | None = None
+    # Only these token ids may be sampled (vLLM's allowed_token_ids); None: any.
+    allowed_token_ids: list[int] | None = None
+    # Words that must not be generated (vLLM's): a word's last token is banned whenever the
+    # tokens before it are the last ones generated; both the word's own and its leading-space
+    # tokenization count (see shardserve/engine/bad_words.py).
+    bad_words: list[str] | None = None
+    # Slow tokenizers' decode option (vLLM's); fast ones always join special tokens as they are.
+    spaces_between_special_tokens: bool = True
+    # bad_words as token ids: set by the engine, which has the tokenizer (vLLM's name).
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.top_k is None:
@@ -55,6 +65,10 @@ class SamplingParams:
         self.validate()
         if self.logit_bias is not None:
             self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()} or None
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(dict.fromkeys(int(t) for t in self.allowed_token_ids))
+        # Repeats are dropped, as in vLLM; an empty list is none.
+        self.bad_words = list(dict.fromkeys(self.bad_words or [])) or None
 
     def _check_types(self) -> None:
         """Counts must be integers (numpy ones are converted): a float or a bool would pass
@@ -77,6 +91,20 @@ class SamplingParams:
                 isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids))):
             raise InvalidRequestError(f"stop_token_ids must be a list of token ids (integers), "
                                       f"got {ids!r}.", param="stop_token_ids")
+        ids = self.allowed_token_ids
+        if not (ids is None or (isinstance(ids, (list, tuple)) and all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids))):
+            raise InvalidRequestError(f"allowed_token_ids must be a list of token ids (integers), "
+                                      f"got {ids!r}.", param="allowed_token_ids")
+        words = self.bad_words
+        if not (words is None or (isinstance(words, (list, tuple))
+                                  and all(isinstance(w, str) for w in words))):
+            raise InvalidRequestError(f"bad_words must be a list of strings, got {words!r}.",
+                                      param="bad_words")
+        if not isinstance(self.spaces_between_special_tokens, bool):
+            raise InvalidRequestError(f"spaces_between_special_tokens must be True or False, "
+                                      f"got {self.spaces_between_special_tokens!r}.",
+                                      param="spaces_between_special_tokens")
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the field and the accepted range."""
@@ -131,6 +159,16 @@ class SamplingParams:
                     or not -100.0 <= bias <= 100.0):
                 bad("logit_bias", f"logit_bias values must be numbers in [-100, 100], got "
                                   f"{bias!r} for token {token}.")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                bad("allowed_token_ids", "allowed_token_ids must hold at least one token id "
+                                         "(None allows every token).")
+            negative = [t for t in self.allowed_token_ids if t < 0]
+            if negative:
+                bad("allowed_token_ids", f"allowed_token_ids must be token ids (non-negative "
+                                         f"integers), got {negative[:5]}.")
+        if any(not w for w in self.bad_words or ()):
+            bad("bad_words", "bad_words must be non-empty strings.")
 
     @property
     def greedy(self) -> bool:
@@ -144,3 +182,37 @@ class SamplingParams:
         """The params of the index-th of n parallel samples: n=1, and a distinct seed if seeded."""
         seed = None if self.seed is None else self.seed + index
         return replace(self, n=1, seed=seed)
+
+
+@dataclass
+class BeamSearchParams:
+    """LLM.beam_search's settings (vLLM's `BeamSearchParams`): keep the beam_width best
+    sequences by cumulative logprob, each step extending every one by its 2 * beam_width most
+    likely next tokens, for at most max_tokens steps. length_penalty ranks the finished
+    sequences by cum_logprob / len ** length_penalty, as vLLM does (see shardserve/beam_search.py).
+    include_stop_str_in_output is accepted for vLLM's signature; the offline beam search, like
+    vLLM's, keeps the EOS token in a finished sequence's tokens and text either way."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}.",
+                                          param=name)
+            setattr(self, name, int(value))
+        for name in ("temperature", "length_penalty"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
+                raise InvalidRequestError(f"{name} must be a finite number, got {value!r}.",
+                                          param=name)
+        if self.temperature < 0.0:
+            raise InvalidRequestError(f"temperature must be non-negative, got "
+                                      f"{self.temperature}.", param="temperature")

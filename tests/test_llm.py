@@ -141,3 +141,86 @@ def test_prompt_dict_keys_it_cannot_honour_are_refused(llm, prompt, key):
         llm.generate(prompt, GREEDY, use_tqdm=False)
     ok = llm.generate({"prompt": "hi", "multi_modal_data": None}, GREEDY, use_tqdm=False)[0]
     assert len(ok.outputs[0].token_ids) == 2
+
+
+# ---- allowed_token_ids and bad_words (vLLM's), through the whole engine -----------------------
+
+PROMPTS = [{"prompt_token_ids": [5, 17, 300, 42]}, {"prompt_token_ids": [8, 9, 10]}]
+
+
+def _ids(llm, prompts, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def test_allowed_token_ids_greedy_and_random_in_a_mixed_batch(llm):
+    allowed = [11, 220, 1500, 30000]
+    plain_greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    plain_random = SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+    alone = _ids(llm, PROMPTS * 2, [plain_greedy, plain_greedy, plain_random, plain_random])
+    params = [plain_greedy, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                           allowed_token_ids=allowed),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True,
+                             allowed_token_ids=allowed), plain_random]
+    got = _ids(llm, PROMPTS * 2, params)
+    assert set(got[1]) <= set(allowed) and set(got[2]) <= set(allowed)
+    assert not set(alone[1]) <= set(allowed)  # the mask really changed something
+    assert got[0] == alone[0] and got[3] == alone[3]  # the other rows are untouched
+
+
+def _round_trip_pair(tokenizer, ids: list[int]) -> tuple[int, str]:
+    """A position i and the text of ids[i:i + 2] whose bad-word tokenization is exactly that pair."""
+    from shardserve.engine.bad_words import bad_words_token_ids
+    for i in range(len(ids) - 1):
+        text = tokenizer.decode(ids[i:i + 2])
+        if ids[i:i + 2] in bad_words_token_ids(tokenizer, [text], len(tokenizer)):
+            return i, text
+    raise AssertionError(f"no pair of {ids} round-trips")
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_bad_words_ban_the_word_not_its_parts(tiny_model_dirs, async_scheduling):
+    """Greedy: a two-token bad word from the model's own output is cut at its second token
+    (its first one still comes out), and a row without bad words in the same batch is
+    unchanged. Async scheduling (the request then waits for its previous token) agrees."""
+    llm = make_llm(tiny_model_dirs["llama"], dtype="float32", max_model_len=64,
+                   kv_cache_memory_bytes=1 << 20, async_scheduling=async_scheduling)
+    try:
+        greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        base = _ids(llm, PROMPTS, greedy)
+        i, word = _round_trip_pair(llm.get_tokenizer(), base[0])
+        banned = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, bad_words=[word])
+        got = _ids(llm, PROMPTS, [banned, greedy])
+        assert got[0][:i + 1] == base[0][:i + 1] and got[0][i + 1] != base[0][i + 1]
+        assert got[1] == base[1]
+        # Under random sampling a one-token word never comes out.
+        rand = SamplingParams(temperature=1.5, seed=4, max_tokens=12, ignore_eos=True)
+        drawn = _ids(llm, PROMPTS[:1], rand)[0]
+        token = next(t for t in drawn if llm.get_tokenizer().encode(
+            llm.get_tokenizer().decode([t]).lstrip(), add_special_tokens=False) == [t])
+        word = llm.get_tokenizer().decode([token]).lstrip()
+        again = _ids(llm, PROMPTS[:1], SamplingParams(temperature=1.5, seed=4, max_tokens=12,
+                                                      ignore_eos=True, bad_words=[word]))[0]
+        assert token not in again
+        assert llm.engine.core.scheduler.kv_cache.num_free_blocks == \
+            llm.config.cache_config.num_blocks
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("kwargs, param, match", [
+    ({"allowed_token_ids": [3, 49152]}, "allowed_token_ids", r"\[0, 49152\)"),
+    ({"allowed_token_ids": []}, "allowed_token_ids", "at least one"),
+    ({"allowed_token_ids": [-1]}, "allowed_token_ids", "non-negative"),
+    ({"allowed_token_ids": "12"}, "allowed_token_ids", "list of token ids"),
+    ({"bad_words": "fox"}, "bad_words", "list of strings"),
+    ({"bad_words": [""]}, "bad_words", "non-empty"),
+    ({"bad_words": [" "]}, "bad_words", "no tokens"),
+    ({"spaces_between_special_tokens": "no"}, "spaces_between_special_tokens", "True or False"),
+])
+def test_allowed_token_ids_and_bad_words_refusals(llm, kwargs, param, match):
+    with pytest.raises(InvalidRequestError, match=match) as err:
+        llm.generate(PROMPTS, [GREEDY, SamplingParams(max_tokens=2, **kwargs)], use_tqdm=False)
+    assert err.value.param == param
+    # Nothing was left behind: the engine still answers, with every block free.
+    assert _ids(llm, PROMPTS[:1], GREEDY)
+    assert llm.engine.core.scheduler.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shardserve.config import EngineConfig
+from shardserve.engine.bad_words import bad_words_token_ids
 from shardserve.engine.request import Request
 from shardserve.errors import ContextLengthError, InvalidRequestError
 from shardserve.sampling_params import SamplingParams
@@ -79,6 +80,16 @@ class InputProcessor:
         if bad_bias:
             raise InvalidRequestError(f"logit_bias keys must be token ids in [0, "
                                       f"{self.vocab_size}); got {bad_bias[:5]}.", "logit_bias")
+        bad_allowed = [t for t in params.allowed_token_ids or () if t >= self.vocab_size]
+        if bad_allowed:
+            raise InvalidRequestError(f"allowed_token_ids must be token ids in [0, "
+                                      f"{self.vocab_size}); got {bad_allowed[:5]}.",
+                                      "allowed_token_ids")
+        if params.bad_words or params._bad_words_token_ids is not None:
+            # Always from bad_words and this tokenizer, on a copy: the caller's params may
+            # serve other prompts, or another model.
+            params = replace(params, _bad_words_token_ids=bad_words_token_ids(
+                self.tokenizer, params.bad_words, self.vocab_size) if params.bad_words else None)
         room = self.max_model_len - len(prompt.prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         return [Request(child_request_id(request_id, i, params.n), prompt.prompt_token_ids,

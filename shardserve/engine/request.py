@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from shardserve.engine.bad_words import needs_history
 from shardserve.sampling_params import SamplingParams
 
 
@@ -70,8 +71,10 @@ class Request:
         p = sampling_params
         # Penalties read every earlier output token on the host, so a step that samples for
         # this request cannot start before the previous one's token is known.
+        # So do bad words of several tokens (is the word's start the last output?).
         self.needs_known_tokens = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                                   or p.frequency_penalty != 0.0)
+                                   or p.frequency_penalty != 0.0
+                                   or needs_history(p._bad_words_token_ids))
 
     @property
     def num_tokens(self) -> int:

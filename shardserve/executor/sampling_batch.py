@@ -5,7 +5,7 @@ copies; in a decode batch the rows are the same requests, in the same order, ste
 So the per-request part (temperature, top-p/k, min-p, penalties' weights, seeded generators,
 logprob counts) is rebuilt only when the rows change, and each step adds only what really
 changes per step, for the rows that need it: the output (and prompt) token ids of rows with
-penalties and the masked ids of rows still short of min_tokens.
+penalties and the banned ids of rows still short of min_tokens or with bad words.
 
     step N    rows [a b c d]  ─ build_rows ─▶ kept
     step N+1  rows [a b c d]  ─ same objects ─▶ kept + this step's inputs
@@ -22,6 +22,7 @@ import operator
 import torch
 
 from shardserve.executor.request_state import CachedRequestState
+from shardserve.engine.bad_words import banned_last_tokens
 from shardserve.layers.sampler import SamplingMetadata, min_tokens_stop_ids
 
 
@@ -31,6 +32,7 @@ class SamplingBatch:
         self._states: list[CachedRequestState] = []
         self._rows: SamplingMetadata | None = None
         self._min_tokens_rows: list[int] = []  # rows whose request has min_tokens > 0
+        self._bad_words_rows: list[int] = []  # rows whose request has bad words
         self.num_rebuilds = 0  # how often the rows changed (a check for tests)
 
     def metadata(self, states: list[CachedRequestState], num_outputs: list[int],
@@ -44,10 +46,17 @@ class SamplingBatch:
             self._states = list(states)
             self._min_tokens_rows = [i for i, s in enumerate(states)
                                      if s.sampling_params.min_tokens > 0]
+            self._bad_words_rows = [i for i, s in enumerate(states)
+                                    if s.sampling_params._bad_words_token_ids]
             self.num_rebuilds += 1
         masks = [(i, min_tokens_stop_ids(states[i].sampling_params, num_outputs[i],
                                          states[i].eos_token_ids))
                  for i in self._min_tokens_rows]
+        # A request with bad words of several tokens samples only once its outputs are known
+        # (Request.needs_known_tokens), so token_ids ends with its latest output here.
+        masks += [(i, banned_last_tokens(states[i].sampling_params._bad_words_token_ids,
+                                         states[i].token_ids, states[i].num_prompt_tokens))
+                  for i in self._bad_words_rows]
         # Generators: the token lists are copied only when a penalty needs them; with neither
         # penalties nor masks this is the kept rows themselves.
         return self._rows.with_step_inputs((s.output_token_ids for s in states),

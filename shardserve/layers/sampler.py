@@ -4,7 +4,8 @@ Order (vLLM's):
 
     raw logits ─▶ log_softmax ─▶ logprobs (sampled token + top-k, ranks)      only if asked
         │
-        ├─ min_tokens: EOS / stop ids -> -inf
+        ├─ allowed_token_ids: every other id -> -inf
+        ├─ banned this step: EOS / stop ids (min_tokens), bad words' last tokens -> -inf
         ├─ logit_bias: added per (row, token id)
         ├─ repetition penalty (prompt + output tokens), frequency + presence (output tokens)
         ├─ greedy rows: argmax
@@ -59,9 +60,10 @@ class SamplingMetadata:
     prompt_token_ids: torch.Tensor | None
     # [R, Lo] output ids so far padded with vocab_size; None when no_penalties
     output_token_ids: torch.Tensor | None
-    # (rows, token ids) pairs set to -inf: EOS and stop ids of rows still short of min_tokens
-    min_tokens_rows: torch.Tensor | None
-    min_tokens_token_ids: torch.Tensor | None
+    # (rows, token ids) pairs set to -inf this step: EOS and stop ids of rows still short of
+    # min_tokens, and the last token of each bad word whose other tokens were just generated
+    banned_rows: torch.Tensor | None
+    banned_token_ids: torch.Tensor | None
     # (rows, token ids, biases) added to the logits: OpenAI's logit_bias; None when no row has one
     logit_bias_rows: torch.Tensor | None
     logit_bias_token_ids: torch.Tensor | None
@@ -75,6 +77,10 @@ class SamplingMetadata:
     # Per row, host side: has any penalty / a repetition penalty (which rows need token ids).
     has_penalty: list[bool] = field(default_factory=list)
     has_repetition: list[bool] = field(default_factory=list)
+    # allowed_token_ids: the rows that have them [A] and their mask [A, V] (True: not allowed);
+    # None when no row has any
+    allowed_rows: torch.Tensor | None = None
+    allowed_mask: torch.Tensor | None = None
 
     @classmethod
     def build(cls, params_list: Sequence[SamplingParams],
@@ -86,7 +92,8 @@ class SamplingMetadata:
         """All lists are aligned with the logits' rows.
 
         min_tokens_masks[i]: token ids row i must not sample this step (EOS and stop ids while
-        it is short of min_tokens; see `min_tokens_stop_ids`), or None / empty.
+        it is short of min_tokens, see `min_tokens_stop_ids`; bad words' last tokens), or
+        None / empty.
         """
         rows = cls.build_rows(params_list, generators_list, vocab_size, device)
         return rows.with_step_inputs(output_token_ids_list, prompt_token_ids_list,
@@ -97,7 +104,7 @@ class SamplingMetadata:
                    generators_list: Sequence[torch.Generator | None],
                    vocab_size: int, device: torch.device | str) -> "SamplingMetadata":
         """What depends only on which requests the rows are: the per-step inputs (penalties'
-        token ids, min_tokens masks) are left unset; `with_step_inputs` adds them. The model
+        token ids, banned ids) are left unset; `with_step_inputs` adds them. The model
         runner keeps this part while a batch's rows stay the same requests."""
         device = torch.device(device)
         if not params_list:
@@ -130,6 +137,7 @@ class SamplingMetadata:
             bias_rows, bias_ids = ids[:, 0], ids[:, 1]
             bias_values = _to_device(torch.tensor([b for _, _, b in biases], dtype=torch.float32),
                                      device)
+        allowed_rows, allowed_mask = _allowed_mask(params_list, vocab_size, device)
         return cls(
             temperature=temperature, greedy_mask=greedy_mask,
             all_greedy=all(greedy), all_random=not any(greedy),
@@ -139,20 +147,21 @@ class SamplingMetadata:
             presence_penalties=packed[_PRESENCE], frequency_penalties=packed[_FREQUENCY],
             repetition_penalties=packed[_REPETITION],
             prompt_token_ids=None, output_token_ids=None,
-            min_tokens_rows=None, min_tokens_token_ids=None,
+            banned_rows=None, banned_token_ids=None,
             logit_bias_rows=bias_rows, logit_bias_token_ids=bias_ids, logit_bias_values=bias_values,
             num_logprobs=num_logprobs, max_num_logprobs=max(asked) if asked else None,
             no_penalties=not any(has_pen), no_top_p_top_k=no_top_p_top_k, no_min_p=no_min_p,
-            vocab_size=vocab_size, has_penalty=has_pen, has_repetition=has_rep)
+            vocab_size=vocab_size, has_penalty=has_pen, has_repetition=has_rep,
+            allowed_rows=allowed_rows, allowed_mask=allowed_mask)
 
     def with_step_inputs(self, output_token_ids_list: Iterable[Sequence[int]],
                          prompt_token_ids_list: Iterable[Sequence[int]],
-                         min_tokens_masks: Iterable[tuple[int, Sequence[int] | None]]
+                         banned: Iterable[tuple[int, Sequence[int] | None]]
                          ) -> "SamplingMetadata":
         """This step's metadata: these rows plus the inputs that change every step. The token
-        lists are read only when a row has a penalty (they may be generators);
-        min_tokens_masks holds (row, ids) pairs, and may leave out rows with nothing to mask.
-        Returns self when the step adds nothing."""
+        lists are read only when a row has a penalty (they may be generators); banned holds
+        (row, ids) pairs of ids the row must not sample now (min_tokens, bad words), and may
+        leave out rows with nothing to ban. Returns self when the step adds nothing."""
         device = self.temperature.device
         output_ids = prompt_ids = None
         if not self.no_penalties:
@@ -164,15 +173,29 @@ class SamplingMetadata:
                 prompt_ids = _padded([q if h else () for q, h in zip(prompt_token_ids_list,
                                                                      self.has_repetition)],
                                      self.vocab_size, device)
-        mt_rows = mt_ids = None
-        pairs = [(row, tok) for row, ids in min_tokens_masks for tok in (ids or ())]
+        banned_rows = banned_ids = None
+        pairs = [(row, tok) for row, ids in banned for tok in (ids or ())]
         if pairs:
             both = _to_device(torch.tensor(pairs, dtype=torch.int64), device)
-            mt_rows, mt_ids = both[:, 0], both[:, 1]
-        if output_ids is None and mt_rows is None:
+            banned_rows, banned_ids = both[:, 0], both[:, 1]
+        if output_ids is None and banned_rows is None:
             return self
         return replace(self, prompt_token_ids=prompt_ids, output_token_ids=output_ids,
-                       min_tokens_rows=mt_rows, min_tokens_token_ids=mt_ids)
+                       banned_rows=banned_rows, banned_token_ids=banned_ids)
+
+
+def _allowed_mask(params_list: Sequence[SamplingParams], vocab_size: int,
+                  device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The rows with allowed_token_ids and, per such row, True on every id it may not sample.
+    Built once per set of rows (the batch keeps it while its rows stay the same)."""
+    rows = [i for i, p in enumerate(params_list) if p.allowed_token_ids is not None]
+    if not rows:
+        return None, None
+    mask = torch.ones(len(rows), vocab_size, dtype=torch.bool)
+    for j, i in enumerate(rows):
+        mask[j, params_list[i].allowed_token_ids] = False
+    return (_to_device(torch.tensor(rows, dtype=torch.int64), device),
+            _to_device(mask, device))
 
 
 def min_tokens_stop_ids(params: SamplingParams, num_output_tokens: int,
@@ -211,8 +234,11 @@ class Sampler(nn.Module):
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         logits = logits.float()
-        if md.min_tokens_rows is not None:
-            logits[md.min_tokens_rows, md.min_tokens_token_ids] = -math.inf
+        if md.allowed_rows is not None:
+            logits[md.allowed_rows] = logits[md.allowed_rows].masked_fill_(md.allowed_mask,
+                                                                           -math.inf)
+        if md.banned_rows is not None:
+            logits[md.banned_rows, md.banned_token_ids] = -math.inf
         if md.logit_bias_rows is not None:
             logits.index_put_((md.logit_bias_rows, md.logit_bias_token_ids),
                               md.logit_bias_values, accumulate=True)
@@ -370,6 +396,6 @@ def _empty(vocab_size: int, device: torch.device) -> SamplingMetadata:
         temperature=f, greedy_mask=f.bool(), all_greedy=True, all_random=True, top_p=f,
         top_k=f.long(), min_p=f, generators={}, presence_penalties=f, frequency_penalties=f,
         repetition_penalties=f, prompt_token_ids=None, output_token_ids=None,
-        min_tokens_rows=None, min_tokens_token_ids=None, logit_bias_rows=None,
+        banned_rows=None, banned_token_ids=None, logit_bias_rows=None,
         logit_bias_token_ids=None, logit_bias_values=None, num_logprobs=[], max_num_logprobs=None,
         no_penalties=True, no_top_p_top_k=True, no_min_p=True, vocab_size=vocab_size)

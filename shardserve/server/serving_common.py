@@ -168,7 +168,10 @@ def build_sampling_params(req: Any, state: ServerState, max_tokens: int | None,
         logprobs=logprobs,
         prompt_logprobs=req.prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
         logit_bias=logit_bias,
+        allowed_token_ids=req.allowed_token_ids,
+        bad_words=req.bad_words,
     )
 
 

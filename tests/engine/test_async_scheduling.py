@@ -101,6 +101,18 @@ def test_penalties_wait_for_the_previous_token():
     assert samples(s3, sched) == ["p", "g"]
 
 
+def test_bad_words_of_several_tokens_wait_for_the_previous_token():
+    """Whether a word's last token is banned depends on the token before it, so such a request
+    waits like one with penalties; one-token words ban regardless and do not."""
+    sched = make_scheduler()
+    sched.add_request(req("w", 3, _bad_words_token_ids=[[7, 8]]))
+    sched.add_request(req("g", 3, _bad_words_token_ids=[[9]]))
+    s1 = sched.schedule()
+    assert set(sched.schedule().num_scheduled_tokens) == {"g"}
+    sched.update_from_output(s1, ModelRunnerOutput(["w", "g"], [7, 7]))
+    assert set(sched.schedule().num_scheduled_tokens) == {"w", "g"}
+
+
 def test_preemption_drops_placeholders():
     sched = make_scheduler(num_blocks=5, budget=32, max_model_len=20)
     sched.add_request(req("a", 8, max_tokens=12))

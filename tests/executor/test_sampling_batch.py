@@ -72,4 +72,20 @@ def test_penalties_and_min_tokens_follow_each_step() -> None:
             s.token_ids.append(10 + step)
     assert batch.num_rebuilds == 1
     # Once "m" has its min_tokens, nothing is masked any more.
-    assert got.min_tokens_rows is None
+    assert got.banned_rows is None
+
+
+def test_bad_words_bans_follow_each_step() -> None:
+    """A bad word's last token is banned while its start ends the outputs (never the prompt);
+    a one-token word always; rows without bad words get nothing."""
+    words = SamplingParams(temperature=0.0, _bad_words_token_ids=[[12, 13], [40]])
+    states = [state("w", words, [12], []), state("x", SamplingParams(temperature=1.0), [1], [])]
+    batch = SamplingBatch(torch.device("cpu"))
+    want = [[40], [13, 40], [40]]
+    for step, next_token in enumerate([12, 5, 6]):
+        got = batch.metadata(states, [len(s.output_token_ids) for s in states], VOCAB)
+        assert got.banned_rows.tolist() == [0] * len(want[step])
+        assert got.banned_token_ids.tolist() == want[step]
+        for s in states:
+            s.token_ids.append(next_token)
+    assert batch.num_rebuilds == 1

@@ -196,6 +196,59 @@ def test_min_tokens_masks_random_rows() -> None:
     assert 0 not in draws.sampled_token_ids.tolist()
 
 
+def test_allowed_token_ids_greedy_and_random_rows_leave_other_rows() -> None:
+    """Only the allowed ids are sampled, greedy or random; rows without the setting (seeded,
+    so their draws depend only on their own generator) sample what they would without it."""
+    torch.manual_seed(7)
+    logits = torch.randn(4, VOCAB)
+    allowed = [3, 11, 20]
+    params = [SamplingParams(temperature=0.0, allowed_token_ids=allowed),
+              SamplingParams(temperature=1.0, seed=1, allowed_token_ids=allowed),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.0, seed=2)]
+
+    def run(ps, rows=slice(None)):
+        gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in ps]
+        return sample(logits[rows], build(ps, generators=gens))
+
+    got = run(params)
+    assert got[0] == allowed[int(logits[0, allowed].argmax())]
+    assert got[1] in allowed
+    plain = run([SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1)]
+                + params[2:])
+    assert got[2:] == plain[2:] and plain[0] == int(logits[0].argmax())
+    assert run(params[2:], slice(2, None)) == got[2:]
+    assert build(params[2:]).allowed_rows is None  # the common path builds no mask
+
+
+def test_allowed_token_ids_random_distribution() -> None:
+    """Random rows draw from the model's distribution renormalised over the allowed ids."""
+    torch.manual_seed(8)
+    row = torch.randn(VOCAB)
+    allowed = [1, 4, 9, 30]
+    draws = many(row, SamplingParams(temperature=1.0, allowed_token_ids=allowed), num=6000)
+    freq = torch.bincount(draws, minlength=VOCAB).float() / draws.numel()
+    want = torch.zeros(VOCAB)
+    want[allowed] = torch.softmax(row[allowed], -1)
+    assert set(draws.tolist()) <= set(allowed)
+    assert (freq - want).abs().max() < 0.03
+
+
+def test_banned_ids_random_rows_keep_the_rest_of_the_distribution() -> None:
+    """Per-step bans (bad words' last tokens) under random sampling: never drawn, the other
+    tokens in proportion."""
+    torch.manual_seed(9)
+    row = torch.randn(VOCAB)
+    row[5] = 6.0
+    draws = Sampler()(row.repeat(6000, 1), build([SamplingParams(temperature=1.0)] * 6000,
+                                               masks=[[5, 7]] * 6000)).sampled_token_ids
+    want = row.clone()
+    want[[5, 7]] = -math.inf
+    freq = torch.bincount(draws, minlength=VOCAB).float() / draws.numel()
+    assert not {5, 7} & set(draws.tolist())
+    assert (freq - torch.softmax(want, -1)).abs().max() < 0.03
+
+
 def test_logprobs_from_raw_logits() -> None:
     torch.manual_seed(6)
     logits = torch.randn(3, VOCAB)

@@ -112,6 +112,25 @@ def test_logit_bias_forces_a_token(client, model):
     assert [t.token for t in chat.choices[0].logprobs.content] == tokens[:1] * 3
 
 
+def test_allowed_token_ids_and_bad_words(client, model):
+    """vLLM's extra fields, on both endpoints: only allowed ids come out; a bad word does not,
+    in either of its tokenizations ("Paris" and " Paris")."""
+    prompt = "The capital of France is"
+    kwargs = dict(model=model, prompt=prompt, max_tokens=4, temperature=0.9, seed=3, logprobs=0)
+    allowed = client.completions.create(**kwargs, extra_body={"allowed_token_ids": [504]})
+    forced = client.completions.create(**kwargs, logit_bias={"504": 100})
+    tokens = allowed.choices[0].logprobs.tokens
+    assert len(set(tokens)) == 1 and tokens == forced.choices[0].logprobs.tokens
+    plain = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    assert "Paris" in plain.choices[0].text
+    banned = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0,
+                                       extra_body={"bad_words": ["Paris"]})
+    assert "Paris" not in banned.choices[0].text
+    chat = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12,
+                                          temperature=0, extra_body={"bad_words": ["Paris"]})
+    assert "Paris" not in chat.choices[0].message.content
+
+
 def test_echo_puts_the_prompt_first_streamed_or_not(client, model):
     prompt = "The capital of France is"
     kwargs = dict(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=1)
