@@ -182,6 +182,14 @@ class ParallelConfig:
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be at least 1, got {getattr(self, name)}.",
                                           name)
+        dp = self.data_parallel_size
+        if isinstance(dp, int) and dp > 1 and self.nnodes > 1:
+            # Checked before the split below, which would blame the TP x PP sizes instead.
+            raise InvalidRequestError(
+                f"data_parallel_size={dp} with nnodes={self.nnodes}: "
+                "--nnodes spreads one replica's TP x PP ranks over nodes; for data parallelism "
+                "across nodes run one `shardserve serve` per replica group and `shardserve "
+                "router` in front of them.", "data_parallel_size")
         if self.world_size % self.nnodes:
             raise InvalidRequestError(
                 f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} ranks do not "

@@ -19,6 +19,10 @@ parent dies, or, after an exception, with every in-flight request failed and exi
 A thread of its own counts up a heartbeat shared with the front (start_beating) from the start:
 a long step or load never stops it, a frozen process (SIGSTOP, a stalled host) does, and the
 front then kills the core instead of letting its requests wait for ever (engine/core_client.py).
+Because that beat goes on whatever the main thread does, a step that never returns (a deadlock,
+a kernel that never finishes) would hold its requests for ever; a second thread (StepWatchdog)
+ends the core once one step has run past step_timeout_s, the limit the multi-process executor
+already puts on each step, reporting the main thread's stack.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -52,6 +57,7 @@ IDLE_POLL_MS = 100  # how long an idle core blocks on its socket before checking
 PARENT_CHECK_S = 1.0  # how often a busy core checks its parent
 GPU_MEMORY_INTERVAL_S = 1.0  # NVML queries cost ~ms each; no need to ask every step
 BEAT_INTERVAL_S = 0.5  # how often the core's heartbeat counts up
+WATCHDOG_GRACE_S = 5.0  # past the executor's own limits, before the step watchdog fires
 
 
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int,
@@ -60,6 +66,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     multiprocessing RawValue) that start_beating keeps counting up."""
     if beat is not None:
         start_beating(beat)
+    watchdog = StepWatchdog(step_watchdog_limit_s(config),
+                            lambda message, stack: _exit_hung(output_addr, message, stack))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level,
@@ -86,7 +94,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
             return
         out_sock.send(serializer.encode(CoreReady(os.getpid(), config.cache_config.num_blocks,
                                                   dict(core.startup_seconds))))
-        loop = EngineCoreProc(core, in_sock, out_sock, serializer, parent_pid)
+        loop = EngineCoreProc(core, in_sock, out_sock, serializer, parent_pid, watchdog)
         code = loop.run()
         orphaned = loop.orphaned
         core.shutdown()
@@ -111,12 +119,72 @@ def start_beating(beat: Any) -> None:
     threading.Thread(target=run, name="shardserve-core-heartbeat", daemon=True).start()
 
 
+def step_watchdog_limit_s(config: EngineConfig) -> float:
+    """With one process nothing else bounds a step. With several, the executor gives up on a
+    step after step_timeout_s with a better message (the hung rank's name): the watchdog only
+    catches the core itself hanging, a little later."""
+    pc = config.parallel_config
+    if pc.world_size == 1:
+        return pc.step_timeout_s
+    return pc.step_timeout_s + pc.heartbeat_timeout_s + WATCHDOG_GRACE_S
+
+
+class StepWatchdog:
+    """Calls on_overdue(message, main thread's stack) once, from its own thread, when a step
+    (begin() .. end()) has run longer than limit_s. Idle time and start-up are not watched."""
+
+    def __init__(self, limit_s: float, on_overdue: Callable[[str, str], None]) -> None:
+        self.limit_s = limit_s
+        self._on_overdue = on_overdue
+        self._started: float | None = None  # set and cleared by the main thread only
+        self._main = threading.get_ident()
+        threading.Thread(target=self._run, name="shardserve-step-watchdog", daemon=True).start()
+
+    def begin(self) -> None:
+        self._started = time.monotonic()
+
+    def end(self) -> None:
+        self._started = None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(min(BEAT_INTERVAL_S, self.limit_s / 4))
+            started = self._started
+            if started is None or time.monotonic() - started <= self.limit_s:
+                continue
+            frame = sys._current_frames().get(self._main)
+            stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+            self._on_overdue(
+                f"Step timeout: one engine step has run for "
+                f"{time.monotonic() - started:.0f} s, past step_timeout_s {self.limit_s:g}: "
+                "the engine core is hung (deadlocked, or stuck in a kernel) and exits", stack)
+            return
+
+
+def _exit_hung(output_addr: str, message: str, stack: str) -> None:
+    """Tell the front why (it fails every request with it), then end the process: the main
+    thread cannot be interrupted. A fresh socket: the main thread's is not thread-safe."""
+    logger.error("%s. The main thread is at:\n%s", message, stack)
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.PUSH)
+        sock.connect(output_addr)
+        sock.send(make_serializer().encode(CoreFailed(message, stack)))
+        sock.close(linger=2000)
+        context.term()  # waits (up to the linger) until the message is out
+    finally:
+        logging.shutdown()
+        os._exit(1)
+
+
 class EngineCoreProc:
     """The busy loop around one EngineCore."""
 
     def __init__(self, core: EngineCore, in_sock: zmq.Socket, out_sock: zmq.Socket,
-                 serializer: Serializer, parent_pid: int) -> None:
+                 serializer: Serializer, parent_pid: int,
+                 watchdog: StepWatchdog | None = None) -> None:
         self.core = core
+        self._watchdog = watchdog
         self._in = in_sock
         self._out = out_sock
         self._serializer = serializer
@@ -201,7 +269,14 @@ class EngineCoreProc:
     # ---- one step --------------------------------------------------------------------------
 
     def _step(self) -> None:
-        outputs = self.core.step()
+        if self._watchdog is None:
+            outputs = self.core.step()
+        else:
+            self._watchdog.begin()
+            try:
+                outputs = self.core.step()
+            finally:
+                self._watchdog.end()
         scheduled = self._newly_scheduled(outputs)
         for out in outputs:
             if out.finish_reason is not None:

@@ -55,6 +55,7 @@ PING_INTERVAL_S = 0.2
 POLL_SLICE_S = 0.1  # liveness is checked at least this often while waiting for a reply
 STARTUP_CALL_TIMEOUT_S = 3600.0  # loading and profiling a big model takes a while
 STOP_GRACE_S = 5.0  # for ranks to leave after "stop" (a failed world's are killed sooner)
+IDLE_CHECK_AFTER_S = 0.5  # a step submitted after this long idle checks every rank first
 
 
 class MultiprocExecutor(Executor):
@@ -72,6 +73,7 @@ class MultiprocExecutor(Executor):
         self.driver_rank = pc.driver_rank
         self._codec = WireCodec()
         self._seq = 0
+        self._last_submit = 0.0  # monotonic time of the last submit_step
         self._dead: str | None = None
         self._closed = False
         self._hosts: dict[int, tuple[str, int]] = {}  # rank -> (host, pid) from its hello
@@ -240,7 +242,15 @@ class MultiprocExecutor(Executor):
 
     def submit_step(self, scheduler_output: SchedulerOutput) -> int:
         """Broadcast one step to every rank; returns its sequence number for collect_step."""
-        self._raise_if_dead()
+        # A rank that died while the engine was idle (the offline LLM checks nothing between
+        # calls) is named now, not blamed on the peer whose collective it breaks. Back-to-back
+        # steps skip the check (a few syscalls a rank): a death then shows in collect_step.
+        now = time.monotonic()
+        if now - self._last_submit > IDLE_CHECK_AFTER_S:
+            self.check_health()
+        else:
+            self._raise_if_dead()
+        self._last_submit = now
         self._seq += 1
         start = time.perf_counter()
         data = self._codec.encode_step(self._seq, time.monotonic(), scheduler_output)
@@ -389,8 +399,14 @@ class MultiprocExecutor(Executor):
         _, seq, rank, type_name, text, trace = message
         if len(text) > 400:  # gloo/NCCL errors run long; the worker's log has all of it
             text = text[:400] + " ..."
-        # A rank that died makes its peers' collectives fail: blame the dead one if any.
-        deadline = time.monotonic() + 1.0
+        # A rank that died makes its peers' collectives fail: blame the dead one if any (a
+        # local one by its exit, at once; one on another node by its silence, which takes the
+        # heartbeat timeout to show: waited for when a step fails, the usual cause there, not
+        # at start-up, where errors are the rank's own and should come at once).
+        wait_s = 1.0
+        if len(self._procs) < self.world_size and not starting:
+            wait_s = max(wait_s, self.parallel_config.heartbeat_timeout_s + 1.0)
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             dead = [r for r, p in self._procs.items() if p.exitcode is not None]
             if dead:
@@ -398,6 +414,13 @@ class MultiprocExecutor(Executor):
                 self._fail(f"Worker rank {dead[0]} (pid {proc.pid}) died: "
                            f"{describe_exit(proc.exitcode)}; rank {rank} then failed: "
                            f"{type_name}: {text}")
+            silent = self._monitor.silent_ranks() if self._monitor is not None else {}
+            silent.pop(rank, None)  # it spoke: it is not the one gone
+            if silent:
+                other, seconds = next(iter(silent.items()))
+                self._fail(f"Worker rank {other} ({self._describe([other])}) has been silent "
+                           f"for {seconds:.1f} s: its process or node is gone or frozen; rank "
+                           f"{rank} then failed: {type_name}: {text}")
             time.sleep(0.05)
         logger.error("Worker rank %d failed:\n%s", rank, trace)
         error_cls = getattr(errors, type_name, None)

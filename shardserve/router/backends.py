@@ -48,6 +48,10 @@ class Backend:
     num_retries_from: int = 0  # requests moved off this replica to another
     pid: int | None = None  # set when the router's own process tree runs the replica
     num_probe_failures: int = 0  # probes in a row that got no answer at all
+    # When the current run of probes that timed out began (None: the last one was answered or
+    # refused). A replica that accepts connections but answers nothing is hung or frozen; one
+    # still starting (or gone) refuses them instead.
+    unanswered_since: float | None = None
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # set: stop waiting on it
     waiters: set = field(default_factory=set)  # tasks awaiting the replica (cancelled if lost)
 
@@ -177,6 +181,10 @@ class BackendPool:
         except httpx.HTTPError as exc:
             backend.mark_down(f"health check failed: {type(exc).__name__}")
             backend.num_probe_failures += 1
+            if not isinstance(exc, httpx.TimeoutException):
+                backend.unanswered_since = None
+            elif backend.unanswered_since is None:
+                backend.unanswered_since = time.monotonic()
             if backend.num_probe_failures >= LOST_AFTER_FAILURES and not backend.lost.is_set():
                 if backend.in_flight:
                     logger.warning("Replica %s does not answer; giving up on its %d requests",
@@ -186,6 +194,7 @@ class BackendPool:
                     task.cancel()
             return
         backend.num_probe_failures = 0
+        backend.unanswered_since = None
         if backend.lost.is_set():
             backend.lost = asyncio.Event()
         if health.status_code != 200:

@@ -13,7 +13,8 @@ ones (through CUDA_VISIBLE_DEVICES). Seeds are not offset: the same request seed
 output as with DP 1. Children get SIGTERM when this process dies (PR_SET_PDEATHSIG); SIGTERM here
 drains the replicas (they finish what they hold) and then stops; SIGINT stops at once. A replica
 that exits unexpectedly is restarted (up to `MAX_RESTARTS` times); meanwhile the router sends
-its traffic elsewhere.
+its traffic elsewhere. So is one that stays hung or frozen (it accepts connections but has
+answered no health probe for `HUNG_AFTER_S`): its process tree is killed first.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ import uvicorn
 from shardserve import __version__
 from shardserve.errors import InvalidRequestError
 from shardserve.router.app import RouterArgs, build_router_app
-from shardserve.router.backends import BackendPool, DiscoveryConfig
+from shardserve.router.backends import Backend, BackendPool, DiscoveryConfig
 from shardserve.router.proxy import ProxyConfig
 
 logger = logging.getLogger(__name__)
 
 MAX_RESTARTS = 5
+# A replica whose health probes have all timed out for this long is killed (and restarted).
+# Its own engine dies within heartbeat_timeout_s (10 s) of a frozen core or rank; this is for
+# the replica's server process itself stopping (SIGSTOP, a stalled event loop).
+HUNG_AFTER_S = 15.0
 # Set per replica (or pinned after 'auto' is resolved): dropped from the command line it inherits.
 _REPLICA_ONLY = {"--port", "--host", "--data-parallel-size", "-dp", "--tensor-parallel-size", "-tp",
                  "--pipeline-parallel-size", "-pp"}
@@ -132,10 +137,6 @@ def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
     if int(num) == 1:
         from shardserve.server.app import run_server
         return run_server(args)
-    if (args.nnodes or 1) > 1:
-        raise InvalidRequestError(
-            "--data-parallel-size with --nnodes > 1: run one `shardserve serve` per replica "
-            "group and `shardserve router` in front of them.", "data_parallel_size")
     num = int(num)
     slices = _device_slices(num, int(tp) * int(pp), args.device)
     base = replica_argv(argv) + ["--tensor-parallel-size", str(tp),
@@ -197,7 +198,10 @@ class Supervisor:
         while not self.stopping:
             await asyncio.sleep(0.5)
             for r in self.replicas:
-                if self.stopping or r.proc is None or r.proc.poll() is None:
+                if self.stopping or r.proc is None:
+                    continue
+                if r.proc.poll() is None:
+                    self._kill_if_hung(r, pool.add(r.url))
                     continue
                 backend = pool.add(r.url)
                 backend.mark_down(f"replica process exited with {r.proc.returncode}")
@@ -214,6 +218,22 @@ class Supervisor:
                 self.stopping = True
                 if self.on_give_up is not None:
                     self.on_give_up()
+
+    @staticmethod
+    def _kill_if_hung(r: Replica, backend: Backend) -> None:
+        since = backend.unanswered_since
+        if since is None or time.monotonic() - since < HUNG_AFTER_S:
+            return
+        logger.error("Replica %d (pid %d) has answered no health probe for %.0f s: hung or "
+                     "frozen; killing it", r.index, r.proc.pid, time.monotonic() - since)
+        backend.unanswered_since = None
+        # Its engine core and ranks too: stopped with it, they would not leave by themselves.
+        for pid in [*descendants(r.proc.pid), r.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # A later round restarts it, like any replica that exited.
 
     def signal_all(self, sig: int) -> None:
         self.stopping = True
@@ -235,6 +255,26 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 r.proc.kill()
                 r.proc.wait(5)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; empty where it cannot be read)."""
+    out, stack = [], [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out += children
+            stack += children
+    return out
 
 
 class _FrontServer(uvicorn.Server):

@@ -1,28 +1,35 @@
 """The engine core's busy loop, driven over real ZMQ sockets with a fake EngineCore: outputs
-and first-scheduling times go out, and an exception fails every in-flight request."""
+and first-scheduling times go out, and an exception fails every in-flight request. The step
+watchdog ends a core whose step never returns (its heartbeat thread keeps beating) and leaves
+slow steps and idle time alone; through the front (AsyncLLM), the requests then fail with
+engine_dead within seconds."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from types import SimpleNamespace
 
+import pytest
 import zmq
 
 from shardserve.engine.core_messages import (AbortRequests, CoreFailed, CoreStepOutputs,
                                              EngineCoreRequest, ShutdownCore, make_serializer)
-from shardserve.engine.core_proc import EngineCoreProc
+from shardserve.engine.core_proc import EngineCoreProc, StepWatchdog
 from shardserve.engine.outputs import EngineCoreOutput
 from shardserve.engine.scheduler import SchedulerStats
 from shardserve.sampling_params import SamplingParams
 
 
 class FakeCore:
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, step_s: float = 0.0) -> None:
         self.config = SimpleNamespace(device_config=SimpleNamespace(device="cpu"))
         self.scheduler = SimpleNamespace(running=[])
         self.requests: dict = {}
         self.aborted: list[str] = []
         self.fail = fail
+        self.step_s = step_s  # how long each step takes
         self.num_step_tokens = 0
 
     def add_request(self, request) -> None:
@@ -39,6 +46,7 @@ class FakeCore:
     def step(self):
         if self.fail:
             raise RuntimeError("boom")
+        time.sleep(self.step_s)
         outputs = []
         self.num_step_tokens = 0
         for rid, request in list(self.requests.items()):
@@ -60,7 +68,8 @@ class FakeCore:
             return None
 
 
-def _run(core: FakeCore, messages: list, parent_pid: int | None = None):
+def _run(core: FakeCore, messages: list, parent_pid: int | None = None,
+         watchdog: StepWatchdog | None = None):
     import os
     s = make_serializer()
     ctx = zmq.Context()
@@ -75,7 +84,7 @@ def _run(core: FakeCore, messages: list, parent_pid: int | None = None):
     for m in messages:
         front_in.send(s.encode(m))
     code = EngineCoreProc(core, core_in, core_out, s,
-                          os.getppid() if parent_pid is None else parent_pid).run()
+                          os.getppid() if parent_pid is None else parent_pid, watchdog).run()
     received = []
     while front_out.poll(200):
         received.append(s.decode(front_out.recv()))
@@ -112,3 +121,65 @@ def test_exception_fails_every_inflight_request_and_exits_1():
 def test_exits_when_parent_is_gone():
     code, _ = _run(FakeCore(), [], parent_pid=-1)
     assert code == 1
+
+
+def test_watchdog_reports_a_step_that_never_returns_with_its_stack():
+    fired: list[tuple[str, str]] = []
+    release = threading.Event()
+    watchdog = StepWatchdog(0.5, lambda message, stack: (fired.append((message, stack)),
+                                                         release.set()))
+    core = FakeCore()
+    core.step = lambda: release.wait(30) and []  # a deadlock, until the watchdog fires
+    start = time.monotonic()
+    _run(core, [_request("a"), ShutdownCore()], watchdog=watchdog)
+    assert fired and time.monotonic() - start < 5
+    message, stack = fired[0]
+    assert "step_timeout_s 0.5" in message and "hung" in message
+    assert "in _step" in stack  # where the main thread is stuck
+
+
+def test_watchdog_leaves_slow_steps_and_idle_time_alone():
+    fired: list[str] = []
+    watchdog = StepWatchdog(0.4, lambda message, stack: fired.append(message))
+    # Three steps of 0.3 s (1 s of stepping in all), then 1 s idle.
+    code, _ = _run(FakeCore(step_s=0.3), [_request("a"), _request("b"), _request("c")],
+                   watchdog=watchdog, parent_pid=-1)
+    time.sleep(1.0)
+    assert code == 1 and not fired  # (it left because parent_pid=-1 is not its parent)
+
+
+def _run_core_with_a_hung_step(*args, **kwargs) -> None:
+    """run_engine_core in the spawned core process, with a step that never returns."""
+    from shardserve.engine.core import EngineCore
+    from shardserve.engine.core_proc import run_engine_core
+    EngineCore.step = lambda self: threading.Event().wait()
+    run_engine_core(*args, **kwargs)
+
+
+@pytest.mark.slow
+def test_hung_step_with_one_process_fails_requests_as_engine_dead(tiny_model_dirs, monkeypatch):
+    """TP 1, PP 1: nothing but the watchdog bounds a step, and the heartbeat goes on."""
+    from shardserve.config import EngineConfig
+    from shardserve.engine import core_client
+    from shardserve.engine.async_llm import AsyncLLM
+    from shardserve.errors import EngineDeadError
+
+    monkeypatch.setattr(core_client, "run_engine_core", _run_core_with_a_hung_step)
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      max_model_len=64, kv_cache_memory_bytes=1 << 20,
+                                      step_timeout_s=1.5).resolve()
+
+    async def main() -> float:
+        llm = AsyncLLM(config)
+        await llm.start()
+        try:
+            start = time.monotonic()
+            with pytest.raises(EngineDeadError, match="step_timeout_s 1.5"):
+                async for _ in llm.generate("Hi", SamplingParams(max_tokens=4), "r"):
+                    pass
+            assert llm.dead and llm._core.exitcode == 1
+            return time.monotonic() - start
+        finally:
+            await llm.shutdown()
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) < 10

@@ -53,6 +53,16 @@ def test_leader_worker_set_variables_fill_unset_fields():
     assert (pc.master_addr, pc.nnodes, pc.node_rank) == ("x", 2, 0)  # flags win
 
 
+@pytest.mark.parametrize("tp,env", [(1, {}), (2, {}), (1, {"LWS_GROUP_SIZE": "2"})])
+def test_data_parallel_over_nodes_is_refused_as_such(tp, env):
+    """-dp with --nnodes (or a LeaderWorkerSet group) names -dp and the way to do it, not the
+    TP x PP split over the nodes."""
+    nnodes = None if env else 2
+    with pytest.raises(InvalidRequestError, match=r"data_parallel_size=2 with nnodes=2: .*"
+                                                  r"one `shardserve serve` per replica group"):
+        ParallelConfig(tensor_parallel_size=tp, data_parallel_size=2, nnodes=nnodes).resolve(env)
+
+
 def test_cli_flags_and_engine_kwargs_round_trip():
     from shardserve.cli import build_parser
     from shardserve.engine_args import engine_config_from_args

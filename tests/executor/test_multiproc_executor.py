@@ -8,7 +8,8 @@
 - a rank that never arrives is named by the rendezvous timeout;
 - a worker killed (or frozen) mid-generation makes the engine raise EngineDeadError within
   seconds; when node 0 dies, every rank of both nodes exits on its own; a frozen rank on node 1,
-  which cannot, is killed by its launcher, which exits non-zero.
+  which cannot, is killed by its launcher, which exits non-zero; a killed rank on node 1 is
+  named (by its silence), not the peer whose all-reduce it broke.
 """
 
 from __future__ import annotations
@@ -322,6 +323,68 @@ def test_frozen_rank_on_node1_is_killed_by_its_launcher(tiny_model_dirs):
     finally:
         if rank1 is not None and _alive(rank1):
             os.kill(rank1, signal.SIGKILL)
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
+
+
+@pytest.mark.parametrize("when", ["idle", "mid_step"])
+def test_rank_killed_on_node1_is_named_not_its_peer(tiny_model_dirs, when):
+    """Node 1's rank is SIGKILLed, while the offline engine is idle or mid-generation: its
+    peer's all-reduce then fails with gloo's "Connection closed by peer", but the error must
+    name the rank that went away (no sentinel on another node: by its silence)."""
+    port = _free_port_range(5)
+    node1 = subprocess.Popen([sys.executable, "-m", "shardserve.cli", "worker", "--node-rank",
+                              "1", "--nnodes", "2", "--master-addr", "127.0.0.1",
+                              "--master-port", str(port), "-tp", "2",
+                              "--heartbeat-timeout-s", "1.5"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, nnodes=2, node_rank=0,
+                  master_port=port, heartbeat_timeout_s=1.5, device="cpu", dtype="float32",
+                  max_model_len=2048, kv_cache_memory_bytes=8 << 20)
+        executor = llm.engine.core.executor
+        forkserver = [pid for pid in _children(node1.pid) if b"forkserver" in _cmdline(pid)]
+        (rank1,) = [pid for fs in forkserver for pid in _children(fs)]
+        killed_at: list[float] = []
+
+        def kill_rank1() -> None:
+            while when == "mid_step" and executor.comm_stats()["num_steps"] < 3:
+                time.sleep(0.005)
+            os.kill(rank1, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+        if when == "idle":
+            kill_rank1()
+            time.sleep(3)  # past the heartbeat timeout, with nothing asked of the engine
+        else:
+            threading.Thread(target=kill_rank1, daemon=True).start()
+        params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+        with pytest.raises(EngineDeadError, match=r"^Worker rank 1 \(rank 1 on node 1 .*silent"):
+            llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)
+        assert killed_at and time.monotonic() - killed_at[0] < 10
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
+
+
+def test_node1_started_with_other_sizes_is_named_at_once(tiny_model_dirs):
+    """Node 1 believes in -tp 3 over 3 nodes (so its one rank is rank 1, a valid rank of node
+    0's world of 2): its rank's own start-up error is reported as itself, not after a
+    heartbeat timeout as a silent peer."""
+    port = _free_port_range(5)
+    node1 = subprocess.Popen([sys.executable, "-m", "shardserve.cli", "worker", "--node-rank",
+                              "1", "--nnodes", "3", "--master-addr", "127.0.0.1",
+                              "--master-port", str(port), "-tp", "3"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with pytest.raises(EngineDeadError, match=r"^Worker rank 1 failed: ValueError: This node "
+                                                  r"was started with world size 3 \(tp 3"):
+            LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, nnodes=2, node_rank=0,
+                master_port=port, rendezvous_timeout_s=60, **ENGINE_KWARGS)
+        assert node1.wait(timeout=30) != 0
+    finally:
         if node1.poll() is None:
             node1.kill()
             node1.wait()

@@ -1,6 +1,8 @@
 """`shardserve serve -dp 2` on CPU with a tiny random model: the same outputs as DP 1, both
 replicas serve, prefix-aware routing raises the prefix-cache hit rate over round-robin, and a
-replica killed under load loses no request."""
+replica killed under load loses no request. The supervisor restarts replicas that exit, gives
+up after MAX_RESTARTS, and kills (then restarts) one that accepts connections but answers no
+health probe, with its whole process tree."""
 
 from __future__ import annotations
 
@@ -333,3 +335,60 @@ def test_front_gives_up_once_every_replica_is_dead_for_good(monkeypatch):
     assert len(gave_up) == 1
     assert [r.restarts for r in replicas] == [2, 2]
     assert all(r.proc.returncode == 3 for r in replicas)
+
+
+def test_frozen_replica_is_killed_with_its_children_and_restarted(monkeypatch):
+    """A replica (here a process with a child, standing for its engine core) whose port
+    accepts connections but never answers /health, as a SIGSTOPped server's does: after
+    HUNG_AFTER_S of probes timing out, both processes are killed and the replica restarted. A
+    port that refuses connections (a replica still starting) is never taken for hung."""
+    import asyncio
+    import socket
+    import sys
+
+    from shardserve.router import data_parallel as dp
+    from shardserve.router.backends import BackendPool, DiscoveryConfig
+
+    monkeypatch.setattr(dp, "HUNG_AFTER_S", 1.5)
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(64)  # the kernel completes handshakes; nobody ever reads
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    # The child outlives a killed parent (for 20 s: no test leaves it behind for long).
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(20)'])\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    replicas = [dp.Replica(i, sock.getsockname()[1], [sys.executable, "-c", code],
+                           dict(os.environ)) for i, sock in enumerate((frozen, refused))]
+    for r in replicas:
+        r.start = lambda r=r: setattr(r, "proc", _popen_with_stdout(r.argv))
+    supervisor = dp.Supervisor(replicas)
+    pool = BackendPool(DiscoveryConfig(static=[r.url for r in replicas]),
+                       health_interval_s=0.2, probe_timeout_s=0.3)
+
+    async def run() -> None:
+        await pool.start()
+        supervisor.start(pool)
+        first = replicas[0].proc
+        first_child = int(first.stdout.readline())
+        deadline = time.monotonic() + 30
+        while replicas[0].restarts == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert replicas[0].restarts == 1 and first.returncode == -signal.SIGKILL
+        assert wait_for(lambda: not _alive(first_child), 5)
+        assert replicas[1].restarts == 0 and replicas[1].proc.poll() is None
+        await pool.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        supervisor.stop(signal.SIGKILL, timeout=5)
+        frozen.close()
+        refused.close()
+
+
+def _popen_with_stdout(argv: list[str]):
+    import subprocess
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
