@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from shardserve.errors import ShardserveError
+from shardserve.errors import InvalidRequestError, ShardserveError
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +97,7 @@ def cmd_random_model(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _take_positional_model(args)
     if _headless_node(args):  # nodes 1.. of a multi-node world run ranks, not the server
         return cmd_worker(args)
     if str(args.data_parallel_size) != "1":  # N replica servers behind a router
@@ -104,6 +105,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run_data_parallel(args, args.argv)
     from shardserve.server.app import run_server
     return run_server(args)
+
+
+def _take_positional_model(args: argparse.Namespace) -> None:
+    """`shardserve serve MODEL`, as `vllm serve MODEL`: the same as --model MODEL."""
+    tag = getattr(args, "model_tag", None)
+    if tag is None:
+        return
+    if args.model is not None and args.model != tag:
+        raise InvalidRequestError(f"The model is given twice, as {tag!r} and --model "
+                                  f"{args.model!r}; pass one of them.", "model")
+    args.model = tag
 
 
 def _headless_node(args: argparse.Namespace) -> bool:
@@ -138,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
                                          "/v1/chat/completions, /metrics, /health)")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="the model, as in `vllm serve MODEL` (the same as --model MODEL)")
     from shardserve.server.args import add_server_args
     add_server_args(serve)
     add_engine_args(serve)
@@ -192,12 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         command.add_argument("--log-level", default=argparse.SUPPRESS,
                              help="logging level (DEBUG, INFO, WARNING, ...)")
+    _remember_parsers(parser)
     return parser
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser in its own namespace, so an unknown flag is reported with
+    that command's usage instead of the top-level one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.set_defaults(command_parser=command)
+                _remember_parsers(command)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        from shardserve.cli_hints import unknown_args_message
+        command_parser = getattr(args, "command_parser", parser)
+        command_parser.error(unknown_args_message(extra, command_parser))
     args.argv = list(sys.argv[1:] if argv is None else argv)  # serve -dp re-runs it per replica
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -357,6 +357,11 @@ class EngineConfig:
         if sc.max_num_seqs < 1 or sc.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be positive.",
                                       "max_num_seqs")
+        if sc.max_waiting_requests is not None and sc.max_waiting_requests < 0:
+            # Negative also took away free --max-num-seqs slots: 503s with room to spare.
+            raise InvalidRequestError(f"max_waiting_requests must not be negative, got "
+                                      f"{sc.max_waiting_requests} (leave it out for no limit).",
+                                      "max_waiting_requests")
         if not 0.0 < cc.gpu_memory_utilization <= 1.0:
             raise InvalidRequestError(
                 f"gpu_memory_utilization must be in (0, 1], got {cc.gpu_memory_utilization}.",

@@ -58,6 +58,33 @@ _HELP = {
     "generation_config": "where sampling fields a request leaves unset take their defaults: "
                          "auto (the model's generation_config.json), vllm (none: "
                          "SamplingParams' own) or a folder holding a generation_config.json",
+    "tokenizer": "tokenizer folder (tokenizer.json) or .gguf file (default: the model's own)",
+    "dtype": "weights and activations: auto (the checkpoint's half type on GPU, float32 on "
+             "CPU), float32, float16 or bfloat16",
+    "max_model_len": "longest sequence, prompt plus output, in tokens (default: the model's "
+                     "max_position_embeddings)",
+    "seed": "seed of the random state (and of --load-format dummy weights)",
+    "enforce_eager": "run every step eagerly: no CUDA graphs",
+    "max_cuda_graph_batch_size": "largest decode batch captured as a CUDA graph; larger "
+                                 "batches run eagerly",
+    "block_size": "tokens per KV-cache block (a power of two)",
+    "num_gpu_blocks_override": "KV-cache blocks to allocate, whatever memory is free (testing)",
+    "tensor_parallel_size": "GPUs each layer is split over, or auto (the planner picks)",
+    "pipeline_parallel_size": "pipeline stages the layers are divided into, or auto",
+    "data_parallel_size": "replicas behind one endpoint (serve runs a router in front), or auto",
+    "enable_expert_parallel": "MoE: each tensor-parallel rank holds whole experts instead of a "
+                              "slice of every expert",
+    "nnodes": "nodes of a multi-node world (default: $LWS_GROUP_SIZE or 1)",
+    "node_rank": "this node's index, 0 runs the server (default: $LWS_WORKER_INDEX or 0)",
+    "master_addr": "node 0's address (default: $LWS_LEADER_ADDRESS or 127.0.0.1)",
+    "master_port": "node 0's rendezvous port (default 29500 with --nnodes above 1; the next 4 "
+                   "ports are used too)",
+    "max_num_seqs": "most sequences in one step's batch",
+    "enable_chunked_prefill": "split long prompts over steps within --max-num-batched-tokens "
+                              "(on; --no-enable-chunked-prefill turns it off)",
+    "max_waiting_requests": "requests that may wait for a slot beyond the free ones; past them, "
+                            "503 at once (default: no limit)",
+    "device": "auto (cuda when a GPU is visible), cuda or cpu",
     "trust_remote_code": "accepted for vLLM compatibility and ignored: shardserve runs only its "
                          "own model code, never Python code shipped with a checkpoint",
 }

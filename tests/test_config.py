@@ -66,3 +66,14 @@ def test_bad_served_model_names(tiny_model_dirs, value):
     with pytest.raises(InvalidRequestError) as err:
         config.resolve()
     assert err.value.param == "served_model_name"
+
+
+def test_negative_max_waiting_requests_is_refused(tiny_model_dirs):
+    # It made the server answer 503 with free slots left; 0 (no waiting at all) stays valid.
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      max_waiting_requests=-1)
+    with pytest.raises(InvalidRequestError, match="must not be negative, got -1") as err:
+        config.resolve()
+    assert err.value.param == "max_waiting_requests"
+    EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                             max_waiting_requests=0).resolve()

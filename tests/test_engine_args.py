@@ -185,3 +185,15 @@ def test_usage_context_is_set_by_the_entry_point_not_a_flag(tiny_model_dirs):
     with pytest.raises(Exception, match="usage_context must be"):
         EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
                                  usage_context="batch").resolve()
+
+
+def test_every_engine_flag_has_written_help():
+    """`serve --help` explains each flag: none falls back to its field name ('max model len')."""
+    import dataclasses
+
+    from shardserve.config import DERIVED_FIELDS
+    from shardserve.engine_args import _HELP, _SECTIONS
+
+    fields = [f.name for s in _SECTIONS for f in dataclasses.fields(s)
+              if f.name not in DERIVED_FIELDS]
+    assert [name for name in fields if name not in _HELP] == []

@@ -146,7 +146,23 @@ def test_pinned_sizes_that_leave_no_layout_say_why(capsys) -> None:
 
 @pytest.mark.parametrize("flags,message", [
     (["--gpu-memory", "80"], "80 bytes is too small to plan for; give a unit"),
-    (["--gpu-memory", "80GiB", "--max-model-len", "0"], "max_model_len must be positive"),
+    (["--gpu-memory", "80GiB", "--max-model-len", "0"], "--max-model-len must be positive"),
+    # The engine's own limits: a plan must not assume settings that `serve` refuses (these
+    # printed plans, with 0 or negative sequences, or a ZeroDivisionError traceback).
+    (["--gpu-memory", "80GiB", "--gpu-memory-utilization", "1.5"],
+     "--gpu-memory-utilization must be in (0, 1], got 1.5"),
+    (["--gpu-memory", "80GiB", "--gpu-memory-utilization", "0"],
+     "--gpu-memory-utilization must be in (0, 1]"),
+    (["--gpu-memory", "80GiB", "--block-size", "0"], "--block-size must be a power of two, got 0"),
+    (["--gpu-memory", "80GiB", "--block-size", "3"], "--block-size must be a power of two, got 3"),
+    (["--gpu-memory", "80GiB", "--max-num-seqs", "-5"], "--max-num-seqs must be positive"),
+    (["--gpu-memory", "80GiB", "--max-num-batched-tokens", "0"],
+     "--max-num-batched-tokens must be positive"),
+    (["--gpu-memory", "80GiB", "--gpus-per-node", "0"], "--gpus-per-node must be positive"),
+    (["--gpu-memory", "80GiB", "--target-concurrency", "-1"],
+     "--target-concurrency must be positive"),
+    (["--gpu-memory", "80GiB", "-dp", "0"], "--data-parallel-size must be positive, got 0"),
+    (["--gpu-memory", "80GiB", "-tp", "-2"], "--tensor-parallel-size must be positive"),
 ])
 def test_plan_refuses_nonsense_flags(flags, message, capsys) -> None:
     from shardserve.cli import main

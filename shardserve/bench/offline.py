@@ -14,14 +14,15 @@ import statistics
 import time
 from typing import Any
 
+from shardserve.bench.args import check_output_paths, non_negative_int, positive_int
 from shardserve.engine_args import add_engine_args, engine_kwargs_from_args
 
 
 def add_offline_bench_parsers(bench_sub: Any) -> None:
     tp = bench_sub.add_parser("throughput", help="offline throughput: N random prompts at once")
-    tp.add_argument("--input-len", type=int, default=1024)
-    tp.add_argument("--output-len", type=int, default=128)
-    tp.add_argument("--num-prompts", type=int, default=1000)
+    tp.add_argument("--input-len", type=positive_int, default=1024)
+    tp.add_argument("--output-len", type=positive_int, default=128)
+    tp.add_argument("--num-prompts", type=positive_int, default=1000)
     tp.add_argument("--plot", default=None, metavar="PNG",
                     help="draw throughput over time and the per-request latency spread "
                          "(needs matplotlib)")
@@ -29,11 +30,11 @@ def add_offline_bench_parsers(bench_sub: Any) -> None:
     tp.set_defaults(func=run_throughput)
 
     lat = bench_sub.add_parser("latency", help="latency of one fixed batch, end to end and per step")
-    lat.add_argument("--input-len", type=int, default=32)
-    lat.add_argument("--output-len", type=int, default=128)
-    lat.add_argument("--batch-size", type=int, default=8)
-    lat.add_argument("--num-iters-warmup", type=int, default=2)
-    lat.add_argument("--num-iters", type=int, default=5)
+    lat.add_argument("--input-len", type=positive_int, default=32)
+    lat.add_argument("--output-len", type=positive_int, default=128)
+    lat.add_argument("--batch-size", type=positive_int, default=8)
+    lat.add_argument("--num-iters-warmup", type=non_negative_int, default=2)
+    lat.add_argument("--num-iters", type=positive_int, default=5)
     _common(lat)
     lat.set_defaults(func=run_latency)
 
@@ -61,6 +62,7 @@ def _make_llm(args: argparse.Namespace):
 def run_throughput(args: argparse.Namespace) -> int:
     from shardserve.sampling_params import SamplingParams
 
+    check_output_paths(output_json=args.output_json, plot=args.plot)
     t0 = time.perf_counter()
     llm = _make_llm(args)
     startup = time.perf_counter() - t0
@@ -97,6 +99,7 @@ def run_latency(args: argparse.Namespace) -> int:
     from shardserve.sampling_params import SamplingParams
     from tqdm.auto import tqdm
 
+    check_output_paths(output_json=args.output_json)
     llm = _make_llm(args)
     vocab = int(llm.config.model_config.hf_config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)

@@ -18,7 +18,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from shardserve.bench.args import check_output_paths, positive_int
 from shardserve.bench.serve_report import BenchConfig, parse_goodput, print_summary, summarize
+from shardserve.errors import ShardserveError
 
 DEFAULT_VOCAB_SIZE = 32000  # when the server does not say (the smallest common Llama vocab)
 
@@ -48,13 +50,15 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="requests per second, Poisson arrivals; inf sends all at once. "
                              "Several (e.g. 1 2 4 inf) run one after another and --plot adds "
                              "latency and throughput against the rate")
-    parser.add_argument("--max-concurrency", type=int, default=None,
+    parser.add_argument("--max-concurrency", type=positive_int, default=None,
                         help="most requests in flight at once (default: no limit)")
-    parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--input-len", type=int, default=512, help="prompt tokens per request")
-    parser.add_argument("--output-len", type=int, default=128, help="output tokens per request")
+    parser.add_argument("--num-prompts", type=positive_int, default=100)
+    parser.add_argument("--input-len", type=positive_int, default=512,
+                        help="prompt tokens per request")
+    parser.add_argument("--output-len", type=positive_int, default=128,
+                        help="output tokens per request")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab-size", type=int, default=None,
+    parser.add_argument("--vocab-size", type=positive_int, default=None,
                         help="token ids are drawn below this (default: from /v1/models)")
     parser.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
                         help="SLOs for goodput, e.g. ttft:200 tpot:50 e2el:5000 (milliseconds)")
@@ -85,6 +89,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: --goodput: {err}", file=sys.stderr)
         return 2
+    check_output_paths(save_result=args.save_result, plot=args.plot)
     import importlib.util
     if importlib.util.find_spec("httpx") is None:
         print("error: bench serve needs httpx: pip install 'shardserve[bench]'", file=sys.stderr)
@@ -155,9 +160,17 @@ async def _run_rate(client, base: str, model: str, vocab_size: int, rate: float,
 async def _model_info(client, base: str, args: argparse.Namespace) -> tuple[str, int]:
     model, vocab = args.model, args.vocab_size
     if model is None or vocab is None:
-        response = await client.get(f"{base}/v1/models")
-        response.raise_for_status()
-        cards = response.json()["data"]
+        import httpx
+        try:
+            response = await client.get(f"{base}/v1/models")
+            response.raise_for_status()
+            cards = response.json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError) as err:
+            # Before any load: a wrong --base-url, a server not up yet, or a missing --api-key.
+            raise ShardserveError(
+                f"Cannot read {base}/v1/models ({type(err).__name__}: {err}); check that the "
+                "server is up at --base-url (and --api-key), or pass --model and "
+                "--vocab-size") from None
         card = next((c for c in cards if c["id"] == model), cards[0]) if cards else {}
         model = model or card["id"]
         vocab = vocab or card.get("vocab_size") or DEFAULT_VOCAB_SIZE

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from shardserve.deploy.serve_args import engine_only
 from shardserve.deploy.spec import MODEL_MOUNT, DeploySpec
 
 # The LeaderWorkerSet controller injects these into every pod of a group.
@@ -20,17 +21,18 @@ LWS_WORKER_INDEX = "LWS_WORKER_INDEX"
 PROBE_PERIOD_S = 10
 
 
-def engine_args(spec: DeploySpec, multi_node: bool) -> list[str]:
+def engine_args(spec: DeploySpec, multi_node: bool, worker: bool = False) -> list[str]:
     """The engine flags common to `serve` and `worker`. The parallel sizes come from the
     pod's TENSOR_PARALLEL_SIZE / PIPELINE_PARALLEL_SIZE (one source, expanded by the kubelet);
-    a multi-node group gets its node flags from the LWS variables."""
+    a multi-node group gets its node flags from the LWS variables. A worker gets only the
+    engine flags of --serve-arg (`shardserve worker` refuses the server's, e.g. --api-key)."""
     args = [f"--model={spec.model_path}",
             "--tensor-parallel-size=$(TENSOR_PARALLEL_SIZE)",
             "--pipeline-parallel-size=$(PIPELINE_PARALLEL_SIZE)"]
     if multi_node:
         args += [f"--nnodes=$({LWS_GROUP_SIZE})", f"--node-rank=$({LWS_WORKER_INDEX})",
                  f"--master-addr=$({LWS_LEADER_ADDRESS})", f"--master-port={spec.master_port}"]
-    return args + list(spec.serve_args)
+    return args + (engine_only(spec.serve_args) if worker else list(spec.serve_args))
 
 
 def serve_args(spec: DeploySpec) -> list[str]:
@@ -47,7 +49,7 @@ def serve_args(spec: DeploySpec) -> list[str]:
 
 
 def worker_args(spec: DeploySpec) -> list[str]:
-    return ["worker", *engine_args(spec, True)]
+    return ["worker", *engine_args(spec, True, worker=True)]
 
 
 def _env(spec: DeploySpec) -> list[dict[str, Any]]:

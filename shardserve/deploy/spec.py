@@ -18,6 +18,7 @@ from shardserve.errors import InvalidRequestError
 
 MODEL_MOUNT = "/models"
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?([KMGTPE]i|[kMGTPE])?$")  # a PVC's storage size
 
 
 @dataclass
@@ -150,6 +151,23 @@ class DeploySpec:
         if self.router_policy not in POLICIES:
             raise InvalidRequestError(f"--router-policy must be one of {', '.join(POLICIES)}.",
                                       "router_policy")
+        for key, flag in (("model_load_s", "--model-load-seconds"),
+                          ("target_waiting_per_replica", "--target-waiting-per-replica"),
+                          ("target_qps_per_replica", "--target-qps-per-replica")):
+            if getattr(self, key) <= 0:  # probe thresholds and HPA targets must be positive
+                raise InvalidRequestError(f"{flag} must be positive, got {getattr(self, key)}.",
+                                          key)
+        for key, flag in (("shutdown_timeout_s", "--shutdown-timeout"),
+                          ("prestop_sleep_s", "--prestop-sleep"),
+                          ("standby_replicas", "--standby-replicas")):
+            if getattr(self, key) < 0:
+                raise InvalidRequestError(f"{flag} must not be negative, got "
+                                          f"{getattr(self, key)}.", key)
+        if not _QUANTITY.match(str(self.model_cache_size)):
+            raise InvalidRequestError(f"--model-cache-size {self.model_cache_size!r} is not a "
+                                      "Kubernetes quantity, e.g. 200Gi.", "model_cache_size")
+        from shardserve.deploy.serve_args import check_serve_args
+        check_serve_args(self.serve_args)
         if self.router_replicas < 1:
             raise InvalidRequestError("--router-replicas must be at least 1.", "router_replicas")
         if self.replicas_max < 1:

@@ -47,6 +47,11 @@ def default_model_path() -> Path:
     return path
 
 
+def _looks_like_hub_id(text: str) -> bool:
+    """'ORG/NAME' as `vllm serve` takes it: one slash, not a relative, absolute or home path."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith("/")
+
+
 def resolve_model_source(model: str | os.PathLike | None,
                          weights_needed: bool = True) -> ModelSource:
     """Turn a user's --model value into a ModelSource, or raise ModelLoadError saying why not.
@@ -55,9 +60,13 @@ def resolve_model_source(model: str | os.PathLike | None,
         return ModelSource("gguf", default_model_path(), DEFAULT_MODEL_NAME)
     path = Path(model).expanduser()
     if not path.exists():
+        hint = ""
+        if _looks_like_hub_id(str(model)):
+            hint = (" shardserve does not download from the Hugging Face Hub: fetch it first "
+                    f"(huggingface-cli download {model} --local-dir DIR) and pass DIR.")
         raise ModelLoadError(
             f"Model path {str(model)!r} does not exist; pass a Hugging Face model folder "
-            "(config.json + *.safetensors) or a .gguf file.")
+            f"(config.json + *.safetensors) or a .gguf file.{hint}")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(

@@ -76,8 +76,7 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     if request.gpu_memory_bytes < GiB:  # '--gpu-memory 80' is 80 bytes, not 80 GiB
         raise ValueError(f"GPU memory of {request.gpu_memory_bytes} bytes is too small to plan "
                          "for; give a unit, e.g. --gpu-memory 80GiB.")
-    if request.max_model_len is not None and request.max_model_len < 1:
-        raise ValueError(f"max_model_len must be positive, got {request.max_model_len}.")
+    _check_request(request)
     gpus_per_node = request.gpus_per_node or min(request.num_gpus, 8)
     if request.num_gpus > gpus_per_node and request.num_gpus % gpus_per_node:
         raise ValueError(f"{request.num_gpus} GPUs do not make whole nodes of {gpus_per_node}.")
@@ -105,6 +104,26 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     plan.reason = (pick_reason(layouts, request.target_concurrency) if layouts
                    else _no_candidate_reason(request))
     return plan
+
+
+def _check_request(request: PlanRequest) -> None:
+    """The engine's own limits (EngineConfig.resolve()), so a plan never assumes settings that
+    `serve` would refuse; each message names the flag to change."""
+    positive = {"--max-model-len": request.max_model_len, "--gpus-per-node": request.gpus_per_node,
+                "--target-concurrency": request.target_concurrency,
+                "--max-num-seqs": request.max_num_seqs,
+                "--max-num-batched-tokens": request.max_num_batched_tokens,
+                "--tensor-parallel-size": request.tensor_parallel_size,
+                "--pipeline-parallel-size": request.pipeline_parallel_size,
+                "--data-parallel-size": request.data_parallel_size}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}.")
+    if request.block_size < 1 or request.block_size & (request.block_size - 1):
+        raise ValueError(f"--block-size must be a power of two, got {request.block_size}.")
+    if not 0.0 < request.gpu_memory_utilization <= 1.0:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got "
+                         f"{request.gpu_memory_utilization}.")
 
 
 def plan_warnings(shape: ModelShape, limits: ServingLimits) -> list[str]:

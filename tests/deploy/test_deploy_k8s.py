@@ -451,3 +451,62 @@ def test_served_model_names_reach_the_server(tmp_path: Path, names: list[str]) -
     args = [a.replace("$(TENSOR_PARALLEL_SIZE)", "1").replace("$(PIPELINE_PARALLEL_SIZE)", "1")
             for a in dep["spec"]["template"]["spec"]["containers"][0]["args"]]
     assert build_parser().parse_args(args).served_model_name == names
+
+
+@pytest.mark.parametrize("serve_args,message", [
+    # The server would refuse these: the pods would only crash-loop, so the generator refuses.
+    (["--swap-space=4"], "--swap-space is a vLLM flag shardserve does not take"),
+    (["--max-model-len=abc"], "argument --max-model-len: invalid int value: 'abc'"),
+    (["--kv-cache-dtype", "fp9"], "invalid choice: 'fp9'"),
+    (["4096"], "is not a flag"),
+    # The generator owns these: probes, Services, GPU requests and LWS wiring depend on them.
+    (["--port=9000"], "--serve-arg --port is set by the generator"),
+    (["-tp", "8"], "--serve-arg -tp is set by deploy k8s -tp"),
+    (["--data-parallel-size=2"], "is set by deploy k8s -dp"),
+])
+def test_serve_args_the_server_would_refuse_are_refused(serve_args, message) -> None:
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(")):
+        manifests(DeploySpec(model="m", serve_args=serve_args))
+
+
+def test_lws_workers_get_only_the_engine_flags_of_serve_args() -> None:
+    """`shardserve worker` has no server flags: --api-key in a worker's args crash-looped every
+    worker pod. The leader keeps them all; both parse with the real parser."""
+    from shardserve.cli import build_parser
+
+    spec = DeploySpec(model="m", tp=4, pp=2, gpus_per_node=4,
+                      serve_args=["--api-key=k", "--max-model-len", "4096",
+                                  "--max-queue-time", "3", "--enable-prefix-caching", "false"])
+    lws = manifests(spec)["leaderworkerset.yaml"]["spec"]["leaderWorkerTemplate"]
+    env = {"$(TENSOR_PARALLEL_SIZE)": "4", "$(PIPELINE_PARALLEL_SIZE)": "2",
+           "$(LWS_GROUP_SIZE)": "2", "$(LWS_WORKER_INDEX)": "1", "$(LWS_LEADER_ADDRESS)": "h"}
+
+    def args(template: str) -> list[str]:
+        out = []
+        for arg in lws[template]["spec"]["containers"][0]["args"]:
+            for var, value in env.items():
+                arg = arg.replace(var, value)
+            out.append(arg)
+        return out
+
+    leader = build_parser().parse_args(args("leaderTemplate"))
+    assert leader.api_key == "k" and leader.max_queue_time == 3
+    worker_args = args("workerTemplate")
+    worker = build_parser().parse_args(worker_args)
+    assert worker.command == "worker" and "--api-key=k" not in worker_args
+    assert worker.max_model_len == 4096 and worker.enable_prefix_caching is False
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model_load_s", -5, "--model-load-seconds must be positive"),
+    ("target_qps_per_replica", 0, "--target-qps-per-replica must be positive"),
+    ("target_waiting_per_replica", -1, "--target-waiting-per-replica must be positive"),
+    ("shutdown_timeout_s", -1, "--shutdown-timeout must not be negative"),
+    ("prestop_sleep_s", -10, "--prestop-sleep must not be negative"),
+    ("standby_replicas", -1, "--standby-replicas must not be negative"),
+    ("model_cache_size", "lots", "not a Kubernetes quantity"),
+])
+def test_settings_kubernetes_would_reject_are_refused(field, value, message) -> None:
+    # These wrote a negative failureThreshold, `sleep -10`, an HPA target of 0, a PVC of "lots".
+    with pytest.raises(InvalidRequestError, match=message):
+        manifests(DeploySpec(model="m", **{field: value}))
