@@ -24,9 +24,6 @@ VLLM_ONLY_FLAGS = {
     "--tokenizer-revision": _NO_HUB,
     "--code-revision": _NO_HUB,
     "--download-dir": _NO_HUB,
-    "--chat-template": "the chat template comes from the model: its tokenizer_config.json, a "
-                       "chat_template.jinja in its folder, or the GGUF; write yours to "
-                       "chat_template.jinja in the model folder",
     "--distributed-executor-backend": "shardserve always runs one worker process per GPU "
                                       "(vLLM's 'mp'); drop it",
     "--disable-log-requests": "shardserve does not log requests; drop it",

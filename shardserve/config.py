@@ -64,6 +64,9 @@ class ModelConfig:
     # auto: the path's own format; safetensors or gguf: insist on it; dummy: random weights
     # from config.json alone (benchmarks of shapes too large to write first; loader/dummy.py).
     load_format: str = "auto"
+    # vLLM's --chat-template: a Jinja file, or the template's text itself, used instead of the
+    # model's own template (tokenizer.resolve_chat_template tells the two apart).
+    chat_template: str | None = None
     # Where unset sampling fields take their defaults from (vLLM's --generation-config): auto,
     # the model's generation_config.json; vllm, none (SamplingParams' own); or a folder.
     generation_config: str = "auto"
@@ -330,6 +333,9 @@ class EngineConfig:
                 "load_format='auto' or point --model at a matching checkpoint.", "load_format")
         mc.hf_config = load_hf_config(mc.source)
         mc.generation_defaults = load_generation_defaults(mc.generation_config, mc.source.folder)
+        if mc.chat_template is not None:  # a missing file is one clear error before loading
+            from shardserve.tokenizer import resolve_chat_template
+            resolve_chat_template(mc.chat_template)
         mc.architecture = check_architecture(mc.hf_config)
         mc.dtype = _resolve_dtype(mc.dtype, mc.hf_config, dc.device)
         trained_len = getattr(mc.hf_config, "max_position_embeddings", None)

@@ -55,6 +55,9 @@ _HELP = {
     "heartbeat_timeout_s": "seconds of silence after which a worker rank, the engine core, or "
                            "(seen from the workers) node 0 counts as dead: stopped, frozen or "
                            "gone; a long step does not silence it",
+    "chat_template": "the chat template for every chat request, instead of the model's: a "
+                     "Jinja file's path, or the template's text itself (vLLM's rule: a value "
+                     "with braces or a line break is the text)",
     "generation_config": "where sampling fields a request leaves unset take their defaults: "
                          "auto (the model's generation_config.json), vllm (none: "
                          "SamplingParams' own) or a folder holding a generation_config.json",

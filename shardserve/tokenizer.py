@@ -22,12 +22,14 @@ from shardserve.loader.source import ModelSource
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(source: ModelSource, tokenizer_path: str | os.PathLike[str] | None = None) -> Any:
+def load_tokenizer(source: ModelSource, tokenizer_path: str | os.PathLike[str] | None = None,
+                   chat_template: str | None = None) -> Any:
     """A transformers tokenizer for the model, with its chat template set when it has one.
 
     `tokenizer_path` (the --tokenizer flag) overrides the model's own: a Hugging Face tokenizer
     folder or a .gguf file. Loading from a GGUF rebuilds the BPE from the file's vocabulary and
-    merges (~5 s for SmolLM2's 49k tokens)."""
+    merges (~5 s for SmolLM2's 49k tokens). `chat_template` (--chat-template: a Jinja file or
+    the text) replaces the model's template for every chat: server, LLM.chat and the CLI."""
     from transformers import AutoTokenizer
 
     kind, path = _tokenizer_location(source, tokenizer_path)
@@ -40,11 +42,38 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | os.PathLike[str] |
         raise ModelLoadError(
             f"Cannot load a tokenizer from {path}: {err}. Pass a folder with tokenizer.json "
             "(or a .gguf file) via --tokenizer.") from err
-    if not getattr(tokenizer, "chat_template", None):
+    if chat_template is not None:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
+    elif not getattr(tokenizer, "chat_template", None):
         template = _find_chat_template(kind, path)
         if template:
             tokenizer.chat_template = template
     return tokenizer
+
+
+# vLLM's rule for --chat-template: a value holding any of these is the template's text itself,
+# anything else names a file.
+_JINJA_CHARS = "{}\n"
+
+
+def resolve_chat_template(value: str) -> str:
+    """The Jinja text of --chat-template: the value itself when it looks like a template (has
+    braces or a line break, vLLM's rule), else the contents of the file it names."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequestError("chat_template must be a Jinja file's path or the template's "
+                                  "text.", "chat_template")
+    if any(c in value for c in _JINJA_CHARS):
+        return value
+    file = Path(value).expanduser()
+    if not file.is_file():
+        raise InvalidRequestError(f"chat_template {value!r} is not a file (and holds no Jinja "
+                                  "braces, so it is not a template either): pass a .jinja file's "
+                                  "path or the template's text.", "chat_template")
+    try:
+        return file.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidRequestError(f"Cannot read chat_template file {file}: {err}",
+                                  "chat_template") from err
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:

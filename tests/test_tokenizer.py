@@ -12,7 +12,7 @@ import pytest
 from shardserve.errors import InvalidRequestError, ModelLoadError
 from shardserve.loader.source import ModelSource
 from shardserve.tokenizer import (apply_chat_template, encode_prompt, eos_token_ids, load_tokenizer,
-                                  render_chat_template)
+                                  render_chat_template, resolve_chat_template)
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -126,3 +126,40 @@ def test_eos_ids_include_generation_config(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
     assert eos_token_ids(Tok(), Config(), tmp_path) == [2, 5, 7]
     assert eos_token_ids(Tok(), None, None) == [2]
+
+
+def test_chat_template_flag_is_a_file_or_the_text(tiny_model_dirs, tmp_path):
+    """vLLM's --chat-template: a value with braces or a line break is the template's text,
+    anything else names a file; either replaces the model's own template."""
+    source = ModelSource("hf", Path(tiny_model_dirs["llama"]), "tiny")
+    text = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    file = tmp_path / "mine.jinja"
+    file.write_text(text)
+    for value in (text, str(file)):
+        tokenizer = load_tokenizer(source, chat_template=value)
+        assert tokenizer.chat_template == text
+        prompt = tokenizer.decode(apply_chat_template(tokenizer, CHAT, add_generation_prompt=False))
+        assert prompt.endswith("<user>What is the capital of France?")
+    with pytest.raises(InvalidRequestError, match="not a file"):
+        resolve_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(InvalidRequestError, match="chat_template"):
+        resolve_chat_template("  ")
+
+
+def test_chat_template_flag_reaches_the_engine(tiny_model_dirs, tmp_path):
+    """--chat-template reaches every chat path (LLM.chat here; the server and the CLI take the
+    engine's tokenizer too), and a missing file is refused when the config resolves."""
+    from shardserve import LLM, SamplingParams
+    from shardserve.config import EngineConfig
+
+    with pytest.raises(InvalidRequestError, match="not a file"):
+        EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                 chat_template=str(tmp_path / "nope.jinja")).resolve()
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", max_model_len=64,
+              kv_cache_memory_bytes=1 << 20, chat_template="{{ messages[0].content }}!")
+    try:
+        out = llm.chat([{"role": "user", "content": "hi"}],
+                       SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+        assert out[0].prompt == "hi!"
+    finally:
+        llm.shutdown()

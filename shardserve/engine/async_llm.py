@@ -101,7 +101,8 @@ class AsyncLLM:
         Raises EngineDeadError if the core fails to start."""
         loop = asyncio.get_running_loop()
         mc = self.config.model_config
-        self.tokenizer = await asyncio.to_thread(load_tokenizer, mc.source, mc.tokenizer)
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, mc.source, mc.tokenizer,
+                                                    mc.chat_template)
         eos = eos_token_ids(self.tokenizer, mc.hf_config, mc.source.folder)
         self.input_processor = InputProcessor(self.config, self.tokenizer, eos)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -30,7 +30,7 @@ class LLMEngine:
                            "replica. `shardserve serve -dp %d` runs %d replicas behind a router.",
                            dp, dp, dp)
         mc = self.config.model_config
-        self.tokenizer = load_tokenizer(mc.source, mc.tokenizer)
+        self.tokenizer = load_tokenizer(mc.source, mc.tokenizer, mc.chat_template)
         eos = eos_token_ids(self.tokenizer, mc.hf_config, mc.source.folder)
         self.input_processor = InputProcessor(self.config, self.tokenizer, eos)
         self.output_processor = OutputProcessor(self.tokenizer)
