@@ -97,18 +97,18 @@ def test_sampling_params_of_the_wrong_type(llm):
 def test_error_mid_generation_frees_blocks(llm, monkeypatch):
     runner = llm.engine.core.executor.worker.runner
     calls = {"n": 0}
-    real = runner.execute_model
+    real = runner._execute  # under both execute_model and (CUDA, async scheduling) _async
 
-    def flaky(out):
+    def flaky(out, defer):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected fault")
-        return real(out)
+        return real(out, defer)
 
-    monkeypatch.setattr(runner, "execute_model", flaky)
+    monkeypatch.setattr(runner, "_execute", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         llm.generate([{"prompt_token_ids": [4, 5, 6]}] * 3, SamplingParams(max_tokens=8), use_tqdm=False)
-    monkeypatch.setattr(runner, "execute_model", real)
+    monkeypatch.setattr(runner, "_execute", real)
     assert_clean_and_serving(llm)
 
 
