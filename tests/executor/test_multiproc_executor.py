@@ -149,7 +149,9 @@ def llama_h8_dir(tmp_path_factory) -> str:
                                   num_key_value_heads=2))
 
 
-@pytest.mark.parametrize("tp", [2, 8])
+# tp 2 (one rank a node) is left out for CI time: test_two_nodes_tp_within_pp_across and the
+# node-fault tests below run two one-rank nodes already.
+@pytest.mark.parametrize("tp", [8])
 def test_two_nodes_on_loopback(tiny_model_dirs, llama_h8_dir, tp):
     """TP across two "nodes" (two launches on loopback), each holding tp / 2 ranks; tp 8 is
     issue 11's TP 8 over 2 x 4 GPUs at tiny size."""
