@@ -182,6 +182,17 @@ def _die(message: str) -> None:
 
 # ---- ending worker processes -------------------------------------------------------------
 
+def process_stopped(pid: int) -> bool:
+    """Whether a live process is stopped (SIGSTOP, a debugger): state T or t in /proc. Such a
+    rank never checks in or beats, yet has not exited. False where /proc is not there."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # after "(comm)", which may hold spaces
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:

@@ -43,7 +43,7 @@ from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.errors import EngineDeadError, RendezvousTimeoutError
 from shardserve.executor.executor import Executor
 from shardserve.distributed.comm_timer import StepStats
-from shardserve.executor.liveness import (HeartbeatMonitor, describe_exit,
+from shardserve.executor.liveness import (HeartbeatMonitor, describe_exit, process_stopped,
                                           kill_processes_and_remove, stop_processes)
 from shardserve.executor.pipeline_stats import PipelineStats
 from shardserve.executor.wire import Endpoints, WireCodec
@@ -168,6 +168,7 @@ class MultiprocExecutor(Executor):
                 elif message[0] == "err":
                     self._on_error(message, starting=True)
             self._check_processes()
+            self._check_stopped_local_ranks(start, pc.heartbeat_timeout_s)
         logger.info("All %d ranks checked in after %.1f s: %s", self.world_size,
                     time.monotonic() - start,
                     ", ".join(f"{r}@{h}" for r, (h, _) in sorted(self._hosts.items())))
@@ -184,15 +185,38 @@ class MultiprocExecutor(Executor):
                        f"{pid}): two nodes were started with the same --node-rank.")
         self._hosts[rank] = (host, pid)
 
+    def _check_stopped_local_ranks(self, start: float, after_s: float) -> None:
+        """A local rank stopped (SIGSTOP) before it checked in would otherwise hold the
+        rendezvous for its whole timeout; past the heartbeat timeout it is named at once."""
+        if time.monotonic() - start < after_s:
+            return
+        stopped = [r for r, p in self._procs.items()
+                   if r not in self._hosts and p.pid is not None and process_stopped(p.pid)]
+        if stopped:
+            pids = ", ".join(f"rank {r} pid {self._procs[r].pid}" for r in stopped)
+            self._fail(f"Worker process(es) {pids} stopped (SIGSTOP?) before checking in; "
+                       "start-up cannot finish.")
+
     def _raise_rendezvous_timeout(self) -> NoReturn:
         pc = self.parallel_config
         missing = [r for r in range(self.world_size) if r not in self._hosts]
         nodes = sorted({r // pc.num_local_ranks for r in missing})
-        where = (f"start them with `shardserve worker --nnodes {pc.nnodes} --node-rank R "
-                 f"--master-addr {pc.master_addr} --master-port {pc.master_port}` (and the same "
-                 f"-tp/-pp) on node(s) {nodes}, reachable on ports {pc.master_port}-"
-                 f"{pc.master_port + 4}" if pc.nnodes > 1 else "this node's worker processes "
-                 "did not start")
+        local_alive = [r for r in missing if r in self._procs
+                       and self._procs[r].exitcode is None]
+        remote = [r for r in missing if r not in self._procs]
+        parts = []
+        if local_alive:  # started and still running: stuck, not missing
+            parts.append("this node's worker process(es) "
+                         + ", ".join(f"rank {r} pid {self._procs[r].pid}" for r in local_alive)
+                         + " are running but never answered: stuck in start-up (on a device, "
+                         "a filesystem or a lock); their log lines say where")
+        if remote and pc.nnodes > 1:
+            remote_nodes = sorted({r // pc.num_local_ranks for r in remote})
+            parts.append(f"start them with `shardserve worker --nnodes {pc.nnodes} --node-rank R "
+                         f"--master-addr {pc.master_addr} --master-port {pc.master_port}` (and "
+                         f"the same -tp/-pp) on node(s) {remote_nodes}, reachable on ports "
+                         f"{pc.master_port}-{pc.master_port + 4}")
+        where = "; ".join(parts) or "this node's worker processes did not start"
         message = (f"Rendezvous timed out after {pc.rendezvous_timeout_s:.0f} s: rank(s) "
                    f"{missing} (node(s) {nodes}) did not check in; {where}.")
         self._dead = message

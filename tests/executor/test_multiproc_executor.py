@@ -221,6 +221,48 @@ def test_killed_worker_raises_engine_dead_error_quickly(tiny_model_dirs, async_s
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_rank_stopped_before_checking_in_fails_start_up_quickly(tiny_model_dirs, monkeypatch):
+    """A local rank stopped (SIGSTOP) right after it is spawned never checks in; start-up names
+    it after the heartbeat timeout instead of waiting out the whole rendezvous timeout."""
+    from shardserve.executor import multiproc_executor
+
+    real = multiproc_executor.start_worker_processes
+    stopped: list[int] = []
+
+    def start_then_stop_rank1(specs, **kwargs):
+        procs = real(specs, **kwargs)
+        for spec, proc in zip(specs, procs):
+            if spec.rank == 1:
+                os.kill(proc.pid, signal.SIGSTOP)
+                stopped.append(proc.pid)
+        return procs
+
+    monkeypatch.setattr(multiproc_executor, "start_worker_processes", start_then_stop_rank1)
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError, match=r"rank 1 pid \d+ stopped"):
+        LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, device="cpu", dtype="float32",
+            max_model_len=256, kv_cache_memory_bytes=8 << 20, heartbeat_timeout_s=1.5,
+            rendezvous_timeout_s=120)
+    assert time.monotonic() - start < 30
+    assert stopped and not _alive(stopped[0])
+
+
+def test_process_stopped_reads_the_state():
+    from shardserve.executor.liveness import process_stopped
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not process_stopped(proc.pid)
+        os.kill(proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not process_stopped(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process_stopped(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_frozen_worker_is_found_by_its_silence(tiny_model_dirs):
     """A rank that stops answering (SIGSTOP: no exit, no error, its peer blocked in an
     all-reduce) is named within the heartbeat timeout, not after the step timeout."""
