@@ -62,8 +62,11 @@ def run_headless(config: EngineConfig) -> int:
     # of transformers every config needs.
     procs = start_worker_processes(specs, daemon=False,
                                    preload=["transformers.configuration_utils"])
-    logger.info("Node %d of %d: started ranks %s; node 0's engine is at %s:%d", pc.node_rank,
-                pc.nnodes, list(pc.node_ranks(pc.node_rank)), pc.master_addr, pc.master_port)
+    # Printed, not logged: at the default log level a headless node would otherwise say
+    # nothing at all while it waits (up to rendezvous_timeout_s) for node 0.
+    print(f"shardserve: node {pc.node_rank} of {pc.nnodes}, headless: started ranks "
+          f"{list(pc.node_ranks(pc.node_rank))}; waiting for node 0's engine at "
+          f"{pc.master_addr}:{pc.master_port} (up to {pc.rendezvous_timeout_s:g} s)", flush=True)
 
     stopping: list[int] = []
     kill_at: list[float] = []  # when the ranks still here are killed (they were told to go)

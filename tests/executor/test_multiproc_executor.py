@@ -174,8 +174,11 @@ def test_two_nodes_on_loopback(tiny_model_dirs, llama_h8_dir, tp):
             assert _generate(llm, prompts) == expected
         finally:
             llm.shutdown()
-        # Node 0 said stop: node 1's ranks leave and its launcher exits cleanly.
+        # Node 0 said stop: node 1's ranks leave and its launcher exits cleanly, having said
+        # what it was waiting for.
         assert node1.wait(timeout=15) == 0, node1.stdout.read()
+        assert f"node 1 of 2, headless: started ranks {list(range(tp // 2, tp))}" in \
+            node1.stdout.read()
     finally:
         if node1.poll() is None:
             node1.kill()
