@@ -387,12 +387,20 @@ class EngineConfig:
         from shardserve.layers.rotary import get_rope_config
         # With RoPE scaling the model is meant to run past it; without, positions beyond it
         # were never trained.
-        if (trained_len and mc.max_model_len > trained_len
-                and get_rope_config(mc.hf_config)[1] is None):
+        rope_scaling = get_rope_config(mc.hf_config)[1]
+        if trained_len and mc.max_model_len > trained_len and rope_scaling is None:
             logging.getLogger(__name__).warning(
                 "max_model_len %d is beyond the model's max_position_embeddings %d: positions "
                 "past it were never trained and outputs there may be wrong.",
                 mc.max_model_len, trained_len)
+        elif (trained_len and mc.max_model_len > trained_len
+              and rope_scaling.get("rope_type") == "dynamic"):
+            # transformers rotates a whole prompt with the base of its length; we rotate each
+            # position with the base of its own (layers/rotary.py _dynamic_freqs).
+            logging.getLogger(__name__).warning(
+                "Dynamic NTK RoPE: prompts longer than max_position_embeddings %d are rotated "
+                "per position, not with one base for the whole prompt as in transformers, so "
+                "their outputs differ from transformers' (decoding past it matches).", trained_len)
         no_pipeline = self.parallel_config.pipeline_parallel_size == 1
         if sc.async_scheduling is None:
             sc.async_scheduling = no_pipeline and dc.device == "cuda"

@@ -204,6 +204,13 @@ def _rope_freqs(rotary_dim: int, max_position: int, base: float, rope_type: str,
     return positions[:, None] * inv_freq[None, :], attention_scaling
 
 
+def check_rope_type(rope_type: str) -> None:
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"RoPE scaling type {rope_type!r} (config.json's rope_scaling / rope_parameters) is "
+            f"not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
+
+
 _ROPE_CACHE: dict[tuple, RotaryEmbedding] = {}
 
 
@@ -223,9 +230,7 @@ def get_rope(head_size: int, rotary_dim: int, max_position: int, base: float,
            tuple(sorted((k, str(v)) for k, v in scaling.items())), str(torch.get_default_device()))
     if key in _ROPE_CACHE:
         return _ROPE_CACHE[key]
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedModelError(f"RoPE type {rope_type!r} is not supported; supported: "
-                                    f"{', '.join(SUPPORTED_ROPE_TYPES)}.")
+    check_rope_type(rope_type)
     # Built on the CPU, where transformers computes its frequencies too, then moved.
     with torch.device("cpu"):
         freqs, attention_scaling = _rope_freqs(rotary_dim, max_position, base, rope_type,

@@ -36,9 +36,11 @@ def fp8_block_size(hf_config: Any) -> tuple[int, int] | None:
     block = qc.get("weight_block_size")
     if method != "fp8" or not block or len(block) != 2:
         raise UnsupportedModelError(
-            f"Quantization {method!r} (weight_block_size {block}) is not supported; only FP8 "
-            "block-quantized checkpoints (quant_method 'fp8' with weight_block_size) are, and "
-            "they are dequantized on load.")
+            f"config.json's quantization_config (quant_method {method!r}"
+            f"{f', weight_block_size {block}' if method == 'fp8' else ''}) is not supported: "
+            "shardserve has no quantized kernels. Only FP8 "
+            "block-quantized checkpoints (quant_method 'fp8' with weight_block_size) are served, "
+            "dequantized on load; use the unquantized checkpoint or a GGUF file.")
     return int(block[0]), int(block[1])
 
 

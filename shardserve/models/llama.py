@@ -1,4 +1,5 @@
-"""Llama-family decoder, tensor-parallel: Llama, Qwen2 and Qwen3 in one implementation.
+"""Llama-family decoder, tensor-parallel: Llama (and Mistral), Qwen2 and Qwen3 in one
+implementation.
 
 They differ only in flags read from the config (`LlamaFamilyFlags`): Qwen2 has q/k/v biases,
 Qwen3 normalises each query/key head (q_norm/k_norm) before RoPE and sets head_dim explicitly,
@@ -27,6 +28,7 @@ from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.layers.rotary import get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight
+from shardserve.loader.fp8 import dequantize_fp8_weights, fp8_block_size
 from shardserve.models.decoder_layer import PreNormDecoderLayer
 from shardserve.models.pipeline import (IntermediateTensors, StageDecoderModel, stage_lm_head,
                                         StageLayout)
@@ -168,8 +170,23 @@ class LlamaModel(StageDecoderModel):
             raise UnsupportedModelError(
                 f"Sliding-window attention (use_sliding_window, sliding_window="
                 f"{config.sliding_window}) is not supported; set use_sliding_window false.")
+        _check_mistral_window(config, max_model_len)
         super().__init__(config, dtype, stage, lambda i: LlamaDecoderLayer(
             config, flags, i, dtype, max_model_len, make_mlp))
+
+
+def _check_mistral_window(config: Any, max_model_len: int) -> None:
+    """Mistral windows every layer's attention to the last sliding_window tokens (transformers:
+    key positions q - sliding_window < k <= q). Up to max_model_len = sliding_window that is
+    full causal attention, which we serve (v0.2+ set no window at all); beyond, refused."""
+    is_mistral = ("MistralForCausalLM" in (getattr(config, "architectures", None) or [])
+                  or getattr(config, "model_type", "") == "mistral")
+    window = getattr(config, "sliding_window", None) if is_mistral else None
+    if window and (not max_model_len or max_model_len > window):
+        raise UnsupportedModelError(
+            f"Sliding-window attention (sliding_window={window}) is not supported past the "
+            f"window: set max_model_len (--max-model-len) to at most {window}, where it equals "
+            f"full attention (asked for {max_model_len or 'the unset default'}).")
 
 
 class LlamaForCausalLM(nn.Module):
@@ -195,6 +212,9 @@ class LlamaForCausalLM(nn.Module):
                  max_model_len: int = 0, stage: StageLayout | None = None) -> None:
         super().__init__()
         self.config = hf_config
+        # Any quantization_config but FP8 blocks (Qwen3-*-FP8) is refused: its packed weights
+        # would otherwise load as plain ones, or FP8 values without their scales.
+        self.fp8_block_size = fp8_block_size(hf_config)
         self.tp_size = get_tp_group().world_size
         self.model = LlamaModel(hf_config, dtype, max_model_len, stage, self.make_mlp)
         self.stage = self.model.stage
@@ -219,4 +239,6 @@ class LlamaForCausalLM(nn.Module):
         """Load HF-named checkpoint tensors (tensors or lazy slices); returns the names of the
         parameters that received data. Each parameter's weight_loader reads only this rank's
         slice."""
+        if self.fp8_block_size is not None:
+            weights = dequantize_fp8_weights(weights, self.fp8_block_size)
         return load_checkpoint_weights(self, weights, self.stacked_params_mapping)

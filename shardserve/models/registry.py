@@ -15,6 +15,8 @@ from shardserve.models.qwen_moe import QwenMoeForCausalLM
 # the flags come from each config.
 SUPPORTED_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    # Llama's decoder; its sliding window is refused unless it covers max_model_len.
+    "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Qwen2MoeForCausalLM": QwenMoeForCausalLM,
@@ -24,7 +26,8 @@ SUPPORTED_ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 
 # Configs without `architectures` (some GGUF-built ones) still name their model type.
-_MODEL_TYPE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+_MODEL_TYPE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                             "qwen2": "Qwen2ForCausalLM",
                              "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                              "qwen3_moe": "Qwen3MoeForCausalLM",
                              "deepseek_v2": "DeepseekV2ForCausalLM",
@@ -37,14 +40,27 @@ def check_architecture(hf_config: Any) -> str:
     if not archs:
         model_type = getattr(hf_config, "model_type", None)
         if model_type in _MODEL_TYPE_ARCHITECTURES:
+            check_config_features(hf_config)
             return _MODEL_TYPE_ARCHITECTURES[model_type]
         archs = [f"model_type={model_type!r}"]
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
+            check_config_features(hf_config)
             return arch
     raise UnsupportedModelError(
         f"Model architecture {', '.join(archs)} is not supported; supported architectures: "
         f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}.")
+
+
+def check_config_features(hf_config: Any) -> None:
+    """Refuse, when the config is read (before any worker starts), what the models would
+    otherwise refuse only while being built: a quantization or RoPE scaling we do not serve."""
+    from shardserve.layers.rotary import check_rope_type, get_rope_config
+    from shardserve.loader.fp8 import fp8_block_size
+
+    fp8_block_size(hf_config)
+    _, rope_scaling = get_rope_config(hf_config)
+    check_rope_type((rope_scaling or {}).get("rope_type", "default"))
 
 
 def get_model_class(name: str) -> type[nn.Module]:

@@ -22,7 +22,8 @@ from typing import Any
 from shardserve.errors import ModelLoadError
 
 # What the engine serves today (models/registry.py); kept here so the planner needs no torch.
-SERVED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+SERVED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                        "Qwen3ForCausalLM",
                         "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                         "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 _MODEL_TYPE_ARCHITECTURES = {

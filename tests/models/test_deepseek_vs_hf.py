@@ -4,19 +4,18 @@ prefill over a cached prefix, mixed prefill + decode, decode), FP8 block-quantiz
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from shardserve.layers.attention import AttentionLayerBase, TorchAttentionBackend
 from shardserve.layers.mla_attention import MLAAttention
 from shardserve.models.deepseek_memory import deepseek_memory
 from tests.models.deepseek_checkpoints import (TINY_DEEPSEEK, VOCAB, paged_references, paged_steps,
                                               save_tiny_deepseek)
-from tests.models.tiny_checkpoints import assert_close_logits, hf_logits, load_ours, our_logits
+from tests.models.tiny_checkpoints import (assert_close_logits, hf_logits, load_ours, our_logits,
+                                          write_fp8_twins)
 
 @pytest.mark.parametrize("name", sorted(TINY_DEEPSEEK))
 def test_logits_match_transformers(name: str, tmp_path: Path) -> None:
@@ -40,44 +39,12 @@ def test_paged_latent_cache_matches_transformers(name: str, tmp_path: Path) -> N
         assert_close_logits(got, want)
 
 
-def _quantize_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise FP8 (e4m3) quantization as DeepSeek-V3's checkpoints store it."""
-    n, k = weight.shape
-    bn, bk = block
-    rows, cols = -(-n // bn), -(-k // bk)
-    padded = torch.zeros(rows * bn, cols * bk)
-    padded[:n, :k] = weight
-    blocks = padded.view(rows, bn, cols, bk)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
-    return q.view(rows * bn, cols * bk)[:n, :k].contiguous(), scale.float()
-
-
 def test_fp8_block_quantized_checkpoint_is_dequantized(tmp_path: Path) -> None:
     """An FP8 copy of the V3 checkpoint (blocks of 16 x 16, so edges are partial) loads to the
     same model as its dequantized float32 twin, under TP-style slicing too."""
     src, fp8_dir, deq_dir = tmp_path / "src", tmp_path / "fp8", tmp_path / "deq"
     save_tiny_deepseek("v3", src)
-    tensors = load_file(src / "model.safetensors")
-    block = (16, 16)
-    fp8, deq = {}, {}
-    for name, t in tensors.items():
-        quantize = (t.dim() == 2 and "proj" in name and "norm" not in name)
-        if quantize:
-            q, scale = _quantize_fp8(t, block)
-            fp8[name], fp8[name + "_scale_inv"] = q, scale
-            deq[name] = (q.float() * scale.repeat_interleave(16, 0).repeat_interleave(16, 1)
-                         [:t.shape[0], :t.shape[1]])
-        else:
-            fp8[name] = deq[name] = t
-    config = json.loads((src / "config.json").read_text())
-    for folder, weights, extra in ((fp8_dir, fp8, {"quantization_config": {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-            "weight_block_size": list(block)}}), (deq_dir, deq, {})):
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({**config, **extra}))
-        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    assert any(t.dtype == torch.float8_e4m3fn for t in fp8.values())
+    write_fp8_twins(src, fp8_dir, deq_dir, (16, 16))
     input_ids = torch.randint(0, VOCAB, (17,), generator=torch.Generator().manual_seed(2))
     ours_fp8, ours_deq = load_ours(fp8_dir), load_ours(deq_dir)
     for (n1, p1), (n2, p2) in zip(ours_fp8.named_parameters(), ours_deq.named_parameters()):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tests.models.tiny_checkpoints import (TINY_CONFIGS, VOCAB, assert_close_logits, hf_logits, load_ours,
-                              our_logits, save_tiny_checkpoint, tiny_config)
+                              our_logits, save_tiny_checkpoint, tiny_config, write_fp8_twins)
 
 from shardserve.errors import ModelLoadError, UnsupportedModelError
 from shardserve.models.registry import SUPPORTED_ARCHITECTURES, check_architecture, get_model_class
@@ -53,14 +53,14 @@ def test_missing_weight_is_named(tmp_path: Path) -> None:
 
 def test_unsupported_architecture_lists_supported() -> None:
     config = tiny_config("llama")
-    config.architectures = ["MistralForCausalLM"]
-    with pytest.raises(UnsupportedModelError, match="MistralForCausalLM.*LlamaForCausalLM"):
+    config.architectures = ["MixtralForCausalLM"]
+    with pytest.raises(UnsupportedModelError, match="MixtralForCausalLM.*LlamaForCausalLM"):
         check_architecture(config)
     with pytest.raises(UnsupportedModelError):
         get_model_class("GPT2LMHeadModel")
     config.architectures = ["Qwen3ForCausalLM"]
     assert check_architecture(config) == "Qwen3ForCausalLM"
-    assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "Qwen2ForCausalLM",
+    assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                             "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
                                             "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM",
                                             "DeepseekV3ForCausalLM"}
@@ -74,6 +74,69 @@ def test_half_precision_close_to_transformers(tmp_path: Path) -> None:
     ref = hf_logits(hf, input_ids)
     # Same ops in the same dtype; only attention kernels may differ, so a loose bound.
     assert ((our_logits(ours, input_ids) - ref).abs().max() / ref.abs().max()).item() < 2e-2
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
+def test_fp8_block_quantized_checkpoint_is_dequantized(name: str, tmp_path: Path) -> None:
+    """Qwen3-*-FP8's format (FP8 weights with block scales, quant_method 'fp8'): loaded as the
+    dequantized float32 twin, not as FP8 values without their scales."""
+    src, fp8_dir, deq_dir = tmp_path / "src", tmp_path / "fp8", tmp_path / "deq"
+    save_tiny_checkpoint(name, src)
+    write_fp8_twins(src, fp8_dir, deq_dir, (16, 16))
+    ours_fp8, ours_deq = load_ours(fp8_dir), load_ours(deq_dir)
+    for (n1, p1), (n2, p2) in zip(ours_fp8.named_parameters(), ours_deq.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+@pytest.mark.parametrize("config_json, match", [
+    ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}},
+     r"quantization_config.*'awq'"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4, "desc_act": False}},
+     r"quantization_config.*'gptq'"),
+    ({"quantization_config": {"quant_method": "compressed-tensors"}},
+     r"quantization_config.*'compressed-tensors'"),
+    ({"rope_scaling": {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8,
+                       "original_max_position_embeddings": 64}}, r"'longrope'.*rope_scaling"),
+])
+def test_unsupported_config_refused_when_resolved(config_json: dict, match: str,
+                                                  tmp_path: Path) -> None:
+    """Quantized checkpoints we have no kernels for and RoPE scalings we do not implement are
+    refused when the config is read, naming the field (never loaded as plain weights)."""
+    from shardserve.config import EngineConfig
+
+    save_tiny_checkpoint("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    (tmp_path / "config.json").write_text(json.dumps({**config, **config_json}))
+    with pytest.raises(UnsupportedModelError, match=match):
+        EngineConfig.from_kwargs(model=str(tmp_path), dtype="float32", device="cpu").resolve()
+
+
+def test_mistral_window_shorter_than_max_model_len_is_refused(tmp_path: Path) -> None:
+    """Past its sliding_window Mistral's attention is not full attention: refused, saying which
+    max_model_len serves it (at most the window)."""
+    from shardserve.config import EngineConfig
+    from shardserve.loader.model_loader import load_model
+
+    save_tiny_checkpoint("mistral_window", tmp_path)
+    config = EngineConfig.from_kwargs(model=str(tmp_path), dtype="float32", device="cpu",
+                                      max_model_len=129).resolve()
+    with pytest.raises(UnsupportedModelError, match=r"sliding_window=128.*max_model_len.*128"):
+        load_model(config.model_config, "cpu")
+
+
+def test_dynamic_rope_past_max_position_warns(tmp_path: Path, caplog) -> None:
+    """Dynamic NTK prompts longer than max_position_embeddings are rotated per position, unlike
+    transformers (one base for the whole prompt): served, but not silently."""
+    from shardserve.config import EngineConfig
+
+    save_tiny_checkpoint("llama_rope_dynamic", tmp_path)
+    for max_model_len, warned in ((128, False), (256, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="shardserve.config"):
+            EngineConfig.from_kwargs(model=str(tmp_path), dtype="float32", device="cpu",
+                                     max_model_len=max_model_len).resolve()
+        assert any("Dynamic NTK" in r.getMessage() for r in caplog.records) == warned
 
 
 def _saved(name: str, folder: Path) -> Path:

@@ -3,6 +3,7 @@ counterpart."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}),
     "llama_rope_linear": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "llama_rope_dynamic": ("LlamaConfig", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    # Mistral-7B-v0.1's window, as wide as max_model_len (the default, max_position_embeddings):
+    # full attention, served; v0.3's config has no window.
+    "mistral_window": ("MistralConfig", {"sliding_window": 128, "head_dim": 32}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
     "qwen3_kv1": ("Qwen3Config", {"head_dim": 16, "num_key_value_heads": 1}),
@@ -100,3 +104,41 @@ def assert_close_logits(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4
     err = ((ours - ref).abs().max() / ref.abs().max()).item()
     assert err <= rel, f"max relative error {err:.2e} > {rel:.0e}"
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise FP8 (e4m3) quantization as DeepSeek-V3's and Qwen3-FP8's checkpoints store it:
+    (weight, weight_scale_inv)."""
+    n, k = weight.shape
+    bn, bk = block
+    rows, cols = -(-n // bn), -(-k // bk)
+    padded = torch.zeros(rows * bn, cols * bk)
+    padded[:n, :k] = weight
+    blocks = padded.view(rows, bn, cols, bk)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    return q.view(rows * bn, cols * bk)[:n, :k].contiguous(), scale.float()
+
+
+def write_fp8_twins(src: Path, fp8_dir: Path, deq_dir: Path, block: tuple[int, int]) -> None:
+    """From the float32 checkpoint in `src`: an FP8 block-quantized copy (every 2-D *proj*
+    weight quantized, quantization_config set) and its dequantized float32 twin."""
+    from safetensors.torch import load_file, save_file
+
+    fp8, deq = {}, {}
+    for name, t in load_file(src / "model.safetensors").items():
+        if t.dim() == 2 and "proj" in name and "norm" not in name:
+            q, scale = quantize_fp8(t, block)
+            fp8[name], fp8[name + "_scale_inv"] = q, scale
+            deq[name] = (q.float() * scale.repeat_interleave(block[0], 0)
+                         .repeat_interleave(block[1], 1)[:t.shape[0], :t.shape[1]])
+        else:
+            fp8[name] = deq[name] = t
+    assert any(t.dtype == torch.float8_e4m3fn for t in fp8.values())
+    config = json.loads((src / "config.json").read_text())
+    for folder, weights, extra in ((fp8_dir, fp8, {"quantization_config": {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": list(block)}}), (deq_dir, deq, {})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**config, **extra}))
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
