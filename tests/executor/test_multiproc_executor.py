@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -331,11 +332,11 @@ def test_node1_leaves_when_node0_dies(tiny_model_dirs):
                 proc.wait()
 
 
-def test_frozen_rank_on_node1_is_killed_by_its_launcher(tiny_model_dirs):
-    """Node 1's only rank is SIGSTOPped mid-generation: node 0's engine names it within the
-    heartbeat timeout and stops; the rank cannot leave by itself, so node 1's launcher kills it
-    once node 0 has been silent past the timeout and exits non-zero instead of waiting for
-    ever (a supervisor restarts the group)."""
+@contextlib.contextmanager
+def _two_nodes_tp2(model_dir: str):
+    """Node 1 as a `shardserve worker` launch holding rank 1, node 0 as this process's offline
+    LLM, both with a 1.5 s heartbeat timeout: yields (llm, node 1's launcher, rank 1's pid).
+    Node 1 and its rank are killed on the way out if they are still there."""
     port = _free_port_range(5)
     node1 = subprocess.Popen([sys.executable, "-m", "shardserve.cli", "worker", "--node-rank",
                               "1", "--nnodes", "2", "--master-addr", "127.0.0.1",
@@ -344,29 +345,12 @@ def test_frozen_rank_on_node1_is_killed_by_its_launcher(tiny_model_dirs):
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rank1 = None
     try:
-        llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, nnodes=2, node_rank=0,
-                  master_port=port, heartbeat_timeout_s=1.5, device="cpu", dtype="float32",
-                  max_model_len=2048, kv_cache_memory_bytes=8 << 20)
-        executor = llm.engine.core.executor
+        llm = LLM(model_dir, tensor_parallel_size=2, nnodes=2, node_rank=0, master_port=port,
+                  heartbeat_timeout_s=1.5, device="cpu", dtype="float32", max_model_len=2048,
+                  kv_cache_memory_bytes=8 << 20)
         forkserver = [pid for pid in _children(node1.pid) if b"forkserver" in _cmdline(pid)]
         (rank1,) = [pid for fs in forkserver for pid in _children(fs)]
-        stopped_at: list[float] = []
-
-        def freeze_rank1() -> None:
-            while executor.comm_stats()["num_steps"] < 3:
-                time.sleep(0.005)
-            os.kill(rank1, signal.SIGSTOP)
-            stopped_at.append(time.monotonic())
-
-        threading.Thread(target=freeze_rank1, daemon=True).start()
-        params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
-        with pytest.raises(EngineDeadError, match="rank 1 on node 1 .*silent"):
-            llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)
-        assert stopped_at and time.monotonic() - stopped_at[0] < 10
-        # The engine has stopped beating: 1.5 s of silence, the rank's tear-down grace.
-        assert node1.wait(timeout=30) != 0, node1.stdout.read()
-        assert time.monotonic() - stopped_at[0] < 25
-        assert not _alive(rank1)
+        yield llm, node1, rank1
     finally:
         if rank1 is not None and _alive(rank1):
             os.kill(rank1, signal.SIGKILL)
@@ -375,45 +359,56 @@ def test_frozen_rank_on_node1_is_killed_by_its_launcher(tiny_model_dirs):
             node1.wait()
 
 
+def _signal_rank1_mid_generation(llm, rank1: int, sig: signal.Signals,
+                                 at: list[float]) -> None:
+    """From a thread: once the engine has run 3 steps, send sig to rank 1 and note when."""
+    executor = llm.engine.core.executor
+
+    def run() -> None:
+        while executor.comm_stats()["num_steps"] < 3:
+            time.sleep(0.005)
+        os.kill(rank1, sig)
+        at.append(time.monotonic())
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+LONG = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+
+
+def test_frozen_rank_on_node1_is_killed_by_its_launcher(tiny_model_dirs):
+    """Node 1's only rank is SIGSTOPped mid-generation: node 0's engine names it within the
+    heartbeat timeout and stops; the rank cannot leave by itself, so node 1's launcher kills it
+    once node 0 has been silent past the timeout and exits non-zero instead of waiting for
+    ever (a supervisor restarts the group)."""
+    with _two_nodes_tp2(tiny_model_dirs["llama"]) as (llm, node1, rank1):
+        stopped_at: list[float] = []
+        _signal_rank1_mid_generation(llm, rank1, signal.SIGSTOP, stopped_at)
+        with pytest.raises(EngineDeadError, match="rank 1 on node 1 .*silent"):
+            llm.generate({"prompt_token_ids": [1, 2, 3]}, LONG, use_tqdm=False)
+        assert stopped_at and time.monotonic() - stopped_at[0] < 10
+        # The engine has stopped beating: 1.5 s of silence, the rank's tear-down grace.
+        assert node1.wait(timeout=30) != 0, node1.stdout.read()
+        assert time.monotonic() - stopped_at[0] < 25
+        assert not _alive(rank1)
+
+
 @pytest.mark.parametrize("when", ["idle", "mid_step"])
 def test_rank_killed_on_node1_is_named_not_its_peer(tiny_model_dirs, when):
     """Node 1's rank is SIGKILLed, while the offline engine is idle or mid-generation: its
     peer's all-reduce then fails with gloo's "Connection closed by peer", but the error must
     name the rank that went away (no sentinel on another node: by its silence)."""
-    port = _free_port_range(5)
-    node1 = subprocess.Popen([sys.executable, "-m", "shardserve.cli", "worker", "--node-rank",
-                              "1", "--nnodes", "2", "--master-addr", "127.0.0.1",
-                              "--master-port", str(port), "-tp", "2",
-                              "--heartbeat-timeout-s", "1.5"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, nnodes=2, node_rank=0,
-                  master_port=port, heartbeat_timeout_s=1.5, device="cpu", dtype="float32",
-                  max_model_len=2048, kv_cache_memory_bytes=8 << 20)
-        executor = llm.engine.core.executor
-        forkserver = [pid for pid in _children(node1.pid) if b"forkserver" in _cmdline(pid)]
-        (rank1,) = [pid for fs in forkserver for pid in _children(fs)]
+    with _two_nodes_tp2(tiny_model_dirs["llama"]) as (llm, _node1, rank1):
         killed_at: list[float] = []
-
-        def kill_rank1() -> None:
-            while when == "mid_step" and executor.comm_stats()["num_steps"] < 3:
-                time.sleep(0.005)
+        if when == "idle":
             os.kill(rank1, signal.SIGKILL)
             killed_at.append(time.monotonic())
-
-        if when == "idle":
-            kill_rank1()
             time.sleep(3)  # past the heartbeat timeout, with nothing asked of the engine
         else:
-            threading.Thread(target=kill_rank1, daemon=True).start()
-        params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+            _signal_rank1_mid_generation(llm, rank1, signal.SIGKILL, killed_at)
         with pytest.raises(EngineDeadError, match=r"^Worker rank 1 \(rank 1 on node 1 .*silent"):
-            llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)
+            llm.generate({"prompt_token_ids": [1, 2, 3]}, LONG, use_tqdm=False)
         assert killed_at and time.monotonic() - killed_at[0] < 10
-    finally:
-        if node1.poll() is None:
-            node1.kill()
-            node1.wait()
 
 
 def test_node1_started_with_other_sizes_is_named_at_once(tiny_model_dirs):
