@@ -10,6 +10,7 @@ from typing import Any
 from shardserve.engine.detokenizer import IncrementalDetokenizer
 from shardserve.engine.outputs import EngineCoreOutput, TokenLogprobs
 from shardserve.engine.request import Request
+from shardserve.errors import InvalidRequestError
 from shardserve.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics,
                                 RequestOutput, SampleLogprobs)
 
@@ -73,6 +74,15 @@ class OutputProcessor:
         """stream=False: only the final RequestOutput is built (the offline LLM's case), which
         saves copying every sample's tokens on every step, and text is decoded only at the end
         unless stop strings need it earlier."""
+        # The engine core keys its requests by these ids: a second request under an id in use
+        # (or under an n > 1 sample's "id#i") would corrupt both. Refused before anything is
+        # queued.
+        taken = [rid for rid in (request_id, *(r.request_id for r in requests))
+                 if rid in self._parents or rid in self._child_to_parent]
+        if taken:
+            raise InvalidRequestError(f"Request id {taken[0]!r} is already in use by an "
+                                      "unfinished request; give this one another id.",
+                                      "request_id")
         first = requests[0]
         samples = []
         for i, req in enumerate(requests):

@@ -258,7 +258,10 @@ class Scheduler:
         unsent = {}
         for rid, entries in prompt_logprobs.items():
             request = self.requests.get(rid)
-            if request is None or rid not in starts:
+            if (request is None or rid not in starts or request.status != RequestStatus.RUNNING
+                    or scheduler_output.step_id < request.admitted_step_id):
+                # As for sampled tokens: gone, preempted, or (with steps in flight) a new
+                # request under the id of one aborted while this step ran.
                 continue
             start = starts[rid]  # entries[i] scores prompt token start + i + 1
             skip = max(0, request.num_prompt_logprobs_sent - start)

@@ -131,6 +131,28 @@ def test_preemption_drops_placeholders():
     assert victim.status == RequestStatus.PREEMPTED and victim.num_output_placeholders == 0
 
 
+def test_prompt_logprobs_of_a_step_in_flight_stay_with_their_request():
+    """A request aborted while a step computed its prompt chunk, and a new one under the same id
+    (a client's retry) admitted before that step's result is back: the old chunk's prompt
+    logprobs used to go out as the new request's, which then skipped its own."""
+    from shardserve.engine.outputs import TokenLogprobs
+
+    def entries(first: int, num: int) -> list[TokenLogprobs]:
+        return [TokenLogprobs([first + i], [-1.0], [1]) for i in range(num)]
+
+    sched = make_scheduler(budget=8)
+    sched.add_request(req("x", 12, prompt_logprobs=0))
+    old = sched.schedule()  # chunk [0, 8): scores prompt tokens 1..8
+    sched.finish_requests(["x"], RequestStatus.FINISHED_ABORTED)
+    sched.add_request(Request("x", list(range(500, 512)), SamplingParams(prompt_logprobs=0),
+                              frozenset({EOS}), max_tokens=8))
+    new = sched.schedule()
+    assert new.scheduled_new_reqs[0].req_id == "x"
+    assert sched.update_from_output(old, ModelRunnerOutput([], [], None, {"x": entries(11, 8)})) == []
+    outs = sched.update_from_output(new, ModelRunnerOutput([], [], None, {"x": entries(501, 8)}))
+    assert [e.token_ids[0] for e in outs[0].new_prompt_logprobs] == list(range(501, 509))
+
+
 def samples_of(out: SchedulerOutput) -> list[str]:
     # Test helper state: which requests each step samples, recorded when it was scheduled.
     return out._samples
