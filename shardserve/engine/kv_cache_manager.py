@@ -17,8 +17,9 @@ from shardserve.engine.request import Request
 
 
 def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    # Python's tuple-of-int hash is deterministic across processes (PYTHONHASHSEED salts only
-    # str and bytes); a 64-bit collision needs ~2^32 distinct cached blocks to become likely.
+    # Python's own hash: fast, and the hashes never leave the engine-core process (the router
+    # hashes prompts itself), so they need not agree across processes (hash(None) does not,
+    # before Python 3.12). A 64-bit collision needs ~2^32 distinct cached blocks to be likely.
     return hash((parent_hash, token_ids))
 
 
@@ -71,9 +72,15 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.stats.queries += request.num_tokens
-        self.stats.hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, request: Request, num_hit_tokens: int) -> None:
+        """Count an admitted request's lookup in the hit-rate stats. Counted on admission, not
+        in get_computed_blocks: a request that waits for memory is looked up again each step,
+        and counting every try would weigh its prompt many times."""
+        if self.enable_caching and request.sampling_params.prompt_logprobs is None:
+            self.stats.queries += request.num_tokens
+            self.stats.hits += num_hit_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[KVCacheBlock] | None = None,

@@ -160,6 +160,7 @@ class Scheduler:
             new_blocks = self.kv_cache.allocate_slots(request, num_new, hit_blocks, num_hit)
             if new_blocks is None:
                 break
+            self.kv_cache.record_prefix_lookup(request, num_hit)
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit

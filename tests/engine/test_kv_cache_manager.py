@@ -12,6 +12,7 @@ def make_request(rid: str, tokens: list[int], **params) -> Request:
 def allocate_prompt(mgr: KVCacheManager, req: Request) -> int:
     hits, num_hit = mgr.get_computed_blocks(req)
     assert mgr.allocate_slots(req, req.num_tokens - num_hit, hits, num_hit) is not None
+    mgr.record_prefix_lookup(req, num_hit)  # as the scheduler does on admission
     req.num_computed_tokens = req.num_tokens
     return num_hit
 

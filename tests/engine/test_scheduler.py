@@ -160,6 +160,26 @@ def test_prefix_hit_skips_cached_tokens():
     assert stats.prefix_cache_hits == 8 and stats.prefix_cache_queries == 20
 
 
+def test_a_request_waiting_for_memory_counts_once_in_the_hit_rate():
+    """The head of the queue is looked up again every step while the pool is short; the
+    prefix-cache stats count its prompt once, when it is admitted."""
+    sched = make_scheduler(num_blocks=6, block_size=4, max_model_len=24)
+    sched.add_request(req("a", 20))  # 5 of the 6 blocks
+    out = sched.schedule()
+    sched.update_from_output(out, fake_run(out, sched))
+    sched.add_request(req("b", 12, start=500))  # needs 3 blocks: waits
+    for _ in range(3):
+        out = sched.schedule()
+        assert "b" not in out.num_scheduled_tokens
+        sched.update_from_output(out, fake_run(out, sched))
+    stats = sched.stats()
+    assert stats.prefix_cache_queries == 20
+    sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    out = sched.schedule()
+    assert "b" in out.num_scheduled_tokens
+    assert sched.stats().prefix_cache_queries == 20 + 12
+
+
 @pytest.mark.parametrize("budget", [3, 5, 64])
 def test_every_step_respects_the_budget(budget):
     sched = make_scheduler(budget=budget)
