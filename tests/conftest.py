@@ -18,7 +18,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The heaviest layout demos (8 ranks on 2 cores, about a minute each) run only when asked:
+# every part of them (TP across nodes, TP inside DP replicas, 8-rank worlds) has a cheaper
+# test in the default run, which keeps CI near its 15 minutes.
+HEAVY_ENV = "SHARDSERVE_HEAVY_TESTS"
+
+
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get(HEAVY_ENV) != "1":
+        skip_heavy = pytest.mark.skip(reason=f"heavy layout demo: set {HEAVY_ENV}=1 to run it")
+        for item in items:
+            if "heavy" in item.keywords:
+                item.add_marker(skip_heavy)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

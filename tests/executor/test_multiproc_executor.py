@@ -151,7 +151,9 @@ def llama_h8_dir(tmp_path_factory) -> str:
 
 
 # tp 2 (one rank a node) is left out for CI time: test_two_nodes_tp_within_pp_across and the
-# node-fault tests below run two one-rank nodes already.
+# node-fault tests below run two one-rank nodes already. tp 8 is a heavy demo (8 ranks):
+# test_two_nodes_tp_within_pp_across[4] runs an 8-rank world over two nodes by default.
+@pytest.mark.heavy
 @pytest.mark.parametrize("tp", [8])
 def test_two_nodes_on_loopback(tiny_model_dirs, llama_h8_dir, tp):
     """TP across two "nodes" (two launches on loopback), each holding tp / 2 ranks; tp 8 is

@@ -96,6 +96,7 @@ def test_same_outputs_as_dp1(dp1, dp2):
     assert texts[0] == texts[1]
 
 
+@pytest.mark.heavy
 def test_tp2_dp4_eight_ranks_match_dp1(dp1, tmp_path):
     """Issue 11's TP 2 x DP 4 (8 ranks) at tiny size: four replicas of two TP ranks each come
     up behind the router, give DP 1's outputs, and share the requests."""
