@@ -119,7 +119,6 @@ def _take_positional_model(args: argparse.Namespace) -> None:
 
 
 def _headless_node(args: argparse.Namespace) -> bool:
-    import os
     node_rank = args.node_rank if args.node_rank is not None else int(
         os.environ.get("LWS_WORKER_INDEX") or 0)
     return node_rank > 0

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from shardserve.config import EngineConfig
 from shardserve.engine.input_processor import PromptType
 from shardserve.engine.llm_engine import LLMEngine
-from shardserve.errors import InvalidRequestError, ShardserveError
+from shardserve.errors import InvalidRequestError
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import BeamSearchParams, SamplingParams
 from shardserve.tokenizer import chat_prompt_ids, render_chat_template
@@ -123,32 +123,16 @@ class LLM:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} "
                                       "dicts (or a list of such lists).", "messages")
-        if continue_final_message and add_generation_prompt:
-            raise InvalidRequestError("continue_final_message=True needs add_generation_prompt="
-                                      "False: the first continues the last message, the second "
-                                      "starts a new one.", "continue_final_message")
         conversations = messages if isinstance(messages[0], list) else [messages]
-        template_kwargs = dict(chat_template_kwargs or {})
-        if continue_final_message:
-            template_kwargs.setdefault("continue_final_message", True)
         tokenizer = self.engine.tokenizer
-        texts = [self._render(conv, add_generation_prompt, template_kwargs, chat_template, tools)
+        texts = [render_chat_template(tokenizer, conv, add_generation_prompt, chat_template_kwargs,
+                                      chat_template=chat_template, tools=tools,
+                                      continue_final_message=continue_final_message)
                  for conv in conversations]
         # The rendered text rides along as the prompt, so RequestOutput.prompt holds it (vLLM).
         prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, text), "prompt": text}
                    for text in texts]
         return self.generate(prompts, sampling_params, use_tqdm)
-
-    def _render(self, conversation, add_generation_prompt, template_kwargs, chat_template, tools):
-        try:
-            return render_chat_template(self.engine.tokenizer, conversation, add_generation_prompt,
-                                        template_kwargs, chat_template=chat_template, tools=tools)
-        except ShardserveError:
-            raise
-        except Exception as err:  # a template fails in many ways on odd input (raise_exception,
-            # a TypeError on a missing key, transformers' own checks): still the caller's input
-            raise InvalidRequestError(f"The chat template could not render the messages: "
-                                      f"{type(err).__name__}: {err}", "messages") from err
 
     def _run(self, processed, params_list, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shardserve.errors import InvalidRequestError, ModelLoadError
+from shardserve.errors import InvalidRequestError, ModelLoadError, ShardserveError
 from shardserve.loader.source import ModelSource
 
 # Files whose presence marks a folder as a Hugging Face tokenizer.
@@ -85,9 +85,12 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 
 def apply_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
                         add_generation_prompt: bool = True,
-                        template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
-    """Token ids of a chat rendered with the model's template (render_chat_template's text)."""
-    text = render_chat_template(tokenizer, messages, add_generation_prompt, template_kwargs)
+                        template_kwargs: Mapping[str, Any] | None = None,
+                        **options: Any) -> list[int]:
+    """Token ids of a chat rendered with the model's template (render_chat_template's text;
+    options are its keyword-only ones)."""
+    text = render_chat_template(tokenizer, messages, add_generation_prompt, template_kwargs,
+                                **options)
     return chat_prompt_ids(tokenizer, text)
 
 
@@ -100,17 +103,29 @@ def render_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
                          add_generation_prompt: bool = True,
                          template_kwargs: Mapping[str, Any] | None = None, *,
                          chat_template: str | None = None,
-                         tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+                         tools: Sequence[Mapping[str, Any]] | None = None,
+                         continue_final_message: bool = False) -> str:
     """The prompt text of a chat rendered with the model's template, or with `chat_template`
     (a Jinja string) in its place; `tools` (function schemas) are the template's `tools`.
 
     `template_kwargs` (vLLM's chat_template_kwargs) are extra variables for the template, e.g.
     Qwen3's enable_thinking; they may override add_generation_prompt, as in vLLM.
+    `continue_final_message` (vLLM's) leaves the last message open, to be continued; it needs
+    add_generation_prompt=False.
 
-    Raises InvalidRequestError when the model has no chat template, the messages are malformed,
-    or the template itself rejects them (e.g. roles that do not alternate)."""
+    Every caller (the server's chat and /tokenize, LLM.chat, the CLI) comes through here, so
+    the rules and the errors are the same for all: InvalidRequestError when the model has no
+    chat template, the options conflict, the messages are malformed, or the template fails on
+    them (a Jinja error such as roles that do not alternate, or plain Python inside it)."""
     import jinja2
 
+    if continue_final_message and add_generation_prompt:
+        # vLLM's rule: one continues the last message, the other opens a new one.
+        raise InvalidRequestError("continue_final_message needs add_generation_prompt=false: "
+                                  "the first continues the last message, the second starts a "
+                                  "new one.", "continue_final_message")
+    if continue_final_message:
+        template_kwargs = {"continue_final_message": True, **(template_kwargs or {})}
     if chat_template is not None and (not isinstance(chat_template, str) or not chat_template):
         raise InvalidRequestError("chat_template must be the template's Jinja text (a non-empty "
                                   "string).", "chat_template")
@@ -136,6 +151,11 @@ def render_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     except jinja2.TemplateError as err:
         raise InvalidRequestError(
             f"The model's chat template rejected the messages: {err}", "messages") from err
+    except ShardserveError:
+        raise
+    except Exception as err:  # a TypeError on a missing key, transformers' own checks, ...
+        raise InvalidRequestError(f"The chat template could not render the messages: "
+                                  f"{type(err).__name__}: {err}", "messages") from err
 
 
 def eos_token_ids(tokenizer: Any, hf_config: Any, folder: str | os.PathLike[str] | None) -> list[int]:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
-from shardserve.errors import InvalidRequestError, ShardserveError
+from shardserve.errors import InvalidRequestError
 from shardserve.outputs import RequestOutput, SampleLogprobs
 from shardserve.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                         ChatCompletionResponse, ChatLogprobs, ChatMessage,
@@ -33,17 +33,9 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     _check_unsupported(req)
     engine = state.engine
     engine.check_started()  # before the template: while loading there is no tokenizer yet
-    template_kwargs = req.chat_template_kwargs
-    if req.continue_final_message:
-        template_kwargs = {"continue_final_message": True, **(template_kwargs or {})}
-    try:
-        prompt_ids = apply_chat_template(engine.tokenizer, req.messages, req.add_generation_prompt,
-                                         template_kwargs)
-    except ShardserveError:
-        raise
-    except Exception as err:  # a template can fail in many ways on odd messages; still a 400
-        raise InvalidRequestError(f"The chat template could not render the messages: "
-                                  f"{type(err).__name__}: {err}", "messages") from err
+    prompt_ids = apply_chat_template(engine.tokenizer, req.messages, req.add_generation_prompt,
+                                     req.chat_template_kwargs,
+                                     continue_final_message=req.continue_final_message)
     processed = engine.process_prompt({"prompt_token_ids": prompt_ids})
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -92,11 +84,6 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise InvalidRequestError("Only response_format {\"type\": \"text\"} is supported.",
                                   "response_format")
-    if req.continue_final_message and req.add_generation_prompt:
-        # vLLM's rule: one continues the last message, the other opens a new one.
-        raise InvalidRequestError("continue_final_message needs add_generation_prompt=false: "
-                                  "the first continues the last message, the second starts a "
-                                  "new one.", "continue_final_message")
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true.", "top_logprobs")

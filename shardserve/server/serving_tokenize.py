@@ -4,11 +4,9 @@ use them to count tokens and to trim prompts to the context before sending them.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import Request
 
-from shardserve.errors import InvalidRequestError, ShardserveError
+from shardserve.errors import InvalidRequestError
 from shardserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
                                         TokenizeResponse)
 from shardserve.server.serving_common import read_request
@@ -27,7 +25,9 @@ async def tokenize(request: Request, state: ServerState) -> TokenizeResponse:
         text = req.prompt
         add_special = True if req.add_special_tokens is None else req.add_special_tokens
     else:
-        text = _render_chat(tokenizer, req)
+        text = render_chat_template(tokenizer, req.messages, req.add_generation_prompt,
+                                    req.chat_template_kwargs,
+                                    continue_final_message=req.continue_final_message)
         # The template writes BOS itself where the model wants one (see tokenizer.py).
         add_special = bool(req.add_special_tokens)
     ids = list(tokenizer.encode(text, add_special_tokens=add_special))
@@ -46,19 +46,3 @@ async def detokenize(request: Request, state: ServerState) -> DetokenizeResponse
         raise InvalidRequestError(f"tokens must be ids in [0, {vocab_size}); got {bad[:5]}.",
                                   "tokens")
     return DetokenizeResponse(prompt=state.engine.tokenizer.decode(req.tokens))
-
-
-def _render_chat(tokenizer: Any, req: TokenizeRequest) -> str:
-    if req.continue_final_message and req.add_generation_prompt:
-        raise InvalidRequestError("continue_final_message needs add_generation_prompt=false.",
-                                  "continue_final_message")
-    kwargs = req.chat_template_kwargs
-    if req.continue_final_message:
-        kwargs = {"continue_final_message": True, **(kwargs or {})}
-    try:
-        return render_chat_template(tokenizer, req.messages, req.add_generation_prompt, kwargs)
-    except ShardserveError:
-        raise
-    except Exception as err:  # as /v1/chat/completions: a template failure is still a 400
-        raise InvalidRequestError(f"The chat template could not render the messages: "
-                                  f"{type(err).__name__}: {err}", "messages") from err
