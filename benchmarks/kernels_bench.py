@@ -245,14 +245,8 @@ def decode_tile_table() -> None:
         out = torch.empty_like(p.query)
         gb = p.kv_bytes() / 1e9
         cells = []
-        # fp8: the TMA kernel (16-key page slices; the default on Hopper) against the pointer
-        # gathers of every tile above (tma=False).
-        tma_configs = ([(bn, w, st, True) for bn in (16, 32, 64) for w in (1, 2, 4)
-                        for st in (2, 3, 4)]
-                       if kv_dtype != DTYPE and torch.cuda.is_available() else [])
-        for bn, w, st, tma in ([(None, None, None, None)] + [c + (False,) for c in configs]
-                               + tma_configs):
-            kw = dict(block_n=bn, num_warps=w, num_stages=st, tma=tma,
+        for bn, w, st in [(None, None, None)] + configs:
+            kw = dict(block_n=bn, num_warps=w, num_stages=st,
                       min_partition=max(MIN_PARTITION, bn or 0))
             out.fill_(float("nan"))
             decode_attention(p.query, p.k_cache, p.v_cache, p.qsl, p.seq_lens, p.block_tables,
@@ -261,20 +255,13 @@ def decode_tile_table() -> None:
             t = bench(lambda: decode_attention(p.query, p.k_cache, p.v_cache, p.qsl, p.seq_lens,
                                                p.block_tables, p.max_seq_len, p.scale, out,
                                                **kw))
-            label = ("default" if bn is None else
-                     f"{'tma/' if tma else ''}bn{bn}/w{w}/s{st}")
+            label = "default" if bn is None else f"bn{bn}/w{w}/s{st}"
             cells.append((t, f"{label}:{t:.0f}us({gb / (t * 1e-6) / 1e3:.2f})"
                           f"{'' if status.startswith('ok') else ' ' + status}"))
         default = cells[0][1]
         best = sorted(cells[1:])[:4]
         print(f"  {str(kv_dtype).replace('torch.', ''):>14} {gb:.2f} GB | {default} | best: "
               + "  ".join(c for _, c in best))
-        for tma in (False, True):
-            mine = sorted(c for c, (_, _, _, t) in zip(cells[1:], [c + (False,) for c in configs]
-                                                        + tma_configs) if t == tma)
-            if mine and tma_configs:
-                print(f"    best {'TMA' if tma else 'pointer-gather'}: "
-                      + "  ".join(c for _, c in mine[:6]))
 
 
 def prefill_table(quick: bool) -> None:

@@ -205,18 +205,14 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                      block_tables: torch.Tensor, max_seq_len: int, scale: float,
                      out: torch.Tensor | None = None, *, num_splits: int | None = None,
                      min_partition: int = MIN_PARTITION, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None,
-                     tma: bool | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int | None = None
+                     ) -> torch.Tensor:
     """Attention of one query token per request (query [num_tokens, num_heads, head_size],
     request i's token at query_start_loc[i]) over the paged cache. Requests with no token, or
     with several (a prefill chunk in a mixed step: prefill_attention(skip_decodes=True) takes
     those), are skipped and their rows of out left as they are. max_seq_len bounds seq_lens
     (a host value; it only caps the split count).
-    num_splits overrides the heuristic (benchmarks and tests; at most MAX_SPLITS).
-    tma: the fp8 cache's TMA kernel (decode_attention_tma) on or off; None picks it wherever it
-    applies on a GPU with TMA."""
-    # Imported here: the TMA kernel shares query_as_fp16 from this module.
-    from shardserve.kernels import decode_attention_tma as tma_kernel
+    num_splits overrides the heuristic (benchmarks and tests; at most MAX_SPLITS)."""
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = k_cache.shape[2]
     num_reqs = seq_lens.shape[0]
@@ -227,16 +223,10 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_tokens == 0 or num_reqs == 0:
         return out
-    if tma is None:
-        tma = tma_kernel.use_tma_decode(query, k_cache)
-    elif tma and not tma_kernel.tma_decode_supported(query, k_cache):
-        raise ValueError("the TMA decode kernel needs half-precision queries over a contiguous "
-                         "fp8 cache, a block size that is a multiple of "
-                         f"{tma_kernel.TMA_SLICE} and a head size of 64, 128 or 256")
-    cfg = (tma_kernel.default_tma_config() if tma else
-           default_decode_config(head_size, query.dtype, k_cache.element_size()))
+    group = num_heads // num_kv_heads
+    cfg = default_decode_config(head_size, query.dtype, k_cache.element_size())
     block_n = block_n or cfg["block_n"]
-    assert min_partition % block_n == 0 and (not tma or block_n in tma_kernel.TMA_TILES)
+    assert min_partition % block_n == 0
     if num_splits is None:
         num_splits = choose_num_splits(num_reqs, num_kv_heads, max_seq_len, query.device,
                                        min_partition)
@@ -250,16 +240,17 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                                device=query.device)
     else:
         part_out = part_lse = out  # unused
-    if tma:
-        tma_kernel.launch_decode_tma(
-            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * LOG2E, out,
-            part_out, part_lse, num_splits, min_partition, block_n=block_n,
-            num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
-    else:
-        _launch_decode(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                       scale * LOG2E, out, part_out, part_lse, num_splits, min_partition,
-                       block_n=block_n, num_warps=num_warps or cfg["num_warps"],
-                       num_stages=num_stages or cfg["num_stages"])
+    precision = "tf32x3" if query.dtype == torch.float32 else "tf32"
+    _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
+        out, part_out, part_lse, query, k_cache, v_cache, block_tables, seq_lens,
+        query_start_loc, scale * LOG2E, head_size, num_heads, num_splits, min_partition,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1], SPLIT=split, DOT_PRECISION=precision,
+        FP8_AS_FP16=fp8_as_fp16(query, k_cache),
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+    )
     if split:
         _decode_reduce_kernel[(num_reqs, num_heads)](
             out, part_out, part_lse, seq_lens, query_start_loc, head_size, num_heads,
@@ -268,23 +259,3 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             num_warps=4,
         )
     return out
-
-
-def _launch_decode(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                   scale_log2e, out, part_out, part_lse, num_splits, min_partition, *,
-                   block_n: int, num_warps: int, num_stages: int) -> None:
-    num_reqs = seq_lens.shape[0]
-    num_heads, head_size = query.shape[1], query.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    precision = "tf32x3" if query.dtype == torch.float32 else "tf32"
-    _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
-        out, part_out, part_lse, query, k_cache, v_cache, block_tables, seq_lens,
-        query_start_loc, scale_log2e, head_size, num_heads, num_splits, min_partition,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_size), BLOCK_SIZE=k_cache.shape[1],
-        SPLIT=num_splits > 1, DOT_PRECISION=precision, FP8_AS_FP16=fp8_as_fp16(query, k_cache),
-        num_warps=num_warps, num_stages=num_stages,
-    )

@@ -158,40 +158,6 @@ def test_fp8_cache_half_precision_queries(dtype):
     assert_close_to_reference(out, reference(batch), dtype)
 
 
-# GQA 4 / MHA / MQA, head 64 and 128, block 16 and 32 (the TMA tile is 16 keys of one page).
-TMA_SHAPES = [(8, 2, 64, 16), (4, 4, 128, 32), (8, 1, 64, 16)]
-
-
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_size,block_size", TMA_SHAPES)
-def test_fp8_cache_tma_decode(num_heads, num_kv_heads, head_size, block_size):
-    """The fp8 cache's TMA decode kernel (decode_attention_tma; the default on Hopper): the
-    reference's result with and without key splits. make_batch fills every slot no request
-    holds with fp8 NaN, so the slots past each request's end in its last page, which a TMA tile
-    reads whole, must be masked out of the scores and out of V. (Only the GPU run checks the V
-    mask: Triton's interpreter widens fp8 NaN to 480, which the zero weights then cancel.)"""
-    dtype = torch.bfloat16 if head_size == 64 else torch.float16
-    batch = make_batch(DECODE, num_heads, num_kv_heads, head_size, block_size, dtype,
-                       seed=num_heads + head_size + block_size, kv_dtype=torch.float8_e4m3fn)
-    ref = reference(batch)
-    for block_n in (16, 32, 64):  # 1, 2 or 4 page slices a step
-        for num_splits in (1, 3):
-            out = _run_decode(batch, num_splits=num_splits, block_n=block_n,
-                              min_partition=block_n, tma=True)
-            assert_close_to_reference(out, ref, dtype)
-
-
-def test_fp8_cache_tma_decode_refuses_what_it_cannot_read():
-    """tma=True where a tile would cross pages (block size 8) or the cache is not fp8: a clear
-    error, not a wrong answer."""
-    batch = make_batch(DECODE[:2], 4, 2, 64, 8, torch.bfloat16, seed=1,
-                       kv_dtype=torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match="block size that is a multiple of 16"):
-        _run_decode(batch, tma=True)
-    batch = make_batch(DECODE[:2], 4, 2, 64, 16, torch.bfloat16, seed=1)
-    with pytest.raises(ValueError, match="fp8 cache"):
-        _run_decode(batch, tma=True)
-
-
 @pytest.mark.skipif(INTERPRET, reason=FP8_STORE_NEEDS_GPU)
 def test_fp8_cache_backend_store_then_attend():
     """The backend on an fp8 cache: this step's float32 K/V go in through store_kv (rounded as
@@ -311,15 +277,13 @@ def test_gpu_backend_does_not_sync(specs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["bf16", "fp8"])
-def test_gpu_decode_cuda_graph_replay(kv_dtype):
+def test_gpu_decode_cuda_graph_replay():
     """Capture the decode path once with max_seq_len = an upper bound (the split count and
     partition size are then fixed) and replay it on new lengths, tables and queries copied into
-    the captured buffers, padding rows included. fp8: the TMA kernel, whose descriptors are
-    captured as kernel parameters."""
+    the captured buffers, padding rows included."""
     max_len, num_reqs, block_size = 4096, 8, 16
     specs = [(max_len - 1, 1)] * num_reqs
-    batch = make_batch(specs, 32, 8, 128, block_size, torch.bfloat16, seed=1, kv_dtype=kv_dtype)
+    batch = make_batch(specs, 32, 8, 128, block_size, torch.bfloat16, seed=1)
     md = batch.metadata
     static_q = batch.query = batch.query.clone()
     md.max_seq_len = max_len
@@ -356,15 +320,8 @@ def test_gpu_decode_cuda_graph_replay(kv_dtype):
 @pytest.mark.parametrize("kv_dtype", FP8_DTYPES, ids=FP8_IDS)
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_size", [(32, 8, 128), (16, 2, 64)])
 def test_gpu_fp8_cache_large(kv_dtype, num_heads, num_kv_heads, head_size):
-    """bf16 queries over an fp8 cache (--kv-cache-dtype fp8), the engine's configuration; decode
-    through the TMA kernel (the default here) and the pointer-gather one."""
-    batch = make_batch(_large_mixed(3), num_heads, num_kv_heads, head_size, 16, torch.bfloat16,
-                       seed=head_size, kv_dtype=kv_dtype)
-    assert_close_to_reference(_run_prefill(batch), reference(batch), torch.bfloat16)
-    batch = make_batch(_large_decode(4), num_heads, num_kv_heads, head_size, 16, torch.bfloat16,
-                       seed=head_size, kv_dtype=kv_dtype)
-    ref = reference(batch)
-    for tma in (None, True, False):
-        for num_splits in (None, 1, 64):
-            out = _run_decode(batch, tma=tma, num_splits=num_splits)
-            assert_close_to_reference(out, ref, torch.bfloat16)
+    """bf16 queries over an fp8 cache (--kv-cache-dtype fp8), the engine's configuration."""
+    for specs, run in ((_large_mixed(3), _run_prefill), (_large_decode(4), _run_decode)):
+        batch = make_batch(specs, num_heads, num_kv_heads, head_size, 16, torch.bfloat16,
+                           seed=head_size, kv_dtype=kv_dtype)
+        assert_close_to_reference(run(batch), reference(batch), torch.bfloat16)
