@@ -93,7 +93,8 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         params_list = _broadcast_params(sampling_params, len(prompts))
         # Check every prompt before queueing any: a bad one must not leave others behind.
-        processed = [self.engine.input_processor.process_prompt(p) for p in prompts]
+        processed = [self.engine.input_processor.process_prompt(p, sp.truncate_prompt_tokens)
+                     for p, sp in zip(prompts, params_list)]
         return self._run(processed, params_list, use_tqdm)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field, replace
 
 from shardserve.errors import InvalidRequestError
 
-_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
-_OPTIONAL_INT_FIELDS = frozenset({"seed", "max_tokens", "logprobs", "prompt_logprobs"})
+_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+               "truncate_prompt_tokens")
+_OPTIONAL_INT_FIELDS = frozenset({"seed", "max_tokens", "logprobs", "prompt_logprobs",
+                                  "truncate_prompt_tokens"})
 
 # Below this temperature sampling is treated as greedy: dividing logits by ~0 overflows.
 _GREEDY_EPS = 1e-5
@@ -49,6 +51,9 @@ class SamplingParams:
     bad_words: list[str] | None = None
     # Slow tokenizers' decode option (vLLM's); fast ones always join special tokens as they are.
     spaces_between_special_tokens: bool = True
+    # Keep only the prompt's last k tokens (vLLM's; left truncation, for text and token-id
+    # prompts alike); -1: the last max_model_len. None: the whole prompt.
+    truncate_prompt_tokens: int | None = None
     # bad_words as token ids: set by the engine, which has the tokenizer (vLLM's name).
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
@@ -146,6 +151,10 @@ class SamplingParams:
             bad("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}.")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             bad("prompt_logprobs", f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}.")
+        if self.truncate_prompt_tokens is not None and not (
+                self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1):
+            bad("truncate_prompt_tokens", f"truncate_prompt_tokens must be at least 1, or -1 "
+                                          f"(max_model_len), got {self.truncate_prompt_tokens}.")
         if any(not s for s in self.stop):
             bad("stop", "stop strings must be non-empty.")
         if self.stop and not self.detokenize:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shardserve import SamplingParams
-from shardserve.errors import InvalidRequestError
+from shardserve.errors import ContextLengthError, InvalidRequestError
 from tests.device import make_llm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
@@ -224,3 +224,36 @@ def test_allowed_token_ids_and_bad_words_refusals(llm, kwargs, param, match):
     # Nothing was left behind: the engine still answers, with every block free.
     assert _ids(llm, PROMPTS[:1], GREEDY)
     assert llm.engine.core.scheduler.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
+
+
+# ---- truncate_prompt_tokens (vLLM's): keep the prompt's last k tokens ------------------------
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
+    """Text and token-id prompts alike (and chat's rendered ones) are cut from the left; the
+    output is the one the kept tokens alone give, and the cut is per request."""
+    ids = list(range(300, 380))  # longer than max_model_len (64)
+    cut = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, truncate_prompt_tokens=5)
+    short = llm.generate([{"prompt_token_ids": ids}, {"prompt_token_ids": ids[-5:]}],
+                         [cut, GREEDY], use_tqdm=False)
+    assert short[0].prompt_token_ids == ids[-5:]
+    assert short[0].outputs[0].token_ids[:2] == short[1].outputs[0].token_ids
+    text = llm.generate("one two three four five six seven", cut, use_tqdm=False)[0]
+    tokenizer = llm.get_tokenizer()
+    assert text.prompt_token_ids == tokenizer("one two three four five six seven")["input_ids"][-5:]
+    assert text.prompt == "one two three four five six seven"  # as sent, like vLLM
+    chat = llm.chat(MESSAGES, cut, use_tqdm=False)[0]
+    assert len(chat.prompt_token_ids) == 5
+    # -1 is max_model_len: a prompt that long still leaves no room to generate.
+    with pytest.raises(ContextLengthError):
+        llm.generate({"prompt_token_ids": ids},
+                     SamplingParams(max_tokens=1, truncate_prompt_tokens=-1), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="max_model_len") as err:
+        llm.generate({"prompt_token_ids": [1, 2]},
+                     SamplingParams(max_tokens=1, truncate_prompt_tokens=65), use_tqdm=False)
+    assert err.value.param == "truncate_prompt_tokens"
+    engine = llm.engine
+    request_id = engine.add_request({"prompt_token_ids": ids}, cut)  # LLMEngine's own path
+    while engine.has_unfinished_requests():
+        done = [o for o in engine.step() if o.finished]
+    assert done[0].request_id == request_id and done[0].prompt_token_ids == ids[-5:]
+    assert engine.core.scheduler.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks

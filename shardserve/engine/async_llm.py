@@ -168,11 +168,12 @@ class AsyncLLM:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+    def process_prompt(self, prompt: PromptType,
+                       truncate_prompt_tokens: int | None = None) -> ProcessedPrompt:
         """Validate and tokenize (raises InvalidRequestError); before admission, so callers can
         check the prompt against max_tokens themselves."""
         self.check_started()
-        return self.input_processor.process_prompt(prompt)
+        return self.input_processor.process_prompt(prompt, truncate_prompt_tokens)
 
     async def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -207,7 +208,8 @@ class AsyncLLM:
     def _add_request(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                      request_id: str | None) -> _RequestState:
         self.check_started()
-        processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
+        processed = (prompt if isinstance(prompt, ProcessedPrompt)
+                     else self.process_prompt(prompt, params.truncate_prompt_tokens))
         if self._queue_full():
             self.stat_logger.record_rejected("queue_full")
             raise OverloadedError(

@@ -36,7 +36,9 @@ class InputProcessor:
     def next_request_id(self) -> str:
         return str(next(self._ids))
 
-    def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+    def process_prompt(self, prompt: PromptType,
+                       truncate_prompt_tokens: int | None = None) -> ProcessedPrompt:
+        """truncate_prompt_tokens: SamplingParams' (keep the last k tokens; -1: max_model_len)."""
         if isinstance(prompt, dict):
             _check_prompt_keys(prompt)
         if isinstance(prompt, str):
@@ -59,6 +61,8 @@ class InputProcessor:
             raise InvalidRequestError(
                 "A prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}; "
                 f"got {type(prompt).__name__}.", "prompt")
+        if truncate_prompt_tokens is not None:
+            ids = self._truncate(ids, truncate_prompt_tokens)
         if not ids:
             raise InvalidRequestError("The prompt is empty; send at least one token.", "prompt")
         if len(ids) >= self.max_model_len:
@@ -67,6 +71,18 @@ class InputProcessor:
                 "which leaves no room to generate; shorten the prompt or raise --max-model-len.",
                 "prompt")
         return ProcessedPrompt(text, ids)
+
+    def _truncate(self, ids: list[int], keep: int) -> list[int]:
+        """The last `keep` ids, as vLLM truncates (from the left: a prompt's end is what the
+        model continues). More than max_model_len could never fit, so it is refused as vLLM
+        does; the text of a truncated prompt stays as sent (RequestOutput.prompt)."""
+        keep = self.max_model_len if keep == -1 else keep
+        if keep > self.max_model_len:
+            raise InvalidRequestError(
+                f"truncate_prompt_tokens ({keep}) is greater than max_model_len "
+                f"({self.max_model_len}); select a smaller truncation size.",
+                "truncate_prompt_tokens")
+        return ids[-keep:]
 
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       arrival_time: float | None = None) -> list[Request]:

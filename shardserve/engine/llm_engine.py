@@ -40,7 +40,7 @@ class LLMEngine:
                     request_id: str | None = None) -> str:
         """Validate, tokenize and queue one prompt; raises before anything is queued if the
         request is bad."""
-        processed = self.input_processor.process_prompt(prompt)
+        processed = self.input_processor.process_prompt(prompt, params.truncate_prompt_tokens)
         return self.add_processed(processed, params, request_id)
 
     def add_processed(self, processed, params: SamplingParams, request_id: str | None = None,

@@ -48,6 +48,9 @@ def assert_clean_and_serving(llm):
     ({"stop": ["x"], "detokenize": False}, "stop"),
     ({"seed": 2**63}, "seed"),
     ({"seed": 2**63 - 1, "n": 2}, "seed"),  # the second sample's seed would overflow
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": 2.0}, "truncate_prompt_tokens"),
 ])
 def test_bad_sampling_params(kwargs, param):
     with pytest.raises(InvalidRequestError) as err:
