@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -389,6 +390,14 @@ class EngineConfig:
         # were never trained.
         rope_scaling = get_rope_config(mc.hf_config)[1]
         if trained_len and mc.max_model_len > trained_len and rope_scaling is None:
+            if not _allow_long_max_model_len():
+                raise InvalidRequestError(
+                    f"max_model_len {mc.max_model_len} is beyond the model's "
+                    f"max_position_embeddings {trained_len}: positions past it were never "
+                    "trained. Lower --max-model-len (or leave it out), or set "
+                    f"{ALLOW_LONG_MAX_MODEL_LEN_ENV[0]}=1 (vLLM's "
+                    f"{ALLOW_LONG_MAX_MODEL_LEN_ENV[1]} works too) to run it anyway.",
+                    "max_model_len")
             logging.getLogger(__name__).warning(
                 "max_model_len %d is beyond the model's max_position_embeddings %d: positions "
                 "past it were never trained and outputs there may be wrong.",
@@ -464,6 +473,16 @@ class EngineConfig:
                 if f.init and f.name not in DERIVED_FIELDS:
                     out[f.name] = getattr(value, f.name)
         return out
+
+
+# vLLM refuses a max_model_len past the model's trained positions unless told otherwise.
+ALLOW_LONG_MAX_MODEL_LEN_ENV = ("SHARDSERVE_ALLOW_LONG_MAX_MODEL_LEN",
+                                "VLLM_ALLOW_LONG_MAX_MODEL_LEN")
+
+
+def _allow_long_max_model_len() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true")
+               for name in ALLOW_LONG_MAX_MODEL_LEN_ENV)
 
 
 def _resolve_dtype(dtype: str, hf_config: Any, device: str) -> str:

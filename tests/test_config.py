@@ -77,3 +77,26 @@ def test_negative_max_waiting_requests_is_refused(tiny_model_dirs):
     assert err.value.param == "max_waiting_requests"
     EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
                              max_waiting_requests=0).resolve()
+
+
+def test_max_model_len_past_trained_positions(tiny_model_dirs, monkeypatch):
+    """As vLLM: a max_model_len past max_position_embeddings (no RoPE scaling) is refused with
+    the way out, unless SHARDSERVE_/VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 says run it anyway."""
+    from transformers import AutoConfig
+    model = tiny_model_dirs["llama"]
+    trained = AutoConfig.from_pretrained(model).max_position_embeddings
+    for name in ("SHARDSERVE_ALLOW_LONG_MAX_MODEL_LEN", "VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
+        monkeypatch.delenv(name, raising=False)
+    config = EngineConfig.from_kwargs(model=model, device="cpu", max_model_len=trained + 1)
+    with pytest.raises(InvalidRequestError, match=f"beyond the model's max_position_embeddings "
+                                                  f"{trained}.*ALLOW_LONG_MAX_MODEL_LEN=1") as err:
+        config.resolve()
+    assert err.value.param == "max_model_len"
+    assert EngineConfig.from_kwargs(model=model, device="cpu", max_model_len=trained
+                                    ).resolve().model_config.max_model_len == trained
+    for name in ("SHARDSERVE_ALLOW_LONG_MAX_MODEL_LEN", "VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
+        monkeypatch.setenv(name, "1")
+        mc = EngineConfig.from_kwargs(model=model, device="cpu", max_model_len=trained + 1
+                                      ).resolve().model_config
+        assert mc.max_model_len == trained + 1
+        monkeypatch.delenv(name)

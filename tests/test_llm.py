@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from shardserve import SamplingParams
 from shardserve.errors import ContextLengthError, InvalidRequestError
@@ -70,12 +71,16 @@ def test_lora_request_is_refused(llm):
         llm.chat(MESSAGES, GREEDY, use_tqdm=False, lora_request=object())
 
 
-def test_numpy_prompt_token_ids(llm):
-    ids = np.array([1, 2, 3])
+@pytest.mark.parametrize("ids", [np.array([1, 2, 3]), torch.tensor([1, 2, 3])],
+                         ids=["numpy", "torch"])
+def test_array_prompt_token_ids(llm, ids):
     out = llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0]
     assert out.prompt_token_ids == [1, 2, 3] and all(type(t) is int for t in out.prompt_token_ids)
     plain = llm.generate({"prompt_token_ids": [1, 2, 3]}, GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == plain.outputs[0].token_ids
+    with pytest.raises(InvalidRequestError, match="must be integers"):
+        llm.generate({"prompt_token_ids": ids.float() if isinstance(ids, torch.Tensor)
+                      else ids.astype(float)}, GREEDY, use_tqdm=False)
 
 
 def test_vllm_names(llm):

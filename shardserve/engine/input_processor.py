@@ -45,7 +45,10 @@ class InputProcessor:
             ids = encode_prompt(self.tokenizer, prompt)
             text: str | None = prompt
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids = list(prompt["prompt_token_ids"])
+            ids = prompt["prompt_token_ids"]
+            # A 1-D tensor or array of ids (a tokenizer's return_tensors output) as a list.
+            ids = ids.tolist() if hasattr(ids, "tolist") and getattr(ids, "ndim", 1) == 1 \
+                else list(ids)
             text = prompt.get("prompt")
             bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)
                    or not 0 <= t < self.vocab_size]
