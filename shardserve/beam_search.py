@@ -1,4 +1,5 @@
-"""Beam search over the public engine API, as vLLM's LLM.beam_search does it.
+"""Beam search over the public engine API, as vLLM's LLM.beam_search does it (and its server's
+use_beam_search, through beam_search_async on the AsyncLLM).
 
 Each step asks the engine for one token of every live beam, with logprobs=2 * beam_width:
 
@@ -20,18 +21,22 @@ list, not only the tokenizer's one) finishes a beam, as it finishes generate().
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from shardserve.engine.input_processor import ProcessedPrompt
 from shardserve.errors import InvalidRequestError
-from shardserve.outputs import SampleLogprobs
+from shardserve.outputs import RequestOutput, SampleLogprobs
 from shardserve.sampling_params import BeamSearchParams, SamplingParams
 
 if TYPE_CHECKING:
+    from shardserve.engine.async_llm import AsyncLLM
     from shardserve.llm import LLM
+
+T = TypeVar("T")
 
 MAX_BEAM_WIDTH = 10  # 2 * beam_width logprobs a step, and logprobs go up to 20
 
@@ -72,8 +77,7 @@ class _Instance:
         self.completed: list[BeamSearchSequence] = []
 
 
-def beam_search(llm: "LLM", prompts: Sequence, params: BeamSearchParams, use_tqdm: bool = False,
-                concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+def check_beam_width(params: BeamSearchParams) -> None:
     if not isinstance(params, BeamSearchParams):
         raise InvalidRequestError(f"params must be a BeamSearchParams, got "
                                   f"{type(params).__name__}.", "params")
@@ -81,6 +85,67 @@ def beam_search(llm: "LLM", prompts: Sequence, params: BeamSearchParams, use_tqd
         raise InvalidRequestError(f"beam_width must be at most {MAX_BEAM_WIDTH} (each step asks "
                                   f"for 2 * beam_width logprobs, at most 20); got "
                                   f"{params.beam_width}.", "beam_width")
+
+
+class _Search:
+    """One search's rules, whatever runs its steps: LLM.beam_search (blocking, a batch of
+    prompts' beams a step) or the server's beam_search_async (each beam a concurrent request)."""
+
+    def __init__(self, params: BeamSearchParams, eos_ids: Collection[int],
+                 max_model_len: int) -> None:
+        check_beam_width(params)
+        self.params, self.eos_ids, self.max_model_len = params, eos_ids, max_model_len
+        # Only the logprobs are used: no text to decode per step.
+        self.step_params = SamplingParams(logprobs=2 * params.beam_width, max_tokens=1,
+                                          temperature=params.temperature, detokenize=False)
+
+    def key(self, beam: BeamSearchSequence) -> float:
+        return get_beam_search_score(beam.tokens, beam.cum_logprob, self.eos_ids,
+                                     self.params.length_penalty)
+
+    def live(self, instances: list[_Instance]) -> list[BeamSearchSequence]:
+        """The beams to extend this step, in instance order."""
+        for inst in instances:
+            # A beam at the context limit cannot grow: it is finished, as generate() would end it.
+            full = [b for b in inst.beams if len(b.tokens) >= self.max_model_len]
+            for beam in full:
+                beam.finish_reason = "length"
+            inst.completed.extend(full)
+            inst.beams = [b for b in inst.beams if len(b.tokens) < self.max_model_len]
+        return [b for inst in instances for b in inst.beams]
+
+    def extend(self, instances: list[_Instance], live: list[BeamSearchSequence],
+               results: Sequence[RequestOutput]) -> None:
+        """Each live beam's one-token result -> the instances' next beams and finished ones."""
+        bounds = [0, *itertools.accumulate(len(inst.beams) for inst in instances)]
+        for inst, lo, hi in zip(instances, bounds, bounds[1:]):
+            candidates = []
+            for beam, result in zip(live[lo:hi], results[lo:hi]):
+                logprobs = result.outputs[0].logprobs
+                if not logprobs:
+                    continue
+                step = logprobs[0]
+                for token_id, lp in step.items():
+                    new = BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [step],
+                                             beam.cum_logprob + lp.logprob)
+                    if token_id in self.eos_ids and not self.params.ignore_eos:
+                        new.finish_reason, new.stop_reason = "stop", token_id
+                        inst.completed.append(new)
+                    else:
+                        candidates.append(new)
+            inst.beams = sorted(candidates, key=self.key, reverse=True)[:self.params.beam_width]
+
+    def best(self, inst: _Instance) -> list[BeamSearchSequence]:
+        """The finished and live beams ranked together, the beam_width best, best first."""
+        for beam in inst.beams:
+            beam.finish_reason = "length"
+        return sorted(inst.completed + inst.beams, key=self.key,
+                      reverse=True)[:self.params.beam_width]
+
+
+def beam_search(llm: "LLM", prompts: Sequence, params: BeamSearchParams, use_tqdm: bool = False,
+                concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+    check_beam_width(params)
     if concurrency_limit is not None and (isinstance(concurrency_limit, bool) or not isinstance(
             concurrency_limit, int) or concurrency_limit < 1):
         raise InvalidRequestError(f"concurrency_limit must be a positive integer or None, got "
@@ -90,16 +155,8 @@ def beam_search(llm: "LLM", prompts: Sequence, params: BeamSearchParams, use_tqd
         prompts = [prompts]
     processed = [engine.input_processor.process_prompt(p) for p in prompts]
     instances = [_Instance(p.prompt_token_ids) for p in processed]
-    eos_ids = engine.input_processor.eos_token_ids
-    max_model_len = engine.input_processor.max_model_len
-    width, ignore_eos = params.beam_width, params.ignore_eos
-    # Only the logprobs are used: no text to decode per step.
-    step_params = SamplingParams(logprobs=2 * width, max_tokens=1,
-                                 temperature=params.temperature, detokenize=False)
-
-    def key(beam: BeamSearchSequence) -> float:
-        return get_beam_search_score(beam.tokens, beam.cum_logprob, eos_ids,
-                                     params.length_penalty)
+    search = _Search(params, engine.input_processor.eos_token_ids,
+                     engine.input_processor.max_model_len)
 
     limit = concurrency_limit or max(len(instances), 1)
     bar = _progress_bar(params.max_tokens) if use_tqdm else None
@@ -107,9 +164,12 @@ def beam_search(llm: "LLM", prompts: Sequence, params: BeamSearchParams, use_tqd
         for start in range(0, len(instances), limit):
             batch = instances[start:start + limit]
             for _ in range(params.max_tokens):
-                if not _step(llm, batch, step_params, width, ignore_eos, eos_ids, max_model_len,
-                             key):
+                live = search.live(batch)
+                if not live:
                     break
+                results = llm._run([ProcessedPrompt(None, b.tokens) for b in live],
+                                   [search.step_params] * len(live), use_tqdm=False)
+                search.extend(batch, live, results)
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -119,48 +179,56 @@ def beam_search(llm: "LLM", prompts: Sequence, params: BeamSearchParams, use_tqd
     tokenizer = engine.tokenizer
     outputs = []
     for inst in instances:
-        for beam in inst.beams:
-            beam.finish_reason = "length"
-        best = sorted(inst.completed + inst.beams, key=key, reverse=True)[:width]
+        best = search.best(inst)
         for beam in best:
             beam.text = tokenizer.decode(beam.tokens)
         outputs.append(BeamSearchOutput(sequences=best))
     return outputs
 
 
-def _step(llm: "LLM", instances: list[_Instance], step_params: SamplingParams, width: int,
-          ignore_eos: bool, eos_ids: Collection[int], max_model_len: int, key) -> bool:
-    """Extend every live beam by one token; False when none is left to extend."""
-    for inst in instances:
-        # A beam at the context limit cannot grow: it is finished, as generate() would end it.
-        full = [b for b in inst.beams if len(b.tokens) >= max_model_len]
-        for beam in full:
-            beam.finish_reason = "length"
-        inst.completed.extend(full)
-        inst.beams = [b for b in inst.beams if len(b.tokens) < max_model_len]
-    live = [b for inst in instances for b in inst.beams]
-    if not live:
-        return False
-    results = llm._run([ProcessedPrompt(None, b.tokens) for b in live],
-                       [step_params] * len(live), use_tqdm=False)
-    bounds = [0, *itertools.accumulate(len(inst.beams) for inst in instances)]
-    for inst, lo, hi in zip(instances, bounds, bounds[1:]):
-        candidates = []
-        for beam, result in zip(live[lo:hi], results[lo:hi]):
-            logprobs = result.outputs[0].logprobs
-            if not logprobs:
-                continue
-            step = logprobs[0]
-            for token_id, lp in step.items():
-                new = BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [step],
-                                         beam.cum_logprob + lp.logprob)
-                if token_id in eos_ids and not ignore_eos:
-                    new.finish_reason, new.stop_reason = "stop", token_id
-                    inst.completed.append(new)
-                else:
-                    candidates.append(new)
-        inst.beams = sorted(candidates, key=key, reverse=True)[:width]
-    return True
+async def beam_search_async(engine: "AsyncLLM", prompts: Sequence[ProcessedPrompt],
+                            params: BeamSearchParams,
+                            request_id: str) -> list[list[BeamSearchSequence]]:
+    """Each prompt's best sequences, searched on the server's engine (vLLM's use_beam_search):
+    a step's beams run as concurrent one-token requests, so they batch with each other, with
+    the other prompts' and with other clients' requests. The sequences come without text.
+    Cancelling it, or an error in one request, aborts every request in flight."""
+    search = _Search(params, engine.input_processor.eos_token_ids,
+                     engine.input_processor.max_model_len)
+
+    async def one(prompt: ProcessedPrompt, prompt_id: str) -> list[BeamSearchSequence]:
+        inst = _Instance(prompt.prompt_token_ids)
+        for step in range(params.max_tokens):
+            live = search.live([inst])
+            if not live:
+                break
+            results = await _gather(_final(engine.generate(
+                ProcessedPrompt(None, b.tokens), search.step_params, f"{prompt_id}-{step}-{j}"))
+                for j, b in enumerate(live))
+            search.extend([inst], live, results)
+        return search.best(inst)
+
+    return await _gather(one(p, f"{request_id}-{i}") for i, p in enumerate(prompts))
+
+
+async def _gather(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """asyncio.gather, except that a failure or a cancellation cancels all the others (each
+    cancelled generate() aborts its request) before it propagates."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _final(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    final = None
+    async for final in outputs:
+        pass
+    assert final is not None and final.finished
+    return final
 
 
 def _progress_bar(total: int):

@@ -12,6 +12,7 @@ class ShardserveError(Exception):
 
     http_status = 500
     error_type = "internal_error"
+    error_code: str | None = None  # the error JSON's code where OpenAI has one for the case
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -28,6 +29,8 @@ class InvalidRequestError(ShardserveError, ValueError):
 
 class ContextLengthError(InvalidRequestError):
     """The prompt (plus max_tokens) does not fit max_model_len."""
+
+    error_code = "context_length_exceeded"  # OpenAI's, which clients check to trim and retry
 
 
 class ModelLoadError(ShardserveError):

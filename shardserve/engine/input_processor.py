@@ -69,10 +69,13 @@ class InputProcessor:
         if not ids:
             raise InvalidRequestError("The prompt is empty; send at least one token.", "prompt")
         if len(ids) >= self.max_model_len:
+            # OpenAI's and vLLM's opening words, which client libraries match to tell a
+            # context overflow from other 400s.
             raise ContextLengthError(
-                f"The prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}, "
-                "which leaves no room to generate; shorten the prompt or raise --max-model-len.",
-                "prompt")
+                f"This model's maximum context length is {self.max_model_len} tokens "
+                f"(max_model_len). However, your request has {len(ids)} input tokens, which "
+                "leaves no room to generate; shorten the prompt or raise max_model_len "
+                "(--max-model-len).", "prompt")
         return ProcessedPrompt(text, ids)
 
     def _truncate(self, ids: list[int], keep: int) -> list[int]:

@@ -1,7 +1,8 @@
 """OpenAI-style errors: every failure is {"error": {"message", "type", "param", "code"}} with
 the matching HTTP status, and a message that names the field to fix.
 
-    400 invalid_request_error   bad field, bad JSON, prompt + max_tokens over the context
+    400 invalid_request_error   bad field, bad JSON
+    400 context_length_exceeded prompt (+ max_tokens) over the context (OpenAI's code)
     401 invalid_api_key         missing or wrong Bearer token
     404 model_not_found         unknown model; unknown route (not_found)
     413 request_too_large       body over --max-request-body-bytes
@@ -64,7 +65,7 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(503, exc.message, exc.error_type, None, "engine_dead")
     if isinstance(exc, ShardserveError):
         return APIError(exc.http_status, exc.message, exc.error_type, exc.param,
-                        exc.error_type if exc.http_status >= 500 else None)
+                        exc.error_code or (exc.error_type if exc.http_status >= 500 else None))
     logger.error("Internal error", exc_info=exc)
     return APIError(500, f"Internal server error ({type(exc).__name__}); see the server log.",
                     "internal_error", None, "internal_error")

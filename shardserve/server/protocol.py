@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 def random_id(prefix: str) -> str:
@@ -55,7 +55,14 @@ class _SamplingFields(_Request):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
+    use_beam_search: bool = False  # vLLM: n is the beam width (not streamed)
+    length_penalty: float = 1.0  # beam search's: scores are cum_logprob / len ** length_penalty
     request_id: str | None = Field(default=None, description="vLLM: a caller-chosen request id")
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _null_n_is_one(cls, value: Any) -> Any:
+        return 1 if value is None else value  # OpenAI's schema: "integer or null", default 1
 
 
 class CompletionRequest(_SamplingFields):

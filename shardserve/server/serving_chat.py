@@ -18,6 +18,7 @@ from shardserve.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                         ChatStreamChoice, ChatTokenLogprob, DeltaMessage,
                                         TopLogprob, random_id)
+from shardserve.server.serving_beam_search import beam_search_params, run_beam_search
 from shardserve.server.serving_common import (SSE_DONE, ClientDisconnected, SSEResponse,
                                               build_sampling_params, check_fits, close_all,
                                               chunk_usage, prompt_logprobs_of, read_request, sse,
@@ -34,7 +35,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     engine = state.engine
     engine.check_started()  # before the template: while loading there is no tokenizer yet
     prompt_ids = apply_chat_template(engine.tokenizer, req.messages, req.add_generation_prompt,
-                                     req.chat_template_kwargs,
+                                     req.chat_template_kwargs, tools=req.tools,
                                      continue_final_message=req.continue_final_message)
     processed = engine.process_prompt({"prompt_token_ids": prompt_ids})
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -48,6 +49,13 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
 
     request_id = req.request_id or random_id("chatcmpl")
     model = state.model_name  # the first served name, whichever alias was asked for (vLLM)
+    if req.use_beam_search:
+        beam_params = beam_search_params(req, max_tokens, state.config.model_config.max_model_len)
+        finals = await run_beam_search(request, state, [processed], beam_params, request_id,
+                                       req.skip_special_tokens)
+        if finals is None:
+            return Response(status_code=499)  # nobody reads it; the requests are aborted
+        return JSONResponse(_response(request_id, model, finals[0], req).model_dump())
     state.admit()
     gen = engine.generate(processed, params, request_id)
     streaming = False
@@ -72,8 +80,12 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
-    if req.tools:
-        raise InvalidRequestError("Tool calling is not supported by this server.", "tools")
+    # vLLM's rule: with tool_choice "none" the tools go to the chat template (the model sees
+    # them) and the answer is text; any other choice asks for a tool call we cannot parse.
+    if req.tools and req.tool_choice != "none":
+        raise InvalidRequestError("Tool calling is not supported by this server: tools are "
+                                  "accepted only with tool_choice \"none\" (a text answer).",
+                                  "tools")
     if req.functions:
         raise InvalidRequestError("Function calling is not supported by this server.", "functions")
     # "none" and "auto" without tools mean plain text, which is what we give; "required" or a

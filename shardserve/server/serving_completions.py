@@ -20,6 +20,7 @@ from shardserve.errors import InvalidRequestError
 from shardserve.outputs import RequestOutput, SampleLogprobs
 from shardserve.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                         CompletionResponse, random_id)
+from shardserve.server.serving_beam_search import beam_search_params, run_beam_search
 from shardserve.server.serving_common import (SSE_DONE, ClientDisconnected, SSEResponse,
                                               build_sampling_params, check_fits, chunk_usage,
                                               close_all, merge_async_iterators,
@@ -55,6 +56,13 @@ async def create_completion(request: Request, state: ServerState) -> Response:
 
     request_id = req.request_id or random_id("cmpl")
     model = state.model_name  # the first served name, whichever alias was asked for (vLLM)
+    if req.use_beam_search:
+        beam_params = beam_search_params(req, max_tokens, max_model_len)
+        finals = await run_beam_search(request, state, processed, beam_params, request_id,
+                                       req.skip_special_tokens)
+        if finals is None:
+            return Response(status_code=499)  # nobody reads it; the requests are aborted
+        return JSONResponse(_response(request_id, model, finals, req, echo).model_dump())
     state.admit()
     merged = None
     gens: list = []

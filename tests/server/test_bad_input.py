@@ -128,6 +128,22 @@ def test_bad_field(http, endpoint, body, status, param, words):
     assert "input_value" not in error["message"] and "pydantic" not in error["message"].lower()
 
 
+@pytest.mark.parametrize("endpoint,body,param", [
+    ("completions", {"prompt": "hi " * 600}, "prompt"),
+    ("completions", {"prompt": ["hi", "hi " * 600], "stream": True}, "prompt"),
+    ("completions", {"prompt": "hi", "max_tokens": 600}, "max_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi " * 600}]}, "prompt"),
+    ("chat/completions", {"messages": CHAT, "max_tokens": 600}, "max_tokens"),
+])
+def test_context_overflow_has_openai_code_and_words(http, endpoint, body, param):
+    """OpenAI's code and opening words, which client libraries (LangChain, LiteLLM) match to
+    tell a context overflow from other 400s and trim the conversation."""
+    error = assert_openai_error(http.post(f"/v1/{endpoint}", json=body), 400)
+    assert error["code"] == "context_length_exceeded", error
+    assert error["message"].startswith("This model's maximum context length is 512 tokens"), error
+    assert error["param"] == param
+
+
 @pytest.mark.parametrize("content,words", [
     (b'{"prompt": "hi",', "json"),
     (b"[1, 2, 3]", "object"),

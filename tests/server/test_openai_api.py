@@ -314,3 +314,41 @@ def test_prompt_logprobs_are_returned(client, model):
     entries = chat.model_extra["prompt_logprobs"]
     assert len(entries) == chat.usage.prompt_tokens and entries[0] is None
     assert all(len(e) == 1 for e in entries[1:])
+
+
+def test_tools_with_tool_choice_none_get_a_text_answer(client, model):
+    """vLLM's rule: tools with tool_choice "none" reach the chat template and the answer is
+    text (SmolLM2's template ignores tools, so the prompt and answer are the plain ones);
+    any other tool_choice with tools is a 400 (no tool-call parsing here)."""
+    tools = [{"type": "function", "function": {
+        "name": "get_capital", "parameters": {"type": "object", "properties": {}}}}]
+    plain = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12,
+                                           temperature=0)
+    r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12,
+                                       temperature=0, tools=tools, tool_choice="none")
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    assert "Paris" in r.choices[0].message.content and not r.choices[0].message.tool_calls
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens
+    for choice in (None, "auto"):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1,
+                                           tools=tools, **({"tool_choice": choice} if choice else {}))
+        assert err.value.body["param"] == "tools" and "tool_choice" in err.value.body["message"]
+
+
+# The fields OpenAI's schema marks "or null": null means the default, as leaving them out.
+NULLABLE = ["n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+            "logit_bias", "stream", "stream_options", "user", "logprobs"]
+
+
+@pytest.mark.parametrize("endpoint,body,extra", [
+    ("completions", {"prompt": "Hello", "max_tokens": 2}, ["echo", "best_of", "suffix"]),
+    ("chat/completions", {"messages": QUESTION, "max_completion_tokens": 2},
+     ["max_tokens", "top_logprobs", "tools", "tool_choice", "response_format"]),
+])
+def test_null_fields_mean_their_defaults(smollm2_server, endpoint, body, extra):
+    r = httpx.post(f"{smollm2_server.base_url}/v1/{endpoint}", timeout=60,
+                   headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={**body, **{name: None for name in NULLABLE + extra}})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["usage"]["completion_tokens"] == 2
