@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 
 def random_id(prefix: str) -> str:
@@ -55,6 +55,8 @@ class _SamplingFields(_Request):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
+    # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     use_beam_search: bool = False  # vLLM: n is the beam width (not streamed)
     length_penalty: float = 1.0  # beam search's: scores are cum_logprob / len ** length_penalty
     request_id: str | None = Field(default=None, description="vLLM: a caller-chosen request id")
@@ -187,6 +189,12 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: str | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset(self, handler: Any) -> dict[str, Any]:
+        # OpenAI's stream chunks leave out what a delta does not carry ("role" after the
+        # first chunk), rather than sending null; strict clients read a null role as a value.
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatStreamChoice(_Response):

@@ -37,7 +37,8 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     prompt_ids = apply_chat_template(engine.tokenizer, req.messages, req.add_generation_prompt,
                                      req.chat_template_kwargs, tools=req.tools,
                                      continue_final_message=req.continue_final_message)
-    processed = engine.process_prompt({"prompt_token_ids": prompt_ids})
+    processed = engine.process_prompt({"prompt_token_ids": prompt_ids},
+                                      req.truncate_prompt_tokens)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     if max_tokens is not None and max_tokens < 1:  # here, to name the field the client sent

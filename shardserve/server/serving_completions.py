@@ -44,7 +44,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     max_tokens = 1 if score_only else req.max_tokens
     engine = state.engine
     prompts = _prompts(req.prompt)
-    processed = [engine.process_prompt(p) for p in prompts]
+    processed = [engine.process_prompt(p, req.truncate_prompt_tokens) for p in prompts]
     max_model_len = state.config.model_config.max_model_len
     for p in processed:
         check_fits(len(p.prompt_token_ids), max_tokens, max_model_len, "max_tokens")

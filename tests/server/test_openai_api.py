@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -58,6 +60,21 @@ def test_chat_paris(client, model):
     assert choice.message.role == "assistant" and choice.finish_reason == "stop"
     assert r.usage.completion_tokens > 0
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_deltas_leave_out_what_they_do_not_carry(smollm2_server, model):
+    """As OpenAI's stream: the first delta has the role, later ones only content, the last
+    one {} beside finish_reason; no "role": null."""
+    body = {"model": model, "messages": QUESTION, "max_tokens": 4, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{smollm2_server.base_url}/v1/chat/completions", json=body,
+                      headers=smollm2_server.headers, timeout=60) as r:
+        chunks = [json.loads(line[len("data: "):]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[0]["role"] == "assistant"
+    assert all("role" not in d for d in deltas[1:]) and all(None not in d.values() for d in deltas)
+    assert deltas[-1] == {} or set(deltas[-1]) == {"content"}
 
 
 def test_chat_stream_joins_to_the_same_text(client, model):
@@ -352,3 +369,22 @@ def test_null_fields_mean_their_defaults(smollm2_server, endpoint, body, extra):
                    json={**body, **{name: None for name in NULLABLE + extra}})
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 1 and r.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_truncate_prompt_tokens(smollm2_server, model, endpoint):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens are what the model sees (usage
+    counts k); 0 or more than max_model_len is a 400 naming it."""
+    body = {"model": model, "max_tokens": 1, "temperature": 0}
+    body.update({"prompt": "one two three four five six seven eight nine ten"}
+                if endpoint == "completions" else {"messages": QUESTION})
+    url = f"{smollm2_server.base_url}/v1/{endpoint}"
+    post = lambda extra: httpx.post(url, json={**body, **extra},  # noqa: E731
+                                    headers=smollm2_server.headers, timeout=60)
+    whole = post({}).json()["usage"]["prompt_tokens"]
+    assert whole > 5
+    assert post({"truncate_prompt_tokens": 5}).json()["usage"]["prompt_tokens"] == 5
+    assert post({"truncate_prompt_tokens": -1}).json()["usage"]["prompt_tokens"] == whole
+    for bad in (0, 10 ** 6):
+        r = post({"truncate_prompt_tokens": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
