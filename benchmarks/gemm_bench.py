@@ -3,6 +3,7 @@ LM head): cuBLAS through F.linear, cuBLASLt, and a Triton split-K GEMM, per shap
 GPU's own limits measured in the same run (a large square GEMM's TFLOP/s, the copy bandwidth).
 
     python benchmarks/gemm_bench.py --preset llama-3-8b --rows 256,512
+    python benchmarks/gemm_bench.py --fp8 --rows 1,256,4096    # --quantization fp8's GEMMs
 
 Each call reads its weight from HBM (enough weight copies to overflow the L2, as in a real
 step) and runs inside a CUDA graph, so only GPU time counts. The question it answers: how far
@@ -110,6 +111,115 @@ def peak_tflops(dtype) -> float:
     return 2 * 8192 ** 3 / us / 1e6
 
 
+FP8_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages) tried beside kernels/fp8_gemm.py's choice
+    (16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3),
+    (128, 128, 8, 4), (128, 256, 8, 3)]
+
+
+def fp8_table(cfg: dict, rows: list[int], bandwidth: float, peak_bf16: float) -> None:
+    """--quantization fp8's linear layers (activation quantization + the Triton FP8 GEMM, as
+    layers/quantization.py runs them) against bf16 cuBLAS and against torch._scaled_mm with
+    per-row / per-column scales (cuBLASLt / CUTLASS FP8: a peer with coarser scales), and the
+    FP8 limit max(FLOPs / the measured FP8 peak, FP8 bytes / bandwidth)."""
+    from shardserve.kernels import fp8_gemm as FG
+
+    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    us = graph_time_us(lambda i: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16),
+                       10)
+    peak = 2 * 8192 ** 3 / us / 1e6
+    log(f"8192^3 fp8 _scaled_mm {peak:.0f} TFLOP/s (bf16 {peak_bf16:.0f})")
+    print("\n| M | layer | N x K | bf16 cuBLAS us | fp8 limit us | ours us (quant + GEMM) | "
+          "% fp8 limit | x bf16 | _scaled_mm rowwise us | _scaled_mm 1x128 groups us | "
+          "best tile |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for m in rows:
+        totals = {"bf16": 0.0, "limit": 0.0, "ours": 0.0, "best": 0.0, "peer": 0.0,
+                  "block": 0.0}
+        for name, n, k, calls in [s for s in decoder_shapes(cfg, 1) if s[0] != "lm_head"]:
+            copies = max(2, min(32, -(-SCRATCH_BYTES // (n * k * 2))))
+            w16 = torch.empty(copies, n, k, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
+            wq = torch.empty(copies, n, k, dtype=torch.float8_e4m3fn, device="cuda")
+            # Column-major scales per copy, as layers/quantization.py keeps them.
+            ws = torch.empty(copies, FG.num_groups(k), n, device="cuda").transpose(1, 2)
+            for i in range(copies):
+                wq[i], ws[i] = FG.quantize_rows_fp8(w16[i])
+            wcol = (w16.float().abs().amax(-1) / 448.0).clamp_min(1e-12)  # [copies, n]
+            wq_col = (w16.float() / wcol[..., None]).to(torch.float8_e4m3fn)
+            del w16
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            w_bf16 = torch.empty(copies, n, k, dtype=torch.bfloat16, device="cuda").normal_(0, .02)
+            t_bf16 = graph_time_us(lambda i: x @ w_bf16[i].t(), copies)
+            del w_bf16
+            limit = max(2 * m * n * k / (peak * 1e6), (n * k + m * k) / bandwidth * 1e6
+                        + m * n * 2 / bandwidth * 1e6)
+
+            def ours(i, config=None):
+                xq, xs = FG.quantize_rows_fp8(x)
+                return FG.fp8_gemm(xq, xs, wq[i], ws[i], torch.bfloat16, config=config)
+            ref = FG.fp8_gemm_ref(*FG.quantize_rows_fp8(x), wq[0], ws[0], torch.float32)
+            err = ((ours(0).float() - ref).norm() / ref.norm()).item()
+            t_ours = graph_time_us(ours, copies)
+            best, best_cfg = t_ours, "default"
+            for bm, bn, warps, stages in FP8_CONFIGS:
+                c = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+                if bm > 16 and bm >= 2 * max(m, 16):
+                    continue
+                try:
+                    t = graph_time_us(lambda i: ours(i, c), copies)
+                except Exception as exc:  # noqa: BLE001 - a tile that does not fit
+                    log(f"{name} {c}: {type(exc).__name__}: {str(exc)[:100]}")
+                    continue
+                if t < best:
+                    best, best_cfg = t, f"{bm}x{bn}/w{warps}/s{stages}"
+            xs_row = (x.float().abs().amax(-1, keepdim=True) / 448.0).clamp_min(1e-12)
+
+            def peer(i):
+                xq = (x.float() / xs_row).to(torch.float8_e4m3fn)
+                return torch._scaled_mm(xq, wq_col[i].t(), xs_row, wcol[i][None, :],
+                                        out_dtype=torch.bfloat16)
+            try:
+                t_peer = graph_time_us(peer, copies)
+            except Exception as exc:  # noqa: BLE001
+                log(f"_scaled_mm rowwise: {type(exc).__name__}: {str(exc)[:120]}")
+                t_peer = float("nan")
+            # cuBLASLt's block scaling with our layout (1 x 128 groups on both sides, scales
+            # column-major as its documentation asks). Layouts tried in turn, the first that
+            # runs and agrees with the reference is timed.
+            def block(i, b_scale):
+                xq, xs = FG.quantize_rows_fp8(x)
+                return torch._scaled_mm(xq, wq[i].t(), xs, b_scale(i), out_dtype=torch.bfloat16)
+            t_block, block_note = float("nan"), "error"
+            for label, b_scale in (("[N,G] col-major", lambda i: ws[i]),
+                                   ("[G,N] row-major", lambda i: ws[i].t())):
+                try:
+                    got = block(0, b_scale).float()
+                    berr = ((got - ref).norm() / ref.norm()).item()
+                    if berr > 1e-2:
+                        block_note = f"{label} wrong ({berr:.0e})"
+                        continue
+                    t_block = graph_time_us(lambda i: block(i, b_scale), copies)
+                    block_note = f"{t_block:.1f} ({label}, err {berr:.0e})"
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    log(f"_scaled_mm 1x128 {label}: {type(exc).__name__}: {str(exc)[:300]}")
+            for key, val in (("bf16", t_bf16), ("limit", limit), ("ours", t_ours),
+                             ("best", best), ("peer", t_peer), ("block", t_block)):
+                totals[key] += val * calls
+            print(f"| {m} | {name} | {n} x {k} | {t_bf16:.1f} | {limit:.1f} | {t_ours:.1f} "
+                  f"(err {err:.0e}) | {100 * limit / t_ours:.0f}% | {t_bf16 / t_ours:.2f} | "
+                  f"{t_peer:.1f} | {block_note} | {best_cfg} {best:.1f} |", flush=True)
+            del wq, ws, wq_col
+            torch.cuda.empty_cache()
+        print(f"| {m} | **whole step** | | {totals['bf16'] / 1e3:.2f} ms | "
+              f"{totals['limit'] / 1e3:.2f} ms | {totals['ours'] / 1e3:.2f} ms | "
+              f"{100 * totals['limit'] / totals['ours']:.0f}% | "
+              f"{totals['bf16'] / totals['ours']:.2f} | {totals['peer'] / 1e3:.2f} ms | "
+              f"{totals['block'] / 1e3:.2f} ms | best tiles {totals['best'] / 1e3:.2f} ms |",
+              flush=True)
+
+
 def main(argv=None) -> None:
     from shardserve.testing import PRESETS
 
@@ -117,6 +227,8 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="llama-3-8b", choices=sorted(PRESETS))
     p.add_argument("--rows", default="256,512")
     p.add_argument("--no-triton", action="store_true")
+    p.add_argument("--fp8", action="store_true",
+                   help="--quantization fp8's GEMMs instead (not the LM head, left in bf16)")
     args = p.parse_args(argv)
     dtype = torch.bfloat16
     bandwidth = copy_bandwidth()
@@ -124,6 +236,9 @@ def main(argv=None) -> None:
     log(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
         f"8192^3 bf16 GEMM {peak:.0f} TFLOP/s")
     cfg = dict(PRESETS[args.preset].config)
+    if args.fp8:
+        fp8_table(cfg, [int(r) for r in args.rows.split(",")], bandwidth, peak)
+        return
     print("| M | layer | N x K | limit us | cuBLAS us | % limit | cuBLASLt us | best Triton us | "
           "config |")
     print("|---|---|---|---|---|---|---|---|---|")

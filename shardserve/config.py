@@ -21,6 +21,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 DERIVED_FIELDS = frozenset({"source", "hf_config", "architecture", "num_blocks",
                              "usage_context", "generation_defaults"})
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+QUANTIZATION_METHODS = ("fp8",)  # --quantization (layers/quantization.py)
 _SOURCE_KIND = {"safetensors": "hf", "gguf": "gguf"}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
                   "bf16": "bfloat16"}
@@ -71,6 +72,10 @@ class ModelConfig:
     # Where unset sampling fields take their defaults from (vLLM's --generation-config): auto,
     # the model's generation_config.json; vllm, none (SamplingParams' own); or a folder.
     generation_config: str = "auto"
+    # vLLM's --quantization: fp8, FP8 weights and activations in the dense linear layers
+    # (layers/quantization.py); None: the checkpoint's own, i.e. fp8 for a block-FP8 checkpoint
+    # on a GPU with FP8 matrix units, else the model dtype (FP8 checkpoints dequantized).
+    quantization: str | None = None
 
     # Filled by resolve(); not user settings.
     source: Any = field(default=None, repr=False)  # loader.source.ModelSource
@@ -339,6 +344,7 @@ class EngineConfig:
             resolve_chat_template(mc.chat_template)
         mc.architecture = check_architecture(mc.hf_config)
         mc.dtype = _resolve_dtype(mc.dtype, mc.hf_config, dc.device)
+        mc.quantization = _resolve_quantization(mc.quantization, mc.hf_config, dc.device)
         trained_len = getattr(mc.hf_config, "max_position_embeddings", None)
         model_max = int(trained_len or 2048)
         if mc.max_model_len is None:
@@ -473,6 +479,22 @@ class EngineConfig:
                 if f.init and f.name not in DERIVED_FIELDS:
                     out[f.name] = getattr(value, f.name)
         return out
+
+
+def _resolve_quantization(quantization: str | None, hf_config: Any, device: str) -> str | None:
+    from shardserve.layers.quantization import fp8_supported
+    from shardserve.loader.fp8 import fp8_block_size
+    if quantization is not None and quantization not in QUANTIZATION_METHODS:
+        raise InvalidRequestError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} "
+                                  f"(or left out), got {quantization!r}.", "quantization")
+    if quantization is None and fp8_block_size(hf_config) is not None and device == "cuda" \
+            and fp8_supported():
+        return "fp8"  # as vLLM serves a block-FP8 checkpoint: in FP8
+    if quantization == "fp8" and device == "cuda" and not fp8_supported():
+        raise InvalidRequestError("quantization='fp8' needs FP8 matrix units (compute "
+                                  "capability 8.9 or later: Ada, Hopper, Blackwell); leave it "
+                                  "out on this GPU.", "quantization")
+    return quantization
 
 
 # vLLM refuses a max_model_len past the model's trained positions unless told otherwise.

@@ -9,7 +9,8 @@ import re
 import typing
 from typing import Any
 
-from shardserve.config import (DERIVED_FIELDS, KV_CACHE_DTYPES, LOAD_FORMATS, CacheConfig,
+from shardserve.config import (DERIVED_FIELDS, KV_CACHE_DTYPES, LOAD_FORMATS,
+                               QUANTIZATION_METHODS, CacheConfig,
                                DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
                                SchedulerConfig)
 from shardserve.planner.auto import parse_parallel_size
@@ -20,6 +21,7 @@ _ALIASES = {
     "pipeline_parallel_size": ["-pp"],
     "data_parallel_size": ["-dp"],
     "kv_cache_memory_bytes": ["--kv-cache-memory"],
+    "quantization": ["-q"],
 }
 # Parallel sizes that also take 'auto' (shardserve/planner/auto.py resolves them).
 _AUTO_SIZES = {"tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"}
@@ -35,6 +37,10 @@ _HELP = {
     "kv_cache_dtype": "KV cache element type: auto (the model's dtype), or fp8 (= fp8_e4m3) / "
                       "fp8_e5m2: half the memory and decode-attention traffic, unscaled",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
+    "quantization": "fp8: FP8 weights and activations in the attention and dense MLP "
+                    "projections (scales per row and 128 columns; GPUs of compute capability "
+                    "8.9 or later, emulated on CPU); default: a block-FP8 checkpoint runs in "
+                    "FP8 on such GPUs, anything else in --dtype",
     "max_num_batched_tokens": "token budget per engine step",
     "async_scheduling": "prepare and launch the next step while the GPU runs this one "
                         "(default: on for CUDA without pipeline parallelism)",
@@ -145,6 +151,8 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
                 kwargs["choices"] = LOAD_FORMATS
             if f.name == "kv_cache_dtype":
                 kwargs["choices"] = KV_CACHE_DTYPES
+            if f.name == "quantization":
+                kwargs["choices"] = QUANTIZATION_METHODS
             if f.name == "served_model_name":
                 kwargs["nargs"] = "+"  # vLLM's aliases: --served-model-name a b
             if f.name in ("kv_cache_memory_bytes", "custom_all_reduce_max_bytes"):

@@ -19,6 +19,7 @@ from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_group
 from shardserve.layers.linear_op import linear
+from shardserve.layers.quantization import Fp8Linear, current_quantization
 from shardserve.layers.weight_utils import (LoadedWeight, copy_weight, default_weight_loader,
                                             narrow_weight, set_weight_attrs)
 
@@ -35,7 +36,8 @@ class LinearBase(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, bias: bool,
                  params_dtype: torch.dtype | None, input_size_per_partition: int,
-                 output_size_per_partition: int, shard_output: bool, shard_input: bool) -> None:
+                 output_size_per_partition: int, shard_output: bool, shard_input: bool,
+                 quantizable: bool = False) -> None:
         super().__init__()
         tp = get_tp_group()
         self.tp_rank, self.tp_size = tp.rank_in_group, tp.world_size
@@ -43,10 +45,15 @@ class LinearBase(nn.Module):
         self.input_size_per_partition = input_size_per_partition
         self.output_size_per_partition = output_size_per_partition
         dtype = params_dtype or torch.get_default_dtype()
-        # Inference only: no grads, and no init since the loader overwrites every value.
-        self.weight = nn.Parameter(
-            torch.empty(output_size_per_partition, input_size_per_partition, dtype=dtype),
-            requires_grad=False)
+        # --quantization fp8 (layers/quantization.py): FP8 weight and per-row group scales.
+        self.quant = Fp8Linear() if quantizable and current_quantization() == "fp8" else None
+        if self.quant is not None:
+            self.quant.create_weights(self, output_size_per_partition, input_size_per_partition)
+        else:
+            # Inference only: no grads, and no init since the loader overwrites every value.
+            self.weight = nn.Parameter(
+                torch.empty(output_size_per_partition, input_size_per_partition, dtype=dtype),
+                requires_grad=False)
         weight_attrs: dict[str, Any] = {"weight_loader": self.weight_loader}
         if shard_output:
             weight_attrs["output_dim"] = 0
@@ -64,23 +71,32 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight) -> None:
-        default_weight_loader(param, loaded_weight)
+        if self.quant is not None and param is self.weight:
+            self.quant.load(self, 0, param.shape[0], loaded_weight, 0, 0)
+        else:
+            default_weight_loader(param, loaded_weight)
+
+    def apply_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.apply(self, x, bias)
+        return linear(x, self.weight, bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size_per_partition}, out={self.output_size_per_partition}, "
-                f"bias={self.bias is not None}, tp_size={self.tp_size}")
+                f"bias={self.bias is not None}, tp_size={self.tp_size}"
+                f"{', fp8' if self.quant is not None else ''}")
 
 
 class ReplicatedLinear(LinearBase):
     """The whole matrix on every rank."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
-                 params_dtype: torch.dtype | None = None) -> None:
+                 params_dtype: torch.dtype | None = None, quantizable: bool = False) -> None:
         super().__init__(input_size, output_size, bias, params_dtype, input_size, output_size,
-                         shard_output=False, shard_input=False)
+                         shard_output=False, shard_input=False, quantizable=quantizable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.apply_linear(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -88,27 +104,30 @@ class ColumnParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
                  gather_output: bool = False, params_dtype: torch.dtype | None = None,
-                 output_size_per_partition: int | None = None) -> None:
+                 output_size_per_partition: int | None = None, quantizable: bool = False) -> None:
         tp_size = get_tp_group().world_size
         if output_size_per_partition is None:
             output_size_per_partition = divide(output_size, tp_size, "output_size")
         super().__init__(input_size, output_size, bias, params_dtype, input_size,
-                         output_size_per_partition, shard_output=True, shard_input=False)
+                         output_size_per_partition, shard_output=True, shard_input=False,
+                         quantizable=quantizable)
         self.gather_output = gather_output
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight) -> None:
         size = param.shape[0]
         self._load_rows(param, loaded_weight, 0, size, self.tp_rank * size)
 
-    @staticmethod
-    def _load_rows(param: nn.Parameter, loaded_weight: LoadedWeight, dst_start: int,
+    def _load_rows(self, param: nn.Parameter, loaded_weight: LoadedWeight, dst_start: int,
                    size: int, src_start: int) -> None:
         """param[dst_start:+size] = checkpoint[src_start:+size] (rows, i.e. output features)."""
+        if self.quant is not None and param is self.weight:
+            self.quant.load(self, dst_start, size, loaded_weight, src_start, 0)
+            return
         copy_weight(param.data.narrow(0, dst_start, size),
                     narrow_weight(loaded_weight, 0, src_start, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight, self.bias)
+        out = self.apply_linear(x, self.bias)
         if self.gather_output:
             out = get_tp_group().all_gather(out, dim=-1)
         return out
@@ -124,12 +143,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = True,
-                 params_dtype: torch.dtype | None = None) -> None:
+                 params_dtype: torch.dtype | None = None, quantizable: bool = False) -> None:
         tp_size = get_tp_group().world_size
         self.output_sizes = list(output_sizes)
         self.shard_sizes = [divide(size, tp_size, "output_size") for size in output_sizes]
         super().__init__(input_size, sum(output_sizes), bias, False, params_dtype,
-                         output_size_per_partition=sum(self.shard_sizes))
+                         output_size_per_partition=sum(self.shard_sizes),
+                         quantizable=quantizable)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight,
                       shard_id: int | None = None) -> None:
@@ -154,7 +174,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
                  total_num_kv_heads: int | None = None, bias: bool = True,
-                 params_dtype: torch.dtype | None = None) -> None:
+                 params_dtype: torch.dtype | None = None, quantizable: bool = False) -> None:
         tp_size = get_tp_group().world_size
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         self.head_size = head_size
@@ -171,7 +191,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.kv_size = self.num_kv_heads * head_size
         super().__init__(hidden_size, (total_num_heads + 2 * total_num_kv_heads) * head_size,
                          bias, False, params_dtype,
-                         output_size_per_partition=self.q_size + 2 * self.kv_size)
+                         output_size_per_partition=self.q_size + 2 * self.kv_size,
+                         quantizable=quantizable)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight,
                       shard_id: str | None = None) -> None:
@@ -205,11 +226,11 @@ class RowParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
                  input_is_parallel: bool = True, reduce_results: bool = True,
-                 params_dtype: torch.dtype | None = None) -> None:
+                 params_dtype: torch.dtype | None = None, quantizable: bool = False) -> None:
         tp_size = get_tp_group().world_size
         super().__init__(input_size, output_size, bias, params_dtype,
                          divide(input_size, tp_size, "input_size"), output_size,
-                         shard_output=False, shard_input=True)
+                         shard_output=False, shard_input=True, quantizable=quantizable)
         self.input_is_parallel = input_is_parallel
         self.reduce_results = reduce_results
 
@@ -219,6 +240,9 @@ class RowParallelLinear(LinearBase):
             default_weight_loader(param, loaded_weight)
             return
         size = param.shape[input_dim]
+        if self.quant is not None:
+            self.quant.load(self, 0, param.shape[0], loaded_weight, 0, self.tp_rank * size)
+            return
         copy_weight(param.data, narrow_weight(loaded_weight, input_dim, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +250,8 @@ class RowParallelLinear(LinearBase):
             size = self.input_size_per_partition
             x = x.narrow(-1, self.tp_rank * size, size)
         if self.tp_size == 1:
-            return linear(x, self.weight, self.bias)
-        out = linear(x, self.weight)
+            return self.apply_linear(x, self.bias)
+        out = self.apply_linear(x, None)
         if self.reduce_results:
             out = get_tp_group().all_reduce(out)
             if self.bias is not None:

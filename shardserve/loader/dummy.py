@@ -47,4 +47,15 @@ def initialize_dummy_weights(model: nn.Module, seed: int = 0,
                     values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
                     param.copy_(values.uniform_(low, high, generator=gen).to(param.dtype))
             names.add(name)
+        for name, module in model.named_modules():
+            if getattr(module, "quant", None) is not None:
+                # FP8 layers (layers/quantization.py): the same range, as e4m3 values over its
+                # whole range times one scale (drawn straight into e4m3, nearly all are zero).
+                scale = max(abs(low), abs(high)) / 448.0
+                module.weight_scale.fill_(scale)
+                gen = torch.Generator(device=module.weight.device)
+                gen.manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                values = module.weight.data.float().uniform_(low / scale, high / scale,
+                                                             generator=gen)
+                module.weight.data.copy_(values.to(module.weight.dtype))
     return names

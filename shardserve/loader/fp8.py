@@ -22,6 +22,7 @@ from shardserve.errors import ModelLoadError, UnsupportedModelError
 from shardserve.layers.weight_utils import LoadedWeight, materialize, weight_shape
 
 SCALE_SUFFIX = "_scale_inv"
+FP8_GROUP = 128  # the columns one scale covers in layers/quantization.py
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
@@ -76,6 +77,26 @@ class Fp8BlockDequantSlice:
         scale = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
         scale = scale[r0 - s0 * bn:r1 - s0 * bn, c0 - t0 * bk:c1 - t0 * bk]
         return w.float() * scale
+
+
+    def quantized(self, rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The e4m3 values of [rows, cols] as stored and their scales spread to one per row and
+        128 columns (layers/quantization.py's layout), or None where that is not exact: other
+        block widths, columns not starting on a block, e5m2 values."""
+        (r0, r1), (c0, c1) = _ranges((rows, cols), self.get_shape())
+        bn, bk = self.block_size
+        if bk != FP8_GROUP or c0 % bk or _dtype_of(self.weight) != torch.float8_e4m3fn:
+            return None
+        q = self.weight[r0:r1, c0:c1]
+        scale = materialize(self.scale_inv)[:, c0 // bk:-(-c1 // bk)].float()
+        return q, scale[torch.arange(r0, r1) // bn]
+
+
+def _dtype_of(weight: LoadedWeight) -> torch.dtype | None:
+    if isinstance(weight, torch.Tensor):
+        return weight.dtype
+    return {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}.get(
+        str(weight.get_dtype()).upper())
 
 
 def _ranges(index: Any, shape: list[int]) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from shardserve.distributed.parallel_state import get_world_group
 from shardserve.errors import ModelLoadError
+from shardserve.layers.quantization import quantization_context
 from shardserve.layers.weight_utils import LoadedWeight
 from shardserve.models.registry import check_architecture, get_model_class
 
@@ -28,7 +29,7 @@ def load_model(model_config: Any, device: torch.device | str, stage: Any = None)
     device = torch.device(device)
     # Allocating under the device context puts parameters (and RoPE tables) straight on the
     # GPU: no full-size CPU copy first.
-    with torch.device(device):
+    with torch.device(device), quantization_context(getattr(model_config, "quantization", None)):
         extra = {} if stage is None else {"stage": stage}
         model = model_cls(model_config.hf_config, dtype=model_config.torch_dtype,
                           max_model_len=model_config.max_model_len or 0, **extra)

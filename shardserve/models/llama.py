@@ -77,9 +77,11 @@ class LlamaMLP(nn.Module):
             raise UnsupportedModelError(f"MLP activation {hidden_act!r} is not supported "
                                         "(only 'silu').")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2,
-                                                       bias=bias, params_dtype=dtype)
+                                                       bias=bias, params_dtype=dtype,
+                                                       quantizable=True)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias,
-                                           reduce_results=reduce_results, params_dtype=dtype)
+                                           reduce_results=reduce_results, params_dtype=dtype,
+                                           quantizable=True)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,12 +99,13 @@ class LlamaAttention(nn.Module):
         total_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim,
                                           config.num_attention_heads, total_kv_heads,
-                                          bias=flags.qkv_bias, params_dtype=dtype)
+                                          bias=flags.qkv_bias, params_dtype=dtype,
+                                          quantizable=True)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
                                         config.hidden_size, bias=flags.o_proj_bias,
-                                        params_dtype=dtype)
+                                        params_dtype=dtype, quantizable=True)
         base, rope_scaling = get_rope_config(config)
         partial = (rope_scaling or {}).get("partial_rotary_factor") or 1.0
         self.rotary_emb = get_rope(self.head_dim, int(self.head_dim * partial),
