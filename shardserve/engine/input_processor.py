@@ -42,7 +42,7 @@ class InputProcessor:
         if isinstance(prompt, dict):
             _check_prompt_keys(prompt)
         if isinstance(prompt, str):
-            ids = encode_prompt(self.tokenizer, prompt)
+            ids = self._encode(prompt)
             text: str | None = prompt
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
@@ -59,7 +59,7 @@ class InputProcessor:
             ids = [int(t) for t in ids]  # numpy integers (e.g. from an array) as plain ints
         elif isinstance(prompt, dict) and "prompt" in prompt:
             text = prompt["prompt"]
-            ids = encode_prompt(self.tokenizer, text)
+            ids = self._encode(text)
         else:
             raise InvalidRequestError(
                 "A prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}; "
@@ -77,6 +77,20 @@ class InputProcessor:
                 "leaves no room to generate; shorten the prompt or raise max_model_len "
                 "(--max-model-len).", "prompt")
         return ProcessedPrompt(text, ids)
+
+    def _encode(self, text: str) -> list[int]:
+        """The tokenizer's ids for `text`. Ids past the model's vocab_size (a tokenizer that is
+        not the model's own, or one larger than its embedding) are refused here: the embedding
+        lookup would fail inside the engine core and take every request down with it."""
+        ids = encode_prompt(self.tokenizer, text)
+        beyond = sorted({t for t in ids if not 0 <= t < self.vocab_size})
+        if beyond:
+            raise InvalidRequestError(
+                f"The tokenizer encodes this prompt to token ids {beyond[:5]}, beyond the "
+                f"model's vocab_size {self.vocab_size}: the tokenizer does not match the model. "
+                "Serve the model with its own tokenizer (--tokenizer), or send "
+                "prompt_token_ids.", "prompt")
+        return ids
 
     def _truncate(self, ids: list[int], keep: int) -> list[int]:
         """The last `keep` ids, as vLLM truncates (from the left: a prompt's end is what the

@@ -54,6 +54,10 @@ class VocabParallelEmbedding(nn.Module):
         if rows > self.num_embeddings_padded:
             raise ValueError(f"Checkpoint vocabulary {rows} is larger than the model's "
                              f"{self.num_embeddings} (padded {self.num_embeddings_padded}).")
+        if rows < self.num_embeddings:
+            # The missing rows would be zero vectors: tokens the model silently cannot see.
+            raise ValueError(f"Checkpoint vocabulary {rows} is smaller than the model's "
+                             f"vocab_size {self.num_embeddings}.")
         num_real = max(0, min(self.vocab_end_index, rows) - self.vocab_start_index)
         with torch.no_grad():
             param.data[num_real:].zero_()

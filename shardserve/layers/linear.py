@@ -20,8 +20,9 @@ from torch import nn
 from shardserve.distributed.parallel_state import get_tp_group
 from shardserve.layers.linear_op import linear
 from shardserve.layers.quantization import Fp8Linear, current_quantization
-from shardserve.layers.weight_utils import (LoadedWeight, copy_weight, default_weight_loader,
-                                            narrow_weight, set_weight_attrs)
+from shardserve.layers.weight_utils import (LoadedWeight, check_full_size, copy_weight,
+                                            default_weight_loader, narrow_weight,
+                                            set_weight_attrs)
 
 
 def divide(numerator: int, denominator: int, what: str = "size") -> int:
@@ -114,6 +115,7 @@ class ColumnParallelLinear(LinearBase):
         self.gather_output = gather_output
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight) -> None:
+        check_full_size(loaded_weight, 0, self.output_size)
         size = param.shape[0]
         self._load_rows(param, loaded_weight, 0, size, self.tp_rank * size)
 
@@ -154,6 +156,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight,
                       shard_id: int | None = None) -> None:
         shard_ids = range(len(self.output_sizes)) if shard_id is None else [shard_id]
+        check_full_size(loaded_weight, 0, sum(self.output_sizes) if shard_id is None
+                        else self.output_sizes[shard_id])
         for i in shard_ids:
             # A stacked checkpoint tensor holds the whole of parts 0..i-1 before part i.
             src_base = sum(self.output_sizes[:i]) if shard_id is None else 0
@@ -209,6 +213,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         }
         if shard_id is not None and shard_id not in layout:
             raise ValueError(f"QKV shard_id must be 'q', 'k' or 'v', got {shard_id!r}.")
+        check_full_size(loaded_weight, 0, {"q": total_q, "k": total_kv, "v": total_kv,
+                                           None: total_q + 2 * total_kv}[shard_id])
         for sid in ([shard_id] if shard_id is not None else ["q", "k", "v"]):
             dst_start, size, src_start, fused_base = layout[sid]
             if shard_id is None:
@@ -239,6 +245,7 @@ class RowParallelLinear(LinearBase):
         if input_dim is None:  # the bias: whole on every rank
             default_weight_loader(param, loaded_weight)
             return
+        check_full_size(loaded_weight, input_dim, self.input_size)
         size = param.shape[input_dim]
         if self.quant is not None:
             self.quant.load(self, 0, param.shape[0], loaded_weight, 0, self.tp_rank * size)

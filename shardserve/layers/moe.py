@@ -36,8 +36,8 @@ from shardserve.errors import UnsupportedModelError
 from shardserve.kernels.fused_moe_ref import fused_moe_torch
 from shardserve.layers.linear import divide
 from shardserve.layers.moe_routing import RoutingConfig, select_experts
-from shardserve.layers.weight_utils import (LoadedWeight, copy_weight, materialize,
-                                            narrow_weight, set_weight_attrs)
+from shardserve.layers.weight_utils import (LoadedWeight, check_full_size, copy_weight,
+                                            materialize, narrow_weight, set_weight_attrs)
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class FusedMoE(nn.Module):
             return
         dst = param.data[expert_id - self.expert_start]
         i, start = self.intermediate_per_rank, self.moe_tp_rank * self.intermediate_per_rank
+        check_full_size(loaded_weight, 1 if shard_id == "w2" else 0, self.intermediate_size)
         if shard_id == "w2":
             copy_weight(dst, narrow_weight(loaded_weight, 1, start, i), "w2_weight")
         else:
@@ -118,6 +119,9 @@ class FusedMoE(nn.Module):
 
     def _load_stacked(self, param: nn.Parameter, loaded_weight: LoadedWeight,
                       shard_id: str) -> None:
+        check_full_size(loaded_weight, 0, self.num_experts)
+        check_full_size(loaded_weight, 2 if shard_id == "w2" else 1,
+                        self.intermediate_size * (1 if shard_id == "w2" else 2))
         local = materialize(narrow_weight(loaded_weight, 0, self.expert_start,
                                           self.num_local_experts))
         i, start = self.intermediate_per_rank, self.moe_tp_rank * self.intermediate_per_rank

@@ -48,6 +48,16 @@ def materialize(weight: LoadedWeight) -> torch.Tensor:
     return weight[:] if weight.get_shape() else weight[()]
 
 
+def check_full_size(weight: LoadedWeight, dim: int, expected: int) -> None:
+    """A TP loader reads only its rank's part of `dim`, so the copy's own shape check cannot
+    see a checkpoint wider there than the model (a config.json that does not belong to the
+    checkpoint): its extra rows or columns would be dropped silently. Check the full size."""
+    shape = weight_shape(weight)
+    if shape[dim] != expected:
+        raise ValueError(f"Checkpoint shape {shape} does not match the model's size {expected} "
+                         f"along dim {dim % len(shape)}.")
+
+
 def copy_weight(dst: torch.Tensor, src: torch.Tensor, name: str = "") -> None:
     """dst.copy_(src) after a shape check that names the parameter (copy_ would broadcast)."""
     if tuple(dst.shape) != tuple(src.shape):

@@ -73,20 +73,29 @@ def resolve_model_source(model: str | os.PathLike | None,
                 f"{str(model)!r} is a file but not a .gguf file; pass a .gguf file or a "
                 "Hugging Face model folder.")
         return ModelSource("gguf", path.resolve(), path.stem)
+    ggufs = sorted(path.glob("*.gguf"))
     if (path / "config.json").is_file():
-        if weights_needed and not any(path.glob("*.safetensors")):
+        no_weights = weights_needed and not any(path.glob("*.safetensors"))
+        if no_weights and ggufs:
+            # GGUF repositories often ship the original model's config.json beside the .gguf.
+            return _gguf_in_folder(model, ggufs)
+        if no_weights:
             raise ModelLoadError(
                 f"{str(model)!r} has a config.json but no *.safetensors weights; shardserve "
                 "loads safetensors checkpoints (convert .bin files with transformers' "
                 "save_pretrained(..., safe_serialization=True)), or benchmark the shape with "
                 "random weights: --load-format dummy.")
         return ModelSource("hf", path.resolve(), path.resolve().name)
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return ModelSource("gguf", ggufs[0].resolve(), ggufs[0].stem)
+    if ggufs:
+        return _gguf_in_folder(model, ggufs)
+    raise ModelLoadError(
+        f"{str(model)!r} holds no model: expected config.json with *.safetensors, or a .gguf file.")
+
+
+def _gguf_in_folder(model: str | os.PathLike, ggufs: list[Path]) -> ModelSource:
+    """The one .gguf of a folder, or ModelLoadError asking which one to serve."""
     if len(ggufs) > 1:
         raise ModelLoadError(
             f"{str(model)!r} holds several .gguf files ({', '.join(p.name for p in ggufs)}); "
             "pass the one to serve.")
-    raise ModelLoadError(
-        f"{str(model)!r} holds no model: expected config.json with *.safetensors, or a .gguf file.")
+    return ModelSource("gguf", ggufs[0].resolve(), ggufs[0].stem)

@@ -163,33 +163,41 @@ class LlamaModel(StageDecoderModel):
                  max_model_len: int = 0, stage: StageLayout | None = None,
                  make_mlp: MakeMLP = dense_mlp) -> None:
         flags = LlamaFamilyFlags.from_config(config)
-        layer_types = getattr(config, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise UnsupportedModelError("Sliding-window attention layers are not supported "
-                                        f"(layer_types: {sorted(set(layer_types))}).")
-        if (not layer_types and getattr(config, "use_sliding_window", False)
-                and getattr(config, "sliding_window", None)):
-            # Configs without layer_types (Qwen3-MoE) window every layer.
-            raise UnsupportedModelError(
-                f"Sliding-window attention (use_sliding_window, sliding_window="
-                f"{config.sliding_window}) is not supported; set use_sliding_window false.")
-        _check_mistral_window(config, max_model_len)
+        _check_sliding_window(config, max_model_len)
         super().__init__(config, dtype, stage, lambda i: LlamaDecoderLayer(
             config, flags, i, dtype, max_model_len, make_mlp))
 
 
-def _check_mistral_window(config: Any, max_model_len: int) -> None:
-    """Mistral windows every layer's attention to the last sliding_window tokens (transformers:
-    key positions q - sliding_window < k <= q). Up to max_model_len = sliding_window that is
-    full causal attention, which we serve (v0.2+ set no window at all); beyond, refused."""
+def _check_sliding_window(config: Any, max_model_len: int) -> None:
+    """Refuse windowed attention we would serve as full attention.
+
+    A window of w keeps each query's last w keys (transformers: q - w < k <= q), so up to
+    max_model_len = w it is full causal attention, which we serve. Windows come from
+    layer_types' sliding_attention layers (Qwen2/Qwen3 with use_sliding_window), from
+    use_sliding_window alone on configs without layer_types (Qwen3-MoE: every layer), or from
+    Mistral's sliding_window (v0.1; v0.2+ set none)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if other:
+        raise UnsupportedModelError(f"Attention layer types {other} are not supported "
+                                    f"(layer_types: {sorted(set(layer_types))}).")
+    window = getattr(config, "sliding_window", None)
+    if not window or (max_model_len and max_model_len <= window):
+        return  # no window (transformers windows nothing either), or one covering every prompt
     is_mistral = ("MistralForCausalLM" in (getattr(config, "architectures", None) or [])
                   or getattr(config, "model_type", "") == "mistral")
-    window = getattr(config, "sliding_window", None) if is_mistral else None
-    if window and (not max_model_len or max_model_len > window):
-        raise UnsupportedModelError(
-            f"Sliding-window attention (sliding_window={window}) is not supported past the "
-            f"window: set max_model_len (--max-model-len) to at most {window}, where it equals "
-            f"full attention (asked for {max_model_len or 'the unset default'}).")
+    if "sliding_attention" in layer_types:
+        source = "layer_types' sliding_attention layers"
+    elif not layer_types and getattr(config, "use_sliding_window", False):
+        source = "use_sliding_window"
+    elif is_mistral:
+        source = "Mistral's config"
+    else:
+        return
+    raise UnsupportedModelError(
+        f"Sliding-window attention (sliding_window={window}, from {source}) is not supported "
+        f"past the window: set max_model_len (--max-model-len) to at most {window}, where it "
+        f"equals full attention (asked for {max_model_len or 'the unset default'}).")
 
 
 class LlamaForCausalLM(nn.Module):

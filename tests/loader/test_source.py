@@ -18,3 +18,25 @@ def test_a_missing_path_is_not_taken_for_a_hub_id(path):
     with pytest.raises(ModelLoadError, match="does not exist") as err:
         resolve_model_source(path)
     assert "Hub" not in str(err.value)
+
+
+def test_a_gguf_folder_with_a_config_json_serves_the_gguf(tmp_path):
+    # GGUF repositories often carry the original config.json but no safetensors.
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.Q4_K_M.gguf").write_bytes(b"GGUF")
+    source = resolve_model_source(tmp_path)
+    assert (source.kind, source.path.name) == ("gguf", "model.Q4_K_M.gguf")
+    (tmp_path / "model.Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match="several .gguf files.*pass the one to serve"):
+        resolve_model_source(tmp_path)
+    # Safetensors beside them: the Hugging Face folder, as before.
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert resolve_model_source(tmp_path).kind == "hf"
+
+
+def test_a_bin_only_folder_says_how_to_convert(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"no \*\.safetensors.*save_pretrained"):
+        resolve_model_source(tmp_path)
+    assert resolve_model_source(tmp_path, weights_needed=False).kind == "hf"

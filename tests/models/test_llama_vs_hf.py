@@ -112,17 +112,48 @@ def test_unsupported_config_refused_when_resolved(config_json: dict, match: str,
         EngineConfig.from_kwargs(model=str(tmp_path), dtype="float32", device="cpu").resolve()
 
 
-def test_mistral_window_shorter_than_max_model_len_is_refused(tmp_path: Path) -> None:
+def test_mistral_window_shorter_than_max_model_len_is_refused(tmp_path: Path,
+                                                              monkeypatch) -> None:
     """Past its sliding_window Mistral's attention is not full attention: refused, saying which
     max_model_len serves it (at most the window)."""
     from shardserve.config import EngineConfig
     from shardserve.loader.model_loader import load_model
 
+    # The window is max_position_embeddings wide: going past it needs the long-context opt-in.
+    monkeypatch.setenv("SHARDSERVE_ALLOW_LONG_MAX_MODEL_LEN", "1")
     save_tiny_checkpoint("mistral_window", tmp_path)
     config = EngineConfig.from_kwargs(model=str(tmp_path), dtype="float32", device="cpu",
                                       max_model_len=129).resolve()
     with pytest.raises(UnsupportedModelError, match=r"sliding_window=128.*max_model_len.*128"):
         load_model(config.model_config, "cpu")
+
+
+def test_sliding_window_layers_are_served_within_the_window(tmp_path: Path) -> None:
+    """Qwen2 with use_sliding_window windows the layers past max_window_layers: up to
+    max_model_len = sliding_window that is full attention, served with transformers' logits;
+    past it refused, saying which max_model_len serves it."""
+    from transformers import AutoModelForCausalLM
+
+    from shardserve.config import EngineConfig
+    from shardserve.loader.model_loader import load_model
+
+    save_tiny_checkpoint("qwen2", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=16, max_window_layers=1,
+                  layer_types=["full_attention", "sliding_attention"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+
+    def ours(max_model_len: int) -> torch.nn.Module:
+        resolved = EngineConfig.from_kwargs(model=str(tmp_path), dtype="float32", device="cpu",
+                                            max_model_len=max_model_len).resolve()
+        return load_model(resolved.model_config, "cpu")
+
+    input_ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(4))
+    assert_close_logits(our_logits(ours(16), input_ids), hf_logits(hf, input_ids))
+    with pytest.raises(UnsupportedModelError,
+                       match=r"sliding_window=16, from layer_types.*max_model_len.*at most 16"):
+        ours(17)
 
 
 def test_dynamic_rope_past_max_position_warns(tmp_path: Path, caplog) -> None:
