@@ -55,6 +55,22 @@ class RoutingConfig:
         if self.topk_method != "greedy" and self.num_experts % self.num_expert_group:
             raise UnsupportedModelError(f"{self.num_experts} experts do not split into "
                                         f"n_group={self.num_expert_group} groups.")
+        if self.topk_method == "noaux_tc" and self.num_experts // self.num_expert_group < 2:
+            # A group scores as the sum of its two best experts: it needs two.
+            raise UnsupportedModelError(
+                f"noaux_tc routing scores each group by its two best experts, but n_group="
+                f"{self.num_expert_group} leaves {self.num_experts // self.num_expert_group} "
+                f"expert a group ({self.num_experts} experts); use fewer groups.")
+        if self.topk_method != "greedy" and not 1 <= self.topk_group <= self.num_expert_group:
+            raise UnsupportedModelError(f"topk_group={self.topk_group} must be between 1 and "
+                                        f"n_group={self.num_expert_group}.")
+        reachable = (self.num_experts if self.topk_method == "greedy" else
+                     self.topk_group * (self.num_experts // self.num_expert_group))
+        if not 1 <= self.top_k <= reachable:
+            raise UnsupportedModelError(
+                f"num_experts_per_tok={self.top_k} experts cannot be chosen from the {reachable} "
+                f"that topk_group={self.topk_group} of n_group={self.num_expert_group} groups "
+                f"({self.num_experts} experts) leave.")
 
     @classmethod
     def from_deepseek_config(cls, config: Any, v3: bool) -> "RoutingConfig":

@@ -48,6 +48,20 @@ def test_routing_matches_transformers(v3: bool, overrides: dict) -> None:
     torch.testing.assert_close(_by_expert(weights, ids), _by_expert(ref_weights, ref_ids))
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (dict(n_group=16, topk_group=2, num_experts_per_tok=2), "two best experts"),
+    (dict(n_group=4, topk_group=5, num_experts_per_tok=2), "topk_group=5"),
+    (dict(n_group=4, topk_group=1, num_experts_per_tok=6), "cannot be chosen from the 4"),
+])
+def test_routing_configs_transformers_cannot_run_are_refused(overrides: dict, match: str) -> None:
+    """Configs whose routing fails inside transformers' forward (a top-2 of one expert, more
+    experts than the chosen groups hold) are refused when the model is read, by name."""
+    from shardserve.errors import UnsupportedModelError
+    config = DeepseekV3Config(hidden_size=HIDDEN, n_routed_experts=EXPERTS, **overrides)
+    with pytest.raises(UnsupportedModelError, match=match):
+        RoutingConfig.from_deepseek_config(config, True)
+
+
 def test_expert_weights_load_per_expert_and_stacked() -> None:
     gen = torch.Generator().manual_seed(1)
     inter = 8
