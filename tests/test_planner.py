@@ -361,6 +361,26 @@ def test_shape_flags_follow_the_engine() -> None:
     assert yarn.rope_table_positions(100) == 256
 
 
+def test_fp8_weights_free_memory_and_reach_the_deployment() -> None:
+    """--quantization fp8: Llama-3-8B's 32 layers of projections at one byte (plus a scale per
+    row and 128 columns) leave ~6.5 GB more for the KV cache on one GPU; the flag reaches the
+    manifests."""
+    from shardserve.deploy import spec_from_plan
+
+    bf16 = _plan("llama-3-8b", 1, 141, max_model_len=4096)
+    fp8 = _plan("llama-3-8b", 1, 141, max_model_len=4096, quantization="fp8")
+    saved = bf16.best.stages[0].weights_bytes - fp8.best.stages[0].weights_bytes
+    projections = 32 * (6144 * 4096 + 4096 * 4096 + 28672 * 4096 + 4096 * 14336)
+    assert saved == projections - 32 * 4 * (6144 * 32 + 4096 * 32 + 28672 * 32 + 4096 * 112)
+    assert fp8.best.num_blocks > bf16.best.num_blocks
+    data = fp8.to_dict()
+    assert data["serving"]["quantization"] == "fp8"
+    assert "--quantization=fp8" in spec_from_plan(data).serve_args
+    assert "--quantization" not in " ".join(spec_from_plan(bf16.to_dict()).serve_args)
+    with pytest.raises(ValueError, match="quantization must be one of fp8"):
+        _plan("llama-3-8b", 1, 141, quantization="awq")
+
+
 def test_fp8_kv_cache_doubles_the_tokens_and_reaches_the_deployment() -> None:
     from shardserve.deploy import spec_from_plan
 

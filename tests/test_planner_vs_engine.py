@@ -88,11 +88,29 @@ def _kv_bytes_per_block(model: torch.nn.Module, elem: int) -> int:
     return runner.kv_bytes_per_block()
 
 
-def _planner_stage(config_dict: dict, tp: int, elem: int, expert_parallel: bool = False):
+def _planner_stage(config_dict: dict, tp: int, elem: int, expert_parallel: bool = False,
+                   fp8: bool = False):
     shape = load_model_shape(config_dict)
     limits = ServingLimits(max_model_len=MAX_MODEL_LEN, dtype_bytes=elem, block_size=BLOCK_SIZE,
-                           expert_parallel=expert_parallel)
+                           expert_parallel=expert_parallel, fp8_weights=fp8)
     return shape, stage_memory(shape, tp, 1, 0, 0, shape.num_layers, limits, 80 << 30)
+
+
+@pytest.mark.parametrize("variant", ["llama_bias_tied", "llama_kv1_rope_linear", "qwen3"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_every_fp8_rank_matches_the_planner(variant: str, tp: int) -> None:
+    """--quantization fp8 under TP: each rank's FP8 rows and columns (replicated KV heads
+    included) and their scale groups as the planner counts them."""
+    from shardserve.layers.quantization import quantization_context
+    from shardserve.models.llama import LlamaForCausalLM
+
+    hf_config = _hf_config(variant)
+    shape, stage = _planner_stage(hf_config.to_dict(), tp, 2, fp8=True)
+    for rank in range(tp):
+        with _stand_in_tp_group(tp, rank), torch.device("meta"), quantization_context("fp8"):
+            model = LlamaForCausalLM(hf_config, dtype=torch.bfloat16, max_model_len=MAX_MODEL_LEN)
+        params, buffers = _engine_bytes(model)
+        assert params + buffers == stage.weights_bytes, (variant, tp, rank)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -216,22 +234,25 @@ def test_every_qwen_moe_rank_matches_the_planner(variant: str, tp: int, expert_p
         variant == "qwen3_moe_width30" and not expert_parallel)))
 
 
-def _engine_config(model_dir: str, dtype: str = "float32", expert_parallel: bool = False):
+def _engine_config(model_dir: str, dtype: str = "float32", expert_parallel: bool = False,
+                   quantization: str | None = None):
     from shardserve.config import EngineConfig
 
     return EngineConfig.from_kwargs(model=model_dir, device="cpu", dtype=dtype,
                                     max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
                                     kv_cache_memory_bytes=4 << 20,
-                                    enable_expert_parallel=expert_parallel).resolve()
+                                    enable_expert_parallel=expert_parallel,
+                                    quantization=quantization).resolve()
 
 
-def _measure(model_dir: str, dtype: str = "float32",
-             expert_parallel: bool = False) -> dict[str, int]:
+def _measure(model_dir: str, dtype: str = "float32", expert_parallel: bool = False,
+             quantization: str | None = None) -> dict[str, int]:
     """Load through the engine's own runner on CPU and report what it allocated."""
     from shardserve.executor.model_runner import ModelRunner
     from shardserve.layers.moe import FusedMoE
 
-    runner = ModelRunner(_engine_config(model_dir, dtype, expert_parallel), torch.device("cpu"))
+    runner = ModelRunner(_engine_config(model_dir, dtype, expert_parallel, quantization),
+                         torch.device("cpu"))
     runner.load_model()
     params, buffers = _engine_bytes(runner.model)
     ep_sizes = {m.ep_size for m in runner.model.modules() if isinstance(m, FusedMoE)}
@@ -269,6 +290,23 @@ def test_loaded_model_matches_the_planner(tiny_model_dirs, tiny_moe_dirs, arch: 
     assert measured["params"] + measured["buffers"] == stage.weights_bytes
     assert measured["kv_per_block"] == stage.kv_bytes_per_block
     assert measured["num_blocks"] == (4 << 20) // stage.kv_bytes_per_block
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2_moe", "bfloat16"),
+                                        ("deepseek-v3", "bfloat16")])
+def test_fp8_model_matches_the_planner(tiny_model_dirs, tiny_moe_dirs, arch: str,
+                                       dtype: str) -> None:
+    """--quantization fp8: the FP8 weights (one byte) and their float32 scales (buffers) of the
+    Llama-family projections, dense and shared-expert MLPs; DeepSeek's latent attention and
+    routed experts left in the model dtype."""
+    model_dir = _model_dir(arch, tiny_model_dirs, tiny_moe_dirs)
+    measured = _measure(model_dir, dtype, quantization="fp8")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    elem = 4 if dtype == "float32" else 2
+    _, plain = _planner_stage(config, 1, elem)
+    _, stage = _planner_stage(config, 1, elem, fp8=True)
+    assert stage.weights_bytes < plain.weights_bytes
+    assert measured["params"] + measured["buffers"] == stage.weights_bytes
 
 
 def _tp2_rank(rank: int, model_dir: str, out_dir: str, expert_parallel: bool) -> None:

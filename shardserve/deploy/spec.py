@@ -202,6 +202,8 @@ def spec_from_plan(plan: dict[str, Any] | str | Path, **overrides: Any) -> Deplo
             f"--block-size={serving['block_size']}"]
     if serving.get("kv_cache_dtype", "auto") != "auto":
         args.append(f"--kv-cache-dtype={serving['kv_cache_dtype']}")
+    if serving.get("quantization"):  # the plan's weight bytes assumed it
+        args.append(f"--quantization={serving['quantization']}")
     if serving.get("enable_expert_parallel"):  # the plan's memory per GPU assumed EP sharding
         args.append("--enable-expert-parallel")
     values: dict[str, Any] = {

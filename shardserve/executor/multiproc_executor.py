@@ -125,7 +125,7 @@ class MultiprocExecutor(Executor):
             raise errors.InvalidRequestError(str(exc), "pp_layer_partition") from None
         elem = torch_dtype_bytes(mc.torch_dtype)
         lines = describe_stages(mc.hf_config, bounds, pc.tensor_parallel_size, elem,
-                                pc.enable_expert_parallel)
+                                pc.enable_expert_parallel, mc.quantization == "fp8")
         logger.info("Pipeline partition (%s) over %d stages x tp %d:\n  %s",
                     f"--pp-layer-partition {pc.pp_layer_partition}" if pc.pp_layer_partition
                     else "balanced on estimated compute + memory", pc.pipeline_parallel_size,

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, KV_CACHE_DTYPES
+from shardserve.config import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, KV_CACHE_DTYPES,
+                               QUANTIZATION_METHODS)
 from shardserve.errors import InvalidRequestError
 
 
@@ -36,6 +37,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    default=DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE)
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="the engine's --kv-cache-dtype: fp8 stores one byte per element")
+    p.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
+                   help="the engine's --quantization: fp8 keeps the attention and dense MLP "
+                        "weights in one byte per element plus a scale per row and 128 columns")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="the engine's flag: MoE layers hold num_experts / TP whole experts per "
                         "GPU instead of a 1/TP slice of every expert (the experts, not their "
@@ -60,7 +64,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         target_concurrency=args.target_concurrency, enforce_eager=args.enforce_eager,
         max_cuda_graph_batch_size=args.max_cuda_graph_batch_size,
-        kv_cache_dtype=args.kv_cache_dtype, enable_expert_parallel=args.enable_expert_parallel,
+        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+        enable_expert_parallel=args.enable_expert_parallel,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         data_parallel_size=args.data_parallel_size)

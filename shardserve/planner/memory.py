@@ -53,6 +53,7 @@ class ServingLimits:
     max_cuda_graph_batch_size: int = DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
     kv_dtype_bytes: int | None = None  # --kv-cache-dtype: 1 for fp8; None: dtype_bytes
     expert_parallel: bool = False  # MoE: each TP rank holds E / tp whole experts
+    fp8_weights: bool = False  # --quantization fp8 (planner/weights.py fp8_matrices)
 
     @property
     def kv_elem_bytes(self) -> int:
@@ -208,7 +209,7 @@ def stage_memory(shape: ModelShape, tp: int, pp: int, stage: int, start: int, en
     """One GPU of `stage` (of `pp`) holding layers [start, end) at tensor parallel size tp."""
     first, last = stage == 0, stage == pp - 1
     weights = stage_weight_bytes(shape, tp, start, end, first, last, limits.dtype_bytes,
-                                 limits.expert_parallel)
+                                 limits.expert_parallel, limits.fp8_weights)
     per_block = limits.block_size * (end - start) * kv_bytes_per_token_layer(
         shape, tp, limits.kv_elem_bytes)
     return StageMemory(

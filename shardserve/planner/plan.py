@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, check_kv_cache_dtype
+from shardserve.config import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, QUANTIZATION_METHODS,
+                               check_kv_cache_dtype)
 from shardserve.planner.layouts import (GpuPool, LayoutPlan, pick_reason, plan_layouts)
 from shardserve.planner.memory import GiB, ServingLimits
 from shardserve.planner.shape import ModelShape, dtype_bytes, normalize_dtype
@@ -37,6 +38,7 @@ class PlanRequest:
     enforce_eager: bool = False
     max_cuda_graph_batch_size: int = DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
     kv_cache_dtype: str = "auto"  # the engine's --kv-cache-dtype: fp8 halves the KV bytes
+    quantization: str | None = None  # the engine's --quantization: fp8 weights (1 byte + scales)
     enable_expert_parallel: bool = False  # MoE: whole experts per TP rank (layers/moe.py)
     tensor_parallel_size: int | None = None  # pin a dimension; None: search it
     pipeline_parallel_size: int | None = None
@@ -82,6 +84,9 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
         raise ValueError(f"{request.num_gpus} GPUs do not make whole nodes of {gpus_per_node}.")
     dtype = resolve_dtype(request.dtype, shape)
     check_kv_cache_dtype(request.kv_cache_dtype)
+    if request.quantization not in (None, *QUANTIZATION_METHODS):
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or "
+                         f"left out), got {request.quantization!r}.")
     if request.kv_cache_dtype != "auto" and shape.mla is not None:  # as EngineConfig.resolve()
         raise ValueError(f"kv_cache_dtype={request.kv_cache_dtype!r} is not supported for "
                          "multi-head latent attention models (DeepSeek-V2/V3) yet: their latent "
@@ -94,7 +99,8 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
         enforce_eager=request.enforce_eager,
         max_cuda_graph_batch_size=request.max_cuda_graph_batch_size,
         kv_dtype_bytes=None if request.kv_cache_dtype == "auto" else 1,
-        expert_parallel=request.enable_expert_parallel)
+        expert_parallel=request.enable_expert_parallel,
+        fp8_weights=request.quantization == "fp8")
     pool = GpuPool(request.num_gpus, request.gpu_memory_bytes, min(gpus_per_node, request.num_gpus))
     fixed = {"tp": request.tensor_parallel_size, "pp": request.pipeline_parallel_size,
              "dp": request.data_parallel_size}
@@ -190,6 +196,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                     "max_num_batched_tokens": limits.max_num_batched_tokens,
                     "enforce_eager": limits.enforce_eager,
                     "kv_cache_dtype": plan.request.kv_cache_dtype,
+                    "quantization": plan.request.quantization,
                     "enable_expert_parallel": limits.expert_parallel,
                     "target_concurrency": plan.request.target_concurrency},
         "recommended": _layout_dict(best) if best else None,

@@ -121,7 +121,8 @@ def engine_stage_layers(hf_config, pp_size: int,
 
 
 def describe_stages(hf_config, bounds: Sequence[tuple[int, int]], tp_size: int,
-                    dtype_bytes: int, expert_parallel: bool = False) -> list[str]:
+                    dtype_bytes: int, expert_parallel: bool = False,
+                    fp8: bool = False) -> list[str]:
     """One line per stage for the start-up log: its layers, its share of the estimated cost
     (compute + memory, as balanced above) and its weight and KV-cache bytes per TP rank."""
     from shardserve.planner.shape import shape_from_config
@@ -135,7 +136,7 @@ def describe_stages(hf_config, bounds: Sequence[tuple[int, int]], tp_size: int,
         first, last = stage == 0, stage == len(bounds) - 1
         cost = sum(costs[start:end]) + (first_extra if first else 0.0) + (last_extra if last else 0.0)
         weights = stage_weight_bytes(shape, tp_size, start, end, first, last, dtype_bytes,
-                                     expert_parallel)
+                                     expert_parallel, fp8)
         kv = (end - start) * kv_bytes_per_token_layer(shape, tp_size, dtype_bytes)
         parts = ["embedding"] if first else []
         parts.append(f"layers {start}-{end - 1} ({end - start})")

@@ -154,11 +154,18 @@ def stage_params(shape: ModelShape, tp: int, start: int, end: int, first: bool,
 
 
 def stage_weight_bytes(shape: ModelShape, tp: int, start: int, end: int, first: bool,
-                       last: bool, elem_bytes: int, expert_parallel: bool = False) -> int:
+                       last: bool, elem_bytes: int, expert_parallel: bool = False,
+                       fp8: bool = False) -> int:
     """Bytes one rank of a pipeline stage allocates for its weights: the parameters in the
     model dtype, except each MoE layer's router in float32 where the model keeps it so, plus
-    FusedMoE's int64 expert_map buffer (global expert id -> local index, on every rank)."""
+    FusedMoE's int64 expert_map buffer (global expert id -> local index, on every rank).
+    fp8 (--quantization fp8): fp8_matrices take one byte an element and a float32 scale per
+    row and 128 columns instead."""
     total = stage_params(shape, tp, start, end, first, last, expert_parallel) * elem_bytes
+    if fp8:
+        for layer in range(start, end):
+            for rows, cols in fp8_matrices(shape, layer, tp):
+                total -= rows * cols * (elem_bytes - 1) - rows * -(-cols // FP8_GROUP) * 4
     moe = shape.moe
     if moe is not None:
         per_layer = 8 * moe.num_experts
@@ -166,6 +173,28 @@ def stage_weight_bytes(shape: ModelShape, tp: int, start: int, end: int, first: 
             per_layer += router_params(shape) * (4 - elem_bytes)
         total += per_layer * sum(1 for i in range(start, end) if moe.is_moe_layer(i))
     return total
+
+
+FP8_GROUP = 128  # columns one FP8 scale covers (kernels/fp8_gemm.py GROUP)
+
+
+def fp8_matrices(shape: ModelShape, layer: int, tp: int) -> list[tuple[int, int]]:
+    """(rows, cols) on one TP rank of each weight of `layer` that --quantization fp8 keeps in
+    FP8 (layers/quantization.py): the Llama family's q/k/v and o projections (not DeepSeek's
+    latent attention) and every dense or shared-expert MLP's gate/up and down; routed experts
+    and routers stay in the model dtype."""
+    h = shape.hidden_size
+    matrices = []
+    if shape.mla is None:
+        d = shape.head_dim
+        rows = (shape.num_heads // tp + 2 * kv_heads_per_rank(shape.num_kv_heads, tp)) * d
+        matrices += [(rows, h), (h, shape.num_heads * d // tp)]
+    moe = shape.moe
+    inter = (moe.shared_intermediate_size if moe is not None and moe.is_moe_layer(layer)
+             else shape.intermediate_size) // tp
+    if inter:
+        matrices += [(2 * inter, h), (h, inter)]
+    return matrices
 
 
 def total_params(shape: ModelShape) -> int:
