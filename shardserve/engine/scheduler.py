@@ -275,6 +275,12 @@ class Scheduler:
         """Set the finished status the newly appended token gives, if any; True if finished."""
         params = request.sampling_params
         num_outputs = request.num_output_tokens
+        # Length first, as vLLM checks it: an EOS or stop token that is also the last token
+        # allowed finishes the request as "length" (a stop string there is still "stop": the
+        # detokenizer finds it afterwards).
+        if num_outputs >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
         if num_outputs >= params.min_tokens:
             if token in request.eos_token_ids and not params.ignore_eos:
                 request.status = RequestStatus.FINISHED_STOPPED
@@ -283,8 +289,5 @@ class Scheduler:
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = token
                 return True
-        if num_outputs >= request.max_tokens or request.num_tokens >= self.max_model_len:
-            request.status = RequestStatus.FINISHED_LENGTH
-            return True
         return False
 
