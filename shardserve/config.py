@@ -206,10 +206,31 @@ class ParallelConfig:
         if not 0 <= self.node_rank < self.nnodes:
             raise InvalidRequestError(f"node_rank must be in [0, {self.nnodes}), got "
                                       f"{self.node_rank}.", "node_rank")
+        # Node 0 listens on master_port .. master_port + 4 (executor/wire.py); ZMQ takes a
+        # port past 65535 modulo 65536 without a word, so node 1 would wait at the wrong one.
+        if self.master_port is not None and not 1 <= self.master_port <= 65535 - 4:
+            raise InvalidRequestError(
+                f"master_port must be in [1, {65535 - 4}] (node 0 also listens on the four ports "
+                f"after it), got {self.master_port}.", "master_port")
         for name in ("rendezvous_timeout_s", "step_timeout_s", "heartbeat_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be positive.", name)
+        self._normalize_pp_layer_partition()
         return self
+
+    def _normalize_pp_layer_partition(self) -> None:
+        """LLM(pp_layer_partition=[14, 10, 8]) means what "14,10,8" means on the command line;
+        every later reader (and the workers, which get the config as kwargs) takes the string."""
+        part = self.pp_layer_partition
+        if part is None or isinstance(part, str):
+            return
+        if (isinstance(part, (list, tuple))
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in part)):
+            self.pp_layer_partition = ",".join(str(n) for n in part)
+            return
+        raise InvalidRequestError(
+            f"pp_layer_partition must be layer counts per stage, as a string \"14,10,8\" or a "
+            f"list [14, 10, 8], got {part!r}.", "pp_layer_partition")
 
 
 @dataclass

@@ -100,3 +100,32 @@ def test_max_model_len_past_trained_positions(tiny_model_dirs, monkeypatch):
                                       ).resolve().model_config
         assert mc.max_model_len == trained + 1
         monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("value,expected", [([1, 1], "1,1"), ((1, 1), "1,1"), ("1,1", "1,1")])
+def test_pp_layer_partition_as_a_list(tiny_model_dirs, value, expected):
+    # A Python caller writes the counts as a list; it crashed with AttributeError ('split').
+    pc = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                  pipeline_parallel_size=2,
+                                  pp_layer_partition=value).resolve().parallel_config
+    assert pc.pp_layer_partition == expected
+
+
+@pytest.mark.parametrize("value", [[1.5, 0.5], 2, ["1", "1"], [True, True]])
+def test_bad_pp_layer_partition_type_is_named(tiny_model_dirs, value):
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      pipeline_parallel_size=2, pp_layer_partition=value)
+    with pytest.raises(InvalidRequestError, match="layer counts per stage") as err:
+        config.resolve()
+    assert err.value.param == "pp_layer_partition"
+
+
+@pytest.mark.parametrize("port", [0, 65532, 99999, -1])
+def test_master_port_out_of_range_is_refused(port):
+    # ZMQ bound 99999 as 34463 silently: node 0 then waited out the rendezvous timeout.
+    config = EngineConfig.from_kwargs(tensor_parallel_size=2, nnodes=2, master_port=port)
+    with pytest.raises(InvalidRequestError, match="master_port must be in") as err:
+        config.parallel_config.resolve(environ={})
+    assert err.value.param == "master_port"
+    EngineConfig.from_kwargs(tensor_parallel_size=2, nnodes=2,
+                             master_port=65531).parallel_config.resolve(environ={})

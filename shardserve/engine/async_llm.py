@@ -284,6 +284,9 @@ class AsyncLLM:
                 elif isinstance(message, CoreFailed):
                     self._core_error = message.message
                     logger.error("Engine core failed: %s\n%s", message.message, message.traceback)
+                    # The core ends after saying this, but stopping its ranks can take a
+                    # second or more; /health must not stay green (and take requests) meanwhile.
+                    self._mark_dead(f"the engine core failed: {message.message}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here would hang every request; fail them instead

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -109,6 +110,11 @@ def run_worker(spec: WorkerSpec) -> None:
                         f"pid={os.getpid()}) %(name)s: %(message)s")
     import torch
     torch.set_num_threads(spec.num_threads)
+    # tqdm's default lock holds a named multiprocessing semaphore; a rank killed at the end of
+    # a script that never called LLM.shutdown() leaves it to the resource tracker, which warns
+    # of "leaked semaphore objects". No two ranks share a lock anyway: a thread lock will do.
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())
     sys.exit(WorkerProc(spec).run())
 
 

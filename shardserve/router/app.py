@@ -1,7 +1,8 @@
 """`shardserve router`: one OpenAI endpoint in front of several replicas.
 
     /v1/*      forwarded unchanged (streaming passed through as it arrives), with failover
-    /health    200 while any replica is healthy, else 503
+    /health    200 while any replica is healthy, else 503 (and 503 "draining" from SIGTERM on,
+               under `serve -dp N`)
     /metrics   the whole deployment: router counters and gauges (totals, and per replica), then
                every healthy replica's own series labelled replica=NAME (metrics.py says why);
                /metrics?replicas=false: the router's own series alone
@@ -128,9 +129,9 @@ def build_router_app(args: RouterArgs, on_startup: Callable[[BackendPool], None]
     @app.get("/health")
     async def health() -> Response:
         n = len(pool.healthy)
-        body = {"status": "ok" if n else "no_healthy_replica", "healthy_replicas": n,
-                "replicas": len(pool.backends)}
-        return JSONResponse(body, status_code=200 if n else 503)
+        status = "draining" if pool.draining else "ok" if n else "no_healthy_replica"
+        body = {"status": status, "healthy_replicas": n, "replicas": len(pool.backends)}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/live")
     async def live() -> Response:

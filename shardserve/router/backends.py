@@ -97,6 +97,9 @@ class BackendPool:
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
         self.changed = asyncio.Event()  # set after every refresh (tests, start-up waits)
+        # Set by `serve -dp N` on SIGTERM: /health turns 503 at once, as one server's does,
+        # not a probe interval later when the replicas' own 503s have been read.
+        self.draining = False
 
     @property
     def healthy(self) -> list[Backend]:

@@ -183,12 +183,14 @@ class Supervisor:
     def __init__(self, replicas: list[Replica]) -> None:
         self.replicas = replicas
         self.stopping = False
+        self.pool: BackendPool | None = None  # the router's, once started
         self._task: asyncio.Task | None = None
         # Called once every replica is dead for good (restarts used up): nothing is left to
         # serve, so the front exits non-zero instead of answering 503 forever.
         self.on_give_up: Callable[[], None] | None = None
 
     def start(self, pool: BackendPool) -> None:
+        self.pool = pool
         for r in self.replicas:
             r.start()
             pool.add(r.url, pid=r.proc.pid, name=str(r.index))
@@ -292,6 +294,8 @@ class _FrontServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and not self._draining and not self.should_exit:
             self._draining = True
+            if self.supervisor.pool is not None:
+                self.supervisor.pool.draining = True
             self.supervisor.signal_all(signal.SIGTERM)
             asyncio.get_event_loop().call_soon_threadsafe(self._begin_drain)
             return

@@ -2,7 +2,8 @@
 and first-scheduling times go out, and an exception fails every in-flight request. The step
 watchdog ends a core whose step never returns (its heartbeat thread keeps beating) and leaves
 slow steps and idle time alone; through the front (AsyncLLM), the requests then fail with
-engine_dead within seconds."""
+engine_dead within seconds, and the front counts the engine dead as soon as the core reports
+its failure, not only once the core process has finished tearing down."""
 
 from __future__ import annotations
 
@@ -177,9 +178,58 @@ def test_hung_step_with_one_process_fails_requests_as_engine_dead(tiny_model_dir
             with pytest.raises(EngineDeadError, match="step_timeout_s 1.5"):
                 async for _ in llm.generate("Hi", SamplingParams(max_tokens=4), "r"):
                     pass
-            assert llm.dead and llm._core.exitcode == 1
-            return time.monotonic() - start
+            assert llm.dead
+            elapsed = time.monotonic() - start
+            while llm._core.exitcode is None:  # the core exits on its own, with status 1
+                await asyncio.sleep(0.1)
+            assert llm._core.exitcode == 1
+            return elapsed
         finally:
             await llm.shutdown()
 
     assert asyncio.run(asyncio.wait_for(main(), 60)) < 10
+
+
+def _run_core_whose_step_fails_and_teardown_lags(*args, **kwargs) -> None:
+    """run_engine_core with a step that fails as a dead rank makes it fail, and a shutdown
+    that takes seconds, as stopping the surviving ranks can."""
+    from shardserve.engine.core import EngineCore
+    from shardserve.engine.core_proc import run_engine_core
+    from shardserve.errors import EngineDeadError
+
+    def step(self):
+        raise EngineDeadError("Worker rank 1 (pid 1) died: killed by SIGKILL")
+    EngineCore.step = step
+    EngineCore.shutdown = lambda self, *a, **k: time.sleep(3)
+    run_engine_core(*args, **kwargs)
+
+
+def test_core_failure_marks_the_front_dead_before_the_core_exits(tiny_model_dirs, monkeypatch):
+    """The request's error and the engine's death reach the front together: /health and /live
+    (which read AsyncLLM.dead) must not stay green while the core is still tearing down."""
+    from shardserve.config import EngineConfig
+    from shardserve.engine import core_client
+    from shardserve.engine.async_llm import AsyncLLM
+    from shardserve.errors import EngineDeadError
+
+    monkeypatch.setattr(core_client, "run_engine_core",
+                        _run_core_whose_step_fails_and_teardown_lags)
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      max_model_len=64, kv_cache_memory_bytes=1 << 20).resolve()
+
+    async def main() -> None:
+        llm = AsyncLLM(config)
+        await llm.start()
+        try:
+            with pytest.raises(EngineDeadError, match="rank 1"):
+                async for _ in llm.generate("Hi", SamplingParams(max_tokens=4), "r"):
+                    pass
+            await asyncio.sleep(0.1)  # the reader takes the CoreFailed that followed
+            assert llm._core.exitcode is None  # still tearing down...
+            assert llm.dead and not llm.is_alive and "rank 1" in llm.dead_reason  # ...yet dead
+            with pytest.raises(EngineDeadError):
+                llm.check_started()  # new requests are refused, not sent to a dying core
+        finally:
+            await llm.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

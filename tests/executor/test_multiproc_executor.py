@@ -9,7 +9,8 @@
 - a worker killed (or frozen) mid-generation makes the engine raise EngineDeadError within
   seconds; when node 0 dies, every rank of both nodes exits on its own; a frozen rank on node 1,
   which cannot, is killed by its launcher, which exits non-zero; a killed rank on node 1 is
-  named (by its silence), not the peer whose all-reduce it broke.
+  named (by its silence), not the peer whose all-reduce it broke;
+- a script that never calls LLM.shutdown() exits quietly, leaving no rank behind.
 """
 
 from __future__ import annotations
@@ -225,6 +226,25 @@ def test_killed_worker_raises_engine_dead_error_quickly(tiny_model_dirs, async_s
         llm.generate({"prompt_token_ids": [4, 5]}, params, use_tqdm=False)
     assert time.monotonic() - start < 1
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_script_without_shutdown_exits_cleanly(tiny_model_dirs):
+    """vLLM scripts rarely call LLM.shutdown(): at exit the ranks go with the interpreter,
+    quietly (no resource_tracker warning of "leaked semaphore objects", which tqdm's lock in
+    every rank used to leave), and none outlives the script."""
+    script = ("import sys\n"
+              "from shardserve import LLM, SamplingParams\n"
+              f"llm = LLM({tiny_model_dirs['llama']!r}, tensor_parallel_size=2, device='cpu',\n"
+              "          max_model_len=128, kv_cache_memory_bytes=8 << 20)\n"
+              "llm.generate('Hi', SamplingParams(max_tokens=2), use_tqdm=False)\n"
+              "print(*llm.engine.core.executor.worker_pids.values())\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "leaked" not in proc.stderr, proc.stderr[-2000:]
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
 
 
 def test_rank_stopped_before_checking_in_fails_start_up_quickly(tiny_model_dirs, monkeypatch):

@@ -393,3 +393,34 @@ def test_frozen_replica_is_killed_with_its_children_and_restarted(monkeypatch):
 def _popen_with_stdout(argv: list[str]):
     import subprocess
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+def test_sigterm_turns_the_front_health_503_at_once():
+    """`serve -dp N` on SIGTERM: /health says draining at once, as one server's does, not a
+    probe interval later when the replicas' own 503s have been read (a readiness probe or load
+    balancer in that window kept sending work to a stopping deployment)."""
+    import asyncio
+
+    import uvicorn
+
+    from shardserve.router import data_parallel as dp
+    from shardserve.router.app import RouterArgs, build_router_app
+
+    app = build_router_app(RouterArgs())
+    pool = app.state.pool
+    pool.add("http://127.0.0.1:1").healthy = True  # as the last probe left it
+    supervisor = dp.Supervisor([])
+    supervisor.pool = pool  # what Supervisor.start records
+    front = dp._FrontServer(uvicorn.Config(app), supervisor, shutdown_timeout=1.0)
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://front") as client:
+            assert (await client.get("/health")).status_code == 200
+            front.handle_exit(signal.SIGTERM, None)
+            r = await client.get("/health")
+            assert r.status_code == 503 and r.json()["status"] == "draining", r.text
+        while not front.should_exit:  # the drain ends, nothing left to wait for
+            await asyncio.sleep(0.05)
+
+    asyncio.run(asyncio.wait_for(run(), 10))
