@@ -1,5 +1,7 @@
 """shardserve/cli.py: the command line itself."""
 
+import pytest
+
 from shardserve.cli import build_parser
 
 
@@ -26,6 +28,14 @@ def test_serve_takes_the_model_as_a_positional_argument_as_vllm_does():
     parser = build_parser()
     assert parser.parse_args(["serve", "/models/m", "--port", "9000"]).model_tag == "/models/m"
     assert parser.parse_args(["serve", "--port", "9000"]).model_tag is None
+
+
+@pytest.mark.parametrize("command", ["serve", "router"])
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_bad_port_is_a_usage_error_before_anything_loads(command, port, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([command, "--port", port])
+    assert exc.value.code == 2 and "argument --port" in capsys.readouterr().err
 
 
 def test_serve_refuses_two_different_models(capsys):

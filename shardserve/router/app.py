@@ -27,6 +27,7 @@ from shardserve.dashboard import mount_router_dashboard
 from shardserve.router.backends import BackendPool, DiscoveryConfig
 from shardserve.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shardserve.router.metrics import render_metrics
+from shardserve.server.args import parse_port
 from shardserve.router.policy import POLICIES, make_policy
 from shardserve.router.proxy import Proxy, ProxyConfig
 
@@ -70,7 +71,7 @@ def add_router_args(parser: argparse.ArgumentParser, standalone: bool = True) ->
                        help="a DNS name whose addresses are the replicas (a Kubernetes headless "
                             "Service); re-resolved while running")
         g.add_argument("--host", default=d.host)
-        g.add_argument("--port", type=int, default=d.port)
+        g.add_argument("--port", type=parse_port, default=d.port, help="TCP port to listen on")
         g.add_argument("--uvicorn-log-level", default=d.uvicorn_log_level,
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     prefix = "--" if standalone else "--router-"

@@ -38,11 +38,23 @@ class ServerArgs:
                    uvicorn_log_level=args.uvicorn_log_level)
 
 
+def parse_port(text: str) -> int:
+    """A TCP port, checked when the flags are read (uvicorn would find out after the model
+    loaded, with a traceback)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in [0, 65535], got {port}")
+    return port
+
+
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     d = ServerArgs()
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=d.host, help="address to listen on")
-    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--port", type=parse_port, default=d.port, help="TCP port to listen on")
     g.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
                         f"and /dashboard/data (or set {API_KEY_ENV} or {VLLM_API_KEY_ENV}); "
