@@ -228,6 +228,7 @@ def test_killed_worker_raises_engine_dead_error_quickly(tiny_model_dirs, async_s
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.heavy  # a whole TP 2 script in a subprocess (~12 s); CI runs its parts elsewhere
 def test_script_without_shutdown_exits_cleanly(tiny_model_dirs):
     """vLLM scripts rarely call LLM.shutdown(): at exit the ranks go with the interpreter,
     quietly (no resource_tracker warning of "leaked semaphore objects", which tqdm's lock in
