@@ -22,6 +22,9 @@ DERIVED_FIELDS = frozenset({"source", "hf_config", "architecture", "num_blocks",
                              "usage_context", "generation_defaults"})
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATION_METHODS = ("fp8",)  # --quantization (layers/quantization.py)
+# --quantization fp8's scale granularity: columns one float32 scale covers in a row
+# (kernels/fp8_gemm.py; the loader and the planner count with it too).
+FP8_GROUP_SIZE = 128
 _SOURCE_KIND = {"safetensors": "hf", "gguf": "gguf"}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
                   "bf16": "bfloat16"}

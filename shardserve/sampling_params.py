@@ -18,6 +18,13 @@ _OPTIONAL_INT_FIELDS = frozenset({"seed", "max_tokens", "logprobs", "prompt_logp
 _GREEDY_EPS = 1e-5
 
 
+def check_truncate_prompt_tokens(keep: object) -> None:
+    """SamplingParams' rule, also for the server's field, which reaches the prompt unwrapped."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or not (keep == -1 or keep >= 1):
+        raise InvalidRequestError(f"truncate_prompt_tokens must be at least 1, or -1 "
+                                  f"(max_model_len), got {keep!r}.", "truncate_prompt_tokens")
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop (vLLM's `SamplingParams`)."""
@@ -151,10 +158,8 @@ class SamplingParams:
             bad("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}.")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             bad("prompt_logprobs", f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}.")
-        if self.truncate_prompt_tokens is not None and not (
-                self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1):
-            bad("truncate_prompt_tokens", f"truncate_prompt_tokens must be at least 1, or -1 "
-                                          f"(max_model_len), got {self.truncate_prompt_tokens}.")
+        if self.truncate_prompt_tokens is not None:
+            check_truncate_prompt_tokens(self.truncate_prompt_tokens)
         if any(not s for s in self.stop):
             bad("stop", "stop strings must be non-empty.")
         if self.stop and not self.detokenize:

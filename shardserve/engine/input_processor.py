@@ -13,7 +13,7 @@ from shardserve.config import EngineConfig
 from shardserve.engine.bad_words import bad_words_token_ids
 from shardserve.engine.request import Request
 from shardserve.errors import ContextLengthError, InvalidRequestError
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import SamplingParams, check_truncate_prompt_tokens
 from shardserve.tokenizer import encode_prompt
 
 PromptType = str | dict[str, Any]
@@ -96,9 +96,7 @@ class InputProcessor:
         """The last `keep` ids, as vLLM truncates (from the left: a prompt's end is what the
         model continues). More than max_model_len could never fit, so it is refused as vLLM
         does; the text of a truncated prompt stays as sent (RequestOutput.prompt)."""
-        if isinstance(keep, bool) or not isinstance(keep, int) or not (keep == -1 or keep >= 1):
-            raise InvalidRequestError(f"truncate_prompt_tokens must be at least 1, or -1 "
-                                      f"(max_model_len), got {keep!r}.", "truncate_prompt_tokens")
+        check_truncate_prompt_tokens(keep)
         keep = self.max_model_len if keep == -1 else keep
         if keep > self.max_model_len:
             raise InvalidRequestError(

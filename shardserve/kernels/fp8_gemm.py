@@ -24,11 +24,13 @@ accumulator (what DeepSeek-V3's report recommends for Hopper's FP8 MMA).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-GROUP = 128
+from shardserve.config import FP8_GROUP_SIZE as GROUP
 FP8_MAX = 448.0  # largest finite e4m3fn
 FP8 = torch.float8_e4m3fn
 # An all-zero group gets this scale (not 0: the GEMM multiplies by it, and 0 * inf is NaN).
@@ -165,7 +167,7 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Ten
     forces the Triton kernel (the CPU tests run it through Triton's interpreter)."""
     if not (xq.is_cuda if triton_kernel is None else triton_kernel):
         return fp8_gemm_ref(xq, xs, wq, ws, out_dtype, bias)
-    if triton_kernel is None and xq.shape[0] >= CUBLASLT_MIN_ROWS:
+    if triton_kernel is None:
         out = _cublaslt_gemm(xq, xs, wq, ws, out_dtype)
         if out is not None:
             return out if bias is None else out.add_(bias)
@@ -190,10 +192,14 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Ten
 # sides) takes the GEMM whenever K is whole groups: on an H200 it runs Llama-3-8B's layers at
 # about bf16's speed (a step's GEMMs at 256 rows 6.35 against 6.05 ms, at 4,096 rows 72.6
 # against 72.2 ms, at one row 3.73 against 4.29 ms), where this Triton kernel is slower at one
-# row (5.3 ms) and no faster above (BENCHMARKS.md, session 9). CUBLASLT_MIN_ROWS: rows below
-# which the Triton kernel is kept anyway (none).
-CUBLASLT_MIN_ROWS = 0
+# row (5.3 ms) and no faster above (BENCHMARKS.md, session 9).
 _cublaslt_refused: set[tuple] = set()
+
+
+@functools.cache
+def _is_hopper(device_index: int) -> bool:
+    # Asked once per device: the GEMM runs for every projection of every step.
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
 def _cublaslt_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
@@ -204,7 +210,7 @@ def _cublaslt_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: tor
     n = wq.shape[0]
     key = (n, k, out_dtype, xq.device.index)
     if k % GROUP or key in _cublaslt_refused or out_dtype not in (torch.bfloat16, torch.float16) \
-            or torch.cuda.get_device_capability(xq.device) != (9, 0):
+            or not _is_hopper(xq.device.index or 0):
         return None
     rows = -(-m // 4) * 4  # cuBLASLt wants the rows in fours
     if rows != m:

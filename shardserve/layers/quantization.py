@@ -83,13 +83,11 @@ class Fp8Linear:
             raise ValueError(f"Checkpoint shape {tuple(shape)} does not match the layer's "
                              f"[{layer.output_size}, {layer.input_size}] weight.")
         index = (slice(src_row, src_row + num_rows), slice(src_col, src_col + cols))
-        exact = (src.quantized(*index) if isinstance(src, Fp8BlockDequantSlice) else None)
-        if exact is not None:
-            q, scale = exact
-        else:
-            tensor = src[index] if isinstance(src, torch.Tensor) else src[index]
-            q, scale = quantize_rows_fp8_ref(tensor.to(layer.weight_scale.device))
-        copy_weight(layer.weight.data.narrow(0, dst_row, num_rows), q.to(q.device))
+        exact = src.quantized(*index) if isinstance(src, Fp8BlockDequantSlice) else None
+        # Anything else (a tensor or a lazy slice, dequantized FP8 of other blocks included)
+        # is quantized here, on the layer's device.
+        q, scale = exact or quantize_rows_fp8_ref(src[index].to(layer.weight_scale.device))
+        copy_weight(layer.weight.data.narrow(0, dst_row, num_rows), q)
         copy_weight(layer.weight_scale.narrow(0, dst_row, num_rows), scale)
 
     def apply(self, layer: nn.Module, x: torch.Tensor,

@@ -39,8 +39,7 @@ def initialize_dummy_weights(model: nn.Module, seed: int = 0,
             elif "bias" in leaf and "correction" in leaf:
                 param.zero_()
             else:
-                gen = torch.Generator(device=param.device)
-                gen.manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                gen = _generator(seed, name, param.device)
                 if param.dtype.is_floating_point and param.element_size() >= 2:
                     param.uniform_(low, high, generator=gen)
                 else:  # fp8 and integer storage: draw in float32, then convert
@@ -53,9 +52,15 @@ def initialize_dummy_weights(model: nn.Module, seed: int = 0,
                 # whole range times one scale (drawn straight into e4m3, nearly all are zero).
                 scale = max(abs(low), abs(high)) / 448.0
                 module.weight_scale.fill_(scale)
-                gen = torch.Generator(device=module.weight.device)
-                gen.manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                gen = _generator(seed, name, module.weight.device)
                 values = module.weight.data.float().uniform_(low / scale, high / scale,
                                                              generator=gen)
                 module.weight.data.copy_(values.to(module.weight.dtype))
     return names
+
+
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """Seeded by (seed, name): the same values on every rank that holds the tensor."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return gen

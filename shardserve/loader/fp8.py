@@ -18,11 +18,11 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from shardserve.config import FP8_GROUP_SIZE
 from shardserve.errors import ModelLoadError, UnsupportedModelError
 from shardserve.layers.weight_utils import LoadedWeight, materialize, weight_shape
 
 SCALE_SUFFIX = "_scale_inv"
-FP8_GROUP = 128  # the columns one scale covers in layers/quantization.py
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
@@ -39,9 +39,9 @@ def fp8_block_size(hf_config: Any) -> tuple[int, int] | None:
         raise UnsupportedModelError(
             f"config.json's quantization_config (quant_method {method!r}"
             f"{f', weight_block_size {block}' if method == 'fp8' else ''}) is not supported: "
-            "shardserve has no quantized kernels. Only FP8 "
-            "block-quantized checkpoints (quant_method 'fp8' with weight_block_size) are served, "
-            "dequantized on load; use the unquantized checkpoint or a GGUF file.")
+            "of the quantized formats, shardserve reads only FP8 block-quantized checkpoints "
+            "(quant_method 'fp8' with weight_block_size); use the unquantized checkpoint or a "
+            "GGUF file.")
     return int(block[0]), int(block[1])
 
 
@@ -85,7 +85,7 @@ class Fp8BlockDequantSlice:
         block widths, columns not starting on a block, e5m2 values."""
         (r0, r1), (c0, c1) = _ranges((rows, cols), self.get_shape())
         bn, bk = self.block_size
-        if bk != FP8_GROUP or c0 % bk or _dtype_of(self.weight) != torch.float8_e4m3fn:
+        if bk != FP8_GROUP_SIZE or c0 % bk or _dtype_of(self.weight) != torch.float8_e4m3fn:
             return None
         q = self.weight[r0:r1, c0:c1]
         scale = materialize(self.scale_inv)[:, c0 // bk:-(-c1 // bk)].float()

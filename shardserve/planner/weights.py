@@ -22,6 +22,7 @@ accounting (MLA follows models/deepseek.py).
 
 from __future__ import annotations
 
+from shardserve.config import FP8_GROUP_SIZE
 from shardserve.planner.shape import MLASpec, ModelShape
 
 VOCAB_PADDING = 64  # layers/embedding.py DEFAULT_VOCAB_PADDING_SIZE
@@ -86,11 +87,16 @@ def attention_params(shape: ModelShape, tp: int) -> int:
     if shape.mla is not None:
         return _mla_params(shape, shape.mla, tp)
     h, d = shape.hidden_size, shape.head_dim
-    rows = (shape.num_heads // tp + 2 * kv_heads_per_rank(shape.num_kv_heads, tp)) * d
+    rows = qkv_rows_per_rank(shape, tp)
     qkv = rows * h + (rows if shape.qkv_bias else 0)
     o_proj = h * (shape.num_heads * d // tp) + (h if shape.o_proj_bias else 0)
     qk_norm = 2 * d if shape.qk_norm else 0
     return qkv + o_proj + qk_norm
+
+
+def qkv_rows_per_rank(shape: ModelShape, tp: int) -> int:
+    """QKVParallelLinear's output rows on one rank: its query heads and K and V heads."""
+    return (shape.num_heads // tp + 2 * kv_heads_per_rank(shape.num_kv_heads, tp)) * shape.head_dim
 
 
 def _mla_params(shape: ModelShape, mla: MLASpec, tp: int) -> int:
@@ -165,7 +171,7 @@ def stage_weight_bytes(shape: ModelShape, tp: int, start: int, end: int, first: 
     if fp8:
         for layer in range(start, end):
             for rows, cols in fp8_matrices(shape, layer, tp):
-                total -= rows * cols * (elem_bytes - 1) - rows * -(-cols // FP8_GROUP) * 4
+                total -= rows * cols * (elem_bytes - 1) - rows * -(-cols // FP8_GROUP_SIZE) * 4
     moe = shape.moe
     if moe is not None:
         per_layer = 8 * moe.num_experts
@@ -173,9 +179,6 @@ def stage_weight_bytes(shape: ModelShape, tp: int, start: int, end: int, first: 
             per_layer += router_params(shape) * (4 - elem_bytes)
         total += per_layer * sum(1 for i in range(start, end) if moe.is_moe_layer(i))
     return total
-
-
-FP8_GROUP = 128  # columns one FP8 scale covers (kernels/fp8_gemm.py GROUP)
 
 
 def fp8_matrices(shape: ModelShape, layer: int, tp: int) -> list[tuple[int, int]]:
@@ -186,9 +189,8 @@ def fp8_matrices(shape: ModelShape, layer: int, tp: int) -> list[tuple[int, int]
     h = shape.hidden_size
     matrices = []
     if shape.mla is None:
-        d = shape.head_dim
-        rows = (shape.num_heads // tp + 2 * kv_heads_per_rank(shape.num_kv_heads, tp)) * d
-        matrices += [(rows, h), (h, shape.num_heads * d // tp)]
+        matrices += [(qkv_rows_per_rank(shape, tp), h),
+                     (h, shape.num_heads * shape.head_dim // tp)]
     moe = shape.moe
     inter = (moe.shared_intermediate_size if moe is not None and moe.is_moe_layer(layer)
              else shape.intermediate_size) // tp
