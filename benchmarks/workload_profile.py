@@ -189,6 +189,7 @@ def main(argv=None) -> None:
     out_tokens = args.num_prompts * args.output_len
     s = summarise(steps.records, times, offset)
     result = {"args": vars(args), "wall_s": wall, "profiled_calls": profiled_calls,
+              "preemptions": engine.core.scheduler.num_preemptions,
               "output_tok_s": out_tokens / wall, **s, "windows": windows}
 
     print(f"\n{args.num_prompts} x ({args.input_len} in / {args.output_len} out): "
@@ -200,7 +201,8 @@ def main(argv=None) -> None:
     for kind, (n, sec, tok, rows) in s["kinds"].items():
         print(f"{kind:>14} {n:>6} {sec:>8.1f} {sec / billed:>6.0%} {1e3 * sec / max(n, 1):>8.2f} "
               f"{tok / max(n, 1):>15.0f} {rows / max(n, 1):>16.0f}")
-    print(f"mean context of a decode row in decode steps: {s['mean_decode_ctx']:.0f} tokens")
+    print(f"mean context of a decode row in decode steps: {s['mean_decode_ctx']:.0f} tokens; "
+          f"{engine.core.scheduler.num_preemptions} preemptions")
     for name, w in windows.items():
         a = w["analysis"]
         if not a.get("kernels"):

@@ -43,7 +43,8 @@ def check_kv_cache_dtype(name: str) -> None:
 
 # vLLM's largest captured batch too. Under --max-num-seqs 512 a cap of 256 left every larger
 # decode step eager: about 500 rows took 37.7 ms a step against 29.7 ms replayed (H200, fp8
-# cache, 1000 x 1000/1000). Under the default max_num_seqs (256) the ladder stops at 256.
+# cache, 1000 x 1000/1000). Under a max_num_seqs of 256 (a server's default) the ladder stops
+# at 256.
 DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE = 512
 
 
@@ -238,7 +239,7 @@ class ParallelConfig:
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # rows a step; default: default_max_num_seqs
     max_num_batched_tokens: int | None = None  # per-step token budget; default: see below
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None  # None: unbounded (the server bounds it)
@@ -246,24 +247,43 @@ class SchedulerConfig:
     # on the device). None: on for CUDA without pipeline parallelism (resolve()).
     async_scheduling: bool | None = None
     # Who runs the engine, as vLLM's UsageContext: "server" (OpenAI server, the default) or
-    # "llm" (the offline LLM class, `bench throughput`/`latency`). It only picks the default
-    # max_num_batched_tokens (default_max_num_batched_tokens).
+    # "llm" (the offline LLM class, `bench throughput`/`latency`). It only picks the defaults
+    # of max_num_seqs and max_num_batched_tokens (default_max_num_seqs, ...batched_tokens).
     usage_context: str = "server"
 
 
-def default_max_num_batched_tokens(usage_context: str, device: str) -> int:
-    """vLLM's defaults on GPUs of 70 GiB or more (H100, H200; not A100): 16,384 tokens a step
-    offline, where only throughput counts, 8,192 for a server, whose decodes wait behind each
-    prompt chunk. On the H200, 1000 x (1000 in / 1000 out) with the fp8 cache made 11,597
-    output tok/s at 16,384 against 11,043 at 8,192 (BENCHMARKS.md, session 6): fewer prompt
-    steps, each carrying the running decodes. Everywhere else 8,192."""
-    if usage_context == "llm" and device == "cuda":
-        import torch
+def large_gpu(device: str) -> bool:
+    """vLLM's test for its larger batch defaults: a GPU of 70 GiB or more that is not an A100
+    (H100, H200, MI300x; vLLM measured the larger token budget slower on the A100)."""
+    if device != "cuda":
+        return False
+    import torch
 
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        if props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower():
-            return 16384
-    return 8192
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower()
+
+
+def default_max_num_batched_tokens(usage_context: str, device: str) -> int:
+    """vLLM's defaults on large GPUs (large_gpu): 16,384 tokens a step offline, where only
+    throughput counts, 8,192 for a server, whose decodes wait behind each prompt chunk. On the
+    H200, 1000 x (1000 in / 1000 out) with the fp8 cache made 11,597 output tok/s at 16,384
+    against 11,043 at 8,192 (BENCHMARKS.md, session 6): fewer prompt steps, each carrying the
+    running decodes. Everywhere else 8,192."""
+    return 16384 if usage_context == "llm" and large_gpu(device) else 8192
+
+
+def default_max_num_seqs(usage_context: str, device: str) -> int:
+    """512 rows a step offline on large GPUs (large_gpu), 256 everywhere else and for a server.
+    vLLM takes 1,024 on large GPUs; ours stops at the top of the CUDA-graph ladder
+    (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE), since larger decode steps run eager. On the H200,
+    1000 x (1000 in / 1000 out), fp8 cache, `bench throughput` in one session: 11,898 output
+    tok/s at 512 against 11,355 at 256 (32,768 tokens a step), and 11,223 at 1,024, where the
+    cache no longer holds every running request and the newest are preempted (BENCHMARKS.md,
+    session 10). A server keeps 256: more rows a step is more throughput but a slower token
+    for every stream."""
+    if usage_context == "llm" and large_gpu(device):
+        return DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
+    return 256
 
 
 @dataclass
@@ -383,6 +403,8 @@ class EngineConfig:
         if sc.usage_context not in ("server", "llm"):
             raise InvalidRequestError(f"usage_context must be 'server' or 'llm', got "
                                       f"{sc.usage_context!r}.", "usage_context")
+        if sc.max_num_seqs is None:
+            sc.max_num_seqs = default_max_num_seqs(sc.usage_context, dc.device)
         if sc.max_num_batched_tokens is None:
             budget = default_max_num_batched_tokens(sc.usage_context, dc.device)
             sc.max_num_batched_tokens = (budget if sc.enable_chunked_prefill

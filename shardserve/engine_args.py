@@ -88,7 +88,8 @@ _HELP = {
     "master_addr": "node 0's address (default: $LWS_LEADER_ADDRESS or 127.0.0.1)",
     "master_port": "node 0's rendezvous port (default 29500 with --nnodes above 1; the next 4 "
                    "ports are used too)",
-    "max_num_seqs": "most sequences in one step's batch",
+    "max_num_seqs": "most sequences in one step's batch (default 256; offline runs on GPUs of "
+                    "70 GiB or more: 512)",
     "enable_chunked_prefill": "split long prompts over steps within --max-num-batched-tokens "
                               "(on; --no-enable-chunked-prefill turns it off)",
     "max_waiting_requests": "requests that may wait for a slot beyond the free ones; past them, "

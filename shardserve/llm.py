@@ -32,7 +32,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  max_model_len: int | None = None, block_size: int = 16,
-                 enable_prefix_caching: bool = True, max_num_seqs: int = 256,
+                 enable_prefix_caching: bool = True, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0, **kwargs: Any) -> None:
         config = EngineConfig.from_kwargs(

@@ -167,6 +167,24 @@ def test_default_token_budget_follows_vllm_usage_contexts(monkeypatch, usage, de
     assert default_max_num_batched_tokens(usage, device) == expected
 
 
+@pytest.mark.parametrize("usage,device,gpu,expected", [
+    ("llm", "cuda", _FakeGpu("NVIDIA H200", 141), 512),  # the CUDA-graph ladder's top
+    ("server", "cuda", _FakeGpu("NVIDIA H200", 141), 256),
+    ("llm", "cuda", _FakeGpu("NVIDIA A100-SXM4-80GB", 80), 256),
+    ("llm", "cuda", _FakeGpu("NVIDIA L4", 23), 256),
+    ("llm", "cpu", None, 256),
+])
+def test_default_max_num_seqs_follows_usage_context_and_gpu(monkeypatch, usage, device, gpu,
+                                                             expected):
+    import torch
+
+    from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, default_max_num_seqs
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    assert default_max_num_seqs(usage, device) == expected
+    assert default_max_num_seqs(usage, device) <= DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
+
+
 def test_usage_context_is_set_by_the_entry_point_not_a_flag(tiny_model_dirs):
     """The offline LLM class says "llm", a config from flags (the server) "server"; an
     explicit --max-num-batched-tokens always wins. Not a flag, and not sent to other nodes
@@ -181,6 +199,7 @@ def test_usage_context_is_set_by_the_entry_point_not_a_flag(tiny_model_dirs):
               kv_cache_memory_bytes=2**20)
     sc = llm.config.scheduler_config
     assert (sc.usage_context, sc.max_num_batched_tokens) == ("llm", 333)
+    assert sc.max_num_seqs == 256  # the CPU's default, resolved before any reader sees it
     assert "usage_context" not in llm.config.to_kwargs()
     with pytest.raises(Exception, match="usage_context must be"):
         EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",

@@ -67,7 +67,8 @@ def resolve_auto_parallel(engine_config: Any, num_gpus: int, gpu_memory_bytes: i
         num_gpus=num_gpus * nnodes, gpu_memory_bytes=gpu_memory_bytes, gpus_per_node=num_gpus,
         max_model_len=mc.max_model_len, dtype=mc.dtype,
         gpu_memory_utilization=cc.gpu_memory_utilization, block_size=cc.block_size,
-        max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens or 8192,
+        # EngineConfig.resolve() has set both by now; a config not resolved gets a server's.
+        max_num_seqs=sc.max_num_seqs or 256, max_num_batched_tokens=sc.max_num_batched_tokens or 8192,
         enforce_eager=bool(getattr(mc, "enforce_eager", False)),
         max_cuda_graph_batch_size=int(getattr(mc, "max_cuda_graph_batch_size",
                                                DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE)),
