@@ -15,6 +15,9 @@ Order (vLLM's):
 cumulative sum, and lets a seeded row draw its noise from its own generator: its tokens then
 depend only on its seed, never on what else is in the batch.
 
+On a GPU, plain temperature sampling (no seeded row, no top-k/top-p/min-p; greedy rows mixed
+in) skips all of that and runs kernels/sampling.py: the same race in one pass over the logits.
+
 Everything stays on the logits' device; the only device-to-host copy is the logprobs at the end
 (the caller copies the sampled ids), so a CUDA step needs no per-request synchronisation.
 """
@@ -233,6 +236,14 @@ class Sampler(nn.Module):
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        edits = (md.allowed_rows is not None or md.banned_rows is not None
+                 or md.logit_bias_rows is not None or not md.no_penalties)
+        if not edits and (md.all_greedy or _fused_sampling(logits, md)):
+            # Nothing to change in the logits: read them once, in their own dtype (argmax of a
+            # half-precision row is the same as of its float32 copy).
+            if md.all_greedy:
+                return self._with_logprobs(logits.argmax(dim=-1), raw_logprobs, md)
+            return self._with_logprobs(_fused_sample(logits, md), raw_logprobs, md)
         logits = logits.float()
         if md.allowed_rows is not None:
             logits[md.allowed_rows] = logits[md.allowed_rows].masked_fill_(md.allowed_mask,
@@ -247,13 +258,19 @@ class Sampler(nn.Module):
 
         if md.all_greedy:
             sampled = logits.argmax(dim=-1)
+        elif _fused_sampling(logits, md):
+            sampled = _fused_sample(logits, md)
         elif md.all_random:
             sampled = self._sample_random(logits, md)
         else:
             # Before the random path, which edits logits in place.
             greedy_ids = logits.argmax(dim=-1)
             sampled = torch.where(md.greedy_mask, greedy_ids, self._sample_random(logits, md))
+        return self._with_logprobs(sampled, raw_logprobs, md)
 
+    @staticmethod
+    def _with_logprobs(sampled: torch.Tensor, raw_logprobs: torch.Tensor | None,
+                       md: SamplingMetadata) -> SamplerOutput:
         if raw_logprobs is None:
             return SamplerOutput(sampled)
         entries, host_ids = _logprob_entries(raw_logprobs, sampled, md.max_num_logprobs,
@@ -277,6 +294,22 @@ class Sampler(nn.Module):
         # exponential_ may return exactly 0 (p / 0 = inf, 0 / 0 = nan would win the argmax).
         q.clamp_min_(torch.finfo(q.dtype).tiny)
         return probs.div_(q).argmax(dim=-1)
+
+
+def _fused_sampling(logits: torch.Tensor, md: SamplingMetadata) -> bool:
+    """Whether kernels/sampling.py can draw this batch in one pass: on a GPU, plain
+    temperature sampling (greedy rows mixed in), no seeded request (a seeded row's draws come
+    from its own torch generator, `_sample_random`), no top-k, top-p or min-p."""
+    return (logits.is_cuda and not md.generators and md.no_top_p_top_k and md.no_min_p
+            and logits.shape[-1] < 2**31 // max(logits.shape[0], 1))
+
+
+def _fused_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    from shardserve.kernels.sampling import sample
+
+    # Drawn from the device's default generator (seeded with the engine's seed), on the device.
+    seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64, device=logits.device)
+    return sample(logits, md.temperature, md.greedy_mask, seed)
 
 
 def advance_generator(generator: torch.Generator, num_steps: int, vocab_size: int,

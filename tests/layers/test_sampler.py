@@ -338,3 +338,42 @@ def test_top_k_bounds(top_k: int) -> None:
     draws = set(many(logits, SamplingParams(top_k=top_k), num=2000).tolist())
     if 0 < top_k < VOCAB:
         assert draws <= set(logits.topk(top_k).indices.tolist())
+
+
+def test_fused_gpu_path_is_taken_only_for_plain_temperature_sampling() -> None:
+    """kernels/sampling.py draws a batch only where it computes what the torch path would:
+    on a GPU, no seeded row, no top-k / top-p / min-p (greedy rows may be mixed in)."""
+    from types import SimpleNamespace
+
+    from shardserve.layers.sampler import _fused_sampling
+
+    on_gpu = SimpleNamespace(is_cuda=True, shape=(4, VOCAB))
+    plain = build([SamplingParams(temperature=0.8), SamplingParams(temperature=0.0)] * 2)
+    assert _fused_sampling(on_gpu, plain)
+    assert not _fused_sampling(torch.zeros(4, VOCAB), plain)
+    for p in (SamplingParams(top_p=0.9), SamplingParams(top_k=5), SamplingParams(min_p=0.1)):
+        assert not _fused_sampling(on_gpu, build([p] * 4))
+    seeded = build([SamplingParams(temperature=1.0, seed=1)] * 4,
+                   generators=[torch.Generator().manual_seed(1) for _ in range(4)])
+    assert not _fused_sampling(on_gpu, seeded)
+
+
+@pytest.mark.gpu
+def test_sampler_on_gpu_uses_the_kernel_with_the_same_distribution(monkeypatch) -> None:
+    import shardserve.kernels.sampling as kernel
+
+    calls = []
+    real = kernel.sample
+    monkeypatch.setattr(kernel, "sample", lambda *a: calls.append(a) or real(*a))
+    rows = 40000
+    row = torch.tensor([0.0, 1.0, 2.0, 3.0] + [-math.inf] * (VOCAB - 4))
+    params = [SamplingParams(temperature=0.0 if i % 4 == 0 else 1.5) for i in range(rows)]
+    md = SamplingMetadata.build(params, [[]] * rows, [[]] * rows, [None] * rows, [[]] * rows,
+                                VOCAB, "cuda")
+    got = Sampler()(row.repeat(rows, 1).cuda().to(torch.bfloat16), md).sampled_token_ids.cpu()
+    assert len(calls) == 1
+    assert (got[::4] == 3).all()  # greedy rows
+    random_rows = torch.ones(rows, dtype=torch.bool)
+    random_rows[::4] = False
+    freq = torch.bincount(got[random_rows], minlength=VOCAB).double() / random_rows.sum()
+    torch.testing.assert_close(freq, torch.softmax(row.double() / 1.5, -1), atol=0.01, rtol=0)

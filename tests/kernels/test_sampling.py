@@ -1,0 +1,111 @@
+"""The one-pass sampling kernel (kernels/sampling.py) against what it must compute: greedy rows
+are torch.argmax (ties to the lowest id), masked (-inf) tokens never win, a seed fixes the
+draws, and the draws follow softmax(logits / temperature). Its Philox stream is not torch's, so
+random rows are checked as distributions, never draw by draw.
+
+CPU: Triton's interpreter, a few hundred rows (it runs each program in Python). GPU (marked
+gpu): 100,000 rows for a tight distribution check, and the vocabulary of Llama 3 at 512 rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from shardserve.kernels.sampling import sample, sample_ref  # noqa: E402
+from tests.kernels.kernel_cases import DEVICE  # noqa: E402
+
+
+def _seed(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+def _draw(logits, temperature, greedy=None, seed=0):
+    rows = logits.shape[0]
+    t = torch.full((rows,), float(temperature), device=DEVICE)
+    g = (torch.zeros(rows, dtype=torch.bool, device=DEVICE) if greedy is None
+         else greedy.to(DEVICE))
+    return sample(logits.to(DEVICE), t, g, _seed(seed)).cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 3001])  # one partial block; two blocks, the last partial
+def test_greedy_rows_are_argmax_with_ties_to_the_lowest_id(dtype, vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=gen).to(dtype)
+    logits[1, vocab // 2] = logits[1, vocab - 1] = 50.0  # a tie across blocks: the lower id
+    logits[2, 3] = logits[2, 5] = 50.0
+    greedy = torch.tensor([True, True, True, False, True])
+    got = _draw(logits, 1.0, greedy)
+    want = logits.float().argmax(-1)
+    assert got.dtype == torch.int64
+    assert got[greedy].tolist() == want[greedy].tolist()
+    assert got[1].item() == vocab // 2 and got[2].item() == 3
+    assert 0 <= got[3].item() < vocab
+
+
+def test_masked_tokens_never_win_and_an_all_masked_row_gives_token_0():
+    gen = torch.Generator().manual_seed(1)
+    rows, vocab = 48, 300
+    logits = torch.full((rows, vocab), float("-inf"))
+    allowed = torch.randperm(vocab, generator=gen)[:3]
+    logits[:, allowed] = torch.randn(rows, 3, generator=gen) * 5
+    logits[-1] = float("-inf")
+    got = _draw(logits, 1.0)
+    assert set(got[:-1].tolist()) <= set(allowed.tolist())
+    assert got[-1].item() == 0
+
+
+def test_seed_fixes_the_draws_and_a_new_seed_changes_them():
+    logits = torch.zeros(16, 1000)  # uniform: 16 draws agreeing by chance is ~1e-48
+    a, b, c = _draw(logits, 1.0, seed=7), _draw(logits, 1.0, seed=7), _draw(logits, 1.0, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert len(set(a.tolist())) > 8  # not one token for every row
+
+
+def test_draws_follow_softmax_over_temperature():
+    """256 rows of one distribution at T = 2: the frequencies sit within 0.12 (about four
+    standard deviations) of softmax(l / 2), and the same check against softmax(l), which a
+    kernel ignoring the temperature would follow, fails."""
+    rows = 256
+    row = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    got = _draw(row.repeat(rows, 1), 2.0)
+    freq = torch.bincount(got, minlength=4).double() / rows
+    want = torch.softmax(row.double() / 2.0, -1)
+    assert (freq - want).abs().max() < 0.12, (freq, want)
+    assert (freq - torch.softmax(row.double(), -1)).abs().max() > 0.12
+
+
+def test_a_tiny_temperature_is_the_argmax():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(12, 50, generator=gen) * 3
+    assert _draw(logits, 1e-4).tolist() == logits.argmax(-1).tolist()
+
+
+def test_reference_follows_the_same_distribution():
+    """sample_ref, the formula in torch (double precision, torch's uniforms)."""
+    gen = torch.Generator().manual_seed(4)
+    rows = 20000
+    row = torch.tensor([0.5, -1.0, 2.0, 0.0, float("-inf")])
+    t = torch.full((rows,), 0.8)
+    got = sample_ref(row.repeat(rows, 1), t, torch.zeros(rows, dtype=torch.bool), gen)
+    freq = torch.bincount(got, minlength=5).double() / rows
+    torch.testing.assert_close(freq, torch.softmax(row.double() / 0.8, -1), atol=0.015, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_distribution_at_many_rows_and_llama3_vocab():
+    rows = 100_000
+    row = torch.tensor([0.0, 0.3, -2.0, 1.5, 1.0, float("-inf"), 0.7, -0.5])
+    for temperature in (0.5, 1.0, 1.7):
+        got = _draw(row.repeat(rows, 1).to(torch.bfloat16), temperature)
+        freq = torch.bincount(got, minlength=8).double() / rows
+        want = torch.softmax(row.to(torch.bfloat16).double() / temperature, -1)
+        torch.testing.assert_close(freq, want, atol=6e-3, rtol=0)
+    logits = torch.randn(512, 128256, dtype=torch.bfloat16, device="cuda")
+    greedy = torch.arange(512) % 3 == 0
+    got = _draw(logits, 1.0, greedy)
+    assert got[greedy].tolist() == logits.float().argmax(-1).cpu()[greedy].tolist()
+    assert ((got >= 0) & (got < 128256)).all()
