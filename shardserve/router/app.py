@@ -28,6 +28,7 @@ from shardserve.router.backends import BackendPool, DiscoveryConfig
 from shardserve.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shardserve.router.metrics import render_metrics
 from shardserve.server.args import parse_port
+from shardserve.server.listen import bound_port, listen_socket
 from shardserve.router.policy import POLICIES, make_policy
 from shardserve.router.proxy import Proxy, ProxyConfig
 
@@ -172,10 +173,12 @@ def run_router(ns: argparse.Namespace) -> int:
     if not (d.static or d.file or d.dns):
         raise InvalidRequestError("give at least one of --backend, --backends-file, "
                                   "--backends-dns.", "backend")
+    sock = listen_socket(args.host, args.port)
+    args.port = bound_port(sock)
     app = build_router_app(args)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
                             log_level=args.uvicorn_log_level, timeout_keep_alive=5)
     print(f"shardserve router {__version__} ({args.policy}) on http://{args.host}:{args.port}",
           flush=True)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

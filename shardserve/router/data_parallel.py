@@ -40,6 +40,7 @@ from shardserve.errors import InvalidRequestError
 from shardserve.router.app import RouterArgs, build_router_app
 from shardserve.router.backends import Backend, BackendPool, DiscoveryConfig
 from shardserve.router.proxy import ProxyConfig
+from shardserve.server.listen import bound_port, listen_socket
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,9 @@ def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
         from shardserve.server.app import run_server
         return run_server(args)
     num = int(num)
+    # Before any replica starts loading: a taken --port fails now, not after the load.
+    sock = listen_socket(args.host, args.port)
+    args.port = bound_port(sock)
     slices = _device_slices(num, int(tp) * int(pp), args.device)
     base = replica_argv(argv) + ["--tensor-parallel-size", str(tp),
                                  "--pipeline-parallel-size", str(pp)]
@@ -171,7 +175,7 @@ def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
           f"http://{args.host}:{args.port} ({args.policy}); replicas on "
           f"{', '.join(r.url for r in replicas)}", flush=True)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         supervisor.stop(signal.SIGINT, timeout=10)
     return server.exit_code

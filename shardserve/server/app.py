@@ -30,6 +30,7 @@ from shardserve.dashboard import mount_server_dashboard
 from shardserve.engine.async_llm import AsyncLLM
 from shardserve.executor.profiler import PROFILER_DIR_ENV
 from shardserve.server.args import API_KEY_ENV, ServerArgs
+from shardserve.server.listen import bound_port, listen_socket
 from shardserve.server.errors import APIError, install_error_handlers
 from shardserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from shardserve.server.protocol import (DetokenizeResponse, ModelCard, ModelList,
@@ -234,8 +235,14 @@ def run_server(args: argparse.Namespace) -> int:
     """`shardserve serve`: resolve the model (fail fast on a bad path), then serve until stopped."""
     from shardserve.engine_args import engine_config_from_args
 
-    config = engine_config_from_args(args).resolve()
     server_args = ServerArgs.from_namespace(args)
+    sock = listen_socket(server_args.host, server_args.port)
+    server_args.port = bound_port(sock)
+    try:
+        config = engine_config_from_args(args).resolve()
+    except BaseException:
+        sock.close()
+        raise
     names = config.model_config.served_model_names
     name = names[0]
     metrics = ServerMetrics(name, config.model_config.max_model_len)
@@ -251,5 +258,5 @@ def run_server(args: argparse.Namespace) -> int:
     server = _Server(uv_config, state)
     print(f"shardserve {__version__}: serving {name} on http://{server_args.host}:"
           f"{server_args.port} (loading the model...)", flush=True)
-    server.run()
+    server.run(sockets=[sock])
     return server.exit_code
