@@ -150,39 +150,24 @@ class _FakeGpu:
         self.name, self.total_memory = name, gib * 2**30
 
 
-@pytest.mark.parametrize("usage,device,gpu,expected", [
-    ("llm", "cuda", _FakeGpu("NVIDIA H200", 141), 16384),  # vLLM's offline default there
-    ("server", "cuda", _FakeGpu("NVIDIA H200", 141), 8192),
-    ("llm", "cuda", _FakeGpu("NVIDIA A100-SXM4-80GB", 80), 8192),  # vLLM measured it slower
-    ("llm", "cuda", _FakeGpu("NVIDIA L4", 23), 8192),
-    ("llm", "cpu", None, 8192),
+@pytest.mark.parametrize("usage,device,gpu,tokens,seqs", [
+    # vLLM's offline token budget there; rows stop at the CUDA-graph ladder's top (512)
+    ("llm", "cuda", _FakeGpu("NVIDIA H200", 141), 16384, 512),
+    ("server", "cuda", _FakeGpu("NVIDIA H200", 141), 8192, 256),
+    ("llm", "cuda", _FakeGpu("NVIDIA A100-SXM4-80GB", 80), 8192, 256),  # vLLM measured it slower
+    ("llm", "cuda", _FakeGpu("NVIDIA L4", 23), 8192, 256),
+    ("llm", "cpu", None, 8192, 256),
 ])
-def test_default_token_budget_follows_vllm_usage_contexts(monkeypatch, usage, device, gpu,
-                                                          expected):
+def test_batch_defaults_follow_usage_context_and_gpu(monkeypatch, usage, device, gpu, tokens,
+                                                     seqs):
     import torch
 
-    from shardserve.config import default_max_num_batched_tokens
+    from shardserve.config import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE,
+                                   default_max_num_batched_tokens, default_max_num_seqs)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
-    assert default_max_num_batched_tokens(usage, device) == expected
-
-
-@pytest.mark.parametrize("usage,device,gpu,expected", [
-    ("llm", "cuda", _FakeGpu("NVIDIA H200", 141), 512),  # the CUDA-graph ladder's top
-    ("server", "cuda", _FakeGpu("NVIDIA H200", 141), 256),
-    ("llm", "cuda", _FakeGpu("NVIDIA A100-SXM4-80GB", 80), 256),
-    ("llm", "cuda", _FakeGpu("NVIDIA L4", 23), 256),
-    ("llm", "cpu", None, 256),
-])
-def test_default_max_num_seqs_follows_usage_context_and_gpu(monkeypatch, usage, device, gpu,
-                                                             expected):
-    import torch
-
-    from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, default_max_num_seqs
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
-    assert default_max_num_seqs(usage, device) == expected
-    assert default_max_num_seqs(usage, device) <= DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
+    assert default_max_num_batched_tokens(usage, device) == tokens
+    assert default_max_num_seqs(usage, device) == seqs <= DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
 
 
 def test_usage_context_is_set_by_the_entry_point_not_a_flag(tiny_model_dirs):
