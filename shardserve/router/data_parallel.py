@@ -133,15 +133,19 @@ def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
     # is one clear error, not every replica failing and being restarted. 'auto' sizes are
     # picked by the planner in the same step and pinned for the replicas.
     from shardserve.engine_args import engine_config_from_args
-    pc = engine_config_from_args(args).resolve().parallel_config
+    # First of all: a taken --port fails now, not after the settings are read and replicas load.
+    sock = listen_socket(args.host, args.port)
+    args.port = bound_port(sock)
+    try:
+        pc = engine_config_from_args(args).resolve().parallel_config
+    except BaseException:
+        sock.close()
+        raise
     tp, pp, num = pc.tensor_parallel_size, pc.pipeline_parallel_size, pc.data_parallel_size
     if int(num) == 1:
         from shardserve.server.app import run_server
-        return run_server(args)
+        return run_server(args, sock)
     num = int(num)
-    # Before any replica starts loading: a taken --port fails now, not after the load.
-    sock = listen_socket(args.host, args.port)
-    args.port = bound_port(sock)
     slices = _device_slices(num, int(tp) * int(pp), args.device)
     base = replica_argv(argv) + ["--tensor-parallel-size", str(tp),
                                  "--pipeline-parallel-size", str(pp)]

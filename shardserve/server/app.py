@@ -18,6 +18,7 @@ import hmac
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from types import FrameType
 
@@ -231,12 +232,15 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-def run_server(args: argparse.Namespace) -> int:
-    """`shardserve serve`: resolve the model (fail fast on a bad path), then serve until stopped."""
+def run_server(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
+    """`shardserve serve`: bind the port, resolve the model (fail fast on a bad path), then
+    serve until stopped. sock: the port already bound (the data-parallel front's -dp auto
+    that came out as one replica)."""
     from shardserve.engine_args import engine_config_from_args
 
     server_args = ServerArgs.from_namespace(args)
-    sock = listen_socket(server_args.host, server_args.port)
+    if sock is None:
+        sock = listen_socket(server_args.host, server_args.port)
     server_args.port = bound_port(sock)
     try:
         config = engine_config_from_args(args).resolve()
