@@ -18,6 +18,38 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _share_transformers_gguf_parsing() -> None:
+    """transformers' GGUF load (the reference for every SmolLM2 check) rebuilds gguf's
+    tensor-name table once per tensor and parses the file's metadata twice: about 13 of the
+    17 s each load takes on 2 cores. Both are pure functions of their arguments, so the loads
+    in one session share them; what transformers loads and computes is unchanged. Readers are
+    keyed by the file's size and modification time, so a file rewritten by a test is read
+    again."""
+    try:
+        import gguf
+    except ImportError:
+        return
+    import functools
+
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+    reader_class = gguf.GGUFReader
+    readers: dict[tuple, object] = {}
+
+    def shared_reader(path, mode="r"):
+        if mode != "r":
+            return reader_class(path, mode)
+        st = os.stat(path)
+        key = (os.fspath(path), st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+
+
+_share_transformers_gguf_parsing()
+
+
 # The heaviest layout demos (8 ranks on 2 cores, about a minute each) run only when asked:
 # every part of them (TP across nodes, TP inside DP replicas, 8-rank worlds) has a cheaper
 # test in the default run, which keeps CI near its 15 minutes.
