@@ -236,41 +236,33 @@ class Sampler(nn.Module):
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        edits = (md.allowed_rows is not None or md.banned_rows is not None
-                 or md.logit_bias_rows is not None or not md.no_penalties)
-        if not edits and (md.all_greedy or _fused_sampling(logits, md)):
-            # Nothing to change in the logits: read them once, in their own dtype (argmax of a
-            # half-precision row is the same as of its float32 copy).
-            if md.all_greedy:
-                return self._with_logprobs(logits.argmax(dim=-1), raw_logprobs, md)
-            return self._with_logprobs(_fused_sample(logits, md), raw_logprobs, md)
-        logits = logits.float()
-        if md.allowed_rows is not None:
-            logits[md.allowed_rows] = logits[md.allowed_rows].masked_fill_(md.allowed_mask,
-                                                                           -math.inf)
-        if md.banned_rows is not None:
-            logits[md.banned_rows, md.banned_token_ids] = -math.inf
-        if md.logit_bias_rows is not None:
-            logits.index_put_((md.logit_bias_rows, md.logit_bias_token_ids),
-                              md.logit_bias_values, accumulate=True)
-        if not md.no_penalties:
-            logits = apply_penalties(logits, md)
+        if (md.allowed_rows is not None or md.banned_rows is not None
+                or md.logit_bias_rows is not None or not md.no_penalties):
+            logits = logits.float()
+            if md.allowed_rows is not None:
+                logits[md.allowed_rows] = logits[md.allowed_rows].masked_fill_(md.allowed_mask,
+                                                                               -math.inf)
+            if md.banned_rows is not None:
+                logits[md.banned_rows, md.banned_token_ids] = -math.inf
+            if md.logit_bias_rows is not None:
+                logits.index_put_((md.logit_bias_rows, md.logit_bias_token_ids),
+                                  md.logit_bias_values, accumulate=True)
+            if not md.no_penalties:
+                logits = apply_penalties(logits, md)
 
+        # Greedy and the one-pass kernel read the logits in their own dtype (argmax of a
+        # half-precision row is that of its float32 copy); the torch race needs float32.
         if md.all_greedy:
             sampled = logits.argmax(dim=-1)
         elif _fused_sampling(logits, md):
             sampled = _fused_sample(logits, md)
         elif md.all_random:
-            sampled = self._sample_random(logits, md)
+            sampled = self._sample_random(logits.float(), md)
         else:
+            logits = logits.float()
             # Before the random path, which edits logits in place.
             greedy_ids = logits.argmax(dim=-1)
             sampled = torch.where(md.greedy_mask, greedy_ids, self._sample_random(logits, md))
-        return self._with_logprobs(sampled, raw_logprobs, md)
-
-    @staticmethod
-    def _with_logprobs(sampled: torch.Tensor, raw_logprobs: torch.Tensor | None,
-                       md: SamplingMetadata) -> SamplerOutput:
         if raw_logprobs is None:
             return SamplerOutput(sampled)
         entries, host_ids = _logprob_entries(raw_logprobs, sampled, md.max_num_logprobs,
