@@ -431,6 +431,7 @@ class EngineConfig:
         resolve_auto_parallel_on_device(self)
         self.parallel_config.resolve()
         self._check_tensor_parallel_fits()
+        self._check_expert_parallel_fits()
         self._check_pipeline_parallel_fits()
         if self.parallel_config.pp_layer_partition and self.parallel_config.pipeline_parallel_size == 1:
             raise InvalidRequestError(
@@ -503,6 +504,23 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"tensor_parallel_size={tp} does not fit this model: {'; '.join(problems)}. "
                 f"Sizes that fit: {', '.join(map(str, fits))}.", "tensor_parallel_size")
+
+    def _check_expert_parallel_fits(self) -> None:
+        """Expert parallelism places whole experts on the TP ranks: a model without experts has
+        nothing to place. vLLM accepts the flag there and ignores it, so do we, but say so (it
+        is often copied from a MoE command line)."""
+        from shardserve.planner.shape import shape_from_config
+        from shardserve.planner.weights import expert_parallel_problem
+
+        if not self.parallel_config.enable_expert_parallel:
+            return
+        try:
+            shape = shape_from_config(self.model_config.hf_config)
+        except Exception:  # a config the planner cannot read: nothing to check it against
+            return
+        problem = expert_parallel_problem(shape)
+        if problem:
+            logging.getLogger(__name__).warning("%s", problem)
 
     def _check_pipeline_parallel_fits(self) -> None:
         """Each pipeline stage holds at least one layer: refuse more stages than layers here,

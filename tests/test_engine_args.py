@@ -84,6 +84,16 @@ def test_expert_parallel_size_that_does_not_split_the_experts_is_refused_at_once
     EngineConfig.from_kwargs(**kwargs).resolve()
 
 
+def test_expert_parallel_without_experts_is_ignored_with_a_warning(tiny_model_dirs, caplog):
+    """As vLLM: a dense model has no experts to place, so the flag does nothing, but the
+    user is told (it is often copied from a MoE command line)."""
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      enable_expert_parallel=True)
+    with caplog.at_level("WARNING", logger="shardserve.config"):
+        config.resolve()
+    assert "LlamaForCausalLM has no experts (drop --enable-expert-parallel)" in caplog.text
+
+
 def test_more_pipeline_stages_than_layers_is_refused_naming_the_flag(tiny_model_dirs):
     from shardserve.errors import InvalidRequestError
 

@@ -229,9 +229,11 @@ def test_large_vocabulary_lightens_the_last_stage() -> None:
 
 def test_parse_layer_partition() -> None:
     assert parse_layer_partition("14,10,8", 32, 3) == [(0, 14), (14, 24), (24, 32)]
-    for bad in ("14,10", "14,10,9", "a,b,c", "32,0,0"):
-        with pytest.raises(ValueError):
+    for bad in ("14,10", "14,10,9", "32,0,0"):  # named by the flag, with one that fits
+        with pytest.raises(ValueError, match=r"^--pp-layer-partition .* e\.g\. '11,11,10'\.$"):
             parse_layer_partition(bad, 32, 3)
+    with pytest.raises(ValueError, match="^--pp-layer-partition is comma-separated"):
+        parse_layer_partition("a,b,c", 32, 3)
 
 
 # ---- output ---------------------------------------------------------------------------------

@@ -421,6 +421,16 @@ class MultiprocExecutor(Executor):
 
     def _on_error(self, message: list[Any], starting: bool) -> NoReturn:
         _, seq, rank, type_name, text, trace = message
+        error_cls = getattr(errors, type_name, None)
+        if starting and isinstance(error_cls, type) and issubclass(error_cls, errors.ShardserveError):
+            # A start-up error of the rank's own (cache too small, bad model), not a broken
+            # collective: re-raise it as itself, so the user sees the same error as with one
+            # process. The rank exits right after reporting it, so its death (or its peers',
+            # whose collectives it breaks) must not be blamed instead.
+            logger.debug("Worker rank %d failed:\n%s", rank, trace)
+            self._dead = text
+            self.shutdown()
+            raise error_cls(text)
         if len(text) > 400:  # gloo/NCCL errors run long; the worker's log has all of it
             text = text[:400] + " ..."
         # A rank that died makes its peers' collectives fail: blame the dead one if any (a
@@ -447,13 +457,6 @@ class MultiprocExecutor(Executor):
                            f"{rank} then failed: {type_name}: {text}")
             time.sleep(0.05)
         logger.error("Worker rank %d failed:\n%s", rank, trace)
-        error_cls = getattr(errors, type_name, None)
-        if starting and isinstance(error_cls, type) and issubclass(error_cls, errors.ShardserveError):
-            # A start-up error every rank agrees on (cache too small, bad model): re-raise it
-            # as itself, so the user sees the same error as with one process.
-            self._dead = text
-            self.shutdown()
-            raise error_cls(text)
         self._fail(f"Worker rank {rank} failed: {type_name}: {text}")
 
     def _fail(self, message: str) -> NoReturn:

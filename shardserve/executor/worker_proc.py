@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 
 from shardserve.config import EngineConfig, ParallelConfig
+from shardserve.errors import ShardserveError
 from shardserve.executor.liveness import WorkerHeartbeat, arm_exit_watchdog
 from shardserve.executor.wire import Endpoints, WireCodec
 
@@ -152,7 +153,13 @@ class WorkerProc:
             try:
                 self._start(setup)
             except Exception as exc:
-                logger.exception("Start-up failed")
+                if isinstance(exc, ShardserveError):
+                    # The user's error (a bad checkpoint, a cache too small): the engine raises
+                    # it as itself; one line here, not a traceback per rank.
+                    logger.error("Start-up failed: %s", exc)
+                    logger.debug("Start-up failure", exc_info=True)
+                else:
+                    logger.exception("Start-up failed")
                 self._send_error(0, exc)
                 return 1
             self._send(["ready", self.rank, self.worker.kv_cache_info()])

@@ -96,15 +96,24 @@ def parse_layer_partition(text: str, num_layers: int, pp_size: int) -> list[tupl
     try:
         counts = [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"A layer partition is comma-separated layer counts, got {text!r}.") from None
+        raise ValueError(f"--pp-layer-partition is comma-separated layer counts per stage, "
+                         f"e.g. '14,10,8', got {text!r}.") from None
     if len(counts) != pp_size or sum(counts) != num_layers or min(counts) < 1:
-        raise ValueError(f"Layer partition {text!r} must give {pp_size} positive counts adding "
-                         f"up to the model's {num_layers} layers.")
+        # Name the flag and a partition that fits: the user sees this before any rank starts.
+        raise ValueError(f"--pp-layer-partition {text!r} must give {pp_size} positive counts "
+                         f"(one per pipeline stage) adding up to the model's {num_layers} "
+                         f"layers, e.g. {_even_partition(num_layers, pp_size)!r}.")
     bounds, start = [], 0
     for count in counts:
         bounds.append((start, start + count))
         start += count
     return bounds
+
+
+def _even_partition(num_layers: int, pp_size: int) -> str:
+    """Layer counts as even as they go, the later stages one smaller: '3,3,2' for 8 over 3."""
+    base, extra = divmod(num_layers, pp_size)
+    return ",".join(str(base + (stage < extra)) for stage in range(pp_size))
 
 
 def engine_stage_layers(hf_config, pp_size: int,

@@ -73,6 +73,14 @@ def tp_problems(shape: ModelShape, tp: int, expert_parallel: bool = False) -> li
     return problems
 
 
+def expert_parallel_problem(shape: ModelShape) -> str | None:
+    """Why --enable-expert-parallel does nothing for this model (None: it applies)."""
+    if shape.moe is None:
+        return (f"enable_expert_parallel has no effect: {shape.architecture or 'this model'} "
+                "has no experts (drop --enable-expert-parallel).")
+    return None
+
+
 def embedding_params(shape: ModelShape, tp: int) -> int:
     return vocab_rows_per_rank(shape, tp) * shape.hidden_size
 

@@ -23,7 +23,7 @@ import time
 import pytest
 
 from shardserve import LLM, SamplingParams
-from shardserve.errors import EngineDeadError, InvalidRequestError
+from shardserve.errors import EngineDeadError, InvalidRequestError, ModelLoadError
 from tests.executor.test_multiproc_executor import (ENGINE_KWARGS, _alive, _free_port_range,
                                                     _generate, _prompts)
 
@@ -114,9 +114,29 @@ def _generate_n(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 
 def test_bad_partition_is_refused_before_start(llama5_dir):
     start = time.monotonic()
-    with pytest.raises(InvalidRequestError, match="partition"):
+    with pytest.raises(InvalidRequestError, match=r"--pp-layer-partition '1,1' .* e\.g\. '3,2'"):
         LLM(llama5_dir, pipeline_parallel_size=2, pp_layer_partition="1,1", **PP_KWARGS)
     assert time.monotonic() - start < 10
+
+
+def test_one_stages_load_error_is_raised_as_itself(llama5_dir, tmp_path, capfd):
+    """Only stage 1's layers miss a weight: its rank reports ModelLoadError and exits, which
+    breaks stage 0's first send. The user gets the ModelLoadError, as with one process, not
+    an EngineDeadError blaming the rank that exited after reporting it (or its peer)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(llama5_dir, broken)
+    weights = broken / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors[f"model.layers.{NUM_LAYERS - 1}.mlp.down_proj.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+    with pytest.raises(ModelLoadError, match=f"model.layers.{NUM_LAYERS - 1}.mlp.down_proj"):
+        LLM(str(broken), pipeline_parallel_size=2, **PP_KWARGS)
+    # The failing rank logs one line, not its traceback.
+    assert "in load_model" not in capfd.readouterr().err
 
 
 # TP 2 x PP 2 over two nodes is the same code on half the ranks: opt-in, to keep CI short.
