@@ -163,7 +163,25 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
             else:
                 base = _base_type(hint)
                 kwargs["type"] = base
+            if env and os.environ.get(env) and "type" in kwargs:
+                kwargs["type"] = _naming_env(kwargs["type"], env)
             group.add_argument(*names, **kwargs)
+
+
+def _naming_env(convert, env: str):
+    """A bad value taken from the environment is named as such: argparse would blame the flag,
+    which the user never typed."""
+    def parse(text: str):
+        try:
+            return convert(text)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            if text != os.environ.get(env):
+                raise
+            detail = str(exc) or f"invalid value {text!r}"
+            raise argparse.ArgumentTypeError(f"{detail} (from ${env}={text!r}: fix or unset "
+                                             "it)") from None
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse's "invalid <name> value"
+    return parse
 
 
 def _base_type(hint) -> type:

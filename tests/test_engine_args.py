@@ -114,7 +114,7 @@ def test_layer_partition_without_pipeline_stages_is_refused():
     assert err.value.param == "pp_layer_partition"
 
 
-def test_parallel_size_environment_variables(monkeypatch):
+def test_parallel_size_environment_variables(monkeypatch, capsys):
     """TENSOR_PARALLEL_SIZE is the default of -tp; a bad value is a usage error (exit 2) of a
     command that reads it, not a traceback while the parsers of every command are built."""
     from shardserve.cli import build_parser
@@ -131,6 +131,8 @@ def test_parallel_size_environment_variables(monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         cli.parse_args(["serve"])
     assert exit_.value.code == 2
+    # The variable is named, not only the flag the user never typed.
+    assert "from $TENSOR_PARALLEL_SIZE='abc': fix or unset it" in capsys.readouterr().err
 
 
 def test_kv_cache_dtype_flag_takes_vllm_names():

@@ -119,6 +119,14 @@ def run_worker(spec: WorkerSpec) -> None:
     sys.exit(WorkerProc(spec).run())
 
 
+def _peer_gone(exc: BaseException) -> bool:
+    """A collective that failed because another rank's process went away, as gloo words it
+    (torch raises a plain RuntimeError with the transport's message)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("closed by peer", "reset by peer", "remote worker crashing"))
+
+
 class WorkerProc:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -157,6 +165,12 @@ class WorkerProc:
                     # The user's error (a bad checkpoint, a cache too small): the engine raises
                     # it as itself; one line here, not a traceback per rank.
                     logger.error("Start-up failed: %s", exc)
+                    logger.debug("Start-up failure", exc_info=True)
+                elif _peer_gone(exc):
+                    # Another rank failed first and said why; this rank's broken collective
+                    # is only the echo, and a traceback would bury the cause above it.
+                    logger.error("Start-up stopped: a peer rank went away (%s)",
+                                 str(exc).splitlines()[0][:200])
                     logger.debug("Start-up failure", exc_info=True)
                 else:
                     logger.exception("Start-up failed")
