@@ -205,6 +205,14 @@ class AsyncLLM:
         self._send(AbortRequests(list(state.child_ids)))
         self.stat_logger.record_finished("abort", time.monotonic() - state.arrival_time)
 
+    def abort_all(self, reason: str) -> None:
+        """End every request now: each stream gets EngineDeadError(reason) and the core frees
+        their blocks (a server told to stop without waiting, e.g. by Ctrl-C)."""
+        children = [c for state in self._states.values() for c in state.child_ids]
+        self._fail_all(EngineDeadError(reason))
+        if children:
+            self._send(AbortRequests(children))
+
     def _add_request(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                      request_id: str | None) -> _RequestState:
         self.check_started()

@@ -211,6 +211,11 @@ class _Server(uvicorn.Server):
             self.state.draining = True
             asyncio.get_event_loop().call_soon_threadsafe(self._begin_drain)
             return
+        # SIGINT, or SIGTERM again: stop now. Streams still open end with an error event at
+        # once; uvicorn would otherwise wait for them up to --shutdown-timeout.
+        asyncio.get_event_loop().call_soon_threadsafe(
+            self.state.engine.abort_all, "The server is stopping (interrupted); the request "
+            "did not finish.")
         super().handle_exit(sig, frame)
 
     def _begin_drain(self) -> None:

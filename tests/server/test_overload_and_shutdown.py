@@ -92,7 +92,7 @@ class Stream:
     def __init__(self, server, max_tokens: int) -> None:
         self.server, self.max_tokens = server, max_tokens
         self.status: int | None = None
-        self.chunks, self.finish, self.done = 0, None, False
+        self.chunks, self.finish, self.done, self.error = 0, None, False, None
         self.started, self.cancel = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -109,7 +109,9 @@ class Stream:
                 if line == "data: [DONE]":
                     self.done = True
                 elif line.startswith("data: "):
-                    for c in json.loads(line[6:]).get("choices", []):
+                    event = json.loads(line[6:])
+                    self.error = event.get("error", self.error)
+                    for c in event.get("choices", []):
                         self.chunks += 1
                         self.finish = c["finish_reason"] or self.finish
                     self.started.set()
@@ -152,3 +154,23 @@ def test_sigterm_lets_streams_finish_then_exits_0(server):
         s.thread.join(120)
         assert (s.status, s.chunks, s.finish, s.done) == (200, 200, "length", True)
     assert server.proc.wait(60) == 0
+
+
+def test_sigint_ends_streams_at_once_and_exits(tmp_path, tiny_llama_dir):
+    """Ctrl-C does not wait --shutdown-timeout (60 s here) for streams in flight: each ends
+    at once with an engine_dead error event and [DONE], and the process exits."""
+    server = start_server(tmp_path, "--max-model-len", "2048", "--shutdown-timeout", "60",
+                          model=tiny_llama_dir, api_key=None)
+    try:
+        streams = [Stream(server, 1500) for _ in range(2)]
+        assert all(s.started.wait(60) for s in streams)
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        for s in streams:
+            s.thread.join(30)
+            assert s.done and s.finish is None and s.chunks < 1500
+            assert s.error["code"] == "engine_dead" and "stopping" in s.error["message"]
+        assert server.proc.wait(30) != 0  # stopped, not finished (130, as for Ctrl-C)
+        assert time.monotonic() - start < 20, server.log_tail()
+    finally:
+        server.stop()
