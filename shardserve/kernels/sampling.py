@@ -53,6 +53,11 @@ def _sample_kernel(out_ptr, logits_ptr, temperature_ptr, greedy_ptr, seed_ptr, v
     tl.store(out_ptr + row, tl.where(winner < vocab_size, winner, 0).to(tl.int64))
 
 
+def fits(rows: int, vocab: int) -> bool:
+    """Whether the kernel's int32 Philox offsets (row * vocab + id) cover the batch."""
+    return vocab < 2**31 // max(rows, 1)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, greedy_mask: torch.Tensor,
            seed: torch.Tensor) -> torch.Tensor:
     """Token ids [rows] (int64) drawn from softmax(logits / temperature) per row, argmax where
@@ -60,7 +65,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, greedy_mask: torch.T
     [rows] float32 (greedy rows may hold anything but 0); seed: a one-element int64 tensor on
     the logits' device (drawn there, so picking it needs no host sync)."""
     rows, vocab = logits.shape
-    assert logits.stride(-1) == 1 and vocab < 2**31 // max(rows, 1)
+    assert logits.stride(-1) == 1 and fits(rows, vocab)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
         _sample_kernel[(rows,)](out, logits, temperature, greedy_mask, seed, vocab,

@@ -292,8 +292,10 @@ def _fused_sampling(logits: torch.Tensor, md: SamplingMetadata) -> bool:
     """Whether kernels/sampling.py can draw this batch in one pass: on a GPU, plain
     temperature sampling (greedy rows mixed in), no seeded request (a seeded row's draws come
     from its own torch generator, `_sample_random`), no top-k, top-p or min-p."""
-    return (logits.is_cuda and not md.generators and md.no_top_p_top_k and md.no_min_p
-            and logits.shape[-1] < 2**31 // max(logits.shape[0], 1))
+    if not (logits.is_cuda and not md.generators and md.no_top_p_top_k and md.no_min_p):
+        return False
+    from shardserve.kernels.sampling import fits
+    return fits(*logits.shape)
 
 
 def _fused_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -12,7 +12,8 @@ import logging
 import os
 from typing import Any
 
-from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
+from shardserve.config import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, default_max_num_batched_tokens,
+                               default_max_num_seqs)
 from shardserve.errors import CacheTooSmallError
 from shardserve.planner.plan import PlanRequest, make_plan
 
@@ -68,7 +69,9 @@ def resolve_auto_parallel(engine_config: Any, num_gpus: int, gpu_memory_bytes: i
         max_model_len=mc.max_model_len, dtype=mc.dtype,
         gpu_memory_utilization=cc.gpu_memory_utilization, block_size=cc.block_size,
         # EngineConfig.resolve() has set both by now; a config not resolved gets a server's.
-        max_num_seqs=sc.max_num_seqs or 256, max_num_batched_tokens=sc.max_num_batched_tokens or 8192,
+        max_num_seqs=sc.max_num_seqs or default_max_num_seqs("server", "cpu"),
+        max_num_batched_tokens=(sc.max_num_batched_tokens
+                                or default_max_num_batched_tokens("server", "cpu")),
         enforce_eager=bool(getattr(mc, "enforce_eager", False)),
         max_cuda_graph_batch_size=int(getattr(mc, "max_cuda_graph_batch_size",
                                                DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE)),
