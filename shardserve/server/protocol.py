@@ -60,6 +60,18 @@ class _SamplingFields(_Request):
     use_beam_search: bool = False  # vLLM: n is the beam width (not streamed)
     length_penalty: float = 1.0  # beam search's: scores are cum_logprob / len ** length_penalty
     request_id: str | None = Field(default=None, description="vLLM: a caller-chosen request id")
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}: no structured output
+    # vLLM's fields for what this server does not do (structured output, logits processors,
+    # token-id logprob strings): declared so that a request setting one gets a 400 naming it
+    # (serving_common.check_unsupported), not an answer made without it.
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structural_tag: Any = None
+    structured_outputs: Any = None
+    logits_processors: Any = None
+    return_tokens_as_token_ids: bool | None = None
 
     @field_validator("n", mode="before")
     @classmethod
@@ -74,6 +86,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's: false when a text prompt holds its own BOS
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -85,12 +98,15 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
-    response_format: dict[str, Any] | None = None
     # vLLM's chat extras.
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # render the last message open, to be continued
     echo: bool = False  # start the answer with the last message when it is the assistant's
+    add_special_tokens: bool = False  # vLLM's: true adds the tokenizer's BOS before the template's
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's, not done here (see _SamplingFields): a per-request template, RAG documents.
+    chat_template: Any = None
+    documents: Any = None
 
 
 class TokenizeRequest(_Request):
@@ -103,6 +119,7 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: Any = None  # vLLM's; refused as on /v1/chat/completions
     return_token_strs: bool = False
 
 

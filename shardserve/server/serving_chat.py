@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
@@ -20,12 +21,13 @@ from shardserve.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         TopLogprob, random_id)
 from shardserve.server.serving_beam_search import beam_search_params, run_beam_search
 from shardserve.server.serving_common import (SSE_DONE, ClientDisconnected, SSEResponse,
-                                              build_sampling_params, check_fits, close_all,
+                                              build_sampling_params, check_fits,
+                                              check_unsupported, close_all,
                                               chunk_usage, prompt_logprobs_of, read_request, sse,
                                               sse_error, stream_usage, unless_disconnected,
                                               usage_of)
 from shardserve.server.state import ServerState
-from shardserve.tokenizer import apply_chat_template
+from shardserve.tokenizer import chat_prompt_ids, render_chat_template
 
 
 async def create_chat_completion(request: Request, state: ServerState) -> Response:
@@ -34,9 +36,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     _check_unsupported(req)
     engine = state.engine
     engine.check_started()  # before the template: while loading there is no tokenizer yet
-    prompt_ids = apply_chat_template(engine.tokenizer, req.messages, req.add_generation_prompt,
-                                     req.chat_template_kwargs, tools=req.tools,
-                                     continue_final_message=req.continue_final_message)
+    prompt_ids = prompt_token_ids(engine.tokenizer, req)
     processed = engine.process_prompt({"prompt_token_ids": prompt_ids},
                                       req.truncate_prompt_tokens)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -81,6 +81,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
+    check_unsupported(req)
     # vLLM's rule: with tool_choice "none" the tools go to the chat template (the model sees
     # them) and the answer is text; any other choice asks for a tool call we cannot parse.
     if req.tools and req.tool_choice != "none":
@@ -94,15 +95,23 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.tool_choice is not None and req.tool_choice not in ("none", "auto"):
         raise InvalidRequestError("tool_choice can only be \"none\" or \"auto\": tool calling is "
                                   "not supported by this server.", "tool_choice")
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise InvalidRequestError("Only response_format {\"type\": \"text\"} is supported.",
-                                  "response_format")
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true.", "top_logprobs")
         if not 0 <= req.top_logprobs <= 20:
             raise InvalidRequestError(f"top_logprobs must be in [0, 20], got {req.top_logprobs}.",
                                       "top_logprobs")
+
+
+def prompt_token_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
+    """The chat rendered by the template and tokenized; vLLM's add_special_tokens (off by
+    default, as the template writes any BOS itself) adds the tokenizer's own as well."""
+    text = render_chat_template(tokenizer, req.messages, req.add_generation_prompt,
+                                req.chat_template_kwargs, tools=req.tools,
+                                continue_final_message=req.continue_final_message)
+    if req.add_special_tokens:
+        return list(tokenizer.encode(text, add_special_tokens=True))
+    return chat_prompt_ids(tokenizer, text)
 
 
 async def _last(gen: AsyncIterator[RequestOutput]) -> RequestOutput:

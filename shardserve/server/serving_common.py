@@ -109,6 +109,37 @@ def _finite_float(text: str) -> float:
 
 # ---- sampling ------------------------------------------------------------------------------
 
+# Request fields for features this server does not have -> what the 400 says about them.
+# Answering without the feature (unconstrained text for a JSON schema, say) would look like
+# success to the client.
+_STRUCTURED = ("is vLLM's structured output (guided decoding), which this server does not "
+               "do: the output would not be constrained. Leave it out.")
+UNSUPPORTED_FIELDS = {
+    **{name: _STRUCTURED for name in ("guided_json", "guided_regex", "guided_choice",
+                                      "guided_grammar", "structural_tag", "structured_outputs")},
+    "logits_processors": "is not supported by this server (no custom logits processors).",
+    "return_tokens_as_token_ids": "is not supported by this server: logprobs name tokens by "
+                                  "their text.",
+    "chat_template": "is not accepted per request (as vLLM without "
+                     "--trust-request-chat-template); start the server with --chat-template "
+                     "instead.",
+    "documents": "(documents for the chat template) is not supported by this server.",
+}
+
+
+def check_unsupported(req: Any) -> None:
+    """400 naming the first field the request sets for a feature this server lacks."""
+    for name, why in UNSUPPORTED_FIELDS.items():
+        if getattr(req, name, None) not in (None, False):
+            raise InvalidRequestError(f"{name} {why}", name)
+    response_format = getattr(req, "response_format", None)
+    if response_format and response_format.get("type") not in (None, "text"):
+        raise InvalidRequestError(
+            f"response_format {response_format.get('type')!r} is structured output, which this "
+            "server does not do; leave response_format out or send {\"type\": \"text\"}.",
+            "response_format")
+
+
 MAX_LOGIT_BIAS = 1024  # entries per request (OpenAI documents no limit; this bounds the work)
 
 

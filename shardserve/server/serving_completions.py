@@ -22,7 +22,8 @@ from shardserve.server.protocol import (CompletionChoice, CompletionLogprobs, Co
                                         CompletionResponse, random_id)
 from shardserve.server.serving_beam_search import beam_search_params, run_beam_search
 from shardserve.server.serving_common import (SSE_DONE, ClientDisconnected, SSEResponse,
-                                              build_sampling_params, check_fits, chunk_usage,
+                                              build_sampling_params, check_fits,
+                                              check_unsupported, chunk_usage,
                                               close_all, merge_async_iterators,
                                               prompt_logprobs_of, read_request, sse, sse_error,
                                               stream_usage, unless_disconnected, usage_of)
@@ -32,6 +33,7 @@ from shardserve.server.state import ServerState
 async def create_completion(request: Request, state: ServerState) -> Response:
     req = await read_request(request, state, CompletionRequest)
     state.check_model(req.model)
+    check_unsupported(req)
     if req.suffix:
         raise InvalidRequestError("suffix is not supported.", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -44,6 +46,8 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     max_tokens = 1 if score_only else req.max_tokens
     engine = state.engine
     prompts = _prompts(req.prompt)
+    if not req.add_special_tokens:
+        prompts = [without_special_tokens(engine, p) for p in prompts]
     processed = [engine.process_prompt(p, req.truncate_prompt_tokens) for p in prompts]
     max_model_len = state.config.model_config.max_model_len
     for p in processed:
@@ -110,6 +114,16 @@ def _prompts(prompt: Any) -> list[Any]:
             raise InvalidRequestError("prompt contains an empty token list.", "prompt")
         out.append({"prompt_token_ids": p})
     return out
+
+
+def without_special_tokens(engine: Any, prompt: Any) -> Any:
+    """vLLM's add_special_tokens=false: a text prompt tokenized without the BOS the tokenizer
+    adds (the text already starts with one); token-id prompts are used as sent anyway."""
+    if not isinstance(prompt, str):
+        return prompt
+    engine.check_started()  # no tokenizer while the model loads
+    ids = list(engine.tokenizer.encode(prompt, add_special_tokens=False))
+    return {"prompt": prompt, "prompt_token_ids": ids}
 
 
 async def _collect(merged: AsyncIterator[tuple[int, RequestOutput]],

@@ -9,7 +9,7 @@ from fastapi import Request
 from shardserve.errors import InvalidRequestError
 from shardserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
                                         TokenizeResponse)
-from shardserve.server.serving_common import read_request
+from shardserve.server.serving_common import check_unsupported, read_request
 from shardserve.server.state import ServerState
 from shardserve.tokenizer import render_chat_template
 
@@ -17,6 +17,7 @@ from shardserve.tokenizer import render_chat_template
 async def tokenize(request: Request, state: ServerState) -> TokenizeResponse:
     req = await read_request(request, state, TokenizeRequest)
     state.check_model(req.model)
+    check_unsupported(req)
     state.engine.check_started()  # no tokenizer while the model loads
     tokenizer = state.engine.tokenizer
     if (req.prompt is None) == (req.messages is None):

@@ -346,6 +346,14 @@ def test_tools_with_tool_choice_none_get_a_text_answer(client, model):
     assert r.choices[0].message.content == plain.choices[0].message.content
     assert "Paris" in r.choices[0].message.content and not r.choices[0].message.tool_calls
     assert r.usage.prompt_tokens == plain.usage.prompt_tokens
+    # A history replayed from a tool-using client: the tool-call turn has content null.
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_capital", "arguments": "{}"}}
+    history = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "Paris"}]
+    replayed = client.chat.completions.create(model=model, messages=history, max_tokens=1,
+                                              tools=tools, tool_choice="none")
+    assert replayed.usage.prompt_tokens > plain.usage.prompt_tokens
     for choice in (None, "auto"):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1,
@@ -359,9 +367,11 @@ NULLABLE = ["n", "temperature", "top_p", "stop", "seed", "presence_penalty", "fr
 
 
 @pytest.mark.parametrize("endpoint,body,extra", [
-    ("completions", {"prompt": "Hello", "max_tokens": 2}, ["echo", "best_of", "suffix"]),
+    ("completions", {"prompt": "Hello", "max_tokens": 2},
+     ["echo", "best_of", "suffix", "response_format", "guided_json", "guided_choice"]),
     ("chat/completions", {"messages": QUESTION, "max_completion_tokens": 2},
-     ["max_tokens", "top_logprobs", "tools", "tool_choice", "response_format"]),
+     ["max_tokens", "top_logprobs", "tools", "tool_choice", "response_format", "guided_json",
+      "structured_outputs", "chat_template", "documents", "return_tokens_as_token_ids"]),
 ])
 def test_null_fields_mean_their_defaults(smollm2_server, endpoint, body, extra):
     r = httpx.post(f"{smollm2_server.base_url}/v1/{endpoint}", timeout=60,
