@@ -55,7 +55,7 @@ class ModelConfig:
     model: str | None = None  # HF folder or .gguf; None: the embedded SmolLM2-135M-Instruct
     tokenizer: str | None = None  # defaults to the model's own
     dtype: str = "auto"  # auto: the checkpoint's half type on CUDA, float32 on CPU
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_model_len: int | None = None  # default: scaled_max_model_len of the model
     seed: int = 0
     # The model's name in the API; several (vLLM's `--served-model-name a b`): all are accepted
     # in requests and listed by /v1/models, the first is the one responses report. None: the
@@ -389,8 +389,10 @@ class EngineConfig:
         mc.architecture = check_architecture(mc.hf_config)
         mc.dtype = _resolve_dtype(mc.dtype, mc.hf_config, dc.device)
         mc.quantization = _resolve_quantization(mc.quantization, mc.hf_config, dc.device)
+        from shardserve.layers.rotary import get_rope_config
         trained_len = getattr(mc.hf_config, "max_position_embeddings", None)
-        model_max = int(trained_len or 2048)
+        rope_scaling = get_rope_config(mc.hf_config)[1]
+        model_max = scaled_max_model_len(int(trained_len or 2048), rope_scaling)
         if mc.max_model_len is None:
             mc.max_model_len = model_max
         elif mc.max_model_len < 1:
@@ -438,25 +440,24 @@ class EngineConfig:
                 f"pp_layer_partition={self.parallel_config.pp_layer_partition!r} splits layers "
                 "between pipeline stages, but pipeline_parallel_size is 1; drop it or set "
                 "--pipeline-parallel-size to its number of stages.", "pp_layer_partition")
-        from shardserve.layers.rotary import get_rope_config
-        # With RoPE scaling the model is meant to run past it; without, positions beyond it
-        # were never trained.
-        rope_scaling = get_rope_config(mc.hf_config)[1]
-        if trained_len and mc.max_model_len > trained_len and rope_scaling is None:
+        # Past max_position_embeddings (times the RoPE scaling factor, where there is one)
+        # positions were never trained.
+        rope_type = (rope_scaling or {}).get("rope_type", "default")
+        if trained_len and mc.max_model_len > model_max:
+            limit = (f"max_position_embeddings {trained_len}" if model_max == trained_len else
+                     f"context of {model_max} tokens (max_position_embeddings {trained_len} with "
+                     f"{rope_type} RoPE scaling, as vLLM counts it)")
             if not _allow_long_max_model_len():
                 raise InvalidRequestError(
-                    f"max_model_len {mc.max_model_len} is beyond the model's "
-                    f"max_position_embeddings {trained_len}: positions past it were never "
-                    "trained. Lower --max-model-len (or leave it out), or set "
+                    f"max_model_len {mc.max_model_len} is beyond the model's {limit}: positions "
+                    "past it were never trained. Lower --max-model-len (or leave it out), or set "
                     f"{ALLOW_LONG_MAX_MODEL_LEN_ENV[0]}=1 (vLLM's "
                     f"{ALLOW_LONG_MAX_MODEL_LEN_ENV[1]} works too) to run it anyway.",
                     "max_model_len")
             logging.getLogger(__name__).warning(
-                "max_model_len %d is beyond the model's max_position_embeddings %d: positions "
-                "past it were never trained and outputs there may be wrong.",
-                mc.max_model_len, trained_len)
-        elif (trained_len and mc.max_model_len > trained_len
-              and rope_scaling.get("rope_type") == "dynamic"):
+                "max_model_len %d is beyond the model's %s: positions past it were never trained "
+                "and outputs there may be wrong.", mc.max_model_len, limit)
+        if trained_len and mc.max_model_len > trained_len and rope_type == "dynamic":
             # transformers rotates a whole prompt with the base of its length; we rotate each
             # position with the base of its own (layers/rotary.py _dynamic_freqs).
             logging.getLogger(__name__).warning(
@@ -559,6 +560,24 @@ def _resolve_quantization(quantization: str | None, hf_config: Any, device: str)
                                   "capability 8.9 or later: Ada, Hopper, Blackwell); leave it "
                                   "out on this GPU.", "quantization")
     return quantization
+
+
+def scaled_max_model_len(max_position_embeddings: int, rope_scaling: dict[str, Any] | None) -> int:
+    """The default (and largest) max_model_len of a model, vLLM's rule: max_position_embeddings,
+    or with RoPE scaling the length it stretches to, factor x max_position_embeddings (linear,
+    dynamic) or factor x original_max_position_embeddings (yarn). llama3 and longrope configs
+    already state the stretched length as max_position_embeddings.
+
+    (Qwen2.5 and Qwen3 model cards enable YaRN by adding rope_scaling {factor 4,
+    original_max_position_embeddings 32768} and leave max_position_embeddings at 32768 or
+    40960: vLLM serves them 131072 tokens.)"""
+    if not rope_scaling or rope_scaling.get("rope_type") in ("llama3", "longrope", "su"):
+        return max_position_embeddings
+    factor = float(rope_scaling.get("factor") or 1.0)
+    base = max_position_embeddings
+    if rope_scaling.get("rope_type") == "yarn":
+        base = int(rope_scaling.get("original_max_position_embeddings") or max_position_embeddings)
+    return int(base * factor)
 
 
 # vLLM refuses a max_model_len past the model's trained positions unless told otherwise.

@@ -33,6 +33,7 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | os.PathLike[str] |
     from transformers import AutoTokenizer
 
     kind, path = _tokenizer_location(source, tokenizer_path)
+    _check_has_tokenizer(kind, path)
     try:
         if kind == "gguf":
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -205,6 +206,22 @@ def _tokenizer_location(source: ModelSource,
     raise ModelLoadError(f"--tokenizer {str(tokenizer_path)!r} does not exist; {hint}")
 
 
+def _check_has_tokenizer(kind: str, path: Path) -> None:
+    """ModelLoadError when the model's own folder or GGUF holds no tokenizer at all (a folder of
+    weights and config.json only, a GGUF written without tokenizer.ggml.* metadata):
+    transformers would otherwise blame a missing sentencepiece package or an unknown tokenizer
+    type None."""
+    hint = ("pass the original model's tokenizer with --tokenizer (a folder with "
+            "tokenizer.json, or a .gguf file).")
+    if kind == "gguf":
+        from shardserve.loader.gguf_file import GGUFFile
+        if GGUFFile(path).get("tokenizer.ggml.model") is None:
+            raise ModelLoadError(f"{path} carries no tokenizer (no tokenizer.ggml.* metadata); "
+                                 f"{hint}")
+    elif not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); {hint}")
+
+
 def _find_chat_template(kind: str, path: Path) -> str | None:
     """The chat template from the places models keep it, for tokenizers that came without one."""
     if kind == "gguf":
@@ -270,8 +287,13 @@ def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         content = message.get("content")
         if isinstance(content, list):
             content = _join_text_parts(content, i)
-        elif content is None and not message.get("tool_calls"):
-            raise InvalidRequestError(f"messages[{i}].content is missing.", "messages")
+        elif content is None:
+            if not message.get("tool_calls"):
+                raise InvalidRequestError(f"messages[{i}].content is missing.", "messages")
+            # An assistant turn that only called tools (OpenAI sends content null): as vLLM,
+            # empty text, which every template can render; templates read message['content']
+            # directly, and transformers drops a None value, so the key would be missing.
+            content = ""
         elif content is not None and not isinstance(content, str):
             raise InvalidRequestError(
                 f"messages[{i}].content must be a string or a list of text parts, got "

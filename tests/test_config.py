@@ -102,6 +102,43 @@ def test_max_model_len_past_trained_positions(tiny_model_dirs, monkeypatch):
         monkeypatch.delenv(name)
 
 
+@pytest.mark.parametrize("rope, expected", [
+    (None, 128),
+    # Qwen2.5/Qwen3 model cards add YaRN this way and vLLM serves factor x original tokens
+    # (here 4 x 64); it used to default to max_position_embeddings and take any length above.
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 256),
+    ({"rope_type": "linear", "factor": 2.0}, 256),
+    ({"rope_type": "dynamic", "factor": 2.0}, 256),
+    # llama3's max_position_embeddings already counts its factor.
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16}, 128),
+])
+def test_max_model_len_follows_rope_scaling_as_vllm(tmp_path, monkeypatch, rope, expected):
+    import json
+
+    from shardserve.planner.shape import shape_from_config
+
+    for name in ("SHARDSERVE_ALLOW_LONG_MAX_MODEL_LEN", "VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
+        monkeypatch.delenv(name, raising=False)
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 500,
+              "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+              "rope_theta": 10000.0, **({"rope_scaling": rope} if rope else {})}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    def resolved(**kwargs):
+        return EngineConfig.from_kwargs(model=str(tmp_path), device="cpu", load_format="dummy",
+                                        **kwargs).resolve().model_config
+
+    assert resolved().max_model_len == expected
+    assert shape_from_config(config).default_max_model_len == expected  # what `plan` assumes
+    with pytest.raises(InvalidRequestError, match=f"max_model_len {expected + 1} is beyond the "
+                                                  "model's .*ALLOW_LONG_MAX_MODEL_LEN=1"):
+        resolved(max_model_len=expected + 1)
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    assert resolved(max_model_len=expected + 1).max_model_len == expected + 1
+
+
 @pytest.mark.parametrize("value,expected", [([1, 1], "1,1"), ((1, 1), "1,1"), ("1,1", "1,1")])
 def test_pp_layer_partition_as_a_list(tiny_model_dirs, value, expected):
     # A Python caller writes the counts as a list; it crashed with AttributeError ('split').

@@ -493,8 +493,9 @@ def test_mla_refuses_an_fp8_kv_cache_as_the_engine_does() -> None:
 
 
 def test_max_model_len_beyond_the_trained_positions_warns(capsys) -> None:
-    """As EngineConfig.resolve() warns: beyond max_position_embeddings without RoPE scaling
-    the positions were never trained. The text and the JSON say so; scaled RoPE does not."""
+    """As EngineConfig.resolve() warns: beyond max_position_embeddings (stretched by RoPE
+    scaling, config.scaled_max_model_len) the positions were never trained. The text and the
+    JSON say so."""
     from shardserve.cli import main
 
     flags = ["plan", "--model", "llama-3-8b", "--gpus", "1", "--gpu-memory", "80GiB"]
@@ -507,4 +508,6 @@ def test_max_model_len_beyond_the_trained_positions_warns(capsys) -> None:
     assert len(warnings) == 1 and "never trained" in warnings[0]
     assert _plan("llama-3-8b", 1, 80, max_model_len=8192).warnings == []
     assert _plan("llama-3-8b", 1, 80).warnings == []
-    assert _plan("llama-3.1-8b", 1, 141, max_model_len=200000).warnings == []  # llama3 RoPE
+    # llama3 RoPE: max_position_embeddings already counts the scaling (vLLM's rule too).
+    assert _plan("llama-3.1-8b", 1, 141, max_model_len=131072).warnings == []
+    assert "131072" in _plan("llama-3.1-8b", 1, 141, max_model_len=200000).warnings[0]

@@ -102,6 +102,22 @@ def test_only_openai_roles_are_accepted(tiny_model_dirs):
         assert "system, developer, user, assistant, tool, function" in str(err.value)
 
 
+def test_a_tool_calling_turn_with_null_content_renders_as_empty_text(tiny_model_dirs):
+    """A chat history from a tool-using client: the assistant's tool-call turn has content
+    null (OpenAI's form). It renders as an empty turn, as in vLLM, not a template error about
+    a missing 'content' (transformers drops None values); null without tool_calls is still
+    refused."""
+    tokenizer = load_tokenizer(ModelSource("hf", Path(tiny_model_dirs["llama"]), "tiny"))
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_capital", "arguments": '{"country": "France"}'}}
+    history = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "Paris"}]
+    text = render_chat_template(tokenizer, history)
+    assert "<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\nParis<|im_end|>" in text
+    with pytest.raises(InvalidRequestError, match="content is missing"):
+        render_chat_template(tokenizer, [*CHAT, {"role": "assistant", "content": None}])
+
+
 def test_template_kwargs_are_template_variables(tiny_model_dirs):
     tokenizer = load_tokenizer(ModelSource("hf", Path(tiny_model_dirs["llama"]), "tiny"))
     tokenizer.chat_template = ("{% if enable_thinking is defined and not enable_thinking %}"
@@ -163,3 +179,24 @@ def test_chat_template_flag_reaches_the_engine(tiny_model_dirs, tmp_path):
         assert out[0].prompt == "hi!"
     finally:
         llm.shutdown()
+
+
+def test_a_model_without_a_tokenizer_says_to_pass_one(tiny_model_dirs, tmp_path):
+    # transformers blamed a missing sentencepiece package, or a GGUF "tokenizer None".
+    folder = tmp_path / "weights_only"
+    folder.mkdir()
+    shutil.copy(Path(tiny_model_dirs["llama"]) / "config.json", folder)
+    with pytest.raises(ModelLoadError, match=r"holds no tokenizer \(tokenizer\.json.*--tokenizer"):
+        load_tokenizer(ModelSource("hf", folder, "weights_only"))
+    # --tokenizer supplies one.
+    assert load_tokenizer(ModelSource("hf", folder, "x"), tiny_model_dirs["llama"]).vocab_size > 0
+
+    import gguf
+    path = tmp_path / "no_tokenizer.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=r"carries no tokenizer \(no tokenizer\.ggml"):
+        load_tokenizer(ModelSource("gguf", path, path.stem))

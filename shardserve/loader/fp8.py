@@ -29,6 +29,15 @@ _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 def fp8_block_size(hf_config: Any) -> tuple[int, int] | None:
     """(bn, bk) of an FP8 block-quantized config, None for an unquantized one; other
     quantization methods raise UnsupportedModelError."""
+    mlx = getattr(hf_config, "quantization", None)
+    if isinstance(mlx, dict) and "bits" in mlx:
+        # mlx-lm's packed integer weights with per-group scales and biases, stated under
+        # "quantization" (and in newer files as a quantization_config without quant_method):
+        # otherwise loaded as if unquantized, and refused on the first packed tensor's shape.
+        raise UnsupportedModelError(
+            f"config.json's quantization ({mlx.get('bits')}-bit, group size "
+            f"{mlx.get('group_size')}) is MLX's format, which shardserve does not read; use the "
+            "unquantized checkpoint or a GGUF file.")
     qc = getattr(hf_config, "quantization_config", None)
     if not qc:
         return None

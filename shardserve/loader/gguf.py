@@ -154,7 +154,7 @@ def gguf_config(path: str | os.PathLike[str]) -> Any:
         max_position_embeddings=int(key("context_length", required=True)),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         bos_token_id=_token_id(gguf_file, "bos_token_id"),
-        eos_token_id=_token_id(gguf_file, "eos_token_id"),
+        eos_token_id=_end_token_ids(gguf_file),
         pad_token_id=_token_id(gguf_file, "padding_token_id"),
         tie_word_embeddings="output.weight" not in gguf_file.tensors,
         architectures=[architecture],
@@ -291,6 +291,15 @@ def _check_architecture(gguf_file: GGUFFile) -> str:
             "Qwen1.5-MoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3/R1 and DeepSeek-R1-Distill "
             "files). Serve this model from its Hugging Face folder (config.json + "
             "*.safetensors) instead.")
+    num_experts = gguf_file.get(f"{arch}.expert_count")
+    if arch == "llama" and num_experts:
+        # llama.cpp writes Mixtral (MixtralForCausalLM) under the llama architecture, its
+        # experts as ffn_*_exps: without this the file passed as a dense Llama and failed on
+        # its first expert tensor, with advice to use a Hugging Face folder we refuse too.
+        raise UnsupportedModelError(
+            f"{gguf_file.path} is a mixture-of-experts llama GGUF (llama.expert_count "
+            f"{num_experts}: Mixtral or a model built like it), which shardserve does not "
+            "serve; its MoE families are Qwen2-MoE, Qwen3-MoE and DeepSeek-V2/V3.")
     return arch
 
 
@@ -330,6 +339,16 @@ def _vocab_size(gguf_file: GGUFFile, arch: str) -> int:
 def _token_id(gguf_file: GGUFFile, name: str) -> int | None:
     value = gguf_file.get(f"tokenizer.ggml.{name}")
     return None if value is None else int(value)
+
+
+def _end_token_ids(gguf_file: GGUFFile) -> int | list[int] | None:
+    """The file's EOS, plus its end-of-turn and end-of-message tokens where they differ, as a
+    list the way Llama-3.1's config.json lists them. llama.cpp stops at each; Llama-3-Instruct
+    files whose EOS is <|end_of_text|> end every turn with <|eot_id|> (eot_token_id), so
+    stopping at the EOS alone ran on into a made-up next turn."""
+    ids = [_token_id(gguf_file, name) for name in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    return ids[0] if len(ids) == 1 else ids or None
 
 
 def _rope_parameters(gguf_file: GGUFFile, arch: str, rope_theta: float,

@@ -50,8 +50,11 @@ def load_model(model_config: Any, device: torch.device | str, stage: Any = None)
             loaded = model.load_weights(progress)
     except ValueError as err:  # a shape mismatch: the config does not describe these weights
         tensor = f" tensor {current[-1]}" if current else ""
-        raise ModelLoadError(f"Cannot load{tensor} of {model_config.source.path}: {err} Does "
-                             "config.json belong to this checkpoint?") from err
+        hint = ("Does config.json belong to this checkpoint?" if model_config.source.kind == "hf"
+                else "The file's metadata does not describe its tensors: it is damaged or was "
+                "not written by llama.cpp's converter; re-export it.")
+        raise ModelLoadError(f"Cannot load{tensor} of {model_config.source.path}: {err} "
+                             f"{hint}") from err
     missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
     if missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")

@@ -88,6 +88,13 @@ def resolve_model_source(model: str | os.PathLike | None,
         return ModelSource("hf", path.resolve(), path.resolve().name)
     if ggufs:
         return _gguf_in_folder(model, ggufs)
+    snapshots = sorted(p for p in (path / "snapshots").glob("*") if p.is_dir())
+    if snapshots:
+        # The Hugging Face cache (~/.cache/huggingface/hub/models--ORG--NAME) keeps the files
+        # one level down, per downloaded revision.
+        raise ModelLoadError(
+            f"{str(model)!r} is a Hugging Face cache folder; pass one of its snapshots: "
+            f"{', '.join(str(p) for p in snapshots)}.")
     raise ModelLoadError(
         f"{str(model)!r} holds no model: expected config.json with *.safetensors, or a .gguf file.")
 

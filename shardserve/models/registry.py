@@ -36,19 +36,28 @@ _MODEL_TYPE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralFor
 
 def check_architecture(hf_config: Any) -> str:
     """The architecture name we will serve `hf_config` with, or UnsupportedModelError."""
-    archs = list(getattr(hf_config, "architectures", None) or [])
+    archs = getattr(hf_config, "architectures", None)
+    model_type = getattr(hf_config, "model_type", None)
+    arch = served_architecture(archs, model_type)
+    if arch is None:
+        raise unsupported_model_error(archs, model_type)
+    check_config_features(hf_config)
+    return arch
+
+
+def served_architecture(architectures: Any, model_type: Any) -> str | None:
+    """The architecture a config naming these (config.json's fields) is served as, or None."""
+    archs = list(architectures or []) if isinstance(architectures, (list, tuple)) else []
     if not archs:
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type in _MODEL_TYPE_ARCHITECTURES:
-            check_config_features(hf_config)
-            return _MODEL_TYPE_ARCHITECTURES[model_type]
-        archs = [f"model_type={model_type!r}"]
-    for arch in archs:
-        if arch in SUPPORTED_ARCHITECTURES:
-            check_config_features(hf_config)
-            return arch
-    raise UnsupportedModelError(
-        f"Model architecture {', '.join(archs)} is not supported; supported architectures: "
+        return _MODEL_TYPE_ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    return next((arch for arch in archs if arch in SUPPORTED_ARCHITECTURES), None)
+
+
+def unsupported_model_error(architectures: Any, model_type: Any) -> UnsupportedModelError:
+    archs = list(architectures or []) if isinstance(architectures, (list, tuple)) else []
+    names = [str(a) for a in archs] or [f"model_type={model_type!r}"]
+    return UnsupportedModelError(
+        f"Model architecture {', '.join(names)} is not supported; supported architectures: "
         f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}.")
 
 
@@ -67,6 +76,4 @@ def get_model_class(name: str) -> type[nn.Module]:
     try:
         return SUPPORTED_ARCHITECTURES[name]
     except KeyError:
-        raise UnsupportedModelError(
-            f"Model architecture {name} is not supported; supported architectures: "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}.") from None
+        raise unsupported_model_error([name], None) from None

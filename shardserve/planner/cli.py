@@ -24,7 +24,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="memory of one GPU, e.g. 80GiB or 141GB")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: min(--gpus, 8)")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="default: the model's max_position_embeddings")
+                   help="default: the model's max_position_embeddings (times its RoPE "
+                        "scaling factor, as the engine and vLLM count it)")
     p.add_argument("--target-concurrency", type=int, default=None,
                    help="sequences of max_model_len that should fit at once, over all replicas")
     p.add_argument("--dtype", default="auto", help="bf16, fp16, fp32 (default: the checkpoint's)")

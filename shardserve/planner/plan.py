@@ -22,7 +22,8 @@ PLAN_FORMAT_VERSION = 1
 
 @dataclass
 class PlanRequest:
-    """What to plan for. max_model_len None: the model's max_position_embeddings; dtype
+    """What to plan for. max_model_len None: the engine's default (the model's
+    max_position_embeddings, stretched by RoPE scaling: shape.default_max_model_len); dtype
     'auto': the checkpoint's half type (bfloat16 for float32 checkpoints), as on CUDA."""
 
     num_gpus: int
@@ -92,7 +93,7 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
                          "multi-head latent attention models (DeepSeek-V2/V3) yet: their latent "
                          "cache stays in the model's dtype. Use --kv-cache-dtype auto.")
     limits = ServingLimits(
-        max_model_len=request.max_model_len or shape.max_position_embeddings,
+        max_model_len=request.max_model_len or shape.default_max_model_len,
         dtype_bytes=dtype_bytes(dtype), block_size=request.block_size,
         gpu_memory_utilization=request.gpu_memory_utilization,
         max_num_seqs=request.max_num_seqs, max_num_batched_tokens=request.max_num_batched_tokens,
@@ -135,13 +136,13 @@ def _check_request(request: PlanRequest) -> None:
 def plan_warnings(shape: ModelShape, limits: ServingLimits) -> list[str]:
     """The engine's start-up warnings that the plan can foresee (EngineConfig.resolve())."""
     warnings = []
-    # With RoPE scaling the model is meant to run past max_position_embeddings; without, the
-    # positions past it were never trained.
-    mpe = shape.max_position_embeddings
-    if limits.max_model_len > mpe and shape.rope_type == "default":
-        warnings.append(f"max_model_len {limits.max_model_len} is beyond the model's "
-                        f"max_position_embeddings {mpe}: positions past it were never trained "
-                        "and outputs there may be wrong.")
+    # Past max_position_embeddings (stretched by RoPE scaling) positions were never trained.
+    limit = shape.default_max_model_len
+    if limits.max_model_len > limit:
+        what = (f"max_position_embeddings {limit}" if limit == shape.max_position_embeddings
+                else f"context of {limit} tokens ({shape.rope_type} RoPE scaling)")
+        warnings.append(f"max_model_len {limits.max_model_len} is beyond the model's {what}: "
+                        "positions past it were never trained and outputs there may be wrong.")
     return warnings
 
 

@@ -113,6 +113,15 @@ class ModelShape:
             return self.mla.qk_rope_head_dim
         return int(self.head_dim * self.partial_rotary_factor)
 
+    @property
+    def default_max_model_len(self) -> int:
+        """The engine's max_model_len when none is given (config.scaled_max_model_len)."""
+        from shardserve.config import scaled_max_model_len
+        scaling = (None if self.rope_type == "default" else
+                   {"rope_type": self.rope_type, "factor": self.rope_factor,
+                    "original_max_position_embeddings": self.rope_original_max_positions})
+        return scaled_max_model_len(self.max_position_embeddings, scaling)
+
     def rope_table_positions(self, max_model_len: int) -> int:
         """Rows of the RoPE cos/sin table the engine builds (layers/rotary.py `_rope_freqs`):
         linear and dynamic scaling stretch it by their factor, yarn to the original length

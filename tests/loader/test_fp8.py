@@ -49,3 +49,16 @@ def test_block_size_from_config() -> None:
     Config.quantization_config = {"quant_method": "awq"}
     with pytest.raises(UnsupportedModelError, match="awq"):
         fp8_block_size(Config())
+
+
+def test_mlx_quantized_config_is_refused_by_name() -> None:
+    # mlx-lm writes "quantization" (newer versions a quantization_config without quant_method
+    # too); such a folder loaded as unquantized and failed on the first packed tensor's shape.
+    class Config:
+        quantization = {"group_size": 64, "bits": 4}
+    with pytest.raises(UnsupportedModelError, match=r"quantization \(4-bit, group size 64\) is "
+                                                    "MLX's format"):
+        fp8_block_size(Config())
+    Config.quantization_config = dict(Config.quantization)
+    with pytest.raises(UnsupportedModelError, match="MLX's format"):
+        fp8_block_size(Config())

@@ -184,6 +184,31 @@ def test_other_architectures_are_refused(tmp_path, arch):
             load(path)
 
 
+
+def test_mixtral_written_as_llama_is_refused_before_loading(tmp_path):
+    # llama.cpp writes Mixtral under the llama architecture; it passed as a dense Llama and
+    # failed only on its first expert tensor, pointing at a Hugging Face folder (refused too).
+    experts = {"blk.0.ffn_gate_inp.weight": (np.zeros((8, HIDDEN), np.float32), None),
+               "blk.0.ffn_gate_exps.weight": (np.zeros((8, 512, HIDDEN), np.float32), None)}
+    path = write_gguf(tmp_path / "mixtral.gguf", experts, llama__expert_count=8,
+                      llama__expert_used_count=2, llama__vocab_size=100)
+    for load in (gguf_config, lambda p: list(iter_gguf_weights(p))):
+        with pytest.raises(UnsupportedModelError, match="mixture-of-experts llama GGUF "
+                           r"\(llama.expert_count 8: Mixtral.*Qwen2-MoE, Qwen3-MoE"):
+            load(path)
+
+
+def test_metadata_that_does_not_match_a_tensor_blames_the_file(tmp_path):
+    # The shape error used to ask whether config.json belonged to the checkpoint: a GGUF has none.
+    from tests.models.tiny_checkpoints import load_ours
+
+    up = {"blk.0.ffn_up.weight": (np.zeros((300, HIDDEN), np.float32), None)}
+    path = write_gguf(tmp_path / "bad.gguf", up, llama__vocab_size=100)
+    with pytest.raises(ModelLoadError, match=r"tensor model\.layers\.0\.mlp\.up_proj\.weight .*"
+                       r"Checkpoint shape \(300, 256\).*metadata does not describe") as err:
+        load_ours(path)
+    assert "config.json" not in str(err.value)
+
 def test_config_from_metadata_variants(tmp_path):
     # No vocab_size key (count the tokens), no output.weight (tied), linear rope scaling keys.
     writer_tokens = ["<unk>", "<s>", "</s>", "a", "b"]
@@ -210,6 +235,25 @@ def test_config_from_metadata_variants(tmp_path):
     assert config.num_key_value_heads == HEADS and config.head_dim == HEAD_DIM
     assert config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
     assert (config.bos_token_id, config.eos_token_id, config.max_position_embeddings) == (1, 2, 4096)
+
+
+def test_end_of_turn_tokens_end_generation(tmp_path):
+    # Llama-3-Instruct GGUFs whose EOS is <|end_of_text|> end each turn with <|eot_id|>
+    # (tokenizer.ggml.eot_token_id): llama.cpp stops there, and so must we.
+    from shardserve.tokenizer import eos_token_ids
+
+    path = write_gguf(tmp_path / "eot.gguf", {}, llama__vocab_size=100,
+                      tokenizer__ggml__eos_token_id=7, tokenizer__ggml__eot_token_id=9,
+                      tokenizer__ggml__eom_token_id=8)
+    config = gguf_config(path)
+    assert config.eos_token_id == [7, 9, 8]
+
+    class Tokenizer:
+        eos_token_id = 7
+    assert eos_token_ids(Tokenizer(), config, None) == [7, 9, 8]
+    path = write_gguf(tmp_path / "eos_only.gguf", {}, llama__vocab_size=100,
+                      tokenizer__ggml__eos_token_id=7, tokenizer__ggml__eot_token_id=7)
+    assert gguf_config(path).eos_token_id == 7
 
 
 def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):

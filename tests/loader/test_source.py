@@ -40,3 +40,16 @@ def test_a_bin_only_folder_says_how_to_convert(tmp_path):
     with pytest.raises(ModelLoadError, match=r"no \*\.safetensors.*save_pretrained"):
         resolve_model_source(tmp_path)
     assert resolve_model_source(tmp_path, weights_needed=False).kind == "hf"
+
+
+def test_a_hugging_face_cache_folder_names_its_snapshots(tmp_path):
+    # huggingface-cli download without --local-dir leaves models--ORG--NAME/snapshots/REV/.
+    cache = tmp_path / "models--Qwen--Qwen3-0.6B"
+    snapshot = cache / "snapshots" / "c1899de289a04d12100db370d81485cdf75e47ca"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "qwen3"}')
+    (snapshot / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="Hugging Face cache folder; pass one of its "
+                                             f"snapshots: {snapshot}"):
+        resolve_model_source(cache)
+    assert resolve_model_source(snapshot).kind == "hf"
