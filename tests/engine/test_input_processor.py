@@ -32,3 +32,23 @@ def test_text_the_model_has_no_embedding_for_is_refused(prompt) -> None:
     with pytest.raises(InvalidRequestError, match=r"beyond the model's vocab_size 500.*--tokenizer") as err:
         _processor(500).process_prompt(prompt)
     assert err.value.param == "prompt"
+
+
+@pytest.mark.parametrize("ids", [[1, 500], [-1, 3], [3, True], [2.0, 3], ["7"]],
+                         ids=["past_vocab", "negative", "bool", "float", "text"])
+def test_bad_token_ids_are_refused(ids) -> None:
+    with pytest.raises(InvalidRequestError, match=r"integers in \[0, 500\)") as err:
+        _processor(500).process_prompt({"prompt_token_ids": ids})
+    assert err.value.param == "prompt"
+
+
+def test_token_ids_plain_and_numpy() -> None:
+    """Plain ints (the range checked in C) and numpy integers (converted) give the same list."""
+    import numpy as np
+
+    processor = _processor(500)
+    plain = processor.process_prompt({"prompt_token_ids": [0, 7, 499]}).prompt_token_ids
+    from_numpy = processor.process_prompt({"prompt_token_ids": np.array([0, 7, 499])})
+    mixed = processor.process_prompt({"prompt_token_ids": [np.int64(0), 7, 499]})
+    assert plain == from_numpy.prompt_token_ids == mixed.prompt_token_ids == [0, 7, 499]
+    assert all(type(t) is int for t in mixed.prompt_token_ids)
