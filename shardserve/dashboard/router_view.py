@@ -40,7 +40,8 @@ class RouterDashboard:
     async def data(self, authorization: str | None) -> dict[str, Any]:
         backends = list(self.pool.backends.values())
         headers = {"Authorization": authorization} if authorization else {}
-        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, headers=headers) as client:
+        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, headers=headers,
+                                     trust_env=False) as client:  # direct, as the router's
             fetched = await asyncio.gather(*(_fetch(client, b.url) for b in backends))
         if any(status == 401 for status, _ in fetched):
             raise ReplicaAuthError()

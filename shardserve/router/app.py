@@ -60,15 +60,47 @@ class RouterArgs:
             uvicorn_log_level=args.uvicorn_log_level)
 
 
+def _backend_url(text: str) -> str:
+    from shardserve.router.backends import normalize_url
+    try:
+        return normalize_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dns_name(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected NAME:PORT, e.g. my-svc-headless:8000, "
+                                         f"got {text!r}")
+    return text
+
+
+def _number(kind: type, low: float, inclusive: bool = True) -> Callable[[str], float]:
+    """An argparse type: `kind` (int or float) >= low (or > low): a zero or negative interval,
+    retry count or limit would otherwise be taken and then refuse or spin on every request."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}"
+                                             f": {text!r}") from None
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if inclusive else 'more than'} {low}, got {text}")
+        return value
+    return parse
+
+
 def add_router_args(parser: argparse.ArgumentParser, standalone: bool = True) -> None:
     d = RouterArgs()
     g = parser.add_argument_group("router")
     if standalone:
-        g.add_argument("--backend", action="append", metavar="URL",
+        g.add_argument("--backend", action="append", metavar="URL", type=_backend_url,
                        help="a replica's base URL, e.g. http://10.0.0.5:8000 (repeatable)")
         g.add_argument("--backends-file", metavar="FILE",
                        help="file with one replica URL per line; re-read while running")
-        g.add_argument("--backends-dns", metavar="NAME:PORT",
+        g.add_argument("--backends-dns", metavar="NAME:PORT", type=_dns_name,
                        help="a DNS name whose addresses are the replicas (a Kubernetes headless "
                             "Service); re-resolved while running")
         g.add_argument("--host", default=d.host)
@@ -79,26 +111,27 @@ def add_router_args(parser: argparse.ArgumentParser, standalone: bool = True) ->
     g.add_argument(prefix + "policy", dest="policy", default=d.policy, choices=POLICIES,
                    help="least-load: fewest outstanding requests; prefix-aware: the same prompt "
                         "prefix goes to the same replica unless it is overloaded")
-    g.add_argument(prefix + "health-interval", dest="health_interval", type=float,
-                   default=d.health_interval_s, metavar="SECONDS",
+    g.add_argument(prefix + "health-interval", dest="health_interval",
+                   type=_number(float, 0, False), default=d.health_interval_s, metavar="SECONDS",
                    help="how often each replica's /health and /metrics are read")
-    g.add_argument(prefix + "max-retries", dest="max_retries", type=int,
+    g.add_argument(prefix + "max-retries", dest="max_retries", type=_number(int, 0),
                    default=d.proxy.max_retries,
                    help="other replicas a request that failed before its first byte may try")
-    g.add_argument(prefix + "max-waiting", dest="max_waiting", type=float,
+    g.add_argument(prefix + "max-waiting", dest="max_waiting", type=_number(float, 0, False),
                    default=d.proxy.max_waiting,
                    help="a replica reporting this many waiting requests is saturated; when all "
                         "are, the router answers 503 + Retry-After")
-    g.add_argument(prefix + "max-in-flight", dest="max_in_flight", type=int, default=None,
+    g.add_argument(prefix + "max-in-flight", dest="max_in_flight", type=_number(int, 1),
+                   default=None,
                    help="most requests the router keeps open on one replica (default: no limit)")
-    g.add_argument(prefix + "prefix-chars", dest="prefix_chars", type=int,
+    g.add_argument(prefix + "prefix-chars", dest="prefix_chars", type=_number(int, 1),
                    default=d.proxy.prefix_chars,
                    help="prefix-aware: how many leading prompt characters pick the replica")
-    g.add_argument(prefix + "max-imbalance", dest="max_imbalance", type=float,
+    g.add_argument(prefix + "max-imbalance", dest="max_imbalance", type=_number(float, 0),
                    default=d.max_imbalance,
                    help="prefix-aware: outstanding requests over the least loaded replica "
                         "beyond which least-load decides")
-    g.add_argument(prefix + "read-timeout", dest="read_timeout", type=float,
+    g.add_argument(prefix + "read-timeout", dest="read_timeout", type=_number(float, 0, False),
                    default=d.read_timeout_s, metavar="SECONDS",
                    help="longest silence from a replica within one answer")
 
@@ -114,7 +147,9 @@ def build_router_app(args: RouterArgs, on_startup: Callable[[BackendPool], None]
             on_startup(pool)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         timeout = httpx.Timeout(connect=3.0, read=args.read_timeout_s, write=30.0, pool=None)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        # trust_env=False: replicas are addressed directly; an $HTTP_PROXY set for model
+        # downloads must not carry (or, on 127.0.0.1 under -dp N, break) the traffic to them.
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
             holder["proxy"] = Proxy(pool, make_policy(args.policy, args.max_imbalance),
                                     args.proxy, client)
             await pool.start()

@@ -52,6 +52,10 @@ class Backend:
     # refused). A replica that accepts connections but answers nothing is hung or frozen; one
     # still starting (or gone) refuses them instead.
     unanswered_since: float | None = None
+    # Monotonic time of the last probe it answered (any status); 0: never. A replica binds its
+    # port before it resolves the model and builds its app, so in that window its probes time
+    # out too: only one that has answered since it (re)started can be taken for frozen.
+    answered_at: float = 0.0
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # set: stop waiting on it
     waiters: set = field(default_factory=set)  # tasks awaiting the replica (cancelled if lost)
 
@@ -79,10 +83,21 @@ class DiscoveryConfig:
 
 
 def normalize_url(url: str) -> str:
-    url = url.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    return url
+    """`url` as the router keys it (http:// added when no scheme is given, no trailing slash);
+    ValueError, saying what is wrong, for anything that is not an http(s) base URL with a host:
+    such a replica could never be probed (or would stop the router at start-up)."""
+    text = url.strip().rstrip("/")
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parsed = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{url!r} is not a replica URL ({exc})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host or " " in text:
+        raise ValueError(f"{url!r} is not a replica URL; give http://HOST:PORT")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"{url!r} is not a replica URL: drop the query/fragment")
+    return text
 
 
 class BackendPool:
@@ -118,7 +133,8 @@ class BackendPool:
         return backend
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self.probe_timeout_s)
+        # No $HTTP_PROXY: probes must take the same direct path as the requests (app.py).
+        self._client = httpx.AsyncClient(timeout=self.probe_timeout_s, trust_env=False)
         await self.refresh()
         self._task = asyncio.create_task(self._loop(), name="router-health")
 
@@ -158,8 +174,13 @@ class BackendPool:
                                d.file, exc)
                 wanted |= {u for u in self.backends if u not in wanted}
             else:
-                wanted |= {normalize_url(line.split("#")[0]) for line in lines
-                           if line.split("#")[0].strip()}
+                for line in lines:
+                    if not line.split("#")[0].strip():
+                        continue
+                    try:
+                        wanted.add(normalize_url(line.split("#")[0]))
+                    except ValueError as exc:  # one bad line must not stop the others' probes
+                        logger.warning("Backends file %s: %s; line skipped", d.file, exc)
         if d.dns is not None:
             host, _, port = d.dns.rpartition(":")
             try:
@@ -198,6 +219,7 @@ class BackendPool:
             return
         backend.num_probe_failures = 0
         backend.unanswered_since = None
+        backend.answered_at = time.monotonic()
         if backend.lost.is_set():
             backend.lost = asyncio.Event()
         if health.status_code != 200:

@@ -12,9 +12,11 @@ Devices: on CUDA replica r sees GPUs [r * tp * pp, (r + 1) * tp * pp) of this pr
 ones (through CUDA_VISIBLE_DEVICES). Seeds are not offset: the same request seed gives the same
 output as with DP 1. Children get SIGTERM when this process dies (PR_SET_PDEATHSIG); SIGTERM here
 drains the replicas (they finish what they hold) and then stops; SIGINT stops at once. A replica
-that exits unexpectedly is restarted (up to `MAX_RESTARTS` times); meanwhile the router sends
-its traffic elsewhere. So is one that stays hung or frozen (it accepts connections but has
-answered no health probe for `HUNG_AFTER_S`): its process tree is killed first.
+that exits before it was ever ready stops the whole command (exit code 1: its start-up error
+would only repeat). One that exits later is restarted (up to `MAX_RESTARTS` times); meanwhile
+the router sends its traffic elsewhere. So is one that stays hung or frozen (it answered
+before, and now accepts connections but has answered no health probe for `HUNG_AFTER_S`): its
+process tree is killed first.
 """
 
 from __future__ import annotations
@@ -62,13 +64,25 @@ class Replica:
     env: dict[str, str]
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    # Set once it was healthy (or this process killed it as hung). One that exits before
+    # that failed at start-up (a flag, the model or the device that only loading finds
+    # wrong): restarting it would fail the same way, so the whole command stops with its
+    # error instead (as vLLM's DP start-up does).
+    may_restart: bool = False
+    started_at: float = 0.0  # monotonic time of the last start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)
+        self.started_at = time.monotonic()
+        # Its own process group: a terminal's Ctrl-C reaches this process alone, which passes
+        # one SIGINT on (signal_all) after setting `stopping`. With the group's SIGINT too, a
+        # replica got two (the second cut its shutdown short, with a uvicorn traceback), and
+        # could exit before `stopping` was set, to be taken for a start-up failure.
+        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent,
+                                     process_group=0)
         logger.info("Replica %d started (pid %d) on %s", self.index, self.proc.pid, self.url)
 
 
@@ -211,10 +225,18 @@ class Supervisor:
                 if self.stopping or r.proc is None:
                     continue
                 if r.proc.poll() is None:
-                    self._kill_if_hung(r, pool.add(r.url))
+                    backend = pool.add(r.url)
+                    r.may_restart = r.may_restart or backend.healthy
+                    self._kill_if_hung(r, backend)
                     continue
                 backend = pool.add(r.url)
+                r.may_restart = r.may_restart or backend.healthy  # ready since the last round
                 backend.mark_down(f"replica process exited with {r.proc.returncode}")
+                if not r.may_restart:
+                    logger.error("Replica %d exited with %s before it was ever ready (its "
+                                 "error is above); stopping.", r.index, r.proc.returncode)
+                    self._give_up()
+                    return
                 if r.restarts >= MAX_RESTARTS:
                     continue
                 r.restarts += 1
@@ -225,18 +247,26 @@ class Supervisor:
             if not self.stopping and all(r.proc.poll() is not None and r.restarts >= MAX_RESTARTS
                                          for r in self.replicas if r.proc is not None):
                 logger.error("Every replica exited %d times; giving up.", MAX_RESTARTS + 1)
-                self.stopping = True
-                if self.on_give_up is not None:
-                    self.on_give_up()
+                self._give_up()
+
+    def _give_up(self) -> None:
+        self.stopping = True
+        if self.on_give_up is not None:
+            self.on_give_up()
 
     @staticmethod
     def _kill_if_hung(r: Replica, backend: Backend) -> None:
         since = backend.unanswered_since
         if since is None or time.monotonic() - since < HUNG_AFTER_S:
             return
+        if backend.answered_at <= r.started_at:
+            # Still starting: its port is bound before the model is resolved and the app
+            # built, which can take longer than HUNG_AFTER_S on a busy host.
+            return
         logger.error("Replica %d (pid %d) has answered no health probe for %.0f s: hung or "
                      "frozen; killing it", r.index, r.proc.pid, time.monotonic() - since)
         backend.unanswered_since = None
+        r.may_restart = True  # our kill, not a start-up error
         # Its engine core and ranks too: stopped with it, they would not leave by themselves.
         for pid in [*descendants(r.proc.pid), r.proc.pid]:
             try:

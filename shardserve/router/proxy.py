@@ -120,10 +120,14 @@ class Proxy:
         out_headers = {k: v for k, v in headers.items() if k.lower() not in _HOP}
         tried: set[Backend] = set()
         last_error: Response | None = None
+        # True while every replica tried refused the connection: the request reached no engine,
+        # so running out of replicas is the router's 503 + Retry-After (safe to retry), not a
+        # 502 naming the last refusal.
+        all_unsent = True
         for attempt in range(self.config.max_retries + 1):
             backend, why = self._pick(tried, key)
             if backend is None:
-                if last_error is not None:
+                if last_error is not None and not all_unsent:
                     self.stats.num_failures += 1
                     return last_error
                 return self._reject(why)
@@ -133,14 +137,20 @@ class Proxy:
             result = await self._try(backend, method, path, out_headers, body)
             if isinstance(result, Response):
                 return result
-            last_error = result[1]
+            _, error, unsent = result
+            if all_unsent or not unsent:  # a replica's own error says more than a refusal
+                last_error = error
+            all_unsent = all_unsent and unsent
             backend.num_retries_from += 1
+        if last_error is None or all_unsent:
+            return self._reject("no_healthy_replica")
         self.stats.num_failures += 1
-        return last_error if last_error is not None else self._reject("no_healthy_replica")
+        return last_error
 
     async def _try(self, backend: Backend, method: str, path: str, headers: dict[str, str],
-                   body: bytes) -> Response | tuple[None, Response]:
-        """The response to send, or (None, the error to send if no other replica can help)."""
+                   body: bytes) -> Response | tuple[None, Response, bool]:
+        """The response to send, or (None, the error to send if no other replica can help,
+        whether the request surely never reached the replica: its connection was refused)."""
         backend.in_flight += 1
         backend.num_requests += 1
         self.stats.in_flight += 1
@@ -166,7 +176,7 @@ class Proxy:
                            type(exc).__name__, exc)
             return None, JSONResponse(error_body(
                 f"The replica failed before answering ({type(exc).__name__}).", "server_error",
-                "replica_failed"), status_code=502)
+                "replica_failed"), status_code=502), isinstance(exc, httpx.ConnectError)
         except BaseException:  # cancelled (router shutting down): do not leak the counts
             release()
             raise
@@ -178,7 +188,8 @@ class Proxy:
                 retry_after = _int(upstream.headers.get("retry-after"), 1)
                 backend.busy_until = time.monotonic() + retry_after
             resp_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
-            return None, Response(content, status_code=upstream.status_code, headers=resp_headers)
+            return (None, Response(content, status_code=upstream.status_code,
+                                   headers=resp_headers), False)
         chunks = upstream.aiter_raw()
         try:
             first = await _unless_lost(backend, chunks.__anext__())
@@ -191,7 +202,7 @@ class Proxy:
             backend.mark_down(f"stream broke before its first byte: {type(exc).__name__}")
             return None, JSONResponse(error_body(
                 f"The replica failed before answering ({type(exc).__name__}).", "server_error",
-                "replica_failed"), status_code=502)
+                "replica_failed"), status_code=502), False
         except BaseException:
             await upstream.aclose()
             release()

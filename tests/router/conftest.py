@@ -16,13 +16,14 @@ from tests.server.conftest import ServerProcess, free_port
 REPO = Path(__file__).resolve().parents[2]
 
 
-def start_router(log_dir: Path, *args: str, wait_healthy: bool = True) -> ServerProcess:
+def start_router(log_dir: Path, *args: str, wait_healthy: bool = True,
+                 env: dict[str, str] | None = None) -> ServerProcess:
     port = free_port()
     log_path = log_dir / f"router-{port}.log"
     cmd = [sys.executable, "-m", "shardserve.cli", "router", "--host", "127.0.0.1",
            "--port", str(port), "--health-interval", "0.5", *args]
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=REPO)
     router = ServerProcess(proc, port, log_path, None)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

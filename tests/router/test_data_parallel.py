@@ -312,37 +312,71 @@ def test_layout_that_does_not_fit_is_refused_before_any_replica_starts(tiny_mode
     assert time.monotonic() - start < 60
 
 
-def test_front_gives_up_once_every_replica_is_dead_for_good(monkeypatch):
-    """Replicas that keep exiting are restarted MAX_RESTARTS times each; then the front stops
-    (exit code 1) instead of answering 503 forever."""
+def _supervise(supervisor, timeout: float) -> list[float]:
+    """Run a Supervisor (no router) until it gives up -> the times it gave up."""
     import asyncio
-    import sys
 
-    from shardserve.router import data_parallel as dp
     from shardserve.router.backends import BackendPool, DiscoveryConfig
 
-    monkeypatch.setattr(dp, "MAX_RESTARTS", 2)
-    replicas = [dp.Replica(i, 1, [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
-                for i in range(2)]
-    supervisor = dp.Supervisor(replicas)
-    gave_up = []
+    gave_up: list[float] = []
     supervisor.on_give_up = lambda: gave_up.append(time.monotonic())
 
     async def run() -> None:
         supervisor.start(BackendPool(DiscoveryConfig(static=[])))
-        await asyncio.wait_for(supervisor._task, 60)
+        await asyncio.wait_for(supervisor._task, timeout)
 
     asyncio.run(run())
+    return gave_up
+
+
+def test_front_gives_up_once_every_replica_is_dead_for_good(monkeypatch):
+    """Replicas that keep exiting are restarted MAX_RESTARTS times each; then the front stops
+    (exit code 1) instead of answering 503 forever."""
+    import sys
+
+    from shardserve.router import data_parallel as dp
+
+    monkeypatch.setattr(dp, "MAX_RESTARTS", 2)
+    replicas = [dp.Replica(i, 1, [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+                for i in range(2)]
+    for r in replicas:
+        r.may_restart = True  # they served before: each exit is worth a restart
+    gave_up = _supervise(dp.Supervisor(replicas), timeout=60)
     assert len(gave_up) == 1
     assert [r.restarts for r in replicas] == [2, 2]
     assert all(r.proc.returncode == 3 for r in replicas)
 
 
+def test_replica_failing_at_start_up_stops_the_front_at_once():
+    """A replica that exits before it was ever ready (an error only loading finds) stops the
+    whole command with exit code 1, as vLLM's DP start-up does, rather than being restarted
+    MAX_RESTARTS times (minutes of reloading, the same error each time) while the front serves
+    on with the other replicas."""
+    import sys
+
+    from shardserve.router import data_parallel as dp
+
+    replicas = [dp.Replica(0, 1, [sys.executable, "-c", "import time; time.sleep(60)"],
+                           dict(os.environ)),
+                dp.Replica(1, 2, [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))]
+    supervisor = dp.Supervisor(replicas)
+    try:
+        gave_up = _supervise(supervisor, timeout=20)
+        assert len(gave_up) == 1
+        assert [r.restarts for r in replicas] == [0, 0]
+        assert replicas[1].proc.returncode == 3
+    finally:
+        supervisor.stop(signal.SIGKILL, timeout=5)
+    assert replicas[0].proc.returncode == -signal.SIGKILL  # the healthy one goes too
+
+
 def test_frozen_replica_is_killed_with_its_children_and_restarted(monkeypatch):
-    """A replica (here a process with a child, standing for its engine core) whose port
-    accepts connections but never answers /health, as a SIGSTOPped server's does: after
-    HUNG_AFTER_S of probes timing out, both processes are killed and the replica restarted. A
-    port that refuses connections (a replica still starting) is never taken for hung."""
+    """A replica (here a process with a child, standing for its engine core) that answered
+    before and whose port now accepts connections but never answers /health, as a SIGSTOPped
+    server's does: after HUNG_AFTER_S of probes timing out, both processes are killed and the
+    replica restarted. A port that refuses connections, or one that accepts them but has not
+    answered since the replica started (it binds its port before it resolves the model and
+    builds its app: slow on a busy host), is a replica still starting, never taken for hung."""
     import asyncio
     import socket
     import sys
@@ -356,13 +390,17 @@ def test_frozen_replica_is_killed_with_its_children_and_restarted(monkeypatch):
     frozen.listen(64)  # the kernel completes handshakes; nobody ever reads
     refused = socket.socket()
     refused.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    starting = socket.socket()
+    starting.bind(("127.0.0.1", 0))
+    starting.listen(64)  # as frozen's, but it never answered: still starting
     # The child outlives a killed parent (for 20 s: no test leaves it behind for long).
     code = ("import subprocess, sys, time\n"
             "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(20)'])\n"
             "print(child.pid, flush=True)\n"
             "time.sleep(600)\n")
     replicas = [dp.Replica(i, sock.getsockname()[1], [sys.executable, "-c", code],
-                           dict(os.environ)) for i, sock in enumerate((frozen, refused))]
+                           dict(os.environ))
+                for i, sock in enumerate((frozen, refused, starting))]
     for r in replicas:
         r.start = lambda r=r: setattr(r, "proc", _popen_with_stdout(r.argv))
     supervisor = dp.Supervisor(replicas)
@@ -372,6 +410,7 @@ def test_frozen_replica_is_killed_with_its_children_and_restarted(monkeypatch):
     async def run() -> None:
         await pool.start()
         supervisor.start(pool)
+        pool.add(replicas[0].url).answered_at = time.monotonic()  # it served before freezing
         first = replicas[0].proc
         first_child = int(first.stdout.readline())
         deadline = time.monotonic() + 30
@@ -379,15 +418,16 @@ def test_frozen_replica_is_killed_with_its_children_and_restarted(monkeypatch):
             await asyncio.sleep(0.1)
         assert replicas[0].restarts == 1 and first.returncode == -signal.SIGKILL
         assert wait_for(lambda: not _alive(first_child), 5)
-        assert replicas[1].restarts == 0 and replicas[1].proc.poll() is None
+        for r in replicas[1:]:
+            assert r.restarts == 0 and r.proc.poll() is None
         await pool.stop()
 
     try:
         asyncio.run(asyncio.wait_for(run(), 60))
     finally:
         supervisor.stop(signal.SIGKILL, timeout=5)
-        frozen.close()
-        refused.close()
+        for sock in (frozen, refused, starting):
+            sock.close()
 
 
 def _popen_with_stdout(argv: list[str]):

@@ -103,11 +103,46 @@ def test_unhealthy_replicas_leave_and_come_back(fakes, router_factory):
     assert {_post(router).json()["served_by"] for _ in range(4)} == {"a"}
 
 
+def test_every_replica_refusing_connections_gives_503_not_502(fakes, router_factory):
+    """Replicas that went away since the last probe: the first request to find them all gone
+    reached no engine, so it gets the router's own 503 + Retry-After (safe to retry), as the
+    requests after it do, not a 502 naming the last connection refused."""
+    a, b = fakes
+    router = router_factory("--backend", a.url, "--backend", b.url, "--health-interval", "30")
+    a.stop()
+    b.stop()
+    r = _post(router)
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "no_healthy_replica"
+    assert router.metric("shardserve:router_requests_rejected_total") == 1
+
+
+def test_proxy_settings_in_the_environment_do_not_capture_replica_traffic(fakes, tmp_path):
+    """$HTTP_PROXY (set for model downloads behind a corporate proxy) used to carry the
+    router's probes and requests too: under `serve -dp N` its own 127.0.0.1 replicas were
+    then never healthy and every request got 503."""
+    a, _ = fakes
+    dead = f"http://127.0.0.1:{FakeReplica('unused').port}"  # a proxy that is not there
+    router = start_router(tmp_path, "--backend", a.url,
+                          env={"HTTP_PROXY": dead, "http_proxy": dead, "ALL_PROXY": dead,
+                               "NO_PROXY": "", "no_proxy": ""})
+    try:
+        assert _post(router).json()["served_by"] == "a"
+        assert router.metric("shardserve:router_backend_scraped", backend=a.url,
+                             replica=a.url.removeprefix("http://")) == 1
+    finally:
+        router.stop()
+
+
 def test_backends_file_is_reread(fakes, router_factory, tmp_path):
     a, b = fakes
     listing = tmp_path / "backends.txt"
-    listing.write_text(f"# replicas\n{a.url}\n")
+    # A line that is no URL is skipped (and logged), not probed: its InvalidURL stopped the
+    # router at start-up, and later failed every refresh round.
+    listing.write_text(f"# replicas\n{a.url}\nhttp://127.0.0.1:notaport\n")
     router = router_factory("--backends-file", str(listing))
+    assert set(_backends(router)) == {a.url}
     assert {_post(router).json()["served_by"] for _ in range(3)} == {"a"}
     listing.write_text(f"{b.url}  # a moved to b\n")
     assert wait_for(lambda: set(_backends(router)) == {b.url}
@@ -219,3 +254,32 @@ def test_prefix_key_reads_completions_and_chat():
     assert prefix_key("/v1/chat/completions", json.dumps(chat).encode(), 100) == \
         "system\nbe brief\nuser\nhi\n"
     assert prefix_key("/v1/completions", b"not json", 10) is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backend", "http://127.0.0.1:notaport"], "Invalid port"),
+    (["--backend", "ftp://127.0.0.1:8000"], "give http://HOST:PORT"),
+    (["--backend", ""], "give http://HOST:PORT"),
+    (["--backend", "http://bad host:8000"], "give http://HOST:PORT"),
+    (["--backends-dns", "my-svc-headless"], "expected NAME:PORT"),
+    (["--backend", "h:1", "--max-retries", "-1"], "at least 0"),
+    (["--backend", "h:1", "--health-interval", "0"], "more than 0"),
+    (["--backend", "h:1", "--max-in-flight", "0"], "at least 1"),
+    (["--backend", "h:1", "--max-waiting", "0"], "more than 0"),
+])
+def test_bad_router_flags_are_usage_errors(argv, message, capsys):
+    """Caught when the command line is read: before, a bad port stopped the router at start-up
+    with httpx's traceback, other bad URLs were probed (and unhealthy) forever, --max-retries
+    -1 answered every request 503 and --health-interval 0 probed in a busy loop."""
+    from shardserve.cli import build_parser
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["router", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_backend_urls_are_normalized():
+    from shardserve.cli import build_parser
+    args = build_parser().parse_args(["router", "--backend", "10.0.0.5:8000/",
+                                      "--backend", " https://r1:8443 "])
+    assert args.backend == ["http://10.0.0.5:8000", "https://r1:8443"]
