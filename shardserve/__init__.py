@@ -1,10 +1,14 @@
 """shardserve: serve LLMs on one GPU, many GPUs of a node, or many nodes."""
 
+from shardserve.inputs import PromptType, TextPrompt, TokensPrompt
+from shardserve.outputs import CompletionOutput, RequestOutput
 from shardserve.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "__version__"]
+# vLLM's top-level names that mean something here, so `from vllm import ...` lines port as-is.
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
+           "PromptType", "TextPrompt", "TokensPrompt", "__version__"]
 
 
 def __getattr__(name: str):

@@ -178,10 +178,19 @@ def beam_search(llm: "LLM", prompts: Sequence, params: BeamSearchParams, use_tqd
 
     tokenizer = engine.tokenizer
     outputs = []
+    pieces: dict[int, str] = {}
     for inst in instances:
         best = search.best(inst)
         for beam in best:
             beam.text = tokenizer.decode(beam.tokens)
+            # The steps ran without text; vLLM's returned logprobs carry each token's (only
+            # the returned beams' are decoded, each distinct token once).
+            for step in beam.logprobs:
+                for token_id, lp in step.items():
+                    if lp.decoded_token is None:
+                        if token_id not in pieces:
+                            pieces[token_id] = tokenizer.decode([token_id])
+                        lp.decoded_token = pieces[token_id]
         outputs.append(BeamSearchOutput(sequences=best))
     return outputs
 

@@ -16,10 +16,6 @@ VLLM_ONLY_FLAGS = {
                     "drop it",
     "--cpu-offload-gb": "shardserve does not offload weights to CPU memory; use more GPUs "
                         "(-tp / -pp) instead",
-    "--quantization": "shardserve has no quantized kernels: GGUF files and FP8 DeepSeek "
-                      "checkpoints are dequantized on load; drop it",
-    "-q": "(--quantization) shardserve has no quantized kernels: GGUF files and FP8 DeepSeek "
-          "checkpoints are dequantized on load; drop it",
     "--revision": _NO_HUB,
     "--tokenizer-revision": _NO_HUB,
     "--code-revision": _NO_HUB,

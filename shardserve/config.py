@@ -41,6 +41,85 @@ def check_kv_cache_dtype(name: str) -> None:
         raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                                   f"got {name!r}.", "kv_cache_dtype")
 
+
+_NO_HUB = "shardserve reads local files only (no model hub): pass the model's folder or .gguf"
+_NO_REVISION = ("shardserve reads local files only (no model hub): download that revision and "
+                "pass its folder as the model")
+# vLLM engine arguments shardserve has no field for, as LLM(...) gets them from ported
+# scripts: name -> (the values that ask for nothing, whether any other value is only a tuning
+# knob to ignore with a warning (else it would change what the user gets: an error), why).
+VLLM_ONLY_KWARGS: dict[str, tuple[tuple[Any, ...], bool, str]] = {
+    "download_dir": ((None,), True, _NO_HUB),
+    "hf_token": ((None,), True, _NO_HUB),
+    "revision": ((None,), False, _NO_REVISION),
+    "tokenizer_revision": ((None,), False, _NO_REVISION),
+    "code_revision": ((None,), False, _NO_REVISION),
+    "tokenizer_mode": (("auto", "hf"), False,
+                       "shardserve always uses the fast tokenizer (tokenizer.json or the GGUF's)"),
+    "skip_tokenizer_init": ((False,), False, "the tokenizer is always loaded"),
+    "swap_space": ((4,), True, "shardserve preempts by recomputing, never swapping to CPU memory"),
+    "cpu_offload_gb": ((0,), False, "weights are never offloaded to CPU memory; use more GPUs "
+                                    "(tensor_parallel_size / pipeline_parallel_size)"),
+    "disable_log_stats": ((True,), True, "shardserve logs no periodic stats"),
+    "disable_log_requests": ((True,), True, "shardserve does not log requests"),
+    "max_seq_len_to_capture": ((8192,), True, "CUDA graphs are captured by batch size "
+                                              "(max_cuda_graph_batch_size)"),
+    "max_context_len_to_capture": ((None,), True, "CUDA graphs are captured by batch size "
+                                                  "(max_cuda_graph_batch_size)"),
+    "compilation_config": ((None,), True, "shardserve does not run torch.compile"),
+    "disable_async_output_proc": ((False,), True, "no such stage here"),
+    "distributed_executor_backend": ((None, "mp"), True,
+                                     "shardserve runs one worker process per GPU (vLLM's mp)"),
+    "max_parallel_loading_workers": ((None,), True, "weights load in one pass per rank"),
+    "tokenizer_pool_size": ((0,), True, "the tokenizer runs in this process"),
+    "calculate_kv_scales": ((False,), True, "fp8 KV caches use a scale of 1.0"),
+    "enable_sleep_mode": ((False,), False, "LLM.sleep() is not supported"),
+    "max_logprobs": ((20,), True, "logprobs are capped at 20"),
+    "model_impl": (("auto",), True, "shardserve runs its own model code"),
+    "config_format": (("auto",), True, "config.json or the GGUF header is read as found"),
+    "task": (("auto", "generate"), False, "shardserve only generates text"),
+    "runner": (("auto", "generate"), False, "shardserve only generates text"),
+    "enable_lora": ((False, None), False, "LoRA adapters are not supported (merge the adapter "
+                                          "into the weights)"),
+    "max_loras": ((1,), True, "LoRA adapters are not supported"),
+    "max_lora_rank": ((16,), True, "LoRA adapters are not supported"),
+    "speculative_config": ((None,), False, "speculative decoding is not supported"),
+    "hf_overrides": ((None, {}), False, "edit config.json instead"),
+    "override_generation_config": ((None, {}), False,
+                                   "edit generation_config.json, or set the fields in "
+                                   "SamplingParams"),
+    "logits_processors": ((None, []), False, "custom logits processors are not supported"),
+    "disable_sliding_window": ((False,), False, "sliding-window attention is always applied "
+                                                "as the model defines it"),
+    "scheduling_policy": (("fcfs",), False, "requests are scheduled first come, first served"),
+    "kv_transfer_config": ((None,), False, "KV transfer (disaggregated prefill) is not supported"),
+    "limit_mm_per_prompt": ((None, {}), True, "shardserve takes text-only prompts"),
+    "mm_processor_kwargs": ((None, {}), True, "shardserve takes text-only prompts"),
+    "allowed_local_media_path": (("",), True, "shardserve takes text-only prompts"),
+    "structured_outputs_config": ((None,), True, "structured outputs are not supported (requests "
+                                                 "asking for them are refused)"),
+    "guided_decoding_backend": ((None, "auto"), True, "structured outputs are not supported "
+                                                      "(requests asking for them are refused)"),
+}
+
+
+def pop_vllm_only_kwargs(kwargs: dict[str, Any]) -> None:
+    """Take vLLM's engine arguments that have no meaning here out of kwargs: silently where
+    the value asks for nothing, with a warning where it only tunes something shardserve does
+    not have, and an InvalidRequestError (saying why) where ignoring it would change results."""
+    for name in [k for k in kwargs if k in VLLM_ONLY_KWARGS]:
+        value = kwargs.pop(name)
+        neutral, ignorable, why = VLLM_ONLY_KWARGS[name]
+        if any(value == v and type(value) is type(v) for v in neutral):
+            continue
+        if ignorable:
+            logging.getLogger(__name__).warning("Ignoring the vLLM engine argument %s=%r: %s.",
+                                                name, value, why)
+            continue
+        raise InvalidRequestError(f"{name}={value!r} is a vLLM engine argument shardserve cannot "
+                                  f"honour: {why}; drop it.", name)
+
+
 # vLLM's largest captured batch too. Under --max-num-seqs 512 a cap of 256 left every larger
 # decode step eager: about 500 rows took 37.7 ms a step against 29.7 ms replayed (H200, fp8
 # cache, 1000 x 1000/1000). Under a max_num_seqs of 256 (a server's default) the ladder stops
@@ -339,6 +418,7 @@ class EngineConfig:
         """Build the tree from flat vLLM-style keyword arguments (LLM(...), CLI flags)."""
         if "model" not in kwargs:
             kwargs["model"] = None
+        pop_vllm_only_kwargs(kwargs)
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         built: dict[str, Any] = {}
         for section_name, section_cls in (("model_config", ModelConfig),
@@ -352,7 +432,13 @@ class EngineConfig:
             built[section_name] = section_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
         assert set(built) == set(sections)
         if kwargs:
-            raise TypeError(f"Unknown engine arguments: {', '.join(sorted(kwargs))}")
+            import difflib
+            known = [f.name for c in (ModelConfig, CacheConfig, ParallelConfig, SchedulerConfig,
+                                      DeviceConfig) for f in dataclasses.fields(c) if f.init]
+            known += list(VLLM_ONLY_KWARGS)
+            hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+                k, known, n=1, cutoff=0.75)) else k for k in sorted(kwargs)]
+            raise TypeError(f"Unknown engine arguments: {', '.join(hints)}")
         return cls(**built)
 
     def resolve(self) -> "EngineConfig":

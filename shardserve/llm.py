@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from shardserve.config import EngineConfig
 from shardserve.engine.input_processor import PromptType
@@ -23,7 +23,8 @@ Message = dict[str, Any]
 
 class LLM:
     """An engine in this process. Every vLLM-style engine argument is accepted by name
-    (see shardserve.config for the full list), e.g.
+    (see shardserve.config for the full list; vLLM's that mean nothing here are taken as
+    config.VLLM_ONLY_KWARGS says: silently, with a warning, or refused), e.g.
 
         llm = LLM(model="path/to/hf-folder-or.gguf", dtype="float32", max_model_len=2048)
         out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
@@ -55,6 +56,10 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: the next prompts are computed in full, none served from earlier ones' blocks."""
+        return self.engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What generate() and chat() use when sampling_params is None: SamplingParams'
         defaults overlaid with the model's generation_config.json (generation_config='auto',
@@ -80,9 +85,17 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request: Any = None) -> list[RequestOutput]:
-        """Generate for one prompt or a list; returns one RequestOutput per prompt, in order."""
+                 use_tqdm: bool | Callable[..., Any] = True, lora_request: Any = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Generate for one prompt or a list; returns one RequestOutput per prompt, in order.
+        use_tqdm may be a tqdm-like class to draw the progress bar with (vLLM's)."""
         _refuse_lora(lora_request)
+        # vLLM refuses non-zero priorities unless its priority scheduler is on; ours is FCFS.
+        if priority is not None and (not isinstance(priority, (list, tuple))
+                                     or any(p != 0 for p in priority)):
+            raise InvalidRequestError("priority is not supported: requests are scheduled first "
+                                      "come, first served; leave priority unset (or all 0).",
+                                      "priority")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
@@ -113,14 +126,27 @@ class LLM:
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, lora_request: Any = None, chat_template: str | None = None,
+             use_tqdm: bool | Callable[..., Any] = True, lora_request: Any = None,
+             chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: list[dict[str, Any]] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             chat_template_content_format: str = "auto",
+             mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template
         (vLLM's arguments: chat_template is Jinja text used instead of the model's; tools are
-        handed to the template, whose text the reply is, as in vLLM: no tool-call parsing)."""
+        handed to the template, whose text the reply is, as in vLLM: no tool-call parsing).
+        chat_template_content_format is taken for vLLM's signature: content given as a list of
+        text parts always reaches the template joined into one string, which is what a
+        template iterating over the parts renders too (text only: no images)."""
         _refuse_lora(lora_request)
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise InvalidRequestError(f"chat_template_content_format must be 'auto', 'string' or "
+                                      f"'openai', got {chat_template_content_format!r}.",
+                                      "chat_template_content_format")
+        if mm_processor_kwargs:
+            raise InvalidRequestError("mm_processor_kwargs is not supported: this engine takes "
+                                      "text-only prompts.", "mm_processor_kwargs")
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} "
                                       "dicts (or a list of such lists).", "messages")
@@ -135,11 +161,11 @@ class LLM:
                    for text in texts]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, processed, params_list, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, processed, params_list, use_tqdm) -> list[RequestOutput]:
         engine = self.engine
         ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
-        bar = _progress_bar(len(processed)) if use_tqdm else None
+        bar = _progress_bar(len(processed), use_tqdm) if use_tqdm else None
         try:
             for p, sp in zip(processed, params_list):
                 ids.append(engine.add_processed(p, sp, stream=False))
@@ -183,6 +209,8 @@ def _refuse_lora(lora_request: Any) -> None:
                                   "lora_request")
 
 
-def _progress_bar(total: int):
+def _progress_bar(total: int, use_tqdm):
+    if callable(use_tqdm):
+        return use_tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)
     from tqdm.auto import tqdm
     return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)

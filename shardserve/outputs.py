@@ -31,8 +31,8 @@ class CompletionOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: SampleLogprobs | None = None
 
-    @property
     def finished(self) -> bool:
+        """A method, as in vLLM (RequestOutput.finished is the attribute)."""
         return self.finish_reason is not None
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, replace
+from typing import Any
 
 from shardserve.errors import InvalidRequestError
 
@@ -13,6 +14,10 @@ _INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "pr
                "truncate_prompt_tokens")
 _OPTIONAL_INT_FIELDS = frozenset({"seed", "max_tokens", "logprobs", "prompt_logprobs",
                                   "truncate_prompt_tokens"})
+
+# SamplingParams.from_optional: these take their default when given as None (vLLM's).
+_NONE_MEANS_DEFAULT = ("n", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                       "temperature", "top_p")
 
 # Below this temperature sampling is treated as greedy: dividing logits by ~0 overflows.
 _GREEDY_EPS = 1e-5
@@ -23,6 +28,18 @@ def check_truncate_prompt_tokens(keep: object) -> None:
     if isinstance(keep, bool) or not isinstance(keep, int) or not (keep == -1 or keep >= 1):
         raise InvalidRequestError(f"truncate_prompt_tokens must be at least 1, or -1 "
                                   f"(max_model_len), got {keep!r}.", "truncate_prompt_tokens")
+
+
+def logit_bias_by_id(raw: dict[Any, Any]) -> dict[int, Any]:
+    """{token id: bias} from a mapping whose keys may be strings of ids (a JSON object's)."""
+    out = {}
+    for key, bias in raw.items():
+        try:
+            out[int(key)] = bias
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}.",
+                                      param="logit_bias") from None
+    return out
 
 
 @dataclass
@@ -63,8 +80,18 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     # bad_words as token ids: set by the engine, which has the tokenizer (vLLM's name).
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
+    # vLLM's structured outputs (and its older name): taken so that a ported script gets a
+    # clear refusal instead of a TypeError, never stored.
+    structured_outputs: InitVar[Any] = None
+    guided_decoding: InitVar[Any] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, structured_outputs: Any = None, guided_decoding: Any = None) -> None:
+        for name, value in (("structured_outputs", structured_outputs),
+                            ("guided_decoding", guided_decoding)):
+            if value is not None:
+                raise InvalidRequestError(f"{name} is not supported: shardserve has no structured "
+                                          "(JSON schema, regex, grammar, choice) decoding; leave "
+                                          f"{name} unset.", param=name)
         if self.top_k is None:
             self.top_k = 0
         self._check_types()
@@ -183,6 +210,21 @@ class SamplingParams:
                                          f"integers), got {negative[:5]}.")
         if any(not w for w in self.bad_words or ()):
             bad("bad_words", "bad_words must be non-empty strings.")
+
+    @staticmethod
+    def from_optional(**kwargs: Any) -> "SamplingParams":
+        """vLLM's constructor for values straight from a request: None for n, temperature,
+        top_p or a penalty means its default, and logit_bias keys may be strings of token ids
+        (a JSON object's), with biases clipped to [-100, 100]."""
+        for name in _NONE_MEANS_DEFAULT:
+            if kwargs.get(name, 0) is None:
+                del kwargs[name]
+        bias = kwargs.get("logit_bias")
+        if bias is not None:
+            kwargs["logit_bias"] = {
+                token: min(100.0, max(-100.0, value)) if isinstance(value, (int, float)) else value
+                for token, value in logit_bias_by_id(bias).items()}
+        return SamplingParams(**kwargs)
 
     @property
     def greedy(self) -> bool:

@@ -65,6 +65,10 @@ def test_width_one_is_greedy(llm):
         (seq,) = out.sequences
         assert seq.tokens == prompt + g.outputs[0].token_ids  # vLLM's: prompt tokens first
         assert seq.finish_reason == "length" and len(seq.logprobs) == 6
+        # Each step's logprobs carry the tokens' text, as generate()'s (and vLLM's) do.
+        tokenizer = llm.get_tokenizer()
+        assert all(lp.decoded_token == tokenizer.decode([t])
+                   for step in seq.logprobs for t, lp in step.items())
     assert _no_block_leaked(llm)
 
 

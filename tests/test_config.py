@@ -166,3 +166,26 @@ def test_master_port_out_of_range_is_refused(port):
     assert err.value.param == "master_port"
     EngineConfig.from_kwargs(tensor_parallel_size=2, nnodes=2,
                              master_port=65531).parallel_config.resolve(environ={})
+
+
+def test_vllm_only_engine_arguments(caplog):
+    """What ported vLLM scripts pass to LLM(...): at vLLM's default it is accepted silently,
+    a tuning knob shardserve lacks is ignored with a warning, and anything that would change
+    the results is an InvalidRequestError saying why, not a TypeError."""
+    with caplog.at_level("WARNING", logger="shardserve.config"):
+        EngineConfig.from_kwargs(download_dir=None, revision=None, tokenizer_mode="auto",
+                                 swap_space=4, disable_log_stats=True, enable_lora=False,
+                                 distributed_executor_backend="mp")
+        assert not caplog.records
+        EngineConfig.from_kwargs(swap_space=16, download_dir="/models", compilation_config=3)
+    warned = caplog.text
+    assert "swap_space=16" in warned and "download_dir" in warned and "compilation_config" in warned
+    for kwargs in ({"revision": "main"}, {"enable_lora": True}, {"tokenizer_mode": "mistral"},
+                   {"speculative_config": {"method": "ngram"}}, {"cpu_offload_gb": 4}):
+        name = next(iter(kwargs))
+        with pytest.raises(InvalidRequestError, match=f"{name}=.*vLLM engine argument") as err:
+            EngineConfig.from_kwargs(**kwargs)
+        assert err.value.param == name
+    # Still a TypeError for a name neither has, with the nearest one when it is a typo.
+    with pytest.raises(TypeError, match=r"max_model_length \(did you mean max_model_len\?\)"):
+        EngineConfig.from_kwargs(max_model_length=64)

@@ -20,8 +20,11 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dirs):
+    # With arguments a ported vLLM script passes at their vLLM values (taken silently).
     llm = make_llm(tiny_model_dirs["llama"], dtype="float32", max_model_len=64,
-                   kv_cache_memory_bytes=1 << 20)
+                   kv_cache_memory_bytes=1 << 20, swap_space=4, disable_log_stats=True,
+                   download_dir=None, revision=None, tokenizer_mode="auto", enforce_eager=True,
+                   trust_remote_code=True, tensor_parallel_size=1)
     yield llm
     llm.shutdown()
 
@@ -47,6 +50,18 @@ def test_chat_continue_final_message(llm):
     # vLLM's rule: one continues the last message, the other starts a new one.
     with pytest.raises(InvalidRequestError, match="add_generation_prompt"):
         _chat_prompt(llm, messages, continue_final_message=True)
+
+
+def test_chat_vllm_content_format_and_mm_kwargs(llm):
+    """vLLM's chat_template_content_format: text parts render as the plain string does."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    plain = _chat_prompt(llm)
+    assert all(_chat_prompt(llm, parts, chat_template_content_format=f) == plain
+               for f in ("auto", "string", "openai"))
+    with pytest.raises(InvalidRequestError, match="chat_template_content_format"):
+        _chat_prompt(llm, chat_template_content_format="json")
+    with pytest.raises(InvalidRequestError, match="mm_processor_kwargs"):
+        _chat_prompt(llm, mm_processor_kwargs={"num_crops": 4})
 
 
 def test_chat_tools_reach_the_template(llm):
@@ -262,3 +277,48 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
         done = [o for o in engine.step() if o.finished]
     assert done[0].request_id == request_id and done[0].prompt_token_ids == ids[-5:]
     assert engine.core.scheduler.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
+
+
+# ---- a vLLM script's names and arguments ---------------------------------------------------
+
+def test_vllm_top_level_names():
+    """`from vllm import LLM, SamplingParams, RequestOutput, ...` ports by renaming the package."""
+    import shardserve
+    from shardserve import (LLM, BeamSearchParams, CompletionOutput, PromptType,  # noqa: F401
+                            RequestOutput, TextPrompt, TokensPrompt)
+
+    assert set(shardserve.__all__) >= {"LLM", "SamplingParams", "RequestOutput",
+                                       "CompletionOutput", "TextPrompt", "TokensPrompt"}
+    assert TokensPrompt(prompt_token_ids=[1, 2]) == {"prompt_token_ids": [1, 2]}
+
+
+def test_llm_refuses_vllm_arguments_it_cannot_honour(tiny_model_dirs):
+    with pytest.raises(InvalidRequestError, match="revision") as err:
+        make_llm(tiny_model_dirs["llama"], revision="main")
+    assert err.value.param == "revision"
+
+
+def test_generate_use_tqdm_callable_priority_and_finished(llm):
+    """vLLM's use_tqdm may be the tqdm class to draw with; priority is accepted while all 0
+    (vLLM's rule without its priority scheduler); CompletionOutput.finished() is a method."""
+    from tqdm import tqdm
+
+    made = []
+
+    def bar(*args, **kwargs):
+        made.append(kwargs["total"])
+        return tqdm(*args, disable=True, **kwargs)
+
+    outs = llm.generate(["hi", "yo"], GREEDY, use_tqdm=bar, priority=[0, 0])
+    assert made == [2] and all(o.finished and o.outputs[0].finished() for o in outs)
+    with pytest.raises(InvalidRequestError, match="priority") as err:
+        llm.generate("hi", GREEDY, use_tqdm=False, priority=[1])
+    assert err.value.param == "priority"
+
+
+def test_reset_prefix_cache(llm):
+    prompt = {"prompt_token_ids": list(range(100, 140))}  # several 16-token blocks
+    llm.generate(prompt, GREEDY, use_tqdm=False)
+    assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].num_cached_tokens > 0
+    assert llm.reset_prefix_cache() is True
+    assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].num_cached_tokens == 0

@@ -13,10 +13,9 @@ from shardserve.config import EngineConfig
 from shardserve.engine.bad_words import bad_words_token_ids
 from shardserve.engine.request import Request
 from shardserve.errors import ContextLengthError, InvalidRequestError
+from shardserve.inputs import PromptType
 from shardserve.sampling_params import SamplingParams, check_truncate_prompt_tokens
 from shardserve.tokenizer import encode_prompt
-
-PromptType = str | dict[str, Any]
 
 
 @dataclass

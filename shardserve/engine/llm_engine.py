@@ -71,6 +71,11 @@ class LLMEngine:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt block (vLLM's, e.g. between benchmark runs); False, and
+        nothing forgotten, while a request holds blocks."""
+        return self.core.scheduler.kv_cache.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """Stop the executor's worker processes (TP/PP); a no-op for one process."""
         self.core.shutdown()

@@ -153,9 +153,9 @@ async def _stream(request_id: str, model: str, req: ChatCompletionRequest, first
     def events(out: RequestOutput) -> list[str]:
         result = []
         for c in out.outputs:
-            if c.index in finished or (not c.delta_text and not c.delta_token_ids and not c.finished):
+            if c.index in finished or (not c.delta_text and not c.delta_token_ids and not c.finished()):
                 continue
-            if c.finished:
+            if c.finished():
                 finished.add(c.index)
             logprobs = _logprobs(c.delta_logprobs, req.top_logprobs or 0) if req.logprobs else None
             result.append(chunk([ChatStreamChoice(

@@ -17,7 +17,7 @@ from starlette.types import Receive
 from shardserve.closing_response import ClosingStreamingResponse
 from shardserve.errors import ContextLengthError, InvalidRequestError
 from shardserve.outputs import RequestOutput
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import SamplingParams, logit_bias_by_id
 from shardserve.server.errors import APIError, from_exception, validation_error
 from shardserve.server.protocol import StreamOptions, UsageInfo
 from shardserve.server.state import ServerState
@@ -213,17 +213,11 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, floa
     if len(raw) > MAX_LOGIT_BIAS:
         raise InvalidRequestError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries.",
                                   "logit_bias")
-    out = {}
-    for key, bias in raw.items():
-        try:
-            token = int(key)
-        except (TypeError, ValueError):
-            raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}.",
-                                      "logit_bias") from None
+    out = logit_bias_by_id(raw)
+    for token in out:
         if not 0 <= token < vocab_size:
             raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab_size}); "
                                       f"got {token}.", "logit_bias")
-        out[token] = bias
     return out
 
 

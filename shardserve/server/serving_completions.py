@@ -213,7 +213,7 @@ async def _stream(request_id: str, model: str, req: CompletionRequest, first: tu
             index = i * req.n + c.index
             if index in finished:
                 continue
-            if not c.delta_text and not c.delta_token_ids and not c.finished:
+            if not c.delta_text and not c.delta_token_ids and not c.finished():
                 continue
             delta_text = "" if echo.score_only else c.delta_text
             delta_lp = None if echo.score_only else c.delta_logprobs
@@ -233,7 +233,7 @@ async def _stream(request_id: str, model: str, req: CompletionRequest, first: tu
                 # (held back while it may start a stop string, cut at one) lags or falls short.
                 covered = sum(len(t) for t in own.tokens)
             offsets[index] = offsets.get(index, 0) + len(prefix) + covered
-            if c.finished:
+            if c.finished():
                 finished.add(index)
             choice = CompletionChoice(index=index, text=prefix + delta_text, logprobs=logprobs,
                                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
