@@ -169,7 +169,8 @@ def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_
             ("shardserve_1000x1000",
              lambda: tps(args.big_num, args.big_len, args.big_len, 3, greedy=False)))
     for key, run in runs:
-        if args.skip_lockstep and key.endswith("_lockstep"):
+        if ((args.skip_lockstep and key.endswith("_lockstep"))
+                or (args.skip_1000x1000 and key == "shardserve_1000x1000")):
             continue
         try:
             results[key] = run()
@@ -209,6 +210,8 @@ def main() -> None:
                    help="transformers with a static cache (compiled) at batch 1, nothing else")
     p.add_argument("--skip-lockstep", action="store_true",
                    help="measure async scheduling only (not lock-step beside it)")
+    p.add_argument("--skip-1000x1000", action="store_true",
+                   help="leave out the 1000 x (1000/1000) run (bench throughput measures it)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--json", default=None)
