@@ -25,8 +25,8 @@ import zmq
 
 from shardserve.config import EngineConfig
 from shardserve.errors import InvalidRequestError
-from shardserve.executor.liveness import BEAT_INTERVAL_S, EngineBeats
-from shardserve.executor.wire import Endpoints
+from shardserve.executor.liveness import BEAT_INTERVAL_S, EngineBeats, describe_exit, report_gone
+from shardserve.executor.wire import Endpoints, WireCodec
 from shardserve.executor.worker_proc import (TEARDOWN_TIMEOUT_S, WorkerSpec,
                                              start_worker_processes)
 
@@ -81,6 +81,13 @@ def run_headless(config: EngineConfig) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     context = zmq.Context()
     engine = EngineBeats(context, endpoints.beats_out)
+    # A rank of ours that dies is reported to node 0 at once (liveness.report_gone), which
+    # would otherwise find it only by its silence.
+    reports = context.socket(zmq.PUSH)
+    reports.setsockopt(zmq.LINGER, 0)
+    reports.connect(endpoints.beats_in)
+    codec = WireCodec()
+    rank_of = {proc.pid: spec.rank for proc, spec in zip(procs, specs)}
     # None until node 0's first beat (it may start later; the ranks' rendezvous timeout
     # covers that).
     last_beat: float | None = None
@@ -97,6 +104,10 @@ def run_headless(config: EngineConfig) -> int:
                 if proc.exitcode != 0 and not stopping:
                     logger.error("%s exited with %s; stopping this node's other ranks",
                                  proc.name, proc.exitcode)
+                    if not kill_at:  # the first to go; the others are stopped by us
+                        report_gone(reports, codec, rank_of[proc.pid],
+                                    f"died: {describe_exit(proc.exitcode)} (reported by node "
+                                    f"{pc.node_rank}'s launcher)")
                     kill_at.append(time.monotonic() + LEAVE_GRACE_S)
                     for other in running:
                         other.terminate()
@@ -113,6 +124,7 @@ def run_headless(config: EngineConfig) -> int:
                     proc.kill()  # also ends a stopped process, which SIGTERM does not
     finally:
         engine.close()
+        reports.close()
         context.term()
         for s, handler in previous.items():
             signal.signal(s, handler)

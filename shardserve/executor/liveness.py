@@ -6,6 +6,10 @@
 - `WorkerHeartbeat` (worker side, a thread): sends the rank's beat and ends the process
   (os._exit, which works even while the main thread is stuck inside a collective) when the
   engine has been silent too long or, for a local rank, when its parent process is gone.
+- `report_gone`: a rank leaving because its launcher is gone, or a node's launcher whose rank
+  died, tells the engine on the beats channel (["gone", rank, why]). Without it a rank on
+  another node is found dead only by its silence, heartbeat_timeout_s (10 s) later; a rank of
+  node 0 has a process sentinel the executor watches instead.
 
 Both run beside the main threads, so a long step neither delays beats nor looks like death.
 The helpers at the end stop or kill a set of worker processes.
@@ -30,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 BEAT_INTERVAL_S = 0.5
 ENGINE_RANK = -1
+# How long a "gone" report may take to leave before the process exits (zmq sends from its
+# own I/O thread, which os._exit would cut short).
+GONE_SEND_S = 0.2
 
 
 class HeartbeatMonitor:
@@ -48,6 +55,7 @@ class HeartbeatMonitor:
         for addr in beats_in:
             self._pull.bind(addr)
         self._last_seen: dict[int, float] = {}
+        self._gone: dict[int, str] = {}  # rank -> why, as reported (report_gone)
         self._expected: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -69,6 +77,12 @@ class HeartbeatMonitor:
         with self._lock:
             return {r: now - self._last_seen[r] for r in sorted(self._expected)
                     if now - self._last_seen[r] > self._timeout_s}
+
+    def gone_ranks(self) -> dict[int, str]:
+        """Expected ranks reported gone (report_gone) -> why, first reported first (a rank's
+        death makes its peers fail and go too: the first report names the cause)."""
+        with self._lock:
+            return {r: why for r, why in self._gone.items() if r in self._expected}
 
     def close(self) -> None:
         self._stop.set()
@@ -100,6 +114,9 @@ class HeartbeatMonitor:
             if message[0] == "beat":
                 with self._lock:
                     self._last_seen[int(message[1])] = now
+            elif message[0] == "gone":
+                with self._lock:
+                    self._gone.setdefault(int(message[1]), str(message[2]))
 
 
 class WorkerHeartbeat:
@@ -143,7 +160,9 @@ class WorkerHeartbeat:
                     _die(f"rank {self._rank}: the engine has been silent for {silent:.1f} s "
                          "(node 0 is gone); exiting")
                 if self._parent_sentinel is not None and wait([self._parent_sentinel], 0):
-                    _die(f"rank {self._rank}: the process that started it is gone; exiting")
+                    why = "the process that started it is gone"
+                    report_gone(self._push, self._codec, self._rank, f"left: {why}")
+                    _die(f"rank {self._rank}: {why}; exiting")
         finally:
             self._engine.close()
             self._push.close()
@@ -171,6 +190,17 @@ class EngineBeats:
 
     def close(self) -> None:
         self._sub.close()
+
+
+def report_gone(push: zmq.Socket, codec: WireCodec, rank: int, why: str) -> None:
+    """Tell the engine (push: a PUSH socket connected to its beats channel) that `rank` is
+    gone and why, waiting up to GONE_SEND_S for the message to leave; best effort (an engine
+    that is gone too hears nothing, and silence still gives the rank away)."""
+    try:
+        push.send(codec.encode(["gone", rank, why]), zmq.NOBLOCK)
+        time.sleep(GONE_SEND_S)
+    except zmq.ZMQError:
+        pass
 
 
 def _die(message: str) -> None:

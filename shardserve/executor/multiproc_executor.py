@@ -411,6 +411,10 @@ class MultiprocExecutor(Executor):
     def _check_heartbeats(self) -> None:
         if self._monitor is None:
             return
+        gone = self._monitor.gone_ranks()
+        if gone:
+            rank, why = next(iter(gone.items()))
+            self._fail(f"Worker rank {rank} ({self._describe([rank])}) {why}.")
         silent = self._monitor.silent_ranks()
         if silent:
             rank, seconds = next(iter(silent.items()))
@@ -448,6 +452,12 @@ class MultiprocExecutor(Executor):
                 self._fail(f"Worker rank {dead[0]} (pid {proc.pid}) died: "
                            f"{describe_exit(proc.exitcode)}; rank {rank} then failed: "
                            f"{type_name}: {text}")
+            gone = self._monitor.gone_ranks() if self._monitor is not None else {}
+            gone.pop(rank, None)
+            if gone:
+                other, why = next(iter(gone.items()))
+                self._fail(f"Worker rank {other} ({self._describe([other])}) {why}; rank "
+                           f"{rank} then failed: {type_name}: {text}")
             silent = self._monitor.silent_ranks() if self._monitor is not None else {}
             silent.pop(rank, None)  # it spoke: it is not the one gone
             if silent:

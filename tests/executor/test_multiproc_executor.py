@@ -356,21 +356,21 @@ def test_node1_leaves_when_node0_dies(tiny_model_dirs):
 
 
 @contextlib.contextmanager
-def _two_nodes_tp2(model_dir: str):
+def _two_nodes_tp2(model_dir: str, heartbeat_timeout_s: float = 1.5):
     """Node 1 as a `shardserve worker` launch holding rank 1, node 0 as this process's offline
-    LLM, both with a 1.5 s heartbeat timeout: yields (llm, node 1's launcher, rank 1's pid).
+    LLM, both with this heartbeat timeout: yields (llm, node 1's launcher, rank 1's pid).
     Node 1 and its rank are killed on the way out if they are still there."""
     port = _free_port_range(5)
     node1 = subprocess.Popen([sys.executable, "-m", "shardserve.cli", "worker", "--node-rank",
                               "1", "--nnodes", "2", "--master-addr", "127.0.0.1",
                               "--master-port", str(port), "-tp", "2",
-                              "--heartbeat-timeout-s", "1.5"],
+                              "--heartbeat-timeout-s", str(heartbeat_timeout_s)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rank1 = None
     try:
         llm = LLM(model_dir, tensor_parallel_size=2, nnodes=2, node_rank=0, master_port=port,
-                  heartbeat_timeout_s=1.5, device="cpu", dtype="float32", max_model_len=2048,
-                  kv_cache_memory_bytes=8 << 20)
+                  heartbeat_timeout_s=heartbeat_timeout_s, device="cpu", dtype="float32",
+                  max_model_len=2048, kv_cache_memory_bytes=8 << 20)
         forkserver = [pid for pid in _children(node1.pid) if b"forkserver" in _cmdline(pid)]
         (rank1,) = [pid for fs in forkserver for pid in _children(fs)]
         yield llm, node1, rank1
@@ -429,9 +429,28 @@ def test_rank_killed_on_node1_is_named_not_its_peer(tiny_model_dirs, when):
             time.sleep(3)  # past the heartbeat timeout, with nothing asked of the engine
         else:
             _signal_rank1_mid_generation(llm, rank1, signal.SIGKILL, killed_at)
-        with pytest.raises(EngineDeadError, match=r"^Worker rank 1 \(rank 1 on node 1 .*silent"):
+        # Named by node 1's launcher's report (liveness.report_gone) or, if the timeout is
+        # shorter, by its silence.
+        with pytest.raises(EngineDeadError, match=r"^Worker rank 1 \(rank 1 on node 1 .*"
+                                                  r"(silent|died: killed by SIGKILL)"):
             llm.generate({"prompt_token_ids": [1, 2, 3]}, LONG, use_tqdm=False)
         assert killed_at and time.monotonic() - killed_at[0] < 10
+
+
+@pytest.mark.parametrize("victim", ["rank", "launcher"])
+def test_death_on_node1_is_reported_before_the_heartbeat_timeout(tiny_model_dirs, victim):
+    """With a heartbeat timeout of 60 s, node 0 still learns of a death on node 1 within
+    seconds: a rank SIGKILLed mid-generation is reported by its node's launcher, and a rank
+    whose launcher was SIGKILLed reports itself as it leaves (liveness.report_gone)."""
+    with _two_nodes_tp2(tiny_model_dirs["llama"], heartbeat_timeout_s=60) as (llm, node1, rank1):
+        killed_at: list[float] = []
+        _signal_rank1_mid_generation(llm, node1.pid if victim == "launcher" else rank1,
+                                     signal.SIGKILL, killed_at)
+        why = ("died: killed by SIGKILL \\(reported by node 1's launcher\\)" if victim == "rank"
+               else "left: the process that started it is gone")
+        with pytest.raises(EngineDeadError, match=r"^Worker rank 1 \(rank 1 on node 1 .*" + why):
+            llm.generate({"prompt_token_ids": [1, 2, 3]}, LONG, use_tqdm=False)
+        assert killed_at and time.monotonic() - killed_at[0] < 8
 
 
 def test_node1_started_with_other_sizes_is_named_at_once(tiny_model_dirs):
