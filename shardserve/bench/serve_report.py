@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+METRICS = ("ttft", "tpot", "itl", "e2el")
 _SLO_KEYS = {"ttft": "time to first token", "tpot": "time per output token",
              "e2el": "end-to-end latency"}
 
@@ -25,6 +26,11 @@ class BenchConfig:
     output_len: int
     seed: int
     goodput: dict[str, float] = field(default_factory=dict)  # SLO key -> milliseconds
+    burstiness: float = 1.0
+    # What the table shows (vLLM's --percentile-metrics and --metric-percentiles); the JSON
+    # always has every metric, and P90 and P99 for the plots.
+    percentile_metrics: tuple[str, ...] = METRICS
+    metric_percentiles: tuple[float, ...] = (90.0, 99.0)
 
 
 def parse_goodput(items: list[str] | None) -> dict[str, float]:
@@ -44,6 +50,32 @@ def parse_goodput(items: list[str] | None) -> dict[str, float]:
     return slos
 
 
+def parse_percentile_metrics(text: str) -> tuple[str, ...]:
+    """"ttft,tpot,itl" -> ("ttft", "tpot", "itl"), as vLLM's --percentile-metrics."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"expected a comma-separated list of {', '.join(METRICS)}, got {text!r}")
+    return names
+
+
+def parse_metric_percentiles(text: str) -> tuple[float, ...]:
+    """"50,90,99" -> (50.0, 90.0, 99.0), as vLLM's --metric-percentiles."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers such as 50,90,99, "
+                         f"got {text!r}") from None
+    if not values or any(not 0 < v <= 100 for v in values):
+        raise ValueError(f"expected percentiles above 0 and at most 100, got {text!r}")
+    return values
+
+
+def percentile_key(p: float) -> str:
+    """99 -> "p99", 99.9 -> "p99.9" (vLLM's JSON keys)."""
+    return f"p{int(p)}" if p == int(p) else f"p{p:g}"
+
+
 def percentile(values: list[float], p: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     if not values:
@@ -55,12 +87,14 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def _stats_ms(values: list[float]) -> dict[str, float]:
+def _stats_ms(values: list[float], percentiles: tuple[float, ...]) -> dict[str, float]:
     ms = [v * 1000.0 for v in values]
-    return {"mean": statistics.fmean(ms) if ms else 0.0,
-            "median": statistics.median(ms) if ms else 0.0,
-            "std": statistics.pstdev(ms) if ms else 0.0,
-            "p90": percentile(ms, 90), "p99": percentile(ms, 99)}
+    stats = {"mean": statistics.fmean(ms) if ms else 0.0,
+             "median": statistics.median(ms) if ms else 0.0,
+             "std": statistics.pstdev(ms) if ms else 0.0}
+    for p in sorted({90.0, 99.0, *percentiles}):
+        stats[percentile_key(p)] = percentile(ms, p)
+    return stats
 
 
 def _tpot(r: Any) -> float | None:
@@ -80,6 +114,10 @@ def summarize(results: list[Any], duration: float, config: BenchConfig) -> dict[
     summary: dict[str, Any] = {
         "date": datetime.now().isoformat(timespec="seconds"),
         **{f"config_{k}": v for k, v in asdict(config).items()},
+        # vLLM's names for the run's settings, so scripts reading its result files work here.
+        "model_id": config.model, "num_prompts": config.num_prompts,
+        "request_rate": config.request_rate, "burstiness": config.burstiness,
+        "max_concurrency": config.max_concurrency,
         "completed": len(ok),
         "failed": len(results) - len(ok),
         "duration": duration,
@@ -92,7 +130,7 @@ def summarize(results: list[Any], duration: float, config: BenchConfig) -> dict[
     }
     for name, values in (("ttft", [r.ttft for r in ok]), ("tpot", tpots),
                          ("itl", [x for r in ok for x in r.itl]), ("e2el", [r.latency for r in ok])):
-        for stat, value in _stats_ms(values).items():
+        for stat, value in _stats_ms(values, config.metric_percentiles).items():
             summary[f"{stat}_{name}_ms"] = value
     errors = [r.error for r in results if not r.success]
     summary["first_errors"] = sorted(set(errors))[:5]
@@ -121,14 +159,16 @@ def print_summary(s: dict[str, Any], out: Any = sys.stdout) -> None:
         row(f"Request goodput (req/s) [{slos}]:", s["request_goodput"])
     row("Output token throughput (tok/s):", s["output_throughput"])
     row("Total token throughput (tok/s):", s["total_token_throughput"])
-    for key, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
-                       ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
-        rule(title)
+    titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
+              "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
+    for key in s["config_percentile_metrics"]:
+        rule(titles[key])
         name = key.upper()
         row(f"Mean {name} (ms):", s[f"mean_{key}_ms"])
         row(f"Median {name} (ms):", s[f"median_{key}_ms"])
-        row(f"P90 {name} (ms):", s[f"p90_{key}_ms"])
-        row(f"P99 {name} (ms):", s[f"p99_{key}_ms"])
+        for p in s["config_metric_percentiles"]:
+            label = percentile_key(p).upper()
+            row(f"{label} {name} (ms):", s[f"{percentile_key(p)}_{key}_ms"])
     print("=" * 50, file=out)
     if s["first_errors"]:
         print("Errors (first kinds): " + "; ".join(s["first_errors"]), file=out)

@@ -21,10 +21,15 @@ PREFIX = "shardserve:"
 
 _TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                  7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-_ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0]
+# vLLM's buckets, with finer ones below where vLLM's start: a decode step takes a few
+# milliseconds on a GPU (4.5 ms at batch 1 in BENCHMARKS.md), so every gap, and every queue time
+# on a server with room, fell into the first bucket and the quantiles said nothing. vLLM's
+# bounds are all still there, so its dashboards' queries keep working.
+_ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+                0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
 _LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+_SHORT_LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2] + _LATENCY_BUCKETS
 _ITERATION_TOKENS_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 _N_BUCKETS = [1, 2, 5, 10, 20]
 
@@ -77,7 +82,7 @@ class ServerMetrics(StatLogger):
                              _ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduling.",
-                                    _LATENCY_BUCKETS)
+                                    _SHORT_LATENCY_BUCKETS)
         # Per finished request (stop or length), as vLLM: sizes, the phases of its time on
         # the engine, and what it asked for.
         tokens = buckets_1_2_5(max_model_len)
@@ -87,9 +92,16 @@ class ServerMetrics(StatLogger):
             "request_generation_tokens", "Tokens generated for each finished request (all its "
             "n samples).", tokens)
         self.request_prefill_time = histogram("request_prefill_time_seconds",
-                                              "First scheduling to first token.", _LATENCY_BUCKETS)
+                                              "First scheduling to first token.",
+                                              _SHORT_LATENCY_BUCKETS)
         self.request_decode_time = histogram("request_decode_time_seconds",
                                              "First token to last token.", _LATENCY_BUCKETS)
+        self.request_inference_time = histogram("request_inference_time_seconds",
+                                                "First scheduling to last token.", _LATENCY_BUCKETS)
+        self.request_tpot = histogram("request_time_per_output_token_seconds",
+                                      "Mean time per output token of each finished request "
+                                      "(its decode time over its tokens after the first).",
+                                      _ITL_BUCKETS)
         self.request_params_n = histogram("request_params_n", "The n of each finished request.",
                                           _N_BUCKETS)
         self.request_params_max_tokens = histogram(
@@ -112,7 +124,8 @@ class ServerMetrics(StatLogger):
                        self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions,
                        self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e,
                        self.queue_time, self.request_prompt_tokens, self.request_generation_tokens,
-                       self.request_prefill_time, self.request_decode_time, self.request_params_n,
+                       self.request_prefill_time, self.request_decode_time,
+                       self.request_inference_time, self.request_tpot, self.request_params_n,
                        self.request_params_max_tokens, self.iteration_tokens):
             metric.labels(model_name)
         for reason in ("stop", "length", "abort", "error"):
@@ -172,6 +185,11 @@ class ServerMetrics(StatLogger):
         self.request_generation_tokens.labels(model).observe(stats.num_generation_tokens)
         self.request_prefill_time.labels(model).observe(stats.prefill_time)
         self.request_decode_time.labels(model).observe(stats.decode_time)
+        self.request_inference_time.labels(model).observe(stats.prefill_time + stats.decode_time)
+        # Per sample: n samples decode side by side, so their tokens do not add up in time.
+        tokens_per_sample = stats.num_generation_tokens / max(stats.n, 1)
+        if tokens_per_sample > 1:
+            self.request_tpot.labels(model).observe(stats.decode_time / (tokens_per_sample - 1))
         self.request_params_n.labels(model).observe(stats.n)
         self.request_params_max_tokens.labels(model).observe(stats.max_tokens)
 

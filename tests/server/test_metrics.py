@@ -4,6 +4,7 @@ counters and histograms move as requests are served."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.server.conftest import API_KEY
 
@@ -92,3 +93,47 @@ def test_request_histograms_have_each_finished_requests_numbers(tiny_server):
     computed = (prompts[0] + 5 - 1) + 2 * (prompts[1] + 3 - 1) - delta("prefix_cache_hits_total")
     assert delta("iteration_tokens_total_sum") == computed
     assert 5 <= delta("iteration_tokens_total_count") <= 5 + 3 + 3
+
+
+def _samples(metrics) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))):
+            s.value for family in text_string_to_metric_families(metrics.render().decode())
+            for s in family.samples}
+
+
+def test_millisecond_latencies_land_in_their_own_buckets():
+    """A GPU decode step is a few ms: inter-token gaps and queue times that short were all in
+    vLLM's first bucket (10 ms, 300 ms). vLLM's bounds stay, finer ones come before them."""
+    from shardserve.server.metrics import ServerMetrics
+    metrics = ServerMetrics("m", 1024)
+    for gap in (0.004, 0.004, 0.02):
+        metrics.record_tokens(1, gap)
+    metrics.record_scheduled(0.003)
+    samples = _samples(metrics)
+
+    def bucket(name: str, le: str) -> float:
+        return samples[(f"shardserve:{name}_bucket", (("le", le),))]
+
+    assert bucket("inter_token_latency_seconds", "0.005") == 2
+    assert bucket("inter_token_latency_seconds", "0.01") == 2  # vLLM's first bound is kept
+    assert bucket("inter_token_latency_seconds", "0.025") == 3
+    assert bucket("request_queue_time_seconds", "0.005") == 1
+    assert ("shardserve:request_queue_time_seconds_bucket", (("le", "0.3"),)) in samples
+
+
+def test_per_request_inference_time_and_time_per_output_token():
+    """vLLM's request_inference_time_seconds (prefill + decode) and
+    request_time_per_output_token_seconds: decode time over the tokens after the first, per
+    sample (n samples decode side by side)."""
+    from shardserve.engine.stat_logger import FinishedRequestStats
+    from shardserve.server.metrics import ServerMetrics
+    metrics = ServerMetrics("m", 1024)
+    metrics.record_request(FinishedRequestStats(10, 2 * 5, 2, 5, 0.5, 0.2))  # n=2, 5 tokens each
+    metrics.record_request(FinishedRequestStats(10, 1, 1, 1, 0.5, 0.0))  # one token: no TPOT
+    samples = _samples(metrics)
+    assert samples[("shardserve:request_inference_time_seconds_count", ())] == 2
+    assert samples[("shardserve:request_inference_time_seconds_sum", ())] == pytest.approx(1.2)
+    assert samples[("shardserve:request_time_per_output_token_seconds_count", ())] == 1
+    assert samples[("shardserve:request_time_per_output_token_seconds_sum", ())] == \
+        pytest.approx(0.05)
