@@ -126,7 +126,7 @@ class AsyncLLM:
         for task in self._tasks:  # stop reading before the sockets close under the reader
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._core.shutdown(timeout)
+        await self._core.shutdown(timeout, loading=not self.ready)
 
     async def start_profile(self, out_dir: str | None = None) -> None:
         """torch.profiler on every rank until stop_profile() (LLM.start_profile's twin);

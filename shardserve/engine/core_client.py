@@ -113,26 +113,35 @@ class CoreProcClient:
         self._proc.join(0)
         return self._proc.exitcode
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Any) -> bool:
+        """Queue message for the core; False where it cannot be (closed, or the core has not
+        connected yet: still starting)."""
         if self._in_sock is None or self._closed:
-            return
+            return False
         try:
             self._in_sock.send(self._serializer.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            return False  # no core connected yet (or its queue is full): nothing to trace
         except zmq.ZMQError:
             logger.warning("Could not send %s to the engine core", type(message).__name__,
                            exc_info=True)
+            return False
+        return True
 
     async def recv(self) -> Any:
         return self._serializer.decode(await self._out_sock.recv())
 
-    async def shutdown(self, timeout: float) -> None:
-        """ShutdownCore, then SIGKILL after `timeout` s; close the sockets."""
+    async def shutdown(self, timeout: float, loading: bool = False) -> None:
+        """ShutdownCore, then SIGKILL after `timeout` s; close the sockets. loading: the core
+        has not said it is ready, so it has nothing to drain and reads no message before its
+        load ends: it is killed at once (it ignores SIGTERM; its ranks follow their parent)."""
         if self._watch is not None:
             self._watch.cancel()
         proc = self._proc
         if proc is not None:
             if proc.is_alive():
-                self.send(ShutdownCore())
+                if loading or not self.send(ShutdownCore()):
+                    proc.kill()
                 await asyncio.to_thread(proc.join, timeout)
             if proc.is_alive():
                 logger.warning("Engine core did not exit in %.0f s; killing it", timeout)

@@ -70,6 +70,11 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
                             lambda message, stack: _exit_hung(output_addr, message, stack))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing semaphore; a core killed while it loads (the
+    # front stops a core that is not ready by SIGKILL) would leave it to the resource tracker,
+    # which warns of a "leaked semaphore". This process's bars need only a thread lock.
+    import tqdm
+    tqdm.tqdm.set_lock(threading.RLock())
     logging.basicConfig(level=log_level,
                         format=f"%(levelname)s (EngineCore pid={os.getpid()}) %(name)s: %(message)s")
     serializer = make_serializer()

@@ -233,3 +233,32 @@ def test_core_failure_marks_the_front_dead_before_the_core_exits(tiny_model_dirs
             await llm.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def _ignore_sigterm_and_sleep() -> None:
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as the core does
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("loading", [True, False])
+def test_shutdown_of_a_core_still_loading_is_immediate(loading):
+    """A SIGTERM while the model loads: the core reads no message before its load ends and
+    ignores SIGTERM, so the front kills it at once rather than waiting out the shutdown
+    timeout. A ready core that is not connected (it cannot get ShutdownCore) goes the same way."""
+    import multiprocessing
+
+    from shardserve.engine.core_client import CoreProcClient
+
+    client = CoreProcClient(SimpleNamespace(), 20)
+    client._proc = multiprocessing.get_context("spawn").Process(target=_ignore_sigterm_and_sleep)
+    client._proc.start()
+    try:
+        time.sleep(0.5)
+        start = time.monotonic()
+        asyncio.run(client.shutdown(timeout=30, loading=loading))
+        assert time.monotonic() - start < 5
+        assert not client._proc.is_alive()
+    finally:
+        if client._proc.is_alive():
+            client._proc.kill()
