@@ -254,6 +254,18 @@ def test_report_and_json(capsys) -> None:
     assert main(["plan", "--model", "llama-3-70b", "--gpus", "1", "--gpu-memory", "80GiB"]) == 1
 
 
+def test_plan_dtype_is_one_the_server_takes(capsys) -> None:
+    # fp8 is no model dtype for `serve` (only --quantization / --kv-cache-dtype): a plan at
+    # --dtype fp8 counted 1-byte activations and deployed a server that refuses to start.
+    from shardserve.cli import main
+    with pytest.raises(ValueError, match="--quantization fp8 for the weights"):
+        _plan("llama-3-8b", 1, 80, dtype="fp8")
+    assert main(["plan", "--model", "llama-3-8b", "--gpus", "1", "--gpu-memory", "80GiB",
+                 "--dtype", "float8_e4m3fn"]) == 2
+    assert "--dtype must be auto, float32, float16 or bfloat16" in capsys.readouterr().err
+    assert _plan("llama-3-8b", 1, 80, dtype="bf16").dtype == "bfloat16"
+
+
 def test_plan_reads_config_json(tmp_path) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(_qwen_small_dict()))

@@ -7,6 +7,8 @@ import argparse
 from shardserve.errors import InvalidRequestError
 from shardserve.router.policy import POLICIES
 
+DEFAULT_GPUS_PER_NODE = 8  # `shardserve plan`'s default too: min(--gpus, 8)
+
 
 def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     deploy = sub.add_parser("deploy", help="write deployment files for a layout")
@@ -22,7 +24,10 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     k8s.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
     k8s.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None)
     k8s.add_argument("--data-parallel-size", "-dp", type=int, default=None)
-    k8s.add_argument("--gpus-per-node", type=int, default=None)
+    k8s.add_argument("--gpus-per-node", type=int, default=None,
+                     help="GPUs of one node (default: the plan's, or min(TP x PP, 8), as "
+                          "`shardserve plan` assumes): a larger group becomes a "
+                          "LeaderWorkerSet over whole nodes")
     k8s.add_argument("--out", required=True, help="folder to write")
     g = k8s.add_argument_group("objects")
     g.add_argument("--name", default=None, help="object name (default shardserve)")
@@ -35,7 +40,9 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
                    help="require nodes labelled nvidia.com/gpu.product=VALUE "
                         "(e.g. NVIDIA-H100-80GB-HBM3)")
     g.add_argument("--group-topology-key", default=None,
-                   help="LeaderWorkerSet: node label whose domains each hold one whole group")
+                   help="LeaderWorkerSet: node label (e.g. a rack or NVLink-domain label) "
+                        "whose domains each hold one whole group and no other (LWS exclusive "
+                        "topology; default: none, groups placed anywhere)")
     g.add_argument("--allow-tp-across-nodes", action="store_true", default=None,
                    help="let a TP group span nodes (only on a fast inter-node fabric)")
     g.add_argument("--router", action=argparse.BooleanOptionalAction, default=None,
@@ -59,6 +66,10 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--storage-class", default=None)
     g.add_argument("--download-from", default=None,
                    help="Hugging Face repo id the init container fetches into the cache")
+    g.add_argument("--hf-token-secret", default=None, metavar="SECRET",
+                   help="Secret whose key 'token' holds a Hugging Face token, for "
+                        "--download-from of gated repos (kubectl create secret generic SECRET "
+                        "--from-literal=token=hf_...)")
     g.add_argument("--model-load-seconds", dest="model_load_s", type=int, default=None)
     g.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=int, default=None)
     g.add_argument("--prestop-sleep", dest="prestop_sleep_s", type=int, default=None)
@@ -74,7 +85,8 @@ _SPEC_FIELDS = ("name", "namespace", "image", "served_model_name", "gpu_product"
                 "router_replicas", "autoscaler", "min_replicas",
                 "max_replicas", "standby_replicas", "target_waiting_per_replica",
                 "target_qps_per_replica", "prometheus_url", "model_cache", "model_cache_size",
-                "model_cache_path", "storage_class", "download_from", "model_load_s",
+                "model_cache_path", "storage_class", "download_from", "hf_token_secret",
+                "model_load_s",
                 "shutdown_timeout_s", "prestop_sleep_s", "termination_grace_s")
 
 
@@ -92,7 +104,10 @@ def spec_from_args(args: argparse.Namespace):
     if args.model is None:
         raise InvalidRequestError("deploy k8s needs --model (or --plan plan.json).", "model")
     layout = {k: v for k, v in layout.items() if v is not None}
-    layout.setdefault("gpus_per_node", layout.get("tp", 1) * layout.get("pp", 1))
+    # The planner's default node (8 GPUs, an HGX/DGX): a TP 8 x PP 2 group is then a
+    # LeaderWorkerSet of two nodes, not one pod asking for 16 GPUs that no node has.
+    layout.setdefault("gpus_per_node",
+                      min(layout.get("tp", 1) * layout.get("pp", 1), DEFAULT_GPUS_PER_NODE))
     return DeploySpec(**layout, **values, serve_args=list(args.serve_args or []))
 
 

@@ -24,18 +24,26 @@ ENV DEBIAN_FRONTEND=noninteractive \\
     VIRTUAL_ENV=/opt/venv \\
     PATH=/opt/venv/bin:$PATH
 
+# gcc, libc6-dev and python3-dev: Triton compiles its kernel launcher (a C file against
+# Python.h) the first time a kernel runs; without them every GPU step fails with "Failed to
+# find C compiler".
 RUN apt-get update \\
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ca-certificates \\
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip python3-dev \\
+        gcc libc6-dev ca-certificates \\
  && rm -rf /var/lib/apt/lists/* \\
  && python3 -m venv /opt/venv
 
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY shardserve ./shardserve
-RUN pip install -c constraints.txt . "huggingface_hub[cli]"
+# huggingface_hub brings `hf`, which the init container's --download-from runs.
+RUN pip install -c constraints.txt . huggingface_hub
 
-# Kubernetes runs the server as a non-root user; the model cache is mounted at /models.
-RUN useradd --create-home --uid 1000 shardserve && mkdir -p /models && chown shardserve /models
+# Kubernetes runs the server as a non-root user (uid 1000); the model cache is mounted at
+# /models. Ubuntu 24.04 images already have user 'ubuntu' as uid 1000: it goes first, or
+# useradd refuses the uid and the build fails.
+RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \\
+ && useradd --create-home --uid 1000 shardserve && mkdir -p /models && chown shardserve /models
 USER 1000
 EXPOSE 8000
 ENTRYPOINT ["shardserve"]

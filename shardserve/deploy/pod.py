@@ -103,25 +103,30 @@ def preload_container(spec: DeploySpec) -> dict[str, Any]:
     cache is warm: the server's start then costs GPU copies, not disk or network reads."""
     fetch = ""
     if spec.download_from:
+        # `hf`: huggingface_hub 1.0 dropped the old `huggingface-cli` command.
         fetch = (f'if [ ! -f "$MODEL_PATH/config.json" ]; then HF_HUB_OFFLINE=0 '
-                 f'huggingface-cli download {spec.download_from} --local-dir "$MODEL_PATH"; fi; ')
+                 f'hf download {spec.download_from} --local-dir "$MODEL_PATH"; fi; ')
     script = (f"set -e; {fetch}"
               'if [ ! -e "$MODEL_PATH" ]; then echo "no model at $MODEL_PATH: copy it into the '
               'model cache volume or pass --download-from" >&2; exit 1; fi; '
               'find "$MODEL_PATH" -type f \\( -name "*.safetensors" -o -name "*.gguf" \\) '
               '-exec cat {} + > /dev/null; echo "model pre-loaded"')
+    env: list[dict[str, Any]] = [{"name": "MODEL_PATH", "value": spec.model_path}]
+    if spec.download_from and spec.hf_token_secret:  # `hf download` reads $HF_TOKEN
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": spec.hf_token_secret, "key": "token"}}})
     return {"name": "preload-model", "image": spec.image, "command": ["sh", "-c", script],
-            "env": [{"name": "MODEL_PATH", "value": spec.model_path}],
-            "volumeMounts": [{"name": "model-cache", "mountPath": MODEL_MOUNT}]}
+            "env": env, "volumeMounts": [{"name": "model-cache", "mountPath": MODEL_MOUNT}]}
 
 
-def _affinity(spec: DeploySpec) -> dict[str, Any]:
-    """Require GPU nodes (of the named product) with at least the pod's GPUs, and prefer
-    spreading replicas over nodes."""
-    terms = [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]
-    if spec.gpu_product:
-        terms.append({"key": "nvidia.com/gpu.product", "operator": "In",
-                      "values": [spec.gpu_product]})
+def _affinity(spec: DeploySpec) -> dict[str, Any] | None:
+    """Require nodes of the named GPU product (--gpu-product), if one is named. Nothing else:
+    the nvidia.com/gpu request already keeps the pod off nodes without free GPUs, and a label
+    such as nvidia.com/gpu.present exists only where NVIDIA's GPU feature discovery runs
+    (not on GKE's or AKS's own GPU nodes), where requiring it leaves every pod Pending."""
+    if not spec.gpu_product:
+        return None
+    terms = [{"key": "nvidia.com/gpu.product", "operator": "In", "values": [spec.gpu_product]}]
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": terms}]}}}
 
@@ -148,11 +153,12 @@ def pod_spec(spec: DeploySpec, role: str, pod_labels: dict[str, str]) -> dict[st
                   for i in range(5)]
     if ports:
         container["ports"] = ports
+    affinity = _affinity(spec)
     out: dict[str, Any] = {
         "terminationGracePeriodSeconds": spec.grace_period_s,
         # The image's user; fsGroup lets it write the (PVC) model cache.
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-        "affinity": _affinity(spec),
+        **({"affinity": affinity} if affinity else {}),
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "initContainers": [preload_container(spec)],
         "containers": [container],

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
 from shardserve.errors import InvalidRequestError
 
 MODEL_MOUNT = "/models"
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a Secret's name
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?([KMGTPE]i|[kMGTPE])?$")  # a PVC's storage size
 
 
@@ -36,7 +38,10 @@ class DeploySpec:
     served_model_name: str | list[str] | None = None  # several: aliases, the first reported
     serve_args: list[str] = field(default_factory=list)  # extra engine flags (--max-model-len ...)
     gpu_product: str | None = None  # node label nvidia.com/gpu.product to require
-    group_topology_key: str = "topology.kubernetes.io/zone"  # LWS: one group per domain
+    # LWS exclusive topology: each domain of this node label holds one whole group and no
+    # other. Opt-in: a default such as the zone would leave every group past the number of
+    # zones Pending (most GPU clusters are one zone).
+    group_topology_key: str | None = None
     # TP's all-reduce runs twice per layer: across nodes only on a fast fabric (or in tests).
     allow_tp_across_nodes: bool = False
     port: int = 8000
@@ -60,6 +65,9 @@ class DeploySpec:
     model_cache_path: str = "/mnt/nvme/shardserve-models"  # hostPath: local NVMe on each node
     storage_class: str | None = None
     download_from: str | None = None  # a Hugging Face repo id the init container fetches
+    # A Secret whose key `token` is a Hugging Face token (as in vLLM's Kubernetes guide):
+    # gated repos (Llama, Gemma) refuse --download-from without one.
+    hf_token_secret: str | None = None
     # A router in front of the replicas (`shardserve router` over a headless Service): clients
     # then get per-request least-load / prefix-aware balancing, failover and 503 on overload
     # instead of kube-proxy's per-connection pick. None: on when there can be more than one
@@ -163,6 +171,10 @@ class DeploySpec:
             if getattr(self, key) < 0:
                 raise InvalidRequestError(f"{flag} must not be negative, got "
                                           f"{getattr(self, key)}.", key)
+        if self.hf_token_secret is not None and not _DNS1123_SUBDOMAIN.match(self.hf_token_secret):
+            raise InvalidRequestError(f"--hf-token-secret {self.hf_token_secret!r} is not a "
+                                      "Secret name (lower case, digits, '-', '.').",
+                                      "hf_token_secret")
         if not _QUANTITY.match(str(self.model_cache_size)):
             raise InvalidRequestError(f"--model-cache-size {self.model_cache_size!r} is not a "
                                       "Kubernetes quantity, e.g. 200Gi.", "model_cache_size")
@@ -185,21 +197,48 @@ class DeploySpec:
 def spec_from_plan(plan: dict[str, Any] | str | Path, **overrides: Any) -> DeploySpec:
     """A DeploySpec from `shardserve plan --json` output (its recommended layout and serving
     settings); `overrides` (model, image, ...) win over the plan."""
+    source = "(given as a dict)" if isinstance(plan, dict) else str(plan)
     if not isinstance(plan, dict):
         try:
             plan = json.loads(Path(plan).read_text())
-        except (OSError, ValueError) as err:
+        except OSError as err:
             raise InvalidRequestError(f"Cannot read the plan {plan}: {err}", "plan") from err
+        except ValueError as err:  # e.g. the table `shardserve plan` prints without --json
+            raise InvalidRequestError(f"The plan {plan} is not JSON ({err}): write it with "
+                                      "`shardserve plan ... --json > plan.json`.", "plan") from err
+    if not isinstance(plan, dict) or "recommended" not in plan:
+        raise InvalidRequestError(f"The plan {source} is not the output of `shardserve plan "
+                                  "--json` (no 'recommended' layout); re-create it with --json.",
+                                  "plan")
+    try:
+        values = _plan_values(plan)
+    except (KeyError, TypeError, AttributeError) as err:  # edited or truncated by hand
+        what = f"no {err}" if isinstance(err, KeyError) else str(err)
+        raise InvalidRequestError(f"The plan {source} is incomplete ({what}); re-create it "
+                                  "with `shardserve plan ... --json`.", "plan") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return DeploySpec(**values)
+
+
+def _plan_values(plan: dict[str, Any]) -> dict[str, Any]:
+    """The DeploySpec fields a plan gives: its recommended layout and serving settings."""
     best = plan.get("recommended")
     if not best:
         raise InvalidRequestError("The plan has no feasible layout to deploy (its 'recommended' "
                                   "is empty); re-plan with more or larger GPUs.", "plan")
     serving, hardware = plan.get("serving", {}), plan.get("hardware", {})
+    model = plan.get("model", {})
     args = [f"--max-model-len={serving['max_model_len']}",
             f"--gpu-memory-utilization={serving['gpu_memory_utilization']}",
             f"--dtype={serving['dtype']}", f"--max-num-seqs={serving['max_num_seqs']}",
             f"--max-num-batched-tokens={serving['max_num_batched_tokens']}",
             f"--block-size={serving['block_size']}"]
+    # The plan's CUDA-graph memory assumed these; the server's defaults would capture graphs
+    # the plan did not count (or more of them).
+    if serving.get("enforce_eager"):
+        args.append("--enforce-eager")
+    elif serving.get("max_cuda_graph_batch_size") not in (None, DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE):
+        args.append(f"--max-cuda-graph-batch-size={serving['max_cuda_graph_batch_size']}")
     if serving.get("kv_cache_dtype", "auto") != "auto":
         args.append(f"--kv-cache-dtype={serving['kv_cache_dtype']}")
     if serving.get("quantization"):  # the plan's weight bytes assumed it
@@ -207,15 +246,15 @@ def spec_from_plan(plan: dict[str, Any] | str | Path, **overrides: Any) -> Deplo
     if serving.get("enable_expert_parallel"):  # the plan's memory per GPU assumed EP sharding
         args.append("--enable-expert-parallel")
     values: dict[str, Any] = {
-        "model": plan.get("model", {}).get("name", "model"),
+        # The folder or .gguf file the plan read (a GGUF's name alone lacks its suffix).
+        "model": model.get("model_file") or model.get("name", "model"),
         "tp": best["tensor_parallel_size"], "pp": best["pipeline_parallel_size"],
         "dp": best["data_parallel_size"],
         "gpus_per_node": hardware.get("gpus_per_node", best["tensor_parallel_size"]),
         "serve_args": args,
         "model_cache_size": _cache_size(plan),
     }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return DeploySpec(**values)
+    return values
 
 
 def _cache_size(plan: dict[str, Any]) -> str:

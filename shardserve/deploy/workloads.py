@@ -52,16 +52,20 @@ def deployment(spec: DeploySpec) -> dict[str, Any]:
 def leader_worker_set(spec: DeploySpec) -> dict[str, Any]:
     """dp groups of nodes_per_group pods, each pod one node's GPUs. The leader (index 0) runs
     `serve` with the engine and HTTP; workers run `worker`. RecreateGroupOnPodRestart: one
-    lost rank breaks the whole TP × PP world, so the group restarts together; LeaderReady:
-    workers start once the leader pod is ready to be connected to."""
+    lost rank breaks the whole TP × PP world, so the group restarts together. LeaderCreated
+    (LWS's default), not LeaderReady: the leader turns ready (/health) only once the engine
+    has loaded, which needs every worker's ranks to check in first, so waiting for a ready
+    leader before creating the workers would never end. Workers wait for the leader instead
+    (up to --rendezvous-timeout-s)."""
     labels = pod_labels(spec)
+    annotations = ({"annotations": {LWS_EXCLUSIVE_TOPOLOGY: spec.group_topology_key}}
+                   if spec.group_topology_key else {})
     return {
         "apiVersion": LWS_API, "kind": "LeaderWorkerSet",
-        "metadata": _meta(spec, spec.name, "server",
-                          annotations={LWS_EXCLUSIVE_TOPOLOGY: spec.group_topology_key}),
+        "metadata": _meta(spec, spec.name, "server", **annotations),
         "spec": {
             "replicas": spec.dp,
-            "startupPolicy": "LeaderReady",
+            "startupPolicy": "LeaderCreated",
             "rolloutStrategy": {"type": "RollingUpdate",
                                 "rollingUpdateConfiguration": {"maxUnavailable": 1,
                                                                "maxSurge": 0}},

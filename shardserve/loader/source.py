@@ -63,7 +63,7 @@ def resolve_model_source(model: str | os.PathLike | None,
         hint = ""
         if _looks_like_hub_id(str(model)):
             hint = (" shardserve does not download from the Hugging Face Hub: fetch it first "
-                    f"(huggingface-cli download {model} --local-dir DIR) and pass DIR.")
+                    f"(hf download {model} --local-dir DIR) and pass DIR.")
         raise ModelLoadError(
             f"Model path {str(model)!r} does not exist; pass a Hugging Face model folder "
             f"(config.json + *.safetensors) or a .gguf file.{hint}")

@@ -65,10 +65,20 @@ class Plan:
         return plan_to_dict(self)
 
 
+# The engine's --dtype (config.py): fp8 is no model dtype there, only --quantization fp8
+# (weights) or --kv-cache-dtype fp8, so a plan at --dtype fp8 would deploy a server that
+# refuses to start.
+SERVE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 def resolve_dtype(dtype: str, shape: ModelShape) -> str:
     dtype = normalize_dtype(dtype)
     if dtype != "auto":
-        dtype_bytes(dtype)  # raises on an unknown name
+        if dtype not in SERVE_DTYPES:
+            hint = (" (fp8: --quantization fp8 for the weights, --kv-cache-dtype fp8 for the "
+                    "KV cache)" if "8" in dtype else "")
+            raise ValueError(f"--dtype must be auto, float32, float16 or bfloat16 (as for "
+                             f"`shardserve serve`), got {dtype!r}{hint}.")
         return dtype
     return shape.checkpoint_dtype if shape.checkpoint_dtype in ("float16", "bfloat16") else "bfloat16"
 
@@ -180,7 +190,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     best = plan.best
     return {
         "format_version": PLAN_FORMAT_VERSION,
-        "model": {"name": shape.name, "architecture": shape.architecture,
+        "model": {"name": shape.name, "model_file": shape.model_file or shape.name,
+                  "architecture": shape.architecture,
                   "served_by_engine": shape.served, "num_params": total_params(shape),
                   "num_layers": shape.num_layers, "num_attention_heads": shape.num_heads,
                   "num_key_value_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
@@ -196,6 +207,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                     "max_num_seqs": limits.max_num_seqs,
                     "max_num_batched_tokens": limits.max_num_batched_tokens,
                     "enforce_eager": limits.enforce_eager,
+                    "max_cuda_graph_batch_size": limits.max_cuda_graph_batch_size,
                     "kv_cache_dtype": plan.request.kv_cache_dtype,
                     "quantization": plan.request.quantization,
                     "enable_expert_parallel": limits.expert_parallel,

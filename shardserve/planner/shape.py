@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,9 @@ class ModelShape:
     partial_rotary_factor: float = 1.0
     moe: MoESpec | None = None
     mla: MLASpec | None = None
+    # What `serve --model` names: the folder or the .gguf file (with its suffix), which `deploy
+    # k8s --plan` looks for in the model cache; "" when planned from a config dict.
+    model_file: str = ""
 
     @property
     def served(self) -> bool:
@@ -157,17 +160,22 @@ def load_model_shape(model: str | os.PathLike[str] | dict[str, Any] | Any) -> Mo
         return shape_from_config(model)
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        return shape_from_config(_read_json(path / "config.json"), name=path.resolve().name)
+        name = path.resolve().name
+        return replace(shape_from_config(_read_json(path / "config.json"), name=name),
+                       model_file=name)
     if path.is_file() and path.suffix.lower() == ".json":
         parent = path.resolve().parent.name
-        return shape_from_config(_read_json(path), name=parent or path.stem)
+        return replace(shape_from_config(_read_json(path), name=parent or path.stem),
+                       model_file=parent)
     if path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf"))):
         from shardserve.loader.gguf import gguf_config  # needs the gguf package: imported late
         file = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
-        return shape_from_config(gguf_config(file), name=file.stem)
+        return replace(shape_from_config(gguf_config(file), name=file.stem),
+                       model_file=path.resolve().name)
     from shardserve.planner.known_models import KNOWN_MODELS
     if not path.exists() and str(model).lower() in KNOWN_MODELS:
-        return shape_from_config(KNOWN_MODELS[str(model).lower()], name=str(model).lower())
+        name = str(model).lower()
+        return replace(shape_from_config(KNOWN_MODELS[name], name=name), model_file=name)
     raise ModelLoadError(
         f"{str(model)!r} is neither a config.json, a Hugging Face folder with one, a .gguf file, "
         f"nor a known model name ({', '.join(sorted(KNOWN_MODELS))}).")

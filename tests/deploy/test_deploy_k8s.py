@@ -99,8 +99,11 @@ def test_gpu_counts_and_groups(case: str) -> None:
         lwt = workload["spec"]["leaderWorkerTemplate"]
         assert lwt["size"] == spec.gpus_per_group // spec.gpus_per_node == spec.nodes_per_group
         assert lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
-        assert workload["spec"]["startupPolicy"] == "LeaderReady"
-        assert "leaderworkerset.sigs.k8s.io/exclusive-topology" in workload["metadata"]["annotations"]
+        # Not LeaderReady: the leader's /health waits for the workers' ranks (deadlock).
+        assert workload["spec"]["startupPolicy"] == "LeaderCreated"
+        # Exclusive topology only when asked: it allows one group per domain of the label.
+        annotations = workload["metadata"].get("annotations", {})
+        assert annotations.get("leaderworkerset.sigs.k8s.io/exclusive-topology") == spec.group_topology_key
         for _, template in _pod_templates(workload):
             args = template["spec"]["containers"][0]["args"]
             assert template["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == spec.gpus_per_node
@@ -421,6 +424,133 @@ def test_router_is_on_when_there_can_be_several_replicas(tmp_path: Path) -> None
     router = yaml.safe_load((tmp_path / "on" / "router-deployment.yaml").read_text())
     assert router["spec"]["replicas"] == 3
     assert "--policy=least-load" in router["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_node_affinity_only_for_a_named_gpu_product(case: str) -> None:
+    # No nvidia.com/gpu.present requirement: GKE's and AKS's GPU nodes lack the label (no GPU
+    # feature discovery), and the nvidia.com/gpu request already finds GPU nodes.
+    spec = CASES[case]
+    for _, template in _pod_templates(_workload(_by_kind(_objects(case)))):
+        affinity = template["spec"].get("affinity")
+        if spec.gpu_product is None:
+            assert affinity is None
+        else:
+            terms = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            assert terms["nodeSelectorTerms"] == [{"matchExpressions": [{
+                "key": "nvidia.com/gpu.product", "operator": "In", "values": [spec.gpu_product]}]}]
+
+
+def test_lws_exclusive_topology_is_opt_in() -> None:
+    # One group per domain: with the zone as a default, the second group of a one-zone
+    # cluster would stay Pending.
+    lws = manifests(DeploySpec(model="m", tp=8, pp=2, dp=2))["leaderworkerset.yaml"]
+    assert "annotations" not in lws["metadata"]
+    lws = manifests(DeploySpec(model="m", tp=8, pp=2, dp=2,
+                               group_topology_key="example.com/rack"))["leaderworkerset.yaml"]
+    assert lws["metadata"]["annotations"] == {
+        "leaderworkerset.sigs.k8s.io/exclusive-topology": "example.com/rack"}
+
+
+def test_flags_without_gpus_per_node_assume_8_gpu_nodes(tmp_path: Path) -> None:
+    # As `shardserve plan` assumes: TP 8 x PP 2 is two nodes (a LeaderWorkerSet), not one pod
+    # asking for 16 GPUs that no node has.
+    from shardserve.cli import main
+    assert main(["deploy", "k8s", "--model", "m", "-tp", "8", "-pp", "2",
+                 "--out", str(tmp_path / "big")]) == 0
+    lws = yaml.safe_load((tmp_path / "big" / "leaderworkerset.yaml").read_text())
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == 2
+    container = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert main(["deploy", "k8s", "--model", "m", "-tp", "4", "--out", str(tmp_path / "small")]) == 0
+    dep = yaml.safe_load((tmp_path / "small" / "deployment.yaml").read_text())
+    assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+
+
+def test_plan_settings_that_change_memory_reach_the_server() -> None:
+    from shardserve.planner import PlanRequest, make_plan
+    from shardserve.planner.shape import load_model_shape
+
+    def serve_args(**kw) -> list[str]:
+        plan = make_plan(load_model_shape("llama-3-8b"),
+                         PlanRequest(num_gpus=1, gpu_memory_bytes=80 << 30, max_model_len=8192, **kw))
+        return spec_from_plan(json.loads(json.dumps(plan.to_dict()))).serve_args
+
+    # The plan left CUDA graphs out (or counted fewer): the server must not capture them.
+    assert "--enforce-eager" in serve_args(enforce_eager=True)
+    assert "--max-cuda-graph-batch-size=32" in serve_args(max_cuda_graph_batch_size=32)
+    assert not any("eager" in a or "cuda-graph" in a for a in serve_args())
+
+
+def test_a_plan_of_a_gguf_file_deploys_that_file(smollm2_gguf: str, tmp_path: Path) -> None:
+    # The shape's name is the file's stem; `serve --model /models/STEM` would find nothing.
+    from shardserve.planner import PlanRequest, make_plan
+    from shardserve.planner.shape import load_model_shape
+
+    plan = make_plan(load_model_shape(smollm2_gguf),
+                     PlanRequest(num_gpus=1, gpu_memory_bytes=24 << 30, max_model_len=2048))
+    spec = spec_from_plan(json.loads(json.dumps(plan.to_dict())))
+    assert spec.model_path == f"/models/{Path(smollm2_gguf).name}"
+    folder = tmp_path / "Qwen3-8B"  # a Hugging Face folder keeps its own name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 64, "intermediate_size": 512, "vocab_size": 1000,
+         "max_position_embeddings": 4096}))
+    plan = make_plan(load_model_shape(folder), PlanRequest(num_gpus=1, gpu_memory_bytes=24 << 30))
+    assert spec_from_plan(plan.to_dict()).model_path == "/models/Qwen3-8B"
+
+
+def test_plan_files_that_are_not_plans_are_refused(tmp_path: Path) -> None:
+    def _write(path: Path, text: str) -> Path:
+        path.write_text(text)
+        return path
+
+    with pytest.raises(InvalidRequestError, match="not JSON .*--json"):  # plan without --json
+        spec_from_plan(_write(tmp_path / "table.json", "Model    llama-3-8b ...\n"))
+    with pytest.raises(InvalidRequestError, match="not the output of `shardserve plan --json`"):
+        spec_from_plan(_write(tmp_path / "list.json", "[1]"))
+    with pytest.raises(InvalidRequestError, match="incomplete \\(no 'max_model_len'\\)"):
+        spec_from_plan({"recommended": {"tensor_parallel_size": 2}})
+    with pytest.raises(InvalidRequestError, match="Cannot read the plan"):
+        spec_from_plan(tmp_path / "missing.json")
+
+
+def test_download_command_exists_and_the_image_user_can_be_created() -> None:
+    from importlib.metadata import distribution
+
+    from shardserve.deploy.dockerfile import dockerfile
+    from shardserve.deploy.pod import preload_container
+
+    script = preload_container(DeploySpec(model="m", download_from="org/m"))["command"][2]
+    command = script.split("HF_HUB_OFFLINE=0 ", 1)[1].split()[0]
+    # huggingface_hub 1.0 removed `huggingface-cli`: the init container would crash-loop.
+    scripts = {e.name for e in distribution("huggingface_hub").entry_points
+               if e.group == "console_scripts"}
+    assert command in scripts, f"{command} is not a command of the installed huggingface_hub"
+    # The Ubuntu 24.04 base has user 'ubuntu' at uid 1000: useradd --uid 1000 alone fails.
+    text = dockerfile()
+    assert "ubuntu24.04" not in text or "userdel --remove ubuntu" in text
+    assert text.index("userdel") < text.index("useradd --create-home --uid 1000")
+    # Triton builds its launcher with a C compiler and Python.h at run time.
+    packages = text.split("apt-get install", 1)[1].split("&&", 1)[0].split()
+    assert {"gcc", "libc6-dev", "python3-dev"} <= set(packages)
+
+
+def test_gated_downloads_get_the_token_secret(tmp_path: Path) -> None:
+    from shardserve.cli import main
+
+    assert main(["deploy", "k8s", "--model", "llama-3-70b", "-tp", "4", "--download-from",
+                 "meta-llama/Meta-Llama-3-70B-Instruct", "--hf-token-secret", "hf-token",
+                 "--out", str(tmp_path)]) == 0
+    dep = yaml.safe_load((tmp_path / "deployment.yaml").read_text())
+    init = dep["spec"]["template"]["spec"]["initContainers"][0]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}} in init["env"]
+    server = dep["spec"]["template"]["spec"]["containers"][0]
+    assert "HF_TOKEN" not in {e["name"] for e in server["env"]}  # offline: it only loads
+    with pytest.raises(InvalidRequestError, match="--hf-token-secret 'HF_Token' is not a Secret name"):
+        manifests(DeploySpec(model="m", download_from="org/m", hf_token_secret="HF_Token"))
 
 
 def test_spec_refusals() -> None:
