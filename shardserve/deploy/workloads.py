@@ -30,6 +30,12 @@ def namespace(spec: DeploySpec) -> dict[str, Any]:
             "metadata": {"name": spec.namespace, "labels": dict(spec.labels)}}
 
 
+def _replicas(spec: DeploySpec) -> dict[str, int]:
+    """spec.replicas only without an autoscaler: with one (HPA or KEDA) the field is left to it,
+    as the Kubernetes docs advise, or every `kubectl apply` would reset the count it chose."""
+    return {"replicas": spec.dp} if spec.autoscaler == "none" else {}
+
+
 def deployment(spec: DeploySpec) -> dict[str, Any]:
     """dp replicas of one pod with all tp × pp GPUs of its group. Rolling updates add a new
     replica before removing an old one only if a spare group of GPUs exists; maxSurge 0 keeps
@@ -39,7 +45,7 @@ def deployment(spec: DeploySpec) -> dict[str, Any]:
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _meta(spec, spec.name, "server"),
         "spec": {
-            "replicas": spec.dp,
+            **_replicas(spec),
             "selector": {"matchLabels": labels},
             "strategy": {"type": "RollingUpdate",
                          "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
@@ -64,7 +70,7 @@ def leader_worker_set(spec: DeploySpec) -> dict[str, Any]:
         "apiVersion": LWS_API, "kind": "LeaderWorkerSet",
         "metadata": _meta(spec, spec.name, "server", **annotations),
         "spec": {
-            "replicas": spec.dp,
+            **_replicas(spec),
             "startupPolicy": "LeaderCreated",
             "rolloutStrategy": {"type": "RollingUpdate",
                                 "rollingUpdateConfiguration": {"maxUnavailable": 1,

@@ -93,7 +93,8 @@ def test_gpu_counts_and_groups(case: str) -> None:
         gpus_per_replica += limits["nvidia.com/gpu"] * (1 if role != "worker" else
                                                          workload["spec"]["leaderWorkerTemplate"]["size"] - 1)
     assert gpus_per_replica == spec.tp * spec.pp
-    assert workload["spec"]["replicas"] == spec.dp
+    # An autoscaler owns the count (kubectl apply must not reset it); without one, dp.
+    assert workload["spec"].get("replicas") == (spec.dp if spec.autoscaler == "none" else None)
     if spec.spans_nodes:
         assert workload["kind"] == "LeaderWorkerSet"
         lwt = workload["spec"]["leaderWorkerTemplate"]
@@ -317,7 +318,8 @@ def test_cli_from_flags_and_from_a_plan(tmp_path: Path, capsys) -> None:
     assert main(["deploy", "k8s", "--plan", str(plan_path), "--model", "llama-3-8b",
                  "--out", str(tmp_path / "plan")]) == 0
     dep = yaml.safe_load((tmp_path / "plan" / "deployment.yaml").read_text())
-    assert dep["spec"]["replicas"] == 8
+    hpa = yaml.safe_load((tmp_path / "plan" / "hpa.yaml").read_text())
+    assert "replicas" not in dep["spec"] and hpa["spec"]["maxReplicas"] == 8  # the plan's dp
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--max-model-len=8192" in args and "--dtype=bfloat16" in args
     pvc = yaml.safe_load((tmp_path / "plan" / "model-cache-pvc.yaml").read_text())
@@ -640,3 +642,17 @@ def test_settings_kubernetes_would_reject_are_refused(field, value, message) -> 
     # These wrote a negative failureThreshold, `sleep -10`, an HPA target of 0, a PVC of "lots".
     with pytest.raises(InvalidRequestError, match=message):
         manifests(DeploySpec(model="m", **{field: value}))
+
+
+@pytest.mark.parametrize("tp,pp,kind", [(1, 1, "Deployment"), (4, 2, "LeaderWorkerSet")])
+def test_replica_count_is_the_autoscalers_unless_there_is_none(tp, pp, kind) -> None:
+    """With --autoscaler none the workload states dp replicas; with an HPA or KEDA it leaves
+    the count out, so re-applying the manifests never resets what the autoscaler chose."""
+    for autoscaler, replicas in (("none", 3), ("hpa", None), ("keda", None)):
+        spec = DeploySpec(model="llama-3-70b", tp=tp, pp=pp, dp=3, gpus_per_node=4,
+                          autoscaler=autoscaler)
+        objects = {n: yaml.safe_load(t) for n, t in render(spec).items()
+                   if n.endswith(".yaml")}
+        (workload,) = [o for o in objects.values() if isinstance(o, dict)
+                       and o.get("kind") == kind and o["metadata"]["name"] == spec.name]
+        assert workload["spec"].get("replicas") == replicas, autoscaler
