@@ -203,14 +203,12 @@ def _allowed_mask(params_list: Sequence[SamplingParams], vocab_size: int,
 
 def min_tokens_stop_ids(params: SamplingParams, num_output_tokens: int,
                         eos_token_ids: Sequence[int]) -> list[int]:
-    """Token ids a request must not sample yet: its stop ids (and EOS unless ignore_eos) while
-    it has fewer than min_tokens outputs."""
+    """Token ids a request must not sample yet: its stop ids and EOS while it has fewer than
+    min_tokens outputs. EOS even with ignore_eos, as vLLM (min_tokens: "before EOS or
+    stop_token_ids can be generated"); ignore_eos only keeps a sampled EOS from stopping it."""
     if num_output_tokens >= params.min_tokens:
         return []
-    ids = list(params.stop_token_ids or ())
-    if not params.ignore_eos:
-        ids.extend(eos_token_ids)
-    return ids
+    return [*(params.stop_token_ids or ()), *eos_token_ids]
 
 
 @dataclass

@@ -156,6 +156,15 @@ class _Echo:
                        len(first))
 
 
+def _end_offset(lp: CompletionLogprobs, text: str) -> int:
+    """The text_offset of an entry following lp's: the end of its last token, as offsets count
+    the tokens' own text (vLLM's). That is len(text) unless a character of it spans tokens
+    (each byte token reads U+FFFD) or the tokens hold a BOS the text does not."""
+    if not lp.tokens:
+        return len(text)
+    return lp.text_offset[-1] + len(lp.tokens[-1])
+
+
 def _joined(first: CompletionLogprobs, second: CompletionLogprobs, shift: int) -> CompletionLogprobs:
     """first's entries, then second's with their text offsets moved by shift characters."""
     return CompletionLogprobs(
@@ -178,7 +187,7 @@ def _response(request_id: str, model: str, finals: list[RequestOutput],
             if req.logprobs is not None:
                 own = CompletionLogprobs() if echo.score_only else _logprobs(c.logprobs,
                                                                              req.logprobs, 0)
-                logprobs = _joined(prompt_lp, own, len(prompt_text))
+                logprobs = _joined(prompt_lp, own, _end_offset(prompt_lp, prompt_text))
             choices.append(CompletionChoice(
                 index=i * req.n + c.index, text=prompt_text + text, logprobs=logprobs,
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
@@ -226,13 +235,15 @@ async def _stream(request_id: str, model: str, req: CompletionRequest, first: tu
                 offsets[index] = 0
             logprobs = None
             covered = len(delta_text)
+            prefix_len = len(prefix)
             if req.logprobs is not None:
                 own = _logprobs(delta_lp, req.logprobs, 0)
-                logprobs = _joined(prefix_lp, own, offsets.get(index, 0) + len(prefix))
+                prefix_len = _end_offset(prefix_lp, prefix)
+                logprobs = _joined(prefix_lp, own, offsets.get(index, 0) + prefix_len)
                 # Offsets follow the tokens' own text, as in the whole response: the text
                 # (held back while it may start a stop string, cut at one) lags or falls short.
                 covered = sum(len(t) for t in own.tokens)
-            offsets[index] = offsets.get(index, 0) + len(prefix) + covered
+            offsets[index] = offsets.get(index, 0) + prefix_len + covered
             if c.finished():
                 finished.add(index)
             choice = CompletionChoice(index=index, text=prefix + delta_text, logprobs=logprobs,

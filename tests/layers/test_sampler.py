@@ -184,8 +184,9 @@ def test_min_tokens_masks_eos() -> None:
               SamplingParams(temperature=0, min_tokens=3, ignore_eos=True)]
     outputs = [[1], [1, 1, 1], [1]]
     masks = [min_tokens_stop_ids(p, len(o), [eos]) for p, o in zip(params, outputs)]
-    assert masks == [[9, eos], [], []]
-    assert sample(logits, build(params, outputs=outputs, masks=masks)) == [2, eos, eos]
+    # ignore_eos too (vLLM's): min_tokens keeps EOS out of the text, not just from stopping.
+    assert masks == [[9, eos], [], [eos]]
+    assert sample(logits, build(params, outputs=outputs, masks=masks)) == [2, eos, 9]
 
 
 def test_min_tokens_masks_random_rows() -> None:
