@@ -135,7 +135,7 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to the model's own
     dtype: str = "auto"  # auto: the checkpoint's half type on CUDA, float32 on CPU
     max_model_len: int | None = None  # default: scaled_max_model_len of the model
-    seed: int = 0
+    seed: int | None = 0  # None (vLLM accepts it): 0, as vLLM's V1 engine takes it
     # The model's name in the API; several (vLLM's `--served-model-name a b`): all are accepted
     # in requests and listed by /v1/models, the first is the one responses report. None: the
     # model path.
@@ -484,6 +484,8 @@ class EngineConfig:
         elif mc.max_model_len < 1:
             raise InvalidRequestError(f"max_model_len must be positive, got {mc.max_model_len}.",
                                       "max_model_len")
+        if mc.seed is None:
+            mc.seed = 0
         if cc.block_size < 1 or cc.block_size & (cc.block_size - 1):
             raise InvalidRequestError(f"block_size must be a power of two, got {cc.block_size}.",
                                       "block_size")

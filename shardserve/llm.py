@@ -35,7 +35,7 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0, **kwargs: Any) -> None:
+                 seed: int | None = 0, **kwargs: Any) -> None:
         config = EngineConfig.from_kwargs(
             model=model, device=device, dtype=dtype, max_model_len=max_model_len,
             block_size=block_size, enable_prefix_caching=enable_prefix_caching,

@@ -189,3 +189,12 @@ def test_vllm_only_engine_arguments(caplog):
     # Still a TypeError for a name neither has, with the nearest one when it is a typo.
     with pytest.raises(TypeError, match=r"max_model_length \(did you mean max_model_len\?\)"):
         EngineConfig.from_kwargs(max_model_length=64)
+
+
+def test_seed_none_is_vllms_zero(tiny_model_dirs):
+    """LLM(seed=None), which vLLM scripts pass, resolves to seed 0 as in vLLM's V1 engine."""
+    model = tiny_model_dirs["llama"]
+    config = EngineConfig.from_kwargs(model=model, device="cpu", seed=None).resolve()
+    assert config.model_config.seed == 0
+    with pytest.raises(InvalidRequestError, match="seed"):
+        EngineConfig.from_kwargs(model=model, device="cpu", seed="1")
