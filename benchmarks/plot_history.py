@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from collections import defaultdict
 
 
@@ -24,10 +25,25 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    series = read_series(args.csv)
+    if not series:
+        p.error(f"{args.csv} has no rows: nothing to plot")
+    fig = draw(series, plt)
+    fig.savefig(args.out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {args.out}")
+
+
+def read_series(path: str) -> dict[str, list[dict[str, str]]]:
+    """The CSV's rows by workload, in file order."""
     series: dict[str, list[dict[str, str]]] = defaultdict(list)
-    with open(args.csv) as f:
+    with open(path) as f:
         for row in csv.DictReader(f):
             series[row["workload"]].append(row)
+    return series
+
+
+def draw(series: dict[str, list[dict[str, str]]], plt):
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
     for ax, (workload, rows) in zip(axes[0], series.items()):
         labels = [f"{r['commit']}\n{r['date']}" for r in rows]
@@ -36,20 +52,25 @@ def main() -> None:
         for i, v in enumerate(values):
             ax.annotate(f"{v:,.0f}", (i, v), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=8)
-        targets = [float(r["target"]) for r in rows if r["target"]]
-        if targets:
-            ax.plot(range(len(rows)), [float(r["target"] or "nan") for r in rows], "--",
-                    color="grey", label="target")
-        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        # An empty cell, or no target column at all: no target for that row.
+        targets = [float(r.get("target") or "nan") for r in rows]
+        if not all(math.isnan(t) for t in targets):
+            # A marker on each target: a dashed line alone draws nothing for a workload with
+            # one row, nor for a target between rows that have none (NaN on both sides).
+            ax.plot(range(len(rows)), targets, "--",
+                    marker="_", markersize=14, color="grey", label="target")
+        # Past 5 points the commit/date labels of a 5-inch panel run into each other.
+        ax.set_xticks(range(len(rows)), labels, fontsize=8,
+                      rotation=45 if len(rows) > 5 else 0, ha="right" if len(rows) > 5 else "center")
         ax.set_title(f"{workload} on {rows[-1]['gpu']}", fontsize=10)
         ax.set_ylabel("output tokens/s")
-        ax.set_ylim(bottom=0)
+        top = max([*values, *(t for t in targets if not math.isnan(t))])
+        ax.set_ylim(bottom=0, top=top * 1.12)  # room for the value labels under the title
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Llama-3-8B shape, bf16 weights, one GPU: results over time")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
-    print(f"wrote {args.out}")
+    return fig
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ def save_serve_plot(runs: list[tuple[list[Any], dict[str, Any]]], path: str) -> 
         label = f"rate {_rate_label(summary['config_request_rate'])}"
         _latency_over_time(ax_time, results, summary, color, label if several else None)
         _throughput_over_time(ax_tput, results, summary, color, label if several else None)
+    if not ax_time.lines:
+        _no_successes(ax_time)
     if several:
         _against_rate(fig.add_subplot(grid[1, 0:2]), fig.add_subplot(grid[1, 2]), runs)
     s = runs[-1][1]
@@ -79,7 +81,19 @@ def save_serve_plot(runs: list[tuple[list[Any], dict[str, Any]]], path: str) -> 
     return True
 
 
+def _no_successes(ax) -> None:
+    """Say so on a latency panel: an empty log axis says nothing (and matplotlib warns)."""
+    ax.text(0.5, 0.5, "no successful requests", ha="center", va="center",
+            transform=ax.transAxes, color="grey")
+
+
 def _latency_bars(ax, summary: dict[str, Any]) -> None:
+    rate = _rate_label(summary["config_request_rate"])
+    ax.set_title(f"Latency percentiles (rate {rate})")
+    if not summary["completed"]:  # every latency is 0.0: nothing to draw on a log axis
+        ax.set_xticks(range(len(_LATENCY_KEYS)), [m.upper() for m in _LATENCY_KEYS])
+        _no_successes(ax)
+        return
     width = 0.25
     for j, stat in enumerate(("median", "p90", "p99")):
         values = [summary[f"{stat}_{m}_ms"] for m in _LATENCY_KEYS]
@@ -87,8 +101,6 @@ def _latency_bars(ax, summary: dict[str, Any]) -> None:
     ax.set_xticks(range(len(_LATENCY_KEYS)), [m.upper() for m in _LATENCY_KEYS])
     ax.set_ylabel("ms")
     ax.set_yscale("log")
-    rate = _rate_label(summary["config_request_rate"])
-    ax.set_title(f"Latency percentiles (rate {rate})")
     ax.legend(fontsize=8)
 
 
@@ -121,12 +133,13 @@ def _latency_over_time(ax, results: list[Any], summary: dict[str, Any], color: s
                 linewidth=1.2 if name == "TTFT" else 0.8)
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("ms")
-    ax.set_yscale("log")
     if label is None:
         ax.set_title("Latency percentiles over time")
     else:
         ax.set_title("Latency over time (o TTFT, . ITL; p50 solid, p99 dashed)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.lines:  # this run's or an earlier one's (several rates share the axes)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, ncol=2)
 
 
 def _throughput_over_time(ax, results: list[Any], summary: dict[str, Any], color: str,
@@ -152,14 +165,19 @@ def _against_rate(ax_lat, ax_tput, runs: list[tuple[list[Any], dict[str, Any]]])
     in increasing order ('inf', all at once, last): rate sweeps are usually geometric."""
     summaries = sorted((s for _, s in runs), key=lambda s: s["config_request_rate"])
     x = list(range(len(summaries)))
+    # A rate where every request failed has no latencies (its 0.0s are not measurements).
+    ok = [i for i, s in enumerate(summaries) if s["completed"]]
     for k, key in enumerate(_LATENCY_KEYS):
         for stat, style in (("median", "-"), ("p99", "--")):
-            ax_lat.plot(x, [s[f"{stat}_{key}_ms"] for s in summaries], linestyle=style,
+            ax_lat.plot(ok, [summaries[i][f"{stat}_{key}_ms"] for i in ok], linestyle=style,
                         marker="o", color=f"C{k}", label=f"{key.upper()} {stat}")
-    ax_lat.set_yscale("log")
     ax_lat.set_ylabel("ms")
     ax_lat.set_title("Latency percentiles against request rate")
-    ax_lat.legend(fontsize=8, ncol=4)
+    if ok:
+        ax_lat.set_yscale("log")
+        ax_lat.legend(fontsize=8, ncol=4)
+    else:
+        _no_successes(ax_lat)
     ax_tput.plot(x, [s["output_throughput"] for s in summaries], marker="o", color="C0",
                  label="output tok/s")
     ax_tput.set_ylabel("output tokens/s")

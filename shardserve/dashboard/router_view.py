@@ -50,8 +50,7 @@ class RouterDashboard:
         totals = _totals(replicas)
         self._record(totals)
         return {"kind": "router", "time": time.time(),
-                "server": {"version": __version__, "status": "ok" if any(
-                    r["healthy"] for r in replicas) else "no_healthy_replica",
+                "server": {"version": __version__, "status": _status(replicas),
                            "replicas": len(replicas),
                            "healthy_replicas": sum(r["healthy"] for r in replicas)},
                 **totals, "replicas": replicas, "history": self._series()}
@@ -112,12 +111,26 @@ def _replica_row(index: int, b: Any, status: int | None, body: Any) -> dict[str,
     return row
 
 
+def _status(replicas: list[dict[str, Any]]) -> str:
+    if any(r["healthy"] for r in replicas):
+        return "ok"
+    # Replicas that are still loading their model (`serve -dp N` starting up): the page shows
+    # that as a server's own "loading", not as a failure.
+    if any(((r["data"] or {}).get("server") or {}).get("status") == "loading" for r in replicas):
+        return "loading"
+    return "no_healthy_replica"
+
+
 def _totals(replicas: list[dict[str, Any]]) -> dict[str, Any]:
     with_data = [r["data"] for r in replicas if r["data"] is not None]
-    gauges = {"running": sum(r["running"] for r in replicas),
-              "waiting": sum(r["waiting"] for r in replicas),
-              "kv_cache_usage": (sum(r["kv_cache_usage"] for r in replicas) / len(replicas)
-                                 if replicas else 0.0)}
+    # A replica that neither passes its health check nor gave its data is down: its numbers are
+    # the last probe's from before it went (a killed replica would show its requests running
+    # forever and halve the KV mean). One that gave data (e.g. still loading) is current.
+    live = [r for r in replicas if r["healthy"] or r["data"] is not None]
+    gauges = {"running": sum(r["running"] for r in live),
+              "waiting": sum(r["waiting"] for r in live),
+              "kv_cache_usage": (sum(r["kv_cache_usage"] for r in live) / len(live)
+                                 if live else 0.0)}
     totals: dict[str, float] = {}
     for d in with_data:
         for k, v in d["totals"].items():
@@ -129,6 +142,9 @@ def _totals(replicas: list[dict[str, Any]]) -> dict[str, Any]:
     windows = [d["rates"]["window_s"] for d in with_data if d["rates"].get("window_s")]
     rates["window_s"] = max(windows) if windows else None
     rates["prefix_cache_hit_rate"] = _weighted_hit_rate(with_data)
+    # The page labels the "recent" percentiles with this (without it: "waiting for a second
+    # reading" forever); the merged buckets cover up to the longest replica's window.
+    recent = [d["recent_window_s"] for d in with_data if d.get("recent_window_s")]
     gpus = []
     seen: set[tuple[str, str]] = set()
     for r in replicas:
@@ -138,6 +154,7 @@ def _totals(replicas: list[dict[str, Any]]) -> dict[str, Any]:
                 seen.add((host, g["gpu"]))
                 gpus.append({**g, "host": host, "replica": r["index"]})
     return {"gauges": gauges, "totals": totals, "rates": rates,
+            "recent_window_s": max(recent) if recent else None,
             "prefix_cache_hit_rate": hit_rate(totals.get("prefix_cache_hits", 0.0),
                                               totals.get("prefix_cache_queries", 0.0)),
             "latency": _merged_latency(with_data), "gpus": gpus,

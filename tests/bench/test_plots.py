@@ -43,6 +43,27 @@ def test_serve_plot_one_rate_and_several(tmp_path):
     assert png_size(several) == _pixels(plots.SERVE_RATES_SIZE) == (1500, 900)
 
 
+def _failed_run(rate: float) -> tuple[list[RequestResult], dict]:
+    results = [RequestResult(False, 16, 0, i * 0.2, error="HTTP 500") for i in range(5)]
+    return results, summarize(results, 1.0, BenchConfig("http://x", "m", rate, None, 5, 16, 8, 0))
+
+
+@pytest.mark.parametrize("rates", [[4.0], [1.0, 4.0]])
+def test_serve_plot_when_every_request_failed(tmp_path, rates):
+    """No latencies: the panels say so, and no matplotlib warning (log axis of nothing, legend
+    of nothing) reaches the user's terminal; a rate that did succeed is still drawn."""
+    import warnings
+
+    for name, runs in (("failed", [_failed_run(r) for r in rates]),
+                       ("mixed", [_failed_run(rates[0]), _fake_run(8.0, 1)])):
+        png = tmp_path / f"{name}.png"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert plots.save_serve_plot(runs, str(png))
+        several = len(runs) > 1
+        assert png_size(png) == _pixels(plots.SERVE_RATES_SIZE if several else plots.SERVE_SIZE)
+
+
 def test_bench_throughput_plot(tiny_model_dirs, tmp_path, capsys):
     from shardserve.cli import main
 

@@ -90,3 +90,53 @@ def test_without_the_key_the_page_asks_for_it(dashboard_server, tmp_path):
     assert "hidden" not in page["key-form"]["attrs"]
     assert page["status"]["text"] == "needs key"
     assert page["gen-tokens-total"]["value"] is None  # no number was shown
+
+
+def test_page_keeps_polling_after_an_answer_that_is_not_json(tmp_path):
+    """A proxy's HTML error page (or a body cut off by a restart) once: the page says so and
+    polls on, instead of stopping for good with nothing shown."""
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from types import SimpleNamespace
+
+    from shardserve.dashboard.routes import _static_files, finite
+    from shardserve.dashboard.router_view import RouterDashboard
+
+    files = _static_files()
+    empty_router = RouterDashboard(SimpleNamespace(backends={}))
+    good = json.dumps(finite(asyncio.run(empty_router.data(None)))).encode()
+    answers: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            path = self.path.partition("?")[0]
+            if path == "/dashboard/data":
+                body = b"<html>502 Bad Gateway</html>" if not answers else good
+                answers.append(body)
+                media_type = "application/json"
+            elif path == "/dashboard" or path.startswith("/dashboard/static/"):
+                body, media_type = files[path.rpartition("/")[2] if "static" in path
+                                         else "index.html"]
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", media_type)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        html = run_chromium(f"http://127.0.0.1:{server.server_address[1]}/dashboard?interval=200",
+                            tmp_path, budget_ms=1500)
+    finally:
+        server.shutdown()
+    page = elements_by_id(html)
+    assert len(answers) >= 2 and int(page["page"]["attrs"]["data-polls"]) >= 1
+    assert page["kind"]["text"] == "router" and "hidden" in page["error"]["attrs"]

@@ -93,3 +93,42 @@ def test_router_dashboard_in_chromium(dashboard_server, fake, router, tmp_path):
     run_chromium(url, tmp_path, screenshot=shot, budget_ms=2000)
     assert png_size(shot) == (1280, 900)
     print(f"screenshot: {shot}")
+
+
+def _row(index: int, healthy: bool, data: dict | None, running: float, waiting: float,
+         kv: float) -> dict:
+    return {"index": index, "url": f"http://10.0.0.{index}:8000", "healthy": healthy,
+            "data": data, "running": running, "waiting": waiting, "kv_cache_usage": kv}
+
+
+def _replica_data(recent_window_s: float | None) -> dict:
+    return {"totals": {}, "rates": {}, "latency": {}, "gpus": [], "layout": None,
+            "recent_window_s": recent_window_s}
+
+
+def test_totals_leave_out_a_dead_replicas_stale_numbers():
+    from shardserve.dashboard.router_view import _totals
+
+    rows = [_row(0, True, _replica_data(58.0), 2, 1, 0.8),
+            _row(1, False, _replica_data(61.0), 1, 0, 0.4),  # draining/loading: data is current
+            _row(2, True, None, 3, 0, 0.6),  # no dashboard: the router's probe is current
+            _row(3, False, None, 8, 5, 0.9)]  # killed: the last probe's numbers, stale
+    t = _totals(rows)
+    assert t["gauges"]["running"] == 6 and t["gauges"]["waiting"] == 1
+    assert t["gauges"]["kv_cache_usage"] == pytest.approx(0.6)
+    # The page labels the recent percentiles with the window; without it, it says "waiting".
+    assert t["recent_window_s"] == 61.0
+    assert _totals([_row(0, False, None, 1, 1, 0.5)])["gauges"] == \
+        {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
+    assert _totals([_row(0, True, _replica_data(None), 0, 0, 0)])["recent_window_s"] is None
+
+
+def test_status_while_the_replicas_load():
+    from shardserve.dashboard.router_view import _status
+
+    loading = {**_replica_data(None), "server": {"status": "loading"}}
+    assert _status([_row(0, False, loading, 0, 0, 0), _row(1, False, None, 0, 0, 0)]) == "loading"
+    assert _status([_row(0, False, loading, 0, 0, 0), _row(1, True, None, 0, 0, 0)]) == "ok"
+    dead = {**_replica_data(None), "server": {"status": "dead"}}
+    assert _status([_row(0, False, dead, 0, 0, 0), _row(1, False, None, 0, 0, 0)]) == \
+        "no_healthy_replica"

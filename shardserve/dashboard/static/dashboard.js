@@ -69,7 +69,13 @@
       showError(`/dashboard/data answered HTTP ${response.status}`);
       return schedule();
     }
-    const data = await response.json();
+    let data;
+    try {
+      data = await response.json();
+    } catch (e) {  // a proxy's error page, a body cut off by a restart: report, keep polling
+      showError("/dashboard/data did not answer JSON: " + e.message);
+      return schedule();
+    }
     showError("");
     $("key-form").hidden = true;
     $("main").classList.remove("locked");
