@@ -27,7 +27,7 @@ from shardserve.dashboard import mount_router_dashboard
 from shardserve.router.backends import BackendPool, DiscoveryConfig
 from shardserve.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shardserve.router.metrics import render_metrics
-from shardserve.server.args import parse_port
+from shardserve.server.args import CorsArgs, add_cors_args, parse_port
 from shardserve.server.listen import bound_port, listen_socket
 from shardserve.router.policy import POLICIES, make_policy
 from shardserve.router.proxy import Proxy, ProxyConfig
@@ -46,6 +46,7 @@ class RouterArgs:
     max_imbalance: float = 8.0
     read_timeout_s: float = 600.0  # longest silence from a replica inside one answer
     uvicorn_log_level: str = "warning"
+    cors: CorsArgs = field(default_factory=CorsArgs)  # as the server's (serve -dp N passes its own)
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "RouterArgs":
@@ -57,7 +58,7 @@ class RouterArgs:
             proxy=ProxyConfig(max_retries=args.max_retries, max_waiting=args.max_waiting,
                               max_in_flight=args.max_in_flight, prefix_chars=args.prefix_chars),
             max_imbalance=args.max_imbalance, read_timeout_s=args.read_timeout,
-            uvicorn_log_level=args.uvicorn_log_level)
+            uvicorn_log_level=args.uvicorn_log_level, cors=CorsArgs.from_namespace(args))
 
 
 def _backend_url(text: str) -> str:
@@ -107,6 +108,7 @@ def add_router_args(parser: argparse.ArgumentParser, standalone: bool = True) ->
         g.add_argument("--port", type=parse_port, default=d.port, help="TCP port to listen on")
         g.add_argument("--uvicorn-log-level", default=d.uvicorn_log_level,
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+        add_cors_args(parser)  # under serve -dp N, serve's own flags
     prefix = "--" if standalone else "--router-"
     g.add_argument(prefix + "policy", dest="policy", default=d.policy, choices=POLICIES,
                    help="least-load: fewest outstanding requests; prefix-aware: the same prompt "
@@ -161,6 +163,7 @@ def build_router_app(args: RouterArgs, on_startup: Callable[[BackendPool], None]
     app = FastAPI(title="shardserve router", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.pool = pool
+    args.cors.install(app)
     mount_router_dashboard(app, pool)  # /dashboard: every replica's health, load and numbers
 
     @app.get("/health")

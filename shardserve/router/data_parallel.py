@@ -42,6 +42,7 @@ from shardserve.errors import InvalidRequestError
 from shardserve.router.app import RouterArgs, build_router_app
 from shardserve.router.backends import Backend, BackendPool, DiscoveryConfig
 from shardserve.router.proxy import ProxyConfig
+from shardserve.server.args import CorsArgs
 from shardserve.server.listen import bound_port, listen_socket
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
         proxy=ProxyConfig(max_retries=args.max_retries, max_waiting=args.max_waiting,
                           max_in_flight=args.max_in_flight, prefix_chars=args.prefix_chars),
         max_imbalance=args.max_imbalance, read_timeout_s=args.read_timeout,
-        uvicorn_log_level=args.uvicorn_log_level)
+        uvicorn_log_level=args.uvicorn_log_level, cors=CorsArgs.from_namespace(args))
     supervisor = Supervisor(replicas)
 
     def on_startup(pool: BackendPool) -> None:

@@ -49,6 +49,7 @@ def build_app(state: ServerState) -> FastAPI:
                   docs_url=None, redoc_url=None)
     app.state.server = state
     install_error_handlers(app)
+    state.args.cors.install(app)
 
     @app.get("/health")
     async def health() -> Response:

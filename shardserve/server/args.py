@@ -3,14 +3,64 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from shardserve.engine_args import parse_size
 
 API_KEY_ENV = "SHARDSERVE_API_KEY"
 # vLLM's name, read too: a deployment moved over from vLLM must not lose its key silently.
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
+
+
+@dataclass
+class CorsArgs:
+    """Cross-origin requests from browsers (vLLM's flags and defaults: every origin, no
+    credentials), answered by Starlette's CORSMiddleware before routing and the key check."""
+
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "CorsArgs":
+        return cls(args.allowed_origins, args.allowed_methods, args.allowed_headers,
+                   args.allow_credentials)
+
+    def install(self, app: Any) -> None:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=self.allowed_origins,
+                           allow_methods=self.allowed_methods,
+                           allow_headers=self.allowed_headers,
+                           allow_credentials=self.allow_credentials)
+
+
+def _json_list(text: str) -> list[str]:
+    """vLLM's form, a JSON list of strings ('["https://a.example"]')."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, e.g. "
+                                         f"'[\"https://app.example\"]', got {text!r}")
+    return value
+
+
+def add_cors_args(parser: argparse.ArgumentParser) -> None:
+    d = CorsArgs()
+    g = parser.add_argument_group("CORS (browsers on other origins)")
+    g.add_argument("--allowed-origins", type=_json_list, default=d.allowed_origins,
+                   help="JSON list of origins browsers may call from (default: every one)")
+    g.add_argument("--allowed-methods", type=_json_list, default=d.allowed_methods,
+                   help="JSON list of methods (default: every one)")
+    g.add_argument("--allowed-headers", type=_json_list, default=d.allowed_headers,
+                   help="JSON list of request headers (default: every one)")
+    g.add_argument("--allow-credentials", action="store_true",
+                   help="let browsers send cookies and HTTP auth cross-origin")
 
 
 @dataclass
@@ -26,6 +76,7 @@ class ServerArgs:
     max_request_body_bytes: int = 4 << 20
     max_n: int = 128  # most samples one request may ask for (n, or prompts x n)
     uvicorn_log_level: str = "warning"
+    cors: CorsArgs = field(default_factory=CorsArgs)
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "ServerArgs":
@@ -35,7 +86,8 @@ class ServerArgs:
                    max_queue_time=args.max_queue_time, shutdown_timeout=args.shutdown_timeout,
                    max_request_body_bytes=args.max_request_body_bytes, max_n=args.max_n,
                    exit_on_engine_death=args.exit_on_engine_death,
-                   uvicorn_log_level=args.uvicorn_log_level)
+                   uvicorn_log_level=args.uvicorn_log_level,
+                   cors=CorsArgs.from_namespace(args))
 
 
 def parse_port(text: str) -> int:
@@ -74,3 +126,4 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="most samples per request (n times the number of prompts)")
     g.add_argument("--uvicorn-log-level", default=d.uvicorn_log_level,
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_cors_args(parser)
