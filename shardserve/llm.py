@@ -210,7 +210,7 @@ def _refuse_lora(lora_request: Any) -> None:
 
 
 def _progress_bar(total: int, use_tqdm):
-    if callable(use_tqdm):
-        return use_tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)
+    """use_tqdm: True, or a tqdm-like class to draw the bar with (vLLM's)."""
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)
+    bar = use_tqdm if callable(use_tqdm) else tqdm
+    return bar(total=total, desc="Generating", unit="req", dynamic_ncols=True)

@@ -77,27 +77,29 @@ def resolve_chat_template(value: str) -> str:
                                   "chat_template") from err
 
 
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a plain-text prompt, with BOS added if (and only if) the tokenizer adds one."""
+def encode_prompt(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a plain-text prompt, with BOS added if (and only if) the tokenizer adds one
+    and add_special_tokens (vLLM's request field: false for a text that holds its own BOS)."""
     if not isinstance(text, str):
         raise InvalidRequestError(f"prompt must be a string, got {type(text).__name__}.", "prompt")
-    return list(tokenizer.encode(text, add_special_tokens=True))
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def apply_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
                         add_generation_prompt: bool = True,
                         template_kwargs: Mapping[str, Any] | None = None,
-                        **options: Any) -> list[int]:
+                        add_special_tokens: bool = False, **options: Any) -> list[int]:
     """Token ids of a chat rendered with the model's template (render_chat_template's text;
     options are its keyword-only ones)."""
     text = render_chat_template(tokenizer, messages, add_generation_prompt, template_kwargs,
                                 **options)
-    return chat_prompt_ids(tokenizer, text)
+    return chat_prompt_ids(tokenizer, text, add_special_tokens)
 
 
-def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    """The ids of a rendered chat: the template wrote any BOS itself, so none is added."""
-    return list(tokenizer.encode(text, add_special_tokens=False))
+def chat_prompt_ids(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
+    """The ids of a rendered chat: the template wrote any BOS itself, so none is added unless
+    asked for (vLLM's add_special_tokens, off for chats)."""
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def render_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
@@ -294,7 +296,7 @@ def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
             # empty text, which every template can render; templates read message['content']
             # directly, and transformers drops a None value, so the key would be missing.
             content = ""
-        elif content is not None and not isinstance(content, str):
+        elif not isinstance(content, str):
             raise InvalidRequestError(
                 f"messages[{i}].content must be a string or a list of text parts, got "
                 f"{type(content).__name__}.", "messages")

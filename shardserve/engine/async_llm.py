@@ -168,12 +168,13 @@ class AsyncLLM:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def process_prompt(self, prompt: PromptType,
-                       truncate_prompt_tokens: int | None = None) -> ProcessedPrompt:
+    def process_prompt(self, prompt: PromptType, truncate_prompt_tokens: int | None = None,
+                       add_special_tokens: bool = True) -> ProcessedPrompt:
         """Validate and tokenize (raises InvalidRequestError); before admission, so callers can
         check the prompt against max_tokens themselves."""
         self.check_started()
-        return self.input_processor.process_prompt(prompt, truncate_prompt_tokens)
+        return self.input_processor.process_prompt(prompt, truncate_prompt_tokens,
+                                                   add_special_tokens)
 
     async def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -35,13 +35,15 @@ class InputProcessor:
     def next_request_id(self) -> str:
         return str(next(self._ids))
 
-    def process_prompt(self, prompt: PromptType,
-                       truncate_prompt_tokens: int | None = None) -> ProcessedPrompt:
-        """truncate_prompt_tokens: SamplingParams' (keep the last k tokens; -1: max_model_len)."""
+    def process_prompt(self, prompt: PromptType, truncate_prompt_tokens: int | None = None,
+                       add_special_tokens: bool = True) -> ProcessedPrompt:
+        """truncate_prompt_tokens: SamplingParams' (keep the last k tokens; -1: max_model_len).
+        add_special_tokens: vLLM's request field, for text prompts (false: no BOS added to a
+        text that holds its own)."""
         if isinstance(prompt, dict):
             _check_prompt_keys(prompt)
         if isinstance(prompt, str):
-            ids = self._encode(prompt)
+            ids = self._encode(prompt, add_special_tokens)
             text: str | None = prompt
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
@@ -62,7 +64,7 @@ class InputProcessor:
                 ids = [int(t) for t in ids]  # numpy integers (e.g. from an array) as plain ints
         elif isinstance(prompt, dict) and "prompt" in prompt:
             text = prompt["prompt"]
-            ids = self._encode(text)
+            ids = self._encode(text, add_special_tokens)
         else:
             raise InvalidRequestError(
                 "A prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}; "
@@ -81,11 +83,11 @@ class InputProcessor:
                 "(--max-model-len).", "prompt")
         return ProcessedPrompt(text, ids)
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The tokenizer's ids for `text`. Ids past the model's vocab_size (a tokenizer that is
         not the model's own, or one larger than its embedding) are refused here: the embedding
         lookup would fail inside the engine core and take every request down with it."""
-        ids = encode_prompt(self.tokenizer, text)
+        ids = encode_prompt(self.tokenizer, text, add_special_tokens)
         beyond = sorted({t for t in ids if not 0 <= t < self.vocab_size})
         if beyond:
             raise InvalidRequestError(

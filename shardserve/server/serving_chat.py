@@ -27,7 +27,7 @@ from shardserve.server.serving_common import (SSE_DONE, ClientDisconnected, SSER
                                               sse_error, stream_usage, unless_disconnected,
                                               usage_of)
 from shardserve.server.state import ServerState
-from shardserve.tokenizer import chat_prompt_ids, render_chat_template
+from shardserve.tokenizer import apply_chat_template
 
 
 async def create_chat_completion(request: Request, state: ServerState) -> Response:
@@ -106,12 +106,9 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
 def prompt_token_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
     """The chat rendered by the template and tokenized; vLLM's add_special_tokens (off by
     default, as the template writes any BOS itself) adds the tokenizer's own as well."""
-    text = render_chat_template(tokenizer, req.messages, req.add_generation_prompt,
-                                req.chat_template_kwargs, tools=req.tools,
-                                continue_final_message=req.continue_final_message)
-    if req.add_special_tokens:
-        return list(tokenizer.encode(text, add_special_tokens=True))
-    return chat_prompt_ids(tokenizer, text)
+    return apply_chat_template(tokenizer, req.messages, req.add_generation_prompt,
+                               req.chat_template_kwargs, req.add_special_tokens, tools=req.tools,
+                               continue_final_message=req.continue_final_message)
 
 
 async def _last(gen: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -46,9 +46,8 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     max_tokens = 1 if score_only else req.max_tokens
     engine = state.engine
     prompts = _prompts(req.prompt)
-    if not req.add_special_tokens:
-        prompts = [without_special_tokens(engine, p) for p in prompts]
-    processed = [engine.process_prompt(p, req.truncate_prompt_tokens) for p in prompts]
+    processed = [engine.process_prompt(p, req.truncate_prompt_tokens, req.add_special_tokens)
+                 for p in prompts]
     max_model_len = state.config.model_config.max_model_len
     for p in processed:
         check_fits(len(p.prompt_token_ids), max_tokens, max_model_len, "max_tokens")
@@ -114,16 +113,6 @@ def _prompts(prompt: Any) -> list[Any]:
             raise InvalidRequestError("prompt contains an empty token list.", "prompt")
         out.append({"prompt_token_ids": p})
     return out
-
-
-def without_special_tokens(engine: Any, prompt: Any) -> Any:
-    """vLLM's add_special_tokens=false: a text prompt tokenized without the BOS the tokenizer
-    adds (the text already starts with one); token-id prompts are used as sent anyway."""
-    if not isinstance(prompt, str):
-        return prompt
-    engine.check_started()  # no tokenizer while the model loads
-    ids = list(engine.tokenizer.encode(prompt, add_special_tokens=False))
-    return {"prompt": prompt, "prompt_token_ids": ids}
 
 
 async def _collect(merged: AsyncIterator[tuple[int, RequestOutput]],

@@ -7,23 +7,26 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from shardserve.engine.input_processor import InputProcessor, ProcessedPrompt
 from shardserve.loader.source import ModelSource
-from shardserve.server.serving_completions import without_special_tokens
 from shardserve.tokenizer import encode_prompt, load_tokenizer
 
 
 def test_add_special_tokens_false_leaves_out_the_bos(tiny_llama_dir):
-    """vLLM's add_special_tokens=false, for a text prompt that already starts with the BOS:
-    the tokenizer adds no second one; the text is kept (echo), token ids are as sent."""
+    """vLLM's add_special_tokens=false (what create_completion passes on), for a text prompt
+    that already starts with the BOS: the tokenizer adds no second one; the text is kept
+    (echo), token ids are as sent."""
     tokenizer = load_tokenizer(ModelSource("hf", Path(tiny_llama_dir), "tiny"))
     tokenizer.add_bos_token = True  # as Llama's tokenizer_config.json says
-    engine = SimpleNamespace(tokenizer=tokenizer, check_started=lambda: None)
+    model_config = SimpleNamespace(max_model_len=64,
+                                   hf_config=SimpleNamespace(vocab_size=len(tokenizer)))
+    processor = InputProcessor(SimpleNamespace(model_config=model_config), tokenizer, [2])
     text = "Hello world"
     assert encode_prompt(tokenizer, text)[0] == tokenizer.bos_token_id
-    prompt = without_special_tokens(engine, text)
-    assert prompt == {"prompt": text, "prompt_token_ids": encode_prompt(tokenizer, text)[1:]}
-    ids = {"prompt_token_ids": [5, 6]}
-    assert without_special_tokens(engine, ids) == ids
+    prompt = processor.process_prompt(text, None, add_special_tokens=False)
+    assert prompt == ProcessedPrompt(text, encode_prompt(tokenizer, text)[1:])
+    ids = processor.process_prompt({"prompt_token_ids": [5, 6]}, None, add_special_tokens=False)
+    assert ids == ProcessedPrompt(None, [5, 6])
 
 
 def _echo_output(tokenizer, prompt: str, completion: str):
