@@ -237,6 +237,9 @@ class ParallelConfig:
     # than custom_all_reduce_max_bytes (its buffer per GPU) go through NCCL.
     disable_custom_all_reduce: bool = False
     custom_all_reduce_max_bytes: int = 8 << 20
+    # With the custom all-reduce on, a decoder sublayer's all-reduce and the residual add +
+    # RMSNorm after it run as one kernel (kernels/all_reduce_rms_norm.py); this keeps them apart.
+    disable_fused_all_reduce_norm: bool = False
 
     @property
     def world_size(self) -> int:

@@ -50,6 +50,9 @@ _HELP = {
                           "estimated compute and memory, embedding and LM head included)",
     "disable_custom_all_reduce": "always all-reduce through NCCL, never over symmetric memory "
                                  "(the one-node fast path for small messages)",
+    "disable_fused_all_reduce_norm": "run each TP all-reduce and the residual add + RMSNorm "
+                                     "after it as two kernels instead of one (the fused "
+                                     "kernel needs the custom all-reduce)",
     "custom_all_reduce_max_bytes": "largest all-reduce, e.g. 8MiB, taken by the custom "
                                    "all-reduce (its buffer per GPU); larger ones use NCCL",
     "served_model_name": "the model's name(s) in the API: all are accepted in requests and "

@@ -26,6 +26,10 @@ it, which on the shared machines can take GPUs out of service; so this path is r
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 is in the environment (and a non-CUDA symmetric-memory
 backend such as NVSHMEM, which sets up its own NVLS, is refused too).
 
+The same buffer also serves `all_reduce_rms_norm`: one Triton kernel that all-reduces a
+decoder sublayer's partial output and applies the residual add and RMSNorm after it
+(kernels/all_reduce_rms_norm.py), for one-shot-sized messages.
+
 CUDA graphs: the buffer is allocated and rendezvoused once, before any capture; each call
 is one (or two) kernels on the current stream writing into the caller's tensor, with no
 allocation and no host synchronisation, so a captured call replays with new inputs.
@@ -161,25 +165,32 @@ class CustomAllReduce:
     doc). Build with `create()`, which returns None (and says why) when it cannot serve."""
 
     def __init__(self, group: "GroupCoordinator", buffer: torch.Tensor, handle,
-                 one_shot_max_bytes: int, two_shot_max_bytes: int) -> None:
+                 one_shot_max_bytes: int, two_shot_max_bytes: int,
+                 fused_norm_bytes: int = 0) -> None:
+        """buffer: the symmetric allocation; its first two_shot_max_bytes serve torch's
+        all-reduce kernels, the fused_norm_bytes after them the fused all-reduce + RMSNorm
+        (0: not fused)."""
         self.group_name: str = group.device_group.group_name
         self.world_size = group.world_size
-        self.buffer = buffer  # uint8 [max_bytes], allocated by symm_mem.empty
+        self.buffer = buffer[:two_shot_max_bytes]  # uint8, allocated by symm_mem.empty
         self._handle = handle  # the rendezvous: keeps the peers' mappings alive
-        self.max_bytes = buffer.numel()
+        self.max_bytes = self.buffer.numel()
         self.one_shot_max_bytes = min(one_shot_max_bytes, self.max_bytes)
         ops = torch.ops.symm_mem
         self._has_two_shot = hasattr(ops, "two_shot_all_reduce_out")
         self.two_shot_max_bytes = self.max_bytes if self._has_two_shot else self.one_shot_max_bytes
         # One kernel instead of a copy and a kernel (torch >= 2.8 or so).
         self._has_fused_copy = hasattr(ops, "one_shot_all_reduce_copy_out")
-        self._views = {dtype: buffer.view(dtype) for dtype in SUPPORTED_DTYPES}
+        self._views = {dtype: self.buffer.view(dtype) for dtype in SUPPORTED_DTYPES}
+        self._norm = (_FusedNormSetup.create(handle, buffer, self.world_size, self.max_bytes,
+                                             fused_norm_bytes) if fused_norm_bytes else None)
 
     @classmethod
     def create(cls, group: "GroupCoordinator", disabled: bool = False,
                max_bytes: int = DEFAULT_MAX_BYTES, nnodes: int = 1,
                num_local_ranks: int | None = None,
-               one_shot_max_bytes: int | None = None) -> "CustomAllReduce | None":
+               one_shot_max_bytes: int | None = None,
+               fuse_norm: bool = True) -> "CustomAllReduce | None":
         """Set the path up for `group` (collective over its ranks), or None with the reason
         logged. Every rank returns the same kind of answer: the checks that could differ
         between ranks are agreed on over the group's CPU group before anything collective."""
@@ -200,10 +211,14 @@ class CustomAllReduce:
             _log_off(group, reason, logging.INFO)
             return None
 
+        if one_shot_max_bytes is None:
+            one_shot_max_bytes = ONE_SHOT_MAX_BYTES[group.world_size]
+        # The fused all-reduce + RMSNorm's own region: messages up to the one-shot size.
+        fused_norm_bytes = min(one_shot_max_bytes, max_bytes) // 16 * 16 if fuse_norm else 0
         buffer, local_error = None, p2p_reason_off(device, [info[1] for info in infos])
         if local_error is None:
             try:
-                buffer = _allocate(max_bytes, device)
+                buffer = _allocate(max_bytes + fused_norm_bytes, device)
             except Exception as exc:  # noqa: BLE001 - any failure means NCCL, said once
                 local_error = f"allocating the symmetric buffer failed: {exc!r}"
         if not _agree(group, local_error):
@@ -215,13 +230,17 @@ class CustomAllReduce:
             local_error = f"the symmetric-memory rendezvous failed: {exc!r}"
         if not _agree(group, local_error):
             return None
-        if one_shot_max_bytes is None:
-            one_shot_max_bytes = ONE_SHOT_MAX_BYTES[group.world_size]
-        custom = cls(group, buffer, handle, one_shot_max_bytes, max_bytes)
+        custom = cls(group, buffer, handle, one_shot_max_bytes, max_bytes, fused_norm_bytes)
+        # All ranks fused or none: a rank at the fused kernel's barrier and a peer in torch's
+        # all-reduce would wait for each other forever.
+        if group.all_reduce_int(int(custom._norm is not None), "min") == 0:
+            custom._norm = None
         if group.is_first_rank:
             logger.info("%s group %s: custom all-reduce on (one-shot <= %d KiB, two-shot <= %d "
-                        "KiB, NCCL above)", group.name, group.ranks,
-                        custom.one_shot_max_bytes // KiB, custom.two_shot_max_bytes // KiB)
+                        "KiB, NCCL above; fused with the next RMSNorm: %s)", group.name,
+                        group.ranks, custom.one_shot_max_bytes // KiB,
+                        custom.two_shot_max_bytes // KiB,
+                        "yes" if custom._norm is not None else "no")
         return custom
 
     def algorithm_for(self, tensor: torch.Tensor) -> str | None:
@@ -261,9 +280,69 @@ class CustomAllReduce:
             raise ValueError(f"unknown all-reduce algorithm {algorithm!r}")
         return tensor
 
+    def takes_rms_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether `all_reduce_rms_norm` takes (x, residual): one-shot-sized, contiguous, same
+        shape and dtype. Like `algorithm_for`, it sees only what every rank shares."""
+        return (self._norm is not None and x.is_cuda and x.dtype in FUSED_NORM_DTYPES
+                and x.is_contiguous() and residual.is_contiguous() and x.dim() >= 1
+                and residual.shape == x.shape and residual.dtype == x.dtype
+                and 0 < x.shape[-1] <= FUSED_NORM_MAX_HIDDEN
+                and x.numel() * x.element_size() <= self._norm.region_bytes)
+
+    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RMSNorm(all_reduce(x) + residual) and the new residual, in one kernel; None
+        (nothing done) when the message is not for it. x is not modified."""
+        if not self.takes_rms_norm(x, residual):
+            return None
+        from shardserve.kernels.all_reduce_rms_norm import all_reduce_rms_norm
+        norm = self._norm
+        return all_reduce_rms_norm(x, residual, weight, eps, norm.buffer_ptrs,
+                                   norm.region_offset, norm.signal_pad_ptrs, norm.rank,
+                                   self.world_size, norm.slot_base)
+
     def __repr__(self) -> str:
         return (f"CustomAllReduce(world={self.world_size}, one_shot<={self.one_shot_max_bytes}, "
                 f"two_shot<={self.two_shot_max_bytes})")
+
+
+FUSED_NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FUSED_NORM_MAX_HIDDEN = 16384  # one row per program pass: a BLOCK of registers at most this
+
+
+class _FusedNormSetup:
+    """What the fused all-reduce + RMSNorm kernel needs from the rendezvous: every rank's
+    buffer and signal-pad address (int64 on the GPU, group-rank order), its region of the
+    buffer (offset and size in bytes), this rank, and the first signal-pad slot it may use
+    (the upper half; torch's kernels use the lower)."""
+
+    def __init__(self, buffer_ptrs: torch.Tensor, signal_pad_ptrs: torch.Tensor, rank: int,
+                 slot_base: int, region_offset: int, region_bytes: int) -> None:
+        self.buffer_ptrs, self.signal_pad_ptrs = buffer_ptrs, signal_pad_ptrs
+        self.rank, self.slot_base = rank, slot_base
+        self.region_offset, self.region_bytes = region_offset, region_bytes
+
+    @classmethod
+    def create(cls, handle, buffer: torch.Tensor, world_size: int, region_offset: int,
+               region_bytes: int) -> "_FusedNormSetup | None":
+        from shardserve.kernels.all_reduce_rms_norm import num_signal_slots
+        try:
+            buffer_ptrs, pad_ptrs = list(handle.buffer_ptrs), list(handle.signal_pad_ptrs)
+            rank, pad_slots = int(handle.rank), int(handle.signal_pad_size) // 4
+        except (AttributeError, TypeError) as exc:  # another torch's handle
+            logger.info("fused all-reduce + RMSNorm off: the symmetric-memory handle lacks %s", exc)
+            return None
+        slot_base = pad_slots // 2
+        if slot_base + num_signal_slots(world_size) > pad_slots:
+            logger.info("fused all-reduce + RMSNorm off: the signal pad (%d slots) is too small",
+                        pad_slots)
+            return None
+        if len(buffer_ptrs) != world_size or buffer_ptrs[rank] != buffer.data_ptr():
+            logger.info("fused all-reduce + RMSNorm off: unexpected buffer pointers")
+            return None
+        as_tensor = lambda ptrs: torch.tensor(ptrs, dtype=torch.int64, device=buffer.device)  # noqa: E731
+        return cls(as_tensor(buffer_ptrs), as_tensor(pad_ptrs), rank, slot_base, region_offset,
+                   region_bytes)
 
 
 def _current_device() -> int:

@@ -105,9 +105,25 @@ class GroupCoordinator:
             disabled=bool(pc and pc.disable_custom_all_reduce),
             max_bytes=pc.custom_all_reduce_max_bytes if pc else DEFAULT_MAX_BYTES,
             nnodes=(pc.nnodes or 1) if pc else 1,
-            num_local_ranks=pc.num_local_ranks if pc else None)
+            num_local_ranks=pc.num_local_ranks if pc else None,
+            fuse_norm=not (pc and pc.disable_fused_all_reduce_norm))
 
-    _TIMED = ("all_reduce", "all_gather", "gather")
+    def can_fuse_rms_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether `all_reduce_rms_norm` can take (x, residual) in one kernel (the custom
+        all-reduce's fused path, layers/layernorm.py); otherwise the caller all-reduces and
+        normalises separately, with the same bits."""
+        return (self.world_size > 1 and self.custom_all_reduce is not None
+                and self.custom_all_reduce.takes_rms_norm(x, residual))
+
+    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(all_reduce(x) + residual) * weight, all_reduce(x) + residual) in one
+        kernel; only where `can_fuse_rms_norm` said so."""
+        fused = self.custom_all_reduce.all_reduce_rms_norm(x, residual, weight, eps)
+        assert fused is not None, "all_reduce_rms_norm without can_fuse_rms_norm"
+        return fused
+
+    _TIMED = ("all_reduce", "all_reduce_rms_norm", "all_gather", "gather")
 
     def enable_comm_timer(self, timer: "CommTimer") -> None:
         """Time this group's tensor collectives (see distributed/comm_timer.py). The timed

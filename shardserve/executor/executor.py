@@ -70,6 +70,12 @@ class UniProcExecutor(Executor):
     def collect_step(self, seq: int) -> ModelRunnerOutput:
         return self._pending.pop(seq).get()
 
+    def collective_rpc(self, method: str, args: list | None = None,
+                       reply_ranks: list[int] | None = None,
+                       timeout_s: float | None = None) -> list:
+        """Worker.<method>(*args) on the one worker, as MultiprocExecutor.collective_rpc."""
+        return [getattr(self.worker, method)(*(args or []))]
+
     def start_profile(self, out_dir: str) -> None:
         self.worker.start_profile(out_dir)
 

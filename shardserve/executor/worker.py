@@ -51,6 +51,24 @@ class Worker:
     def load_model(self) -> None:
         self.runner.load_model()
 
+    def prompt_logits(self, token_ids: list[int]) -> list | None:
+        """Every position's full-vocabulary logits for one prompt, computed outside the KV
+        cache, as [shape, float32 bytes] on the TP group's first rank (None on the others):
+        for checking layouts against each other (benchmarks/tp_logits.py). Every rank must
+        run it (the layers' collectives); pipeline parallelism is not supported."""
+        from shardserve.forward_context import set_forward_context
+        if get_pp_group().world_size > 1:
+            raise ValueError("prompt_logits needs pipeline_parallel_size 1")
+        model = self.runner.model
+        with torch.inference_mode(), set_forward_context(None):
+            ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+            hidden = model(ids, torch.arange(len(token_ids), device=self.device))
+            logits = model.compute_logits(hidden, gather_all=False)
+        if logits is None:
+            return None
+        logits = logits.float().cpu().contiguous()
+        return [list(logits.shape), logits.numpy().tobytes()]
+
     def warm_up_communication(self) -> None:
         """Run each TP collective once, so NCCL creates its communicators now: a first
         collective inside a CUDA-graph capture would fail (communicator set-up may not run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shardserve.distributed.parallel_state import get_tp_group
 from shardserve.layers.weight_utils import default_weight_loader, set_weight_attrs
 
 
@@ -16,6 +17,11 @@ class RMSNorm(nn.Module):
     which lets a fused kernel do add + norm in one pass. The add happens in the input dtype and
     the norm in float32, cast back before the weight multiply, exactly as HF Llama/Qwen do, so
     half-precision outputs match theirs bit for bit in the reference path.
+
+    forward(x, residual, reduce_partial=True) takes x as this rank's partial sum of a
+    tensor-parallel sublayer's output (its row-parallel projection not yet all-reduced) and
+    all-reduces it first: in one kernel with the add and the norm where the TP group's custom
+    all-reduce can (distributed/custom_all_reduce.py), else as all_reduce then the add + norm.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6,
@@ -33,8 +39,15 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * x32.to(input_dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                reduce_partial: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if reduce_partial:
+            assert residual is not None, "a partial sum is all-reduced into the residual stream"
+            group = get_tp_group()
+            if group.can_fuse_rms_norm(x, residual):
+                return group.all_reduce_rms_norm(x, residual, self.weight, self.variance_epsilon)
+            x = group.all_reduce(x)
         if x.is_cuda:
             # One Triton kernel instead of ~8 torch kernels (add, cast, square, mean, rsqrt,
             # multiply, cast, multiply): at batch 1 these launches cost more than the math.

@@ -8,9 +8,10 @@ One decoder layer, this rank's part (TP splits heads and intermediate dims):
            [q_nope | q_pe] per head;  [c_kv | k_pe] = kv_a_proj_with_mqa(x), c_kv normed
            RoPE on q_pe and k_pe only (decoupled; YaRN with DeepSeek's mscale)
            MLAAttention caches [c_kv | k_pe] per token and attends (layers/mla_attention.py)
-           o_proj (row parallel, all-reduced)
+           o_proj (row parallel; all-reduced by the norm after it, decoder_layer.py)
       -> post_attention_layernorm -> MLP: dense SwiGLU (first_k_dense_replace layers) or
-           MoE = routed experts (FusedMoE, layers/moe.py) + shared experts, one all-reduce
+           MoE = routed experts (FusedMoE, layers/moe.py) + shared experts; one all-reduce,
+           again in the next norm
 
 The router keeps float32 weights and logits, as transformers does. Checkpoint names are
 Hugging Face's; gate/up projections are fused (gate_up_proj) and experts stacked
@@ -69,7 +70,10 @@ def softmax_scale(config: Any) -> float:
 
 
 class DeepseekV2MoE(nn.Module):
-    """Router (float32) -> routed experts + shared experts -> one all-reduce."""
+    """Router (float32) -> routed experts + shared experts: this rank's partial sum, which the
+    next norm all-reduces (models/decoder_layer.py)."""
+
+    returns_partial_sum = True
 
     def __init__(self, config: Any, dtype: torch.dtype | None, v3: bool) -> None:
         super().__init__()
@@ -93,7 +97,7 @@ class DeepseekV2MoE(nn.Module):
         out = self.experts(x, router_logits, getattr(self.gate, "e_score_correction_bias", None))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return get_tp_group().all_reduce(out)
+        return out
 
 
 class DeepseekV2Attention(nn.Module):
@@ -125,8 +129,11 @@ class DeepseekV2Attention(nn.Module):
         kv_b_rows = config.num_attention_heads * (self.qk_nope_head_dim + self.v_head_dim)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, kv_b_rows, bias=False,
                                               params_dtype=dtype)
+        # A bias is added once, after the all-reduce, so a biased o_proj reduces itself.
+        self.returns_partial_sum = not bias
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.v_head_dim, h,
-                                        bias=bias, params_dtype=dtype)
+                                        bias=bias, reduce_results=bool(bias),
+                                        params_dtype=dtype)
         base, rope_scaling = get_rope_config(config)
         # DeepSeek rotates interleaved pairs (x0, x1), (x2, x3)... (GPT-J style); V3 configs
         # may say rope_interleave False for the rotate-half layout.
@@ -164,7 +171,7 @@ class DeepseekV2DecoderLayer(PreNormDecoderLayer):
             self.mlp: nn.Module = DeepseekV2MoE(config, dtype, v3)
         else:
             self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                                False, dtype)
+                                False, dtype, reduce_results=False)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 

@@ -68,7 +68,8 @@ def head_dim_of(config: Any) -> int:
 
 class LlamaMLP(nn.Module):
     """SwiGLU, TP-sliced. reduce_results=False leaves the all-reduce to the caller (an MoE
-    block reduces routed and shared experts together)."""
+    block reduces routed and shared experts together; a decoder layer's next norm fuses it,
+    models/decoder_layer.py)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool,
                  dtype: torch.dtype | None, reduce_results: bool = True) -> None:
@@ -83,6 +84,7 @@ class LlamaMLP(nn.Module):
                                            reduce_results=reduce_results, params_dtype=dtype,
                                            quantizable=True)
         self.act_fn = SiluAndMul()
+        self.returns_partial_sum = not reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -90,7 +92,8 @@ class LlamaMLP(nn.Module):
 
 class LlamaAttention(nn.Module):
     """This rank's heads: qkv_proj (column parallel) -> [q/k norm] -> RoPE -> attention ->
-    o_proj (row parallel, all-reduced)."""
+    o_proj (row parallel). Its output is this rank's partial sum, all-reduced by the norm after
+    it (models/decoder_layer.py), unless o_proj has a bias, which is added after the sum."""
 
     def __init__(self, config: Any, flags: LlamaFamilyFlags, layer_idx: int,
                  dtype: torch.dtype | None, max_model_len: int = 0) -> None:
@@ -103,8 +106,11 @@ class LlamaAttention(nn.Module):
                                           quantizable=True)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        # A bias is added once, after the all-reduce, so a biased o_proj reduces itself.
+        self.returns_partial_sum = not flags.o_proj_bias
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
                                         config.hidden_size, bias=flags.o_proj_bias,
+                                        reduce_results=not self.returns_partial_sum,
                                         params_dtype=dtype, quantizable=True)
         base, rope_scaling = get_rope_config(config)
         partial = (rope_scaling or {}).get("partial_rotary_factor") or 1.0
@@ -136,8 +142,10 @@ MakeMLP = Callable[[Any, LlamaFamilyFlags, int, "torch.dtype | None"], nn.Module
 
 def dense_mlp(config: Any, flags: LlamaFamilyFlags, layer_idx: int,
               dtype: torch.dtype | None) -> nn.Module:
+    # Unbiased: the partial sum goes to the next norm (a bias is added after the all-reduce).
     return LlamaMLP(config.hidden_size, config.intermediate_size,
-                    getattr(config, "hidden_act", "silu"), flags.mlp_bias, dtype)
+                    getattr(config, "hidden_act", "silu"), flags.mlp_bias, dtype,
+                    reduce_results=flags.mlp_bias)
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):

@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from shardserve.distributed.parallel_state import get_tp_group
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -100,13 +102,18 @@ def run_stage(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor
     else:
         assert intermediate is not None, "a non-first pipeline stage needs the previous one's output"
         hidden_states, residual = intermediate.hidden_states, intermediate.residual
+    # Whether hidden_states is a TP partial sum the next norm all-reduces (decoder_layer.py).
+    partial = False
     for layer in model.layers[stage.start_layer:stage.end_layer]:
-        hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, residual = layer(positions, hidden_states, residual, partial)
+        partial = layer.output_is_partial
     if not stage.is_last:
+        if partial:  # the next stage gets whole hidden states
+            hidden_states = get_tp_group().all_reduce(hidden_states)
         return IntermediateTensors(hidden_states, residual)
     if residual is None:
         return model.norm(hidden_states)
-    hidden_states, _ = model.norm(hidden_states, residual)
+    hidden_states, _ = model.norm(hidden_states, residual, reduce_partial=partial)
     return hidden_states
 
 

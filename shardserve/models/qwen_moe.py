@@ -46,7 +46,10 @@ def is_qwen_moe_layer(config: Any, layer: int) -> bool:
 
 
 class QwenMoeBlock(nn.Module):
-    """Router -> routed experts (+ the gated shared expert) -> one all-reduce."""
+    """Router -> routed experts (+ the gated shared expert): this rank's partial sum, which
+    the next norm all-reduces (models/decoder_layer.py)."""
+
+    returns_partial_sum = True
 
     def __init__(self, config: Any, dtype: torch.dtype | None) -> None:
         super().__init__()
@@ -65,7 +68,7 @@ class QwenMoeBlock(nn.Module):
         out = self.experts(x, self.gate(x))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return get_tp_group().all_reduce(out)
+        return out
 
 
 def qwen_moe_mlp(config: Any, flags: LlamaFamilyFlags, layer_idx: int,

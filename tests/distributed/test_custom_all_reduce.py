@@ -128,13 +128,15 @@ def test_parallel_config_is_passed_to_create(monkeypatch) -> None:
     group = ps.GroupCoordinator.single("tp")
     group.world_size, group.device_group = 2, object()
     pc = ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=2, nnodes=2,
-                        disable_custom_all_reduce=True, custom_all_reduce_max_bytes=MiB)
+                        disable_custom_all_reduce=True, custom_all_reduce_max_bytes=MiB,
+                        disable_fused_all_reduce_norm=True)
     group.init_custom_all_reduce(pc)
     assert group.custom_all_reduce == "made"
-    assert seen == {"disabled": True, "max_bytes": MiB, "nnodes": 2, "num_local_ranks": 2}
+    assert seen == {"disabled": True, "max_bytes": MiB, "nnodes": 2, "num_local_ranks": 2,
+                    "fuse_norm": False}
     group.init_custom_all_reduce(None)
     assert seen == {"disabled": False, "max_bytes": car.DEFAULT_MAX_BYTES, "nnodes": 1,
-                    "num_local_ranks": None}
+                    "num_local_ranks": None, "fuse_norm": True}
 
 
 def test_flags() -> None:
@@ -143,10 +145,13 @@ def test_flags() -> None:
     default = engine_config_from_args(parser.parse_args([])).parallel_config
     assert default.disable_custom_all_reduce is False
     assert default.custom_all_reduce_max_bytes == 8 * MiB
+    assert default.disable_fused_all_reduce_norm is False
     args = parser.parse_args(["--disable-custom-all-reduce",
-                              "--custom-all-reduce-max-bytes", "2MiB"])
+                              "--custom-all-reduce-max-bytes", "2MiB",
+                              "--disable-fused-all-reduce-norm"])
     pc = engine_config_from_args(args).parallel_config
     assert pc.disable_custom_all_reduce is True and pc.custom_all_reduce_max_bytes == 2 * MiB
+    assert pc.disable_fused_all_reduce_norm is True
     kwargs = EngineConfig.from_kwargs(disable_custom_all_reduce=True).to_kwargs()
     assert kwargs["disable_custom_all_reduce"] is True  # reaches the other nodes' workers
 

@@ -55,3 +55,51 @@ def test_tp2_nccl_matches_tp1_on_cuda(tmp_path: Path) -> None:
         reference = our_logits(model, _input_ids().cuda()).cpu()
         for rank in (0, 1):
             assert_close_logits(torch.load(tmp_path / f"{name}.rank{rank}.pt"), reference)
+
+
+# ---- the sublayers' partial sums reach the norm after them (models/decoder_layer.py) --------
+
+# (model, norms that take a partial sum per layer): o_proj and the MLP leave their all-reduce to
+# the next norm unless biased (a bias is added after the sum); MoE blocks always do.
+FUSED_PER_LAYER = {"llama": 2, "llama_bias": 0, "qwen3_kv1": 2, "qwen2_moe": 2}
+
+
+def _fused_path_worker(rank: int, root: str) -> None:
+    """TP 2 with the fused all-reduce + RMSNorm path forced on (on CPU it runs as all_reduce
+    then RMSNorm, counted): the logits must not change and every partial sum must arrive."""
+    from shardserve.layers.layernorm import RMSNorm
+    ps.initialize_model_parallel(tensor_parallel_size=2, pipeline_parallel_size=1)
+    tp = ps.get_tp_group()
+    calls: list[tuple[int, ...]] = []
+
+    def fused(x, residual, weight, eps):
+        calls.append(tuple(x.shape))
+        norm = RMSNorm(x.shape[-1], eps)
+        norm.weight.data = weight
+        return norm(tp.all_reduce(x.clone()), residual)
+
+    tp.can_fuse_rms_norm = lambda x, residual: True
+    tp.all_reduce_rms_norm = fused
+    for name in FUSED_PER_LAYER:
+        calls.clear()
+        model = load_ours(Path(root) / name)
+        logits = our_logits(model, _input_ids())
+        torch.save((logits, list(calls)), Path(root) / f"{name}.fused.rank{rank}.pt")
+    ps.destroy_model_parallel()
+
+
+@pytest.mark.multiproc
+def test_tp2_partial_sums_reduced_by_the_next_norm(tmp_path: Path) -> None:
+    from tests.models.tiny_checkpoints import tiny_config
+    for name in FUSED_PER_LAYER:
+        save_tiny_checkpoint(name, tmp_path / name)
+    run_local_ranks(_fused_path_worker, 2, args=(str(tmp_path),), timeout_s=120)
+    for name, per_layer in FUSED_PER_LAYER.items():
+        reference = our_logits(load_ours(tmp_path / name), _input_ids())
+        num_layers = tiny_config(name).num_hidden_layers
+        for rank in (0, 1):
+            logits, calls = torch.load(tmp_path / f"{name}.fused.rank{rank}.pt")
+            assert_close_logits(logits, reference)
+            # post-attention norms, the next layers' input norms and the final norm
+            assert len(calls) == per_layer * num_layers, (name, calls)
+            assert all(shape == (23, 64) for shape in calls)
