@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 import torch.distributed as dist
 
+from shardserve.kernels.all_reduce_rms_norm import region_bytes
+
 if TYPE_CHECKING:
     from shardserve.distributed.parallel_state import GroupCoordinator
 
@@ -184,6 +186,7 @@ class CustomAllReduce:
         self._views = {dtype: self.buffer.view(dtype) for dtype in SUPPORTED_DTYPES}
         self._norm = (_FusedNormSetup.create(handle, buffer, self.world_size, self.max_bytes,
                                              fused_norm_bytes) if fused_norm_bytes else None)
+        self._cpu_group = group.cpu_group
 
     @classmethod
     def create(cls, group: "GroupCoordinator", disabled: bool = False,
@@ -214,7 +217,9 @@ class CustomAllReduce:
         if one_shot_max_bytes is None:
             one_shot_max_bytes = ONE_SHOT_MAX_BYTES[group.world_size]
         # The fused all-reduce + RMSNorm's own region: messages up to the one-shot size.
-        fused_norm_bytes = min(one_shot_max_bytes, max_bytes) // 16 * 16 if fuse_norm else 0
+        fused_norm_bytes = (region_bytes(group.world_size,
+                                         min(one_shot_max_bytes, max_bytes) // 16 * 16)
+                            if fuse_norm else 0)
         buffer, local_error = None, p2p_reason_off(device, [info[1] for info in infos])
         if local_error is None:
             try:
@@ -281,13 +286,16 @@ class CustomAllReduce:
         return tensor
 
     def takes_rms_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        """Whether `all_reduce_rms_norm` takes (x, residual): one-shot-sized, contiguous, same
-        shape and dtype. Like `algorithm_for`, it sees only what every rank shares."""
-        return (self._norm is not None and x.is_cuda and x.dtype in FUSED_NORM_DTYPES
+        """Whether `all_reduce_rms_norm` takes (x, residual): within the fused kernel's slab and
+        row limit, contiguous, same shape and dtype. Like `algorithm_for`, it sees only what
+        every rank shares."""
+        norm = self._norm
+        return (norm is not None and x.is_cuda and x.dtype in FUSED_NORM_DTYPES
                 and x.is_contiguous() and residual.is_contiguous() and x.dim() >= 1
                 and residual.shape == x.shape and residual.dtype == x.dtype
                 and 0 < x.shape[-1] <= FUSED_NORM_MAX_HIDDEN
-                and x.numel() * x.element_size() <= self._norm.region_bytes)
+                and x.numel() // x.shape[-1] <= norm.max_rows
+                and x.numel() * x.element_size() <= norm.slab_bytes)
 
     def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                             eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -297,9 +305,20 @@ class CustomAllReduce:
             return None
         from shardserve.kernels.all_reduce_rms_norm import all_reduce_rms_norm
         norm = self._norm
+        row_bytes = x.shape[-1] * x.element_size()
+        if row_bytes != norm.row_bytes:
+            # The kernel's slots are laid out by row width: change it only once no peer can
+            # still be reading the old layout. A server has one width (the model's hidden
+            # size), set by the first (eager) step; tests and benchmarks change it.
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the fused all-reduce + RMSNorm's row width changed inside "
+                                   "a CUDA graph capture; run one call eagerly first")
+            torch.cuda.synchronize()
+            dist.barrier(group=self._cpu_group)
+            norm.row_bytes = row_bytes
         return all_reduce_rms_norm(x, residual, weight, eps, norm.buffer_ptrs,
-                                   norm.region_offset, norm.signal_pad_ptrs, norm.rank,
-                                   self.world_size, norm.slot_base)
+                                   norm.region_offset, norm.slab_bytes, norm.signal_pad_ptrs,
+                                   norm.rank, self.world_size, norm.slot_base, norm.max_rows)
 
     def __repr__(self) -> str:
         return (f"CustomAllReduce(world={self.world_size}, one_shot<={self.one_shot_max_bytes}, "
@@ -313,19 +332,21 @@ FUSED_NORM_MAX_HIDDEN = 16384  # one row per program pass: a BLOCK of registers 
 class _FusedNormSetup:
     """What the fused all-reduce + RMSNorm kernel needs from the rendezvous: every rank's
     buffer and signal-pad address (int64 on the GPU, group-rank order), its region of the
-    buffer (offset and size in bytes), this rank, and the first signal-pad slot it may use
-    (the upper half; torch's kernels use the lower)."""
+    buffer (offset, and the slab size = the largest message), this rank, the first signal-pad
+    slot it may use (the upper half; torch's kernels use the lower), the most rows a call may
+    have, and the row width in use (see CustomAllReduce.all_reduce_rms_norm)."""
 
     def __init__(self, buffer_ptrs: torch.Tensor, signal_pad_ptrs: torch.Tensor, rank: int,
-                 slot_base: int, region_offset: int, region_bytes: int) -> None:
+                 slot_base: int, max_rows: int, region_offset: int, slab_bytes: int) -> None:
         self.buffer_ptrs, self.signal_pad_ptrs = buffer_ptrs, signal_pad_ptrs
-        self.rank, self.slot_base = rank, slot_base
-        self.region_offset, self.region_bytes = region_offset, region_bytes
+        self.rank, self.slot_base, self.max_rows = rank, slot_base, max_rows
+        self.region_offset, self.slab_bytes = region_offset, slab_bytes
+        self.row_bytes = 0
 
     @classmethod
     def create(cls, handle, buffer: torch.Tensor, world_size: int, region_offset: int,
-               region_bytes: int) -> "_FusedNormSetup | None":
-        from shardserve.kernels.all_reduce_rms_norm import num_signal_slots
+               region_size: int) -> "_FusedNormSetup | None":
+        from shardserve.kernels.all_reduce_rms_norm import MAX_ROWS, num_signal_slots
         try:
             buffer_ptrs, pad_ptrs = list(handle.buffer_ptrs), list(handle.signal_pad_ptrs)
             rank, pad_slots = int(handle.rank), int(handle.signal_pad_size) // 4
@@ -333,7 +354,8 @@ class _FusedNormSetup:
             logger.info("fused all-reduce + RMSNorm off: the symmetric-memory handle lacks %s", exc)
             return None
         slot_base = pad_slots // 2
-        if slot_base + num_signal_slots(world_size) > pad_slots:
+        max_rows = min(MAX_ROWS, (pad_slots - slot_base) // (world_size + 1))
+        if max_rows < 1 or slot_base + num_signal_slots(world_size, max_rows) > pad_slots:
             logger.info("fused all-reduce + RMSNorm off: the signal pad (%d slots) is too small",
                         pad_slots)
             return None
@@ -341,8 +363,8 @@ class _FusedNormSetup:
             logger.info("fused all-reduce + RMSNorm off: unexpected buffer pointers")
             return None
         as_tensor = lambda ptrs: torch.tensor(ptrs, dtype=torch.int64, device=buffer.device)  # noqa: E731
-        return cls(as_tensor(buffer_ptrs), as_tensor(pad_ptrs), rank, slot_base, region_offset,
-                   region_bytes)
+        return cls(as_tensor(buffer_ptrs), as_tensor(pad_ptrs), rank, slot_base, max_rows,
+                   region_offset, region_size // (2 * world_size) // 16 * 16)
 
 
 def _current_device() -> int:

@@ -3,30 +3,34 @@ and the RMSNorm that follow it in every tensor-parallel decoder layer.
 
 Why: at TP 2 a batch-1 decode step of Llama-3-8B runs 64 all-reduces of one 8 KB row, each
 followed by an add + RMSNorm kernel. Both kernels are tiny; the step pays their launch gaps and
-the all-reduce's cross-GPU barriers. One kernel does all of it:
+the all-reduce's cross-GPU round trips. One kernel does all of it, and each row crosses NVLink
+once, one way:
 
-    program b (rows b, b + G, b + 2G, ...):
-        my_buf[rows] = x[rows]                     this rank's partial sum, into its buffer
-        barrier(b, "in")                           every rank's program b has written
-        s = sum over ranks p = 0..W-1 of buf_p[rows]   float32, rounded to the input dtype
-        s = s + residual[rows]                     rounded; stored as the next residual
-        out[rows] = weight * rmsnorm(s)            as kernels/rms_norm.py
-        barrier(b, "out")                          peers are done reading my buffer
+    for each of this program's rows r (r = b, b + G, ...), with e = ++count[r]:
+        every rank's buffer, slot [e % 2][my rank][r]  <-  x[r]      push: remote stores
+    for each row r: every rank's flag [r][my rank]  <-  e            release, system scope
+    for each row r:
+        wait until my flags [r][p] have reached e for every rank p   acquire
+        s = sum over p = 0..W-1 of my buffer [e % 2][p][r]           float32, rounded
+        s = s + residual[r]                                           rounded; the next residual
+        out[r] = weight * rmsnorm(s)                                  as kernels/rms_norm.py
 
-Every rank sums the peers' buffers in the same order (rank 0 first), so every rank gets the same
+Every rank sums the same values in the same order (rank 0 first), so every rank gets the same
 bits: the residual stream must stay identical across the group. The sum is rounded before the
 residual add, exactly as the unfused all-reduce + rms_norm does: fused and unfused results are
 bit for bit the same.
 
-The barriers count calls instead of flipping flags, so a signal is one store to the peer and
-never a round trip. Program b keeps its call count e in its own signal pad; at each barrier it
-writes e into slot [b * W + r] of every peer's pad for that barrier (release, system scope,
-not waited for) and spins on its own slots [b * W + p] until each holds e (acquire). Counts
-advance together on every rank because every rank makes the same calls with the same grid;
-a peer cannot be a call ahead at a barrier, as it would first have to pass the "out" barrier
-of this call, which waits for this program. int32 counts wrap on both sides alike (only
-equality is tested). `tl.debug_barrier()` orders the program's threads around the signals, and
-peer buffers are read with `volatile` loads so a line cached by an earlier call is never used.
+Why one signal per row is enough (no second barrier): a row's count e advances by one in every
+call that has the row, on every rank alike (same calls, same shapes). Its data alternates
+between two slots by e's parity, and a rank overwrites a peer's slot of call e only in call
+e + 2, which starts after it has seen the peer's flag of call e + 1 for row 0 (in every call),
+which the peer sent after its call e had finished reading. For the same reason a peer's flag
+is at most one call ahead, so the wait is "reached e", not "equals e" (counts wrap at 2^30 and
+are compared modulo that). `tl.debug_barrier()` orders the program's threads around the signals, and the
+buffer is read past L1 (.cg), where a line of an earlier call could linger.
+
+The row layout must not change while peers may still read: the caller synchronizes the group
+when the row width changes (distributed/custom_all_reduce.py); a serving process has one width.
 
 Where it lives in the symmetric memory (distributed/custom_all_reduce.py): its own region at
 the end of the buffer, which torch's all-reduce kernels (staging their messages from offset 0)
@@ -48,6 +52,8 @@ from shardserve.kernels.rms_norm import _inv
 # Programs per call at most (each owns rows b, b + G, ...): small enough that all of them are
 # resident at once on every GPU, so no program spins on a peer program that cannot start.
 MAX_PROGRAMS = 64
+MAX_ROWS = 512  # rows of one call at most (a signal-pad slot per row and rank)
+COUNT_MASK: tl.constexpr = tl.constexpr((1 << 30) - 1)  # call counts wrap at 2^30 (even: parity holds)
 
 
 @triton.jit
@@ -68,56 +74,56 @@ def _load_acquire(addresses):
 
 
 @triton.jit
-def _signal_barrier(pad_ptrs, my_pad, slot, rank, epoch, WORLD: tl.constexpr):
-    """Program-wide barrier with the same program of every rank (see the module doc): one
-    release store per peer, all peers at once, then a spin on this rank's own slots."""
-    peers = tl.arange(0, WORLD)
-    tl.debug_barrier()  # every thread's buffer writes (or reads) come before the signal
-    _store_release(tl.load(pad_ptrs + peers) + (slot + rank) * 4,
-                   tl.full((WORLD,), 0, tl.int32) + epoch)
-    mine = my_pad + (slot + peers) * 4
-    while tl.min((_load_acquire(mine) == epoch).to(tl.int32), 0) == 0:
-        pass
-    tl.debug_barrier()
-
-
-@triton.jit
 def _all_reduce_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr,
-                                buf_ptrs, buf_offset, pad_ptrs, rank, slot_base, num_rows, hidden,
-                                inv_hidden, eps,
-                                WORLD: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
-                                BLOCK: tl.constexpr):
+                                buf_ptrs, buf_offset, slab_elems, pad_ptrs, rank, slot_base,
+                                max_rows, num_rows, hidden, inv_hidden, eps,
+                                WORLD: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    peers = tl.arange(0, WORLD)
     dtype = x_ptr.dtype.element_ty
-    # The symmetric buffers and the region offset are 16-byte aligned: say so, or every
-    # access to them is split into 2-byte ones.
-    my_buf = tl.multiple_of((tl.load(buf_ptrs + rank) + buf_offset).to(tl.pointer_type(dtype)),
-                            16)
-    my_pad = tl.load(pad_ptrs + rank)  # an int64 address: the barrier computes slot addresses
-    # slots: [in barrier: MAX_PROGRAMS x WORLD][out barrier: same][call counts: MAX_PROGRAMS]
-    in_slot = slot_base + pid * WORLD
-    out_slot = in_slot + MAX_PROGRAMS * WORLD
-    count_ptr = (my_pad.to(tl.pointer_type(tl.int32)) + slot_base + 2 * MAX_PROGRAMS * WORLD
-                 + pid)
-    epoch = tl.load(count_ptr, volatile=True) + 1
-    tl.store(count_ptr, epoch)
+    # slots from slot_base: [count per row: max_rows][flags: max_rows x WORLD]
+    my_pad = tl.load(pad_ptrs + rank)  # int64 addresses: flags are reached by address
+    counts = my_pad.to(tl.pointer_type(tl.int32)) + slot_base
+    flags = slot_base + max_rows
+    # Slab (parity, rank) of a region holds rows of `hidden` elements; 16-byte aligned (say
+    # so, or every access to them is split into 2-byte ones).
+    my_region = tl.multiple_of(
+        (tl.load(buf_ptrs + rank) + buf_offset).to(tl.pointer_type(dtype)), 16)
 
     for row in range(pid, num_rows, num_programs):
+        epoch = (tl.load(counts + row, volatile=True) + 1) & COUNT_MASK
+        tl.store(counts + row, epoch)
         offs = row.to(tl.int64) * hidden + cols
-        tl.store(my_buf + offs, tl.load(x_ptr + offs, mask=mask, other=0.0), mask=mask)
-    _signal_barrier(pad_ptrs, my_pad, in_slot, rank, epoch, WORLD)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        slot = ((epoch % 2) * WORLD + rank).to(tl.int64) * slab_elems + offs
+        for p in tl.static_range(WORLD):
+            region = tl.multiple_of(
+                (tl.load(buf_ptrs + p) + buf_offset).to(tl.pointer_type(dtype)), 16)
+            tl.store(region + slot, x, mask=mask)
+    tl.debug_barrier()  # every thread's pushes (and count updates) before any signal
+    for row in range(pid, num_rows, num_programs):
+        epoch = tl.load(counts + row, volatile=True)
+        _store_release(tl.load(pad_ptrs + peers) + (flags + row * WORLD + rank) * 4,
+                       tl.full((WORLD,), 0, tl.int32) + epoch)
 
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     for row in range(pid, num_rows, num_programs):
+        epoch = tl.load(counts + row, volatile=True)
+        mine = my_pad + (flags + row * WORLD + peers) * 4
+        # reached: the flag is e or one call ahead, counted modulo 2^30 (no int32 overflow)
+        while tl.max((((_load_acquire(mine) - epoch) & COUNT_MASK) > COUNT_MASK // 2)
+                     .to(tl.int32), 0) != 0:
+            pass
+        tl.debug_barrier()
         offs = row.to(tl.int64) * hidden + cols
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for p in tl.static_range(WORLD):
-            peer_buf = tl.multiple_of(
-                (tl.load(buf_ptrs + p) + buf_offset).to(tl.pointer_type(dtype)), 16)
-            acc += tl.load(peer_buf + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
+            slot = ((epoch % 2) * WORLD + p).to(tl.int64) * slab_elems + offs
+            acc += tl.load(my_region + slot, mask=mask, other=0.0,
+                           cache_modifier=".cg").to(tl.float32)
         r = tl.load(residual_ptr + offs, mask=mask, other=0.0)
         s = (acc.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
         tl.store(residual_out_ptr + offs, s, mask=mask)
@@ -125,36 +131,44 @@ def _all_reduce_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, 
         variance = tl.sum(sf * sf, 0) * inv_hidden
         y = (sf * tl.math.rsqrt(variance + eps)).to(dtype)
         tl.store(out_ptr + offs, (w * y.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
-    _signal_barrier(pad_ptrs, my_pad, out_slot, rank, epoch, WORLD)
 
 
-def num_signal_slots(world_size: int) -> int:
-    """int32 signal-pad slots the kernel uses (from slot_base on)."""
-    return (2 * world_size + 1) * MAX_PROGRAMS
+def num_signal_slots(world_size: int, max_rows: int) -> int:
+    """int32 signal-pad slots the kernel uses (from slot_base on) for up to max_rows rows."""
+    return max_rows * (world_size + 1)
+
+
+def region_bytes(world_size: int, slab_bytes: int) -> int:
+    """Bytes of symmetric buffer the kernel needs for messages up to slab_bytes: two slabs
+    (call parities) per rank."""
+    return 2 * world_size * slab_bytes
 
 
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                         eps: float, buffer_ptrs: torch.Tensor, buffer_offset: int,
-                        signal_pad_ptrs: torch.Tensor, rank: int, world_size: int,
-                        slot_base: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        slab_bytes: int, signal_pad_ptrs: torch.Tensor, rank: int,
+                        world_size: int, slot_base: int, max_rows: int = MAX_ROWS
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rmsnorm(all_reduce(x) + residual) * weight, all_reduce(x) + residual) for contiguous
     [tokens, hidden] x and residual. buffer_ptrs / signal_pad_ptrs: int64 CUDA tensors of every
-    rank's symmetric buffer / signal pad address, in group-rank order; the buffer must hold x
-    from buffer_offset (bytes) on, and slots [slot_base, slot_base + num_signal_slots) of the
-    pads are this kernel's. Every rank of the group must call this with the same shapes (it
-    waits for the others)."""
+    rank's symmetric buffer / signal pad address, in group-rank order; region_bytes(world_size,
+    slab_bytes) of each buffer from buffer_offset on, and num_signal_slots(world_size,
+    max_rows) slots of each pad from slot_base on, are this kernel's; x must fit a slab and
+    have at most max_rows rows. Every rank of the group must call this with the same shapes
+    (it waits for the others)."""
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)
     r2 = residual.reshape(-1, hidden)
     assert x2.is_contiguous() and r2.is_contiguous() and weight.is_contiguous()
     num_rows = x2.shape[0]
+    assert num_rows <= max_rows and x2.numel() * x2.element_size() <= slab_bytes
     out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     residual_out = torch.empty_like(x2)
     if num_rows:
         block = triton.next_power_of_2(hidden)
         _all_reduce_rms_norm_kernel[(min(num_rows, MAX_PROGRAMS),)](
-            out, residual_out, x2, r2, weight, buffer_ptrs, buffer_offset, signal_pad_ptrs, rank,
-            slot_base, num_rows, hidden, _inv(hidden), eps,
-            WORLD=world_size, MAX_PROGRAMS=MAX_PROGRAMS, BLOCK=block,
-            num_warps=min(max(block // 512, 1), 16))
+            out, residual_out, x2, r2, weight, buffer_ptrs, buffer_offset,
+            slab_bytes // x2.element_size(), signal_pad_ptrs, rank, slot_base, max_rows,
+            num_rows, hidden, _inv(hidden), eps,
+            WORLD=world_size, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
     return out.view(x.shape), residual_out.view(x.shape)

@@ -106,7 +106,7 @@ def test_pick_algorithm_needs_an_aligned_start() -> None:
 
 def _fake_custom(max_bytes: int = 64) -> car.CustomAllReduce:
     group = types.SimpleNamespace(device_group=types.SimpleNamespace(group_name="g"),
-                                  world_size=2)
+                                  world_size=2, cpu_group=None)
     return car.CustomAllReduce(group, torch.zeros(max_bytes, dtype=torch.uint8), None,
                                one_shot_max_bytes=1 << 20, two_shot_max_bytes=max_bytes)
 
@@ -117,6 +117,9 @@ def test_thresholds_are_capped_by_the_buffer_and_cpu_tensors_decline() -> None:
     x = torch.ones(4)
     assert custom.algorithm_for(x) is None and custom.all_reduce(x) is None
     assert torch.equal(x, torch.ones(4))
+    # Not set up for the fused all-reduce + RMSNorm (no region): it declines everything.
+    assert not custom.takes_rms_norm(x, x.clone())
+    assert custom.all_reduce_rms_norm(x, x.clone(), torch.ones(4), 1e-5) is None
 
 
 # ---- the config reaches the TP group ----------------------------------------------------------
