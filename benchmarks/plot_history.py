@@ -1,5 +1,6 @@
 """Benchmark results over time: one panel per workload of benchmarks/history.csv (Llama-3-8B
-shape, bf16, one GPU), output tokens/s per measured commit, with the issue's target dashed.
+shape, bf16; one GPU unless the workload says TP 2), output tokens/s per measured commit, with
+the issue's target dashed.
 
     python benchmarks/plot_history.py [--csv benchmarks/history.csv] [--out docs/benchmark_history.png]
 
@@ -68,7 +69,7 @@ def draw(series: dict[str, list[dict[str, str]]], plt):
         ax.set_ylim(bottom=0, top=top * 1.12)  # room for the value labels under the title
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("Llama-3-8B shape, bf16 weights, one GPU: results over time")
+    fig.suptitle("Llama-3-8B shape, bf16 weights (one GPU unless a panel says 2x): results over time")
     fig.tight_layout()
     return fig
 
