@@ -70,29 +70,12 @@ def _time_eager(fn, tensor, iters: int, barrier) -> float:
 
 def _time_graph(fn, tensor, ops: int, replays: int, barrier) -> float:
     """Microseconds per all-reduce in a CUDA graph of `ops` back-to-back calls, in place."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(tensor)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    barrier()  # every rank captures together: NCCL's capture is collective-ordered
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    from benchmarks.common import cuda_graph_us
+
+    def body():
         for _ in range(ops):
             fn(tensor)
-    for _ in range(2):
-        graph.replay()
-    torch.cuda.synchronize()
-    barrier()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    del graph
-    return start.elapsed_time(end) * 1000.0 / (replays * ops)
+    return cuda_graph_us(body, replays, barrier) / ops
 
 
 def _rank(rank: int, world_size: int, sizes: list[int], dtype_name: str, iters: int, ops: int,

@@ -29,31 +29,9 @@ CHAIN = 64
 EPS = 1e-5
 
 
-def _graph_us(body, replays: int, barrier) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        body()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    barrier()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays / CHAIN
-
-
 def _rank(rank: int, world_size: int, rows_list: list[int], hidden: int, dtype_name: str,
           replays: int) -> None:
+    from benchmarks.common import cuda_graph_us
     from shardserve.config import ParallelConfig
     from shardserve.distributed import parallel_state as ps
     from shardserve.kernels.rms_norm import rms_norm
@@ -92,7 +70,8 @@ def _rank(rank: int, world_size: int, rows_list: list[int], hidden: int, dtype_n
                 h, r = tp.all_reduce_rms_norm(h * 1, r, weight, EPS)
 
         # h * 1 in every variant: the fresh activation a projection would hand over.
-        times = {name: _graph_us(fn, replays, tp.barrier) for name, fn in
+        times = {name: cuda_graph_us(fn, replays, tp.barrier, warm_replays=3) / CHAIN
+                 for name, fn in
                  (("all-reduce", all_reduce_only), ("norm", norm_only), ("unfused", unfused),
                   ("fused", fused))}
         saved = times["unfused"] - times["fused"]

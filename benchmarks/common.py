@@ -61,6 +61,34 @@ def copy_bandwidth() -> float:
     return bw
 
 
+def cuda_graph_us(body, replays: int, barrier=lambda: None, warm_replays: int = 2) -> float:
+    """Microseconds per replay of a CUDA graph captured from body() (run once eagerly first, on
+    a side stream, as torch asks). `barrier` lines ranks up before the capture (NCCL captures
+    are collective-ordered) and before the timed replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    for _ in range(warm_replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    del graph
+    return start.elapsed_time(end) * 1000.0 / replays
+
+
 def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     """Token-id prompts clear of the low ids where special tokens usually live."""
     rng = random.Random(seed)
