@@ -98,6 +98,10 @@ def cmd_random_model(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _take_positional_model(args)
+    if args.headless and not _headless_node(args):
+        raise InvalidRequestError("--headless is for nodes 1.. of a multi-node world: pass "
+                                  "--node-rank 1 or above (or run `shardserve worker`); node 0 "
+                                  "always runs the server.", "headless")
     if _headless_node(args):  # nodes 1.. of a multi-node world run ranks, not the server
         return cmd_worker(args)
     if str(args.data_parallel_size) != "1":  # N replica servers behind a router
@@ -141,6 +145,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shardserve.cli_hints import add_vllm_only_args
     from shardserve.engine_args import add_engine_args
 
     parser = argparse.ArgumentParser(prog="shardserve", description=__doc__.splitlines()[0])
@@ -148,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
-                                         "/v1/chat/completions, /metrics, /health)")
+                                         "/v1/chat/completions, /metrics, /health)",
+                           epilog="vllm serve command lines work as they are: vLLM flags that "
+                                  "ask for what shardserve does anyway are accepted, tuning "
+                                  "knobs it lacks are ignored with a warning, and any that would "
+                                  "change results are refused saying why.")
     serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                        help="the model, as in `vllm serve MODEL` (the same as --model MODEL)")
     from shardserve.server.args import add_server_args
@@ -156,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     from shardserve.router.app import add_router_args
     add_router_args(serve, standalone=False)  # --router-*: used with -dp N
+    serve.add_argument("--config", default=None, metavar="YAML",
+                       help="read flags from a YAML file (max-model-len: 4096), as vllm serve "
+                            "--config; flags on the command line win")
+    serve.add_argument("--headless", action="store_true",
+                       help="as vLLM's multi-node lines have it: this node runs its ranks, not "
+                            "the server (only with --node-rank 1 or above)")
+    add_vllm_only_args(serve, server=True)
     serve.set_defaults(func=cmd_serve)
 
     router = sub.add_parser("router", help="one OpenAI endpoint over several replicas: "
@@ -167,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(node 1..; node 0 runs serve): --nnodes N "
                                            "--node-rank R --master-addr HOST [--master-port P]")
     add_engine_args(worker)
+    add_vllm_only_args(worker, server=False)
     worker.set_defaults(func=cmd_worker)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -182,12 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--raw", action="store_true", help="send the prompt as-is, not as a chat message")
     add_engine_args(gen)
+    add_vllm_only_args(gen, server=False)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streamed")
     chat.add_argument("--system", default=None, help="system message")
     add_engine_args(chat)
+    add_vllm_only_args(chat, server=False)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -220,14 +239,32 @@ def _remember_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shardserve.cli_config import dash_flag_names, expand_config_file
     parser = build_parser()
+    argv = dash_flag_names(list(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
+    command_parser = getattr(args, "command_parser", parser)
+    if getattr(args, "config", None) is not None:  # serve --config FILE.yaml, as vLLM's
+        try:
+            argv, config_model = expand_config_file(argv, args.command, command_parser)
+        except InvalidRequestError as err:
+            command_parser.error(str(err))
+        args, extra = parser.parse_known_args(argv)
+        if config_model is not None and args.model is None and args.model_tag is None:
+            args.model = config_model
+            argv = argv + ["--model", config_model]  # for serve -dp's replicas
     if extra:
         from shardserve.cli_hints import unknown_args_message
-        command_parser = getattr(args, "command_parser", parser)
         command_parser.error(unknown_args_message(extra, command_parser))
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # serve -dp re-runs it per replica
+    from shardserve.cli_hints import check_vllm_only_args
+    try:
+        ignored = check_vllm_only_args(args)
+    except InvalidRequestError as err:
+        command_parser.error(str(err))
+    args.argv = argv  # serve -dp re-runs it per replica
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for warning in ignored:
+        logging.getLogger("shardserve.cli").warning("%s", warning)
     try:
         return args.func(args)
     except ShardserveError as err:

@@ -57,7 +57,7 @@ VLLM_ONLY_KWARGS: dict[str, tuple[tuple[Any, ...], bool, str]] = {
     "tokenizer_mode": (("auto", "hf"), False,
                        "shardserve always uses the fast tokenizer (tokenizer.json or the GGUF's)"),
     "skip_tokenizer_init": ((False,), False, "the tokenizer is always loaded"),
-    "swap_space": ((4,), True, "shardserve preempts by recomputing, never swapping to CPU memory"),
+    "swap_space": ((4, 0), True, "shardserve preempts by recomputing, never swapping to CPU memory"),
     "cpu_offload_gb": ((0,), False, "weights are never offloaded to CPU memory; use more GPUs "
                                     "(tensor_parallel_size / pipeline_parallel_size)"),
     "disable_log_stats": ((True,), True, "shardserve logs no periodic stats"),
@@ -69,7 +69,8 @@ VLLM_ONLY_KWARGS: dict[str, tuple[tuple[Any, ...], bool, str]] = {
     "compilation_config": ((None,), True, "shardserve does not run torch.compile"),
     "disable_async_output_proc": ((False,), True, "no such stage here"),
     "distributed_executor_backend": ((None, "mp"), True,
-                                     "shardserve runs one worker process per GPU (vLLM's mp)"),
+                                     "shardserve runs one worker process per GPU (vLLM's mp); "
+                                     "across nodes, pass --nnodes and --node-rank"),
     "max_parallel_loading_workers": ((None,), True, "weights load in one pass per rank"),
     "tokenizer_pool_size": ((0,), True, "the tokenizer runs in this process"),
     "calculate_kv_scales": ((False,), True, "fp8 KV caches use a scale of 1.0"),
@@ -100,7 +101,27 @@ VLLM_ONLY_KWARGS: dict[str, tuple[tuple[Any, ...], bool, str]] = {
                                                  "asking for them are refused)"),
     "guided_decoding_backend": ((None, "auto"), True, "structured outputs are not supported "
                                                       "(requests asking for them are refused)"),
+    "enable_eplb": ((False,), True, "experts are not rebalanced across ranks"),
+    "cuda_graph_sizes": ((None, []), True, "CUDA graphs are captured for every batch size up "
+                                           "to max_cuda_graph_batch_size"),
+    "max_num_partial_prefills": ((1,), True, "prompts are chunked within "
+                                             "max_num_batched_tokens, first come first served"),
+    "long_prefill_token_threshold": ((0,), True, "prompts are chunked within "
+                                                 "max_num_batched_tokens, first come first served"),
+    "num_scheduler_steps": ((1,), True, "one step is scheduled at a time (with "
+                                        "async_scheduling overlapping the next)"),
+    "disable_cascade_attn": ((False, True), True, "there is no cascade attention to disable"),
+    "enable_prompt_embeds": ((False,), False, "prompts are text or token ids, not embeddings"),
 }
+
+
+def vllm_only_verdict(value: Any, neutral: tuple[Any, ...], ignorable: bool) -> str:
+    """What to do with a vLLM-only setting: 'accept' (the value asks for what shardserve does
+    anyway), 'warn' (another value of a tuning knob shardserve lacks) or 'refuse' (ignoring
+    it would change results)."""
+    if any(value == v and type(value) is type(v) for v in neutral):
+        return "accept"
+    return "warn" if ignorable else "refuse"
 
 
 def pop_vllm_only_kwargs(kwargs: dict[str, Any]) -> None:
@@ -110,9 +131,10 @@ def pop_vllm_only_kwargs(kwargs: dict[str, Any]) -> None:
     for name in [k for k in kwargs if k in VLLM_ONLY_KWARGS]:
         value = kwargs.pop(name)
         neutral, ignorable, why = VLLM_ONLY_KWARGS[name]
-        if any(value == v and type(value) is type(v) for v in neutral):
+        verdict = vllm_only_verdict(value, neutral, ignorable)
+        if verdict == "accept":
             continue
-        if ignorable:
+        if verdict == "warn":
             logging.getLogger(__name__).warning("Ignoring the vLLM engine argument %s=%r: %s.",
                                                 name, value, why)
             continue

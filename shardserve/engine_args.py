@@ -22,6 +22,7 @@ _ALIASES = {
     "data_parallel_size": ["-dp"],
     "kv_cache_memory_bytes": ["--kv-cache-memory"],
     "quantization": ["-q"],
+    "max_cuda_graph_batch_size": ["--max-cudagraph-capture-size"],  # vLLM's name since 0.11
 }
 # Parallel sizes that also take 'auto' (shardserve/planner/auto.py resolves them).
 _AUTO_SIZES = {"tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"}
@@ -73,8 +74,8 @@ _HELP = {
     "tokenizer": "tokenizer folder (tokenizer.json) or .gguf file (default: the model's own)",
     "dtype": "weights and activations: auto (the checkpoint's half type on GPU, float32 on "
              "CPU), float32, float16 or bfloat16",
-    "max_model_len": "longest sequence, prompt plus output, in tokens (default: the model's "
-                     "max_position_embeddings)",
+    "max_model_len": "longest sequence, prompt plus output, in tokens: 4096, 32k (32,000) or "
+                     "32K (32,768) (default: the model's max_position_embeddings)",
     "seed": "seed of the random state (and of --load-format dummy weights)",
     "enforce_eager": "run every step eagerly: no CUDA graphs",
     "max_cuda_graph_batch_size": "largest decode batch captured as a CUDA graph; larger "
@@ -114,6 +115,21 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def parse_token_count(text: str) -> int:
+    """vLLM's human-readable lengths: '32k' = 32,000, '32K' = 32,768 (m/M, g/G likewise)."""
+    m = re.fullmatch(r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]?)\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 4096, 32k or 32K; "
+                                         "'auto' is not supported: give a length)")
+    number, unit = m.groups()
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}[unit]
+    from decimal import Decimal
+    value = Decimal(number) * scale  # exact: 1.1k is 1100, not 1100.0000000000002
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"not a whole number of tokens: {text!r}")
+    return int(value)
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -150,6 +166,9 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
                                        action="store_false", help=argparse.SUPPRESS)
                 else:
                     group.add_argument(*names, **kwargs, action="store_true")
+                    # vLLM's switches all take the --no- form (--no-enforce-eager)
+                    group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                                       action="store_false", help=argparse.SUPPRESS)
                 continue
             if f.name == "load_format":
                 kwargs["choices"] = LOAD_FORMATS
@@ -161,6 +180,8 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
                 kwargs["nargs"] = "+"  # vLLM's aliases: --served-model-name a b
             if f.name in ("kv_cache_memory_bytes", "custom_all_reduce_max_bytes"):
                 kwargs["type"] = parse_size
+            elif f.name == "max_model_len":
+                kwargs["type"] = parse_token_count
             elif f.name in _AUTO_SIZES:
                 kwargs["type"] = parse_parallel_size  # an int or 'auto' (the planner picks)
             else:

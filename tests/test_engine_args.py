@@ -213,3 +213,18 @@ def test_every_engine_flag_has_written_help():
     fields = [f.name for s in _SECTIONS for f in dataclasses.fields(s)
               if f.name not in DERIVED_FIELDS]
     assert [name for name in fields if name not in _HELP] == []
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("4096", 4096), ("32k", 32000), ("32K", 32768), ("25.6k", 25600), ("1.1k", 1100), ("1M", 2**20),
+    ("auto", None), ("1.5", None), ("0.5K", 512),
+])
+def test_max_model_len_takes_vllm_human_readable_counts(text, expected, capsys):
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    if expected is None:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--max-model-len", text])
+        assert "argument --max-model-len: not a" in capsys.readouterr().err
+    else:
+        assert parser.parse_args(["--max-model-len", text]).max_model_len == expected

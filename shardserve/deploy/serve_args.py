@@ -20,6 +20,7 @@ RESERVED = {
     "--node-rank": "the LeaderWorkerSet's worker index",
     "--master-addr": "the LeaderWorkerSet's leader address",
     "--master-port": "the generator (its Service ports)",
+    "--headless": "the generator (LeaderWorkerSet workers run `shardserve worker`)",
     "--host": "the generator (0.0.0.0)", "--port": "the generator (probes and Services use it)",
     "--shutdown-timeout": "deploy k8s --shutdown-timeout (the grace period is built on it)",
     "--served-model-name": "deploy k8s --served-model-name",
@@ -68,7 +69,7 @@ def check_serve_args(args: list[str]) -> None:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            _, extra = serve.parse_known_args(list(args))
+            namespace, extra = serve.parse_known_args(list(args))
     except SystemExit:
         last = (err.getvalue().strip().splitlines() or ["invalid"])[-1]
         raise InvalidRequestError(f"--serve-arg: `shardserve serve` would refuse it: "
@@ -77,6 +78,12 @@ def check_serve_args(args: list[str]) -> None:
         from shardserve.cli_hints import unknown_args_message
         raise InvalidRequestError(f"--serve-arg: `shardserve serve` would refuse it: "
                                   f"{unknown_args_message(extra, serve)}", "serve_args")
+    from shardserve.cli_hints import check_vllm_only_args
+    try:
+        check_vllm_only_args(namespace)  # a vLLM flag it would refuse (warnings are its own)
+    except InvalidRequestError as err:
+        raise InvalidRequestError(f"--serve-arg: `shardserve serve` would refuse it: {err}",
+                                  "serve_args") from None
 
 
 def engine_only(args: list[str]) -> list[str]:

@@ -587,8 +587,9 @@ def test_served_model_names_reach_the_server(tmp_path: Path, names: list[str]) -
 
 @pytest.mark.parametrize("serve_args,message", [
     # The server would refuse these: the pods would only crash-loop, so the generator refuses.
-    (["--swap-space=4"], "--swap-space is a vLLM flag shardserve does not take"),
-    (["--max-model-len=abc"], "argument --max-model-len: invalid int value: 'abc'"),
+    (["--cpu-offload-gb=4"], "--cpu-offload-gb 4 is a vLLM flag shardserve cannot honour"),
+    (["--headless"], "--serve-arg --headless is set by"),
+    (["--max-model-len=abc"], "argument --max-model-len: not a token count: 'abc'"),
     (["--kv-cache-dtype", "fp9"], "invalid choice: 'fp9'"),
     (["4096"], "is not a flag"),
     # The generator owns these: probes, Services, GPU requests and LWS wiring depend on them.
