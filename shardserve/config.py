@@ -86,9 +86,6 @@ VLLM_ONLY_KWARGS: dict[str, tuple[tuple[Any, ...], bool, str]] = {
     "max_lora_rank": ((16,), True, "LoRA adapters are not supported"),
     "speculative_config": ((None,), False, "speculative decoding is not supported"),
     "hf_overrides": ((None, {}), False, "edit config.json instead"),
-    "override_generation_config": ((None, {}), False,
-                                   "edit generation_config.json, or set the fields in "
-                                   "SamplingParams"),
     "logits_processors": ((None, []), False, "custom logits processors are not supported"),
     "disable_sliding_window": ((False,), False, "sliding-window attention is always applied "
                                                 "as the model defines it"),
@@ -177,6 +174,9 @@ class ModelConfig:
     # Where unset sampling fields take their defaults from (vLLM's --generation-config): auto,
     # the model's generation_config.json; vllm, none (SamplingParams' own); or a folder.
     generation_config: str = "auto"
+    # vLLM's --override-generation-config: sampling defaults set over (or, with
+    # generation_config "vllm", instead of) the file's, e.g. {"temperature": 0.5}.
+    override_generation_config: dict[str, Any] | None = None
     # vLLM's --quantization: fp8, FP8 weights and activations in the dense linear layers
     # (layers/quantization.py); None: the checkpoint's own, i.e. fp8 for a block-FP8 checkpoint
     # on a GPU with FP8 matrix units, else the model dtype (FP8 checkpoints dequantized).
@@ -493,7 +493,8 @@ class EngineConfig:
                 f"{'GGUF file' if mc.source.kind == 'gguf' else 'Hugging Face folder'}; use "
                 "load_format='auto' or point --model at a matching checkpoint.", "load_format")
         mc.hf_config = load_hf_config(mc.source)
-        mc.generation_defaults = load_generation_defaults(mc.generation_config, mc.source.folder)
+        mc.generation_defaults = load_generation_defaults(mc.generation_config, mc.source.folder,
+                                                          mc.override_generation_config)
         if mc.chat_template is not None:  # a missing file is one clear error before loading
             from shardserve.tokenizer import resolve_chat_template
             resolve_chat_template(mc.chat_template)

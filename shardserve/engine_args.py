@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import typing
@@ -68,6 +69,9 @@ _HELP = {
     "chat_template": "the chat template for every chat request, instead of the model's: a "
                      "Jinja file's path, or the template's text itself (vLLM's rule: a value "
                      "with braces or a line break is the text)",
+    "override_generation_config": "sampling defaults as JSON, e.g. '{\"temperature\": 0.5}', "
+                                  "set over --generation-config's (repetition_penalty, "
+                                  "temperature, top_k, top_p, min_p, max_new_tokens)",
     "generation_config": "where sampling fields a request leaves unset take their defaults: "
                          "auto (the model's generation_config.json), vllm (none: "
                          "SamplingParams' own) or a folder holding a generation_config.json",
@@ -113,6 +117,18 @@ def parse_size(text: str) -> int:
     scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
     return int(float(m.group(1)) * scale)
+
+
+def parse_json_object(text: str) -> dict:
+    """A JSON object flag, e.g. --override-generation-config '{"temperature": 0.5}'."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r} (e.g. "
+                                         """'{"temperature": 0.5}')""")
+    return value
 
 
 def parse_token_count(text: str) -> int:
@@ -182,6 +198,8 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
                 kwargs["type"] = parse_size
             elif f.name == "max_model_len":
                 kwargs["type"] = parse_token_count
+            elif _base_type(hint) is dict or typing.get_origin(_base_type(hint)) is dict:
+                kwargs["type"] = parse_json_object
             elif f.name in _AUTO_SIZES:
                 kwargs["type"] = parse_parallel_size  # an int or 'auto' (the planner picks)
             else:
