@@ -241,7 +241,9 @@ def _remember_parsers(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     from shardserve.cli_config import dash_flag_names, expand_config_file
     parser = build_parser()
-    argv = dash_flag_names(list(sys.argv[1:] if argv is None else argv))
+    from shardserve.engine_args import pin_optional_switches
+    argv = pin_optional_switches(dash_flag_names(list(sys.argv[1:] if argv is None else argv)),
+                                 parser)
     args, extra = parser.parse_known_args(argv)
     command_parser = getattr(args, "command_parser", parser)
     if getattr(args, "config", None) is not None:  # serve --config FILE.yaml, as vLLM's

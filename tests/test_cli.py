@@ -189,3 +189,18 @@ def test_a_mistyped_flag_gets_the_nearest_one(capsys):
     err = capsys.readouterr().err
     assert "usage: shardserve bench latency" in err
     assert "did you mean --batch-size?" in err
+
+
+def test_an_on_off_flag_before_the_model_does_not_take_it_as_its_value():
+    from shardserve.engine_args import pin_optional_switches
+    parser = build_parser()
+
+    def parse(*argv):
+        return parser.parse_args(pin_optional_switches(list(argv), parser))
+    args = parse("serve", "--enable-prefix-caching", "/models/m", "--port", "9000")
+    assert args.model_tag == "/models/m" and args.enable_prefix_caching is True
+    args = parse("serve", "--enable-chunked-prefill", "false", "/models/m")
+    assert args.model_tag == "/models/m" and args.enable_chunked_prefill is False
+    args = parse("serve", "/models/m", "--async-scheduling")
+    assert args.async_scheduling is True
+    assert parse("serve", "--enable-prefix-caching=off", "/m").enable_prefix_caching is False
