@@ -44,7 +44,8 @@ _EXIT_GRACE_S = 0.2
 
 @dataclass
 class _RequestState:
-    request_id: str
+    request_id: str  # the caller's
+    core_id: str  # what the core and the output processor know it as (see _add_request)
     child_ids: list[str]
     arrival_time: float
     num_prompt_tokens: int
@@ -84,10 +85,12 @@ class AsyncLLM:
         self.on_dead: Callable[[], None] | None = None  # the server's hook (exit later)
         self._shutting_down = False
         self._states: dict[str, _RequestState] = {}
+        self._by_core: dict[str, _RequestState] = {}
         self._by_child: dict[str, _RequestState] = {}
         # Requests not scheduled yet, oldest first: the admission bound and queue-time expiry.
         self._unscheduled: OrderedDict[str, _RequestState] = OrderedDict()
         self._ids = itertools.count()
+        self._core_seq = itertools.count()
         self._core = CoreProcClient(config, self._log_level)
         self._ready_future: asyncio.Future | None = None
         self._tasks: list[asyncio.Task] = []
@@ -202,7 +205,7 @@ class AsyncLLM:
         state = self._forget(request_id)
         if state is None:
             return
-        self.output_processor.abort(request_id)
+        self.output_processor.abort(state.core_id)
         self._send(AbortRequests(list(state.child_ids)))
         self.stat_logger.record_finished("abort", time.monotonic() - state.arrival_time)
 
@@ -228,12 +231,18 @@ class AsyncLLM:
         if request_id in self._states:
             raise InvalidRequestError(f"Request id {request_id!r} is already in use.", "request_id")
         now = time.monotonic()
-        requests = self.input_processor.make_requests(request_id, processed, params, now)
-        self.output_processor.add_request(request_id, processed.prompt, requests)
-        state = _RequestState(request_id, [r.request_id for r in requests], now,
+        # The core knows the request under an id of its own. A client may reuse its id the
+        # moment it cancels, while the core's outputs for the old request are still on their
+        # way (and the core has not seen the abort yet): under the caller's id those would
+        # land on the new request, and the core could hold two requests under one id.
+        core_id = f"{request_id}-{next(self._core_seq)}"
+        requests = self.input_processor.make_requests(core_id, processed, params, now)
+        self.output_processor.add_request(core_id, processed.prompt, requests)
+        state = _RequestState(request_id, core_id, [r.request_id for r in requests], now,
                               len(processed.prompt_token_ids), len(requests),
                               requests[0].max_tokens)
         self._states[request_id] = state
+        self._by_core[core_id] = state
         self._unscheduled[request_id] = state
         for r in requests:
             self._by_child[r.request_id] = state
@@ -268,6 +277,7 @@ class AsyncLLM:
         state = self._states.pop(request_id, None)
         if state is not None:
             self._unscheduled.pop(request_id, None)
+            self._by_core.pop(state.core_id, None)
             for child in state.child_ids:
                 self._by_child.pop(child, None)
         return state
@@ -323,8 +333,9 @@ class AsyncLLM:
             if to_abort:  # a stop string ended these samples; the core must stop them too
                 self._send(AbortRequests(to_abort))
             for ro in request_outputs:
-                state = self._states.get(ro.request_id)
+                state = self._by_core.get(ro.request_id)
                 if state is not None:
+                    ro.request_id = state.request_id
                     self._record_output(state, ro, now)
                     state.queue.put_nowait(ro)
                     if ro.finished:
@@ -363,7 +374,7 @@ class AsyncLLM:
         if state is None:
             return
         self._forget(state.request_id)
-        self.output_processor.abort(state.request_id, "error")
+        self.output_processor.abort(state.core_id, "error")
         state.queue.put_nowait(error)
         self.stat_logger.record_finished("error", time.monotonic() - state.arrival_time)
 
@@ -371,7 +382,7 @@ class AsyncLLM:
         for request_id in list(self._states):
             state = self._forget(request_id)
             if state is not None:
-                self.output_processor.abort(request_id, "error")
+                self.output_processor.abort(state.core_id, "error")
                 state.queue.put_nowait(error)
 
     async def _expire_queued(self) -> None:

@@ -1,0 +1,85 @@
+"""AsyncLLM against a scripted core (no process): the test decides what the core says, and when.
+tests/server/ runs it with a real core behind HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+from shardserve.config import EngineConfig
+from shardserve.engine import async_llm
+from shardserve.engine.async_llm import AsyncLLM
+from shardserve.engine.core_messages import (AbortRequests, CoreReady, CoreStepOutputs,
+                                             EngineCoreRequest)
+from shardserve.engine.outputs import EngineCoreOutput
+from shardserve.sampling_params import SamplingParams
+
+
+class ScriptedCore:
+    """Stands in for CoreProcClient: records what the front sends; recv() returns what the
+    test puts in `replies`, in order."""
+
+    def __init__(self, config, log_level) -> None:
+        self.sent: list = []
+        self.replies: asyncio.Queue = asyncio.Queue()
+        self.kill_reason = None
+        self.exitcode = None
+
+    async def start(self, on_exit) -> None:
+        self.replies.put_nowait(CoreReady(0, 1, {}))
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+    async def recv(self):
+        return await self.replies.get()
+
+    async def shutdown(self, timeout: float, loading: bool = False) -> None:
+        pass
+
+
+def test_a_reused_id_never_gets_the_cancelled_requests_outputs(tiny_model_dirs, monkeypatch):
+    """A client cancels and sends a new request under the same id at once. The core's outputs
+    for the old one that were already on their way (it had not seen the abort yet) must not
+    land on the new one, and the core must never get two requests under one id: it used to,
+    and the new request ended with the old one's tokens while the core kept both forever."""
+    monkeypatch.setattr(async_llm, "CoreProcClient", ScriptedCore)
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      max_model_len=64).resolve()
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    async def first_output(llm: AsyncLLM, core: ScriptedCore):
+        """Start a request under id "x"; the id the core got and the generator."""
+        gen = llm.generate({"prompt_token_ids": [5, 6]}, params, "x")
+        first = asyncio.ensure_future(anext(gen))
+        await asyncio.sleep(0)  # the request reaches the core
+        sent = core.sent[-1]
+        assert isinstance(sent, EngineCoreRequest)
+        return sent.request_id, gen, first
+
+    async def main() -> None:
+        llm = AsyncLLM(config)
+        await llm.start()
+        core = llm._core
+        try:
+            old_id, old, first = await first_output(llm, core)
+            core.replies.put_nowait(CoreStepOutputs([EngineCoreOutput(old_id, [7])], {}))
+            assert (await first).outputs[0].token_ids == [7]
+            await old.aclose()  # the client went away
+            assert core.sent[-1] == AbortRequests([old_id])
+
+            new_id, new, first = await first_output(llm, core)
+            # Sent by the core before it read the abort, read by the front only now.
+            core.replies.put_nowait(CoreStepOutputs(
+                [EngineCoreOutput(old_id, [8], finish_reason="length")], {}))
+            core.replies.put_nowait(CoreStepOutputs([EngineCoreOutput(new_id, [9])], {}))
+            out = await first
+            assert out.request_id == "x"
+            assert out.outputs[0].token_ids == [9] and not out.finished
+            assert new_id != old_id
+            await new.aclose()
+            assert core.sent[-1] == AbortRequests([new_id])
+            assert llm.num_unfinished_requests == 0 and not llm._by_core and not llm._by_child
+        finally:
+            await llm.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
