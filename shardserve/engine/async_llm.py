@@ -84,6 +84,7 @@ class AsyncLLM:
         self.dead_reason: str | None = None
         self.on_dead: Callable[[], None] | None = None  # the server's hook (exit later)
         self._shutting_down = False
+        self._stopping = False  # abort_all() was called: the server is going away
         self._states: dict[str, _RequestState] = {}
         self._by_core: dict[str, _RequestState] = {}
         self._by_child: dict[str, _RequestState] = {}
@@ -202,16 +203,25 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         """End a request from the front (client gone); its KV blocks are freed at once."""
+        state = self._drop(request_id)
+        if state is not None:
+            self.stat_logger.record_finished("abort", time.monotonic() - state.arrival_time)
+
+    def _drop(self, request_id: str) -> _RequestState | None:
+        """Forget a request and stop it in the core, recording nothing."""
         state = self._forget(request_id)
         if state is None:
-            return
+            return None
         self.output_processor.abort(state.core_id)
         self._send(AbortRequests(list(state.child_ids)))
-        self.stat_logger.record_finished("abort", time.monotonic() - state.arrival_time)
+        return state
 
     def abort_all(self, reason: str) -> None:
         """End every request now: each stream gets EngineDeadError(reason) and the core frees
-        their blocks (a server told to stop without waiting, e.g. by Ctrl-C)."""
+        their blocks (a server told to stop without waiting, e.g. by Ctrl-C). Later requests
+        are refused: one admitted by the server an instant before, or a beam search's next
+        step, would otherwise run on until the process exits under it."""
+        self._stopping = True
         children = [c for state in self._states.values() for c in state.child_ids]
         self._fail_all(EngineDeadError(reason))
         if children:
@@ -268,7 +278,7 @@ class AsyncLLM:
         OverloadedError (503) while it loads or drains."""
         if self.dead:
             raise EngineDeadError(f"The engine is dead ({self.dead_reason}); restart the server.")
-        if not self.ready or self._shutting_down:
+        if not self.ready or self._shutting_down or self._stopping:
             self.stat_logger.record_rejected("not_ready")
             raise OverloadedError("The model is still loading or the server is stopping; "
                                   "retry shortly.")
@@ -396,7 +406,8 @@ class AsyncLLM:
                 state = next(iter(self._unscheduled.values()))
                 if state.arrival_time > deadline:
                     break
-                self.abort(state.request_id)
+                # A rejection (num_requests_rejected), not a request that ran and was aborted.
+                self._drop(state.request_id)
                 self.stat_logger.record_rejected("queue_time")
                 state.queue.put_nowait(OverloadedError(
                     f"The server is overloaded: the request waited more than {limit:g} s "

@@ -5,8 +5,9 @@ Start-up: the port opens at once and the model loads in the background, so probe
 If loading fails the server exits 1.
 
 SIGTERM (Kubernetes' stop): /health turns 503 and new /v1 requests get 503 at once, requests
-in flight run to the end (up to --shutdown-timeout), then the engine stops and the process
-exits 0. A second SIGTERM, or SIGINT, stops without waiting.
+in flight run to the end (up to --shutdown-timeout; those still running then end with an
+error: a stream's error event and [DONE], or a 503), then the engine stops and the process
+exits 0. A second SIGTERM, or SIGINT, stops without waiting, ending requests the same way.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ from shardserve.server.serving_tokenize import detokenize, tokenize
 from shardserve.server.state import ServerState
 
 logger = logging.getLogger(__name__)
+
+# Once the server stops (drained, drain timed out, SIGINT, a second SIGTERM), how long uvicorn
+# waits for connections still open. Every generation request has been answered or aborted by
+# then, so what is left is quick (an error event being sent) or a client that stopped reading;
+# --shutdown-timeout again here would double the bound on the time to exit.
+_STOP_GRACE_S = 5
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -229,8 +236,14 @@ class _Server(uvicorn.Server):
         try:
             await asyncio.wait_for(self.state.idle.wait(), timeout)
         except asyncio.TimeoutError:
-            logger.warning("%d requests still in flight after %.0f s; stopping anyway",
+            logger.warning("%d requests still in flight after %g s; stopping anyway",
                            self.state.num_inflight, timeout)
+            # End them with an error now (a stream gets an error event and [DONE], the others
+            # a 503): left to uvicorn they would be cancelled mid-response, the connections
+            # dropped without an end and a traceback logged for each.
+            self.state.engine.abort_all(
+                f"The server is stopping: the request did not finish within the {timeout:g} s "
+                "of --shutdown-timeout.")
         self.should_exit = True
 
     def _fatal(self) -> None:
@@ -263,7 +276,7 @@ def run_server(args: argparse.Namespace, sock: socket.socket | None = None) -> i
                        API_KEY_ENV, server_args.port)
     uv_config = uvicorn.Config(build_app(state), host=server_args.host, port=server_args.port,
                                log_level=server_args.uvicorn_log_level, access_log=False,
-                               timeout_graceful_shutdown=int(max(server_args.shutdown_timeout, 1)),
+                               timeout_graceful_shutdown=_STOP_GRACE_S,
                                timeout_keep_alive=5)
     server = _Server(uv_config, state)
     print(f"shardserve {__version__}: serving {name} on http://{server_args.host}:"

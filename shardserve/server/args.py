@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,29 @@ def parse_port(text: str) -> int:
     return port
 
 
+def _seconds(text: str, positive: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds {'above' if positive else 'of at least'} 0, "
+            f"got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A time limit that must be above 0 (--max-queue-time 0 would refuse every request, and
+    its check would spin the event loop); leave the flag out for no limit."""
+    return _seconds(text, positive=True)
+
+
+def non_negative_seconds(text: str) -> float:
+    """A wait that may be 0 (--shutdown-timeout 0: abort what is in flight at once)."""
+    return _seconds(text, positive=False)
+
+
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     d = ServerArgs()
     g = parser.add_argument_group("server")
@@ -112,11 +136,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         f"and /dashboard/data (or set {API_KEY_ENV} or {VLLM_API_KEY_ENV}); "
                         "/health, /live, /version, /metrics and the /dashboard page itself stay "
                         "open")
-    g.add_argument("--max-queue-time", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--max-queue-time", type=positive_seconds, default=None, metavar="SECONDS",
                    help="a request not scheduled within this time gets 503 + Retry-After "
                         "(with --max-waiting-requests: graceful overload)")
-    g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="SECONDS",
-                   help="on SIGTERM, how long in-flight requests may take to finish")
+    g.add_argument("--shutdown-timeout", type=non_negative_seconds, default=d.shutdown_timeout,
+                   metavar="SECONDS", help="on SIGTERM, how long in-flight requests may take to "
+                   "finish; those still running then end with an error (0: at once)")
     g.add_argument("--exit-on-engine-death", type=float, default=d.exit_on_engine_death,
                    metavar="SECONDS", help="after the engine dies, exit with status 1 this many "
                    "seconds later (requests get 503 meanwhile); negative: keep running")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from shardserve.config import EngineConfig
 from shardserve.engine import async_llm
 from shardserve.engine.async_llm import AsyncLLM
 from shardserve.engine.core_messages import (AbortRequests, CoreReady, CoreStepOutputs,
                                              EngineCoreRequest)
 from shardserve.engine.outputs import EngineCoreOutput
+from shardserve.errors import OverloadedError
 from shardserve.sampling_params import SamplingParams
 
 
@@ -83,3 +86,17 @@ def test_a_reused_id_never_gets_the_cancelled_requests_outputs(tiny_model_dirs, 
             await llm.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_abort_all_refuses_later_requests(tiny_model_dirs):
+    """After abort_all (the server stopping without waiting) nothing new may start: a request
+    the server admitted an instant before, or a beam search's next step, would otherwise run
+    on until the process exits under it, cut off mid-response."""
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      max_model_len=64, kv_cache_memory_bytes=1 << 20).resolve()
+    llm = AsyncLLM(config)
+    llm.ready = True  # as after start(); no request is in flight, so no core is needed
+    llm.check_started()
+    llm.abort_all("The server is stopping.")
+    with pytest.raises(OverloadedError, match="stopping"):
+        llm.check_started()

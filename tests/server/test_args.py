@@ -82,3 +82,27 @@ def test_cors_flags_reach_the_router():
     assert pre.status_code == 200
     assert pre.headers["access-control-allow-origin"] == "https://app.example"
     assert _preflight(app, "https://evil.example")[0].status_code == 400
+
+
+@pytest.mark.parametrize("argv,message", [
+    # 0 would refuse every request, its expiry check spinning the event loop at full CPU.
+    (["--max-queue-time", "0"], "above 0"),
+    (["--max-queue-time", "-1"], "above 0"),
+    (["--max-queue-time", "nan"], "finite"),
+    (["--shutdown-timeout", "-5"], "at least 0"),
+    (["--shutdown-timeout", "inf"], "finite"),
+    (["--shutdown-timeout", "soon"], "not a number"),
+])
+def test_time_limits_out_of_range_are_refused_when_parsed(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["serve", "--model", "m", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[0] in err and message in err, err
+
+
+def test_time_limits_in_range_are_kept():
+    args = build_parser().parse_args(["serve", "--model", "m", "--max-queue-time", "0.5",
+                                      "--shutdown-timeout", "0"])
+    server_args = ServerArgs.from_namespace(args)
+    assert (server_args.max_queue_time, server_args.shutdown_timeout) == (0.5, 0.0)

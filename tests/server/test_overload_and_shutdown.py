@@ -121,6 +121,7 @@ def test_queue_time_limit_gets_503(server):
     long_streams = [Stream(server, 1500) for _ in range(2)]
     assert all(s.started.wait(60) for s in long_streams)
     # Both slots (--max-num-seqs 2) are busy for a long time: this one waits, then gives up.
+    aborted_before = server.metric("shardserve:request_success_total", finished_reason="abort")
     start = time.monotonic()
     r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
                    timeout=60)
@@ -129,6 +130,9 @@ def test_queue_time_limit_gets_503(server):
     assert r.headers["retry-after"].isdigit() and "max-queue-time" in r.json()["error"]["message"]
     assert 2.5 < elapsed < 15
     assert server.metric("shardserve:num_requests_rejected_total", reason="queue_time") >= 1
+    # Counted as rejected, not also as a request that finished by being aborted.
+    assert server.metric("shardserve:request_success_total",
+                         finished_reason="abort") == aborted_before
     assert all(s.thread.is_alive() and s.status == 200 for s in long_streams)  # undisturbed
     for s in long_streams:
         s.cancel.set()
@@ -154,6 +158,39 @@ def test_sigterm_lets_streams_finish_then_exits_0(server):
         s.thread.join(120)
         assert (s.status, s.chunks, s.finish, s.done) == (200, 200, "length", True)
     assert server.proc.wait(60) == 0
+
+
+def test_sigterm_past_the_shutdown_timeout_ends_what_is_left_with_an_error(tmp_path,
+                                                                          tiny_llama_dir):
+    """What has not finished when --shutdown-timeout runs out is aborted: streams get an error
+    event and [DONE], a non-streaming request a 503 (they were cut by uvicorn mid-response,
+    the connections dropped with no end and a traceback logged for each), and the process
+    exits 0 without waiting the timeout a second time."""
+    server = start_server(tmp_path, "--max-model-len", "2048", "--shutdown-timeout", "1",
+                          model=tiny_llama_dir, api_key=None)
+    try:
+        streams = [Stream(server, 2000) for _ in range(2)]
+        assert all(s.started.wait(60) for s in streams)
+        plain: list[httpx.Response] = []
+        thread = threading.Thread(target=lambda: plain.append(httpx.post(
+            f"{server.base_url}/v1/completions", timeout=120,
+            json={"prompt": "hi", "max_tokens": 2000, "ignore_eos": True})))
+        thread.start()
+        time.sleep(0.5)  # the non-streaming request is in flight
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for s in streams:
+            s.thread.join(30)
+            assert s.status == 200 and s.done and s.finish is None and s.chunks < 2000
+            assert "--shutdown-timeout" in s.error["message"], s.error
+        thread.join(30)
+        assert plain[0].status_code == 503, plain[0].text
+        assert "--shutdown-timeout" in plain[0].json()["error"]["message"]
+        assert server.proc.wait(30) == 0
+        assert time.monotonic() - start < 15, server.log_tail()
+        assert "Traceback" not in server.log_tail(100_000), server.log_tail()
+    finally:
+        server.stop()
 
 
 def test_sigint_ends_streams_at_once_and_exits(tmp_path, tiny_llama_dir):
