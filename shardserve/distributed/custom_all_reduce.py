@@ -47,8 +47,6 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 import torch.distributed as dist
 
-from shardserve.kernels.all_reduce_rms_norm import region_bytes
-
 if TYPE_CHECKING:
     from shardserve.distributed.parallel_state import GroupCoordinator
 
@@ -214,6 +212,9 @@ class CustomAllReduce:
             _log_off(group, reason, logging.INFO)
             return None
 
+        # Imported here: the kernels' modules pick Triton's mode (GPU or interpreter) when
+        # first imported, which importing this module must not decide.
+        from shardserve.kernels.all_reduce_rms_norm import region_bytes
         if one_shot_max_bytes is None:
             one_shot_max_bytes = ONE_SHOT_MAX_BYTES[group.world_size]
         # The fused all-reduce + RMSNorm's own region: messages up to the one-shot size.
