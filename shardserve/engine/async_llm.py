@@ -126,7 +126,7 @@ class AsyncLLM:
         if self._shutting_down:
             return
         self._shutting_down = True
-        self._fail_all(EngineDeadError("The server is shutting down."))
+        self._fail_all(EngineDeadError("The server is shutting down."), "abort")
         for task in self._tasks:  # stop reading before the sockets close under the reader
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -223,7 +223,7 @@ class AsyncLLM:
         step, would otherwise run on until the process exits under it."""
         self._stopping = True
         children = [c for state in self._states.values() for c in state.child_ids]
-        self._fail_all(EngineDeadError(reason))
+        self._fail_all(EngineDeadError(reason), "abort")
         if children:
             self._send(AbortRequests(children))
 
@@ -388,12 +388,16 @@ class AsyncLLM:
         state.queue.put_nowait(error)
         self.stat_logger.record_finished("error", time.monotonic() - state.arrival_time)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: Exception, finish_reason: str = "error") -> None:
+        """End every request with `error`, counted in request_success as finish_reason:
+        "error" when the engine died, "abort" when the server stops without waiting."""
+        now = time.monotonic()
         for request_id in list(self._states):
             state = self._forget(request_id)
             if state is not None:
                 self.output_processor.abort(state.core_id, "error")
                 state.queue.put_nowait(error)
+                self.stat_logger.record_finished(finish_reason, now - state.arrival_time)
 
     async def _expire_queued(self) -> None:
         """Turn away requests that waited longer than max_queue_time without being scheduled."""

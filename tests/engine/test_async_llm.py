@@ -100,3 +100,41 @@ def test_abort_all_refuses_later_requests(tiny_model_dirs):
     llm.abort_all("The server is stopping.")
     with pytest.raises(OverloadedError, match="stopping"):
         llm.check_started()
+
+
+def test_requests_ended_all_at_once_are_counted(tiny_model_dirs, monkeypatch):
+    """Engine death fails every request in flight: each counts in request_success as "error"
+    (it used to count nowhere); a server stopping without waiting counts them as "abort"."""
+    from shardserve.engine.stat_logger import StatLogger
+
+    class Recording(StatLogger):
+        def __init__(self):
+            self.finished: list[str] = []
+
+        def record_finished(self, finish_reason, e2e_latency):
+            self.finished.append(finish_reason)
+
+    monkeypatch.setattr(async_llm, "CoreProcClient", ScriptedCore)
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      max_model_len=64).resolve()
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    async def run(end) -> list[str]:
+        stats = Recording()
+        llm = AsyncLLM(config, stat_logger=stats)
+        await llm.start()
+        try:
+            gens = [llm.generate({"prompt_token_ids": [5, 6]}, params) for _ in range(2)]
+            firsts = [asyncio.ensure_future(anext(g)) for g in gens]
+            await asyncio.sleep(0)
+            end(llm)
+            for first in firsts:
+                with pytest.raises(Exception, match="dead|stopping"):
+                    await first
+        finally:
+            await llm.shutdown()
+        return stats.finished
+
+    assert asyncio.run(run(lambda llm: llm._mark_dead("killed"))) == ["error", "error"]
+    assert asyncio.run(run(lambda llm: llm.abort_all("The server is stopping."))) == [
+        "abort", "abort"]
