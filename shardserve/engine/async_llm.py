@@ -257,7 +257,8 @@ class AsyncLLM:
         for r in requests:
             self._by_child[r.request_id] = state
             self._send(EngineCoreRequest(r.request_id, r.prompt_token_ids, r.sampling_params,
-                                         sorted(r.eos_token_ids), r.arrival_time, r.max_tokens))
+                                         sorted(r.eos_token_ids), r.arrival_time, r.max_tokens,
+                                         r.primary_eos_token_id))
         return state
 
     def _queue_full(self) -> bool:

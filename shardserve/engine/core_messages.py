@@ -29,6 +29,7 @@ class EngineCoreRequest:
     eos_token_ids: list[int]
     arrival_time: float  # time.monotonic() of the front; CLOCK_MONOTONIC is host-wide
     max_tokens: int  # the effective output limit (max_tokens clamped to the context)
+    primary_eos_token_id: int | None = None  # the tokenizer's EOS (see Request)
 
 
 @dataclass

@@ -240,7 +240,8 @@ class EngineCoreProc:
         if isinstance(message, EngineCoreRequest):
             request = Request(message.request_id, message.prompt_token_ids,
                               message.sampling_params, frozenset(message.eos_token_ids),
-                              message.arrival_time, message.max_tokens)
+                              message.arrival_time, message.max_tokens,
+                              message.primary_eos_token_id)
             self._live[request.request_id] = request
             self._unscheduled.add(request.request_id)
             self.core.add_request(request)

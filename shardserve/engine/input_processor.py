@@ -30,6 +30,8 @@ class InputProcessor:
         self.max_model_len = config.model_config.max_model_len
         self.vocab_size = int(config.model_config.hf_config.vocab_size)
         self.eos_token_ids = frozenset(eos_token_ids)
+        primary = getattr(tokenizer, "eos_token_id", None)
+        self.primary_eos_token_id = int(primary) if isinstance(primary, int) else None
         self._ids = itertools.count()
 
     def next_request_id(self) -> str:
@@ -136,7 +138,7 @@ class InputProcessor:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         return [Request(child_request_id(request_id, i, params.n), prompt.prompt_token_ids,
                         params.for_child(i) if params.n > 1 else params,
-                        self.eos_token_ids, arrival_time, max_tokens)
+                        self.eos_token_ids, arrival_time, max_tokens, self.primary_eos_token_id)
                 for i in range(params.n)]
 
 

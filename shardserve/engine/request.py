@@ -42,11 +42,14 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset(), arrival_time: float | None = None,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, primary_eos_token_id: int | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids  # the tokenizer's EOS plus generation_config's
+        # The tokenizer's own EOS: stopping on it leaves stop_reason None; on any other of
+        # eos_token_ids, stop_reason is the id (vLLM treats those as stop_token_ids).
+        self.primary_eos_token_id = primary_eos_token_id
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         # The effective output limit (max_tokens, or what is left of max_model_len).
         self.max_tokens = max_tokens if max_tokens is not None else (sampling_params.max_tokens or 1)

@@ -284,6 +284,8 @@ class Scheduler:
         if num_outputs >= params.min_tokens:
             if token in request.eos_token_ids and not params.ignore_eos:
                 request.status = RequestStatus.FINISHED_STOPPED
+                if token != request.primary_eos_token_id:
+                    request.stop_reason = token  # a generation_config EOS: vLLM's stop token
                 return True
             if token in params.stop_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED

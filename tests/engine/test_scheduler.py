@@ -25,7 +25,7 @@ def req(rid, n_prompt, start=10, **params) -> Request:
     params.setdefault("max_tokens", 8)
     params.setdefault("ignore_eos", False)
     return Request(rid, list(range(start, start + n_prompt)), SamplingParams(**params),
-                   frozenset({EOS}), max_tokens=params["max_tokens"])
+                   frozenset({EOS}), max_tokens=params["max_tokens"], primary_eos_token_id=EOS)
 
 
 def fake_run(out: SchedulerOutput, sched: Scheduler, token=7) -> ModelRunnerOutput:
@@ -188,3 +188,17 @@ def test_every_step_respects_the_budget(budget):
     _, steps = run_to_completion(sched, max_steps=500)
     assert all(0 < s.total_num_scheduled_tokens <= budget for s in steps if not s.is_empty)
     assert not sched.has_unfinished_requests()
+
+
+def test_a_generation_config_eos_is_the_stop_reason_the_tokenizers_is_not():
+    """As vLLM: the tokenizer's EOS ends a request with stop_reason None; the other EOS ids
+    (generation_config's, e.g. Llama-3's <|end_of_text|> beside <|eot_id|>) act as stop
+    token ids, so stop_reason names the one that ended it."""
+    for token, reason in ((EOS, None), (9, 9)):
+        sched = make_scheduler()
+        request = req("r", 5, max_tokens=10)
+        request.eos_token_ids = frozenset({EOS, 9})
+        sched.add_request(request)
+        outputs, _ = run_to_completion(sched, token=token)
+        final = [o for o in outputs if o.finish_reason][0]
+        assert (final.finish_reason, final.stop_reason) == ("stop", reason)

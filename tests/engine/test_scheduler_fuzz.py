@@ -206,7 +206,7 @@ def run(cfg: dict, num_blocks: int, specs: list[Spec], max_steps: int = 3000) ->
             assert s.rid not in sched.requests
             live[s.rid] = s
             sched.add_request(Request(s.rid, s.prompt, s.params, frozenset({EOS}),
-                                      max_tokens=s.params.max_tokens))
+                                      max_tokens=s.params.max_tokens, primary_eos_token_id=EOS))
         if not pending and not sched.has_unfinished_requests() and not queue:
             break
         scheduled = False
