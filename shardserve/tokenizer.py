@@ -33,6 +33,9 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | os.PathLike[str] |
     from transformers import AutoTokenizer
 
     kind, path = _tokenizer_location(source, tokenizer_path)
+    if kind == "gguf":
+        from shardserve.loader.gguf_file import first_split_part
+        path = first_split_part(path)  # of a split model, only the first part has a tokenizer
     _check_has_tokenizer(kind, path)
     try:
         if kind == "gguf":
@@ -202,8 +205,9 @@ def _tokenizer_location(source: ModelSource,
         if any((path / name).is_file() for name in _TOKENIZER_FILES):
             return "hf", path
         ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return "gguf", ggufs[0]
+        from shardserve.loader.gguf_file import split_part_paths
+        if len(ggufs) == 1 or set(ggufs) <= set(split_part_paths(ggufs[0]) or ()):
+            return "gguf", ggufs[0]  # the one GGUF, or the first part of one split model
         raise ModelLoadError(f"--tokenizer {str(tokenizer_path)!r} holds no tokenizer; {hint}")
     raise ModelLoadError(f"--tokenizer {str(tokenizer_path)!r} does not exist; {hint}")
 

@@ -44,11 +44,16 @@ from shardserve.loader.gguf_file import GGUFFile, GGUFTensorInfo
 
 # Every type a llama.cpp quantization mix may hold. The mixes fall back per tensor: rows not a
 # multiple of 256 (SmolLM2's 576) cannot take K-quants, so a Q4_K_M file also carries Q5_0 and
-# Q8_0, a Q5_K_M Q5_1, and Q2_K/Q3_K/IQ mixes IQ4_NL.
+# Q8_0, a Q5_K_M Q5_1, and Q2_K/Q3_K/IQ mixes IQ4_NL. IQ1_M is the bulk of IQ1_M files (unsloth's
+# and bartowski's smallest), MXFP4 the experts of MXFP4_MOE files (Qwen3-MoE among them).
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = tuple(GGMLQuantizationType[t] for t in (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-    "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S"))
+    "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M",
+    "MXFP4"))
 _SUPPORTED_IDS = frozenset(int(t) for t in SUPPORTED_TENSOR_TYPES)
+_SUPPORTED_HINT = (f"Supported types: {', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}. Use a "
+                   "file of another quantization (e.g. Q8_0 or Q4_K_M), or re-quantize this one "
+                   "with llama.cpp's llama-quantize.")
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -106,6 +111,7 @@ def gguf_config(path: str | os.PathLike[str]) -> Any:
 
     gguf_file = GGUFFile(path)
     arch = _check_architecture(gguf_file)
+    _check_tensor_types(gguf_file)
 
     def key(name: str, default: Any = None, required: bool = False) -> Any:
         value = gguf_file.get(f"{arch}.{name}", default)
@@ -303,13 +309,28 @@ def _check_architecture(gguf_file: GGUFFile) -> str:
     return arch
 
 
+def _check_tensor_types(gguf_file: GGUFFile) -> None:
+    """UnsupportedModelError naming every tensor type we cannot dequantize, read off the header
+    when the config is built: before any worker starts or weight loads, rather than at the first
+    such tensor, which in a big file may come minutes into loading."""
+    unsupported: dict[str, list[str]] = {}
+    for info in gguf_file.tensors.values():
+        if info.ggml_type not in _SUPPORTED_IDS:
+            unsupported.setdefault(info.type_name, []).append(info.name)
+    if unsupported:
+        found = "; ".join(f"{kind} ({names[0]!r}" + (f" and {len(names) - 1} more)"
+                                                    if len(names) > 1 else ")")
+                          for kind, names in unsupported.items())
+        raise UnsupportedModelError(
+            f"GGUF file {gguf_file.path} holds tensor types shardserve cannot dequantize: "
+            f"{found}. {_SUPPORTED_HINT}")
+
+
 def _dequantize(gguf_file: GGUFFile, info: GGUFTensorInfo) -> torch.Tensor:
     if info.ggml_type not in _SUPPORTED_IDS:
-        supported = ", ".join(t.name for t in SUPPORTED_TENSOR_TYPES)
         raise UnsupportedModelError(
             f"GGUF tensor {info.name!r} in {gguf_file.path} has type {info.type_name}, which "
-            f"shardserve cannot dequantize; supported types: {supported}. Re-quantize the model "
-            "with llama.cpp's llama-quantize to one of those (e.g. Q8_0 or Q4_K_M).")
+            f"shardserve cannot dequantize. {_SUPPORTED_HINT}")
     values = dequantize(gguf_file.raw(info), GGMLQuantizationType(info.ggml_type))
     # F32 comes back as a read-only view of the file map; every type gets its own float32 copy.
     return torch.from_numpy(np.array(values, dtype=np.float32, copy=True).reshape(info.shape))

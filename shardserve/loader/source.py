@@ -72,7 +72,7 @@ def resolve_model_source(model: str | os.PathLike | None,
             raise ModelLoadError(
                 f"{str(model)!r} is a file but not a .gguf file; pass a .gguf file or a "
                 "Hugging Face model folder.")
-        return ModelSource("gguf", path.resolve(), path.stem)
+        return ModelSource("gguf", path.resolve(), _gguf_model_name(path))
     ggufs = sorted(path.glob("*.gguf"))
     if (path / "config.json").is_file():
         no_weights = weights_needed and not any(path.glob("*.safetensors"))
@@ -100,9 +100,22 @@ def resolve_model_source(model: str | os.PathLike | None,
 
 
 def _gguf_in_folder(model: str | os.PathLike, ggufs: list[Path]) -> ModelSource:
-    """The one .gguf of a folder, or ModelLoadError asking which one to serve."""
-    if len(ggufs) > 1:
+    """The one .gguf of a folder (or the first part of its one split model), or ModelLoadError
+    asking which one to serve."""
+    from shardserve.loader.gguf_file import split_part_paths
+
+    parts = split_part_paths(ggufs[0])
+    if len(ggufs) > 1 and not (parts and set(ggufs) <= set(parts)):
         raise ModelLoadError(
             f"{str(model)!r} holds several .gguf files ({', '.join(p.name for p in ggufs)}); "
-            "pass the one to serve.")
-    return ModelSource("gguf", ggufs[0].resolve(), ggufs[0].stem)
+            "pass the one to serve (of a model split into parts, the first part).")
+    return ModelSource("gguf", ggufs[0].resolve(), _gguf_model_name(ggufs[0]))
+
+
+def _gguf_model_name(path: Path) -> str:
+    """The file's name without .gguf, or, for a part of a split model, without -0000K-of-0000N
+    too: the model's name, whichever part was passed."""
+    from shardserve.loader.gguf_file import split_part_paths
+
+    parts = split_part_paths(path)
+    return path.stem if parts is None else parts[0].stem.rsplit("-", 3)[0]

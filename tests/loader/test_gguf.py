@@ -99,8 +99,10 @@ def test_include_skips_tensors(smollm2_gguf):
 
 # What quantization may lose, as a share of the largest magnitude (scales are per block, the
 # bound uses the global maximum so it is loose but safe).
+# MXFP4's largest level is 6 steps of a power-of-two scale that may leave the block's maximum
+# just under 8 steps: a quarter of it.
 _ROUND_TRIP_LOSS = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 8e-3, Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 8, Q.Q4_1: 1 / 15,
-                    Q.Q5_0: 1 / 16, Q.Q5_1: 1 / 31}
+                    Q.Q5_0: 1 / 16, Q.Q5_1: 1 / 31, Q.MXFP4: 1 / 4}
 
 
 @pytest.mark.parametrize("qtype", list(_ROUND_TRIP_LOSS), ids=lambda q: q.name)
@@ -120,13 +122,22 @@ def test_round_trip_through_a_gguf_file(tmp_path, qtype):
 # Where each block keeps its fp16 super-block scales: d (and dmin), or d alone.
 _SCALE_BYTES = {Q.Q2_K: (80, 84), Q.Q3_K: (108, 110), Q.Q4_K: (0, 4), Q.Q5_K: (0, 4), Q.Q6_K: (208, 210)}
 _BLOCK_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_S, Q.IQ3_XXS,
-                Q.IQ2_S, Q.IQ2_XS, Q.IQ2_XXS, Q.IQ1_S]
+                Q.IQ2_S, Q.IQ2_XS, Q.IQ2_XXS, Q.IQ1_S, Q.IQ1_M]
 
 
 def _random_blocks(qtype: Q, num_rows: int, row_len: int, rng: np.random.Generator) -> np.ndarray:
     """Random K-quant bytes with sane fp16 super-block scales (random bits could be inf/NaN)."""
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (num_rows * row_len // block_size, type_size), dtype=np.uint8)
+    if qtype == Q.IQ1_M:
+        # IQ1_M keeps no d field: d's 16 bits are the top nibbles of the four u16 words of the
+        # block scales (its last 8 bytes), lowest nibble first.
+        d = rng.uniform(1e-3, 1e-2, blocks.shape[0]).astype(np.float16).view(np.uint16)
+        words = blocks[:, -8:].copy().view(np.uint16)
+        for i in range(4):
+            words[:, i] = (words[:, i] & 0x0FFF) | (((d >> (4 * i)) & 0xF) << 12)
+        blocks[:, -8:] = words.view(np.uint8)
+        return blocks.reshape(num_rows, -1)
     scale_bytes = _SCALE_BYTES.get(qtype, (0, 2))  # the IQ types start with d
     scales = rng.uniform(1e-3, 1e-2, (blocks.shape[0], (scale_bytes[1] - scale_bytes[0]) // 2))
     blocks[:, scale_bytes[0]:scale_bytes[1]] = scales.astype(np.float16).view(np.uint8)
@@ -149,6 +160,21 @@ def test_block_quants_match_an_independent_dequantizer(tmp_path, qtype):
     assert torch.isfinite(loaded).all() and loaded.abs().max() > 0
 
 
+def test_mxfp4_matches_the_ocp_microscaling_format(tmp_path):
+    # No independent MXFP4 dequantizer is installed, so decode the OCP MX spec by hand: blocks
+    # of 32 FP4 (E2M1) values sharing one E8M0 scale byte 2^(e - 127), the first 16 values in
+    # the low nibbles of the 16 data bytes and the last 16 in the high ones.
+    rng = np.random.default_rng(6)
+    raw = rng.integers(0, 256, (64 * HIDDEN // 32, 17), dtype=np.uint8)
+    raw[:, 0] = rng.integers(120, 134, raw.shape[0])  # scales 2^-7 .. 2^6
+    path = write_gguf(tmp_path / "mx.gguf", {"blk.0.ffn_down.weight": (raw.reshape(64, -1), Q.MXFP4)})
+    [(_, loaded)] = list(iter_gguf_weights(path))
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+    nibbles = np.concatenate([raw[:, 1:] & 0xF, raw[:, 1:] >> 4], axis=1)
+    expected = e2m1[nibbles] * np.exp2(raw[:, :1].astype(np.float64) - 127)
+    assert np.array_equal(loaded.numpy(), expected.reshape(64, HIDDEN).astype(np.float32))
+
+
 def test_q_and_k_rows_are_unpermuted(tmp_path):
     rng = np.random.default_rng(2)
     q = rng.standard_normal((HEADS * HEAD_DIM, HIDDEN), dtype=np.float32)
@@ -167,12 +193,21 @@ def test_every_supported_type_is_checked_here():
 
 def test_unsupported_tensor_type_names_tensor_and_types(tmp_path):
     up = np.random.default_rng(3).standard_normal((512, HIDDEN), dtype=np.float32)
-    path = write_gguf(tmp_path / "tq.gguf", {"blk.0.ffn_up.weight": (quantize(up, Q.TQ2_0), Q.TQ2_0)})
-    with pytest.raises(UnsupportedModelError) as err:
-        list(iter_gguf_weights(path))
-    message = str(err.value)
-    assert "blk.0.ffn_up.weight" in message and "TQ2_0" in message
-    assert all(t.name in message for t in SUPPORTED_TENSOR_TYPES)
+    path = write_gguf(tmp_path / "tq.gguf", {"blk.0.ffn_up.weight": (quantize(up, Q.TQ2_0), Q.TQ2_0),
+                                             "blk.0.ffn_down.weight": (quantize(up, Q.TQ2_0), Q.TQ2_0),
+                                             "blk.0.ffn_gate.weight": (up, None)},
+                      llama__vocab_size=100)
+    # gguf_config reads the types off the header, so the server refuses the file before it
+    # builds a model or loads a tensor; the loader still checks each tensor it dequantizes.
+    for load in (gguf_config, lambda p: list(iter_gguf_weights(p))):
+        with pytest.raises(UnsupportedModelError) as err:
+            load(path)
+        message = str(err.value)
+        assert "'blk.0.ffn_up.weight'" in message and "TQ2_0" in message and "F32" in message
+        assert all(t.name in message for t in SUPPORTED_TENSOR_TYPES)
+        assert "llama-quantize" in message
+    assert "TQ2_0 ('blk.0.ffn_up.weight' and 1 more)" in str(
+        pytest.raises(UnsupportedModelError, gguf_config, path).value)
 
 
 @pytest.mark.parametrize("arch", ["phi3", "gemma", "mixtral", "gpt2"])
@@ -290,11 +325,18 @@ def test_truncated_file_is_a_clear_error(tmp_path):
             load(cut)
 
 
-def test_split_gguf_is_refused_naming_the_merge(tmp_path):
-    # llama.cpp's gguf-split (and convert_hf_to_gguf --split-max-tensors) writes
-    # name-00001-of-00002.gguf parts; each part alone lacks tensors.
-    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama", split_max_tensors=1)
+def _write_split_gguf(folder: Path) -> list[Path]:
+    """Two parts as llama.cpp's gguf-split writes them (one tensor each), with a tokenizer and a
+    chat template in the first part's metadata."""
+    writer = gguf.GGUFWriter(str(folder / "m.gguf"), "llama", split_max_tensors=1)
     writer.add_block_count(1)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b", "ab", "<s>"])
+    writer.add_token_types([1, 1, 1, 3])
+    writer.add_token_merges(["a b"])
+    writer.add_bos_token_id(3)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     rng = np.random.default_rng(5)
     for name in ("blk.0.ffn_up.weight", "blk.0.ffn_down.weight"):
         writer.add_tensor(name, rng.standard_normal((8, 32), dtype=np.float32))
@@ -302,7 +344,31 @@ def test_split_gguf_is_refused_naming_the_merge(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    for part in (1, 2):
-        path = tmp_path / f"m-0000{part}-of-00002.gguf"
-        with pytest.raises(ModelLoadError, match=f"part {part} of a GGUF split into 2 files.*--merge"):
-            gguf_config(path)
+    return [folder / f"m-0000{part}-of-00002.gguf" for part in (1, 2)]
+
+
+def test_split_gguf_tokenizer_and_template_come_from_the_first_part(tmp_path):
+    # Only the first part carries the tokenizer: given the second, it is still found there.
+    from shardserve.loader.source import ModelSource
+    from shardserve.tokenizer import load_tokenizer, render_chat_template
+
+    first, second = _write_split_gguf(tmp_path)
+    assert GGUFFile(second).path == first and set(GGUFFile(second).tensors) == {
+        "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"}
+    for tokenizer in (load_tokenizer(ModelSource("gguf", second, "m")),
+                      load_tokenizer(ModelSource("gguf", first, "m"), tokenizer_path=tmp_path)):
+        assert tokenizer.encode("ab") == [3, 2]  # the file's add_bos_token
+        assert render_chat_template(tokenizer, [{"role": "user", "content": "ab"}]) == "[ab]"
+
+
+def test_split_gguf_with_a_missing_or_renamed_part_is_a_clear_error(tmp_path):
+    first, second = _write_split_gguf(tmp_path)
+    second.unlink()
+    with pytest.raises(ModelLoadError, match=r"part 1 of a GGUF split into 2 files, and 1 of "
+                       r"them is missing: .*m-00002-of-00002.gguf. Download every part"):
+        gguf_config(first)
+    renamed = tmp_path / "model.gguf"
+    first.rename(renamed)
+    with pytest.raises(ModelLoadError, match="part 1 of a GGUF split into 2 files, but its name "
+                       "does not end in -0000K-of-0000N.gguf.*--merge"):
+        gguf_config(renamed)

@@ -81,11 +81,13 @@ def _stored(gguf_name: str, array: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q 
 
 
 def write_gguf_like_llama_cpp(model: Any, path: Path, qtype: Q = Q.F32,
-                              split_kv_b: bool = True) -> Path:
+                              split_kv_b: bool = True, split_max_tensors: int = 0) -> Path:
     """What convert_hf_to_gguf.py writes for this transformers model: its hyperparameters and
     rope scaling as metadata, llama's q/k rows permuted, tied embeddings without output.weight,
     experts stacked, DeepSeek's kv_b_proj split into attn_k_b/attn_v_b (split_kv_b, as current
-    converters do) or not (older ones), matrices quantized to `qtype` and 1-D tensors in F32.
+    converters do) or not (older ones), matrices quantized to `qtype` and 1-D tensors in F32;
+    with split_max_tensors, in parts NAME-0000K-of-0000N.gguf of that many tensors each
+    (--split-max-tensors; the first part is returned).
 
     Afterwards `model` holds the values the file holds (each quantized weight replaced by its
     dequantized self), so it is the float32 reference for the file. Quantization works row by
@@ -95,7 +97,7 @@ def write_gguf_like_llama_cpp(model: Any, path: Path, qtype: Q = Q.F32,
     arch = _GGUF_ARCH.get(config.model_type, config.model_type)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -116,6 +118,8 @@ def write_gguf_like_llama_cpp(model: Any, path: Path, qtype: Q = Q.F32,
         writer.add_rope_scaling_factor(rope["factor"])
     if rope["rope_type"] == "yarn":
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if rope["rope_type"] == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_freqs(rope, head_dim))
     if arch in ("qwen2moe", "qwen3moe"):
         _add_moe_metadata(writer, config, arch)
     for name, array in _hf_tensors(model):
@@ -141,7 +145,18 @@ def write_gguf_like_llama_cpp(model: Any, path: Path, qtype: Q = Q.F32,
     writer.close()
     if qtype != Q.F32:
         _round_trip_in_place(model, qtype, split_kv_b)
-    return path
+    return writer.format_shard_names(path)[0]
+
+
+def _llama3_rope_freqs(rope: dict[str, Any], head_dim: int) -> np.ndarray:
+    """LlamaModel.generate_extra_tensors: Llama-3.1 rope scaling as one factor per frequency."""
+    original, factor = rope["original_max_position_embeddings"], rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    wavelen = 2 * np.pi * rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    smooth = (original / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0,
+                    np.where(wavelen > original / low, factor, between)).astype(np.float32)
 
 
 def _add_deepseek_metadata(writer: gguf.GGUFWriter, config: Any) -> None:
@@ -214,7 +229,9 @@ def _round_trip_in_place(model: Any, qtype: Q, split_kv_b: bool) -> None:
         param.copy_(torch.from_numpy(_round_trip(gguf_name, array, qtype)))
 
 
-_NAMES = ["llama", "llama_bias", "llama_rope_linear", "llama_rope_yarn", "qwen2", "qwen3", "qwen3_kv1"]
+# llama_rope_llama3_wide: a rope_freqs tensor instead of metadata, as for Llama-3.1/3.2.
+_NAMES = ["llama", "llama_bias", "llama_rope_linear", "llama_rope_yarn", "llama_rope_llama3_wide",
+          "qwen2", "qwen3", "qwen3_kv1"]
 
 
 @pytest.mark.parametrize("name", _NAMES)
@@ -223,9 +240,17 @@ def test_float32_gguf_matches_the_model_it_came_from(name: str, tmp_path: Path) 
     path = write_gguf_like_llama_cpp(hf, tmp_path / "m.gguf")
     config = gguf_config(path)
     for field in ("model_type", "architectures", "vocab_size", "hidden_size", "num_attention_heads",
-                  "num_key_value_heads", "rope_parameters", "tie_word_embeddings"):
+                  "num_key_value_heads", "tie_word_embeddings"):
         assert getattr(config, field) == getattr(hf.config, field), field
     assert head_dim_of(config) == head_dim_of(hf.config)
+    rope = hf.config.rope_parameters
+    if rope["rope_type"] == "llama3":
+        # rope_freqs fixes only the ratios of the context and the two thresholds: the loader
+        # states them for Llama 3.1's context of 8192 (the same ramp; the logits check it).
+        assert {k: config.rope_parameters[k] for k in ("rope_type", "rope_theta", "factor")} \
+            == {k: rope[k] for k in ("rope_type", "rope_theta", "factor")}
+    else:
+        assert config.rope_parameters == rope
     input_ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(3))
     assert_close_logits(our_logits(load_ours(path), input_ids), hf_logits(hf, input_ids))
 
@@ -241,6 +266,28 @@ def test_quantized_gguf_matches_transformers_loading_it(name: str, tmp_path: Pat
                                                      dtype=torch.float32).eval()
     input_ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(4))
     assert_close_logits(our_logits(load_ours(path), input_ids), hf_logits(reference, input_ids))
+
+
+def test_split_gguf_loads_from_any_part(tmp_path: Path) -> None:
+    """A model in three parts (gguf-split's NAME-0000K-of-00003.gguf), served from whichever part
+    or the folder: every part's tensors, the first part's metadata, transformers' logits."""
+    from shardserve.loader.source import resolve_model_source
+
+    hf = save_tiny_checkpoint("llama", tmp_path / "hf")
+    (tmp_path / "gguf").mkdir()
+    first = write_gguf_like_llama_cpp(hf, tmp_path / "gguf" / "m.gguf", Q.Q8_0, split_max_tensors=12)
+    parts = sorted((tmp_path / "gguf").iterdir())
+    assert [p.name for p in parts] == [f"m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert first == parts[0]
+    expected = len(hf.state_dict())
+    for part in parts:
+        assert num_gguf_weights(part) == expected
+        assert gguf_config(part).num_hidden_layers == hf.config.num_hidden_layers
+    source = resolve_model_source(str(tmp_path / "gguf"))
+    assert (source.path, source.name) == (parts[0], "m")
+    assert resolve_model_source(str(parts[1])).name == "m"
+    input_ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(7))
+    assert_close_logits(our_logits(load_ours(parts[2]), input_ids), hf_logits(hf, input_ids))
 
 
 # qwen2_moe: every layer sparse, shared expert, q/k/v biases; qwen2_moe_step2: dense layers in

@@ -24,6 +24,11 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama_rope_llama3": ("LlamaConfig", {"rope_theta": 500000.0, "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}}),
+    # Heads wide enough that two frequencies fall between the two wavelength thresholds, as in
+    # every real Llama-3.1: a GGUF keeps only the per-frequency factors, which then pin them down.
+    "llama_rope_llama3_wide": ("LlamaConfig", {"head_dim": 32, "rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
     "llama_rope_yarn": ("LlamaConfig", {"rope_scaling": {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}),
     "llama_rope_linear": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
