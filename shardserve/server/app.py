@@ -220,7 +220,11 @@ class _Server(uvicorn.Server):
             asyncio.get_event_loop().call_soon_threadsafe(self._begin_drain)
             return
         # SIGINT, or SIGTERM again: stop now. Streams still open end with an error event at
-        # once; uvicorn would otherwise wait for them up to --shutdown-timeout.
+        # once; uvicorn would otherwise wait for them up to --shutdown-timeout. The exit status
+        # says so (128 + the signal, as a shell reports a process the signal killed) even where
+        # uvicorn's re-raising of the signal after shutdown does not end the process.
+        if self.exit_code == 0:
+            self.exit_code = 128 + int(sig)
         asyncio.get_event_loop().call_soon_threadsafe(
             self.state.engine.abort_all, "The server is stopping (interrupted); the request "
             "did not finish.")

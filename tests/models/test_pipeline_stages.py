@@ -1,11 +1,21 @@
-"""Pipeline stages of a model, in one process: what each stage builds and loads."""
+"""Pipeline stages of a model: what each stage builds and loads (in one process), and the
+stages of every family at TP 2 x PP 2 giving one process's logits (four gloo ranks)."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from shardserve.distributed import parallel_state as ps
+from shardserve.distributed.local_launch import run_local_ranks
+from shardserve.forward_context import set_forward_context
 from shardserve.models.llama import LlamaForCausalLM
-from shardserve.models.pipeline import StageLayout, tied_head_weight_name
+from shardserve.models.pipeline import IntermediateTensors, StageLayout, tied_head_weight_name
 from shardserve.planner.stages import describe_stages, engine_stage_layers
+from tests.models.deepseek_checkpoints import save_tiny_deepseek
+from tests.models.tiny_checkpoints import (VOCAB, assert_close_logits, load_ours, our_logits,
+                                           save_tiny_checkpoint)
 
 
 def _config(**overrides):
@@ -55,3 +65,74 @@ def test_engine_partition_default_explicit_and_logged():
     lines = describe_stages(config, bounds, 1, 4)
     assert lines[0].startswith("stage 0: embedding") and "LM head" in lines[1]
     assert all("est. cost" in line and "MiB" in line for line in lines)
+
+
+# ---- TP 2 x PP 2: a stage hands on whole hidden states (models/pipeline.py run_stage) -----
+
+# (checkpoint, first layer of stage 1, expert parallel). Under TP the last MLP of stage 0 leaves
+# its partial sum to the next norm, which is on stage 1; so stage 0 must all-reduce it first.
+# Stage 0 ends after a dense MLP or an MoE block, in every family: Llama with o_proj/MLP biases
+# (those reduce themselves), Qwen2 (q/k/v biases), Qwen2-MoE (shared expert, dense layers
+# between sparse ones), Qwen3-MoE (q/k norms, mlp_only_layers), DeepSeek-V2-Lite / V3 (MLA,
+# first_k_dense_replace, shared experts); experts sliced (TP) or whole per rank (EP); tied
+# embeddings (Llama, Qwen2, Qwen3-MoE: stage 1 loads its head from the embedding's tensor).
+TP_PP_CASES = [("llama_bias", 1, False), ("qwen2", 1, False), ("qwen2_moe_step2", 1, False),
+               ("qwen3_moe_dense_layers", 2, False), ("deepseek_v2_lite", 2, False),
+               ("qwen2_moe_step2", 2, True), ("deepseek_v3", 1, True)]
+
+
+def _save_checkpoint(name: str, folder: Path) -> None:
+    if name.startswith("deepseek_"):
+        save_tiny_deepseek(name[len("deepseek_"):], folder)
+    else:
+        save_tiny_checkpoint(name, folder)
+
+
+def _prompt_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (23,), generator=torch.Generator().manual_seed(4))
+
+
+def _tp2_pp2_worker(rank: int, root: str) -> None:
+    """Ranks 0, 1: stage 0 (TP 2), sending hidden states and residual as the model runner
+    does; ranks 2, 3: stage 1, saving their logits."""
+    ids = _prompt_ids()
+    positions = torch.arange(ids.shape[0])
+    expert_parallel = None
+    for i, (name, split, ep) in enumerate(TP_PP_CASES):
+        if ep != expert_parallel:
+            if expert_parallel is not None:
+                ps.destroy_model_parallel()
+            ps.initialize_model_parallel(2, 2, enable_expert_parallel=ep)
+            expert_parallel = ep
+        pp = ps.get_pp_group()
+        folder = Path(root) / name
+        config = json.loads((folder / "config.json").read_text())
+        first = pp.rank_in_group == 0
+        stage = (StageLayout(0, split, True, False) if first
+                 else StageLayout(split, config["num_hidden_layers"], False, True))
+        model = load_ours(folder, stage=stage)
+        with torch.no_grad(), set_forward_context(None):
+            if first:
+                out = model(ids, positions)
+                pp.send_tensor(torch.stack((out.hidden_states, out.residual))).wait()
+            else:
+                both = pp.recv_tensor((2, ids.shape[0], config["hidden_size"]), torch.float32,
+                                      torch.device("cpu"))
+                hidden = model(ids, positions, IntermediateTensors(both[0], both[1]))
+                torch.save(model.compute_logits(hidden), Path(root) / f"{i}.rank{rank}.pt")
+    ps.destroy_model_parallel()
+
+
+@pytest.mark.multiproc
+def test_tp2_pp2_stages_match_one_process(tmp_path):
+    names = dict.fromkeys(name for name, _, _ in TP_PP_CASES)
+    for name in names:
+        _save_checkpoint(name, tmp_path / name)
+    run_local_ranks(_tp2_pp2_worker, 4, args=(str(tmp_path),), timeout_s=240)
+    references = {name: our_logits(load_ours(tmp_path / name), _prompt_ids()) for name in names}
+    for i, (name, split, ep) in enumerate(TP_PP_CASES):
+        for rank in (2, 3):
+            try:
+                assert_close_logits(torch.load(tmp_path / f"{i}.rank{rank}.pt"), references[name])
+            except AssertionError as e:
+                raise AssertionError(f"{name} split before layer {split}, ep={ep}: {e}") from e

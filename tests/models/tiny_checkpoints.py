@@ -81,14 +81,16 @@ def save_tiny_checkpoint(name: str, folder: Path, max_shard_size: str | None = N
     return model
 
 
-def load_ours(folder: Path, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
-    """Our model from the folder, through the engine's own config resolution and loader."""
+def load_ours(folder: Path, dtype: str = "float32", device: str = "cpu",
+              stage: Any = None) -> torch.nn.Module:
+    """Our model from the folder, through the engine's own config resolution and loader
+    (stage: only that pipeline stage's parts, models/pipeline.py StageLayout)."""
     from shardserve.config import EngineConfig
     from shardserve.loader.model_loader import load_model
 
     kind = "cpu" if device == "cpu" else "cuda"
     config = EngineConfig.from_kwargs(model=str(folder), dtype=dtype, device=kind).resolve()
-    return load_model(config.model_config, torch.device(device))
+    return load_model(config.model_config, torch.device(device), stage)
 
 
 def our_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
