@@ -1,11 +1,12 @@
 """Run a function on N local processes that form one torch.distributed world.
 
-For tests and CPU tensor parallelism: each rank joins through a TCP rendezvous on a free port
-of 127.0.0.1 and leaves the world when the function returns.
+For tests and CPU tensor parallelism: each rank joins through a store this process serves on
+127.0.0.1 (host_store) and leaves the world when the function returns.
 """
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
 import socket
@@ -13,6 +14,7 @@ import time
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shardserve.distributed.parallel_state import (destroy_distributed_environment,
@@ -24,6 +26,21 @@ def get_open_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+STORE_SCHEME = "store://"
+
+
+def host_store(timeout_s: float = 600.0) -> tuple[dist.TCPStore, str]:
+    """A torch.distributed store served by this process on a port the OS picks, and the
+    init_method through which ranks join it as clients (store://127.0.0.1:PORT; see
+    parallel_state.init_distributed_environment). Probing a free port and letting rank 0 bind
+    it later leaves a window in which another process can take it (EADDRINUSE, seen with tests
+    and servers starting side by side); here the port is bound before anyone hears of it. The
+    store lives as long as the returned object: keep it until the ranks are gone."""
+    store = dist.TCPStore("127.0.0.1", 0, None, True,
+                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    return store, f"{STORE_SCHEME}127.0.0.1:{store.port}"
 
 
 def _rank_entry(rank: int, fn: Callable[..., Any], world_size: int, init_method: str,
@@ -46,7 +63,7 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (),
     fn must be importable by module name (it is pickled by reference). Raises if any rank
     raises, and terminates all ranks (then raises TimeoutError) after timeout_s.
     """
-    init_method = f"tcp://127.0.0.1:{get_open_port()}"
+    store, init_method = host_store(timeout_s)
     num_threads = max(1, (os.cpu_count() or 1) // world_size)
     # A forkserver that has imported torch once forks every rank: N torch imports cost
     # seconds each, while fork is instant, and forking a fresh single-threaded server is safe.
@@ -66,3 +83,4 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (),
             if process.is_alive():
                 process.terminate()
                 process.join(5)
+        del store  # served until every rank is gone

@@ -247,7 +247,9 @@ _SINGLE = {name: GroupCoordinator.single(name) for name in ("world", "tp", "pp",
 def init_distributed_environment(world_size: int = 1, rank: int = 0, backend: str | None = None,
                                  init_method: str = "env://", local_rank: int = -1,
                                  timeout_s: float = 600.0) -> None:
-    """Join the torch.distributed world (once) and make the world group.
+    """Join the torch.distributed world (once) and make the world group. init_method is
+    torch's (tcp://, env://, file://) or store://HOST:PORT, a TCPStore another process serves
+    (distributed/local_launch.host_store).
 
     backend defaults to nccl when CUDA is available and gloo otherwise; with nccl, `local_rank`
     picks this process's GPU before any group exists, as NCCL binds communicators to a device.
@@ -258,8 +260,17 @@ def init_distributed_environment(world_size: int = 1, rank: int = 0, backend: st
     if backend == "nccl" and local_rank >= 0:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size,
-                                rank=rank, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if init_method.startswith("store://"):
+            # A store served by the launching process (local_launch.host_store): every rank
+            # is a client, so no rank has to bind a port that another process may have taken.
+            host, _, port = init_method[len("store://"):].rpartition(":")
+            store = dist.TCPStore(host, int(port), world_size, False, timeout=timeout)
+            dist.init_process_group(backend=backend, store=store, world_size=world_size,
+                                    rank=rank, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method=init_method,
+                                    world_size=world_size, rank=rank, timeout=timeout)
     elif dist.get_world_size() != world_size:
         raise RuntimeError(f"torch.distributed already runs with world size "
                            f"{dist.get_world_size()}, not {world_size}.")

@@ -63,6 +63,7 @@ class MultiprocExecutor(Executor):
         self.config = config
         pc = config.parallel_config.resolve()
         self.parallel_config = pc
+        self._store = None  # single node: the torch.distributed store this process serves
         if pc.pipeline_parallel_size > 1:
             self._log_pipeline_stages()
         if pc.node_rank != 0:
@@ -228,8 +229,9 @@ class MultiprocExecutor(Executor):
         if pc.nnodes > 1:
             init_method = f"tcp://{pc.master_addr}:{pc.master_port}"
         else:
-            from shardserve.distributed.local_launch import get_open_port
-            init_method = f"tcp://127.0.0.1:{get_open_port()}"
+            # Served by this process for the world's life: no port for rank 0 to race for.
+            from shardserve.distributed.local_launch import host_store
+            self._store, init_method = host_store(pc.step_timeout_s)
         return {"world_size": self.world_size, "tensor_parallel_size": pc.tensor_parallel_size,
                 "pipeline_parallel_size": pc.pipeline_parallel_size,
                 "driver_rank": self.driver_rank,
