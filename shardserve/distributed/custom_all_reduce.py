@@ -363,7 +363,8 @@ class _FusedNormSetup:
         if len(buffer_ptrs) != world_size or buffer_ptrs[rank] != buffer.data_ptr():
             logger.info("fused all-reduce + RMSNorm off: unexpected buffer pointers")
             return None
-        as_tensor = lambda ptrs: torch.tensor(ptrs, dtype=torch.int64, device=buffer.device)  # noqa: E731
+        def as_tensor(ptrs: list[int]) -> torch.Tensor:
+            return torch.tensor(ptrs, dtype=torch.int64, device=buffer.device)
         return cls(as_tensor(buffer_ptrs), as_tensor(pad_ptrs), rank, slot_base, max_rows,
                    region_offset, region_size // (2 * world_size) // 16 * 16)
 

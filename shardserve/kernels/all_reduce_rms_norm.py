@@ -21,13 +21,14 @@ residual add, exactly as the unfused all-reduce + rms_norm does: fused and unfus
 bit for bit the same.
 
 Why one signal per row is enough (no second barrier): a row's count e advances by one in every
-call that has the row, on every rank alike (same calls, same shapes). Its data alternates
-between two slots by e's parity, and a rank overwrites a peer's slot of call e only in call
-e + 2, which starts after it has seen the peer's flag of call e + 1 for row 0 (in every call),
-which the peer sent after its call e had finished reading. For the same reason a peer's flag
-is at most one call ahead, so the wait is "reached e", not "equals e" (counts wrap at 2^30 and
-are compared modulo that). `tl.debug_barrier()` orders the program's threads around the signals, and the
-buffer is read past L1 (.cg), where a line of an earlier call could linger.
+call that has the row, on every rank alike (same calls, same shapes), and its data alternates
+between two slots by e's parity. A rank writes that slot again at count e + 2, in a later call
+than the one with count e + 1. Every call has row 0, so in the call just before, this rank
+waited for the peer's row-0 flag. The peer sent that flag only after its kernels of all earlier
+calls had finished, including the one that read count e. For the same reason a peer's flag is
+at most one call ahead, so the wait is "reached e", not "equals e". Counts wrap at 2^30 and are
+compared modulo that. `tl.debug_barrier()` orders the program's threads around the signals,
+and the buffer is read past L1 (.cg), where a line of an earlier call could linger.
 
 The row layout must not change while peers may still read: the caller synchronizes the group
 when the row width changes (distributed/custom_all_reduce.py); a serving process has one width.
@@ -53,7 +54,8 @@ from shardserve.kernels.rms_norm import _inv
 # resident at once on every GPU, so no program spins on a peer program that cannot start.
 MAX_PROGRAMS = 64
 MAX_ROWS = 512  # rows of one call at most (a signal-pad slot per row and rank)
-COUNT_MASK: tl.constexpr = tl.constexpr((1 << 30) - 1)  # call counts wrap at 2^30 (even: parity holds)
+# Call counts wrap at 2^30: an even modulus, so the parity still alternates across the wrap.
+COUNT_MASK: tl.constexpr = tl.constexpr((1 << 30) - 1)
 
 
 @triton.jit
