@@ -89,6 +89,15 @@ def cuda_graph_us(body, replays: int, barrier=lambda: None, warm_replays: int = 
     return start.elapsed_time(end) * 1000.0 / replays
 
 
+def prompt_logits(llm, token_ids: list[int]) -> torch.Tensor:
+    """Full-vocabulary float32 logits [len, vocab] of one prompt, outside the KV cache, from
+    any layout (Worker.prompt_logits on every rank; the TP group's first rank answers)."""
+    import numpy as np
+    shape, data = next(r for r in llm.engine.core.executor.collective_rpc(
+        "prompt_logits", [list(token_ids)]) if r)
+    return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape).copy())
+
+
 def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     """Token-id prompts clear of the low ids where special tokens usually live."""
     rng = random.Random(seed)

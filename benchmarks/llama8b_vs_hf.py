@@ -19,20 +19,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import copy_bandwidth, log, logits_errors, random_prompts  # noqa: E402
+from benchmarks.common import (copy_bandwidth, log, logits_errors, prompt_logits,  # noqa: E402
+                               random_prompts)
 from benchmarks.common import make_model_dir as _make_model_dir  # noqa: E402
 
 
 def make_model_dir(path: str, num_layers: int | None) -> str:
     return _make_model_dir(path, "llama-3-8b", num_layers)
-
-
-
-
-
-
-
-
 
 
 @torch.inference_mode()
@@ -100,7 +93,6 @@ def run_hf(path: str, args, results: dict, check_prompt: list[int]
 def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_logits,
                    ref32=None) -> None:
     from shardserve import LLM, SamplingParams
-    from shardserve.forward_context import set_forward_context
     log("shardserve: starting engine")
     t0 = time.perf_counter()
     llm = LLM(path, dtype="bfloat16", max_model_len=args.max_model_len,
@@ -109,12 +101,8 @@ def run_shardserve(path: str, args, results: dict, check_prompt: list[int], ref_
     results["shardserve_startup_s"] = time.perf_counter() - t0
     log(f"shardserve: ready in {results['shardserve_startup_s']:.1f} s, "
         f"{llm.config.cache_config.num_blocks} KV blocks")
-    runner = llm.engine.core.executor.worker.runner
     if ref_logits is not None:  # without transformers' logits (--skip-hf) nothing to compare
-        with torch.inference_mode(), set_forward_context(None):
-            ids = torch.tensor(check_prompt, device="cuda")
-            logits = runner.model.compute_logits(
-                runner.model(ids, torch.arange(len(ids), device="cuda"))).cpu()
+        logits = prompt_logits(llm, check_prompt)
         results.update(logits_errors(logits, ref_logits))
         if ref32 is not None:
             results["shardserve_bf16_vs_fp32"] = logits_errors(logits, ref32)

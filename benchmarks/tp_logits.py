@@ -23,12 +23,12 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import log, logits_errors, make_model_dir, random_prompts  # noqa: E402
+from benchmarks.common import (log, logits_errors, make_model_dir, prompt_logits,  # noqa: E402
+                               random_prompts)
 
 
 def run_layout(args) -> None:
@@ -39,12 +39,7 @@ def run_layout(args) -> None:
               enforce_eager=args.enforce_eager, **json.loads(args.engine_args))
     prompts = random_prompts(args.num_prompts, args.prompt_len,
                              int(llm.config.model_config.hf_config.vocab_size), args.seed)
-    executor = llm.engine.core.executor
-    logits = []
-    for prompt in prompts:
-        reply = next(r for r in executor.collective_rpc("prompt_logits", [prompt]) if r)
-        shape, data = reply
-        logits.append(torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape).copy()))
+    logits = [prompt_logits(llm, prompt) for prompt in prompts]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=args.new_tokens,
                                        ignore_eos=True), use_tqdm=False)

@@ -239,9 +239,8 @@ def _remember_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shardserve.cli_config import dash_flag_names, expand_config_file
+    from shardserve.cli_config import dash_flag_names, expand_config_file, pin_optional_switches
     parser = build_parser()
-    from shardserve.engine_args import pin_optional_switches
     argv = pin_optional_switches(dash_flag_names(list(sys.argv[1:] if argv is None else argv)),
                                  parser)
     args, extra = parser.parse_known_args(argv)

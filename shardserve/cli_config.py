@@ -1,7 +1,8 @@
-"""Two forms of `vllm serve` command lines that argparse alone does not read: flag names
-written with underscores (`--max_model_len 4096`, which vLLM's parser accepts) and
-`--config config.yaml`, a YAML mapping of long flag names to values (Kubernetes ConfigMaps
-carry these). Both are rewritten into plain flags before parsing."""
+"""Forms of `vllm serve` command lines that argparse alone does not read: flag names written
+with underscores (`--max_model_len 4096`, which vLLM's parser accepts), an on/off flag right
+before the model path (`--enable-prefix-caching MODEL`), and `--config config.yaml`, a YAML
+mapping of long flag names to values (Kubernetes ConfigMaps carry these). All are rewritten
+into plain flags before parsing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from shardserve.engine_args import FALSE_WORDS, TRUE_WORDS, parse_bool
 from shardserve.errors import InvalidRequestError
 
 
@@ -21,6 +23,31 @@ def dash_flag_names(argv: list[str]) -> list[str]:
             arg = name.replace("_", "-") + eq + value
         out.append(arg)
     return out
+
+
+def pin_optional_switches(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--enable-prefix-caching MODEL` -> `--enable-prefix-caching=true MODEL`.
+
+    The on/off engine flags that default to on take an optional value (`--flag false`, as old
+    vLLM lines write it), so argparse would take a model path after one as that value; a flag
+    followed by anything but a true/false word is given its value explicitly."""
+    switches = {option for action in _all_actions(parser) if action.type is parse_bool
+                for option in action.option_strings}
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in switches and (i + 1 == len(out)
+                                or out[i + 1].lower() not in TRUE_WORDS + FALSE_WORDS):
+            out[i] = arg + "=true"
+    return out
+
+
+def _all_actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        yield action
+        for sub in getattr(action, "choices", None) or {}:
+            if isinstance(action.choices, dict) and isinstance(action.choices[sub],
+                                                               argparse.ArgumentParser):
+                yield from _all_actions(action.choices[sub])
 
 
 def expand_config_file(argv: list[str], command: str,

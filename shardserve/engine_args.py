@@ -149,37 +149,12 @@ def parse_token_count(text: str) -> int:
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in TRUE_WORDS:
         return True
     if text.lower() in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def pin_optional_switches(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """`--enable-prefix-caching MODEL` -> `--enable-prefix-caching=true MODEL`.
-
-    The on/off engine flags that default to on take an optional value (`--flag false`, as old
-    vLLM lines write it), so argparse would take a model path after one as that value; a flag
-    followed by anything but a true/false word is given its value explicitly."""
-    switches = {option for action in _all_actions(parser) if action.type is _bool
-                for option in action.option_strings}
-    out = list(argv)
-    for i, arg in enumerate(out):
-        if arg in switches and (i + 1 == len(out)
-                                or out[i + 1].lower() not in TRUE_WORDS + FALSE_WORDS):
-            out[i] = arg + "=true"
-    return out
-
-
-def _all_actions(parser: argparse.ArgumentParser):
-    for action in parser._actions:
-        yield action
-        for sub in getattr(action, "choices", None) or {}:
-            if isinstance(action.choices, dict) and isinstance(action.choices[sub],
-                                                               argparse.ArgumentParser):
-                yield from _all_actions(action.choices[sub])
 
 
 def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True) -> None:
@@ -205,7 +180,7 @@ def add_engine_args(parser: argparse.ArgumentParser, include_model: bool = True)
             kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
             if hint is bool or hint == "bool" or _base_type(hint) is bool:
                 if default or default is None:  # None: 'auto', decided at start-up
-                    group.add_argument(*names, **kwargs, type=_bool, nargs="?", const=True)
+                    group.add_argument(*names, **kwargs, type=parse_bool, nargs="?", const=True)
                     group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
                                        action="store_false", help=argparse.SUPPRESS)
                 else:

@@ -204,10 +204,10 @@ def _tokenizer_location(source: ModelSource,
     if path.is_dir():
         if any((path / name).is_file() for name in _TOKENIZER_FILES):
             return "hf", path
-        ggufs = sorted(path.glob("*.gguf"))
-        from shardserve.loader.gguf_file import split_part_paths
-        if len(ggufs) == 1 or set(ggufs) <= set(split_part_paths(ggufs[0]) or ()):
-            return "gguf", ggufs[0]  # the one GGUF, or the first part of one split model
+        from shardserve.loader.gguf_file import one_model_gguf
+        gguf = one_model_gguf(sorted(path.glob("*.gguf")))
+        if gguf is not None:
+            return "gguf", gguf  # the one GGUF, or the first part of one split model
         raise ModelLoadError(f"--tokenizer {str(tokenizer_path)!r} holds no tokenizer; {hint}")
     raise ModelLoadError(f"--tokenizer {str(tokenizer_path)!r} does not exist; {hint}")
 

@@ -192,7 +192,7 @@ def test_a_mistyped_flag_gets_the_nearest_one(capsys):
 
 
 def test_an_on_off_flag_before_the_model_does_not_take_it_as_its_value():
-    from shardserve.engine_args import pin_optional_switches
+    from shardserve.cli_config import pin_optional_switches
     parser = build_parser()
 
     def parse(*argv):

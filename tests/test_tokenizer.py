@@ -200,3 +200,12 @@ def test_a_model_without_a_tokenizer_says_to_pass_one(tiny_model_dirs, tmp_path)
     writer.close()
     with pytest.raises(ModelLoadError, match=r"carries no tokenizer \(no tokenizer\.ggml"):
         load_tokenizer(ModelSource("gguf", path, path.stem))
+
+
+def test_a_tokenizer_folder_with_neither_tokenizer_nor_gguf_is_a_clear_error(tiny_model_dirs,
+                                                                             tmp_path):
+    # It raised IndexError once folders of split GGUF parts were accepted.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="holds no tokenizer"):
+        load_tokenizer(ModelSource("hf", Path(tiny_model_dirs["llama"]), "m"), empty)

@@ -304,6 +304,11 @@ class CustomAllReduce:
         (nothing done) when the message is not for it. x is not modified."""
         if not self.takes_rms_norm(x, residual):
             return None
+        return self.fused_rms_norm(x, residual, weight, eps)
+
+    def fused_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """all_reduce_rms_norm for (x, residual) that `takes_rms_norm` has already accepted."""
         from shardserve.kernels.all_reduce_rms_norm import all_reduce_rms_norm
         norm = self._norm
         row_bytes = x.shape[-1] * x.element_size()

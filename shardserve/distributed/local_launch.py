@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shardserve.distributed.parallel_state import (destroy_distributed_environment,
+from shardserve.distributed.parallel_state import (STORE_SCHEME,
+                                                   destroy_distributed_environment,
                                                    init_distributed_environment)
 
 
@@ -26,9 +27,6 @@ def get_open_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-STORE_SCHEME = "store://"
 
 
 def host_store(timeout_s: float = 600.0) -> tuple[dist.TCPStore, str]:

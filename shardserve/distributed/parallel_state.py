@@ -118,10 +118,9 @@ class GroupCoordinator:
     def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(all_reduce(x) + residual) * weight, all_reduce(x) + residual) in one
-        kernel; only where `can_fuse_rms_norm` said so."""
-        fused = self.custom_all_reduce.all_reduce_rms_norm(x, residual, weight, eps)
-        assert fused is not None, "all_reduce_rms_norm without can_fuse_rms_norm"
-        return fused
+        kernel; only where `can_fuse_rms_norm` said so (not checked again here: this runs
+        twice a layer)."""
+        return self.custom_all_reduce.fused_rms_norm(x, residual, weight, eps)
 
     _TIMED = ("all_reduce", "all_reduce_rms_norm", "all_gather", "gather")
 
@@ -244,6 +243,10 @@ _EP: GroupCoordinator | None = None
 _SINGLE = {name: GroupCoordinator.single(name) for name in ("world", "tp", "pp", "dp", "ep")}
 
 
+# init_method of a world whose store another process serves (local_launch.host_store).
+STORE_SCHEME = "store://"
+
+
 def init_distributed_environment(world_size: int = 1, rank: int = 0, backend: str | None = None,
                                  init_method: str = "env://", local_rank: int = -1,
                                  timeout_s: float = 600.0) -> None:
@@ -261,10 +264,10 @@ def init_distributed_environment(world_size: int = 1, rank: int = 0, backend: st
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
-        if init_method.startswith("store://"):
+        if init_method.startswith(STORE_SCHEME):
             # A store served by the launching process (local_launch.host_store): every rank
             # is a client, so no rank has to bind a port that another process may have taken.
-            host, _, port = init_method[len("store://"):].rpartition(":")
+            host, _, port = init_method[len(STORE_SCHEME):].rpartition(":")
             store = dist.TCPStore(host, int(port), world_size, False, timeout=timeout)
             dist.init_process_group(backend=backend, store=store, world_size=world_size,
                                     rank=rank, timeout=timeout)

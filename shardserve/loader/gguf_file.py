@@ -154,6 +154,15 @@ def split_part_paths(path: Path, num_parts: int | None = None) -> list[Path] | N
             for i in range(1, count + 1)]
 
 
+def one_model_gguf(ggufs: list[Path]) -> Path | None:
+    """Of a folder's .gguf files (sorted), the one to open: the only one, or the first part of
+    the one model split across all of them; None when there is none or several models."""
+    if len(ggufs) == 1:
+        return ggufs[0]
+    parts = split_part_paths(ggufs[0]) if ggufs else None
+    return ggufs[0] if parts and set(ggufs) <= set(parts) else None
+
+
 def first_split_part(path: Path) -> Path:
     """The part of a split GGUF that holds the metadata (tokenizer, chat template): the first;
     any other path as it is."""

@@ -102,10 +102,9 @@ def resolve_model_source(model: str | os.PathLike | None,
 def _gguf_in_folder(model: str | os.PathLike, ggufs: list[Path]) -> ModelSource:
     """The one .gguf of a folder (or the first part of its one split model), or ModelLoadError
     asking which one to serve."""
-    from shardserve.loader.gguf_file import split_part_paths
+    from shardserve.loader.gguf_file import one_model_gguf
 
-    parts = split_part_paths(ggufs[0])
-    if len(ggufs) > 1 and not (parts and set(ggufs) <= set(parts)):
+    if one_model_gguf(ggufs) is None:
         raise ModelLoadError(
             f"{str(model)!r} holds several .gguf files ({', '.join(p.name for p in ggufs)}); "
             "pass the one to serve (of a model split into parts, the first part).")

@@ -130,7 +130,6 @@ class DeepseekV2Attention(nn.Module):
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, kv_b_rows, bias=False,
                                               params_dtype=dtype)
         # A bias is added once, after the all-reduce, so a biased o_proj reduces itself.
-        self.returns_partial_sum = not bias
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.v_head_dim, h,
                                         bias=bias, reduce_results=bool(bias),
                                         params_dtype=dtype)
@@ -143,6 +142,10 @@ class DeepseekV2Attention(nn.Module):
         self.mla_attn = MLAAttention(self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
                                      self.v_head_dim, self.kv_lora_rank, softmax_scale(config),
                                      self.kv_b_proj, layer_idx)
+
+    @property
+    def returns_partial_sum(self) -> bool:
+        return not self.o_proj.reduce_results
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]

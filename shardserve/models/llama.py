@@ -84,7 +84,10 @@ class LlamaMLP(nn.Module):
                                            reduce_results=reduce_results, params_dtype=dtype,
                                            quantizable=True)
         self.act_fn = SiluAndMul()
-        self.returns_partial_sum = not reduce_results
+
+    @property
+    def returns_partial_sum(self) -> bool:
+        return not self.down_proj.reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -107,10 +110,9 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         # A bias is added once, after the all-reduce, so a biased o_proj reduces itself.
-        self.returns_partial_sum = not flags.o_proj_bias
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
                                         config.hidden_size, bias=flags.o_proj_bias,
-                                        reduce_results=not self.returns_partial_sum,
+                                        reduce_results=flags.o_proj_bias,
                                         params_dtype=dtype, quantizable=True)
         base, rope_scaling = get_rope_config(config)
         partial = (rope_scaling or {}).get("partial_rotary_factor") or 1.0
@@ -123,6 +125,10 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5,
                               self.num_kv_heads, layer_idx)
+
+    @property
+    def returns_partial_sum(self) -> bool:
+        return not self.o_proj.reduce_results
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)

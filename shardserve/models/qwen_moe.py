@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardserve.distributed.parallel_state import get_tp_group
 from shardserve.layers.linear import ReplicatedLinear
 from shardserve.layers.moe import FusedMoE
 from shardserve.layers.moe_routing import RoutingConfig
