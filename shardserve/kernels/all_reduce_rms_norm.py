@@ -25,7 +25,8 @@ call that has the row, on every rank alike (same calls, same shapes), and its da
 between two slots by e's parity. A rank writes that slot again at count e + 2, in a later call
 than the one with count e + 1. Every call has row 0, so in the call just before, this rank
 waited for the peer's row-0 flag. The peer sent that flag only after its kernels of all earlier
-calls had finished, including the one that read count e. For the same reason a peer's flag is
+calls had finished, including the one that read count e (launched early under PDL too: it
+waits for the kernel before it first, kernels/pdl.py). For the same reason a peer's flag is
 at most one call ahead, so the wait is "reached e", not "equals e". Counts wrap at 2^30 and are
 compared modulo that. `tl.debug_barrier()` orders the program's threads around the signals,
 and the buffer is read past L1 (.cg), where a line of an earlier call could linger.
@@ -48,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardserve.kernels.pdl import launch_options, pdl_release_and_wait, use_pdl
 from shardserve.kernels.rms_norm import _inv
 
 # Programs per call at most (each owns rows b, b + G, ...): small enough that all of them are
@@ -79,7 +81,11 @@ def _load_acquire(addresses):
 def _all_reduce_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr,
                                 buf_ptrs, buf_offset, slab_elems, pad_ptrs, rank, slot_base,
                                 max_rows, num_rows, hidden, inv_hidden, eps,
-                                WORLD: tl.constexpr, BLOCK: tl.constexpr):
+                                WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                                USE_PDL: tl.constexpr):
+    # Nothing of this call (counts, pushes, signals) may start before the previous kernel on
+    # this GPU has finished: the no-second-barrier argument above counts on stream order.
+    pdl_release_and_wait(USE_PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
@@ -168,9 +174,11 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     residual_out = torch.empty_like(x2)
     if num_rows:
         block = triton.next_power_of_2(hidden)
+        pdl = use_pdl(x.device)
         _all_reduce_rms_norm_kernel[(min(num_rows, MAX_PROGRAMS),)](
             out, residual_out, x2, r2, weight, buffer_ptrs, buffer_offset,
             slab_bytes // x2.element_size(), signal_pad_ptrs, rank, slot_base, max_rows,
             num_rows, hidden, _inv(hidden), eps,
-            WORLD=world_size, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
+            WORLD=world_size, BLOCK=block, USE_PDL=pdl, num_warps=min(max(block // 512, 1), 16),
+            **launch_options(pdl))
     return out.view(x.shape), residual_out.view(x.shape)

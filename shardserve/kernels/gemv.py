@@ -14,6 +14,11 @@ Accumulation is float32, as in cuBLAS; the bias is added in float32 before the o
 cuBLAS's epilogue does. The summation order differs from cuBLAS's, so half-precision outputs can
 differ from F.linear in the last bit (the tests bound it like any bf16 GEMM).
 
+Under programmatic dependent launch (kernels/pdl.py) each program loads its first PEEL tiles of
+W (two by default) before it waits for the previous kernel: the weights start streaming while
+the small kernels before the GEMV finish, instead of after them. (Prefetching a larger share
+into L2 ahead of the wait was measured too, and was slower: BENCHMARKS.md, session 13.)
+
 Reference: torch.nn.functional.linear. Which of the two runs is decided per shape by
 `shardserve.layers.linear_op` (it times both on the GPU), with the launch configuration picked
 from GEMV_CONFIGS at the same time.
@@ -21,11 +26,14 @@ from GEMV_CONFIGS at the same time.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from shardserve.kernels.pdl import launch_options, pdl_wait_and_release, use_pdl
 
 
 @dataclass(frozen=True)
@@ -45,11 +53,31 @@ GEMV_CONFIGS = (
 )
 DEFAULT_CONFIG = GEMV_CONFIGS[0]
 
+# Tiles of W each program loads before it waits for the previous kernel under PDL
+# (kernels/pdl.py); SHARDSERVE_GEMV_PEEL_TILES overrides (0: none).
+PEEL_ENV = "SHARDSERVE_GEMV_PEEL_TILES"
+DEFAULT_PEEL_TILES = 2
+MAX_PEEL_TILES = 2
+
+
+def peel_tiles(k: int, block_k: int) -> int:
+    """W tiles a program loads ahead of the wait: whole tiles only (BLOCK_K divides K)."""
+    value = os.environ.get(PEEL_ENV, "").strip()
+    try:
+        tiles = int(value) if value else DEFAULT_PEEL_TILES
+    except ValueError:
+        tiles = -1
+    if not 0 <= tiles <= MAX_PEEL_TILES:
+        raise ValueError(f"{PEEL_ENV}={value!r}: give 0 to {MAX_PEEL_TILES}.")
+    if k % block_k:
+        return 0
+    return min(tiles, k // block_k)
+
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PEEL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     # Rows past N read row 0 instead of being masked (their sums are never stored), so the
@@ -58,13 +86,26 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows_safe[:, None] * stride_wn + cols[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    # Launched early (PDL), a program can have its first PEEL tiles of W in flight while the
+    # previous kernel still runs: the weights are read-only (kernels/pdl.py). Streamed
+    # weights are read once, so they go first out of the caches.
+    if PEEL >= 1:
+        w_first = tl.load(w_ptrs, eviction_policy="evict_first")
+    if PEEL >= 2:
+        w_second = tl.load(w_ptrs + BLOCK_K, eviction_policy="evict_first")
+    pdl_wait_and_release(USE_PDL)
+    if PEEL >= 1:
+        acc += w_first.to(tl.float32) * tl.load(x_ptr + cols).to(tl.float32)[None, :]
+    if PEEL >= 2:
+        acc += w_second.to(tl.float32) * tl.load(x_ptr + BLOCK_K + cols).to(tl.float32)[None, :]
+    w_ptrs += PEEL * BLOCK_K
+    for k in range(PEEL * BLOCK_K, K, BLOCK_K):
         if EVEN_K:
-            w = tl.load(w_ptrs)
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
             x = tl.load(x_ptr + k + cols)
         else:
             k_mask = (k + cols) < K
-            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr + k + cols, mask=k_mask, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
@@ -75,9 +116,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig = DEFAULT_CONFIG, out: torch.Tensor | None = None) -> torch.Tensor:
+         config: GemvConfig = DEFAULT_CONFIG, out: torch.Tensor | None = None,
+         pdl: bool | None = None) -> torch.Tensor:
     """x [..., K] holding one row, weight [N, K] (rows contiguous), bias [N] or None ->
-    [..., N] in x's dtype, like F.linear(x, weight, bias)."""
+    [..., N] in x's dtype, like F.linear(x, weight, bias). pdl: launch with programmatic
+    dependent launch (kernels/pdl.py); None: where the device has it."""
     n, k = weight.shape
     assert x.shape[-1] == k and x.numel() == k, "gemv takes a single row"
     assert weight.stride(1) == 1, "weight rows must be contiguous"
@@ -86,8 +129,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x_row = x_row.contiguous()
     if out is None:
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    if pdl is None:
+        pdl = use_pdl(x.device)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x_row, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages)
+        EVEN_K=k % config.block_k == 0, USE_PDL=pdl,
+        PEEL=peel_tiles(k, config.block_k) if pdl else 0, num_warps=config.num_warps,
+        num_stages=config.num_stages, **launch_options(pdl))
     return out

@@ -23,12 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
+from shardserve.kernels.pdl import launch_options, pdl_release_and_wait, use_pdl
+
 
 @triton.jit
 def _rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr, hidden,
                      inv_hidden, eps,
                      stride_x, stride_r, stride_o, stride_ro,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_release_and_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -69,11 +72,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r2 = residual_out = x2  # unused
     if num_rows:
         block = triton.next_power_of_2(hidden)
+        pdl = use_pdl(x.device)
         _rms_norm_kernel[(num_rows,)](
             out, residual_out, x2, r2, weight, hidden, _inv(hidden), eps,
             x2.stride(0), r2.stride(0), out.stride(0), residual_out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=min(max(block // 512, 1), 16))
+            HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=pdl,
+            num_warps=min(max(block // 512, 1), 16), **launch_options(pdl))
     out = out.view(x.shape)
     if residual is None:
         return out

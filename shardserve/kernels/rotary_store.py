@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardserve.kernels.pdl import launch_options, pdl_release_and_wait, use_pdl
 from shardserve.kernels.rotary import _cos_sin, _rotate_heads
 from shardserve.kernels.store_kv import to_cache
 
@@ -37,8 +38,9 @@ def _rotary_store_kv_kernel(
     stride_cs,
     num_q_heads, num_kv_heads, head_size, half, block_size,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr, IS_NEOX: tl.constexpr, PARTIAL: tl.constexpr,
+    BLOCK_D: tl.constexpr, IS_NEOX: tl.constexpr, PARTIAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_release_and_wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin, idx1, idx2, rmask = _cos_sin(cos_sin_ptr, positions_ptr, token, stride_cs, half,
                                            q_ptr, BLOCK_R, IS_NEOX)
@@ -88,6 +90,7 @@ def rotary_store_kv_(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     assert cos_sin_cache.stride(-1) == 1 and 0 < rotary_dim <= head_size and rotary_dim % 2 == 0
     half = rotary_dim // 2
+    pdl = use_pdl(query.device)
     _rotary_store_kv_kernel[(num_tokens,)](
         query, key, value, k_cache, v_cache, positions, slot_mapping, cos_sin_cache,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
@@ -97,4 +100,5 @@ def rotary_store_kv_(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         BLOCK_HQ=triton.next_power_of_2(query.shape[1]),
         BLOCK_HK=triton.next_power_of_2(num_kv_heads), BLOCK_R=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(head_size), IS_NEOX=is_neox_style,
-        PARTIAL=rotary_dim < head_size, num_warps=4, enable_fp_fusion=False)
+        PARTIAL=rotary_dim < head_size, USE_PDL=pdl, num_warps=4, enable_fp_fusion=False,
+        **launch_options(pdl))

@@ -20,13 +20,16 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from shardserve.kernels.pdl import launch_options, pdl_release_and_wait, use_pdl
+
 # Triton's interpreter (CPU tests) runs no libdevice calls; its tl.exp is numpy's, accurate too.
 _LIBDEVICE = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
 def _silu_and_mul_kernel(out_ptr, x_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr,
-                         LIBDEVICE: tl.constexpr):
+                         LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_release_and_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -49,7 +52,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = min(triton.next_power_of_2(d), 1024)
+        pdl = use_pdl(x.device)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
             out, x2, d, x2.stride(0), out.stride(0), BLOCK=block, LIBDEVICE=_LIBDEVICE,
-            num_warps=4)
+            USE_PDL=pdl, num_warps=4, **launch_options(pdl))
     return out.view(*x.shape[:-1], d)
