@@ -37,15 +37,22 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | os.PathLike[str] |
         from shardserve.loader.gguf_file import first_split_part
         path = first_split_part(path)  # of a split model, only the first part has a tokenizer
     _check_has_tokenizer(kind, path)
+    # For a GGUF, also the original tokenizer's splitting rule (None: keep transformers').
+    tokenizer_class, original = (_gguf_tokenizer_plan(path) if kind == "gguf"
+                                 else (AutoTokenizer, None))
     try:
         if kind == "gguf":
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tokenizer = tokenizer_class.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = tokenizer_class.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelLoadError(
             f"Cannot load a tokenizer from {path}: {err}. Pass a folder with tokenizer.json "
             "(or a .gguf file) via --tokenizer.") from err
+    if original is not None:
+        # transformers' GGUF conversion keeps GPT-2's splitting rule for labels it does not
+        # know, DeepSeek's among them: split as the model's original tokenizer does.
+        original.apply_to(tokenizer)
     if chat_template is not None:
         tokenizer.chat_template = resolve_chat_template(chat_template)
     elif not getattr(tokenizer, "chat_template", None):
@@ -226,6 +233,27 @@ def _check_has_tokenizer(kind: str, path: Path) -> None:
                                  f"{hint}")
     elif not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelLoadError(f"{path} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); {hint}")
+
+
+# GGUF architectures transformers has no config for. AutoTokenizer reads a GGUF's config only to
+# pick a tokenizer class and refuses these ("architecture deepseek2 is not supported yet"); their
+# byte-level vocabulary gets the generic fast tokenizer either way, so we ask for it directly.
+_GGUF_ARCHS_WITHOUT_TRANSFORMERS_CONFIG = ("deepseek2",)
+
+
+def _gguf_tokenizer_plan(path: Path) -> tuple[Any, Any]:
+    """(the transformers class to load a GGUF's tokenizer with, the original tokenizer's
+    pre-tokenizer and normalizer for its tokenizer.ggml.pre or None to keep transformers')."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from shardserve.loader.gguf_file import GGUFFile
+    from shardserve.loader.gguf_tokenizer import original_tokenizer
+    gguf_file = GGUFFile(path)
+    original = original_tokenizer(gguf_file.get("tokenizer.ggml.model"),
+                                  gguf_file.get("tokenizer.ggml.pre"), path)
+    if gguf_file.get("general.architecture") in _GGUF_ARCHS_WITHOUT_TRANSFORMERS_CONFIG:
+        return PreTrainedTokenizerFast, original
+    return AutoTokenizer, original
 
 
 def _find_chat_template(kind: str, path: Path) -> str | None:

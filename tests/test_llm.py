@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shardserve import SamplingParams
-from shardserve.errors import ContextLengthError, InvalidRequestError
+from shardserve.errors import InvalidRequestError
 from tests.device import make_llm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
@@ -263,10 +263,12 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
     assert text.prompt == "one two three four five six seven"  # as sent, like vLLM
     chat = llm.chat(MESSAGES, cut, use_tqdm=False)[0]
     assert len(chat.prompt_token_ids) == 5
-    # -1 is max_model_len: a prompt that long still leaves no room to generate.
-    with pytest.raises(ContextLengthError):
-        llm.generate({"prompt_token_ids": ids},
-                     SamplingParams(max_tokens=1, truncate_prompt_tokens=-1), use_tqdm=False)
+    # -1 is max_model_len: a prompt filling the context gets its one token, as in vLLM.
+    whole = llm.generate({"prompt_token_ids": ids},
+                         SamplingParams(max_tokens=4, truncate_prompt_tokens=-1), use_tqdm=False)
+    assert whole[0].prompt_token_ids == ids[-64:]
+    assert len(whole[0].outputs[0].token_ids) == 1
+    assert whole[0].outputs[0].finish_reason == "length"
     with pytest.raises(InvalidRequestError, match="max_model_len") as err:
         llm.generate({"prompt_token_ids": [1, 2]},
                      SamplingParams(max_tokens=1, truncate_prompt_tokens=65), use_tqdm=False)
@@ -322,3 +324,35 @@ def test_reset_prefix_cache(llm):
     assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].num_cached_tokens > 0
     assert llm.reset_prefix_cache() is True
     assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+
+
+def test_spaces_between_special_tokens(tiny_model_dirs, tmp_path):
+    """vLLM's spaces_between_special_tokens with skip_special_tokens=False, through
+    LLM.generate: the tokenizer here has no decoder, so its tokens are joined by spaces (as
+    tokenizers does then); False drops the space before an added token that follows another.
+    (SmolLM2's byte-level decoder never adds such spaces: there, as in vLLM, both read alike.)"""
+    folder = tmp_path / "no_decoder"
+    shutil.copytree(tiny_model_dirs["llama"], folder)
+    config = json.loads((folder / "tokenizer.json").read_text())
+    config["decoder"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(config))
+    llm = make_llm(str(folder), dtype="float32", max_model_len=64, kv_cache_memory_bytes=1 << 20)
+    try:
+        added = [1, 2, 3]  # <|im_start|> <|im_end|> <repo_name>: the output is only these
+        texts = {}
+        for spaces in (True, False):
+            params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                    allowed_token_ids=added, skip_special_tokens=False,
+                                    spaces_between_special_tokens=spaces)
+            out = llm.generate("hello", params, use_tqdm=False)[0].outputs[0]
+            names = llm.get_tokenizer().convert_ids_to_tokens(out.token_ids)
+            texts[spaces] = out.text
+            # The streaming path (LLMEngine's, as the server's): decoded token by token.
+            llm.engine.add_request("hello", params)
+            while llm.engine.has_unfinished_requests():
+                done = [o for o in llm.engine.step() if o.finished]
+            assert done[0].outputs[0].text == out.text
+        assert texts[True] == "".join(" " + name for name in names)
+        assert texts[False] == " " + "".join(names)
+    finally:
+        llm.shutdown()

@@ -50,15 +50,25 @@ class _TokenDecoder:
     """Turns token ids into text increments (see the module docstring)."""
 
     def __init__(self, tokenizer: Any, context_ids: Sequence[int], skip_special_tokens: bool,
-                 use_decode_stream: bool) -> None:
+                 use_decode_stream: bool, spaces_between_special_tokens: bool = True) -> None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             # The Rust decode: what tokenizer.decode does for fast tokenizers, minus Python.
             self._decode: Callable[[list[int]], str] = (
                 lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens))
         else:
-            self._decode = lambda ids: tokenizer.decode(
-                ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+            self._decode = lambda ids: _slow_decode(tokenizer, ids, skip_special_tokens,
+                                                    spaces_between_special_tokens)
+        # vLLM's spaces_between_special_tokens=False for fast tokenizers: an added token right
+        # after another comes out as its bare text, without the space a decoder such as
+        # WordPiece's (or none: tokens joined by spaces) puts before it. On by default, and
+        # moot when special tokens are skipped, as in vLLM. {id: text} of the added tokens,
+        # or None when the rule does not apply.
+        self._added_texts: dict[int, str] | None = None
+        if backend is not None and not skip_special_tokens and not spaces_between_special_tokens:
+            self._added_texts = {tid: token.content for tid, token
+                                 in backend.get_added_tokens_decoder().items()} or None
+        self._last_added = False
         # The window: ids[:read_offset] were emitted already (the prefix), the rest not yet.
         self._ids = list(context_ids)
         self._read_offset = len(self._ids)
@@ -80,6 +90,7 @@ class _TokenDecoder:
         the context decodes cleanly too. So the pieces add up to
         decode(context + ids) minus decode(context)."""
         if (self._stepped or self._stream is None or _ByteLevelDecoder is None
+                or self._added_texts is not None
                 or not isinstance(self._backend.decoder, _ByteLevelDecoder)):
             return None
         context = self._ids[:self._read_offset]
@@ -93,6 +104,15 @@ class _TokenDecoder:
 
     def step(self, token_id: int) -> str:
         """Append one id; return the text it completes ("" while a character is incomplete)."""
+        chunk = self._step(token_id)
+        if self._added_texts is not None:
+            text = self._added_texts.get(token_id)
+            if text is not None and self._last_added:
+                chunk = text  # no space between two added tokens (see __init__)
+            self._last_added = text is not None
+        return chunk
+
+    def _step(self, token_id: int) -> str:
         self._stepped = True
         self._ids.append(token_id)
         if self._stream is not None:
@@ -156,6 +176,35 @@ def _prompt_context(tokenizer: Any, prompt_token_ids: Sequence[int],
     return []
 
 
+def _slow_decode(tokenizer: Any, ids: list[int], skip_special_tokens: bool,
+                 spaces_between_special_tokens: bool) -> str:
+    """A Python (slow) tokenizer's text the way vLLM's detokenizer makes it: the runs of
+    ordinary tokens decoded, each added token as its own text, and the pieces joined by spaces
+    if spaces_between_special_tokens (the old transformers convention), else by nothing."""
+    added = getattr(tokenizer, "get_added_vocab", None)
+    added = added() if added is not None and hasattr(tokenizer, "convert_tokens_to_string") \
+        else None
+    if not added:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
+                                clean_up_tokenization_spaces=False)
+    special = set(tokenizer.all_special_tokens) if skip_special_tokens else set()
+    pieces: list[str] = []
+    run: list[str] = []
+    for token in tokenizer.convert_ids_to_tokens(ids):
+        if token is None or token in special:
+            continue
+        if token in added:
+            if run:
+                pieces.append(tokenizer.convert_tokens_to_string(run))
+                run = []
+            pieces.append(token)
+        else:
+            run.append(token)
+    if run:
+        pieces.append(tokenizer.convert_tokens_to_string(run))
+    return (" " if spaces_between_special_tokens else "").join(pieces)
+
+
 def _decode(tokenizer: Any, ids: list[int], skip_special_tokens: bool) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -177,12 +226,15 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int],
                  skip_special_tokens: bool = True, stop: Sequence[str] | None = None,
                  include_stop_str_in_output: bool = False, *,
-                 use_decode_stream: bool = True, lazy: bool = False, min_tokens: int = 0) -> None:
+                 use_decode_stream: bool = True, lazy: bool = False, min_tokens: int = 0,
+                 spaces_between_special_tokens: bool = True) -> None:
         """lazy: the text is read only when the request ends (see the module docstring); with
         stop strings it is decoded as it comes all the same. min_tokens: as in vLLM, a stop
-        string counts only if it ends after the text of the first min_tokens tokens."""
+        string counts only if it ends after the text of the first min_tokens tokens.
+        spaces_between_special_tokens: vLLM's (see _TokenDecoder and _slow_decode)."""
         context = _prompt_context(tokenizer, prompt_token_ids, skip_special_tokens)
-        self._decoder = _TokenDecoder(tokenizer, context, skip_special_tokens, use_decode_stream)
+        self._decoder = _TokenDecoder(tokenizer, context, skip_special_tokens, use_decode_stream,
+                                      spaces_between_special_tokens)
         self._stop = [s for s in (stop or ()) if s]
         self._lazy = lazy and not self._stop
         self._pending: list[int] = []  # lazy: ids not decoded yet

@@ -75,14 +75,16 @@ class InputProcessor:
             ids = self._truncate(ids, truncate_prompt_tokens)
         if not ids:
             raise InvalidRequestError("The prompt is empty; send at least one token.", "prompt")
-        if len(ids) >= self.max_model_len:
-            # OpenAI's and vLLM's opening words, which client libraries match to tell a
-            # context overflow from other 400s.
+        if len(ids) > self.max_model_len:
+            # vLLM's rule: a prompt may fill the whole context (it then yields one token, which
+            # needs no KV slot of its own); the server refuses a full context earlier, when
+            # max_tokens leaves no room (serving_common.check_fits). OpenAI's and vLLM's
+            # opening words, which client libraries match to tell a context overflow from
+            # other 400s.
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_model_len} tokens "
-                f"(max_model_len). However, your request has {len(ids)} input tokens, which "
-                "leaves no room to generate; shorten the prompt or raise max_model_len "
-                "(--max-model-len).", "prompt")
+                f"(max_model_len). However, your request has {len(ids)} input tokens; shorten "
+                "the prompt or raise max_model_len (--max-model-len).", "prompt")
         return ProcessedPrompt(text, ids)
 
     def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -134,7 +136,9 @@ class InputProcessor:
             # serve other prompts, or another model.
             params = replace(params, _bad_words_token_ids=bad_words_token_ids(
                 self.tokenizer, params.bad_words, self.vocab_size) if params.bad_words else None)
-        room = self.max_model_len - len(prompt.prompt_token_ids)
+        # A prompt that fills the context still gets its one token (vLLM: the scheduler ends
+        # it as "length" once prompt + outputs reach max_model_len).
+        room = max(1, self.max_model_len - len(prompt.prompt_token_ids))
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         return [Request(child_request_id(request_id, i, params.n), prompt.prompt_token_ids,
                         params.for_child(i) if params.n > 1 else params,

@@ -90,7 +90,9 @@ class OutputProcessor:
             detok = (IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
                                             p.skip_special_tokens, p.stop,
                                             p.include_stop_str_in_output, lazy=not stream,
-                                            min_tokens=p.min_tokens)
+                                            min_tokens=p.min_tokens,
+                                            spaces_between_special_tokens=(
+                                                p.spaces_between_special_tokens))
                      if p.detokenize else _NoText())
             samples.append(_Sample(i, detok, p.logprobs is not None))
             self._child_to_parent[req.request_id] = (request_id, i)

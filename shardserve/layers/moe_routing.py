@@ -15,8 +15,9 @@ Scoring: "softmax" (DeepSeek-V2, Qwen-MoE) or "sigmoid" (DeepSeek-V3). Choosing:
 Then optionally renormalised to sum to 1 (norm_topk_prob) and multiplied by
 routed_scaling_factor. Everything here runs in float32 on [T, E] tensors with no host sync, so
 it is CUDA-graph safe. The arithmetic follows transformers' DeepseekV2TopkRouter and
-DeepseekV3TopkRouter op for op (HF's V2 router ignores norm_topk_prob; every released V2
-config sets it False, where both agree); Qwen2/Qwen3-MoE's routers are softmax + greedy.
+DeepseekV3TopkRouter op for op; DeepSeek gate fields those routers ignore but DeepSeek's own code
+honours (V2's norm_topk_prob, scoring_func) are refused (`_check_deepseek_gate`). Qwen2/Qwen3-MoE's
+routers are softmax + greedy.
 """
 
 from __future__ import annotations
@@ -76,16 +77,15 @@ class RoutingConfig:
     def from_deepseek_config(cls, config: Any, v3: bool) -> "RoutingConfig":
         """V2 configs: softmax gate, greedy or group_limited_greedy. V3: sigmoid + noaux_tc
         (transformers' V3 router always routes by groups, whatever topk_method says)."""
-        default_scoring = "sigmoid" if v3 else "softmax"
+        _check_deepseek_gate(config, v3)
         return cls(
             num_experts=int(config.n_routed_experts),
             top_k=int(config.num_experts_per_tok),
-            scoring_func=getattr(config, "scoring_func", None) or default_scoring,
+            scoring_func="sigmoid" if v3 else "softmax",
             topk_method="noaux_tc" if v3 else (getattr(config, "topk_method", None) or "greedy"),
             num_expert_group=int(getattr(config, "n_group", None) or 1),
             topk_group=int(getattr(config, "topk_group", None) or 1),
-            renormalize=bool(getattr(config, "norm_topk_prob", False)) and (
-                v3 or int(config.num_experts_per_tok) > 1),
+            renormalize=v3 and bool(getattr(config, "norm_topk_prob", False)),
             routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
         )
 
@@ -96,6 +96,37 @@ class RoutingConfig:
         norm_topk_prob (transformers' Qwen2MoeTopKRouter / Qwen3MoeTopKRouter)."""
         return cls(num_experts=int(config.num_experts), top_k=int(config.num_experts_per_tok),
                    renormalize=bool(getattr(config, "norm_topk_prob", False)))
+
+
+def _check_deepseek_gate(config: Any, v3: bool) -> None:
+    """Refuse gate settings transformers' DeepSeek routers ignore (or fail on) where DeepSeek's
+    own modeling code does something else: no one reference says what such a model computes.
+    transformers' V2 router is softmax + greedy / group_limited_greedy, never renormalised;
+    its V3 router is sigmoid + noaux_tc, whatever scoring_func and topk_method say."""
+    arch = "DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"
+    scoring = getattr(config, "scoring_func", None)
+    expected = "sigmoid" if v3 else "softmax"
+    if scoring not in (None, expected):
+        # DeepSeek's code raises NotImplementedError; transformers scores with `expected`.
+        raise UnsupportedModelError(
+            f"{arch} with scoring_func={scoring!r} is not supported: its router scores experts "
+            f"with {expected} (transformers ignores the field, DeepSeek's code refuses it). Set "
+            f"scoring_func to {expected!r} in config.json if the model was trained that way.")
+    if v3:
+        return
+    topk_method = getattr(config, "topk_method", None) or "greedy"
+    if topk_method not in ("greedy", "group_limited_greedy"):
+        raise UnsupportedModelError(
+            f"DeepseekV2ForCausalLM with topk_method={topk_method!r} is not supported (its "
+            "router has greedy and group_limited_greedy; transformers' fails on anything else). "
+            "A noaux_tc model with e_score_correction_bias is DeepseekV3ForCausalLM.")
+    if getattr(config, "norm_topk_prob", False) and int(config.num_experts_per_tok) > 1:
+        # DeepSeek's V2 code renormalises (and then skips routed_scaling_factor), vLLM
+        # renormalises and scales, transformers does neither: three different models.
+        raise UnsupportedModelError(
+            "DeepseekV2ForCausalLM with norm_topk_prob=true is not supported: transformers' "
+            "DeepSeek-V2 ignores it while DeepSeek's own code renormalises the top-k weights, so "
+            "the two compute different models (every released DeepSeek-V2 sets it false).")
 
 
 def select_experts(router_logits: torch.Tensor, cfg: RoutingConfig,

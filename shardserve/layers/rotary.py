@@ -33,10 +33,14 @@ def get_rope_config(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
                  or 10000.0)
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
-    if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in params:
-        # transformers fills this in from the config (a top-level field wins: Phi-3 style).
-        params["original_max_position_embeddings"] = getattr(
-            hf_config, "original_max_position_embeddings", None) or hf_config.max_position_embeddings
+    if rope_type in ("llama3", "yarn"):
+        # A top-level field wins over rope_scaling's own (Phi-3 style): transformers' RoPE
+        # re-standardises the config when it builds its frequencies and lets it override (its
+        # loaded config may still show max_position_embeddings filled in).
+        top_level = getattr(hf_config, "original_max_position_embeddings", None)
+        if top_level is not None:
+            params["original_max_position_embeddings"] = top_level
+        params.setdefault("original_max_position_embeddings", hf_config.max_position_embeddings)
     if rope_type == "default" and not params.get("partial_rotary_factor"):
         return base, None
     return base, {"rope_type": rope_type, **params}
@@ -209,6 +213,23 @@ def check_rope_type(rope_type: str) -> None:
         raise UnsupportedModelError(
             f"RoPE scaling type {rope_type!r} (config.json's rope_scaling / rope_parameters) is "
             f"not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
+
+
+def check_rope_config(hf_config: Any) -> None:
+    """Refuse RoPE settings of a Llama/Qwen/DeepSeek config that we would serve differently
+    from transformers: an unknown scaling type, or partial_rotary_factor, which those models
+    in transformers ignore (default RoPE rotates whole heads) or fail on (scaled RoPE builds
+    cos/sin narrower than the heads), so no reference says what the checkpoint computes."""
+    _, scaling = get_rope_config(hf_config)
+    scaling = scaling or {}
+    check_rope_type(scaling.get("rope_type", "default"))
+    partial = scaling.get("partial_rotary_factor")
+    if partial is not None and float(partial) != 1.0:
+        raise UnsupportedModelError(
+            f"partial_rotary_factor={partial} (config.json) is not supported for "
+            f"{', '.join(getattr(hf_config, 'architectures', None) or ['this model'])}: "
+            "transformers' implementation rotates whole heads (or fails with RoPE scaling). "
+            "Remove the field if the model was trained with full rotary embeddings.")
 
 
 _ROPE_CACHE: dict[tuple, RotaryEmbedding] = {}

@@ -26,7 +26,7 @@ from shardserve.layers.activation import SiluAndMul
 from shardserve.layers.attention import Attention
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from shardserve.layers.rotary import get_rope, get_rope_config
+from shardserve.layers.rotary import check_rope_config, get_rope, get_rope_config
 from shardserve.layers.weight_utils import LoadedWeight
 from shardserve.loader.fp8 import dequantize_fp8_weights, fp8_block_size
 from shardserve.models.decoder_layer import PreNormDecoderLayer
@@ -115,8 +115,7 @@ class LlamaAttention(nn.Module):
                                         reduce_results=flags.o_proj_bias,
                                         params_dtype=dtype, quantizable=True)
         base, rope_scaling = get_rope_config(config)
-        partial = (rope_scaling or {}).get("partial_rotary_factor") or 1.0
-        self.rotary_emb = get_rope(self.head_dim, int(self.head_dim * partial),
+        self.rotary_emb = get_rope(self.head_dim, self.head_dim,
                                    config.max_position_embeddings, base, rope_scaling,
                                    num_positions=max_model_len)
         self.qk_norm = flags.qk_norm
@@ -177,6 +176,7 @@ class LlamaModel(StageDecoderModel):
                  max_model_len: int = 0, stage: StageLayout | None = None,
                  make_mlp: MakeMLP = dense_mlp) -> None:
         flags = LlamaFamilyFlags.from_config(config)
+        check_rope_config(config)
         _check_sliding_window(config, max_model_len)
         super().__init__(config, dtype, stage, lambda i: LlamaDecoderLayer(
             config, flags, i, dtype, max_model_len, make_mlp))

@@ -41,7 +41,7 @@ def check_architecture(hf_config: Any) -> str:
     arch = served_architecture(archs, model_type)
     if arch is None:
         raise unsupported_model_error(archs, model_type)
-    check_config_features(hf_config)
+    check_config_features(hf_config, arch)
     return arch
 
 
@@ -61,15 +61,19 @@ def unsupported_model_error(architectures: Any, model_type: Any) -> UnsupportedM
         f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}.")
 
 
-def check_config_features(hf_config: Any) -> None:
+def check_config_features(hf_config: Any, architecture: str | None = None) -> None:
     """Refuse, when the config is read (before any worker starts), what the models would
-    otherwise refuse only while being built: a quantization or RoPE scaling we do not serve."""
-    from shardserve.layers.rotary import check_rope_type, get_rope_config
+    otherwise refuse only while being built: a quantization, RoPE setting or (DeepSeek) MoE
+    gate we do not serve."""
+    from shardserve.layers.moe_routing import RoutingConfig
+    from shardserve.layers.rotary import check_rope_config
     from shardserve.loader.fp8 import fp8_block_size
 
     fp8_block_size(hf_config)
-    _, rope_scaling = get_rope_config(hf_config)
-    check_rope_type((rope_scaling or {}).get("rope_type", "default"))
+    check_rope_config(hf_config)
+    if (architecture in ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+            and getattr(hf_config, "n_routed_experts", None)):
+        RoutingConfig.from_deepseek_config(hf_config, architecture == "DeepseekV3ForCausalLM")
 
 
 def get_model_class(name: str) -> type[nn.Module]:

@@ -119,6 +119,7 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # function schemas the template renders
     chat_template: Any = None  # vLLM's; refused as on /v1/chat/completions
     return_token_strs: bool = False
 

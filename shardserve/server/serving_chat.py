@@ -18,7 +18,7 @@ from shardserve.outputs import RequestOutput, SampleLogprobs
 from shardserve.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                         ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                         ChatStreamChoice, ChatTokenLogprob, DeltaMessage,
-                                        TopLogprob, random_id)
+                                        TokenizeRequest, TopLogprob, random_id)
 from shardserve.server.serving_beam_search import beam_search_params, run_beam_search
 from shardserve.server.serving_common import (SSE_DONE, ClientDisconnected, SSEResponse,
                                               build_sampling_params, check_fits,
@@ -103,11 +103,13 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
                                       "top_logprobs")
 
 
-def prompt_token_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
+def prompt_token_ids(tokenizer: Any, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
     """The chat rendered by the template and tokenized; vLLM's add_special_tokens (off by
-    default, as the template writes any BOS itself) adds the tokenizer's own as well."""
+    default, as the template writes any BOS itself) adds the tokenizer's own as well. /tokenize
+    counts a chat through here too, so its ids are the ones a chat completion would get."""
     return apply_chat_template(tokenizer, req.messages, req.add_generation_prompt,
-                               req.chat_template_kwargs, req.add_special_tokens, tools=req.tools,
+                               req.chat_template_kwargs, bool(req.add_special_tokens),
+                               tools=req.tools,
                                continue_final_message=req.continue_final_message)
 
 

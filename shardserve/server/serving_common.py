@@ -223,8 +223,17 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, floa
 
 def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
                param: str) -> None:
-    """400 when the prompt plus the tokens asked for exceed the context (OpenAI's wording)."""
-    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+    """400 when the prompt plus the tokens asked for exceed the context (OpenAI's wording).
+
+    vLLM's server rule, stricter than its engine's (which takes a prompt of max_model_len and
+    gives it one token): without max_tokens the prompt must leave room for at least one."""
+    if max_tokens is None:
+        if num_prompt_tokens >= max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {max_model_len} tokens. However, your "
+                f"request has {num_prompt_tokens} input tokens, which leaves no room to "
+                "generate; shorten the prompt.", "prompt")
+    elif num_prompt_tokens + max_tokens > max_model_len:
         raise ContextLengthError(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "

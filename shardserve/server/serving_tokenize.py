@@ -9,9 +9,9 @@ from fastapi import Request
 from shardserve.errors import InvalidRequestError
 from shardserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
                                         TokenizeResponse)
+from shardserve.server.serving_chat import prompt_token_ids
 from shardserve.server.serving_common import check_unsupported, read_request
 from shardserve.server.state import ServerState
-from shardserve.tokenizer import render_chat_template
 
 
 async def tokenize(request: Request, state: ServerState) -> TokenizeResponse:
@@ -23,15 +23,12 @@ async def tokenize(request: Request, state: ServerState) -> TokenizeResponse:
     if (req.prompt is None) == (req.messages is None):
         raise InvalidRequestError("Send either prompt (text) or messages (a chat).", "prompt")
     if req.prompt is not None:
-        text = req.prompt
         add_special = True if req.add_special_tokens is None else req.add_special_tokens
+        ids = list(tokenizer.encode(req.prompt, add_special_tokens=add_special))
     else:
-        text = render_chat_template(tokenizer, req.messages, req.add_generation_prompt,
-                                    req.chat_template_kwargs,
-                                    continue_final_message=req.continue_final_message)
-        # The template writes BOS itself where the model wants one (see tokenizer.py).
-        add_special = bool(req.add_special_tokens)
-    ids = list(tokenizer.encode(text, add_special_tokens=add_special))
+        # The chat completions path's own rendering (template options, tools; no BOS added
+        # unless asked, as the template writes it), so the count is the one a chat would use.
+        ids = prompt_token_ids(tokenizer, req)
     return TokenizeResponse(
         count=len(ids), max_model_len=state.config.model_config.max_model_len, tokens=ids,
         token_strs=tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None)

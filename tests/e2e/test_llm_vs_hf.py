@@ -130,3 +130,47 @@ def test_prompt_logits_within_1e4(tiny_model_dirs, references):
     ref = hf_logits(model, prompt)
     rel = ((logits - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["default", "chunked_small_budget", "async"])
+def test_prompt_filling_the_context(tmp_path_factory, variant):
+    """vLLM's offline rule: a prompt of exactly max_model_len tokens is taken and gets one
+    token, finish_reason "length" (transformers' greedy one); a longer one is refused. The
+    model's max_position_embeddings is max_model_len here, so the RoPE table ends at the last
+    prompt position. Its blocks are exactly max_model_len / block_size (none past the context),
+    on a first run and on a prefix-cache hit, and all come back."""
+    from shardserve.errors import ContextLengthError
+    from shardserve.testing import write_random_model
+
+    folder = str(write_random_model(tmp_path_factory.mktemp("ctx64") / "m", preset="tiny",
+                                    seed=3, max_position_embeddings=64))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    rng = random.Random(5)
+    full = [rng.randrange(2000) for _ in range(64)]
+    prompts = [full, full, full[:63] + [7]]  # the second hits the cache; the third shares 56
+    llm = make_llm(folder, dtype="float32", block_size=8, **ENGINE_VARIANTS[variant])
+    try:
+        assert llm.config.model_config.max_model_len == 64
+        kv_cache = llm.engine.core.scheduler.kv_cache
+        most_blocks = []
+        allocate = kv_cache.allocate_slots
+
+        def counting_allocate(request, *args, **kwargs):
+            new = allocate(request, *args, **kwargs)
+            most_blocks.append(len(kv_cache.req_to_blocks.get(request.request_id, [])))
+            return new
+
+        kv_cache.allocate_slots = counting_allocate
+        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+        for prompt in prompts:  # one at a time, so that the second finds the first's blocks
+            out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+            assert out.outputs[0].token_ids == hf_greedy(model, prompt, 1)
+            assert out.outputs[0].finish_reason == "length"
+        assert max(most_blocks) == 8
+        assert kv_cache.stats.hits >= 56
+        assert kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
+        with pytest.raises(ContextLengthError, match="65 input tokens"):
+            llm.generate({"prompt_token_ids": full + [1]}, params, use_tqdm=False)
+        assert kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
+    finally:
+        llm.shutdown()

@@ -299,3 +299,79 @@ def test_lazy_sentencepiece_falls_back_to_stepping() -> None:
     tok = _metaspace_tokenizer()
     eager, lazy = _lazy_vs_eager(tok, [1, 2, 3, 1], [2, 4, 3], True)
     assert lazy.output_text == eager.output_text == " world! the"
+
+
+# ---- spaces_between_special_tokens (vLLM's) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wordpiece_tok() -> Any:
+    """A fast tokenizer whose decoder puts a space before every word (WordPiece's, as BERT's),
+    added tokens included: the case vLLM's spaces_between_special_tokens=False changes."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    words = ["[UNK]", "hello", "world", "the", "end"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+    tok.add_special_tokens({"additional_special_tokens": ["<s1>", "<s2>"]})
+    tok.add_tokens(["<t>"])  # added, not special: skip_special_tokens keeps it
+    return tok
+
+
+class _PythonTokenizer(_SlowTokenizer):
+    """A slow tokenizer's token-level interface (what vLLM's slow detokenizer reads)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("get_added_vocab", "convert_ids_to_tokens", "convert_tokens_to_string",
+                    "all_special_tokens"):
+            return getattr(self._tok, name)
+        raise AttributeError(name)
+
+
+def _texts(tok: Any, ids: list[int], skip: bool, spaces: bool) -> list[str]:
+    """output_text per path: stream, window, lazy (decoded at the end), streamed deltas."""
+    prompt = tok.encode("the end", add_special_tokens=False)
+    texts = []
+    for use_stream, lazy in ((True, False), (False, False), (True, True)):
+        d = IncrementalDetokenizer(tok, prompt, skip, use_decode_stream=use_stream, lazy=lazy,
+                                   spaces_between_special_tokens=spaces)
+        deltas = []
+        for tid in ids:
+            d.update([tid])
+            deltas.append(d.get_next_delta())
+        d.finish()
+        deltas.append(d.get_next_delta())
+        texts += [d.output_text, "".join(deltas)]
+    return texts
+
+
+def test_spaces_between_special_tokens_fast(wordpiece_tok: Any) -> None:
+    """vLLM's fast-tokenizer rule: True (the default) keeps the decoder's text; False gives an
+    added token that follows another added token as its bare text (no space before it); with
+    skip_special_tokens it makes no difference. The same on every path."""
+    tok = wordpiece_tok
+    ids = tok.encode("hello <s1><s2> world <t><s1> the end <s2>", add_special_tokens=False)
+    spaced = " hello <s1> <s2> world <t> <s1> the end <s2>"
+    assert set(_texts(tok, ids, skip=False, spaces=True)) == {spaced}
+    assert set(_texts(tok, ids, skip=False, spaces=False)) == {
+        " hello <s1><s2> world <t><s1> the end <s2>"}
+    assert set(_texts(tok, ids, skip=True, spaces=False)) == \
+        set(_texts(tok, ids, skip=True, spaces=True)) == {" hello world <t> the end"}
+
+
+def test_spaces_between_special_tokens_slow(wordpiece_tok: Any) -> None:
+    """vLLM's slow-tokenizer rule: runs of ordinary tokens and each added token are pieces,
+    joined by spaces (True) or by nothing (False); skipped special tokens are no pieces."""
+    tok = _PythonTokenizer(wordpiece_tok)
+    ids = wordpiece_tok.encode("hello <s1><s2> world the <t>", add_special_tokens=False)
+    for use_stream in (True, False):
+        d = IncrementalDetokenizer(tok, [], False, use_decode_stream=use_stream,
+                                   spaces_between_special_tokens=False)
+        d.update(ids)
+        d.finish()
+        assert d.output_text == "hello<s1><s2>world the<t>"
+    d = IncrementalDetokenizer(tok, [], True, spaces_between_special_tokens=True)
+    d.update(ids)
+    d.finish()
+    assert d.output_text == "hello world the <t>"

@@ -48,18 +48,30 @@ def test_routing_matches_transformers(v3: bool, overrides: dict) -> None:
     torch.testing.assert_close(_by_expert(weights, ids), _by_expert(ref_weights, ref_ids))
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(n_group=16, topk_group=2, num_experts_per_tok=2), "two best experts"),
-    (dict(n_group=4, topk_group=5, num_experts_per_tok=2), "topk_group=5"),
-    (dict(n_group=4, topk_group=1, num_experts_per_tok=6), "cannot be chosen from the 4"),
+@pytest.mark.parametrize("v3,overrides,match", [
+    (True, dict(n_group=16, topk_group=2, num_experts_per_tok=2), "two best experts"),
+    (True, dict(n_group=4, topk_group=5, num_experts_per_tok=2), "topk_group=5"),
+    (True, dict(n_group=4, topk_group=1, num_experts_per_tok=6), "cannot be chosen from the 4"),
+    # Gate fields transformers ignores (or fails on) where DeepSeek's own code differs.
+    (True, dict(scoring_func="softmax"), "DeepseekV3ForCausalLM with scoring_func='softmax'"),
+    (False, dict(scoring_func="sigmoid"), "DeepseekV2ForCausalLM with scoring_func='sigmoid'"),
+    (False, dict(topk_method="noaux_tc", n_group=2, topk_group=1), "topk_method='noaux_tc'"),
+    (False, dict(norm_topk_prob=True, num_experts_per_tok=2), "norm_topk_prob=true"),
 ])
-def test_routing_configs_transformers_cannot_run_are_refused(overrides: dict, match: str) -> None:
+def test_routing_configs_transformers_cannot_run_are_refused(v3: bool, overrides: dict,
+                                                             match: str) -> None:
     """Configs whose routing fails inside transformers' forward (a top-2 of one expert, more
-    experts than the chosen groups hold) are refused when the model is read, by name."""
+    experts than the chosen groups hold), or that transformers' router would silently route
+    unlike DeepSeek's code, are refused when the config is read, by name."""
     from shardserve.errors import UnsupportedModelError
-    config = DeepseekV3Config(hidden_size=HIDDEN, n_routed_experts=EXPERTS, **overrides)
+    from shardserve.models.registry import check_architecture
+    cls = DeepseekV3Config if v3 else DeepseekV2Config
+    config = cls(hidden_size=HIDDEN, n_routed_experts=EXPERTS,
+                 architectures=[f"DeepseekV{3 if v3 else 2}ForCausalLM"], **overrides)
     with pytest.raises(UnsupportedModelError, match=match):
-        RoutingConfig.from_deepseek_config(config, True)
+        RoutingConfig.from_deepseek_config(config, v3)
+    with pytest.raises(UnsupportedModelError, match=match):
+        check_architecture(config)  # before any worker starts
 
 
 def test_expert_weights_load_per_expert_and_stacked() -> None:

@@ -84,6 +84,12 @@ def test_old_style_config_and_errors() -> None:
     new = SimpleNamespace(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0},
                           max_position_embeddings=64)
     assert get_rope_config(new)[1]["original_max_position_embeddings"] == 64
+    # A top-level original_max_position_embeddings wins over rope_scaling's, as in transformers.
+    phi3 = SimpleNamespace(rope_theta=1e4, original_max_position_embeddings=8,
+                           rope_scaling={"type": "yarn", "factor": 4.0,
+                                         "original_max_position_embeddings": 16},
+                           max_position_embeddings=64)
+    assert get_rope_config(phi3)[1]["original_max_position_embeddings"] == 8
     with pytest.raises(UnsupportedModelError, match="longrope"):
         get_rope(16, 16, 32, 1e4, {"rope_type": "longrope", "factor": 2.0})
 

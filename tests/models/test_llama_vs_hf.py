@@ -97,6 +97,8 @@ def test_fp8_block_quantized_checkpoint_is_dequantized(name: str, tmp_path: Path
      r"quantization_config.*'compressed-tensors'"),
     ({"rope_scaling": {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8,
                        "original_max_position_embeddings": 64}}, r"'longrope'.*rope_scaling"),
+    # transformers' Llama rotates whole heads whatever partial_rotary_factor says.
+    ({"rope_theta": 10000.0, "partial_rotary_factor": 0.5}, r"partial_rotary_factor=0\.5"),
 ])
 def test_unsupported_config_refused_when_resolved(config_json: dict, match: str,
                                                   tmp_path: Path) -> None:
@@ -154,6 +156,28 @@ def test_sliding_window_layers_are_served_within_the_window(tmp_path: Path) -> N
     with pytest.raises(UnsupportedModelError,
                        match=r"sliding_window=16, from layer_types.*max_model_len.*at most 16"):
         ours(17)
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"type": "yarn", "factor": 4.0},
+    {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+])
+def test_top_level_original_max_position_embeddings_wins(rope_scaling: dict,
+                                                         tmp_path: Path) -> None:
+    """A config.json with original_max_position_embeddings beside rope_scaling (Phi-3 style):
+    transformers' YaRN takes the top-level value, over rope_scaling's own or, where that is
+    missing, the max_position_embeddings its loaded config fills in."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny_checkpoint("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.update(rope_theta=10000.0, original_max_position_embeddings=8,
+                  rope_scaling=rope_scaling)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    input_ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(5))
+    assert_close_logits(our_logits(load_ours(tmp_path), input_ids), hf_logits(hf, input_ids))
 
 
 def test_dynamic_rope_past_max_position_warns(tmp_path: Path, caplog) -> None:

@@ -158,6 +158,10 @@ def test_bad_field(http, endpoint, body, status, param, words):
     ("completions", {"prompt": "hi", "max_tokens": 600}, "max_tokens"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi " * 600}]}, "prompt"),
     ("chat/completions", {"messages": CHAT, "max_tokens": 600}, "max_tokens"),
+    # vLLM's server rule for a prompt filling the context (512): refused without max_tokens
+    # (no room left) and with any max_tokens; the engine itself would give it one token.
+    ("completions", {"prompt": [5] * 512, "max_tokens": None}, "prompt"),
+    ("completions", {"prompt": [5] * 512, "max_tokens": 1}, "max_tokens"),
 ])
 def test_context_overflow_has_openai_code_and_words(http, endpoint, body, param):
     """OpenAI's code and opening words, which client libraries (LangChain, LiteLLM) match to
@@ -166,6 +170,19 @@ def test_context_overflow_has_openai_code_and_words(http, endpoint, body, param)
     assert error["code"] == "context_length_exceeded", error
     assert error["message"].startswith("This model's maximum context length is 512 tokens"), error
     assert error["param"] == param
+
+
+def test_prompt_at_the_context_limit(http):
+    """What vLLM's server takes at the limit: a prompt one short of max_model_len without
+    max_tokens gets one token; a prompt filling it can still be scored (echo, max_tokens 0)."""
+    body = http.post("/v1/completions", json={"prompt": [5] * 511, "max_tokens": None,
+                                              "temperature": 0}).json()
+    assert body["usage"]["completion_tokens"] == 1, body
+    assert body["choices"][0]["finish_reason"] == "length"
+    body = http.post("/v1/completions", json={"prompt": [5] * 512, "max_tokens": 0,
+                                              "echo": True, "logprobs": 0}).json()
+    assert body["usage"]["prompt_tokens"] == 512, body
+    assert len(body["choices"][0]["logprobs"]["tokens"]) == 512
 
 
 @pytest.mark.parametrize("content,words", [
