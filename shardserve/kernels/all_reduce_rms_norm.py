@@ -102,8 +102,10 @@ def _all_reduce_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, 
         (tl.load(buf_ptrs + rank) + buf_offset).to(tl.pointer_type(dtype)), 16)
 
     for row in range(pid, num_rows, num_programs):
-        epoch = (tl.load(counts + row, volatile=True) + 1) & COUNT_MASK
-        tl.store(counts + row, epoch)
+        # One atomic increment a row, its old value shared with every thread: a separate load
+        # and store let a warp that read the count after another warp had stored it take the
+        # next call's parity (seen as a rare wrong sum with several rows a program).
+        epoch = (tl.atomic_add(counts + row, 1) + 1) & COUNT_MASK
         offs = row.to(tl.int64) * hidden + cols
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         slot = ((epoch % 2) * WORLD + rank).to(tl.int64) * slab_elems + offs
@@ -111,7 +113,7 @@ def _all_reduce_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, 
             region = tl.multiple_of(
                 (tl.load(buf_ptrs + p) + buf_offset).to(tl.pointer_type(dtype)), 16)
             tl.store(region + slot, x, mask=mask)
-    tl.debug_barrier()  # every thread's pushes (and count updates) before any signal
+    tl.debug_barrier()  # every thread's pushes before any signal (counts: see loop 1)
     for row in range(pid, num_rows, num_programs):
         epoch = tl.load(counts + row, volatile=True)
         _store_release(tl.load(pad_ptrs + peers) + (flags + row * WORLD + rank) * 4,
