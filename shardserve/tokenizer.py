@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import inspect
 import json
 import os
@@ -93,6 +95,35 @@ def encode_prompt(tokenizer: Any, text: str, add_special_tokens: bool = True) ->
     if not isinstance(text, str):
         raise InvalidRequestError(f"prompt must be a string, got {type(text).__name__}.", "prompt")
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def token_bytes(tokenizer: Any, token_id: int, text: str) -> bytes:
+    """The bytes a token stands for (OpenAI's logprobs `bytes`), given its decoded text.
+
+    A token holding part of a character (an emoji's first bytes) decodes to U+FFFD, whose UTF-8
+    is not the token's: its own bytes come from its vocabulary entry, written in byte-level
+    BPE's alphabet (GPT-2, Llama 3, Qwen, SmolLM2) or as SentencePiece's <0xNN>. Joined over
+    an answer's tokens they are the answer's UTF-8, which is what clients rebuild text from."""
+    if "\ufffd" not in text:
+        return text.encode()
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        byte_of = _byte_of_char()
+        if piece and all(ch in byte_of for ch in piece):
+            return bytes(byte_of[ch] for ch in piece)
+    return text.encode()
+
+
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's alphabet (transformers' table of a character for each byte), inverted."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    return {ch: b for b, ch in bytes_to_unicode().items()}
 
 
 def apply_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]],

@@ -12,7 +12,7 @@ import pytest
 from shardserve.errors import InvalidRequestError, ModelLoadError
 from shardserve.loader.source import ModelSource
 from shardserve.tokenizer import (apply_chat_template, encode_prompt, eos_token_ids, load_tokenizer,
-                                  render_chat_template, resolve_chat_template)
+                                  render_chat_template, resolve_chat_template, token_bytes)
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -47,6 +47,25 @@ def test_bos_is_added_when_the_tokenizer_asks(tiny_model_dirs):
     tokenizer.add_bos_token = True  # as Llama's tokenizer_config.json says
     ids = encode_prompt(tokenizer, "Hello world")
     assert ids[0] == tokenizer.bos_token_id and ids[1:] == tokenizer.encode("Hello world", add_special_tokens=False)
+
+
+def test_token_bytes_join_to_the_texts_utf8(tiny_model_dirs):
+    """OpenAI's logprobs bytes: a token holding part of a character decodes to U+FFFD, but its
+    bytes are its own, so an answer's tokens' bytes join to the answer's UTF-8."""
+    tokenizer = load_tokenizer(ModelSource("hf", Path(tiny_model_dirs["llama"]), "tiny"))
+    text = "A cat 🐱, 日本語 and café."
+    ids = encode_prompt(tokenizer, text, add_special_tokens=False)
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert "\ufffd" in "".join(pieces)  # some tokens split a character (byte-level BPE)
+    assert b"".join(token_bytes(tokenizer, i, p) for i, p in zip(ids, pieces)) == text.encode()
+
+    class SentencePieceLike:  # byte-fallback pieces, as Llama 2's and Mistral's vocabularies
+        def convert_ids_to_tokens(self, token_id):
+            return {7: "<0xF0>", 8: "<0x9F>", 9: "\ufffd"}[token_id]
+
+    sp = SentencePieceLike()
+    assert token_bytes(sp, 7, "\ufffd") == b"\xf0" and token_bytes(sp, 8, "\ufffd") == b"\x9f"
+    assert token_bytes(sp, 9, "\ufffd") == "\ufffd".encode()  # the character itself
 
 
 def test_chat_template_found_in_chat_template_json(tiny_model_dirs, tmp_path):

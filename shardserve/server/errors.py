@@ -12,6 +12,7 @@ the matching HTTP status, and a message that names the field to fix.
 
 from __future__ import annotations
 
+import http
 import logging
 from typing import Any
 
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shardserve.errors import EngineDeadError, OverloadedError, ShardserveError
@@ -118,10 +120,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def shardserve_error(_: Request, exc: ShardserveError) -> JSONResponse:
         return from_exception(exc).response()
 
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        err = APIError(exc.status_code, str(exc.detail), "invalid_request_error", None, code,
-                       dict(exc.headers or {}))
+        err = APIError(exc.status_code, _http_message(request, exc), "invalid_request_error",
+                       None, code, dict(exc.headers or {}))
         return err.response()
 
     async def request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -163,6 +165,43 @@ class _InternalErrors:
             if started:
                 raise
             await from_exception(exc).response()(scope, receive, send)
+
+
+# OpenAI endpoints this server does not have (path prefix -> what they are), so that a client
+# calling one learns that, rather than a bare "Not Found" that reads like a wrong base_url.
+_NOT_SERVED = {
+    "/v1/embeddings": "embeddings", "/v1/responses": "the Responses API",
+    "/v1/audio": "audio", "/v1/images": "images", "/v1/moderations": "moderations",
+    "/v1/files": "files", "/v1/batches": "batches", "/v1/fine_tuning": "fine-tuning",
+    "/v1/assistants": "assistants", "/v1/threads": "threads",
+    "/v1/vector_stores": "vector stores", "/v1/realtime": "the Realtime API",
+    "/v1/uploads": "uploads",
+}
+_SERVED = "/v1/completions and /v1/chat/completions (with /v1/models, /tokenize, /detokenize)"
+
+
+def _http_message(request: Request, exc: StarletteHTTPException) -> str:
+    """Starlette's routing errors ("Not Found", "Method Not Allowed") in words that say what
+    to change; any other HTTPException keeps its own detail."""
+    method, path = request.method, request.url.path
+    default = exc.detail == http.HTTPStatus(exc.status_code).phrase
+    if exc.status_code == 405 and default:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return f"Method {method} is not allowed on {path}" + (f"; use {allowed}." if allowed
+                                                               else ".")
+    if exc.status_code != 404 or not default:
+        return str(exc.detail)
+    for prefix, what in _NOT_SERVED.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return (f"This server does not serve {what} ({method} {path}): it generates text, "
+                    f"at {_SERVED}.")
+    # The commonest mistake: an OpenAI client's base_url without /v1.
+    scope = {**request.scope, "path": "/v1" + path}
+    if not path.startswith("/v1/") and any(
+            route.matches(scope)[0] != Match.NONE for route in request.app.routes):
+        return (f"Unknown route {path}: did you mean /v1{path}? An OpenAI client's base_url "
+                "ends in /v1.")
+    return f"Unknown route {method} {path}; this server generates text at {_SERVED}."
 
 
 def _first_message(errors: Any) -> str:

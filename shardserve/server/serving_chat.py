@@ -14,7 +14,7 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 from shardserve.errors import InvalidRequestError
-from shardserve.outputs import RequestOutput, SampleLogprobs
+from shardserve.outputs import Logprob, RequestOutput, SampleLogprobs
 from shardserve.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                         ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                         ChatStreamChoice, ChatTokenLogprob, DeltaMessage,
@@ -27,7 +27,7 @@ from shardserve.server.serving_common import (SSE_DONE, ClientDisconnected, SSER
                                               sse_error, stream_usage, unless_disconnected,
                                               usage_of)
 from shardserve.server.state import ServerState
-from shardserve.tokenizer import apply_chat_template
+from shardserve.tokenizer import apply_chat_template, token_bytes
 
 
 async def create_chat_completion(request: Request, state: ServerState) -> Response:
@@ -56,14 +56,16 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
                                        req.skip_special_tokens)
         if finals is None:
             return Response(status_code=499)  # nobody reads it; the requests are aborted
-        return JSONResponse(_response(request_id, model, finals[0], req).model_dump())
+        return JSONResponse(_response(request_id, model, finals[0], req,
+                                      engine.tokenizer).model_dump())
     state.admit()
     gen = engine.generate(processed, params, request_id)
     streaming = False
     try:
         if not req.stream:
             final = await unless_disconnected(request, _last(gen))
-            return JSONResponse(_response(request_id, model, final, req).model_dump())
+            return JSONResponse(_response(request_id, model, final, req,
+                                          engine.tokenizer).model_dump())
         first = await unless_disconnected(request, anext(gen))
         streaming = True
     except ClientDisconnected:
@@ -77,7 +79,8 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         await close_all([gen])
         state.release()
 
-    return SSEResponse(_stream(request_id, model, req, first, gen), on_close)
+    return SSEResponse(_stream(request_id, model, req, first, gen, engine.tokenizer),
+                       on_close)
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
@@ -121,12 +124,13 @@ async def _last(gen: AsyncIterator[RequestOutput]) -> RequestOutput:
     return final
 
 
-def _response(request_id: str, model: str, final: RequestOutput,
-              req: ChatCompletionRequest) -> ChatCompletionResponse:
+def _response(request_id: str, model: str, final: RequestOutput, req: ChatCompletionRequest,
+              tokenizer: Any) -> ChatCompletionResponse:
     echo = _echoed(req)
     choices = [ChatChoice(index=c.index,
                           message=ChatMessage(role="assistant", content=echo + c.text),
-                          logprobs=_logprobs(c.logprobs, req.top_logprobs or 0) if req.logprobs else None,
+                          logprobs=(_logprobs(c.logprobs, req.top_logprobs or 0, tokenizer)
+                                    if req.logprobs else None),
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                for c in final.outputs]
     return ChatCompletionResponse(id=request_id, model=model, choices=choices,
@@ -135,7 +139,7 @@ def _response(request_id: str, model: str, final: RequestOutput,
 
 
 async def _stream(request_id: str, model: str, req: ChatCompletionRequest, first: RequestOutput,
-                  gen: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+                  gen: AsyncIterator[RequestOutput], tokenizer: Any) -> AsyncIterator[str]:
     created = int(time.time())
     include_usage, continuous = stream_usage(req.stream_options)
     num_prompt = len(first.prompt_token_ids)
@@ -156,7 +160,8 @@ async def _stream(request_id: str, model: str, req: ChatCompletionRequest, first
                 continue
             if c.finished():
                 finished.add(c.index)
-            logprobs = _logprobs(c.delta_logprobs, req.top_logprobs or 0) if req.logprobs else None
+            logprobs = (_logprobs(c.delta_logprobs, req.top_logprobs or 0, tokenizer)
+                        if req.logprobs else None)
             result.append(chunk([ChatStreamChoice(
                 index=c.index, delta=DeltaMessage(content=c.delta_text), logprobs=logprobs,
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)], len(c.token_ids)))
@@ -196,17 +201,21 @@ def _echoed(req: ChatCompletionRequest) -> str:
     return content
 
 
-def _logprobs(entries: SampleLogprobs | None, k: int) -> ChatLogprobs:
+def _logprobs(entries: SampleLogprobs | None, k: int, tokenizer: Any) -> ChatLogprobs:
     content = []
     for entry in entries or []:
-        items = list(entry.values())
+        items = list(entry.items())
         if not items:
             continue
-        chosen = items[0]
-        top = sorted((lp for lp in items if lp.rank <= k), key=lambda lp: lp.rank)[:k]
-        token = chosen.decoded_token or ""
-        content.append(ChatTokenLogprob(
-            token=token, logprob=chosen.logprob, bytes=list(token.encode()),
-            top_logprobs=[TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob,
-                                     bytes=list((lp.decoded_token or "").encode())) for lp in top]))
+        top = sorted((item for item in items if item[1].rank <= k),
+                     key=lambda item: item[1].rank)[:k]
+        chosen = _token_logprob(tokenizer, *items[0])
+        content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=[
+            _token_logprob(tokenizer, token_id, lp) for token_id, lp in top]))
     return ChatLogprobs(content=content)
+
+
+def _token_logprob(tokenizer: Any, token_id: int, lp: Logprob) -> TopLogprob:
+    token = lp.decoded_token or ""
+    return TopLogprob(token=token, logprob=lp.logprob,
+                      bytes=list(token_bytes(tokenizer, token_id, token)))

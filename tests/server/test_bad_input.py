@@ -221,8 +221,18 @@ def test_body_over_the_size_limit(http):
 
 
 def test_unknown_route_and_method(http):
-    assert_openai_error(http.get("/v1/nothing-here"), 404)
-    assert_openai_error(http.get("/v1/completions"), 405)
+    """Routing errors say what to change: an OpenAI endpoint this server lacks is named as such
+    (the openai client's embeddings.create, responses.create), a path without /v1 (a base_url
+    without it) points to the right one, a wrong method names the right one."""
+    assert "/v1/completions" in assert_openai_error(http.get("/v1/nothing-here"), 404)["message"]
+    for path, words in [("/v1/embeddings", "embeddings"), ("/v1/responses", "Responses API"),
+                        ("/v1/audio/speech", "audio"), ("/v1/images/generations", "images")]:
+        error = assert_openai_error(http.post(path, json={}), 404)
+        assert error["code"] == "not_found" and words in error["message"], error
+    error = assert_openai_error(http.post("/chat/completions", json={}), 404)
+    assert "/v1/chat/completions" in error["message"] and "base_url" in error["message"]
+    assert "/v1/models/x" in assert_openai_error(http.get("/models/x"), 404)["message"]
+    assert "use POST" in assert_openai_error(http.get("/v1/completions"), 405)["message"]
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key"},

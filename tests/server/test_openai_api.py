@@ -197,6 +197,24 @@ def test_chat_logprobs_and_vllm_extras(client, model):
     assert all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
 
 
+def test_chat_logprob_bytes_rebuild_the_answer_streamed_or_not(client, model):
+    """OpenAI's logprobs bytes: an emoji spans tokens that each decode to U+FFFD, but their
+    bytes are their own, so the answer's tokens' bytes join to its UTF-8 (the top_logprobs'
+    too: the chosen token is the first of them here)."""
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "Reply with an emoji of a "
+                                                                     "cat 🐱"}],
+                  max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(**kwargs)
+    content = r.choices[0].logprobs.content
+    answer = r.choices[0].message.content
+    assert "🐱" in answer and any(t.token == "\ufffd" for t in content)
+    assert bytes(b for t in content for b in t.bytes) == answer.encode()
+    assert all(t.top_logprobs[0].bytes == t.bytes for t in content)
+    streamed = [t for chunk in client.chat.completions.create(**kwargs, stream=True)
+                for c in chunk.choices if c.logprobs for t in c.logprobs.content]
+    assert [t.bytes for t in streamed] == [t.bytes for t in content]
+
+
 def test_stop_string_ends_the_answer_streamed_or_not(smollm2_server, client, model):
     kwargs = dict(model=model, messages=QUESTION, max_tokens=20, temperature=0, stop=["Paris"])
     full = client.chat.completions.create(**kwargs).choices[0]
