@@ -623,11 +623,15 @@ class EngineConfig:
     def _check_expert_parallel_fits(self) -> None:
         """Expert parallelism places whole experts on the TP ranks: a model without experts has
         nothing to place. vLLM accepts the flag there and ignores it, so do we, but say so (it
-        is often copied from a MoE command line)."""
+        is often copied from a MoE command line). The same for data parallelism: vLLM's EP
+        group is TP x DP ranks, ours one replica's TP ranks (replicas are separate engines), so
+        `-dp N --enable-expert-parallel` keeps every expert on every replica."""
         from shardserve.planner.shape import shape_from_config
-        from shardserve.planner.weights import expert_parallel_problem
+        from shardserve.planner.weights import (expert_parallel_layout_note,
+                                                expert_parallel_problem)
 
-        if not self.parallel_config.enable_expert_parallel:
+        pc = self.parallel_config
+        if not pc.enable_expert_parallel:
             return
         try:
             shape = shape_from_config(self.model_config.hf_config)
@@ -636,6 +640,11 @@ class EngineConfig:
         problem = expert_parallel_problem(shape)
         if problem:
             logging.getLogger(__name__).warning("%s", problem)
+            return
+        note = expert_parallel_layout_note(shape, pc.tensor_parallel_size,
+                                           pc.data_parallel_size)
+        if note:
+            logging.getLogger(__name__).warning("%s", note)
 
     def _check_pipeline_parallel_fits(self) -> None:
         """Each pipeline stage holds at least one layer: refuse more stages than layers here,

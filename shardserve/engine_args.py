@@ -90,7 +90,9 @@ _HELP = {
     "pipeline_parallel_size": "pipeline stages the layers are divided into, or auto",
     "data_parallel_size": "replicas behind one endpoint (serve runs a router in front), or auto",
     "enable_expert_parallel": "MoE: each tensor-parallel rank holds whole experts instead of a "
-                              "slice of every expert",
+                              "slice of every expert (the first ranks one more where they do not "
+                              "divide evenly); unlike vLLM, data-parallel replicas do not share "
+                              "experts",
     "nnodes": "nodes of a multi-node world (default: $LWS_GROUP_SIZE or 1)",
     "node_rank": "this node's index, 0 runs the server (default: $LWS_WORKER_INDEX or 0)",
     "master_addr": "node 0's address (default: $LWS_LEADER_ADDRESS or 127.0.0.1)",

@@ -4,6 +4,7 @@ and the layout), and resolve() turns it on for CUDA without pipeline parallelism
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -65,23 +66,26 @@ def test_tensor_parallel_size_that_does_not_split_the_model_is_refused_at_once(t
     assert time.monotonic() - start < 30
 
 
-def test_expert_parallel_size_that_does_not_split_the_experts_is_refused_at_once(tmp_path):
-    """6 routed experts over 4 expert-parallel ranks: refused while resolving the config (not
-    by a worker after every process started), naming the flag and the sizes that fit. Without
-    expert parallelism the same TP slices the experts' width and is fine."""
+def test_expert_parallel_with_fewer_experts_than_ranks_is_refused_at_once(tmp_path):
+    """Experts that do not divide over the expert-parallel ranks are split as vLLM splits them
+    (6 over 4: 2, 2, 1, 1); fewer experts than ranks are refused while resolving the config
+    (not by a worker after every process started), naming the flag and the sizes that fit.
+    Without expert parallelism the same TP slices the experts' width and is fine."""
     from shardserve.errors import InvalidRequestError
     from shardserve.testing import write_random_model
 
-    model = write_random_model(tmp_path, preset="tiny-deepseek-v2", weights=False,
-                               n_routed_experts=6, n_group=1)
-    kwargs = dict(model=str(model), load_format="dummy", device="cpu", dtype="float32",
-                  tensor_parallel_size=4)
+    kwargs = dict(load_format="dummy", device="cpu", dtype="float32", tensor_parallel_size=4)
+    six = write_random_model(tmp_path / "six", preset="tiny-deepseek-v2", weights=False,
+                             n_routed_experts=6, n_group=1)
+    EngineConfig.from_kwargs(model=str(six), enable_expert_parallel=True, **kwargs).resolve()
+    two = write_random_model(tmp_path / "two", preset="tiny-deepseek-v2", weights=False,
+                             n_routed_experts=2, n_group=1)
     with pytest.raises(InvalidRequestError,
-                       match=r"6 experts do not divide over 4 .*--enable-expert-parallel.*"
+                       match=r"2 experts cannot be spread over 4 .*--enable-expert-parallel.*"
                              r"Sizes that fit: 1, 2\.") as err:
-        EngineConfig.from_kwargs(enable_expert_parallel=True, **kwargs).resolve()
+        EngineConfig.from_kwargs(model=str(two), enable_expert_parallel=True, **kwargs).resolve()
     assert err.value.param == "tensor_parallel_size"
-    EngineConfig.from_kwargs(**kwargs).resolve()
+    EngineConfig.from_kwargs(model=str(two), **kwargs).resolve()
 
 
 def test_expert_parallel_without_experts_is_ignored_with_a_warning(tiny_model_dirs, caplog):
@@ -92,6 +96,35 @@ def test_expert_parallel_without_experts_is_ignored_with_a_warning(tiny_model_di
     with caplog.at_level("WARNING", logger="shardserve.config"):
         config.resolve()
     assert "LlamaForCausalLM has no experts (drop --enable-expert-parallel)" in caplog.text
+
+
+@pytest.mark.parametrize("tp,dp,says", [
+    (1, 2, r"no effect with tensor_parallel_size=1: .* every GPU holds all 8; the 2 "
+           r"data-parallel replicas do not share experts"),
+    (2, 2, r"splits the 8 experts over each replica's 2 tensor-parallel ranks \(4 per GPU\); "
+           r"the 2 data-parallel replicas do not share experts"),
+    (1, 1, r"no effect with tensor_parallel_size=1: .* every GPU holds all 8\. To spread")])
+def test_expert_parallel_over_one_rank_or_replicas_says_where_the_experts_are(
+        tp, dp, says, tmp_path, caplog):
+    """vLLM's expert-parallel group spans TP x DP ranks; ours is one engine's TP ranks, as data
+    parallel replicas are separate engines. `-dp 2 --enable-expert-parallel` (vLLM's DeepSeek
+    recipe) therefore keeps every expert on every replica: said at once, with the flag that
+    does spread them (and nothing said when EP splits the experts over one engine's ranks)."""
+    from shardserve.testing import write_random_model
+
+    model = write_random_model(tmp_path, preset="tiny-deepseek-v2", weights=False)
+    config = EngineConfig.from_kwargs(model=str(model), load_format="dummy", device="cpu",
+                                      tensor_parallel_size=tp, data_parallel_size=dp,
+                                      enable_expert_parallel=True)
+    with caplog.at_level("WARNING", logger="shardserve.config"):
+        config.resolve()
+    assert re.search(says, caplog.text), caplog.text
+    assert "-tp N --enable-expert-parallel" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shardserve.config"):
+        EngineConfig.from_kwargs(model=str(model), load_format="dummy", device="cpu",
+                                 tensor_parallel_size=2, enable_expert_parallel=True).resolve()
+    assert "enable_expert_parallel" not in caplog.text
 
 
 def test_more_pipeline_stages_than_layers_is_refused_naming_the_flag(tiny_model_dirs):

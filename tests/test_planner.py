@@ -172,8 +172,9 @@ def test_plan_refuses_nonsense_flags(flags, message, capsys) -> None:
 
 
 def test_expert_parallel_changes_what_must_divide() -> None:
-    """Under EP the TP ranks hold whole experts: the experts must divide, their width need not;
-    the shared experts stay TP-sliced."""
+    """Under EP the TP ranks hold whole experts: neither their width nor their number need
+    divide (the first ranks hold one more, as in vLLM), but each rank needs one; the shared
+    experts stay TP-sliced."""
     from shardserve.planner.weights import tp_problems
 
     def shape(experts: int, shared: int):
@@ -185,8 +186,9 @@ def test_expert_parallel_changes_what_must_divide() -> None:
 
     assert "expert intermediate size 30" in tp_problems(shape(8, 2), 4)[-1]
     assert tp_problems(shape(8, 2), 4, expert_parallel=True) == []
-    ep4 = tp_problems(shape(6, 1), 4, expert_parallel=True)
-    assert "6 experts do not divide over 4 expert-parallel ranks" in ep4[0]
+    assert tp_problems(shape(6, 2), 4, expert_parallel=True) == []
+    ep4 = tp_problems(shape(3, 1), 4, expert_parallel=True)
+    assert "3 experts cannot be spread over 4 expert-parallel ranks" in ep4[0]
     assert "shared experts' intermediate size 30 does not divide by TP 4" in ep4[1]
 
 
@@ -458,6 +460,27 @@ def test_plan_enable_expert_parallel_reaches_memory_and_deployment(tmp_path, cap
     assert weights(32, ep=True) - weights(30, ep=True) == 2 * 3 * 64 * 2 * 4
     assert main(flags[:-1] + ["--enable-expert-parallel"]) == 0
     assert "block_size 16, expert parallel" in capsys.readouterr().out
+
+
+def test_plan_with_expert_parallel_warns_where_the_recommended_layout_leaves_the_experts() -> None:
+    """A recommended TP 1 x DP N layout under --enable-expert-parallel keeps every expert on
+    every GPU (replicas do not share experts, unlike vLLM's TP x DP expert-parallel group): the
+    plan says so, as the deployed engine will; a TP 4 layout splitting them says nothing."""
+    shape = load_model_shape(_tiny_deepseek_dict())
+
+    def warnings(**kw) -> list[str]:
+        return make_plan(shape, PlanRequest(num_gpus=4, gpu_memory_bytes=80 * GiB, dtype="fp32",
+                                            enable_expert_parallel=True, **kw)).warnings
+
+    dp4 = warnings()
+    assert len(dp4) == 1 and "no effect with tensor_parallel_size=1" in dp4[0]
+    assert "the 4 data-parallel replicas do not share experts" in dp4[0]
+    assert "2 tensor-parallel ranks (4 per GPU); the 2 data-parallel" in warnings(
+        tensor_parallel_size=2)[0]
+    assert warnings(tensor_parallel_size=4) == []
+    dense = _plan("llama-3-8b", 2, 80, enable_expert_parallel=True).warnings
+    assert dense == ["enable_expert_parallel has no effect: LlamaForCausalLM has no experts "
+                     "(drop --enable-expert-parallel)."]
 
 
 def test_auto_parallel_plans_with_the_engines_expert_parallel(monkeypatch) -> None:

@@ -4,7 +4,8 @@ Two ways to split E experts of intermediate size I over n ranks (n = the TP grou
 
     TP (default)                          EP (--enable-expert-parallel)
     every rank: all E experts,            rank r: experts [r*E/n, (r+1)*E/n), whole
-      each sliced to I/n
+      each sliced to I/n                    (E not a multiple of n: the first E % n ranks
+                                            hold one more, as vLLM splits them)
     w13 [E, 2I/n, H]  rows [gate_r|up_r]  w13 [E/n, 2I, H]
     w2  [E, H, I/n]                       w2  [E/n, H, I]
 
@@ -46,6 +47,13 @@ logger = logging.getLogger(__name__)
 EXPERT_SHARD_IDS = ("w1", "w3", "w2", "w13")
 
 
+def local_experts(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
+    """(first expert, number of experts) of one expert-parallel rank: contiguous blocks of
+    E // n, one more on each of the first E % n ranks (vLLM's split)."""
+    base, extra = divmod(num_experts, ep_size)
+    return ep_rank * base + min(ep_rank, extra), base + (ep_rank < extra)
+
+
 class FusedMoE(nn.Module):
     """forward(hidden [T, H], router_logits [T, E], correction_bias) -> [T, H]: this rank's
     partial sum of the routed experts (whole when reduce_results, or with one rank)."""
@@ -60,17 +68,18 @@ class FusedMoE(nn.Module):
         ep = get_ep_group()
         self.ep_size, self.ep_rank = ep.world_size, ep.rank_in_group
         if self.ep_size > 1:
-            if self.num_experts % self.ep_size:
+            if self.num_experts < self.ep_size:
                 raise UnsupportedModelError(
-                    f"{self.num_experts} experts do not divide over {self.ep_size} expert-parallel "
-                    "ranks; drop --enable-expert-parallel or change the tensor parallel size.")
+                    f"{self.num_experts} experts cannot be spread over {self.ep_size} "
+                    "expert-parallel ranks (each holds at least one); drop "
+                    "--enable-expert-parallel or use a smaller tensor parallel size.")
             # Experts whole: no slicing of the intermediate dim.
             self.moe_tp_size, self.moe_tp_rank = 1, 0
         else:
             tp = get_tp_group()
             self.moe_tp_size, self.moe_tp_rank = tp.world_size, tp.rank_in_group
-        self.num_local_experts = self.num_experts // self.ep_size
-        self.expert_start = self.ep_rank * self.num_local_experts
+        self.expert_start, self.num_local_experts = local_experts(
+            self.num_experts, self.ep_size, self.ep_rank)
         self.intermediate_size = intermediate_size
         self.intermediate_per_rank = divide(intermediate_size, self.moe_tp_size,
                                             "moe_intermediate_size")

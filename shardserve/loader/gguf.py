@@ -6,9 +6,11 @@ its latent attention: loader/gguf_deepseek.py).
 The MoE archs store each layer's experts stacked, ffn_{gate,up,down}_exps [E, I, H] / [E, H, I];
 we yield them one expert at a time under transformers' per-expert names
 (mlp.experts.{e}.gate_proj.weight, ...), which FusedMoE's weight loader already takes, TP-sliced
-or EP-split. Metadata that GGUF does not carry comes from llama.cpp's own rules: a layer is
-sparse when it has a router (ffn_gate_inp), and qwen3moe renormalises its top-k while qwen2moe
-does not (llama.cpp's qwen3moe.cpp / qwen2moe.cpp), unless expert_weights_norm says otherwise.
+or EP-split; each expert is dequantized on its own, and only when `include` asks for it (an
+expert-parallel rank never dequantizes another rank's experts). Metadata that GGUF does not
+carry comes from llama.cpp's own rules: a layer is sparse when it has a router (ffn_gate_inp),
+and qwen3moe renormalises its top-k while qwen2moe does not (llama.cpp's qwen3moe.cpp /
+qwen2moe.cpp), unless expert_weights_norm says otherwise.
 
 Two things llama.cpp's converter (convert_hf_to_gguf.py) does that we undo here:
 - it lists dims innermost first, so a [out, in] weight reads as [in, out] (gguf_file.py reverses);
@@ -189,8 +191,11 @@ def iter_gguf_weights(
             continue  # folded into gguf_config's rope_parameters
         expert_names = _expert_names(info) if arch in _EXPERT_ARCHITECTURES else None
         if expert_names is not None:
-            if include is None or include(expert_names[0]):  # every expert is in one layer
-                yield from zip(expert_names, _dequantize(gguf_file, info))
+            # One expert at a time, and only those asked for: an expert-parallel rank
+            # dequantizes its own experts, never the whole stack.
+            for e, name in enumerate(expert_names):
+                if include is None or include(name):
+                    yield name, _dequantize(gguf_file, info, e)
             continue
         split_kv_b = gguf_deepseek.split_kv_b(gguf_file, info.name) if arch == "deepseek2" else None
         if split_kv_b is not None:
@@ -326,14 +331,20 @@ def _check_tensor_types(gguf_file: GGUFFile) -> None:
             f"{found}. {_SUPPORTED_HINT}")
 
 
-def _dequantize(gguf_file: GGUFFile, info: GGUFTensorInfo) -> torch.Tensor:
+def _dequantize(gguf_file: GGUFFile, info: GGUFTensorInfo,
+                index: int | None = None) -> torch.Tensor:
+    """The tensor in float32, or with `index` its slice [index] along the first dim (quant
+    blocks run along the last dim, so each slice's bytes are its own)."""
     if info.ggml_type not in _SUPPORTED_IDS:
         raise UnsupportedModelError(
             f"GGUF tensor {info.name!r} in {gguf_file.path} has type {info.type_name}, which "
             f"shardserve cannot dequantize. {_SUPPORTED_HINT}")
-    values = dequantize(gguf_file.raw(info), GGMLQuantizationType(info.ggml_type))
+    raw, shape = gguf_file.raw(info), info.shape
+    if index is not None:
+        raw, shape = raw[index], shape[1:]
+    values = dequantize(raw, GGMLQuantizationType(info.ggml_type))
     # F32 comes back as a read-only view of the file map; every type gets its own float32 copy.
-    return torch.from_numpy(np.array(values, dtype=np.float32, copy=True).reshape(info.shape))
+    return torch.from_numpy(np.array(values, dtype=np.float32, copy=True).reshape(shape))
 
 
 def _unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

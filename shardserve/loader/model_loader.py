@@ -13,6 +13,7 @@ from shardserve.errors import ModelLoadError
 from shardserve.layers.quantization import quantization_context
 from shardserve.layers.weight_utils import LoadedWeight
 from shardserve.models.registry import check_architecture, get_model_class
+from shardserve.models.weight_loading import owns_expert_weight
 
 
 def load_model(model_config: Any, device: torch.device | str, stage: Any = None) -> nn.Module:
@@ -21,7 +22,8 @@ def load_model(model_config: Any, device: torch.device | str, stage: Any = None)
     TP group, every one loaded from the checkpoint; ModelLoadError names any left unloaded.
 
     `stage` (models/pipeline.py StageLayout): build and load only that pipeline stage's
-    parts; the other stages' tensors are skipped unread (GGUF: never dequantized)."""
+    parts; the other stages' tensors are skipped unread (GGUF: never dequantized), as are the
+    experts other expert-parallel ranks hold."""
     if model_config.hf_config is None or model_config.source is None or model_config.dtype == "auto":
         raise ValueError("load_model needs a resolved ModelConfig; call EngineConfig.resolve().")
     arch = model_config.architecture or check_architecture(model_config.hf_config)
@@ -41,6 +43,11 @@ def load_model(model_config: Any, device: torch.device | str, stage: Any = None)
     if stage is not None:
         tied = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
         include = lambda name: stage.owns_weight(name, tied)  # noqa: E731
+    owns_expert = owns_expert_weight(model)
+    if owns_expert is not None:  # expert parallel: another rank's experts stay unread
+        owns_stage = include
+        include = lambda name: (owns_expert(name)  # noqa: E731
+                                and (owns_stage is None or owns_stage(name)))
     weights, total = _checkpoint_weights(model_config.source, include)
     progress = tqdm(_track_names(weights, current := []), total=total,
                     desc=f"Loading {model_config.source.name}", unit="tensor",

@@ -72,10 +72,12 @@ def deepseek_memory(config: Any, tp_size: int = 1, dtype_bytes: int = 2,
                     enable_expert_parallel: bool = False) -> DeepseekMemory:
     """Per-token KV bytes and per-rank weight bytes of a DeepSeek-V2/V3 config (a
     transformers config or its config.json dict) served with `tp_size` ranks (the EP group is
-    the TP group under enable_expert_parallel; the bytes per rank are the same either way)."""
-    if enable_expert_parallel and int(_get(config, "n_routed_experts", 0) or 0) % tp_size:
-        raise ValueError(f"{_get(config, 'n_routed_experts')} experts do not divide over "
-                         f"{tp_size} expert-parallel ranks.")
+    the TP group under enable_expert_parallel; the bytes per rank are the same either way when
+    the experts divide evenly, else those of the first ranks, which hold one expert more)."""
+    num_routed = int(_get(config, "n_routed_experts", 0) or 0)
+    if enable_expert_parallel and 0 < num_routed < tp_size:
+        raise ValueError(f"{num_routed} experts cannot be spread over {tp_size} "
+                         "expert-parallel ranks.")
     h = int(_get(config, "hidden_size"))
     vocab = int(_get(config, "vocab_size"))
     layers = int(_get(config, "num_hidden_layers"))
@@ -97,7 +99,7 @@ def deepseek_memory(config: Any, tp_size: int = 1, dtype_bytes: int = 2,
     attn_rep = h * (kv_lora + rope) + kv_lora + ((h * int(q_lora) + int(q_lora)) if q_lora else 0)
     attn_split = q_split + kv_lora * heads * (nope + v) + heads * v * h
     router = experts * h + (experts if v3 else 0)  # float32
-    rep = split = router_total = 0
+    rep = split = router_total = whole_experts = 0  # whole_experts: per rank, under EP
     total = active = 0
     for layer in range(layers):
         rep += attn_rep + 2 * h
@@ -105,7 +107,11 @@ def deepseek_memory(config: Any, tp_size: int = 1, dtype_bytes: int = 2,
         total += attn_rep + attn_split + 2 * h
         active += attn_rep + attn_split + 2 * h
         if is_moe_layer(config, layer):
-            split += 3 * h * (experts * moe_inter + shared_inter)
+            if enable_expert_parallel:
+                whole_experts += 3 * h * -(-experts // tp_size) * moe_inter
+                split += 3 * h * shared_inter
+            else:
+                split += 3 * h * (experts * moe_inter + shared_inter)
             router_total += router
             total += 3 * h * (experts * moe_inter + shared_inter) + router
             active += 3 * h * (top_k * moe_inter + shared_inter) + router
@@ -117,7 +123,7 @@ def deepseek_memory(config: Any, tp_size: int = 1, dtype_bytes: int = 2,
     vocab_tables = 1 if tied else 2
     total += vocab_tables * vocab * h + h
     active += vocab * h + h
-    weight_bytes = ((rep + h) * dtype_bytes + split // tp_size * dtype_bytes
+    weight_bytes = ((rep + h + whole_experts) * dtype_bytes + split // tp_size * dtype_bytes
                     + vocab_tables * padded_vocab // tp_size * h * dtype_bytes + router_total * 4)
     return DeepseekMemory(
         kv_bytes_per_token=kv_bytes_per_token(config, dtype_bytes),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
@@ -30,6 +30,8 @@ Stacked = dict[str, tuple[str, Any]]
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _STACKED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+# Any tensor of one expert (its weights, an FP8 checkpoint's weight_scale_inv).
+_EXPERT_TENSOR = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.")
 _EXPERT_SHARD = {"gate_proj": ("w13_weight", "w1"), "up_proj": ("w13_weight", "w3"),
                  "down_proj": ("w2_weight", "w2"), "gate_up_proj": ("w13_weight", "w13")}
 
@@ -52,6 +54,25 @@ def route_weight(name: str, stacked: Stacked) -> tuple[str, tuple]:
             fused, shard_id = stacked[part]
             return ".".join(parts[:i] + [fused] + parts[i + 1:]), (shard_id,)
     return name, ()
+
+
+def owns_expert_weight(model: nn.Module) -> Callable[[str], bool] | None:
+    """A checkpoint-name filter that drops the per-expert tensors of experts another
+    expert-parallel rank holds (None: this rank holds every expert). Streamed formats skip such
+    tensors unread anyway (FusedMoE.weight_loader); GGUF stores experts stacked, and with this
+    filter dequantizes only this rank's (loader/gguf.py)."""
+    from shardserve.layers.moe import FusedMoE
+
+    split = {name: m for name, m in model.named_modules()
+             if isinstance(m, FusedMoE) and m.num_local_experts < m.num_experts}
+    if not split:
+        return None
+
+    def owns(name: str) -> bool:
+        m = _EXPERT_TENSOR.match(name)
+        moe = split.get(m.group(1)) if m else None
+        return moe is None or moe.is_local_expert(int(m.group(2)))
+    return owns
 
 
 def is_complete(model: nn.Module, param_name: str, seen: set[tuple], stacked: Stacked) -> bool:

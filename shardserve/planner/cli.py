@@ -43,8 +43,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                         "weights in one byte per element plus a scale per row and 128 columns")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="the engine's flag: MoE layers hold num_experts / TP whole experts per "
-                        "GPU instead of a 1/TP slice of every expert (the experts, not their "
-                        "width, must divide by TP)")
+                        "GPU instead of a 1/TP slice of every expert (their width need not "
+                        "divide by TP; where their number does not, the first GPUs hold one "
+                        "more, as in vLLM)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="pin TP")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None, help="pin PP")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=None, help="pin DP")

@@ -15,7 +15,8 @@ from shardserve.config import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, QUANTIZATION_M
 from shardserve.planner.layouts import (GpuPool, LayoutPlan, pick_reason, plan_layouts)
 from shardserve.planner.memory import GiB, ServingLimits
 from shardserve.planner.shape import ModelShape, dtype_bytes, normalize_dtype
-from shardserve.planner.weights import kv_bytes_per_token_layer, total_params
+from shardserve.planner.weights import (expert_parallel_layout_note, expert_parallel_problem,
+                                        kv_bytes_per_token_layer, total_params)
 
 PLAN_FORMAT_VERSION = 1
 
@@ -120,6 +121,12 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
                 warnings=plan_warnings(shape, limits))
     plan.reason = (pick_reason(layouts, request.target_concurrency) if layouts
                    else _no_candidate_reason(request))
+    best = plan.best
+    if limits.expert_parallel:  # what the engine will warn about for the recommended layout
+        note = expert_parallel_problem(shape) or (
+            expert_parallel_layout_note(shape, best.tp, best.dp) if best is not None else None)
+        if note:
+            plan.warnings.append(note)
     return plan
 
 

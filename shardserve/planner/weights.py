@@ -10,9 +10,11 @@ The rules follow layers/linear.py and layers/embedding.py:
     RMSNorm, q/k norms       whole on every rank
 
     FusedMoE (layers/moe.py) every expert sliced to I / tp, or under expert parallelism E / tp
-                             whole experts; shared experts TP-sliced either way; the router
-                             replicated (DeepSeek: float32, V3 with a float32 bias per expert;
-                             Qwen2-MoE: a [1, hidden] shared-expert gate beside it)
+                             whole experts (rounded up: the first E % tp ranks hold one more,
+                             and a plan sizes every GPU for the fullest); shared experts
+                             TP-sliced either way; the router replicated (DeepSeek: float32,
+                             V3 with a float32 bias per expert; Qwen2-MoE: a [1, hidden]
+                             shared-expert gate beside it)
 
 Counts are elements; multiply by the dtype's size, or take `stage_weight_bytes`, which adds
 what is not in the model dtype (DeepSeek's float32 router, FusedMoE's int64 expert_map).
@@ -44,8 +46,9 @@ def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
 
 def tp_problems(shape: ModelShape, tp: int, expert_parallel: bool = False) -> list[str]:
     """Why the engine's layers refuse this tensor-parallel size (empty: they accept it). Under
-    `expert_parallel` the TP ranks hold whole experts (layers/moe.py), so the experts, not their
-    width, must divide by TP."""
+    `expert_parallel` the TP ranks hold whole experts (layers/moe.py), so their width need not
+    divide by TP, and their number need not either (as in vLLM, some ranks hold one more), but
+    every rank needs one."""
     problems = []
     if shape.num_heads % tp:
         problems.append(f"{shape.num_heads} attention heads do not divide by TP {tp}")
@@ -61,8 +64,8 @@ def tp_problems(shape: ModelShape, tp: int, expert_parallel: bool = False) -> li
     has_dense = moe is None or not all(moe.is_moe_layer(i) for i in range(shape.num_layers))
     if has_dense and shape.intermediate_size % tp:
         problems.append(f"intermediate_size {shape.intermediate_size} does not divide by TP {tp}")
-    if moe is not None and expert_parallel and moe.num_experts % tp:
-        problems.append(f"{moe.num_experts} experts do not divide over {tp} "
+    if moe is not None and expert_parallel and moe.num_experts < tp:
+        problems.append(f"{moe.num_experts} experts cannot be spread over {tp} "
                         "expert-parallel ranks (or drop --enable-expert-parallel)")
     elif moe is not None and not expert_parallel and moe.expert_intermediate_size % tp:
         problems.append(f"expert intermediate size {moe.expert_intermediate_size} does "
@@ -79,6 +82,26 @@ def expert_parallel_problem(shape: ModelShape) -> str | None:
         return (f"enable_expert_parallel has no effect: {shape.architecture or 'this model'} "
                 "has no experts (drop --enable-expert-parallel).")
     return None
+
+
+def expert_parallel_layout_note(shape: ModelShape, tp: int, dp: int) -> str | None:
+    """Where --enable-expert-parallel leaves the experts when that is not what a vLLM user
+    expects (None: it splits them over the TP ranks, nothing to say). vLLM's EP group is
+    TP x DP ranks; ours one engine's TP ranks, as data-parallel replicas are separate engines
+    (router/data_parallel.py), so TP 1 keeps every expert on every GPU whatever DP is."""
+    if shape.moe is None or (tp > 1 and dp == 1):
+        return None
+    experts = shape.moe.num_experts
+    unlike_vllm = (f"; the {dp} data-parallel replicas do not share experts (vLLM's "
+                   "expert-parallel group spans TP x DP ranks)" if dp > 1 else "")
+    hint = "To spread the experts over N GPUs, use -tp N --enable-expert-parallel."
+    if tp == 1:
+        return ("enable_expert_parallel has no effect with tensor_parallel_size=1: experts are "
+                f"split over one engine's tensor-parallel ranks, so every GPU holds all "
+                f"{experts}{unlike_vllm}. {hint}")
+    per_gpu = f"{experts // tp}" + ("" if experts % tp == 0 else f" or {experts // tp + 1}")
+    return (f"enable_expert_parallel splits the {experts} experts over each replica's {tp} "
+            f"tensor-parallel ranks ({per_gpu} per GPU){unlike_vllm}. {hint}")
 
 
 def embedding_params(shape: ModelShape, tp: int) -> int:
@@ -137,8 +160,9 @@ def mlp_params(shape: ModelShape, layer: int, tp: int, expert_parallel: bool = F
     moe = shape.moe
     if moe is not None and moe.is_moe_layer(layer):
         inter = moe.expert_intermediate_size
-        if expert_parallel:  # E / tp whole experts (the same bytes when both divide evenly)
-            experts = moe.num_experts // tp * 3 * h * inter
+        if expert_parallel:  # the fullest rank's whole experts (the same bytes when E and
+            # I both divide evenly)
+            experts = -(-moe.num_experts // tp) * 3 * h * inter
         else:  # every expert, I / tp of its width
             experts = moe.num_experts * 3 * h * (inter // tp)
         shared = 3 * h * moe.shared_intermediate_size // tp  # TP-sliced under EP too

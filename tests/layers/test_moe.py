@@ -96,3 +96,16 @@ def test_expert_weights_load_per_expert_and_stacked() -> None:
     weights, ids = select_experts(logits, routing)
     torch.testing.assert_close(stacked(x, logits),
                                fused_moe_ref(x, stacked.w13_weight, stacked.w2_weight, weights, ids))
+
+
+@pytest.mark.parametrize("num_experts,ep_size,counts", [
+    (8, 2, [4, 4]), (7, 2, [4, 3]), (6, 4, [2, 2, 1, 1]), (60, 8, [8, 8, 8, 8, 7, 7, 7, 7])])
+def test_expert_parallel_ranks_split_the_experts_as_vllm(num_experts: int, ep_size: int,
+                                                         counts: list[int]) -> None:
+    """Contiguous blocks covering every expert once; where E does not divide (Qwen1.5-MoE's 60
+    over 8 GPUs), the first E % n ranks hold one more, as vLLM places them."""
+    from shardserve.layers.moe import local_experts
+
+    ranges = [local_experts(num_experts, ep_size, r) for r in range(ep_size)]
+    assert [n for _, n in ranges] == counts
+    assert [e for start, n in ranges for e in range(start, start + n)] == list(range(num_experts))

@@ -334,6 +334,42 @@ def test_moe_gguf_yields_one_tensor_per_expert(tmp_path: Path) -> None:
     kept = dict(iter_gguf_weights(path, include=lambda n: ".layers.1." in n))
     assert "model.layers.1.mlp.experts.0.down_proj.weight" in kept
     assert not any(".layers.2." in n for n in kept)
+    # So does an expert-parallel rank's, expert by expert (it was asked about expert 0 only).
+    kept = dict(iter_gguf_weights(path, include=lambda n: ".experts.5." in n
+                                  or ".experts." not in n))
+    assert {n for n in kept if ".experts." in n} == {
+        f"model.layers.{i}.mlp.experts.5.{p}_proj.weight"
+        for i in range(3) for p in ("gate", "up", "down")}
+    assert torch.equal(kept["model.layers.2.mlp.experts.5.gate_proj.weight"], gate_up[5, :32])
+
+
+def test_expert_parallel_rank_dequantizes_only_its_experts(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of two expert-parallel ranks holds experts 4..7: it dequantizes those alone
+    (each whole), not every layer's whole stack, and gets transformers' weights for them."""
+    from shardserve.loader import gguf as gguf_loader
+    from tests.test_planner_vs_engine import _stand_in_tp_group
+
+    hf = save_tiny_checkpoint("qwen2_moe", tmp_path / "hf")
+    path = write_gguf_like_llama_cpp(hf, tmp_path / "m.gguf", Q.Q8_0)
+    dequantized: list[tuple[str, int | None]] = []
+    real = gguf_loader._dequantize
+
+    def spy(gguf_file, info, *index):
+        dequantized.append((info.name, *(index or (None,))))
+        return real(gguf_file, info, *index)
+
+    monkeypatch.setattr(gguf_loader, "_dequantize", spy)
+    with _stand_in_tp_group(2, 1, expert_parallel=True):
+        ours = load_ours(path)
+    experts = {(name, index) for name, index in dequantized if "_exps" in name}
+    assert experts == {(f"blk.{i}.ffn_{p}_exps.weight", e) for i in range(3)
+                       for p in ("gate", "up", "down") for e in range(4, 8)}
+    moe = ours.model.layers[2].mlp.experts
+    assert moe.w13_weight.shape[0] == 4
+    stacked = hf.state_dict()
+    down = stacked["model.layers.2.mlp.experts.down_proj"]
+    torch.testing.assert_close(moe.w2_weight[1], down[5], atol=0.01, rtol=0)
 
 
 def test_moe_gguf_engine_greedy_matches_transformers(tmp_path: Path) -> None:
@@ -348,8 +384,8 @@ def test_moe_gguf_engine_greedy_matches_transformers(tmp_path: Path) -> None:
 @pytest.mark.multiproc
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "ep2"])
 def test_moe_gguf_tp2_greedy_matches_transformers(expert_parallel: bool, tmp_path: Path) -> None:
-    """Two gloo ranks, each dequantizing the stacks and keeping its slice of every expert (TP)
-    or its four whole experts (EP): transformers' greedy tokens."""
+    """Two gloo ranks, each dequantizing every expert and keeping its slice of each (TP), or
+    dequantizing only its four whole experts (EP): transformers' greedy tokens."""
     from shardserve import LLM, SamplingParams
     from tests.e2e.hf_reference import hf_greedy
 

@@ -40,6 +40,10 @@ TINY_DEEPSEEK: dict[str, tuple[str, dict[str, Any]]] = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
+# Seven routed experts: expert parallelism over two ranks holds 4 + 3 of them (vLLM's split).
+TINY_DEEPSEEK["v2_lite_7experts"] = ("DeepseekV2Config",
+                                     {**TINY_DEEPSEEK["v2_lite"][1], "n_routed_experts": 7})
+
 
 def tiny_deepseek_config(name: str) -> Any:
     import transformers

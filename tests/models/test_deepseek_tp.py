@@ -1,6 +1,6 @@
 """DeepSeek under tensor parallelism (experts sliced by TP) and expert parallelism (whole
-experts per rank) on two gloo ranks: the single-process logits, and through the engine's
-multi-process executor the single-process greedy tokens."""
+experts per rank, 4 + 3 of seven) on two gloo ranks: the single-process logits, and through the
+engine's multi-process executor the single-process greedy tokens."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.models.tiny_checkpoints import assert_close_logits, load_ours, our_lo
 
 pytestmark = pytest.mark.multiproc
 
-MODELS = ["v2_group", "v3"]
+MODELS = ["v2_group", "v3", "v2_lite_7experts"]
 MODES = ["tp", "ep"]
 
 
@@ -31,11 +31,12 @@ def _worker(rank: int, root: str) -> None:
         for name in MODELS:
             model = load_ours(Path(root) / name)
             experts = model.model.layers[1].mlp.experts
-            if mode == "ep":  # 8 experts, 4 whole ones per rank
-                assert experts.w13_weight.shape == (4, 32, 64)
+            num = experts.num_experts
+            if mode == "ep":  # 8 experts, 4 whole ones per rank; 7: 4 on rank 0, 3 on rank 1
+                assert experts.w13_weight.shape == ((4, 3)[rank] if num == 7 else 4, 32, 64)
                 assert experts.expert_start == 4 * rank
-            else:  # all 8 experts, half of the 16 intermediate rows each
-                assert experts.w13_weight.shape == (8, 16, 64)
+            else:  # all experts, half of the 16 intermediate rows each
+                assert experts.w13_weight.shape == (num, 16, 64)
             assert model.model.layers[0].self_attn.num_heads == 2
             torch.save(our_logits(model, _input_ids()), Path(root) / f"{name}.{mode}{rank}.pt")
         ps.destroy_model_parallel()

@@ -50,6 +50,15 @@ def test_fp8_block_quantized_checkpoint_is_dequantized(tmp_path: Path) -> None:
     for (n1, p1), (n2, p2) in zip(ours_fp8.named_parameters(), ours_deq.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     assert torch.equal(our_logits(ours_fp8, input_ids), our_logits(ours_deq, input_ids))
+    # An expert-parallel rank skips the other rank's experts, their scales with them (a scale
+    # left without its weight would be an unpaired tensor).
+    from tests.test_planner_vs_engine import _stand_in_tp_group
+    with _stand_in_tp_group(2, 1, expert_parallel=True):
+        ep_fp8, ep_deq = load_ours(fp8_dir), load_ours(deq_dir)
+    moe = ep_fp8.model.layers[1].mlp.experts
+    assert moe.expert_start == 4
+    assert torch.equal(moe.w13_weight, ep_deq.model.layers[1].mlp.experts.w13_weight)
+    assert torch.equal(moe.w13_weight, ours_deq.model.layers[1].mlp.experts.w13_weight[4:])
 
 
 def test_memory_hook_counts_our_parameters(tmp_path: Path) -> None:
