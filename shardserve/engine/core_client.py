@@ -9,7 +9,8 @@ The process's sentinel is watched on the loop too, so a crash (even SIGKILL, whi
 message) is noticed at once. A core that stops without exiting (SIGSTOP, a frozen host) sends
 nothing and never exits: its heartbeat (a shared counter its own thread counts up) is watched,
 and after heartbeat_timeout_s of silence the core is killed, which the sentinel then reports
-like any crash, with `kill_reason` saying why.
+like any crash, with `kill_reason` saying why. Whenever the front kills the core, it kills the
+processes below it too (its ranks): one of them stopped or hung would never leave by itself.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import zmq.asyncio
 from shardserve.config import EngineConfig
 from shardserve.engine.core_messages import ShutdownCore, make_serializer
 from shardserve.engine.core_proc import BEAT_INTERVAL_S, run_engine_core
+from shardserve.executor.liveness import kill_process_tree
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ class CoreProcClient:
                                 f"for {silent:.1f} s (heartbeat_timeout_s {timeout:g}); it is "
                                 "stopped or frozen and was killed")
             logger.error("The engine core %s", self.kill_reason)
-            self._proc.kill()  # SIGKILL also ends a stopped process; its ranks follow it
+            kill_process_tree(self._proc)  # SIGKILL ends a stopped process too; its ranks with it
             return
 
     @property
@@ -141,11 +143,11 @@ class CoreProcClient:
         if proc is not None:
             if proc.is_alive():
                 if loading or not self.send(ShutdownCore()):
-                    proc.kill()
+                    kill_process_tree(proc)
                 await asyncio.to_thread(proc.join, timeout)
             if proc.is_alive():
                 logger.warning("Engine core did not exit in %.0f s; killing it", timeout)
-                proc.kill()
+                kill_process_tree(proc)
                 await asyncio.to_thread(proc.join, 5.0)
             try:
                 asyncio.get_running_loop().remove_reader(proc.sentinel)
@@ -163,6 +165,6 @@ class CoreProcClient:
 
 
 def _kill_process(proc: Any) -> None:
-    """Last resort when the front end exits without shutdown(): no orphaned core."""
+    """Last resort when the front end exits without shutdown(): no orphaned core (or rank)."""
     if proc.is_alive():
-        proc.kill()
+        kill_process_tree(proc)

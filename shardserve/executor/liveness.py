@@ -12,7 +12,7 @@
   node 0 has a process sentinel the executor watches instead.
 
 Both run beside the main threads, so a long step neither delays beats nor looks like death.
-The helpers at the end stop or kill a set of worker processes.
+The helpers at the end stop or kill a set of worker processes, or a process with all below it.
 """
 
 from __future__ import annotations
@@ -274,6 +274,41 @@ def arm_exit_watchdog(timeout_s: float, code: int, what: str) -> threading.Event
 
     threading.Thread(target=watch, name="shardserve-exit-watchdog", daemon=True).start()
     return done
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; empty where it cannot be read)."""
+    out, stack = [], [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out += children
+            stack += children
+    return out
+
+
+def kill_process_tree(proc: Any) -> None:
+    """SIGKILL `proc` (a multiprocessing.Process or a subprocess.Popen) and every process below
+    it. The ranks below an engine core leave by themselves once it is gone, by watching it; a
+    rank that is stopped or hung cannot (and is often why the core is being killed): it would
+    be left for ever, holding its GPU. They are listed first: once `proc` is gone they are
+    re-parented and can no longer be found."""
+    pids = descendant_pids(proc.pid)
+    proc.kill()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def kill_processes_and_remove(procs: dict[int, Any], directory: str | None) -> None:

@@ -448,7 +448,12 @@ class MultiprocExecutor(Executor):
             wait_s = max(wait_s, self.parallel_config.heartbeat_timeout_s + 1.0)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            dead = [r for r, p in self._procs.items() if p.exitcode is not None]
+            # At start-up a rank that reports an error leaves right after with exit code 1,
+            # and so does a peer whose collective that broke (after reporting the echo):
+            # exits of that kind are not the cause. A rank killed (a signal: the OOM killer, a
+            # crash) or ending otherwise is.
+            dead = [r for r, p in self._procs.items() if p.exitcode is not None
+                    and not (starting and p.exitcode == 1)]
             if dead:
                 proc = self._procs[dead[0]]
                 self._fail(f"Worker rank {dead[0]} (pid {proc.pid}) died: "

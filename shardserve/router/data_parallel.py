@@ -39,6 +39,7 @@ import uvicorn
 
 from shardserve import __version__
 from shardserve.errors import InvalidRequestError
+from shardserve.executor.liveness import kill_process_tree
 from shardserve.router.app import RouterArgs, build_router_app
 from shardserve.router.backends import Backend, BackendPool, DiscoveryConfig
 from shardserve.router.proxy import ProxyConfig
@@ -269,11 +270,7 @@ class Supervisor:
         backend.unanswered_since = None
         r.may_restart = True  # our kill, not a start-up error
         # Its engine core and ranks too: stopped with it, they would not leave by themselves.
-        for pid in [*descendants(r.proc.pid), r.proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_process_tree(r.proc)
         # A later round restarts it, like any replica that exited.
 
     def signal_all(self, sig: int) -> None:
@@ -294,28 +291,10 @@ class Supervisor:
             try:
                 r.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                r.proc.kill()
+                # With its engine core and ranks: a frozen rank, which may be what kept the
+                # replica from stopping, would outlive it (and hold its GPU) otherwise.
+                kill_process_tree(r.proc)
                 r.proc.wait(5)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc; empty where it cannot be read)."""
-    out, stack = [], [pid]
-    while stack:
-        parent = stack.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as f:
-                    children = [int(c) for c in f.read().split()]
-            except OSError:
-                continue
-            out += children
-            stack += children
-    return out
 
 
 class _FrontServer(uvicorn.Server):

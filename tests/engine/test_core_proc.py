@@ -8,6 +8,8 @@ its failure, not only once the core process has finished tearing down."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from types import SimpleNamespace
@@ -235,30 +237,60 @@ def test_core_failure_marks_the_front_dead_before_the_core_exits(tiny_model_dirs
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def _ignore_sigterm_and_sleep() -> None:
-    import signal
+def _ignore_sigterm_and_sleep(frozen_rank_pid) -> None:
+    """A core that ignores SIGTERM, with a rank that is stopped (SIGSTOP): such a rank cannot
+    notice that its core is gone and leave, as the ranks otherwise do."""
+    import multiprocessing
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as the core does
+    rank = multiprocessing.get_context("fork").Process(target=_stop_self)
+    rank.start()
+    frozen_rank_pid.value = rank.pid
     time.sleep(60)
+
+
+def _stop_self() -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @pytest.mark.parametrize("loading", [True, False])
 def test_shutdown_of_a_core_still_loading_is_immediate(loading):
     """A SIGTERM while the model loads: the core reads no message before its load ends and
     ignores SIGTERM, so the front kills it at once rather than waiting out the shutdown
-    timeout. A ready core that is not connected (it cannot get ShutdownCore) goes the same way."""
+    timeout. A ready core that is not connected (it cannot get ShutdownCore) goes the same way.
+    The core's processes go with it, a stopped rank too (it would be left for ever)."""
     import multiprocessing
 
     from shardserve.engine.core_client import CoreProcClient
+    from shardserve.executor.liveness import process_stopped
 
+    ctx = multiprocessing.get_context("spawn")
+    rank_pid = ctx.Value("i", 0)
     client = CoreProcClient(SimpleNamespace(), 20)
-    client._proc = multiprocessing.get_context("spawn").Process(target=_ignore_sigterm_and_sleep)
+    client._proc = ctx.Process(target=_ignore_sigterm_and_sleep, args=(rank_pid,))
     client._proc.start()
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while not (rank_pid.value and process_stopped(rank_pid.value)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         start = time.monotonic()
         asyncio.run(client.shutdown(timeout=30, loading=loading))
         assert time.monotonic() - start < 5
         assert not client._proc.is_alive()
+        deadline = time.monotonic() + 5
+        while _alive(rank_pid.value) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(rank_pid.value)
     finally:
         if client._proc.is_alive():
             client._proc.kill()
+        if rank_pid.value and _alive(rank_pid.value):
+            os.kill(rank_pid.value, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (killed, not yet reaped by whoever inherited it) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -274,6 +274,31 @@ def test_rank_stopped_before_checking_in_fails_start_up_quickly(tiny_model_dirs,
     assert stopped and not _alive(stopped[0])
 
 
+@pytest.mark.parametrize("exits,blamed", [
+    ({1: 1}, r"^Worker rank 1 failed: RuntimeError: boom$"),  # the reporter left after it
+    ({0: 1, 1: 1}, r"^Worker rank 1 failed: RuntimeError: boom$"),  # and the peer it broke
+    ({0: -signal.SIGKILL, 1: 1}, r"^Worker rank 0 \(pid 100\) died: killed by SIGKILL; "
+                                 r"rank 1 then failed"),  # a killed rank is the cause
+])
+def test_start_up_error_blames_the_rank_that_raised(exits, blamed):
+    """A rank whose start-up raises reports the error and exits (code 1); so does a peer whose
+    collective that broke. Neither exit is a death to blame: the error is named as the rank's
+    own ("rank 1 failed"), not as "rank 1 died: exit code 1; rank 1 then failed", nor pinned on
+    the peer. A rank killed meanwhile still is the cause."""
+    from types import SimpleNamespace
+
+    from shardserve.executor.multiproc_executor import MultiprocExecutor
+
+    executor = MultiprocExecutor.__new__(MultiprocExecutor)
+    executor._procs = {r: SimpleNamespace(pid=100 + r, exitcode=exits.get(r)) for r in (0, 1)}
+    executor.world_size = 2
+    executor.parallel_config = SimpleNamespace(heartbeat_timeout_s=10.0)
+    executor._monitor = None
+    executor._closed = True  # nothing to stop
+    with pytest.raises(EngineDeadError, match=blamed):
+        executor._on_error(["err", 0, 1, "RuntimeError", "boom", ""], starting=True)
+
+
 def test_process_stopped_reads_the_state():
     from shardserve.executor.liveness import process_stopped
 

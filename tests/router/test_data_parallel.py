@@ -430,6 +430,34 @@ def test_frozen_replica_is_killed_with_its_children_and_restarted(monkeypatch):
             sock.close()
 
 
+def test_replica_that_will_not_stop_is_killed_with_its_children():
+    """A replica still there when the front stops (its engine core waits on a frozen rank) is
+    killed, and so is what runs below it: a stopped rank cannot leave by itself."""
+    import sys
+
+    from shardserve.router import data_parallel as dp
+
+    code = ("import signal, subprocess, sys, time\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "rank = subprocess.Popen([sys.executable, '-c', 'import os, signal; "
+            "os.kill(os.getpid(), signal.SIGSTOP)'])\n"
+            "print(rank.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    replica = dp.Replica(0, 0, [sys.executable, "-c", code], dict(os.environ))
+    replica.proc = _popen_with_stdout(replica.argv)
+    rank = int(replica.proc.stdout.readline())
+    try:
+        assert wait_for(lambda: Path(f"/proc/{rank}/stat").read_text().rsplit(") ", 1)[1][0]
+                        == "T", 10)
+        dp.Supervisor([replica]).stop(signal.SIGINT, timeout=0.5)
+        assert replica.proc.returncode == -signal.SIGKILL
+        assert wait_for(lambda: not _alive(rank), 5)
+    finally:
+        replica.proc.kill()
+        if _alive(rank):
+            os.kill(rank, signal.SIGKILL)
+
+
 def _popen_with_stdout(argv: list[str]):
     import subprocess
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
