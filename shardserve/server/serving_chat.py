@@ -93,8 +93,11 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
                                   "tools")
     if req.functions:
         raise InvalidRequestError("Function calling is not supported by this server.", "functions")
-    # "none" and "auto" without tools mean plain text, which is what we give; "required" or a
-    # named function ask for a tool call we cannot make.
+    # vLLM's and OpenAI's rule: any tool_choice but "none" needs tools.
+    if req.tool_choice not in (None, "none") and not req.tools:
+        raise InvalidRequestError("When using tool_choice, tools must be set (or use "
+                                  "tool_choice \"none\").", "tool_choice")
+    # "required" or a named function ask for a tool call we cannot make.
     if req.tool_choice is not None and req.tool_choice not in ("none", "auto"):
         raise InvalidRequestError("tool_choice can only be \"none\" or \"auto\": tool calling is "
                                   "not supported by this server.", "tool_choice")
