@@ -46,6 +46,7 @@ from shardserve.distributed.comm_timer import StepStats
 from shardserve.executor.liveness import (HeartbeatMonitor, describe_exit, process_stopped,
                                           kill_processes_and_remove, stop_processes)
 from shardserve.executor.pipeline_stats import PipelineStats
+from shardserve.executor.stacks import collect_stacks, diagnose
 from shardserve.executor.wire import Endpoints, WireCodec
 from shardserve.executor.worker_proc import WorkerSpec, start_worker_processes
 
@@ -381,7 +382,8 @@ class MultiprocExecutor(Executor):
             if left <= 0:
                 waiting = sorted(ranks - set(replies))
                 self._fail(f"Worker rank(s) {waiting} did not answer within {timeout_s:.0f} s "
-                           f"(step_timeout_s); a rank is hung. Ranks: {self._describe(waiting)}.")
+                           f"(step_timeout_s); a rank is hung. Ranks: {self._describe(waiting)}. "
+                           f"This node's ranks: {self._where_ranks_are()}.")
             if not self._results.poll(int(min(left, POLL_SLICE_S) * 1000) + 1):
                 self._check_processes()
                 self._check_heartbeats()
@@ -487,6 +489,19 @@ class MultiprocExecutor(Executor):
             raise EngineDeadError(f"The engine's workers are gone: {self._dead}")
         if self._closed:
             raise EngineDeadError("The executor was shut down.")
+
+    def _where_ranks_are(self) -> str:
+        """Only the driver answers a step, so a timeout alone names it even when it is waiting
+        for a hung peer: ask this node's ranks for their stacks, log them, and say which are
+        waiting in a collective and which are elsewhere (executor/stacks.py)."""
+        directory = self._local.ipc_directory()
+        if directory is None:
+            return "stacks not available"
+        stacks = collect_stacks({r: p.pid for r, p in self._procs.items()
+                                 if p.exitcode is None}, directory)
+        for rank in sorted(stacks):
+            logger.error("Rank %d's threads at the step timeout:\n%s", rank, stacks[rank])
+        return diagnose(stacks)
 
     def _describe(self, ranks: list[int]) -> str:
         parts = []

@@ -109,6 +109,9 @@ def run_worker(spec: WorkerSpec) -> None:
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     logging.basicConfig(level=spec.log_level, format=f"%(levelname)s (rank {spec.rank} "
                         f"pid={os.getpid()}) %(name)s: %(message)s")
+    # kill -USR1 (or the engine, on a step timeout) gets this rank's stacks (executor/stacks.py).
+    from shardserve.executor.stacks import enable_stack_dumps
+    enable_stack_dumps(spec.endpoints.ipc_directory(), spec.rank)
     import torch
     torch.set_num_threads(spec.num_threads)
     # tqdm's default lock holds a named multiprocessing semaphore; a rank killed at the end of

@@ -539,3 +539,47 @@ def _free_port_range(n: int) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no free port range")
+
+
+_HANG_RANK_SITECUSTOMIZE = '''
+import os
+if os.environ.get("SHARDSERVE_TEST_HANG_RANK"):
+    from shardserve.executor import worker_proc as _wp
+    _step = _wp.WorkerProc._step
+    def _hang_in_step(self, *args, **kwargs):
+        if self.rank == int(os.environ["SHARDSERVE_TEST_HANG_RANK"]):
+            import time
+            time.sleep(600)
+        return _step(self, *args, **kwargs)
+    _wp.WorkerProc._step = _hang_in_step
+'''
+
+
+def test_step_timeout_names_the_hung_rank_not_the_waiting_driver(tiny_model_dirs, tmp_path):
+    """Rank 1 hangs inside a step with its heartbeat alive, so only the step timeout can end
+    it, and only the driver (rank 0, waiting for rank 1 in the all-reduce) owes an answer: the
+    error names rank 1 from the ranks' stacks. A fresh interpreter, whose fork server picks
+    up the hang (sitecustomize) for its ranks."""
+    (tmp_path / "sitecustomize.py").write_text(_HANG_RANK_SITECUSTOMIZE)
+    script = (
+        "import sys\n"
+        "from shardserve import LLM, SamplingParams\n"
+        "from shardserve.errors import EngineDeadError\n"
+        f"llm = LLM({tiny_model_dirs['llama']!r}, tensor_parallel_size=2, device='cpu',\n"
+        "          dtype='float32', max_model_len=256, kv_cache_memory_bytes=8 << 20,\n"
+        "          step_timeout_s=3)\n"
+        "try:\n"
+        "    llm.generate({'prompt_token_ids': [1, 2, 3]}, SamplingParams(max_tokens=4),\n"
+        "                 use_tqdm=False)\n"
+        "except EngineDeadError as e:\n"
+        "    print('ENGINE DEAD:', e)\n")
+    env = {**os.environ, "SHARDSERVE_TEST_HANG_RANK": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120)
+    dead = [line for line in out.stdout.splitlines() if line.startswith("ENGINE DEAD:")]
+    assert dead, out.stdout + out.stderr[-3000:]
+    assert "not in a collective (likely the hung one): rank 1 at " in dead[0], dead[0]
+    assert "sitecustomize.py" in dead[0] and "in _hang_in_step" in dead[0]
+    assert "waiting in a collective: rank(s) [0]" in dead[0]
+    assert "Rank 1's threads at the step timeout" in out.stderr
