@@ -51,6 +51,11 @@ class Worker:
     def load_model(self) -> None:
         self.runner.load_model()
 
+    def live_request_ids(self) -> list[str]:
+        """The requests this rank still holds state (and a block-table row) for: every one
+        the scheduler has finished, aborted or preempted is gone after the next step."""
+        return sorted(self.runner.states.states)
+
     def prompt_logits(self, token_ids: list[int]) -> list | None:
         """Every position's full-vocabulary logits for one prompt, computed outside the KV
         cache, as [shape, float32 bytes] on the TP group's first rank (None on the others):

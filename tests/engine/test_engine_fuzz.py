@@ -5,8 +5,10 @@ aborted at random steps, on a KV cache so small that requests are preempted and 
 all the time, with a small token budget (chunked prefill), with and without prefix caching and
 async scheduling. Every request that is not aborted must come out exactly as it does alone in
 a fresh engine (an aborted one's tokens are a prefix of that), and afterwards every block is
-free and nothing is left in the engine. tests/engine/test_scheduler_fuzz.py runs many more
-workloads through the scheduler alone, with a fake worker."""
+free and nothing is left in the engine. The same at tensor and pipeline parallel 2 (gloo
+ranks), where every rank must also drop each request it is told is gone.
+tests/engine/test_scheduler_fuzz.py runs many more workloads through the scheduler alone,
+with a fake worker."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import random
 
 import pytest
 
+from shardserve import LLM
 from shardserve.sampling_params import SamplingParams
 from tests.device import make_llm
 
@@ -146,7 +149,8 @@ def fill_stop_tokens(alone_engine, reqs: list[dict]) -> None:
             r["params"]["stop_token_ids"] = [tokens[len(tokens) // 2]]
 
 
-def fuzz_engine(engine, alone_engine, seed: int, num_requests: int) -> int:
+def fuzz_engine(engine, alone_engine, seed: int, num_requests: int) -> tuple[int, int]:
+    """(preemptions, requests aborted mid-generation) of one workload, checked."""
     rng = random.Random(seed)
     reqs = random_requests(rng, num_requests)
     fill_stop_tokens(alone_engine, reqs)
@@ -172,11 +176,36 @@ def fuzz_engine(engine, alone_engine, seed: int, num_requests: int) -> int:
         assert_logprobs_close(out.prompt_logprobs, want.prompt_logprobs, ctx)
         if r["params"]["prompt_logprobs"] is not None:
             assert len(out.prompt_logprobs) == len(r["prompt"]), ctx
-    return engine.core.scheduler.num_preemptions - preemptions
+    num_aborted = sum(1 for r in reqs if r.get("aborted"))
+    return engine.core.scheduler.num_preemptions - preemptions, num_aborted
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_random_workloads_match_each_request_alone(tiny_model_dirs, alone_engine, variant):
     llm = make_llm(tiny_model_dirs["llama"], **SMALL, **VARIANTS[variant])
-    preemptions = sum(fuzz_engine(llm.engine, alone_engine, seed, 8) for seed in range(2))
+    preemptions = sum(fuzz_engine(llm.engine, alone_engine, seed, 8)[0] for seed in range(2))
     assert preemptions > 0  # the small cache really preempts
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)],
+                         ids=["tp2", "pp2"])
+def test_random_workload_across_ranks_matches_each_request_alone(tiny_model_dirs, alone_engine,
+                                                                 layout):
+    """The scheduler driving TP or PP ranks (gloo): steps in flight (async scheduling under TP,
+    two micro-batches under PP) while requests are preempted, chunked, hit the prefix cache
+    and are aborted; every rank drops every request it was told is gone."""
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", **SMALL, **VARIANTS["prefix-async"],
+              **layout)
+    try:
+        # Seed 2: two requests aborted mid-generation, each id back as a new request at once,
+        # and preemptions in both layouts.
+        preemptions, num_aborted = fuzz_engine(llm.engine, alone_engine, 2, 8)
+        assert preemptions > 0 and num_aborted > 0
+        core = llm.engine.core
+        assert core.num_overlapped_steps > 0
+        # The last requests' ids ride on the next step; anything else held is a leak.
+        for ids in core.executor.collective_rpc("live_request_ids"):
+            assert set(ids) <= core.scheduler._finished_req_ids
+    finally:
+        llm.shutdown()
