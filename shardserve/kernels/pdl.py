@@ -50,6 +50,8 @@ def pdl_mode() -> str:
 
 @functools.cache
 def _device_supports_pdl(device_index: int) -> bool:
+    if torch.version.hip is not None:  # a ROCm build: no grid dependency control
+        return False
     if torch.cuda.get_device_capability(device_index) < (9, 0):
         return False
     try:  # Triton 3.3 and later expose grid dependency control
