@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -86,6 +87,8 @@ def _number(kind: type, low: float, inclusive: bool = True) -> Callable[[str], f
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}"
                                              f": {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < low or (value == low and not inclusive):
             raise argparse.ArgumentTypeError(
                 f"must be {'at least' if inclusive else 'more than'} {low}, got {text}")

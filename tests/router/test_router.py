@@ -266,6 +266,8 @@ def test_prefix_key_reads_completions_and_chat():
     (["--backend", "h:1", "--health-interval", "0"], "more than 0"),
     (["--backend", "h:1", "--max-in-flight", "0"], "at least 1"),
     (["--backend", "h:1", "--max-waiting", "0"], "more than 0"),
+    (["--backend", "h:1", "--health-interval", "nan"], "finite"),
+    (["--backend", "h:1", "--health-interval", "inf"], "finite"),
 ])
 def test_bad_router_flags_are_usage_errors(argv, message, capsys):
     """Caught when the command line is read: before, a bad port stopped the router at start-up
