@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import functools
-
 import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,11 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | os.PathLike[str] |
     if kind == "gguf":
         from shardserve.loader.gguf_file import first_split_part
         path = first_split_part(path)  # of a split model, only the first part has a tokenizer
-    _check_has_tokenizer(kind, path)
-    # For a GGUF, also the original tokenizer's splitting rule (None: keep transformers').
-    tokenizer_class, original = (_gguf_tokenizer_plan(path) if kind == "gguf"
-                                 else (AutoTokenizer, None))
+        plan = _gguf_tokenizer_plan(path)
+    else:
+        _check_folder_has_tokenizer(path)
+        plan = _TokenizerPlan(AutoTokenizer)
+    tokenizer_class, original = plan.tokenizer_class, plan.original
     try:
         if kind == "gguf":
             tokenizer = tokenizer_class.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -58,7 +59,7 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | os.PathLike[str] |
     if chat_template is not None:
         tokenizer.chat_template = resolve_chat_template(chat_template)
     elif not getattr(tokenizer, "chat_template", None):
-        template = _find_chat_template(kind, path)
+        template = plan.chat_template if kind == "gguf" else _folder_chat_template(path)
         if template:
             tokenizer.chat_template = template
     return tokenizer
@@ -250,20 +251,17 @@ def _tokenizer_location(source: ModelSource,
     raise ModelLoadError(f"--tokenizer {str(tokenizer_path)!r} does not exist; {hint}")
 
 
-def _check_has_tokenizer(kind: str, path: Path) -> None:
-    """ModelLoadError when the model's own folder or GGUF holds no tokenizer at all (a folder of
-    weights and config.json only, a GGUF written without tokenizer.ggml.* metadata):
-    transformers would otherwise blame a missing sentencepiece package or an unknown tokenizer
-    type None."""
-    hint = ("pass the original model's tokenizer with --tokenizer (a folder with "
-            "tokenizer.json, or a .gguf file).")
-    if kind == "gguf":
-        from shardserve.loader.gguf_file import GGUFFile
-        if GGUFFile(path).get("tokenizer.ggml.model") is None:
-            raise ModelLoadError(f"{path} carries no tokenizer (no tokenizer.ggml.* metadata); "
-                                 f"{hint}")
-    elif not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise ModelLoadError(f"{path} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); {hint}")
+_NO_TOKENIZER_HINT = ("pass the original model's tokenizer with --tokenizer (a folder with "
+                      "tokenizer.json, or a .gguf file).")
+
+
+def _check_folder_has_tokenizer(path: Path) -> None:
+    """ModelLoadError when the model's own folder holds no tokenizer at all (weights and
+    config.json only): transformers would otherwise blame a missing sentencepiece package or an
+    unknown tokenizer type None. (A GGUF's is checked in _gguf_tokenizer_plan.)"""
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
+                             f"{_NO_TOKENIZER_HINT}")
 
 
 # GGUF architectures transformers has no config for. AutoTokenizer reads a GGUF's config only to
@@ -272,27 +270,41 @@ def _check_has_tokenizer(kind: str, path: Path) -> None:
 _GGUF_ARCHS_WITHOUT_TRANSFORMERS_CONFIG = ("deepseek2",)
 
 
-def _gguf_tokenizer_plan(path: Path) -> tuple[Any, Any]:
-    """(the transformers class to load a GGUF's tokenizer with, the original tokenizer's
-    pre-tokenizer and normalizer for its tokenizer.ggml.pre or None to keep transformers')."""
+@dataclass(frozen=True)
+class _TokenizerPlan:
+    """How to load a tokenizer: the transformers class, the original tokenizer's pre-tokenizer
+    and normalizer to set afterwards (None: keep transformers'), and the chat template the
+    file carries (a GGUF's, for tokenizers that come without one)."""
+
+    tokenizer_class: Any
+    original: Any = None
+    chat_template: str | None = None
+
+
+def _gguf_tokenizer_plan(path: Path) -> _TokenizerPlan:
+    """The plan for a GGUF, from one read of its header (its vocabulary makes that the costly
+    part); ModelLoadError when it was written without tokenizer.ggml.* metadata."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from shardserve.loader.gguf_file import GGUFFile
     from shardserve.loader.gguf_tokenizer import original_tokenizer
     gguf_file = GGUFFile(path)
-    original = original_tokenizer(gguf_file.get("tokenizer.ggml.model"),
-                                  gguf_file.get("tokenizer.ggml.pre"), path)
-    if gguf_file.get("general.architecture") in _GGUF_ARCHS_WITHOUT_TRANSFORMERS_CONFIG:
-        return PreTrainedTokenizerFast, original
-    return AutoTokenizer, original
+    model = gguf_file.get("tokenizer.ggml.model")
+    if model is None:
+        raise ModelLoadError(f"{path} carries no tokenizer (no tokenizer.ggml.* metadata); "
+                             f"{_NO_TOKENIZER_HINT}")
+    template = gguf_file.get("tokenizer.chat_template")
+    return _TokenizerPlan(
+        PreTrainedTokenizerFast
+        if gguf_file.get("general.architecture") in _GGUF_ARCHS_WITHOUT_TRANSFORMERS_CONFIG
+        else AutoTokenizer,
+        original_tokenizer(model, gguf_file.get("tokenizer.ggml.pre"), path),
+        template if isinstance(template, str) else None)
 
 
-def _find_chat_template(kind: str, path: Path) -> str | None:
-    """The chat template from the places models keep it, for tokenizers that came without one."""
-    if kind == "gguf":
-        from shardserve.loader.gguf_file import GGUFFile
-        template = GGUFFile(path).get("tokenizer.chat_template")
-        return template if isinstance(template, str) else None
+def _folder_chat_template(path: Path) -> str | None:
+    """The chat template from the places a model folder keeps it, for tokenizers that came
+    without one."""
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text()
     for name in ("chat_template.json", "tokenizer_config.json"):

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardserve.kernels.pdl import launch_options, pdl_release_and_wait, use_pdl
+from shardserve.kernels.pdl import pdl_launch, pdl_release_and_wait
 from shardserve.kernels.rms_norm import _inv
 
 # Programs per call at most (each owns rows b, b + G, ...): small enough that all of them are
@@ -176,11 +176,10 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     residual_out = torch.empty_like(x2)
     if num_rows:
         block = triton.next_power_of_2(hidden)
-        pdl = use_pdl(x.device)
         _all_reduce_rms_norm_kernel[(min(num_rows, MAX_PROGRAMS),)](
             out, residual_out, x2, r2, weight, buffer_ptrs, buffer_offset,
             slab_bytes // x2.element_size(), signal_pad_ptrs, rank, slot_base, max_rows,
             num_rows, hidden, _inv(hidden), eps,
-            WORLD=world_size, BLOCK=block, USE_PDL=pdl, num_warps=min(max(block // 512, 1), 16),
-            **launch_options(pdl))
+            WORLD=world_size, BLOCK=block, num_warps=min(max(block // 512, 1), 16),
+            **pdl_launch(x.device))
     return out.view(x.shape), residual_out.view(x.shape)

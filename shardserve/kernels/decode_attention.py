@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardserve.kernels.pdl import launch_options, pdl_release_and_wait, use_pdl
+from shardserve.kernels.pdl import pdl_launch, pdl_release_and_wait
 
 LOG2E = 1.4426950408889634
 MIN_PARTITION = 128  # keys; smaller partitions spend more on partial writes than they save
@@ -246,7 +246,7 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     else:
         part_out = part_lse = out  # unused
     precision = "tf32x3" if query.dtype == torch.float32 else "tf32"
-    pdl = use_pdl(query.device)
+    pdl_kwargs = pdl_launch(query.device)
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         out, part_out, part_lse, query, k_cache, v_cache, block_tables, seq_lens,
         query_start_loc, scale * LOG2E, head_size, num_heads, num_splits, min_partition,
@@ -254,15 +254,15 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1], SPLIT=split, DOT_PRECISION=precision,
-        FP8_AS_FP16=fp8_as_fp16(query, k_cache), USE_PDL=pdl,
+        FP8_AS_FP16=fp8_as_fp16(query, k_cache),
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
-        **launch_options(pdl),
+        **pdl_kwargs,
     )
     if split:
         _decode_reduce_kernel[(num_reqs, num_heads)](
             out, part_out, part_lse, seq_lens, query_start_loc, head_size, num_heads,
             num_splits, min_partition, out.stride(0), out.stride(1),
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, BLOCK_N=block_n,
-            USE_PDL=pdl, num_warps=4, **launch_options(pdl),
+            num_warps=4, **pdl_kwargs,
         )
     return out

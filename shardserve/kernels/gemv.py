@@ -135,6 +135,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x_row, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0, USE_PDL=pdl,
-        PEEL=peel_tiles(k, config.block_k) if pdl else 0, num_warps=config.num_warps,
-        num_stages=config.num_stages, **launch_options(pdl))
+        PEEL=peel_tiles(k, config.block_k) if pdl else 0,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
     return out

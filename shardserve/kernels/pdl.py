@@ -8,7 +8,7 @@ between the weight-streaming GEMVs the GPU's memory sits idle while the small ke
 kernel may be scheduled while its predecessor still runs (CUDA keeps the relation as a
 programmatic edge when a CUDA graph is captured); it must then wait (griddepcontrol.wait)
 before it touches anything the predecessor writes or reads. The kernels here follow one
-protocol, `pdl_enter`:
+protocol (`pdl_release_and_wait`, `pdl_wait_and_release`):
 
     small kernels   release their successor, then wait, then work
     GEMVs           load their first tiles of weights, wait, release, work
@@ -38,7 +38,11 @@ PDL_ENV = "SHARDSERVE_PDL"
 
 
 def pdl_mode() -> str:
-    mode = os.environ.get(PDL_ENV, "auto").strip().lower() or "auto"
+    return _parse_mode(os.environ.get(PDL_ENV, "auto"))
+
+
+def _parse_mode(setting: str) -> str:
+    mode = setting.strip().lower() or "auto"
     if mode in ("1", "true", "on"):
         return "on"
     if mode in ("0", "false", "off"):
@@ -63,20 +67,32 @@ def _device_supports_pdl(device_index: int) -> bool:
 
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL (a CUDA device of compute capability 9.0 or
-    later, a Triton that has it, and SHARDSERVE_PDL not 0)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    later, a Triton that has it, and SHARDSERVE_PDL not 0). Asked at every eager launch, so
+    the answer is cached by the settings it depends on."""
+    if device.type != "cuda":
         return False
-    mode = pdl_mode()
-    if mode == "off":
+    return _pdl_on(os.environ.get(PDL_ENV, "auto"), os.environ.get("TRITON_INTERPRET"),
+                   device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _pdl_on(setting: str, interpret: str | None, device_index: int) -> bool:
+    if interpret == "1" or _parse_mode(setting) == "off":
         return False
-    return _device_supports_pdl(device.index if device.index is not None
-                                else torch.cuda.current_device())
+    return _device_supports_pdl(device_index)
 
 
 def launch_options(pdl: bool) -> dict:
     """Keyword arguments for a Triton launch: launch_pdl where PDL is on (none otherwise, so
     the interpreter and older Tritons never see the option)."""
     return {"launch_pdl": True} if pdl else {}
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """The launch keywords of a kernel taking USE_PDL, on `device`: the flag, and
+    launch_options."""
+    pdl = use_pdl(device)
+    return {"USE_PDL": pdl, **launch_options(pdl)}
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardserve.kernels.pdl import launch_options, pdl_release_and_wait, use_pdl
+from shardserve.kernels.pdl import pdl_launch, pdl_release_and_wait
 
 
 @triton.jit
@@ -72,12 +72,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r2 = residual_out = x2  # unused
     if num_rows:
         block = triton.next_power_of_2(hidden)
-        pdl = use_pdl(x.device)
         _rms_norm_kernel[(num_rows,)](
             out, residual_out, x2, r2, weight, hidden, _inv(hidden), eps,
             x2.stride(0), r2.stride(0), out.stride(0), residual_out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=pdl,
-            num_warps=min(max(block // 512, 1), 16), **launch_options(pdl))
+            HAS_RESIDUAL=residual is not None, BLOCK=block,
+            num_warps=min(max(block // 512, 1), 16), **pdl_launch(x.device))
     out = out.view(x.shape)
     if residual is None:
         return out

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardserve.kernels.pdl import launch_options, pdl_release_and_wait, use_pdl
+from shardserve.kernels.pdl import pdl_launch, pdl_release_and_wait
 from shardserve.kernels.rotary import _cos_sin, _rotate_heads
 from shardserve.kernels.store_kv import to_cache
 
@@ -90,7 +90,6 @@ def rotary_store_kv_(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     assert cos_sin_cache.stride(-1) == 1 and 0 < rotary_dim <= head_size and rotary_dim % 2 == 0
     half = rotary_dim // 2
-    pdl = use_pdl(query.device)
     _rotary_store_kv_kernel[(num_tokens,)](
         query, key, value, k_cache, v_cache, positions, slot_mapping, cos_sin_cache,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
@@ -100,5 +99,5 @@ def rotary_store_kv_(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         BLOCK_HQ=triton.next_power_of_2(query.shape[1]),
         BLOCK_HK=triton.next_power_of_2(num_kv_heads), BLOCK_R=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(head_size), IS_NEOX=is_neox_style,
-        PARTIAL=rotary_dim < head_size, USE_PDL=pdl, num_warps=4, enable_fp_fusion=False,
-        **launch_options(pdl))
+        PARTIAL=rotary_dim < head_size, num_warps=4, enable_fp_fusion=False,
+        **pdl_launch(query.device))

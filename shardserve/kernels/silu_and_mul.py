@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from shardserve.kernels.pdl import launch_options, pdl_release_and_wait, use_pdl
+from shardserve.kernels.pdl import pdl_launch, pdl_release_and_wait
 
 # Triton's interpreter (CPU tests) runs no libdevice calls; its tl.exp is numpy's, accurate too.
 _LIBDEVICE = os.environ.get("TRITON_INTERPRET") != "1"
@@ -52,8 +52,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = min(triton.next_power_of_2(d), 1024)
-        pdl = use_pdl(x.device)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
             out, x2, d, x2.stride(0), out.stride(0), BLOCK=block, LIBDEVICE=_LIBDEVICE,
-            USE_PDL=pdl, num_warps=4, **launch_options(pdl))
+            num_warps=4, **pdl_launch(x.device))
     return out.view(*x.shape[:-1], d)

@@ -12,6 +12,7 @@ from shardserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, T
 from shardserve.server.serving_chat import prompt_token_ids
 from shardserve.server.serving_common import check_unsupported, read_request
 from shardserve.server.state import ServerState
+from shardserve.tokenizer import encode_prompt
 
 
 async def tokenize(request: Request, state: ServerState) -> TokenizeResponse:
@@ -24,7 +25,7 @@ async def tokenize(request: Request, state: ServerState) -> TokenizeResponse:
         raise InvalidRequestError("Send either prompt (text) or messages (a chat).", "prompt")
     if req.prompt is not None:
         add_special = True if req.add_special_tokens is None else req.add_special_tokens
-        ids = list(tokenizer.encode(req.prompt, add_special_tokens=add_special))
+        ids = encode_prompt(tokenizer, req.prompt, add_special)
     else:
         # The chat completions path's own rendering (template options, tools; no BOS added
         # unless asked, as the template writes it), so the count is the one a chat would use.
