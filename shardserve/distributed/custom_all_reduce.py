@@ -286,27 +286,29 @@ class CustomAllReduce:
             raise ValueError(f"unknown all-reduce algorithm {algorithm!r}")
         return tensor
 
-    def takes_rms_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+    def takes_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether `all_reduce_rms_norm` takes (x, residual): within the fused kernel's slab and
-        row limit, contiguous, same shape and dtype. Like `algorithm_for`, it sees only what
-        every rank shares."""
+        row limit, contiguous, same shape and dtype (or no residual). Like `algorithm_for`, it
+        sees only what every rank shares."""
         norm = self._norm
         return (norm is not None and x.is_cuda and x.dtype in FUSED_NORM_DTYPES
-                and x.is_contiguous() and residual.is_contiguous() and x.dim() >= 1
-                and residual.shape == x.shape and residual.dtype == x.dtype
+                and x.is_contiguous() and x.dim() >= 1
+                and (residual is None or (residual.is_contiguous() and residual.shape == x.shape
+                                          and residual.dtype == x.dtype))
                 and 0 < x.shape[-1] <= FUSED_NORM_MAX_HIDDEN
                 and x.numel() // x.shape[-1] <= norm.max_rows
                 and x.numel() * x.element_size() <= norm.slab_bytes)
 
-    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                            weight: torch.Tensor, eps: float
+                            ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """RMSNorm(all_reduce(x) + residual) and the new residual, in one kernel; None
         (nothing done) when the message is not for it. x is not modified."""
         if not self.takes_rms_norm(x, residual):
             return None
         return self.fused_rms_norm(x, residual, weight, eps)
 
-    def fused_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+    def fused_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """all_reduce_rms_norm for (x, residual) that `takes_rms_norm` has already accepted."""
         from shardserve.kernels.all_reduce_rms_norm import all_reduce_rms_norm
@@ -352,7 +354,8 @@ class _FusedNormSetup:
     @classmethod
     def create(cls, handle, buffer: torch.Tensor, world_size: int, region_offset: int,
                region_size: int) -> "_FusedNormSetup | None":
-        from shardserve.kernels.all_reduce_rms_norm import MAX_ROWS, num_signal_slots
+        from shardserve.kernels.all_reduce_rms_norm import (MAX_ROWS, clear_region,
+                                                             num_signal_slots)
         try:
             buffer_ptrs, pad_ptrs = list(handle.buffer_ptrs), list(handle.signal_pad_ptrs)
             rank, pad_slots = int(handle.rank), int(handle.signal_pad_size) // 4
@@ -360,7 +363,7 @@ class _FusedNormSetup:
             logger.info("fused all-reduce + RMSNorm off: the symmetric-memory handle lacks %s", exc)
             return None
         slot_base = pad_slots // 2
-        max_rows = min(MAX_ROWS, (pad_slots - slot_base) // (world_size + 1))
+        max_rows = min(MAX_ROWS, pad_slots - slot_base)
         if max_rows < 1 or slot_base + num_signal_slots(world_size, max_rows) > pad_slots:
             logger.info("fused all-reduce + RMSNorm off: the signal pad (%d slots) is too small",
                         pad_slots)
@@ -368,6 +371,11 @@ class _FusedNormSetup:
         if len(buffer_ptrs) != world_size or buffer_ptrs[rank] != buffer.data_ptr():
             logger.info("fused all-reduce + RMSNorm off: unexpected buffer pointers")
             return None
+        # Marked empty before any peer can push (the caller's group-wide vote on the fused
+        # path comes after this, on every rank, and synchronizes with it).
+        clear_region(buffer[region_offset:region_offset + region_size])
+        torch.cuda.synchronize(buffer.device)
+
         def as_tensor(ptrs: list[int]) -> torch.Tensor:
             return torch.tensor(ptrs, dtype=torch.int64, device=buffer.device)
         return cls(as_tensor(buffer_ptrs), as_tensor(pad_ptrs), rank, slot_base, max_rows,

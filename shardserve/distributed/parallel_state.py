@@ -93,6 +93,12 @@ class GroupCoordinator:
         dist.all_reduce(tensor, group=self.device_group)
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise max over the group, in place (NCCL or gloo); returns it."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.device_group)
+        return tensor
+
     def init_custom_all_reduce(self, parallel_config: "ParallelConfig | None" = None) -> None:
         """Set up the custom all-reduce for this group when it can serve (collective over the
         group's ranks); otherwise all-reduces stay on NCCL and the reason is logged once."""
@@ -108,21 +114,21 @@ class GroupCoordinator:
             num_local_ranks=pc.num_local_ranks if pc else None,
             fuse_norm=not (pc and pc.disable_fused_all_reduce_norm))
 
-    def can_fuse_rms_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+    def can_fuse_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether `all_reduce_rms_norm` can take (x, residual) in one kernel (the custom
         all-reduce's fused path, layers/layernorm.py); otherwise the caller all-reduces and
         normalises separately, with the same bits."""
         return (self.world_size > 1 and self.custom_all_reduce is not None
                 and self.custom_all_reduce.takes_rms_norm(x, residual))
 
-    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                            weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(all_reduce(x) + residual) * weight, all_reduce(x) + residual) in one
         kernel; only where `can_fuse_rms_norm` said so (not checked again here: this runs
         twice a layer)."""
         return self.custom_all_reduce.fused_rms_norm(x, residual, weight, eps)
 
-    _TIMED = ("all_reduce", "all_reduce_rms_norm", "all_gather", "gather")
+    _TIMED = ("all_reduce", "all_reduce_rms_norm", "all_reduce_max", "all_gather", "gather")
 
     def enable_comm_timer(self, timer: "CommTimer") -> None:
         """Time this group's tensor collectives (see distributed/comm_timer.py). The timed

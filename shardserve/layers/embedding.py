@@ -65,14 +65,27 @@ class VocabParallelEmbedding(nn.Module):
             copy_weight(param.data[:num_real],
                         narrow_weight(loaded_weight, 0, self.vocab_start_index, num_real))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def returns_partial_sum(self) -> bool:
+        """Under TP, forward(ids, reduce=False) is this rank's partial sum (models/pipeline.py
+        lets the first layer's norm reduce it, models/decoder_layer.py)."""
+        return self.tp_size > 1
+
+    def forward(self, input_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """The embeddings of input_ids; under TP with reduce=False only the rows this rank
+        holds (zeros for the others), to be all-reduced by the caller."""
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
-        in_range = (input_ids >= self.vocab_start_index) & (input_ids < self.vocab_end_index)
-        local_ids = (input_ids - self.vocab_start_index) * in_range
-        out = F.embedding(local_ids, self.weight)
-        out.masked_fill_(~in_range.unsqueeze(-1), 0)
-        return get_tp_group().all_reduce(out)
+        if input_ids.is_cuda:
+            # One kernel instead of torch's six (kernels/vocab_embedding.py).
+            from shardserve.kernels.vocab_embedding import vocab_embedding
+            out = vocab_embedding(input_ids, self.weight, self.vocab_start_index)
+        else:
+            in_range = (input_ids >= self.vocab_start_index) & (input_ids < self.vocab_end_index)
+            local_ids = (input_ids - self.vocab_start_index) * in_range
+            out = F.embedding(local_ids, self.weight)
+            out.masked_fill_(~in_range.unsqueeze(-1), 0)
+        return get_tp_group().all_reduce(out) if reduce else out
 
     def extra_repr(self) -> str:
         return (f"vocab={self.num_embeddings}, padded={self.num_embeddings_padded}, "
@@ -115,6 +128,15 @@ class ParallelLMHead(VocabParallelEmbedding):
         if logits is None:
             return None
         return logits[..., :self.num_embeddings].float()
+
+    def compute_logits_shard(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """This rank's logits [T, per_partition] in the model's dtype, not gathered (for
+        sampling from shards, layers/sampler.py), with the global id of its first token and
+        how many of its columns are real tokens (the rest is vocabulary padding)."""
+        logits = linear(hidden_states, self.weight, self.bias)
+        num_valid = max(0, min(self.num_embeddings - self.vocab_start_index,
+                               self.num_embeddings_per_partition))
+        return logits, self.vocab_start_index, num_valid
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead has no forward(); call compute_logits(hidden_states).")

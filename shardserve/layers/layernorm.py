@@ -22,6 +22,8 @@ class RMSNorm(nn.Module):
     tensor-parallel sublayer's output (its row-parallel projection not yet all-reduced) and
     all-reduces it first: in one kernel with the add and the norm where the TP group's custom
     all-reduce can (distributed/custom_all_reduce.py), else as all_reduce then the add + norm.
+    With residual None (the first layer, whose input is the vocabulary-parallel embedding's
+    partial sum) it returns (norm(all_reduce(x)), all_reduce(x)).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6,
@@ -43,11 +45,14 @@ class RMSNorm(nn.Module):
                 reduce_partial: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if reduce_partial:
-            assert residual is not None, "a partial sum is all-reduced into the residual stream"
             group = get_tp_group()
             if group.can_fuse_rms_norm(x, residual):
                 return group.all_reduce_rms_norm(x, residual, self.weight, self.variance_epsilon)
             x = group.all_reduce(x)
+            if residual is None:
+                # The first layer's input (the embedding's partial sum): it becomes the
+                # residual stream as it is.
+                return self.forward(x), x
         if x.is_cuda:
             # One Triton kernel instead of ~8 torch kernels (add, cast, square, mean, rsqrt,
             # multiply, cast, multiply): at batch 1 these launches cost more than the math.

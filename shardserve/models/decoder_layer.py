@@ -11,6 +11,8 @@ row-parallel projection not reduced), and the norm after it reduces it (RMSNorm(
 reduce_partial=True)), in one kernel with the add and the norm on GPUs with the custom
 all-reduce. After the MLP that norm is the next layer's input_layernorm, or the final norm, so
 the caller passes `hidden_is_partial` in and reads `output_is_partial` (models/pipeline.py).
+The vocabulary-parallel embedding is such a sublayer too: under TP the first layer gets its
+partial sum with no residual yet, and its input_layernorm reduces it.
 """
 
 from __future__ import annotations
@@ -34,11 +36,10 @@ class PreNormDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None, hidden_is_partial: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            assert not hidden_is_partial, "the first layer's input is the whole embedding"
+        if residual is None and not hidden_is_partial:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
-        else:
+        else:  # the first layer's partial embedding comes with residual None
             hidden_states, residual = self.input_layernorm(hidden_states, residual,
                                                            reduce_partial=hidden_is_partial)
         hidden_states = self.self_attn(positions, hidden_states)

@@ -96,14 +96,16 @@ def run_stage(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor
     `stage`) over its stage: the final hidden states on the last stage, else the
     IntermediateTensors for the next one."""
     stage: StageLayout = model.stage
+    # Whether hidden_states is a TP partial sum the next norm all-reduces (decoder_layer.py).
+    partial = False
     if stage.is_first:
-        hidden_states = model.embed_tokens(input_ids)
+        # Under TP the embedding's partial sum: the first layer's norm reduces it.
+        partial = model.embed_tokens.returns_partial_sum
+        hidden_states = model.embed_tokens(input_ids, reduce=not partial)
         residual: torch.Tensor | None = None
     else:
         assert intermediate is not None, "a non-first pipeline stage needs the previous one's output"
         hidden_states, residual = intermediate.hidden_states, intermediate.residual
-    # Whether hidden_states is a TP partial sum the next norm all-reduces (decoder_layer.py).
-    partial = False
     for layer in model.layers[stage.start_layer:stage.end_layer]:
         hidden_states, residual = layer(positions, hidden_states, residual, partial)
         partial = layer.output_is_partial
@@ -111,7 +113,9 @@ def run_stage(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor
         if partial:  # the next stage gets whole hidden states
             hidden_states = get_tp_group().all_reduce(hidden_states)
         return IntermediateTensors(hidden_states, residual)
-    if residual is None:
+    if residual is None:  # a stage of no layers
+        if partial:
+            hidden_states = get_tp_group().all_reduce(hidden_states)
         return model.norm(hidden_states)
     hidden_states, _ = model.norm(hidden_states, residual, reduce_partial=partial)
     return hidden_states

@@ -33,6 +33,7 @@ def _unfused(tp, x, residual, weight):
 
 
 def _worker(rank: int, world_size: int) -> None:
+    from shardserve.kernels.rms_norm import rms_norm
     os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     logging.basicConfig(level=logging.INFO)
@@ -64,6 +65,11 @@ def _worker(rank: int, world_size: int) -> None:
             assert torch.equal(x, x_before), f"{what}: input modified"
             assert torch.equal(res, ref_res), f"{what}: residual differs"
             assert torch.equal(out, ref_out), f"{what}: output differs"
+            # No residual yet (the first layer reducing the embedding): the sum is the residual.
+            out0, res0 = tp.all_reduce_rms_norm(x, None, weight, EPS)
+            summed = tp.all_reduce(x.clone())
+            assert torch.equal(res0, summed), f"{what}, no residual: sum differs"
+            assert torch.equal(out0, rms_norm(summed, weight, EPS)), f"{what}, no residual"
             # Every rank holds the same bits (the residual stream must not drift apart).
             gathered = tp.all_gather(out.reshape(1, -1), dim=0)
             assert all(torch.equal(gathered[0], g) for g in gathered), f"{what}: ranks differ"

@@ -60,7 +60,8 @@ def test_tp2_nccl_matches_tp1_on_cuda(tmp_path: Path) -> None:
 # ---- the sublayers' partial sums reach the norm after them (models/decoder_layer.py) --------
 
 # (model, norms that take a partial sum per layer): o_proj and the MLP leave their all-reduce to
-# the next norm unless biased (a bias is added after the sum); MoE blocks always do.
+# the next norm unless biased (a bias is added after the sum); MoE blocks always do. The
+# embedding always does (one call more).
 FUSED_PER_LAYER = {"llama": 2, "llama_bias": 0, "qwen3_kv1": 2, "qwen2_moe": 2}
 
 
@@ -76,7 +77,10 @@ def _fused_path_worker(rank: int, root: str) -> None:
         calls.append(tuple(x.shape))
         norm = RMSNorm(x.shape[-1], eps)
         norm.weight.data = weight
-        return norm(tp.all_reduce(x.clone()), residual)
+        reduced = tp.all_reduce(x.clone())
+        if residual is None:  # the embedding, reduced by the first layer's norm
+            return norm(reduced), reduced
+        return norm(reduced, residual)
 
     tp.can_fuse_rms_norm = lambda x, residual: True
     tp.all_reduce_rms_norm = fused
@@ -100,6 +104,7 @@ def test_tp2_partial_sums_reduced_by_the_next_norm(tmp_path: Path) -> None:
         for rank in (0, 1):
             logits, calls = torch.load(tmp_path / f"{name}.fused.rank{rank}.pt")
             assert_close_logits(logits, reference)
-            # post-attention norms, the next layers' input norms and the final norm
-            assert len(calls) == per_layer * num_layers, (name, calls)
+            # post-attention norms, the next layers' input norms and the final norm; and the
+            # first layer's input norm, which reduces the vocabulary-parallel embedding
+            assert len(calls) == per_layer * num_layers + 1, (name, calls)
             assert all(shape == (23, 64) for shape in calls)
