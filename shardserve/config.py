@@ -262,6 +262,10 @@ class ParallelConfig:
     # With the custom all-reduce on, a decoder sublayer's all-reduce and the residual add +
     # RMSNorm after it run as one kernel (kernels/all_reduce_rms_norm.py); this keeps them apart.
     disable_fused_all_reduce_norm: bool = False
+    # Batches that need only the best token per row (greedy or plain temperature sampling,
+    # no logprobs or logit processors) are sampled from each TP rank's vocabulary shard, with
+    # one all-reduce of [rows] keys (layers/sampler.py); this gathers the logits to one rank.
+    disable_vocab_parallel_sampling: bool = False
 
     @property
     def world_size(self) -> int:

@@ -55,6 +55,10 @@ _HELP = {
     "disable_fused_all_reduce_norm": "run each TP all-reduce and the residual add + RMSNorm "
                                      "after it as two kernels instead of one (the fused "
                                      "kernel needs the custom all-reduce)",
+    "disable_vocab_parallel_sampling": "under TP, gather every batch's logits to one rank "
+                                       "to sample (by default greedy and plain temperature "
+                                       "batches are sampled from each rank's vocabulary "
+                                       "shard, exchanging one key per row)",
     "custom_all_reduce_max_bytes": "largest all-reduce, e.g. 8MiB, taken by the custom "
                                    "all-reduce (its buffer per GPU); larger ones use NCCL",
     "served_model_name": "the model's name(s) in the API: all are accepted in requests and "

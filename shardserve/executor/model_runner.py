@@ -36,7 +36,8 @@ from shardserve.executor.request_state import RequestStates
 from shardserve.executor.sampling_batch import SamplingBatch
 from shardserve.forward_context import set_forward_context
 from shardserve.layers.attention import AttentionLayerBase, select_attention_backend
-from shardserve.layers.sampler import Sampler, compute_prompt_logprobs
+from shardserve.layers.sampler import (Sampler, SamplerOutput, compute_prompt_logprobs,
+                                       sample_vocab_shards, vocab_parallel_ok)
 from shardserve.models.pipeline import IntermediateTensors, StageLayout
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class ModelRunner:
         self.kv_dtype = config.cache_config.kv_torch_dtype(self.dtype)  # --kv-cache-dtype
         self.states = RequestStates(device)
         self.sampler = Sampler()
+        # Sampled steps by path: logits gathered to the driver, or sampled from TP shards.
+        self.sampling_counts = {"gathered": 0, "from_shards": 0}
         self.sampling_batch = SamplingBatch(device)
         self.model: torch.nn.Module | None = None
         self.attn_layers: list[AttentionLayerBase] = []
@@ -206,6 +209,11 @@ class ModelRunner:
             seconds = warm_up_step_kernels(self.model, self.device, self.dtype,
                                            int(mc.hf_config.hidden_size), self.block_size,
                                            mc.max_model_len, self.stage)
+            if self.stage is None or self.stage.is_last:
+                start = time.perf_counter()
+                from shardserve.kernels.sampling import warm_up
+                warm_up(self.model.lm_head.num_embeddings_per_partition, self.device)
+                seconds += time.perf_counter() - start
             logger.info("Prompt-step kernels compiled and warmed up in %.1f s", seconds)
         max_len = self.config.model_config.max_model_len
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s); max concurrency at "
@@ -314,6 +322,9 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         if not inputs.sample_req_ids:
             return _ready(ModelRunnerOutput([], [], None, prompt_logprobs), defer)
+        if self._sample_from_shards(inputs):
+            return self._sample_shards(hidden, inputs, prompt_logprobs, defer)
+        self.sampling_counts["gathered"] += 1
         # Collective under TP: every rank takes part, TP rank 0 receives the whole vocabulary.
         logits = self.model.compute_logits(hidden[inputs.sample_indices], gather_all=False)
         if not self.is_driver:
@@ -330,6 +341,36 @@ class ModelRunner:
         self._remember_samples(result.sampled_token_ids, inputs)
         if not defer:
             return ModelRunnerOutput(inputs.sample_req_ids, result.tolist(), result.logprobs,
+                                     prompt_logprobs)
+        return PendingOutput(inputs.sample_req_ids, result, prompt_logprobs)
+
+    def _sample_from_shards(self, inputs: ModelInputs) -> bool:
+        """Whether this step samples from the TP ranks' vocabulary shards (layers/sampler.py):
+        decided from the rows' params, so every rank of the group decides alike."""
+        tp = get_tp_group()
+        return (tp.world_size > 1 and not self.config.parallel_config.disable_vocab_parallel_sampling
+                and vocab_parallel_ok([s.sampling_params for s in inputs.sample_states],
+                                      self.device.type == "cuda",
+                                      self.model.lm_head.num_embeddings))
+
+    def _sample_shards(self, hidden: torch.Tensor, inputs: ModelInputs, prompt_logprobs,
+                       defer: bool):
+        """Every TP rank samples the same ids from its own shard of the logits: no gather to
+        the driver, no broadcast of its choice back."""
+        self.sampling_counts["from_shards"] += 1
+        shard, vocab_start, num_valid = self.model.compute_logits_shard(
+            hidden[inputs.sample_indices])
+        vocab_size = self.model.lm_head.num_embeddings
+        metadata = self.sampling_batch.metadata(inputs.sample_states, inputs.sample_num_outputs,
+                                                vocab_size)
+        ids = sample_vocab_shards(shard, vocab_start, vocab_size, num_valid, metadata,
+                                  get_tp_group())
+        self._remember_samples(ids, inputs)
+        if not self.is_driver:
+            return _ready(ModelRunnerOutput([], []), defer)
+        result = SamplerOutput(ids)
+        if not defer:
+            return ModelRunnerOutput(inputs.sample_req_ids, result.tolist(), None,
                                      prompt_logprobs)
         return PendingOutput(inputs.sample_req_ids, result, prompt_logprobs)
 

@@ -114,6 +114,10 @@ class Worker:
     def kv_cache_info(self) -> dict[str, int]:
         return self.runner.kv_cache_info()
 
+    def sampling_counts(self) -> dict[str, int]:
+        """This rank's sampled steps by path (ModelRunner.sampling_counts)."""
+        return dict(self.runner.sampling_counts)
+
     def enable_comm_timing(self) -> None:
         """Time this rank's TP collectives (the driver does, for the communication share)."""
         self.comm_timer = CommTimer(self.device)

@@ -41,7 +41,8 @@ TEARDOWN_TIMEOUT_S = 4.0
 
 # Worker methods the engine may call by name ("call" messages).
 RPC_METHODS = frozenset({"determine_num_blocks", "init_kv_cache", "kv_cache_info",
-                         "live_request_ids", "start_profile", "stop_profile", "prompt_logits"})
+                         "live_request_ids", "sampling_counts", "start_profile", "stop_profile",
+                         "prompt_logits"})
 
 
 @dataclass

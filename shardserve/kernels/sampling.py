@@ -1,5 +1,6 @@
-"""Triton kernel: one sampled token per row in a single pass over the logits (the common case
-of plain temperature sampling, greedy rows mixed in).
+"""Triton kernels: one sampled token per row in a single pass over the logits (the common case
+of plain temperature sampling, greedy rows mixed in), over the whole vocabulary or over one
+tensor-parallel rank's slice of it.
 
 The sampler's exponential race draws q_v ~ Exp(1) and takes argmax_v p_v / q_v, an exact draw
 from p = softmax(logits / T) (layers/sampler.py). Its logarithm, logits_v / T - log q_v, has
@@ -10,47 +11,95 @@ divide, argmax): 0.9 ms a step at 512 rows x 128,256 on an H200, 3% of a decode 
 reads the logits once, in their own dtype. Greedy rows (greedy_mask) take the plain argmax.
 Ties go to the lowest token id, as torch.argmax.
 
-Reference: `sample_ref` below, the same formula with torch's uniform draws (the kernel's Philox
-stream is not torch's, so tests compare distributions and the greedy rows, not draws).
+An argmax is a max of keys: each candidate (score, token id) is packed into one int64 whose
+order is the order "higher score, then lower id" (`pack_keys`). So the work splits freely:
 
-Grid: (rows,); each program walks its row BLOCK_V tokens at a time, keeping a per-lane best.
+    grid (rows, splits): program (r, s) keeps the best key of its slice of row r's tokens
+    keys [rows, splits] ─▶ max over splits (and over TP ranks: an all-reduce MAX of keys)
+                       ─▶ token id = the key's low 32 bits, unpacked
+
+A batch of one row is cut into as many slices as there are SMs to spare, where one program
+used to walk all 128k tokens alone. Under tensor parallelism each rank keys its own slice of
+the vocabulary (the LM head's shard, never gathered) with global token ids, and one
+all-reduce of [rows, splits] int64 keys replaces gathering [rows, vocab] logits to one rank
+and broadcasting its choice back (layers/sampler.py, `sample_vocab_shards`). A random draw's
+noise for token v is Philox at offset row * vocab + v with the global v, whichever rank holds
+it.
+
+References: `pack_keys` in torch, and `sample_ref` below (the same formula with torch's uniform
+draws; the kernel's Philox stream is not torch's, so tests compare distributions and the
+greedy rows, not draws).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+LOW_MASK = 0xFFFFFFFF  # a key's low 32 bits: token id XOR LOW_MASK (lower ids rank higher)
+NO_KEY = -(2**63)  # below every key a token can have (the key of an empty slice)
+_LOW_MASK: tl.constexpr = tl.constexpr(LOW_MASK)
+_NO_KEY: tl.constexpr = tl.constexpr(NO_KEY)
+_NO_ID: tl.constexpr = tl.constexpr(2**31 - 1)  # "no token seen yet"
+BLOCK_V_MAX = 2048
+PROGRAMS_PER_SM = 2  # slices per row: enough programs for every SM twice over
 
-@triton.jit
-def _sample_kernel(out_ptr, logits_ptr, temperature_ptr, greedy_ptr, seed_ptr, vocab_size,
-                   stride_row, BLOCK_V: tl.constexpr):
+
+@triton.jit(do_not_specialize=["num_valid", "vocab_start", "vocab_size", "stride_row",
+                               "slice_len", "num_slices"])
+def _sample_keys_kernel(keys_ptr, logits_ptr, temperature_ptr, greedy_ptr, seed_ptr,
+                        num_valid, vocab_start, vocab_size, stride_row, slice_len, num_slices,
+                        RANDOM: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
-    seed = tl.load(seed_ptr)
-    inv_t = 1.0 / tl.load(temperature_ptr + row)
-    greedy = tl.load(greedy_ptr + row) != 0
+    part = tl.program_id(1)
+    greedy = True
+    if RANDOM:
+        greedy = tl.load(greedy_ptr + row) != 0
+        seed = tl.load(seed_ptr)
+        inv_t = 1.0 / tl.load(temperature_ptr + row)
     base = logits_ptr + row.to(tl.int64) * stride_row
     lanes = tl.arange(0, BLOCK_V)
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_id = tl.zeros([BLOCK_V], tl.int32)
-    for start in range(0, vocab_size, BLOCK_V):
+    best_id = tl.full([BLOCK_V], _NO_ID, tl.int32)
+    lo = part * slice_len
+    hi = tl.minimum(lo + slice_len, num_valid)
+    for start in range(lo, hi, BLOCK_V):
         ids = start + lanes
-        mask = ids < vocab_size
+        mask = ids < hi
         x = tl.load(base + ids, mask=mask, other=float("-inf")).to(tl.float32)
-        if not greedy:
-            # Offsets unique over the whole [rows, vocab] draw: one Philox stream per step.
-            u = tl.rand(seed, row * vocab_size + ids)
-            # u == 0 gives q = inf and -inf here: that token cannot win, as p / inf = 0.
-            x = x * inv_t - tl.log(-tl.log(u))
-        x = tl.where(mask, x, float("-inf"))
-        better = x > best  # strict: each lane keeps its first (lowest) id on ties
+        if RANDOM:
+            if not greedy:
+                # Offsets unique over the whole [rows, vocab] draw, by global token id: one
+                # Philox stream per step, however the vocabulary is split.
+                u = tl.rand(seed, row * vocab_size + vocab_start + ids)
+                # u == 0 gives q = inf and -inf here: that token cannot win, as p / inf = 0.
+                x = x * inv_t - tl.log(-tl.log(u))
+        # Strict: each lane keeps its first (lowest) id on ties; a lane that saw only -inf
+        # still takes its first valid id, so an all -inf row gives its lowest id.
+        better = mask & ((x > best) | (best_id == _NO_ID))
         best = tl.where(better, x, best)
         best_id = tl.where(better, ids, best_id)
     top = tl.max(best, 0)
-    # All -inf (every token masked): token 0, as torch.argmax of an all -inf row.
-    winner = tl.min(tl.where(best == top, best_id, vocab_size), 0)
-    tl.store(out_ptr + row, tl.where(winner < vocab_size, winner, 0).to(tl.int64))
+    winner = tl.min(tl.where(best == top, best_id, _NO_ID), 0)
+    # -0.0 is +0.0 (torch.argmax treats them as equal: the lower id must win the tie).
+    top = tl.where(top == 0.0, 0.0, top)
+    bits = top.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as int32 order
+    key = (ordered.to(tl.int64) << 32) | ((vocab_start + winner).to(tl.int64) ^ _LOW_MASK)
+    key = tl.where(winner == _NO_ID, _NO_KEY, key)  # an empty slice
+    tl.store(keys_ptr + row * num_slices + part, key)
+
+
+@triton.jit(do_not_specialize=["num_slices"])
+def _keys_to_ids_kernel(out_ptr, keys_ptr, num_slices, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_S)
+    keys = tl.load(keys_ptr + row * num_slices + offs, mask=offs < num_slices, other=_NO_KEY)
+    best = tl.max(keys, 0)
+    tl.store(out_ptr + row, (best & _LOW_MASK) ^ _LOW_MASK)
 
 
 def fits(rows: int, vocab: int) -> bool:
@@ -58,20 +107,94 @@ def fits(rows: int, vocab: int) -> bool:
     return vocab < 2**31 // max(rows, 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_slices(rows: int, num_valid: int, block_v: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(triton.cdiv(num_valid, block_v), PROGRAMS_PER_SM * sms // max(rows, 1)))
+
+
+def sample_keys(logits: torch.Tensor, temperature: torch.Tensor | None,
+                greedy_mask: torch.Tensor | None, seed: torch.Tensor | None,
+                vocab_start: int = 0, vocab_size: int | None = None,
+                num_valid: int | None = None, slices: int | None = None) -> torch.Tensor:
+    """Keys [rows, slices] (int64) of each row's best token in logits[:, :num_valid], a slice
+    of the vocabulary starting at token vocab_start (of vocab_size in all); `keys_to_ids`
+    (after a MAX over TP ranks, where the vocabulary is split) gives the token ids.
+    temperature / greedy_mask / seed None: every row greedy; otherwise temperature [rows]
+    float32 (greedy rows may hold anything but 0), greedy_mask [rows] bool and seed a
+    one-element int64 tensor on the logits' device (drawn there, so no host sync). slices:
+    how many programs share a row (default: enough to fill the GPU)."""
+    rows, width = logits.shape
+    num_valid = width if num_valid is None else num_valid
+    vocab_size = vocab_start + num_valid if vocab_size is None else vocab_size
+    random = temperature is not None
+    assert logits.stride(-1) == 1 and 0 <= num_valid <= width
+    assert not random or fits(rows, vocab_size)
+    block_v = min(BLOCK_V_MAX, triton.next_power_of_2(max(num_valid, 16)))
+    if slices is None:
+        slices = _num_slices(rows, num_valid, block_v, logits.device)
+    slice_len = triton.cdiv(triton.cdiv(max(num_valid, 1), slices), block_v) * block_v
+    keys = torch.empty((rows, slices), dtype=torch.int64, device=logits.device)
+    if rows:
+        dummy = keys  # unused pointers of the greedy-only variant
+        _sample_keys_kernel[(rows, slices)](
+            keys, logits, temperature if random else dummy, greedy_mask if random else dummy,
+            seed if random else dummy, num_valid, vocab_start, vocab_size, logits.stride(0),
+            slice_len, slices, RANDOM=random, BLOCK_V=block_v, num_warps=8)
+    return keys
+
+
+def keys_to_ids(keys: torch.Tensor) -> torch.Tensor:
+    """Token ids [rows] (int64) of the best key of each row of keys [rows, slices]."""
+    rows, slices = keys.shape
+    out = torch.empty(rows, dtype=torch.int64, device=keys.device)
+    if rows:
+        _keys_to_ids_kernel[(rows,)](out, keys, slices,
+                                     BLOCK_S=triton.next_power_of_2(max(slices, 2)))
+    return out
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, greedy_mask: torch.Tensor,
            seed: torch.Tensor) -> torch.Tensor:
     """Token ids [rows] (int64) drawn from softmax(logits / temperature) per row, argmax where
     greedy_mask. logits [rows, vocab] in any float dtype, last dim contiguous; temperature
     [rows] float32 (greedy rows may hold anything but 0); seed: a one-element int64 tensor on
-    the logits' device (drawn there, so picking it needs no host sync)."""
-    rows, vocab = logits.shape
-    assert logits.stride(-1) == 1 and fits(rows, vocab)
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows:
-        _sample_kernel[(rows,)](out, logits, temperature, greedy_mask, seed, vocab,
-                                logits.stride(0), BLOCK_V=min(2048, triton.next_power_of_2(vocab)),
-                                num_warps=8)
-    return out
+    the logits' device."""
+    return keys_to_ids(sample_keys(logits, temperature, greedy_mask, seed))
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, -1) for [rows, vocab] logits (ties to the lowest id), with a
+    single row's vocabulary split over many programs."""
+    return keys_to_ids(sample_keys(logits, None, None, None))
+
+
+def warm_up(width: int, device: torch.device) -> None:
+    """Compile the kernels for a [*, width] logits shard now (greedy, random, the id step),
+    so the first sampled steps do not wait for Triton."""
+    logits = torch.zeros(1, width, dtype=torch.float32, device=device)
+    one = torch.ones(1, dtype=torch.float32, device=device)
+    keys_to_ids(sample_keys(logits, None, None, None))
+    keys_to_ids(sample_keys(logits, one, one < 0, one.long()))
+
+
+def pack_keys(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """What the kernel packs, in torch: int64 keys ordered as (score, then lower id)."""
+    scores = torch.where(scores == 0, torch.zeros_like(scores), scores).float()
+    bits = scores.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return (ordered << 32) | (token_ids.to(torch.int64) ^ LOW_MASK)
+
+
+def unpack_ids(keys: torch.Tensor) -> torch.Tensor:
+    """The token ids of keys (any shape)."""
+    return (keys & LOW_MASK) ^ LOW_MASK
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, greedy_mask: torch.Tensor,

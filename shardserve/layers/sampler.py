@@ -17,6 +17,15 @@ depend only on its seed, never on what else is in the batch.
 
 On a GPU, plain temperature sampling (no seeded row, no top-k/top-p/min-p; greedy rows mixed
 in) skips all of that and runs kernels/sampling.py: the same race in one pass over the logits.
+Greedy batches on a GPU take that kernel's argmax too (a single row's vocabulary split over
+many programs, where torch's argmax reduces it in one).
+
+Under tensor parallelism such batches are sampled from the LM head's vocabulary shards where
+they are (`sample_vocab_shards`): each rank keys its own shard's best token and one all-reduce
+MAX of the keys gives every rank the winner. The logits are never gathered, and no rank waits
+for another's choice to be broadcast. `vocab_parallel_ok` says which batches qualify; it reads
+only the requests' SamplingParams, which every rank holds alike, so all ranks take the same
+path (one rank in the gather and another in the all-reduce would wait forever).
 
 Everything stays on the logits' device; the only device-to-host copy is the logprobs at the end
 (the caller copies the sampled ids), so a CUDA step needs no per-request synchronisation.
@@ -251,7 +260,7 @@ class Sampler(nn.Module):
         # Greedy and the one-pass kernel read the logits in their own dtype (argmax of a
         # half-precision row is that of its float32 copy); the torch race needs float32.
         if md.all_greedy:
-            sampled = logits.argmax(dim=-1)
+            sampled = _argmax(logits)
         elif _fused_sampling(logits, md):
             sampled = _fused_sample(logits, md)
         elif md.all_random:
@@ -284,6 +293,66 @@ class Sampler(nn.Module):
         # exponential_ may return exactly 0 (p / 0 = inf, 0 / 0 = nan would win the argmax).
         q.clamp_min_(torch.finfo(q.dtype).tiny)
         return probs.div_(q).argmax(dim=-1)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    if logits.is_cuda:
+        from shardserve.kernels.sampling import argmax
+        return argmax(logits)
+    return logits.argmax(dim=-1)
+
+
+def vocab_parallel_ok(params_list: Sequence[SamplingParams], on_gpu: bool,
+                      vocab_size: int) -> bool:
+    """Whether a batch of rows with these params can be sampled from vocabulary shards
+    (`sample_vocab_shards`): nothing that needs the whole row of logits (logprobs, allowed
+    ids, logit bias, penalties, min_tokens, bad words) and, on a GPU, plain or greedy
+    temperature sampling as kernels/sampling.py draws it (no seed, top-k, top-p or min-p); on
+    a CPU greedy rows only. A function of the params alone: every rank answers alike."""
+    if not params_list:
+        return False
+    any_random = False
+    for p in params_list:
+        if (p.logprobs is not None or p.allowed_token_ids or p.logit_bias
+                or p.min_tokens > 0 or p._bad_words_token_ids or p.bad_words
+                or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                or p.repetition_penalty != 1.0):
+            return False
+        if not p.greedy and not (on_gpu and p.seed is None and p.top_p >= 1.0
+                                 and p.top_k <= 0 and p.min_p <= 0.0):
+            return False
+        any_random = any_random or not p.greedy
+    if any_random:
+        from shardserve.kernels.sampling import fits
+        return fits(len(params_list), vocab_size)
+    return True
+
+
+def sample_vocab_shards(shard: torch.Tensor, vocab_start: int, vocab_size: int, num_valid: int,
+                        md: SamplingMetadata, group) -> torch.Tensor:
+    """Token ids [R] (int64), the same on every rank of `group`, for a batch that
+    `vocab_parallel_ok` accepted: shard [R, >= num_valid] holds this rank's logits of tokens
+    [vocab_start, vocab_start + num_valid) of vocab_size; the ranks' shards tile the
+    vocabulary. Greedy rows get the argmax over the whole vocabulary and random rows an exact
+    draw, as `Sampler` would give from the gathered logits."""
+    if shard.is_cuda:
+        from shardserve.kernels.sampling import keys_to_ids, sample_keys
+        if md.all_greedy:
+            keys = sample_keys(shard, None, None, None, vocab_start, vocab_size, num_valid)
+        else:
+            seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64, device=shard.device)
+            keys = sample_keys(shard, md.temperature, md.greedy_mask, seed, vocab_start,
+                               vocab_size, num_valid)
+        return keys_to_ids(group.all_reduce_max(keys))
+    from shardserve.kernels.sampling import NO_KEY, pack_keys, unpack_ids
+    assert md.all_greedy, "on a CPU only greedy batches are sampled from shards"
+    if num_valid:
+        best, index = shard[:, :num_valid].max(dim=-1)  # the first of equal maxima, as argmax
+        keys = pack_keys(best, index + vocab_start)
+    else:  # a shard of padding only (a tiny vocabulary over many ranks)
+        keys = torch.full((shard.shape[0],), NO_KEY, dtype=torch.int64)
+    keys = group.all_reduce_max(keys)
+    return unpack_ids(keys)
 
 
 def _fused_sampling(logits: torch.Tensor, md: SamplingMetadata) -> bool:

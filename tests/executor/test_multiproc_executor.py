@@ -123,6 +123,40 @@ def test_tp_async_scheduling_matches_one_process(tiny_model_dirs):
         llm.shutdown()
 
 
+def test_tp_greedy_batches_are_sampled_from_vocabulary_shards(tiny_model_dirs):
+    """All-greedy batches under TP: every rank keys its own vocabulary shard and one all-reduce
+    MAX picks the token (layers/sampler.py), no logits gathered; the tokens are one process's.
+    A batch with a logprobs request gathers (the same tokens again), and so does every batch
+    with --disable-vocab-parallel-sampling."""
+    prompts = _prompts(3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                   logprobs=2)
+
+    def run(llm: LLM, params: SamplingParams) -> list[list[int]]:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs]
+
+    one = LLM(tiny_model_dirs["llama"], **ENGINE_KWARGS)
+    expected = run(one, greedy)
+    for disable in (False, True):
+        llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2,
+                  disable_vocab_parallel_sampling=disable, **ENGINE_KWARGS)
+        try:
+            assert run(llm, greedy) == expected
+            counts = llm.engine.core.executor.collective_rpc("sampling_counts")
+            assert counts[0] == counts[1]  # every rank took the same path every step
+            if disable:
+                assert counts[0]["from_shards"] == 0 and counts[0]["gathered"] > 0
+            else:
+                assert counts[0]["from_shards"] > 0 and counts[0]["gathered"] == 0
+                assert run(llm, with_logprobs) == expected
+                after = llm.engine.core.executor.collective_rpc("sampling_counts")[0]
+                assert after["gathered"] > 0 and after["from_shards"] == counts[0]["from_shards"]
+        finally:
+            llm.shutdown()
+
+
 @pytest.mark.slow
 def test_smollm2_tp3_matches_one_process(smollm2_llm):
     """The real model: 9 query and 3 KV heads divide by 3 (not by 2 or 4)."""

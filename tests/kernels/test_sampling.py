@@ -109,3 +109,61 @@ def test_gpu_distribution_at_many_rows_and_llama3_vocab():
     got = _draw(logits, 1.0, greedy)
     assert got[greedy].tolist() == logits.float().argmax(-1).cpu()[greedy].tolist()
     assert ((got >= 0) & (got < 128256)).all()
+
+
+def _shard_ids(logits, shards, slices, temperature=None, greedy=None, seed=0, pad=0):
+    """Token ids from keying each of `shards` equal vocabulary slices (each padded with `pad`
+    junk columns past its valid tokens, as an LM head shard is) and taking the max key."""
+    from shardserve.kernels.sampling import keys_to_ids, sample_keys
+    rows, vocab = logits.shape
+    width = -(-vocab // shards)
+    keys = []
+    for r in range(shards):
+        part = logits[:, r * width:(r + 1) * width]
+        valid = part.shape[1]
+        junk = torch.full((rows, width - valid + pad), 1e4, dtype=logits.dtype)  # never read
+        shard = torch.cat([part, junk], dim=1).to(DEVICE)
+        t = g = s = None
+        if temperature is not None:
+            t = torch.full((rows,), float(temperature), device=DEVICE)
+            g = greedy.to(DEVICE)
+            s = _seed(seed)
+        keys.append(sample_keys(shard, t, g, s, vocab_start=r * width, vocab_size=vocab,
+                                num_valid=valid, slices=slices).cpu())
+    best = torch.stack([k.max(dim=1).values for k in keys], dim=1)  # the MAX all-reduce
+    return keys_to_ids(best.to(DEVICE)).cpu()
+
+
+@pytest.mark.parametrize("shards,slices", [(1, 3), (2, 1), (3, 4)])
+def test_vocab_split_over_slices_and_shards_gives_the_same_tokens(shards, slices):
+    """Greedy: the argmax, ties to the lowest id across slices and shards. Random: the very
+    same draws as one pass over the whole vocabulary with the same seed, since a token's
+    noise depends on its global id only."""
+    gen = torch.Generator().manual_seed(11)
+    rows, vocab = 6, 4100
+    logits = torch.randn(rows, vocab, generator=gen).to(torch.bfloat16)
+    logits[0, 7] = logits[0, 4099] = 40.0  # a tie between the first and the last shard
+    logits[1, 2050] = logits[1, 2051] = 40.0  # a tie at a shard border (shards of 2050)
+    logits[2] = float("-inf")  # all masked: token 0
+    got = _shard_ids(logits, shards, slices, pad=64)
+    assert got.tolist() == logits.float().argmax(-1).tolist()
+    assert got[0].item() == 7 and got[1].item() == 2050 and got[2].item() == 0
+    greedy = torch.tensor([True, False, False, True, False, False])
+    whole = _draw(logits, 0.7, greedy, seed=5)
+    split = _shard_ids(logits, shards, slices, 0.7, greedy, seed=5, pad=64)
+    assert split.tolist() == whole.tolist()
+
+
+def test_keys_order_as_score_then_lower_id():
+    from shardserve.kernels.sampling import pack_keys, sample_keys, unpack_ids
+    scores = torch.tensor([-float("inf"), -3.5, -0.0, 0.0, 1e-30, 2.0, 2.0, float("inf")])
+    ids = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2])
+    keys = pack_keys(scores, ids)
+    assert unpack_ids(keys).tolist() == ids.tolist()
+    order = sorted(range(len(scores)), key=lambda i: (scores[i].item(), -ids[i].item()))
+    # -0.0 and 0.0 are one score: the lower id (6) ranks above 7
+    assert torch.argsort(keys).tolist() == order
+    # The kernel packs the same key for a row's winner.
+    row = torch.tensor([[0.5, 2.0, 2.0, -1.0]])
+    got = sample_keys(row.to(DEVICE), None, None, None, vocab_start=100, slices=1).cpu()
+    assert got.tolist() == [[pack_keys(torch.tensor(2.0), torch.tensor(101)).item()]]

@@ -378,3 +378,59 @@ def test_sampler_on_gpu_uses_the_kernel_with_the_same_distribution(monkeypatch) 
     random_rows[::4] = False
     freq = torch.bincount(got[random_rows], minlength=VOCAB).double() / random_rows.sum()
     torch.testing.assert_close(freq, torch.softmax(row.double() / 1.5, -1), atol=0.01, rtol=0)
+
+
+def test_vocab_parallel_sampling_takes_only_batches_that_need_one_token_per_row() -> None:
+    """Sampling from TP shards (layers/sampler.py) needs nothing but each row's best token: any
+    logprobs, logit processor, penalty or min_tokens sends the batch to the gathering path; so
+    does a seed, top-k/p or min-p (and any random row on a CPU, which has no kernel)."""
+    from shardserve.layers.sampler import vocab_parallel_ok
+
+    greedy, plain = SamplingParams(temperature=0.0), SamplingParams(temperature=0.8)
+    assert vocab_parallel_ok([greedy, greedy], on_gpu=False, vocab_size=VOCAB)
+    assert vocab_parallel_ok([greedy, plain], on_gpu=True, vocab_size=VOCAB)
+    assert not vocab_parallel_ok([greedy, plain], on_gpu=False, vocab_size=VOCAB)
+    assert not vocab_parallel_ok([], on_gpu=True, vocab_size=VOCAB)
+    for change in (dict(logprobs=0), dict(logit_bias={1: 2.0}), dict(allowed_token_ids=[1, 2]),
+                   dict(min_tokens=2), dict(bad_words=["x"]), dict(presence_penalty=0.5),
+                   dict(frequency_penalty=0.5), dict(repetition_penalty=1.1)):
+        one = SamplingParams(temperature=0.0, **change)
+        assert not vocab_parallel_ok([greedy, one], on_gpu=True, vocab_size=VOCAB), change
+    for change in (dict(seed=3), dict(top_p=0.9), dict(top_k=5), dict(min_p=0.1)):
+        one = SamplingParams(temperature=0.8, **change)
+        assert not vocab_parallel_ok([greedy, one], on_gpu=True, vocab_size=VOCAB), change
+        # The same settings on a greedy row change nothing: its token is the argmax anyway.
+        assert vocab_parallel_ok([SamplingParams(temperature=0.0, **change)], on_gpu=True,
+                                 vocab_size=VOCAB)
+    # Philox offsets (row * vocab + id) must fit int32 for random rows, never for greedy ones.
+    assert not vocab_parallel_ok([plain] * 20000, on_gpu=True, vocab_size=200_000)
+    assert vocab_parallel_ok([greedy] * 20000, on_gpu=True, vocab_size=200_000)
+
+
+def test_greedy_from_shards_on_cpu_is_the_argmax_of_the_whole_row() -> None:
+    """Two ranks' shards (the second with padding columns), their keys maxed as the all-reduce
+    would: the argmax of the whole row, ties to the lowest id across the shards."""
+    from shardserve.layers.sampler import sample_vocab_shards
+
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 30, generator=gen)
+    logits[0, 3] = logits[0, 20] = 9.0
+    logits[1, 14] = logits[1, 15] = 9.0  # the shard border
+    shards = [logits[:, :15], torch.cat([logits[:, 15:], torch.full((5, 2), 99.0)], dim=1)]
+    md = build([SamplingParams(temperature=0.0)] * 5)
+
+    class Group:  # one rank's view: the other rank's keys were computed already
+        def __init__(self) -> None:
+            self.keys: list[torch.Tensor] = []
+
+        def all_reduce_max(self, keys):
+            self.keys.append(keys.clone())
+            return keys
+
+    group = Group()
+    for rank, shard in enumerate(shards):
+        sample_vocab_shards(shard, 15 * rank, 30, 15, md, group)
+    from shardserve.kernels.sampling import unpack_ids
+    got = unpack_ids(torch.maximum(*group.keys))
+    assert got.tolist() == logits.argmax(-1).tolist()
+    assert got[0].item() == 3 and got[1].item() == 14
