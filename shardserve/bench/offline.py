@@ -128,11 +128,15 @@ def run_latency(args: argparse.Namespace) -> int:
 
     for i in tqdm(range(args.num_iters_warmup), desc="Warm-up"):
         one_batch(args.bench_seed + 1000 + i)
-    latencies, step_times = [], []
+    latencies, step_times, prompt_steps, tails = [], [], [], []
     for i in tqdm(range(args.num_iters), desc="Measuring"):
         total, steps = one_batch(args.bench_seed + i)
         latencies.append(total)
         step_times.extend(steps[1:])  # the first step is the prefill
+        prompt_steps.append(steps[0])
+        # Where end to end leaves decode behind: the prompt step, and every step above the
+        # median (the first decodes, the last, any stall).
+        tails.append(total - len(steps[1:]) * statistics.median(steps[1:] or [0.0]))
     decode_ms = statistics.median(step_times) * 1e3 if step_times else float("nan")
     result = {
         "avg_latency": statistics.mean(latencies),
@@ -143,11 +147,15 @@ def run_latency(args: argparse.Namespace) -> int:
         "median_decode_step_ms": decode_ms,
         "output_tokens_per_second": args.batch_size * args.output_len / statistics.mean(latencies),
         "decode_tokens_per_second": args.batch_size / (decode_ms / 1e3) if step_times else 0.0,
+        "median_prompt_step_ms": statistics.median(prompt_steps) * 1e3,
+        "median_time_beyond_decode_ms": statistics.median(tails) * 1e3,
     }
     print(f"Avg latency: {result['avg_latency']:.3f} s for batch {args.batch_size} x "
           f"({args.input_len} in / {args.output_len} out); median decode step "
           f"{decode_ms:.2f} ms; {result['output_tokens_per_second']:.1f} output tokens/s end to "
           f"end, {result['decode_tokens_per_second']:.1f} tokens/s in decode")
+    print(f"  prompt step {result['median_prompt_step_ms']:.1f} ms; end to end exceeds "
+          f"(steps x median step) by {result['median_time_beyond_decode_ms']:.1f} ms")
     for p, v in result["percentiles"].items():
         print(f"  P{p}: {v:.3f} s")
     _save(args.output_json, result)

@@ -47,6 +47,9 @@ def test_latency_percentiles_interpolate(monkeypatch, tmp_path):
     assert result["percentiles"]["10"] == pytest.approx(1.4)
     assert result["percentiles"]["90"] == pytest.approx(4.6)
     assert result["percentiles"]["50"] == 3.0
+    # One step a batch here: each is all prompt step, all beyond the (absent) decode steps.
+    assert result["median_prompt_step_ms"] == pytest.approx(3000.0)
+    assert result["median_time_beyond_decode_ms"] == pytest.approx(3000.0)
 
 
 def test_throughput_refuses_other_datasets(capsys):
