@@ -45,8 +45,13 @@ def read_series(path: str) -> dict[str, list[dict[str, str]]]:
 
 
 def draw(series: dict[str, list[dict[str, str]]], plt):
-    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
-    for ax, (workload, rows) in zip(axes[0], series.items()):
+    # Up to four panels a row: one long strip is unreadable once scaled to a page.
+    cols = min(4, len(series))
+    nrows = -(-len(series) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(series):]:
+        ax.set_visible(False)
+    for ax, (workload, rows) in zip(axes.flat, series.items()):
         labels = [f"{r['commit']}\n{r['date']}" for r in rows]
         values = [float(r["output_tok_s"]) for r in rows]
         ax.plot(range(len(rows)), values, marker="o", label="shardserve")
