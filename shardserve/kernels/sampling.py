@@ -108,15 +108,31 @@ def fits(rows: int, vocab: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
+def _cuda_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _num_slices(rows: int, num_valid: int, block_v: int, device: torch.device) -> int:
+def _num_sms(device: torch.device) -> int:
+    """The device's SMs; 0 off the GPU (one program a row there)."""
     if device.type != "cuda":
+        return 0
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _block_v(num_columns: int) -> int:
+    return min(BLOCK_V_MAX, triton.next_power_of_2(max(num_columns, 16)))
+
+
+def _num_slices(rows: int, width: int, device: torch.device) -> int:
+    """Programs per row for a [rows, width] shard. From its width, never from how many of its
+    columns are valid: under TP the [rows, slices] keys are all-reduced, so every rank must
+    make as many slices, and the last rank's shard has fewer valid columns (vocabulary
+    padding), or none. A slice past the valid columns keys nothing (NO_KEY)."""
+    sms = _num_sms(device)
+    if not sms:
         return 1
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(triton.cdiv(num_valid, block_v), PROGRAMS_PER_SM * sms // max(rows, 1)))
+    return max(1, min(triton.cdiv(width, _block_v(width)),
+                      PROGRAMS_PER_SM * sms // max(rows, 1)))
 
 
 def sample_keys(logits: torch.Tensor, temperature: torch.Tensor | None,
@@ -129,16 +145,17 @@ def sample_keys(logits: torch.Tensor, temperature: torch.Tensor | None,
     temperature / greedy_mask / seed None: every row greedy; otherwise temperature [rows]
     float32 (greedy rows may hold anything but 0), greedy_mask [rows] bool and seed a
     one-element int64 tensor on the logits' device (drawn there, so no host sync). slices:
-    how many programs share a row (default: enough to fill the GPU)."""
+    how many programs share a row (default: enough to fill the GPU, from the logits' width
+    alone, so every TP rank's keys have one shape)."""
     rows, width = logits.shape
     num_valid = width if num_valid is None else num_valid
     vocab_size = vocab_start + num_valid if vocab_size is None else vocab_size
     random = temperature is not None
     assert logits.stride(-1) == 1 and 0 <= num_valid <= width
     assert not random or fits(rows, vocab_size)
-    block_v = min(BLOCK_V_MAX, triton.next_power_of_2(max(num_valid, 16)))
+    block_v = _block_v(num_valid)
     if slices is None:
-        slices = _num_slices(rows, num_valid, block_v, logits.device)
+        slices = _num_slices(rows, width, logits.device)
     slice_len = triton.cdiv(triton.cdiv(max(num_valid, 1), slices), block_v) * block_v
     keys = torch.empty((rows, slices), dtype=torch.int64, device=logits.device)
     if rows:

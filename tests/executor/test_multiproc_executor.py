@@ -3,6 +3,9 @@
 - greedy (and seeded) outputs at tp 2 and 4 are token-identical to one process, with prefix
   caching, chunked prefill and forced preemption, on a Llama and on a Qwen3 with fewer KV
   heads than ranks; each rank's KV cache holds only its own heads; SmolLM2 at tp 3 (slow);
+- batches are sampled from the LM head's vocabulary shards or gathered, every rank alike, at
+  tp 4 too, with a rank whose shard is all padding and requests of both kinds coming and going
+  with two steps in flight;
 - two "nodes" on loopback (`shardserve worker` as node 1) give the same outputs, and node 1
   leaves when node 0 stops;
 - a rank that never arrives is named by the rendezvous timeout;
@@ -155,6 +158,52 @@ def test_tp_greedy_batches_are_sampled_from_vocabulary_shards(tiny_model_dirs):
                 assert after["gathered"] > 0 and after["from_shards"] == counts[0]["from_shards"]
         finally:
             llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vocab300_dir(tmp_path_factory) -> str:
+    """A Llama with 300 tokens: at tp 4 the vocabulary pads to 512, shards of 128 columns of
+    which 128, 128, 44 and 0 are real tokens (the last rank's LM head is all padding)."""
+    from shardserve.testing import write_random_model
+    return str(write_random_model(tmp_path_factory.mktemp("vocab300"), architecture="llama",
+                                  preset="tiny", seed=9, vocab_size=300))
+
+
+def test_tp4_mixed_batches_over_padded_shards_with_async_scheduling(vocab300_dir):
+    """Requests that need the whole row (logprobs, a penalty, min_tokens, a seeded top-p draw)
+    beside greedy ones of different lengths, so batches switch between sampling from the
+    vocabulary shards and gathering as requests start, finish, are preempted and resume, two
+    steps in flight: one process's tokens, and every rank took the same path every step (a
+    rank in the gather while another is in the keys' all-reduce would hang). The winners
+    cross all shards, the one of padding only included."""
+    rng = random.Random(300)
+    prompts = [[rng.randrange(300) for _ in range(n)] for n in (3, 17, 40, 9, 25, 6, 30, 12)]
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=12, **greedy), SamplingParams(max_tokens=2, **greedy),
+              SamplingParams(max_tokens=5, logprobs=1, **greedy),
+              SamplingParams(max_tokens=9, **greedy),
+              SamplingParams(max_tokens=4, repetition_penalty=1.3, **greedy),
+              SamplingParams(max_tokens=7, min_tokens=3, **greedy),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=6, ignore_eos=True),
+              SamplingParams(max_tokens=14, **greedy)]
+
+    def run(llm: LLM) -> list[list[int]]:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs]
+
+    expected = run(LLM(vocab300_dir, **ENGINE_KWARGS))
+    assert max(t for out in expected for t in out) >= 256  # shard 2 holds some winners
+    llm = LLM(vocab300_dir, tensor_parallel_size=4, async_scheduling=True, **ENGINE_KWARGS)
+    try:
+        assert run(llm) == expected
+        core = llm.engine.core
+        assert core.num_overlapped_steps > 0 and core.scheduler.num_preemptions > 0
+        assert core.scheduler.kv_cache.num_free_blocks == llm.config.cache_config.num_blocks
+        counts = core.executor.collective_rpc("sampling_counts")
+        assert all(c == counts[0] for c in counts), counts
+        assert counts[0]["from_shards"] > 0 and counts[0]["gathered"] > 0, counts
+    finally:
+        llm.shutdown()
 
 
 @pytest.mark.slow

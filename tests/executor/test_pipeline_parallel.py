@@ -164,6 +164,12 @@ def test_two_nodes_tp_within_pp_across(llama5_dir, tp):
             assert llm.engine.core.executor.worker_pids.keys() == set(range(tp))  # stage 0 here
             assert _generate(llm, prompts) == expected
             assert len(llm.engine.core.executor.pipeline_stats()["pp_stage_busy_ratio"]) == 2
+            # The last stage's TP ranks sample, each step from their vocabulary shards or
+            # gathered (the seeded request), all alike; stage 0 never samples.
+            counts = llm.engine.core.executor.collective_rpc("sampling_counts")
+            assert all(c == {"gathered": 0, "from_shards": 0} for c in counts[:tp]), counts
+            assert all(c == counts[tp] for c in counts[tp:]), counts
+            assert counts[tp]["from_shards"] > 0 and counts[tp]["gathered"] > 0, counts
         finally:
             llm.shutdown()
         assert node1.wait(timeout=15) == 0, node1.stdout.read()

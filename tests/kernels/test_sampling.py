@@ -167,3 +167,29 @@ def test_keys_order_as_score_then_lower_id():
     row = torch.tensor([[0.5, 2.0, 2.0, -1.0]])
     got = sample_keys(row.to(DEVICE), None, None, None, vocab_start=100, slices=1).cpu()
     assert got.tolist() == [[pack_keys(torch.tensor(2.0), torch.tensor(101)).item()]]
+
+
+def test_every_tp_rank_keys_as_many_slices_whatever_its_padding(monkeypatch):
+    """The keys are all-reduced over the TP ranks, so each rank's [rows, slices] must have one
+    shape: a vocabulary of 4100 at TP 2 gives shards of 2112 columns, 2112 and 1988 of them
+    valid; slicing by the valid columns made 2 slices on rank 0 and 1 on rank 1 (an
+    all-reduce of mismatched sizes: a hang). A shard of padding only (a tiny vocabulary over
+    many ranks) gives as many slices, all keyless."""
+    from shardserve.kernels import sampling
+    from shardserve.kernels.sampling import NO_KEY, keys_to_ids, sample_keys
+
+    monkeypatch.setattr(sampling, "_num_sms", lambda device: 132)  # an H200, on any device
+    vocab, width = 4100, 2112
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, vocab, generator=gen)
+    logits[0, 4099] = 30.0  # the last valid token of the last rank wins
+    padded = torch.cat([logits, torch.full((1, 2 * width - vocab), 99.0)], dim=1)
+    keys = [sample_keys(padded[:, r * width:(r + 1) * width].contiguous().to(DEVICE), None,
+                        None, None, vocab_start=r * width, vocab_size=vocab,
+                        num_valid=min(width, vocab - r * width)).cpu() for r in (0, 1)]
+    assert keys[0].shape == keys[1].shape == (1, 2)
+    best = torch.maximum(*keys).max(dim=1, keepdim=True).values  # the all-reduce, then the row
+    assert keys_to_ids(best.to(DEVICE)).cpu().tolist() == [4099]
+    empty = sample_keys(torch.zeros(3, width, device=DEVICE), None, None, None,
+                        vocab_start=2 * width, vocab_size=vocab, num_valid=0).cpu()
+    assert empty.shape == (3, 2) and (empty == NO_KEY).all()
