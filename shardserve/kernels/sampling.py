@@ -70,6 +70,9 @@ def _sample_keys_kernel(keys_ptr, logits_ptr, temperature_ptr, greedy_ptr, seed_
         ids = start + lanes
         mask = ids < hi
         x = tl.load(base + ids, mask=mask, other=float("-inf")).to(tl.float32)
+        # NaN (a model gone numerically wrong) counts as -inf: it never wins, and a row of
+        # NaN gives its lowest id, on every backend alike (reductions differ on NaN).
+        x = tl.where(x != x, float("-inf"), x)
         if RANDOM:
             if not greedy:
                 # Offsets unique over the whole [rows, vocab] draw, by global token id: one
@@ -99,7 +102,9 @@ def _keys_to_ids_kernel(out_ptr, keys_ptr, num_slices, BLOCK_S: tl.constexpr):
     offs = tl.arange(0, BLOCK_S)
     keys = tl.load(keys_ptr + row * num_slices + offs, mask=offs < num_slices, other=_NO_KEY)
     best = tl.max(keys, 0)
-    tl.store(out_ptr + row, (best & _LOW_MASK) ^ _LOW_MASK)
+    # No key anywhere (every logit NaN: a model gone numerically wrong): token 0, as
+    # torch.argmax gives, never an id past the vocabulary.
+    tl.store(out_ptr + row, tl.where(best == _NO_KEY, 0, (best & _LOW_MASK) ^ _LOW_MASK))
 
 
 def fits(rows: int, vocab: int) -> bool:
@@ -210,8 +215,8 @@ def pack_keys(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_ids(keys: torch.Tensor) -> torch.Tensor:
-    """The token ids of keys (any shape)."""
-    return (keys & LOW_MASK) ^ LOW_MASK
+    """The token ids of keys (any shape); 0 for NO_KEY, as `keys_to_ids`."""
+    return torch.where(keys == NO_KEY, 0, (keys & LOW_MASK) ^ LOW_MASK)
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, greedy_mask: torch.Tensor,

@@ -193,3 +193,18 @@ def test_every_tp_rank_keys_as_many_slices_whatever_its_padding(monkeypatch):
     empty = sample_keys(torch.zeros(3, width, device=DEVICE), None, None, None,
                         vocab_start=2 * width, vocab_size=vocab, num_valid=0).cpu()
     assert empty.shape == (3, 2) and (empty == NO_KEY).all()
+
+
+def test_a_row_of_nan_logits_gives_token_0_not_an_id_past_the_vocabulary():
+    """A model gone numerically wrong: all-NaN rows give token 0 as torch.argmax does (the
+    detokenizer must never see an id past the vocabulary); NaN beside numbers counts as -inf
+    (torch.argmax would pick the NaN)."""
+    from shardserve.kernels.sampling import NO_KEY, argmax, unpack_ids
+    logits = torch.randn(3, 3000)
+    logits[0] = float("nan")
+    logits[1, ::2] = float("nan")
+    got = argmax(logits.to(DEVICE)).cpu()
+    assert got[0].item() == 0
+    assert got[1].item() == logits[1, 1::2].argmax().item() * 2 + 1
+    assert got[2].item() == logits[2].argmax().item()
+    assert unpack_ids(torch.tensor([NO_KEY])).tolist() == [0]
