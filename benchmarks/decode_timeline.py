@@ -152,9 +152,34 @@ def run_tp(args, tp: int) -> dict:
         print_analysis(f"TP {tp} rank {r['rank']}", a)
         if not args.keep_traces:
             os.remove(r["trace"])
+    if args.profile_prompt:
+        result["prompt_step"] = profile_prompt_step(llm, args, vocab, out_dir, tp)
     llm.shutdown()
     del llm
     return result
+
+
+def profile_prompt_step(llm, args, vocab: int, out_dir: str, tp: int) -> dict:
+    """A fresh prompt's own step (no prefix-cache hit; max_tokens=1): wall time without the
+    profiler, then one profiled, read back as the same timeline (busy share: whether the GPU
+    waits for the host's eager launches)."""
+    from shardserve import SamplingParams
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    fresh = [{"prompt_token_ids": p} for p in random_prompts(2, args.input_len, vocab, 11)]
+    start = time.perf_counter()
+    llm.generate(fresh[0], one, use_tqdm=False)
+    wall_ms = (time.perf_counter() - start) * 1e3
+    log(f"TP {tp}: a fresh {args.input_len}-token prompt's step: {wall_ms:.1f} ms end to end")
+    llm.start_profile(os.path.join(out_dir, "prompt"))
+    llm.generate(fresh[1], one, use_tqdm=False)
+    out = {"wall_ms": wall_ms, "ranks": {}}
+    for r in llm.stop_profile():
+        a = analyse(kernel_timeline(load_trace(r["trace"])), 1)
+        out["ranks"][r["rank"]] = a
+        print_analysis(f"TP {tp} rank {r['rank']} prompt step", a)
+        if not args.keep_traces:
+            os.remove(r["trace"])
+    return out
 
 
 def main(argv=None) -> None:
@@ -168,6 +193,8 @@ def main(argv=None) -> None:
     p.add_argument("--engine-args", default='{"load_format": "dummy"}', type=json.loads)
     p.add_argument("--out", default="/tmp/decode_timeline")
     p.add_argument("--keep-traces", action="store_true")
+    p.add_argument("--profile-prompt", action="store_true",
+                   help="also time and profile one fresh prompt's step (eager, not a graph)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     dummy = args.engine_args.get("load_format") == "dummy"
