@@ -354,8 +354,7 @@ class _FusedNormSetup:
     @classmethod
     def create(cls, handle, buffer: torch.Tensor, world_size: int, region_offset: int,
                region_size: int) -> "_FusedNormSetup | None":
-        from shardserve.kernels.all_reduce_rms_norm import (MAX_ROWS, clear_region,
-                                                             num_signal_slots)
+        from shardserve.kernels.all_reduce_rms_norm import MAX_ROWS, clear_region
         try:
             buffer_ptrs, pad_ptrs = list(handle.buffer_ptrs), list(handle.signal_pad_ptrs)
             rank, pad_slots = int(handle.rank), int(handle.signal_pad_size) // 4
@@ -363,8 +362,8 @@ class _FusedNormSetup:
             logger.info("fused all-reduce + RMSNorm off: the symmetric-memory handle lacks %s", exc)
             return None
         slot_base = pad_slots // 2
-        max_rows = min(MAX_ROWS, pad_slots - slot_base)
-        if max_rows < 1 or slot_base + num_signal_slots(world_size, max_rows) > pad_slots:
+        max_rows = min(MAX_ROWS, pad_slots - slot_base)  # a call count a row
+        if max_rows < 1:
             logger.info("fused all-reduce + RMSNorm off: the signal pad (%d slots) is too small",
                         pad_slots)
             return None

@@ -37,7 +37,7 @@ from shardserve.executor.sampling_batch import SamplingBatch
 from shardserve.forward_context import set_forward_context
 from shardserve.layers.attention import AttentionLayerBase, select_attention_backend
 from shardserve.layers.sampler import (Sampler, SamplerOutput, compute_prompt_logprobs,
-                                       sample_vocab_shards, vocab_parallel_ok)
+                                       sample_vocab_shards)
 from shardserve.models.pipeline import IntermediateTensors, StageLayout
 
 logger = logging.getLogger(__name__)
@@ -212,7 +212,12 @@ class ModelRunner:
             if self.stage is None or self.stage.is_last:
                 start = time.perf_counter()
                 from shardserve.kernels.sampling import warm_up
-                warm_up(self.model.lm_head.num_embeddings_per_partition, self.device)
+                # Gathered logits are float32; vocabulary shards (TP) the model's dtype.
+                dtypes = {torch.float32}
+                if (get_tp_group().world_size > 1
+                        and not self.config.parallel_config.disable_vocab_parallel_sampling):
+                    dtypes.add(self.dtype)
+                warm_up(self.model.lm_head.num_embeddings_per_partition, self.device, dtypes)
                 seconds += time.perf_counter() - start
             logger.info("Prompt-step kernels compiled and warmed up in %.1f s", seconds)
         max_len = self.config.model_config.max_model_len
@@ -339,26 +344,23 @@ class ModelRunner:
         if self.share_samples:
             get_tp_group().broadcast(result.sampled_token_ids, src=0)
         self._remember_samples(result.sampled_token_ids, inputs)
-        if not defer:
-            return ModelRunnerOutput(inputs.sample_req_ids, result.tolist(), result.logprobs,
-                                     prompt_logprobs)
-        return PendingOutput(inputs.sample_req_ids, result, prompt_logprobs)
+        return _driver_output(inputs, result, prompt_logprobs, defer)
 
     def _sample_from_shards(self, inputs: ModelInputs) -> bool:
         """Whether this step samples from the TP ranks' vocabulary shards (layers/sampler.py):
         decided from the rows' params, so every rank of the group decides alike."""
-        tp = get_tp_group()
-        return (tp.world_size > 1 and not self.config.parallel_config.disable_vocab_parallel_sampling
-                and vocab_parallel_ok([s.sampling_params for s in inputs.sample_states],
-                                      self.device.type == "cuda",
-                                      self.model.lm_head.num_embeddings))
+        return (get_tp_group().world_size > 1
+                and not self.config.parallel_config.disable_vocab_parallel_sampling
+                and self.sampling_batch.vocab_parallel(inputs.sample_states,
+                                                       self.device.type == "cuda",
+                                                       self.model.lm_head.num_embeddings))
 
     def _sample_shards(self, hidden: torch.Tensor, inputs: ModelInputs, prompt_logprobs,
                        defer: bool):
         """Every TP rank samples the same ids from its own shard of the logits: no gather to
         the driver, no broadcast of its choice back."""
         self.sampling_counts["from_shards"] += 1
-        shard, vocab_start, num_valid = self.model.compute_logits_shard(
+        shard, vocab_start, num_valid = self.model.lm_head.compute_logits_shard(
             hidden[inputs.sample_indices])
         vocab_size = self.model.lm_head.num_embeddings
         metadata = self.sampling_batch.metadata(inputs.sample_states, inputs.sample_num_outputs,
@@ -368,11 +370,7 @@ class ModelRunner:
         self._remember_samples(ids, inputs)
         if not self.is_driver:
             return _ready(ModelRunnerOutput([], []), defer)
-        result = SamplerOutput(ids)
-        if not defer:
-            return ModelRunnerOutput(inputs.sample_req_ids, result.tolist(), None,
-                                     prompt_logprobs)
-        return PendingOutput(inputs.sample_req_ids, result, prompt_logprobs)
+        return _driver_output(inputs, SamplerOutput(ids), prompt_logprobs, defer)
 
     def _remember_samples(self, ids: torch.Tensor, inputs: ModelInputs) -> None:
         self._prev_sampled = ids
@@ -391,6 +389,14 @@ class ModelRunner:
             out[rid] = compute_prompt_logprobs(logits, next_ids, state.sampling_params.prompt_logprobs)
         return out
 
+
+
+def _driver_output(inputs: ModelInputs, result: SamplerOutput, prompt_logprobs, defer: bool):
+    """The sampling rank's step output: ready now, or pending while the ids reach the host."""
+    if not defer:
+        return ModelRunnerOutput(inputs.sample_req_ids, result.tolist(), result.logprobs,
+                                 prompt_logprobs)
+    return PendingOutput(inputs.sample_req_ids, result, prompt_logprobs)
 
 
 class PendingOutput:

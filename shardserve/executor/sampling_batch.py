@@ -23,7 +23,7 @@ import torch
 
 from shardserve.executor.request_state import CachedRequestState
 from shardserve.engine.bad_words import banned_last_tokens
-from shardserve.layers.sampler import SamplingMetadata, min_tokens_stop_ids
+from shardserve.layers.sampler import SamplingMetadata, min_tokens_stop_ids, vocab_parallel_ok
 
 
 class SamplingBatch:
@@ -34,6 +34,10 @@ class SamplingBatch:
         self._min_tokens_rows: list[int] = []  # rows whose request has min_tokens > 0
         self._bad_words_rows: list[int] = []  # rows whose request has bad words
         self.num_rebuilds = 0  # how often the rows changed (a check for tests)
+        # vocab_parallel_ok of the last rows asked about (they are the same step after step)
+        self._vp_states: list[CachedRequestState] = []
+        self._vp_key: tuple | None = None
+        self._vp = False
 
     def metadata(self, states: list[CachedRequestState], num_outputs: list[int],
                  vocab_size: int) -> SamplingMetadata:
@@ -61,6 +65,18 @@ class SamplingBatch:
         # penalties nor masks this is the kept rows themselves.
         return self._rows.with_step_inputs((s.output_token_ids for s in states),
                                      (s.prompt_token_ids for s in states), masks)
+
+    def vocab_parallel(self, states: list[CachedRequestState], on_gpu: bool,
+                       vocab_size: int) -> bool:
+        """layers/sampler.vocab_parallel_ok for these rows, kept while they stay the same
+        requests (a request's params never change; a resumed one has a new state)."""
+        key = (on_gpu, vocab_size)
+        if not (key == self._vp_key and len(states) == len(self._vp_states)
+                and all(map(operator.is_, states, self._vp_states))):
+            self._vp = vocab_parallel_ok([s.sampling_params for s in states], on_gpu,
+                                         vocab_size)
+            self._vp_states, self._vp_key = list(states), key
+        return self._vp
 
     def _same_rows(self, states: list[CachedRequestState], vocab_size: int) -> bool:
         return (self._rows is not None and self._rows.vocab_size == vocab_size

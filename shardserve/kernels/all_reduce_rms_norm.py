@@ -141,15 +141,10 @@ def _all_reduce_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, 
         tl.store(out_ptr + offs, (w * y.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def num_signal_slots(world_size: int, max_rows: int) -> int:
-    """int32 signal-pad slots the kernel uses (from slot_base on) for up to max_rows rows."""
-    return max_rows  # one call count a row
-
-
 def clear_region(region: torch.Tensor) -> None:
     """Mark a rank's whole region (a uint8 view of it) empty, as the kernel expects before its
     first call: every 16-bit half 0x8000. The kernel leaves it so after each call."""
-    region.view(torch.int16).fill_(-32768)
+    region.view(torch.int16).fill_(EMPTY16.value)
 
 
 def region_bytes(world_size: int, slab_bytes: int) -> int:
@@ -165,11 +160,11 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: 
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rmsnorm(all_reduce(x) + residual) * weight, all_reduce(x) + residual) for contiguous
     [tokens, hidden] x and residual (None: no residual to add; the second result is then
-    all_reduce(x) itself, as the first decoder layer takes the embedding). buffer_ptrs / signal_pad_ptrs: int64 CUDA tensors of every
-    rank's symmetric buffer / signal pad address, in group-rank order; region_bytes(world_size,
-    slab_bytes) of each buffer from buffer_offset on, and num_signal_slots(world_size,
-    max_rows) slots of each pad from slot_base on, are this kernel's; x must fit a slab and
-    have at most max_rows rows. Every rank of the group must call this with the same shapes
+    all_reduce(x) itself, as the first decoder layer takes the embedding). buffer_ptrs /
+    signal_pad_ptrs: int64 CUDA tensors of every rank's symmetric buffer / signal pad address,
+    in group-rank order; region_bytes(world_size, slab_bytes) of each buffer from
+    buffer_offset on, and max_rows int32 slots of each pad from slot_base on (a call count a
+    row), are this kernel's; x must fit a slab and have at most max_rows rows. Every rank of the group must call this with the same shapes
     (it waits for the others)."""
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)

@@ -197,13 +197,14 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return keys_to_ids(sample_keys(logits, None, None, None))
 
 
-def warm_up(width: int, device: torch.device) -> None:
-    """Compile the kernels for a [*, width] logits shard now (greedy, random, the id step),
-    so the first sampled steps do not wait for Triton."""
-    logits = torch.zeros(1, width, dtype=torch.float32, device=device)
+def warm_up(width: int, device: torch.device, dtypes=(torch.float32,)) -> None:
+    """Compile the kernels for [*, width] logits of each of `dtypes` now (greedy, random, the
+    id step), so the first sampled steps do not wait for Triton."""
     one = torch.ones(1, dtype=torch.float32, device=device)
-    keys_to_ids(sample_keys(logits, None, None, None))
-    keys_to_ids(sample_keys(logits, one, one < 0, one.long()))
+    for dtype in dtypes:
+        logits = torch.zeros(1, width, dtype=dtype, device=device)
+        keys_to_ids(sample_keys(logits, None, None, None))
+        keys_to_ids(sample_keys(logits, one, one < 0, one.long()))
 
 
 def pack_keys(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

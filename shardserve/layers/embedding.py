@@ -122,7 +122,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         gather; the others get None), which is all serving needs, as one rank samples.
         Every TP rank must call it either way: it is a collective.
         """
-        logits = linear(hidden_states, self.weight, self.bias)
+        logits, _, _ = self.compute_logits_shard(hidden_states)
         tp = get_tp_group()
         logits = tp.all_gather(logits, dim=-1) if gather_all else tp.gather(logits, 0, dim=-1)
         if logits is None:

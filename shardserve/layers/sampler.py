@@ -340,9 +340,8 @@ def sample_vocab_shards(shard: torch.Tensor, vocab_start: int, vocab_size: int, 
         if md.all_greedy:
             keys = sample_keys(shard, None, None, None, vocab_start, vocab_size, num_valid)
         else:
-            seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64, device=shard.device)
-            keys = sample_keys(shard, md.temperature, md.greedy_mask, seed, vocab_start,
-                               vocab_size, num_valid)
+            keys = sample_keys(shard, md.temperature, md.greedy_mask, _device_seed(shard.device),
+                               vocab_start, vocab_size, num_valid)
         return keys_to_ids(group.all_reduce_max(keys))
     from shardserve.kernels.sampling import NO_KEY, pack_keys, unpack_ids
     assert md.all_greedy, "on a CPU only greedy batches are sampled from shards"
@@ -368,9 +367,13 @@ def _fused_sampling(logits: torch.Tensor, md: SamplingMetadata) -> bool:
 def _fused_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     from shardserve.kernels.sampling import sample
 
-    # Drawn from the device's default generator (seeded with the engine's seed), on the device.
-    seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64, device=logits.device)
-    return sample(logits, md.temperature, md.greedy_mask, seed)
+    return sample(logits, md.temperature, md.greedy_mask, _device_seed(logits.device))
+
+
+def _device_seed(device: torch.device) -> torch.Tensor:
+    """The kernels' Philox seed for one step: drawn from the device's default generator
+    (seeded with the engine's seed), on the device, so no host sync."""
+    return torch.randint(2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def advance_generator(generator: torch.Generator, num_steps: int, vocab_size: int,

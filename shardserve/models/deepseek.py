@@ -236,10 +236,6 @@ class DeepseekV2ForCausalLM(nn.Module):
         """[T, hidden_size] -> [T, vocab_size] float32 (see ParallelLMHead.compute_logits)."""
         return self.lm_head.compute_logits(hidden_states, gather_all)
 
-    def compute_logits_shard(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """This TP rank's logits, not gathered (see ParallelLMHead.compute_logits_shard)."""
-        return self.lm_head.compute_logits_shard(hidden_states)
-
     def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
         """Load HF-named checkpoint tensors; returns the parameters that received all their
         parts (a fused gate_up_proj both halves, an expert stack every local expert)."""

@@ -260,10 +260,6 @@ class LlamaForCausalLM(nn.Module):
         TP rank 0 only (None elsewhere); see ParallelLMHead.compute_logits."""
         return self.lm_head.compute_logits(hidden_states, gather_all)
 
-    def compute_logits_shard(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """This TP rank's logits, not gathered (see ParallelLMHead.compute_logits_shard)."""
-        return self.lm_head.compute_logits_shard(hidden_states)
-
     def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
         """Load HF-named checkpoint tensors (tensors or lazy slices); returns the names of the
         parameters that received data. Each parameter's weight_loader reads only this rank's
