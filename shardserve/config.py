@@ -163,8 +163,13 @@ class ModelConfig:
     # (models/), never Python shipped inside a checkpoint.
     trust_remote_code: bool = False
     enforce_eager: bool = False  # CUDA: never capture or replay CUDA graphs
-    # decode batches up to this replay a captured graph (capped by max_num_seqs)
+    # Steps of up to this many tokens replay a captured graph (vLLM's
+    # --max-cudagraph-capture-size): decode batches (capped by max_num_seqs) and, with
+    # mixed_cuda_graphs, steps with prompt tokens (capped by max_num_batched_tokens).
     max_cuda_graph_batch_size: int = DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
+    # CUDA: capture steps with prompt tokens too (executor/cuda_graph.py), not only decode
+    # steps; off, such steps always run eagerly (vLLM's cudagraph_mode FULL_DECODE_ONLY).
+    mixed_cuda_graphs: bool = True
     # auto: the path's own format; safetensors or gguf: insist on it; dummy: random weights
     # from config.json alone (benchmarks of shapes too large to write first; loader/dummy.py).
     load_format: str = "auto"

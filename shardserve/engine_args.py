@@ -86,8 +86,11 @@ _HELP = {
                      "32K (32,768) (default: the model's max_position_embeddings)",
     "seed": "seed of the random state (and of --load-format dummy weights)",
     "enforce_eager": "run every step eagerly: no CUDA graphs",
-    "max_cuda_graph_batch_size": "largest decode batch captured as a CUDA graph; larger "
-                                 "batches run eagerly",
+    "max_cuda_graph_batch_size": "largest step, in tokens, captured as a CUDA graph (decode "
+                                 "batches, and with --mixed-cuda-graphs steps with prompt "
+                                 "tokens); larger steps run eagerly",
+    "mixed_cuda_graphs": "also capture steps with prompt tokens, by token count (off: only "
+                         "decode steps replay graphs, as vLLM's FULL_DECODE_ONLY)",
     "block_size": "tokens per KV-cache block (a power of two)",
     "num_gpu_blocks_override": "KV-cache blocks to allocate, whatever memory is free (testing)",
     "tensor_parallel_size": "GPUs each layer is split over, or auto (the planner picks)",

@@ -207,6 +207,19 @@ def test_cuda_graphs_outside_the_utilization_share() -> None:
     assert eager.kv_cache_bytes == graphs.kv_cache_bytes  # graphs come out of the headroom
 
 
+def test_cuda_graphs_of_steps_with_prompt_tokens_are_counted() -> None:
+    """With few sequences the decode graphs are small, but steps with prompt tokens are
+    captured up to 512 tokens (executor/graph_sizes.py): the pool is sized by those."""
+    few = dict(max_num_seqs=4)
+    decode_only = _plan("llama-3-8b", 1, 80, mixed_cuda_graphs=False, **few).best.stages[0]
+    mixed = _plan("llama-3-8b", 1, 80, **few).best.stages[0]
+    assert mixed.cuda_graph_bytes > 4 * decode_only.cuda_graph_bytes
+    # MLA models keep such steps eager: no extra graphs counted.
+    mla_off = _plan("deepseek-v2-lite", 1, 80, mixed_cuda_graphs=False, **few).best.stages[0]
+    mla_on = _plan("deepseek-v2-lite", 1, 80, **few).best.stages[0]
+    assert mla_on.cuda_graph_bytes == mla_off.cuda_graph_bytes
+
+
 # ---- pipeline stage partition ---------------------------------------------------------------
 
 def test_partition_even_and_with_extras() -> None:

@@ -237,8 +237,12 @@ def _plan_values(plan: dict[str, Any]) -> dict[str, Any]:
     # the plan did not count (or more of them).
     if serving.get("enforce_eager"):
         args.append("--enforce-eager")
-    elif serving.get("max_cuda_graph_batch_size") not in (None, DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE):
-        args.append(f"--max-cuda-graph-batch-size={serving['max_cuda_graph_batch_size']}")
+    else:
+        if serving.get("max_cuda_graph_batch_size") not in (None,
+                                                             DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE):
+            args.append(f"--max-cuda-graph-batch-size={serving['max_cuda_graph_batch_size']}")
+        if serving.get("mixed_cuda_graphs") is False:
+            args.append("--no-mixed-cuda-graphs")
     if serving.get("kv_cache_dtype", "auto") != "auto":
         args.append(f"--kv-cache-dtype={serving['kv_cache_dtype']}")
     if serving.get("quantization"):  # the plan's weight bytes assumed it

@@ -35,7 +35,7 @@ from shardserve.executor.pipeline_stats import StageTimer
 from shardserve.executor.request_state import RequestStates
 from shardserve.executor.sampling_batch import SamplingBatch
 from shardserve.forward_context import set_forward_context
-from shardserve.layers.attention import AttentionLayerBase, select_attention_backend
+from shardserve.layers.attention import Attention, AttentionLayerBase, select_attention_backend
 from shardserve.layers.sampler import (Sampler, SamplerOutput, compute_prompt_logprobs,
                                        sample_vocab_shards)
 from shardserve.models.pipeline import IntermediateTensors, StageLayout
@@ -44,6 +44,17 @@ logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
+
+
+def max_mixed_graph_tokens(config: EngineConfig, backend, attn_layers: list) -> int:
+    """The largest step with prompt tokens to capture as a CUDA graph (0: none). Only over
+    the paged Triton kernels, whose launch grids come from tensor shapes alone: MLA's prefill
+    splits requests on the host lists, so those models keep such steps eager."""
+    mc, sc = config.model_config, config.scheduler_config
+    if not (mc.mixed_cuda_graphs and getattr(backend, "supports_mixed_cuda_graphs", False)
+            and attn_layers and all(type(layer) is Attention for layer in attn_layers)):
+        return 0
+    return min(mc.max_cuda_graph_batch_size, sc.max_num_batched_tokens)
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, device: torch.device, is_driver: bool = True) -> None:
@@ -233,10 +244,14 @@ class ModelRunner:
                 or not getattr(backend, "supports_cuda_graphs", False)):
             return
         from shardserve.executor.cuda_graph import CudaGraphRunner
-        max_bs = min(mc.max_cuda_graph_batch_size, self.config.scheduler_config.max_num_seqs)
+        sc = self.config.scheduler_config
+        max_bs = min(mc.max_cuda_graph_batch_size, sc.max_num_seqs)
         runner = CudaGraphRunner(self.model, max_bs, mc.max_model_len, self.block_size,
                                  int(mc.hf_config.hidden_size), self.dtype, self.device,
-                                 self.stage)
+                                 self.stage,
+                                 max_mixed_tokens=max_mixed_graph_tokens(self.config, backend,
+                                                                         self.attn_layers),
+                                 max_num_seqs=sc.max_num_seqs)
         self.capture_seconds = runner.capture()
         self.graph_runner = runner
 

@@ -20,8 +20,10 @@ class TritonAttentionBackend:
     AttentionMetadata: nothing here syncs with the GPU."""
 
     name = "triton"
-    # Grids depend only on host values fixed at capture (max_seq_len = max_model_len).
+    # Grids depend only on host values fixed at capture (max_seq_len = max_model_len), and
+    # the prefill kernel's on tensor shapes alone: steps with prompt tokens replay too.
     supports_cuda_graphs = True
+    supports_mixed_cuda_graphs = True
 
     @staticmethod
     def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:

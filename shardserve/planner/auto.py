@@ -75,6 +75,7 @@ def resolve_auto_parallel(engine_config: Any, num_gpus: int, gpu_memory_bytes: i
         enforce_eager=bool(getattr(mc, "enforce_eager", False)),
         max_cuda_graph_batch_size=int(getattr(mc, "max_cuda_graph_batch_size",
                                                DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE)),
+        mixed_cuda_graphs=bool(getattr(mc, "mixed_cuda_graphs", True)),
         kv_cache_dtype=cc.kv_cache_dtype, quantization=getattr(mc, "quantization", None),
         enable_expert_parallel=bool(getattr(pc, "enable_expert_parallel", False)),
         tensor_parallel_size=pinned["tp"], pipeline_parallel_size=pinned["pp"],

@@ -34,8 +34,10 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--max-cuda-graph-batch-size", type=int,
+    p.add_argument("--max-cuda-graph-batch-size", "--max-cudagraph-capture-size", type=int,
                    default=DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE)
+    p.add_argument("--no-mixed-cuda-graphs", dest="mixed_cuda_graphs", action="store_false",
+                   help="the engine's: only decode steps are CUDA graphs")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="the engine's --kv-cache-dtype: fp8 stores one byte per element")
     p.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
@@ -66,6 +68,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         target_concurrency=args.target_concurrency, enforce_eager=args.enforce_eager,
         max_cuda_graph_batch_size=args.max_cuda_graph_batch_size,
+        mixed_cuda_graphs=args.mixed_cuda_graphs,
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
         enable_expert_parallel=args.enable_expert_parallel,
         tensor_parallel_size=args.tensor_parallel_size,

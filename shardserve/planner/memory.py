@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
+from shardserve.executor.graph_sizes import decode_capture_sizes, mixed_capture_sizes, mixed_rows
 from shardserve.planner.shape import ModelShape
 from shardserve.planner.weights import (kv_bytes_per_token_layer, kv_heads_per_rank,
                                         stage_weight_bytes)
@@ -49,8 +50,10 @@ class ServingLimits:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enforce_eager: bool = False
-    # ModelConfig's: decode batches up to it are graphs
+    # ModelConfig's: steps of up to it are graphs (decode, and with mixed_cuda_graphs, steps
+    # with prompt tokens)
     max_cuda_graph_batch_size: int = DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
+    mixed_cuda_graphs: bool = True
     kv_dtype_bytes: int | None = None  # --kv-cache-dtype: 1 for fp8; None: dtype_bytes
     expert_parallel: bool = False  # MoE: each TP rank holds E / tp whole experts
     fp8_weights: bool = False  # --quantization fp8 (planner/weights.py fp8_matrices)
@@ -170,32 +173,31 @@ def activation_bytes(shape: ModelShape, tp: int, limits: ServingLimits, last: bo
     return ids_and_positions + max(layers, final_hidden + logits)
 
 
-def cuda_graph_capture_sizes(max_batch_size: int) -> list[int]:
-    """The decode batch sizes captured: 1, 2, 4, then every 8, and the top one
-    (executor/cuda_graph.py capture_sizes, repeated here so the planner needs no torch)."""
-    sizes = [s for s in (1, 2, 4) if s <= max_batch_size] + list(range(8, max_batch_size + 1, 8))
-    if sizes and sizes[-1] != max_batch_size:
-        sizes.append(max_batch_size)
-    return sizes
-
-
 def cuda_graph_bytes(shape: ModelShape, tp: int, limits: ServingLimits, last: bool) -> int:
     """Graphs are captured largest first into one shared memory pool, which the largest
-    batch's activations size; each graph costs a little more of its own; the runner's static
-    inputs (ids, positions, slots, lengths, block tables) and output buffer come on top."""
+    step's activations size (a decode batch, or a step with prompt tokens: executor/
+    graph_sizes.py has both ladders); each graph costs a little more of its own; the runner's
+    static inputs (ids, positions, slots, lengths, block tables) and output buffer come on
+    top."""
     if limits.enforce_eager:
         return 0
-    sizes = cuda_graph_capture_sizes(min(limits.max_cuda_graph_batch_size, limits.max_num_seqs))
-    if not sizes:
+    sizes = decode_capture_sizes(min(limits.max_cuda_graph_batch_size, limits.max_num_seqs))
+    mixed: list[int] = []
+    if limits.mixed_cuda_graphs and shape.mla is None:  # MLA steps with prompts stay eager
+        mixed = mixed_capture_sizes(min(limits.max_cuda_graph_batch_size,
+                                        limits.max_num_batched_tokens), limits.max_model_len)
+    if not sizes and not mixed:
         return 0
-    top = sizes[-1]
-    decode = ServingLimits(max_model_len=top, dtype_bytes=limits.dtype_bytes,
-                           max_num_seqs=top, max_num_batched_tokens=top,
-                           expert_parallel=limits.expert_parallel)
+    top = max(sizes + mixed)
+    rows = max(sizes + [mixed_rows(t, limits.max_num_seqs) for t in mixed])
+    step = ServingLimits(max_model_len=top, dtype_bytes=limits.dtype_bytes,
+                         max_num_seqs=min(rows, top), max_num_batched_tokens=top,
+                         expert_parallel=limits.expert_parallel)
     max_blocks = -(-limits.max_model_len // limits.block_size)
-    static = top * (8 * 3 + 4 + 4 * max_blocks + shape.hidden_size * limits.dtype_bytes)
-    return (activation_bytes(shape, tp, decode, last) + len(sizes) * CUDA_GRAPH_BYTES_PER_GRAPH
-            + static)
+    static = (top * (8 * 3 + shape.hidden_size * limits.dtype_bytes)
+              + rows * (4 + 4 + 4 * max_blocks))
+    return (activation_bytes(shape, tp, step, last)
+            + (len(sizes) + len(mixed)) * CUDA_GRAPH_BYTES_PER_GRAPH + static)
 
 
 def framework_overhead_bytes(world_size: int, on_gpu: bool = True) -> int:

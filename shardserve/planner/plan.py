@@ -39,6 +39,7 @@ class PlanRequest:
     target_concurrency: int | None = None
     enforce_eager: bool = False
     max_cuda_graph_batch_size: int = DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
+    mixed_cuda_graphs: bool = True  # the engine's: steps with prompt tokens are graphs too
     kv_cache_dtype: str = "auto"  # the engine's --kv-cache-dtype: fp8 halves the KV bytes
     quantization: str | None = None  # the engine's --quantization: fp8 weights (1 byte + scales)
     enable_expert_parallel: bool = False  # MoE: whole experts per TP rank (layers/moe.py)
@@ -110,6 +111,7 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
         max_num_seqs=request.max_num_seqs, max_num_batched_tokens=request.max_num_batched_tokens,
         enforce_eager=request.enforce_eager,
         max_cuda_graph_batch_size=request.max_cuda_graph_batch_size,
+        mixed_cuda_graphs=request.mixed_cuda_graphs,
         kv_dtype_bytes=None if request.kv_cache_dtype == "auto" else 1,
         expert_parallel=request.enable_expert_parallel,
         fp8_weights=request.quantization == "fp8")
@@ -215,6 +217,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                     "max_num_batched_tokens": limits.max_num_batched_tokens,
                     "enforce_eager": limits.enforce_eager,
                     "max_cuda_graph_batch_size": limits.max_cuda_graph_batch_size,
+                    "mixed_cuda_graphs": limits.mixed_cuda_graphs,
                     "kv_cache_dtype": plan.request.kv_cache_dtype,
                     "quantization": plan.request.quantization,
                     "enable_expert_parallel": limits.expert_parallel,

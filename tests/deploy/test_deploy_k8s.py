@@ -481,6 +481,7 @@ def test_plan_settings_that_change_memory_reach_the_server() -> None:
     # The plan left CUDA graphs out (or counted fewer): the server must not capture them.
     assert "--enforce-eager" in serve_args(enforce_eager=True)
     assert "--max-cuda-graph-batch-size=32" in serve_args(max_cuda_graph_batch_size=32)
+    assert "--no-mixed-cuda-graphs" in serve_args(mixed_cuda_graphs=False)
     assert not any("eager" in a or "cuda-graph" in a for a in serve_args())
 
 
