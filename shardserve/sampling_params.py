@@ -19,6 +19,9 @@ _OPTIONAL_INT_FIELDS = frozenset({"seed", "max_tokens", "logprobs", "prompt_logp
 _NONE_MEANS_DEFAULT = ("n", "presence_penalty", "frequency_penalty", "repetition_penalty",
                        "temperature", "top_p")
 
+# BeamSearchParams.length_penalty's bound (see its check).
+MAX_LENGTH_PENALTY = 30
+
 # Below this temperature sampling is treated as greedy: dividing logits by ~0 overflows.
 _GREEDY_EPS = 1e-5
 
@@ -272,3 +275,10 @@ class BeamSearchParams:
         if self.temperature < 0.0:
             raise InvalidRequestError(f"temperature must be non-negative, got "
                                       f"{self.temperature}.", param="temperature")
+        # Scores divide by len ** length_penalty, which for any length below 2**31 stays a
+        # finite, non-zero float only within this range; past it the ranking failed mid-search
+        # (OverflowError, ZeroDivisionError). Useful penalties are a few units at most.
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise InvalidRequestError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY}, "
+                                      f"{MAX_LENGTH_PENALTY}], got {self.length_penalty}.",
+                                      param="length_penalty")

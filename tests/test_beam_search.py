@@ -148,6 +148,8 @@ def test_context_limit_ends_beams(tiny_model_dirs):
     ({"beam_width": 2, "max_tokens": 0}, "max_tokens"),
     ({"beam_width": 2, "max_tokens": 4, "temperature": -1.0}, "temperature"),
     ({"beam_width": 2, "max_tokens": 4, "length_penalty": float("nan")}, "length_penalty"),
+    ({"beam_width": 2, "max_tokens": 4, "length_penalty": 1000.0}, "length_penalty"),
+    ({"beam_width": 2, "max_tokens": 4, "length_penalty": -1e308}, "length_penalty"),
 ])
 def test_params_are_validated(kwargs, param):
     with pytest.raises(InvalidRequestError) as err:

@@ -97,7 +97,8 @@ def build_app(state: ServerState) -> FastAPI:
     # models.retrieve(name) sends them as they are).
     @v1.get("/models/{model_id:path}")
     async def model(model_id: str) -> ModelCard:
-        state.check_model(model_id)
+        if model_id not in state.served_model_names:  # "" too: only a request's model defaults
+            raise state.model_not_found(model_id)
         return model_card(model_id)
 
     @v1.post("/completions")

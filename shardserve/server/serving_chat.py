@@ -44,7 +44,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     if max_tokens is not None and max_tokens < 1:  # here, to name the field the client sent
         raise InvalidRequestError(f"{param} must be at least 1, got {max_tokens}.", param)
     check_fits(len(processed.prompt_token_ids), max_tokens, state.config.model_config.max_model_len,
-               param)
+               param, req.min_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = build_sampling_params(req, state, max_tokens, logprobs)
 

@@ -222,7 +222,7 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, floa
 
 
 def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
-               param: str) -> None:
+               param: str, min_tokens: int = 0) -> None:
     """400 when the prompt plus the tokens asked for exceed the context (OpenAI's wording).
 
     vLLM's server rule, stricter than its engine's (which takes a prompt of max_model_len and
@@ -233,6 +233,14 @@ def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: in
                 f"This model's maximum context length is {max_model_len} tokens. However, your "
                 f"request has {num_prompt_tokens} input tokens, which leaves no room to "
                 "generate; shorten the prompt.", "prompt")
+        # Without max_tokens the room left is the limit (vLLM's server makes it max_tokens), so
+        # SamplingParams cannot check min_tokens against it: more could never be generated,
+        # and a count past 64 bits would fail on its way to the engine (a 500).
+        room = max_model_len - num_prompt_tokens
+        if min_tokens > room:
+            raise InvalidRequestError(
+                f"min_tokens ({min_tokens}) must not exceed the {room} tokens the context has "
+                f"left after the prompt ({num_prompt_tokens} of {max_model_len}).", "min_tokens")
     elif num_prompt_tokens + max_tokens > max_model_len:
         raise ContextLengthError(
             f"This model's maximum context length is {max_model_len} tokens. However, you "

@@ -52,7 +52,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     for p in processed:
         # Echo with max_tokens 0 scores the prompt and generates nothing (vLLM counts 0 here).
         check_fits(len(p.prompt_token_ids), 0 if score_only else max_tokens, max_model_len,
-                   "max_tokens")
+                   "max_tokens", req.min_tokens)
     params = build_sampling_params(req, state, max_tokens, req.logprobs, len(prompts))
     if req.echo and req.logprobs is not None:
         params = dataclasses.replace(

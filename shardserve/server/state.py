@@ -41,11 +41,15 @@ class ServerState:
         return self.engine.ready and self.engine.is_alive and not self.draining
 
     def check_model(self, requested: str | None) -> None:
-        """404 for a model we do not serve (an absent model means the default)."""
-        if requested is not None and requested not in self.served_model_names:
-            raise APIError(404, f"The model `{requested}` does not exist; this server serves "
-                                f"{', '.join(repr(n) for n in self.served_model_names)}.",
-                           "invalid_request_error", "model", "model_not_found")
+        """404 for a model we do not serve. An absent or empty model means the default, as in
+        vLLM: clients whose model setting is left blank send "" (a 404 there broke them)."""
+        if requested and requested not in self.served_model_names:
+            raise self.model_not_found(requested)
+
+    def model_not_found(self, requested: str) -> APIError:
+        return APIError(404, f"The model `{requested}` does not exist; this server serves "
+                             f"{', '.join(repr(n) for n in self.served_model_names)}.",
+                        "invalid_request_error", "model", "model_not_found")
 
     def admit(self) -> None:
         """Count a generation request in flight (the SIGTERM drain waits for the count to reach

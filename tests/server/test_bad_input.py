@@ -25,6 +25,10 @@ CASES = [
     ("completions", {"prompt": "hi", "logprobs": 99}, 400, "logprobs", "logprobs"),
     ("completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens", "min_tokens"),
     ("completions", {"prompt": "hi", "seed": 2**80}, 400, "seed", "seed"),
+    # Without max_tokens the context's room bounds min_tokens (a count past 64 bits was a 500).
+    ("completions", {"prompt": "hi", "max_tokens": None, "min_tokens": 2**80}, 400, "min_tokens",
+     "min_tokens"),
+    ("chat/completions", {"messages": CHAT, "min_tokens": 600}, 400, "min_tokens", "left"),
     ("completions", {"prompt": "hi", "top_k": 2**80}, 400, "top_k", "top_k"),
     ("completions", {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids", "stop_token_ids"),
     ("completions", {"prompt": "hi", "stop": [""]}, 400, "stop", "stop"),

@@ -55,7 +55,8 @@ def test_chat_beams_end_at_eos_without_its_text(smollm2_server):
 
 @pytest.mark.parametrize("extra,param", [({"stream": True}, "stream"), ({"top_p": 0.5}, "top_p"),
                                          ({"stop": ["x"]}, "stop"), ({"logprobs": 2}, "logprobs"),
-                                         ({"n": 11}, "n")])
+                                         ({"n": 11}, "n"), ({"length_penalty": 1e308},
+                                                                "length_penalty")])
 def test_what_beam_search_cannot_honour_is_a_400(tiny_server, extra, param):
     r = httpx.post(f"{tiny_server.base_url}/v1/completions", headers=AUTH, timeout=30,
                    json={"prompt": "hi", "max_tokens": 3, "n": 2, **BEAM, **extra})

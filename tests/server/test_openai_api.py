@@ -53,6 +53,21 @@ def test_several_served_model_names(tiny_server):
     assert f'model_name="{TINY_SERVER_NAMES[1]}"' not in metrics
 
 
+def test_an_empty_model_name_means_the_served_model(smollm2_server, client, model):
+    """vLLM's rule: model "" (what clients with a blank model setting send) is the default
+    model, as no model is; only /v1/models/{id} needs a real name."""
+    r = client.completions.create(model="", prompt="Hello", max_tokens=1)
+    assert r.model == model and r.usage.completion_tokens == 1
+    chat = client.chat.completions.create(model="", messages=QUESTION, max_tokens=1)
+    assert chat.model == model
+    tokens = httpx.post(f"{smollm2_server.base_url}/tokenize", headers=smollm2_server.headers,
+                        json={"model": "", "prompt": "Hello"}, timeout=30)
+    assert tokens.status_code == 200, tokens.text
+    missing = httpx.get(f"{smollm2_server.base_url}/v1/models/", headers=smollm2_server.headers,
+                        timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
 def test_chat_paris(client, model):
     r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=20, temperature=0)
     choice = r.choices[0]
