@@ -205,6 +205,12 @@ def warm_up(width: int, device: torch.device, dtypes=(torch.float32,)) -> None:
         logits = torch.zeros(1, width, dtype=dtype, device=device)
         keys_to_ids(sample_keys(logits, None, None, None))
         keys_to_ids(sample_keys(logits, one, one < 0, one.long()))
+    # The id step compiles once per power of two of slices, and batches of more rows take
+    # fewer slices a row: each count a batch can have, not only one row's.
+    block_s, most = 1, _num_slices(1, width, device)
+    while block_s < most:
+        block_s *= 2
+        keys_to_ids(torch.zeros(1, block_s, dtype=torch.int64, device=device))
 
 
 def pack_keys(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

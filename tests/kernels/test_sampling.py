@@ -208,3 +208,24 @@ def test_a_row_of_nan_logits_gives_token_0_not_an_id_past_the_vocabulary():
     assert got[1].item() == logits[1, 1::2].argmax().item() * 2 + 1
     assert got[2].item() == logits[2].argmax().item()
     assert unpack_ids(torch.tensor([NO_KEY])).tolist() == [0]
+
+
+def test_warm_up_compiles_the_id_step_for_every_slice_count(monkeypatch):
+    """The id step compiles once per power of two of slices, and bigger batches take fewer
+    slices a row: warm-up covers them all, so no batch size compiles mid-serving (an H200
+    compiled three more variants, 70 ms each, in its first run before this)."""
+    import triton
+
+    from shardserve.kernels import sampling
+    monkeypatch.setattr(sampling, "_num_sms", lambda device: 132)  # an H200
+    seen = []
+    monkeypatch.setattr(sampling, "sample_keys",
+                        lambda logits, *a: torch.zeros(logits.shape[0], sampling._num_slices(
+                            logits.shape[0], logits.shape[1], logits.device), dtype=torch.int64))
+    monkeypatch.setattr(sampling, "keys_to_ids", lambda keys: seen.append(keys.shape[1]))
+    width = 64128  # Llama 3's vocabulary over 2 ranks
+    sampling.warm_up(width, torch.device("cpu"))
+    compiled = {triton.next_power_of_2(max(s, 2)) for s in seen}
+    needed = {triton.next_power_of_2(max(sampling._num_slices(rows, width, torch.device("cpu")),
+                                         2)) for rows in range(1, 2049)}
+    assert len(needed) > 3 and needed <= compiled
