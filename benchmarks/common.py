@@ -16,15 +16,17 @@ def log(msg: str) -> None:
 
 def make_model_dir(path: str, preset: str, num_layers: int | None = None,
                    weights: bool = True) -> str:
-    """A random-weight folder of `preset` at `path` (kept if it exists), drawn on the GPU;
-    weights=False: config and tokenizer only, for --load-format dummy."""
+    """A random-weight folder of `preset` at `path` (kept if it exists), drawn on the GPU
+    (where there is one); weights=False: config and tokenizer only, for --load-format dummy."""
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     from shardserve.testing import write_random_model
     overrides = {"num_hidden_layers": num_layers} if num_layers else {}
     log(f"writing a random {preset}-shaped model to {path} {overrides}")
     start = time.perf_counter()
-    write_random_model(path, preset=preset, device="cuda" if weights else "cpu",
+    import torch
+    on_gpu = weights and torch.cuda.is_available()
+    write_random_model(path, preset=preset, device="cuda" if on_gpu else "cpu",
                        weights=weights, **overrides)
     log(f"written in {time.perf_counter() - start:.0f} s")
     return path
