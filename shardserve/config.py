@@ -541,6 +541,11 @@ class EngineConfig:
         if sc.max_num_seqs < 1 or sc.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be positive.",
                                       "max_num_seqs")
+        if mc.max_cuda_graph_batch_size < 1:
+            raise InvalidRequestError(
+                f"max_cuda_graph_batch_size (--max-cudagraph-capture-size) must be at least 1, "
+                f"got {mc.max_cuda_graph_batch_size}; --enforce-eager runs without CUDA graphs.",
+                "max_cuda_graph_batch_size")
         if sc.max_waiting_requests is not None and sc.max_waiting_requests < 0:
             # Negative also took away free --max-num-seqs slots: 503s with room to spare.
             raise InvalidRequestError(f"max_waiting_requests must not be negative, got "

@@ -33,6 +33,10 @@ class AttentionMetadata:
     # Host copies, for the torch reference path and for kernels' launch grids.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # How many decode rows the decode kernel sizes its split count for, instead of num_reqs:
+    # a CUDA graph of a step with prompt tokens has a row for every request such a step could
+    # hold, and most are empty on any one replay (executor/cuda_graph.py).
+    decode_split_rows: int | None = None
 
     @property
     def num_reqs(self) -> int:

@@ -79,6 +79,15 @@ def test_negative_max_waiting_requests_is_refused(tiny_model_dirs):
                              max_waiting_requests=0).resolve()
 
 
+def test_cuda_graph_size_below_one_is_refused(tiny_model_dirs):
+    # 0 built a runner with no decode sizes (an IndexError at start-up on a GPU).
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["llama"], device="cpu",
+                                      max_cuda_graph_batch_size=0)
+    with pytest.raises(InvalidRequestError, match="--enforce-eager") as err:
+        config.resolve()
+    assert err.value.param == "max_cuda_graph_batch_size"
+
+
 def test_max_model_len_past_trained_positions(tiny_model_dirs, monkeypatch):
     """As vLLM: a max_model_len past max_position_embeddings (no RoPE scaling) is refused with
     the way out, unless SHARDSERVE_/VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 says run it anyway."""

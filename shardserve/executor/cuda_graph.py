@@ -52,6 +52,14 @@ from shardserve.models.pipeline import IntermediateTensors, StageLayout
 
 logger = logging.getLogger(__name__)
 
+# A mixed graph's decode kernel splits each row's keys as if the step had this many decode
+# rows. Its split count is fixed at capture, and sizing it for all of the graph's rows (up to
+# max_num_seqs) gave one split: a long-context decode beside a new prompt then read its whole
+# context with one program per KV head. Eight rows' worth (9 splits of 8 KV heads on an H200)
+# still spreads one such row over most SMs; more rows cost only partial outputs of the keys
+# they have (partitions are at least MIN_PARTITION keys) and idle programs.
+MIXED_GRAPH_SPLIT_ROWS = 8
+
 
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_model_len: int,
@@ -67,7 +75,7 @@ class CudaGraphRunner:
         self.max_batch_size = self.sizes[-1]
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs or max_batch_size
-        self.mixed_sizes = mixed_capture_sizes(max_mixed_tokens, max_model_len)
+        self.mixed_sizes = mixed_capture_sizes(max_mixed_tokens, max_model_len, self.max_num_seqs)
         tokens = max([self.max_batch_size] + self.mixed_sizes)
         rows = max([self.max_batch_size] + [mixed_rows(t, self.max_num_seqs)
                                             for t in self.mixed_sizes])
@@ -119,7 +127,8 @@ class CudaGraphRunner:
             query_start_loc=self.mixed_query_start_loc[:rows + 1], seq_lens=self.seq_lens[:rows],
             block_tables=self.block_tables[:rows], slot_mapping=self.slot_mapping[:tokens],
             max_query_len=tokens - 1, max_seq_len=self.max_model_len,
-            query_start_loc_cpu=starts, seq_lens_cpu=lens)
+            query_start_loc_cpu=starts, seq_lens_cpu=lens,
+            decode_split_rows=min(rows, MIXED_GRAPH_SPLIT_ROWS))
 
     @torch.inference_mode()
     def capture(self) -> float:

@@ -24,19 +24,26 @@ def decode_capture_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
-def mixed_capture_sizes(max_tokens: int, max_model_len: int | None = None) -> list[int]:
+def mixed_capture_sizes(max_tokens: int, max_model_len: int | None = None,
+                        max_num_seqs: int | None = None) -> list[int]:
     """Token counts captured for steps with prompt tokens, up to max_tokens (included).
 
     A step of n tokens replays the next size up, s, and its s - n padding tokens attend as one
     request of their own: that request must fit in a block-table row, so the ladder stops
-    below the first size whose padding could exceed max_model_len."""
+    below the first size whose padding could exceed max_model_len. No step holds more than
+    max_num_seqs requests of max_model_len tokens: no size goes above that either (such a
+    graph would never replay, and its capture's one long prompt would read block-table
+    entries past the runner's rows)."""
+    if max_model_len is not None and max_num_seqs is not None:
+        max_tokens = min(max_tokens, max_num_seqs * max_model_len)
     if max_tokens < MIN_MIXED_TOKENS:
         return []
     ladder = [s for s in _MIXED_LADDER if s < max_tokens]
     ladder += list(range(_MIXED_LADDER[-1] + 128, max_tokens, 128)) + [max_tokens]
     sizes: list[int] = []
     for size in ladder:
-        below = sizes[-1] if sizes else MIN_MIXED_TOKENS - 1
+        # The smallest step with prompt tokens has 2 (one prompt row of 2): it pads the most.
+        below = sizes[-1] if sizes else 1
         if max_model_len is not None and size - below - 1 > max_model_len:
             break
         sizes.append(size)

@@ -209,6 +209,7 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, max_seq_len: int, scale: float,
                      out: torch.Tensor | None = None, *, num_splits: int | None = None,
+                     split_rows: int | None = None,
                      min_partition: int = MIN_PARTITION, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None
                      ) -> torch.Tensor:
@@ -217,7 +218,8 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     with several (a prefill chunk in a mixed step: prefill_attention(skip_decodes=True) takes
     those), are skipped and their rows of out left as they are. max_seq_len bounds seq_lens
     (a host value; it only caps the split count).
-    num_splits overrides the heuristic (benchmarks and tests; at most MAX_SPLITS)."""
+    num_splits overrides the heuristic (benchmarks and tests; at most MAX_SPLITS); split_rows
+    sizes the heuristic for that many requests instead of all of them (most may be empty)."""
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = k_cache.shape[2]
     num_reqs = seq_lens.shape[0]
@@ -233,8 +235,8 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     block_n = block_n or cfg["block_n"]
     assert min_partition % block_n == 0
     if num_splits is None:
-        num_splits = choose_num_splits(num_reqs, num_kv_heads, max_seq_len, query.device,
-                                       min_partition)
+        num_splits = choose_num_splits(split_rows or num_reqs, num_kv_heads, max_seq_len,
+                                       query.device, min_partition)
     assert 1 <= num_splits <= MAX_SPLITS
     block_d = triton.next_power_of_2(head_size)
     split = num_splits > 1

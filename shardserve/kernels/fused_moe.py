@@ -80,8 +80,9 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 # Up to this many (pair, expert) cells the ranks come from a one-hot cumsum (elementwise ops
-# only: certainly capturable in a CUDA graph, and decode batches stay far below it); larger
-# batches (prefill, never captured) sort instead.
+# only; decode batches and the captured prompt steps, 512 tokens by default, stay far below
+# it); larger batches sort instead (argsort and scatter_add: no host sync either, so a step
+# captured above the limit, --max-cudagraph-capture-size in the thousands, still replays).
 ONE_HOT_RANK_LIMIT = 1 << 22
 
 

@@ -19,14 +19,16 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, max_seq_len: int, scale: float,
                     out: torch.Tensor, *, has_prefills: bool, has_decodes: bool,
-                    **prefill_tiles: int) -> torch.Tensor:
+                    decode_split_rows: int | None = None, **prefill_tiles: int) -> torch.Tensor:
     """Fill out [num_tokens, num_heads, head_size]. has_prefills / has_decodes: whether some
     request has several query tokens / exactly one (host values: nothing here syncs with the
-    GPU). prefill_tiles: the prefill kernel's tile overrides (benchmark sweeps)."""
+    GPU). decode_split_rows: the decode rows to size the decode kernel's split count for
+    (default: every request). prefill_tiles: the prefill kernel's tile overrides (benchmark
+    sweeps)."""
     if has_prefills:
         prefill_attention(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
                           scale, out, skip_decodes=has_decodes, **prefill_tiles)
     if has_decodes:
         decode_attention(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-                         max_seq_len, scale, out)
+                         max_seq_len, scale, out, split_rows=decode_split_rows)
     return out

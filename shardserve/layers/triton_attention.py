@@ -50,4 +50,5 @@ class TritonAttentionBackend:
         return paged_attention(query, k_cache, v_cache, metadata.query_start_loc,
                                metadata.seq_lens, metadata.block_tables, metadata.max_seq_len,
                                scale, out, has_prefills=prefills,
-                               has_decodes=not prefills or metadata.has_decodes)
+                               has_decodes=not prefills or metadata.has_decodes,
+                               decode_split_rows=metadata.decode_split_rows)

@@ -185,7 +185,8 @@ def cuda_graph_bytes(shape: ModelShape, tp: int, limits: ServingLimits, last: bo
     mixed: list[int] = []
     if limits.mixed_cuda_graphs and shape.mla is None:  # MLA steps with prompts stay eager
         mixed = mixed_capture_sizes(min(limits.max_cuda_graph_batch_size,
-                                        limits.max_num_batched_tokens), limits.max_model_len)
+                                        limits.max_num_batched_tokens), limits.max_model_len,
+                                    limits.max_num_seqs)
     if not sizes and not mixed:
         return 0
     top = max(sizes + mixed)

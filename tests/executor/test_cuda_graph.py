@@ -70,6 +70,25 @@ def test_padded_mixed_step_attends_like_the_step(name):
     assert_close_to_reference(out[:n], reference(batch), torch.float32)
 
 
+@pytest.mark.parametrize("max_num_seqs,max_model_len", [(1, 128), (2, 100), (1, 13), (8, 256)])
+def test_capture_steps_read_inside_the_block_tables(max_num_seqs, max_model_len):
+    """A mixed capture runs a made-up step (one prompt of T - 1 tokens, one decode) through
+    both kernels, which read block-table entries from each row's start for its seq_len:
+    those must lie inside the runner's buffer (rows past the end are another allocation's
+    bytes, read as block ids: an illegal address on the GPU). Batch-1 serving with a short
+    max_model_len captured steps the scheduler can never form and read past it."""
+    runner = CudaGraphRunner(None, max_batch_size=min(4, max_num_seqs),
+                             max_model_len=max_model_len, block_size=16, hidden_size=8,
+                             dtype=torch.float32, device=torch.device(DEVICE),
+                             max_mixed_tokens=512, max_num_seqs=max_num_seqs)
+    assert runner.mixed_sizes and runner.mixed_sizes[-1] <= max_num_seqs * max_model_len
+    stride, entries = runner.block_tables.stride(0), runner.block_tables.numel()
+    for tokens in runner.mixed_sizes:
+        md = runner._mixed_metadata(tokens)
+        for row, seq_len in enumerate(md.seq_lens.tolist()):
+            assert row * stride + -(-seq_len // 16) <= entries, (tokens, row, seq_len)
+
+
 def test_decode_step_pads_as_before():
     batch = make_batch([(5, 1), (17, 1), (40, 1)], 8, 2, 64, 16, torch.float32, seed=3)
     runner = _runner()
@@ -89,3 +108,30 @@ def test_which_steps_replay():
     eager_only = CudaGraphRunner(None, 4, 256, 16, 8, torch.float32, torch.device(DEVICE))
     assert eager_only.mixed_sizes == [] and not eager_only.can_run(prompt, 64)
     assert eager_only.can_run(decode, 3)
+
+
+def test_mixed_graph_decode_split_count_is_sized_for_a_few_rows(monkeypatch):
+    """The split count is fixed at capture. Sized for every row of a 512-token graph (up to
+    257) it was 1, and a long-context decode beside a new prompt read its whole context with
+    one program per KV head; the mixed metadata sizes it for a few decode rows instead."""
+    from shardserve.executor.cuda_graph import MIXED_GRAPH_SPLIT_ROWS
+    from shardserve.kernels import decode_attention as da
+    runner = CudaGraphRunner(None, max_batch_size=4, max_model_len=4096, block_size=16,
+                             hidden_size=8, dtype=torch.float32, device=torch.device(DEVICE),
+                             max_mixed_tokens=512, max_num_seqs=256)
+    md = runner._mixed_metadata(512)
+    assert md.num_reqs == 257 and md.decode_split_rows == MIXED_GRAPH_SPLIT_ROWS
+    seen = []
+    real = da.choose_num_splits
+    monkeypatch.setattr(da, "choose_num_splits",
+                        lambda rows, *a, **kw: seen.append(rows) or real(rows, *a, **kw))
+    batch = make_batch([(3000, 1), (0, 40)], 8, 2, 64, 16, torch.float32, seed=5)
+    mixed, tokens = _stage(runner, batch)
+    assert mixed and tokens == 48
+    md = runner._mixed_metadata(tokens, write=False)
+    query = torch.cat([batch.query, torch.zeros(tokens - 41, *batch.query.shape[1:])])
+    out = TritonAttentionBackend.forward(query, batch.k_cache, batch.v_cache, md, batch.scale)
+    assert seen == [MIXED_GRAPH_SPLIT_ROWS]
+    assert da.choose_num_splits(MIXED_GRAPH_SPLIT_ROWS, 8, 4096, torch.device("cpu")) > 1  # 132 SMs
+    assert da.choose_num_splits(257, 8, 4096, torch.device("cpu")) == 1
+    assert_close_to_reference(out[:41], reference(batch), torch.float32)

@@ -32,20 +32,27 @@ def test_mixed_ladder_needs_room_for_a_capture():
     assert mixed_capture_sizes(512)[:4] == [16, 32, 48, 64]
 
 
-@pytest.mark.parametrize("max_model_len", [12, 13, 20, 40, 64, 100, 127])
+@pytest.mark.parametrize("max_model_len", [12, 13, 14, 20, 40, 64, 100, 127])
 def test_mixed_padding_fits_one_sequence(max_model_len):
     """The padding tokens of a step replay as one request, which must fit max_model_len."""
     sizes = mixed_capture_sizes(1024, max_model_len)
-    below = MIN_MIXED_TOKENS - 1
+    below = 1  # the smallest step with prompt tokens: one prompt of 2
     for size in sizes:
         assert size - below - 1 <= max_model_len  # the most padding a step of below+1 gets
         below = size
-    if max_model_len < 13:  # 16 - 3: even the smallest size could pad past it
+    if max_model_len < 14:  # 16 - 2: even the smallest size could pad past it
         assert sizes == []
     elif max_model_len < 127:  # gaps of 128 above 512 pad up to 127 tokens
         assert sizes and sizes[-1] < 1024  # stopped where a gap got too wide
     else:
         assert sizes == mixed_capture_sizes(1024)
+
+
+def test_mixed_ladder_stops_at_the_largest_step():
+    """No step holds more than max_num_seqs requests of max_model_len tokens each."""
+    assert mixed_capture_sizes(512, 128, max_num_seqs=1) == [16, 32, 48, 64, 80, 96, 128]
+    assert mixed_capture_sizes(512, 100, max_num_seqs=2)[-1] == 200
+    assert mixed_capture_sizes(512, 4096, max_num_seqs=1) == mixed_capture_sizes(512, 4096)
 
 
 def test_mixed_rows():
