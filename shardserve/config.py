@@ -295,10 +295,14 @@ class ParallelConfig:
         """Fill the node fields from LWS_* variables or defaults, and check the layout."""
         import os
         env = os.environ if environ is None else environ
-        if self.nnodes is None:
-            self.nnodes = int(env.get("LWS_GROUP_SIZE") or 1)
-        if self.node_rank is None:
-            self.node_rank = int(env.get("LWS_WORKER_INDEX") or 0)
+        # Where a value came from, for the errors below: a user who passed no --node-rank
+        # would not know what to change.
+        source: dict[str, str] = {}
+        for name, variable, default in (("nnodes", "LWS_GROUP_SIZE", 1),
+                                        ("node_rank", "LWS_WORKER_INDEX", 0)):
+            if getattr(self, name) is None:
+                setattr(self, name, _env_int(env, variable, default, name))
+                source[name] = f" (from ${variable})" if env.get(variable) else ""
         if self.master_addr is None:
             self.master_addr = env.get("LWS_LEADER_ADDRESS") or "127.0.0.1"
         if self.master_port is None and self.nnodes > 1:
@@ -306,8 +310,8 @@ class ParallelConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
                      "nnodes"):
             if getattr(self, name) < 1:
-                raise InvalidRequestError(f"{name} must be at least 1, got {getattr(self, name)}.",
-                                          name)
+                raise InvalidRequestError(f"{name} must be at least 1, got {getattr(self, name)}"
+                                          f"{source.get(name, '')}.", name)
         dp = self.data_parallel_size
         if isinstance(dp, int) and dp > 1 and self.nnodes > 1:
             # Checked before the split below, which would blame the TP x PP sizes instead.
@@ -319,10 +323,11 @@ class ParallelConfig:
         if self.world_size % self.nnodes:
             raise InvalidRequestError(
                 f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} ranks do not "
-                f"split evenly over nnodes={self.nnodes}.", "nnodes")
+                f"split evenly over nnodes={self.nnodes}{source.get('nnodes', '')}.", "nnodes")
         if not 0 <= self.node_rank < self.nnodes:
             raise InvalidRequestError(f"node_rank must be in [0, {self.nnodes}), got "
-                                      f"{self.node_rank}.", "node_rank")
+                                      f"{self.node_rank}{source.get('node_rank', '')}.",
+                                      "node_rank")
         # Node 0 listens on master_port .. master_port + 4 (executor/wire.py); ZMQ takes a
         # port past 65535 modulo 65536 without a word, so node 1 would wait at the wrong one.
         if self.master_port is not None and not 1 <= self.master_port <= 65535 - 4:
@@ -363,6 +368,18 @@ class SchedulerConfig:
     # "llm" (the offline LLM class, `bench throughput`/`latency`). It only picks the defaults
     # of max_num_seqs and max_num_batched_tokens (default_max_num_seqs, ...batched_tokens).
     usage_context: str = "server"
+
+
+def _env_int(env: Any, variable: str, default: int, param: str) -> int:
+    """An integer from the environment (a LeaderWorkerSet's variables), or a clear error."""
+    text = env.get(variable) or ""
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidRequestError(f"${variable}={text!r} is not an integer; it sets {param} when "
+                                  f"--{param.replace('_', '-')} is not given.", param) from None
 
 
 def large_gpu(device: str) -> bool:

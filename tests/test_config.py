@@ -177,6 +177,26 @@ def test_master_port_out_of_range_is_refused(port):
                              master_port=65531).parallel_config.resolve(environ={})
 
 
+@pytest.mark.parametrize("environ,flags,param,message", [
+    # A ValueError traceback from int() used to be all a bad variable gave.
+    ({"LWS_GROUP_SIZE": "two"}, {}, "nnodes", r"\$LWS_GROUP_SIZE='two' is not an integer"),
+    ({"LWS_GROUP_SIZE": "2", "LWS_WORKER_INDEX": "1st"}, {}, "node_rank",
+     r"\$LWS_WORKER_INDEX='1st' is not an integer"),
+    # A value the user never passed is named with the variable it came from.
+    ({"LWS_GROUP_SIZE": "2", "LWS_WORKER_INDEX": "3"}, {}, "node_rank",
+     r"got 3 \(from \$LWS_WORKER_INDEX\)\.$"),
+    ({"LWS_WORKER_INDEX": "1"}, {"nnodes": 1}, "node_rank",
+     r"got 1 \(from \$LWS_WORKER_INDEX\)\.$"),
+    ({"LWS_GROUP_SIZE": "3"}, {}, "nnodes", r"nnodes=3 \(from \$LWS_GROUP_SIZE\)\.$"),
+    ({"LWS_WORKER_INDEX": "1"}, {"nnodes": 2, "node_rank": 2}, "node_rank", r"got 2\.$"),
+])
+def test_bad_or_inconsistent_lws_variables_are_named(environ, flags, param, message):
+    config = EngineConfig.from_kwargs(tensor_parallel_size=2, **flags)
+    with pytest.raises(InvalidRequestError, match=message) as err:
+        config.parallel_config.resolve(environ=environ)
+    assert err.value.param == param
+
+
 def test_vllm_only_engine_arguments(caplog):
     """What ported vLLM scripts pass to LLM(...): at vLLM's default it is accepted silently,
     a tuning knob shardserve lacks is ignored with a warning, and anything that would change

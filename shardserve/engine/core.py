@@ -156,8 +156,9 @@ class EngineCore:
         self._profiling = False
         return self.executor.stop_profile()
 
-    def shutdown(self) -> None:
-        self.executor.shutdown()
+    def shutdown(self, failure: str | None = None) -> None:
+        """`failure`: why, when the core stops because it failed (see Executor.shutdown)."""
+        self.executor.shutdown(failure)
 
 
 def freeze_startup_heap() -> None:

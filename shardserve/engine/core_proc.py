@@ -102,7 +102,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         loop = EngineCoreProc(core, in_sock, out_sock, serializer, parent_pid, watchdog)
         code = loop.run()
         orphaned = loop.orphaned
-        core.shutdown()
+        core.shutdown(loop.failure)
     finally:
         # Linger so the last outputs (errors, CoreFailed) reach the front before we exit;
         # unless the front is gone, when nobody will ever read them.
@@ -200,6 +200,7 @@ class EngineCoreProc:
         self._unscheduled: set[str] = set()
         self._stopping = False
         self.orphaned = False  # the front end died
+        self.failure: str | None = None  # why run() ended with 1, for the workers' stop
         self._last_stats_time = 0.0
         self._last_stats: CoreStats | None = None
         self._last_parent_check = time.monotonic()
@@ -218,10 +219,12 @@ class EngineCoreProc:
                 if not self._parent_alive():
                     logger.error("The front-end process %d is gone; exiting", self._parent_pid)
                     self.orphaned = True
+                    self.failure = f"the front-end process {self._parent_pid} is gone"
                     return 1
             return 0
         except Exception as exc:
             self._fail(exc)
+            self.failure = f"the engine core failed: {type(exc).__name__}: {exc}"
             return 1
 
     # ---- messages in -----------------------------------------------------------------------

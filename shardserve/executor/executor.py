@@ -13,7 +13,10 @@ class Executor:
     def init_kv_cache(self, num_blocks: int) -> None: ...
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
     def check_health(self) -> None: ...
-    def shutdown(self) -> None: ...
+
+    def shutdown(self, failure: str | None = None) -> None:
+        """Stop the workers. `failure`: why, when the engine is stopping because it failed
+        (the other nodes of a multi-node world then exit non-zero, not as from a clean stop)."""
 
     def comm_stats(self) -> dict[str, float]:
         """Communication share of step time and related counters; empty with one process."""
@@ -85,5 +88,5 @@ class UniProcExecutor(Executor):
     def check_health(self) -> None:
         return None
 
-    def shutdown(self) -> None:
+    def shutdown(self, failure: str | None = None) -> None:
         return None

@@ -7,8 +7,9 @@ It starts this node's ranks (node_rank * n .. node_rank * n + n - 1, with n = wo
 which connect to node 0 over TCP (master_port + 1 .. + 4), check in, receive node 0's engine
 settings (so model and cache flags need not be repeated here, though -tp/-pp/--nnodes must
 match) and serve steps until node 0 says stop or falls silent for heartbeat_timeout_s. The
-launcher exits with 0 when all its ranks did, and otherwise non-zero after stopping the rest,
-so a supervisor (Kubernetes, a LeaderWorkerSet) restarts the group. It also listens to node 0's
+launcher exits with 0 when all its ranks did (node 0 stopped cleanly), and otherwise non-zero
+after stopping the rest (a rank failed, or node 0's engine failed or went away), so a supervisor
+(Kubernetes, a LeaderWorkerSet) restarts the group. It also listens to node 0's
 heartbeats: a rank that cannot leave by itself (stopped, frozen) is killed once node 0 has been
 silent past heartbeat_timeout_s and the rank's tear-down time, as is one that ignores a stop.
 """
@@ -27,7 +28,7 @@ from shardserve.config import EngineConfig
 from shardserve.errors import InvalidRequestError
 from shardserve.executor.liveness import BEAT_INTERVAL_S, EngineBeats, describe_exit, report_gone
 from shardserve.executor.wire import Endpoints, WireCodec
-from shardserve.executor.worker_proc import (TEARDOWN_TIMEOUT_S, WorkerSpec,
+from shardserve.executor.worker_proc import (EXIT_ENGINE_FAILED, TEARDOWN_TIMEOUT_S, WorkerSpec,
                                              start_worker_processes)
 
 logger = logging.getLogger(__name__)
@@ -72,21 +73,26 @@ def run_headless(config: EngineConfig) -> int:
     kill_at: list[float] = []  # when the ranks still here are killed (they were told to go)
 
     def on_signal(signum, _frame) -> None:
+        if not stopping:
+            # Node 0 would otherwise find out only by this node's silence, a heartbeat
+            # timeout later (a SIGKILLed launcher's ranks report themselves as they leave).
+            report_gone(reports, codec, specs[0].rank, f"left: node {pc.node_rank}'s launcher "
+                        f"got {signal.Signals(signum).name}")
         stopping.append(signum)
         kill_at.append(time.monotonic() + LEAVE_GRACE_S)
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     context = zmq.Context()
     engine = EngineBeats(context, endpoints.beats_out)
-    # A rank of ours that dies is reported to node 0 at once (liveness.report_gone), which
-    # would otherwise find it only by its silence.
+    # A rank of ours that dies, or a signal that stops this node, is reported to node 0 at once
+    # (liveness.report_gone), which would otherwise find it only by its silence.
     reports = context.socket(zmq.PUSH)
     reports.setsockopt(zmq.LINGER, 0)
     reports.connect(endpoints.beats_in)
     codec = WireCodec()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     rank_of = {proc.pid: spec.rank for proc, spec in zip(procs, specs)}
     # None until node 0's first beat (it may start later; the ranks' rendezvous timeout
     # covers that).
@@ -101,7 +107,9 @@ def run_headless(config: EngineConfig) -> int:
                 proc = next(p for p in running if p.sentinel == sentinel)
                 proc.join()
                 running.remove(proc)
-                if proc.exitcode != 0 and not stopping:
+                # A rank stopped by a failed engine is not the cause: node 0 knows, and the
+                # other ranks were told to go too.
+                if proc.exitcode not in (0, EXIT_ENGINE_FAILED) and not stopping:
                     logger.error("%s exited with %s; stopping this node's other ranks",
                                  proc.name, proc.exitcode)
                     if not kill_at:  # the first to go; the others are stopped by us

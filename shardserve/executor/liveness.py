@@ -50,10 +50,17 @@ class HeartbeatMonitor:
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pull = context.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
-        for addr in beats_out:
-            self._pub.bind(addr)
-        for addr in beats_in:
-            self._pull.bind(addr)
+        try:
+            for addr in beats_out:
+                self._pub.bind(addr)
+            for addr in beats_in:
+                self._pull.bind(addr)
+        except zmq.ZMQError:
+            # A port in use: the executor then tears down and terminates the context, which
+            # waits for every socket of it to close: left open, these hung start-up for ever.
+            self._pub.close()
+            self._pull.close()
+            raise
         self._last_seen: dict[int, float] = {}
         self._gone: dict[int, str] = {}  # rank -> why, as reported (report_gone)
         self._expected: set[int] = set()

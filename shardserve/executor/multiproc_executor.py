@@ -84,6 +84,8 @@ class MultiprocExecutor(Executor):
         self._in_flight: set[int] = set()
         self._early_outputs: dict[int, list[Any]] = {}  # seq -> a step's answer come early
 
+        if pc.nnodes > 1:
+            _check_master_ports(pc.master_port)
         self._context = zmq.Context()
         self._local = Endpoints.ipc()
         binds = [self._local]
@@ -349,15 +351,18 @@ class MultiprocExecutor(Executor):
         """rank -> pid of this node's worker processes."""
         return {rank: proc.pid for rank, proc in self._procs.items()}
 
-    def shutdown(self) -> None:
-        self._shutdown(STOP_GRACE_S)
+    def shutdown(self, failure: str | None = None) -> None:
+        self._shutdown(STOP_GRACE_S, failure=failure)
 
-    def _shutdown(self, grace_s: float, force: bool = False) -> None:
+    def _shutdown(self, grace_s: float, force: bool = False, failure: str | None = None) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self._steps.send(self._codec.encode(["stop"]))
+            # Why, when the engine failed: the ranks then exit non-zero, so another node's
+            # launcher does too and its supervisor restarts it with node 0 (a clean stop's 0
+            # reads as "done").
+            self._steps.send(self._codec.encode(["stop", failure or self._dead]))
         except zmq.ZMQError:
             pass
         if self._monitor is not None:
@@ -510,6 +515,27 @@ class MultiprocExecutor(Executor):
             host, pid = self._hosts.get(rank, ("?", -1))
             parts.append(f"rank {rank} on node {node} ({host}, pid {pid})")
         return "; ".join(parts)
+
+
+def _check_master_ports(master_port: int) -> None:
+    """Node 0 listens on master_port (torch.distributed's store, which rank 0 opens well into
+    start-up) and the four ports after it (this executor's sockets). One already taken showed
+    as a ZMQ traceback, or as torch's EADDRINUSE only once the ranks had started; name the
+    flag instead, before anything starts."""
+    busy = []
+    for port in range(master_port, master_port + 5):
+        with socket.socket() as probe:
+            # As ZMQ and torch's store do: a port left in TIME_WAIT by an earlier run is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("", port))
+            except OSError:
+                busy.append(port)
+    if busy:
+        raise errors.InvalidRequestError(
+            f"--master-port {master_port}: port(s) {busy} on this node are already in use (node "
+            f"0 listens on master_port .. master_port + 4); stop what holds them or pick another "
+            "--master-port (the same on every node).", "master_port")
 
 
 def torch_dtype_bytes(dtype: Any) -> int:

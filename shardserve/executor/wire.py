@@ -15,7 +15,8 @@ beats, and a dead engine is noticed by workers that are blocked in one.
 Messages are msgpack arrays whose first element names the kind (steps take a columnar fast
 path, see WireCodec):
 
-    ["ping"]                                  rendezvous: "answer hello" (repeated until all did)
+    ["ping"]                                  rendezvous: "answer hello" (repeated until all did;
+                                              one after "go" is another engine's: ranks exit)
     ["hello", rank, host, pid]
     ["go", setup dict]                        everyone checked in: join torch.distributed, load
     ["ready", rank, info dict]                model loaded
@@ -24,7 +25,7 @@ path, see WireCodec):
     ["call", seq, method, args, reply_ranks or None (= all)]
     ["ret", seq, rank, value]
     ["err", seq, rank, error type name, message, traceback]
-    ["stop"]
+    ["stop", why or None]                     why: the engine failed (ranks then exit 3)
     ["beat", rank]                            (beats sockets; the engine's beat has rank -1)
 
 Single node: ipc:// sockets in a private directory. Multi-node: node 0 also binds TCP on

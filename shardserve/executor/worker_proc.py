@@ -38,6 +38,10 @@ RENDEZVOUS_GRACE_S = 10.0  # see WorkerProc._rendezvous
 # Longest a rank's tear-down (leaving torch.distributed, closing sockets) may take before the
 # rank exits anyway; under the engine's stop grace, so a stop never has to kill a rank.
 TEARDOWN_TIMEOUT_S = 4.0
+# A rank's exit code when the engine stopped it because the engine failed (a peer died, the
+# server was killed): not a clean end, so another node's launcher exits non-zero and gets
+# restarted, but not this rank's fault either (its launcher reports nothing for it).
+EXIT_ENGINE_FAILED = 3
 
 # Worker methods the engine may call by name ("call" messages).
 RPC_METHODS = frozenset({"determine_num_blocks", "init_kv_cache", "kv_cache_info",
@@ -296,8 +300,21 @@ class WorkerProc:
                 _, seq, method, args, reply_ranks = message
                 self._call(seq, method, args, reply_ranks)
             elif kind == "stop":
+                why = message[1] if len(message) > 1 else None
+                if why:
+                    logger.error("Node 0's engine stopped every rank after a failure: %s", why)
+                    return EXIT_ENGINE_FAILED
                 return 0
-            # Late pings and go's from the rendezvous are ignored.
+            elif kind == "ping":
+                # An engine sends all its pings before its "go": one now is another engine's.
+                # Node 0 came back before this rank's engine counted as silent (the new one's
+                # beats keep it alive), and its rendezvous would wait out its timeout for a
+                # rank that is here but will never answer. Leave: this node's launcher exits
+                # and its supervisor restarts it into the new world.
+                logger.error("A new engine on node 0 is starting; this rank's engine is gone. "
+                             "Exiting")
+                return EXIT_ENGINE_FAILED
+            # A late "go" is ignored.
 
     def _next_message(self) -> bytes | None:
         """The next message; with a step in flight (async driver), None as soon as that step's

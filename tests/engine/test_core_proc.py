@@ -86,8 +86,11 @@ def _run(core: FakeCore, messages: list, parent_pid: int | None = None,
     core_out.connect("inproc://out")
     for m in messages:
         front_in.send(s.encode(m))
-    code = EngineCoreProc(core, core_in, core_out, s,
-                          os.getppid() if parent_pid is None else parent_pid, watchdog).run()
+    loop = EngineCoreProc(core, core_in, core_out, s,
+                          os.getppid() if parent_pid is None else parent_pid, watchdog)
+    code = loop.run()
+    # What run_engine_core passes on to core.shutdown(), for the workers' stop.
+    core.failure = loop.failure
     received = []
     while front_out.poll(200):
         received.append(s.decode(front_out.recv()))
@@ -105,6 +108,7 @@ def test_outputs_and_scheduled_times_then_clean_exit():
     core = FakeCore()
     code, received = _run(core, [_request("a"), _request("b"), AbortRequests(["b"]), ShutdownCore()])
     assert code == 0 and core.aborted == ["b"]
+    assert core.failure is None  # a clean stop: other nodes' workers exit 0
     steps = [m for m in received if isinstance(m, CoreStepOutputs) and m.outputs]
     assert [o.req_id for o in steps[0].outputs] == ["a"]
     assert set(steps[0].scheduled) == {"a"}
@@ -113,17 +117,23 @@ def test_outputs_and_scheduled_times_then_clean_exit():
 
 
 def test_exception_fails_every_inflight_request_and_exits_1():
-    code, received = _run(FakeCore(fail=True), [_request("a"), _request("b")])
+    core = FakeCore(fail=True)
+    code, received = _run(core, [_request("a"), _request("b")])
     assert code == 1
     errors = [o for m in received if isinstance(m, CoreStepOutputs) for o in m.outputs]
     assert sorted(o.req_id for o in errors) == ["a", "b"]
     assert all(o.finish_reason == "error" and "boom" in o.error for o in errors)
     assert isinstance(received[-1], CoreFailed) and "boom" in received[-1].message
+    assert core.failure == "the engine core failed: RuntimeError: boom"
 
 
 def test_exits_when_parent_is_gone():
-    code, _ = _run(FakeCore(), [], parent_pid=-1)
+    core = FakeCore()
+    code, _ = _run(core, [], parent_pid=-1)
     assert code == 1
+    # Not a clean stop: it used to stop the workers as one, and another node's `shardserve
+    # worker` then exited 0 after its server was killed.
+    assert core.failure == "the front-end process -1 is gone"
 
 
 def test_watchdog_reports_a_step_that_never_returns_with_its_stack():

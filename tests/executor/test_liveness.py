@@ -8,10 +8,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from shardserve.executor.liveness import stop_processes
 
 _WATCHDOG = """
 import time
+
+import pytest
 from shardserve.executor.liveness import arm_exit_watchdog
 done = arm_exit_watchdog({timeout}, 3, "test tear-down")
 time.sleep({work})  # the tear-down: a hang when work > timeout
@@ -55,3 +59,33 @@ def test_stop_of_many_stuck_ranks_is_bounded():
     assert not any(proc.is_alive() for proc in procs.values())
     # grace + one shared 2 s wait after SIGTERM + the kill: not 3 s per rank
     assert took < 0.5 + 3.0 + 1.5, took
+
+
+def test_monitor_that_cannot_bind_leaves_no_socket_open(tmp_path):
+    """A heartbeat port already in use (node 0's master_port + 3 or + 4): the monitor's error
+    must leave the context free to terminate. Its sockets stayed open, so the executor's tear-
+    down waited in zmq's term() for ever and `serve` hung at "loading the model"."""
+    import threading
+
+    import zmq
+
+    from shardserve.executor.liveness import HeartbeatMonitor
+    from shardserve.executor.wire import WireCodec
+
+    context = zmq.Context()
+    taken = context.socket(zmq.PUB)
+    taken.bind("tcp://127.0.0.1:*")  # ipc:// would just take the path over
+    taken_addr = taken.getsockopt_string(zmq.LAST_ENDPOINT)
+    try:
+        # Held, as the executor's tear-down (run while handling the error) holds it: its
+        # traceback keeps the half-made monitor, and so any socket it left open, alive.
+        with pytest.raises(zmq.ZMQError) as error:
+            HeartbeatMonitor(context, [taken_addr], [f"ipc://{tmp_path}/beats_in"], WireCodec(),
+                             1.0)
+    finally:
+        taken.close(linger=0)
+    terminated = threading.Thread(target=context.term, daemon=True)
+    terminated.start()
+    terminated.join(5)
+    assert not terminated.is_alive()
+    assert "in use" in str(error.value)

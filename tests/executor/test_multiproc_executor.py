@@ -12,7 +12,9 @@
 - a worker killed (or frozen) mid-generation makes the engine raise EngineDeadError within
   seconds; when node 0 dies, every rank of both nodes exits on its own; a frozen rank on node 1,
   which cannot, is killed by its launcher, which exits non-zero; a killed rank on node 1 is
-  named (by its silence), not the peer whose all-reduce it broke;
+  named (by its silence), not the peer whose all-reduce it broke; a death (or a SIGTERM) on
+  node 1 is reported at once; node 1 exits non-zero when node 0's engine fails;
+- a --master-port (or one of the four after it) already in use is named before anything starts;
 - a script that never calls LLM.shutdown() exits quietly, leaving no rank behind.
 """
 
@@ -281,6 +283,28 @@ def test_missing_node_is_named_by_the_rendezvous(tiny_model_dirs):
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.parametrize("offset", [0, 3])
+def test_master_port_in_use_is_named_before_anything_starts(tiny_model_dirs, offset):
+    """Node 0 listens on --master-port (torch's store) and the four after it. One of them
+    taken gave a ZMQ traceback, or torch's EADDRINUSE once the ranks were up; now the flag is
+    named at once."""
+    import socket
+
+    from shardserve.errors import InvalidRequestError
+
+    port = _free_port_range(5)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port + offset))
+        taken.listen()
+        start = time.monotonic()
+        with pytest.raises(InvalidRequestError, match=rf"--master-port {port}: port\(s\) "
+                                                      rf"\[{port + offset}\] .* in use") as err:
+            LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, nnodes=2, node_rank=0,
+                master_port=port, rendezvous_timeout_s=5, **ENGINE_KWARGS)
+    assert err.value.param == "master_port"
+    assert time.monotonic() - start < 5
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_killed_worker_raises_engine_dead_error_quickly(tiny_model_dirs, async_scheduling):
     """Also with two steps in flight (async scheduling): neither is waited for forever."""
@@ -545,20 +569,41 @@ def test_rank_killed_on_node1_is_named_not_its_peer(tiny_model_dirs, when):
         assert killed_at and time.monotonic() - killed_at[0] < 10
 
 
-@pytest.mark.parametrize("victim", ["rank", "launcher"])
-def test_death_on_node1_is_reported_before_the_heartbeat_timeout(tiny_model_dirs, victim):
+@pytest.mark.parametrize("victim,sig", [("rank", signal.SIGKILL), ("launcher", signal.SIGKILL),
+                                        ("launcher", signal.SIGTERM)])
+def test_death_on_node1_is_reported_before_the_heartbeat_timeout(tiny_model_dirs, victim, sig):
     """With a heartbeat timeout of 60 s, node 0 still learns of a death on node 1 within
-    seconds: a rank SIGKILLed mid-generation is reported by its node's launcher, and a rank
-    whose launcher was SIGKILLed reports itself as it leaves (liveness.report_gone)."""
+    seconds: a rank SIGKILLed mid-generation is reported by its node's launcher, a rank
+    whose launcher was SIGKILLed reports itself as it leaves (liveness.report_gone), and a
+    launcher told to stop (SIGTERM: its pod deleted) reports its node gone before stopping
+    its ranks (it used to say nothing: a minute of waiting, then "silent")."""
     with _two_nodes_tp2(tiny_model_dirs["llama"], heartbeat_timeout_s=60) as (llm, node1, rank1):
         killed_at: list[float] = []
-        _signal_rank1_mid_generation(llm, node1.pid if victim == "launcher" else rank1,
-                                     signal.SIGKILL, killed_at)
-        why = ("died: killed by SIGKILL \\(reported by node 1's launcher\\)" if victim == "rank"
-               else "left: the process that started it is gone")
+        _signal_rank1_mid_generation(llm, node1.pid if victim == "launcher" else rank1, sig,
+                                     killed_at)
+        why = {("rank", signal.SIGKILL):
+               r"died: killed by SIGKILL \(reported by node 1's launcher\)",
+               ("launcher", signal.SIGKILL): "left: the process that started it is gone",
+               ("launcher", signal.SIGTERM): "left: node 1's launcher got SIGTERM"}[victim, sig]
         with pytest.raises(EngineDeadError, match=r"^Worker rank 1 \(rank 1 on node 1 .*" + why):
             llm.generate({"prompt_token_ids": [1, 2, 3]}, LONG, use_tqdm=False)
         assert killed_at and time.monotonic() - killed_at[0] < 8
+
+
+def test_node1_exits_non_zero_when_node0s_engine_fails(tiny_model_dirs):
+    """Node 0's own rank dies: the engine fails and stops every rank, node 1's too. That stop
+    is not a clean end: node 1's launcher must exit non-zero (it used to exit 0, which a
+    supervisor reads as "done" and does not restart, leaving a restarted node 0 waiting for
+    it), without blaming its own rank."""
+    with _two_nodes_tp2(tiny_model_dirs["llama"], heartbeat_timeout_s=60) as (llm, node1, _):
+        rank0 = llm.engine.core.executor.worker_pids[0]
+        os.kill(rank0, signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match=r"^Worker rank 0 \(pid \d+\) died"):
+            llm.generate({"prompt_token_ids": [1, 2, 3]}, LONG, use_tqdm=False)
+        assert node1.wait(timeout=15) == 1  # well before the 60 s heartbeat timeout
+        out = node1.stdout.read()
+        assert "stopped every rank after a failure: Worker rank 0" in out, out
+        assert "stopping this node's other ranks" not in out, out
 
 
 def test_node1_started_with_other_sizes_is_named_at_once(tiny_model_dirs):
