@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from shardserve.config import QUANTIZATION_METHODS
-from shardserve.kernels.fp8_gemm import (FP8, GROUP, fp8_gemm, num_groups,
+from shardserve.kernels.fp8_gemm import (FP8, fp8_gemm, num_groups,
                                          quantize_rows_fp8, quantize_rows_fp8_ref)
 from shardserve.layers.weight_utils import LoadedWeight, copy_weight, weight_shape
 
