@@ -115,6 +115,15 @@ def check_vllm_only_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, dest)
         delattr(args, dest)
         name = dest[len(_DEST_PREFIX):]
+        if name == "compilation_config" and isinstance(value, (dict, str)):
+            from shardserve.config import compilation_config_settings
+            settings, ignored = compilation_config_settings(value)
+            for key, setting in settings.items():
+                setattr(args, key, setting)
+            if ignored:
+                warnings.append(f"Ignoring -O/--compilation-config's {', '.join(ignored)}: "
+                                f"{table[name][2]}.")
+            continue
         neutral, ignorable, why = table[name]
         verdict = vllm_only_verdict(value, neutral, ignorable)
         shown = _flag(name) if isinstance(value, bool) else f"{_flag(name)} {_show(value)}"

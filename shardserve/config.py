@@ -9,6 +9,7 @@ resolved tree is what crosses process boundaries.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ VLLM_ONLY_KWARGS: dict[str, tuple[tuple[Any, ...], bool, str]] = {
                                               "(max_cuda_graph_batch_size)"),
     "max_context_len_to_capture": ((None,), True, "CUDA graphs are captured by batch size "
                                                   "(max_cuda_graph_batch_size)"),
+    # Its CUDA-graph keys are translated (compilation_config_settings); the rest is ignored.
     "compilation_config": ((None,), True, "shardserve does not run torch.compile"),
     "disable_async_output_proc": ((False,), True, "no such stage here"),
     "distributed_executor_backend": ((None, "mp"), True,
@@ -112,6 +114,48 @@ VLLM_ONLY_KWARGS: dict[str, tuple[tuple[Any, ...], bool, str]] = {
 }
 
 
+# vLLM's compilation_config.cudagraph_mode -> the settings that give it here. shardserve's
+# graphs are always whole forwards (vLLM's FULL): "PIECEWISE" asks for graphs of prompt steps
+# too, which is what full graphs of them give.
+_CUDAGRAPH_MODES = {"NONE": {"enforce_eager": True},
+                    "FULL_DECODE_ONLY": {"mixed_cuda_graphs": False},
+                    "PIECEWISE": {}, "FULL": {}, "FULL_AND_PIECEWISE": {}}
+
+
+def compilation_config_settings(value: Any) -> tuple[dict[str, Any], list[str]]:
+    """vLLM's compilation_config (-O): the engine settings its CUDA-graph keys mean here
+    (cudagraph_mode, max_cudagraph_capture_size, cudagraph_capture_sizes' largest,
+    use_cudagraph), and what is ignored (an optimization level; torch.compile's keys)."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise InvalidRequestError(f"compilation_config is not valid JSON: {exc}.",
+                                      "compilation_config") from None
+    if not isinstance(value, dict):
+        return {}, ([] if value is None else [f"optimization level {value!r}"])
+    settings: dict[str, Any] = {}
+    ignored: list[str] = []
+    for key, item in value.items():
+        if key == "cudagraph_mode":
+            mode = str(getattr(item, "name", item)).upper()
+            if mode not in _CUDAGRAPH_MODES:
+                raise InvalidRequestError(
+                    f"compilation_config cudagraph_mode={item!r}: use one of "
+                    f"{', '.join(_CUDAGRAPH_MODES)}.", "compilation_config")
+            settings.update(_CUDAGRAPH_MODES[mode])
+        elif key == "max_cudagraph_capture_size" and isinstance(item, int) and item > 0:
+            settings["max_cuda_graph_batch_size"] = item
+        elif key == "cudagraph_capture_sizes" and isinstance(item, list) and item:
+            # The ladder is shardserve's own; the largest size is what bounds it.
+            settings["max_cuda_graph_batch_size"] = max(int(s) for s in item)
+        elif key == "use_cudagraph" and item is False:
+            settings["enforce_eager"] = True
+        elif item is not None:
+            ignored.append(key)
+    return settings, ignored
+
+
 def vllm_only_verdict(value: Any, neutral: tuple[Any, ...], ignorable: bool) -> str:
     """What to do with a vLLM-only setting: 'accept' (the value asks for what shardserve does
     anyway), 'warn' (another value of a tuning knob shardserve lacks) or 'refuse' (ignoring
@@ -127,6 +171,15 @@ def pop_vllm_only_kwargs(kwargs: dict[str, Any]) -> None:
     not have, and an InvalidRequestError (saying why) where ignoring it would change results."""
     for name in [k for k in kwargs if k in VLLM_ONLY_KWARGS]:
         value = kwargs.pop(name)
+        if name == "compilation_config" and not isinstance(value, (int, type(None))):
+            settings, ignored = compilation_config_settings(value)
+            for key, setting in settings.items():
+                kwargs.setdefault(key, setting)  # an explicit engine argument wins
+            if ignored:
+                logging.getLogger(__name__).warning(
+                    "Ignoring compilation_config's %s: %s.", ", ".join(ignored),
+                    VLLM_ONLY_KWARGS[name][2])
+            continue
         neutral, ignorable, why = VLLM_ONLY_KWARGS[name]
         verdict = vllm_only_verdict(value, neutral, ignorable)
         if verdict == "accept":

@@ -102,6 +102,14 @@ def test_vllm_tuning_flags_are_ignored_with_a_warning(monkeypatch, caplog):
         assert f"Ignoring the vLLM flag {shown}: " in caplog.text
 
 
+def test_compilation_config_cuda_graph_keys_reach_the_engine(monkeypatch, caplog):
+    args = _serve_args(monkeypatch, ["-O", '{"cudagraph_mode": "FULL_DECODE_ONLY", "level": 3, '
+                                     '"max_cudagraph_capture_size": 128}', "/models/m"])
+    assert args.model == "/models/m"
+    assert args.mixed_cuda_graphs is False and args.max_cuda_graph_batch_size == 128
+    assert "Ignoring -O/--compilation-config's level: " in caplog.text
+
+
 @pytest.mark.parametrize("flags,shown", [
     (["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], "--enable-auto-tool-choice"),
     (["--tool-call-parser", "hermes"], "--tool-call-parser hermes"),

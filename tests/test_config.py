@@ -227,3 +227,29 @@ def test_seed_none_is_vllms_zero(tiny_model_dirs):
     assert config.model_config.seed == 0
     with pytest.raises(InvalidRequestError, match="seed"):
         EngineConfig.from_kwargs(model=model, device="cpu", seed="1")
+
+
+@pytest.mark.parametrize("value,expected", [
+    ({"cudagraph_mode": "FULL_DECODE_ONLY"}, {"mixed_cuda_graphs": False}),
+    ({"cudagraph_mode": "none"}, {"enforce_eager": True}),
+    ('{"cudagraph_mode": "FULL_AND_PIECEWISE", "max_cudagraph_capture_size": 256}',
+     {"max_cuda_graph_batch_size": 256}),
+    ({"cudagraph_capture_sizes": [1, 2, 4, 64], "level": 3}, {"max_cuda_graph_batch_size": 64}),
+])
+def test_compilation_configs_cuda_graph_keys_are_honoured(value, expected, caplog):
+    """vLLM's compilation_config: its CUDA-graph keys become the settings that mean the same
+    here (an explicit engine argument wins), the torch.compile ones are ignored aloud."""
+    with caplog.at_level("WARNING", logger="shardserve.config"):
+        config = EngineConfig.from_kwargs(compilation_config=value)
+    mc = config.model_config
+    got = {k: getattr(mc, k) for k in ("mixed_cuda_graphs", "enforce_eager",
+                                       "max_cuda_graph_batch_size")}
+    defaults = {"mixed_cuda_graphs": True, "enforce_eager": False,
+                "max_cuda_graph_batch_size": 512}
+    assert got == {**defaults, **expected}
+    assert ("level" in caplog.text) == ("level" in str(value))
+    explicit = EngineConfig.from_kwargs(compilation_config={"cudagraph_mode": "NONE"},
+                                        enforce_eager=False)
+    assert explicit.model_config.enforce_eager is False
+    with pytest.raises(InvalidRequestError, match="cudagraph_mode='SOMETIMES': use one of"):
+        EngineConfig.from_kwargs(compilation_config={"cudagraph_mode": "SOMETIMES"})
