@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 if not torch.cuda.is_available():
     # Triton kernels run through Triton's interpreter on CPU-only machines. The flag is read when
     # a kernel module is imported, so set it before any test directory can import one
-    # (tests/kernels/conftest.py checks it).
+    # (tests/kernels/conftest.py checks it: a kernel module imported before this line, by a
+    # plugin or this file's own imports, would run compiled).
+    if not [m for m in sys.modules if m.startswith("shardserve.kernels.") and not m.endswith("_ref")]:
+        os.environ.setdefault("SHARDSERVE_TESTS_INTERPRET_FIRST", "1")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -7,6 +7,9 @@ Under tensor parallelism every rank runs the same steps (the collectives need th
 only the driver (TP rank 0 of the last PP stage, `is_driver`) receives the gathered logits,
 samples and builds a ModelRunnerOutput; the others return an empty one. Per-request seeded
 generators therefore advance on one rank only, and seeded sampling is reproducible at any tp.
+Rows without a seed draw from the runner's own generator, seeded with the engine's seed, so
+an in-process engine's samples do not depend on its caller's (or another engine's) draws
+from torch's default generator.
 
 Under pipeline parallelism each stage holds its own layers (models/pipeline.py) and KV cache.
 Every rank gets every step and builds the same inputs from it (so the token count, positions
@@ -65,7 +68,10 @@ class ModelRunner:
         self.dtype = config.model_config.torch_dtype
         self.kv_dtype = config.cache_config.kv_torch_dtype(self.dtype)  # --kv-cache-dtype
         self.states = RequestStates(device)
-        self.sampler = Sampler()
+        # The engine's own stream for rows without a seed (layers/sampler.py's Sampler).
+        self.generator = torch.Generator(device=device).manual_seed(
+            int(config.model_config.seed or 0))
+        self.sampler = Sampler(self.generator)
         # Sampled steps by path: logits gathered to the driver, or sampled from TP shards.
         self.sampling_counts = {"gathered": 0, "from_shards": 0}
         self.sampling_batch = SamplingBatch(device)
@@ -381,7 +387,7 @@ class ModelRunner:
         metadata = self.sampling_batch.metadata(inputs.sample_states, inputs.sample_num_outputs,
                                                 vocab_size)
         ids = sample_vocab_shards(shard, vocab_start, vocab_size, num_valid, metadata,
-                                  get_tp_group())
+                                  get_tp_group(), self.generator)
         self._remember_samples(ids, inputs)
         if not self.is_driver:
             return _ready(ModelRunnerOutput([], []), defer)

@@ -235,7 +235,16 @@ class SamplerOutput:
 
 
 class Sampler(nn.Module):
-    """Picks one token per row. May modify `logits` in place (the caller's tensor is consumed)."""
+    """Picks one token per row. May modify `logits` in place (the caller's tensor is consumed).
+
+    `generator` (on the logits' device) draws the noise of rows without a seed of their own;
+    None: torch's default generator. The engine passes its own, seeded with its seed, so what
+    it samples does not depend on who else draws from the process's default generator (the
+    caller of an in-process LLM, another engine, a GEMV autotune)."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.generator = generator
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         md = metadata
@@ -262,7 +271,7 @@ class Sampler(nn.Module):
         if md.all_greedy:
             sampled = _argmax(logits)
         elif _fused_sampling(logits, md):
-            sampled = _fused_sample(logits, md)
+            sampled = _fused_sample(logits, md, self.generator)
         elif md.all_random:
             sampled = self._sample_random(logits.float(), md)
         else:
@@ -276,8 +285,7 @@ class Sampler(nn.Module):
                                              md.num_logprobs)
         return SamplerOutput(sampled, entries, host_ids)
 
-    @staticmethod
-    def _sample_random(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         logits = logits.div_(md.temperature.unsqueeze(1))
         if not md.no_top_p_top_k:
             logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
@@ -286,7 +294,7 @@ class Sampler(nn.Module):
         probs = torch.softmax(logits, dim=-1)
         q = torch.empty_like(probs)
         if len(md.generators) < probs.shape[0]:
-            q.exponential_()
+            q.exponential_(generator=self.generator)
         for row, generator in md.generators.items():
             # One draw of V numbers per step: the generator advances the same in any batch.
             q[row].exponential_(generator=generator)
@@ -329,7 +337,8 @@ def vocab_parallel_ok(params_list: Sequence[SamplingParams], on_gpu: bool,
 
 
 def sample_vocab_shards(shard: torch.Tensor, vocab_start: int, vocab_size: int, num_valid: int,
-                        md: SamplingMetadata, group) -> torch.Tensor:
+                        md: SamplingMetadata, group,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Token ids [R] (int64), the same on every rank of `group`, for a batch that
     `vocab_parallel_ok` accepted: shard [R, >= num_valid] holds this rank's logits of tokens
     [vocab_start, vocab_start + num_valid) of vocab_size; the ranks' shards tile the
@@ -340,7 +349,8 @@ def sample_vocab_shards(shard: torch.Tensor, vocab_start: int, vocab_size: int, 
         if md.all_greedy:
             keys = sample_keys(shard, None, None, None, vocab_start, vocab_size, num_valid)
         else:
-            keys = sample_keys(shard, md.temperature, md.greedy_mask, _device_seed(shard.device),
+            keys = sample_keys(shard, md.temperature, md.greedy_mask,
+                               _device_seed(shard.device, generator),
                                vocab_start, vocab_size, num_valid)
         return keys_to_ids(group.all_reduce_max(keys))
     from shardserve.kernels.sampling import NO_KEY, pack_keys, unpack_ids
@@ -364,16 +374,17 @@ def _fused_sampling(logits: torch.Tensor, md: SamplingMetadata) -> bool:
     return fits(*logits.shape)
 
 
-def _fused_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+def _fused_sample(logits: torch.Tensor, md: SamplingMetadata,
+                  generator: torch.Generator | None) -> torch.Tensor:
     from shardserve.kernels.sampling import sample
 
-    return sample(logits, md.temperature, md.greedy_mask, _device_seed(logits.device))
+    return sample(logits, md.temperature, md.greedy_mask, _device_seed(logits.device, generator))
 
 
-def _device_seed(device: torch.device) -> torch.Tensor:
-    """The kernels' Philox seed for one step: drawn from the device's default generator
-    (seeded with the engine's seed), on the device, so no host sync."""
-    return torch.randint(2**31 - 1, (1,), dtype=torch.int64, device=device)
+def _device_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """The kernels' Philox seed for one step: drawn from `generator` (the engine's, seeded
+    with its seed; None: the device's default one), on the device, so no host sync."""
+    return torch.randint(2**31 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
 def advance_generator(generator: torch.Generator, num_steps: int, vocab_size: int,

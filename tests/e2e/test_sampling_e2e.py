@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tests.device import make_llm
 import pytest
+import torch
 
 from shardserve import SamplingParams
 
@@ -29,6 +30,20 @@ def test_seeded_sampling_is_the_same_whatever_the_batch(llm):
     different = llm.generate(PROMPT, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16,
                                                     seed=4321, ignore_eos=True), use_tqdm=False)
     assert different[0].outputs[0].token_ids != alone
+
+
+def test_unseeded_sampling_depends_on_the_engine_seed_alone(tiny_model_dirs):
+    """Rows without a seed draw from the engine's own generator, seeded with LLM(seed=...): an
+    in-process engine shares the process with its caller (and with other engines), whose
+    draws from torch's default generator must not change what it samples."""
+    params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    engines = [make_llm(tiny_model_dirs["llama"], dtype="float32", max_model_len=64, seed=seed)
+               for seed in (5, 5, 6)]
+    first = engines[0].generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids
+    torch.rand(1000)
+    again = engines[1].generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == first
+    assert engines[2].generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids != first
 
 
 def test_n_gives_n_distinct_samples(llm):
