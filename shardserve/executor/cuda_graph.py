@@ -136,9 +136,9 @@ class CudaGraphRunner:
         pool of the largest (a mixed graph before a decode graph of as many tokens: it also
         holds the prefill kernel's work)."""
         start = time.perf_counter()
-        order = sorted([(t, 1, t) for t in self.mixed_sizes] + [(bs, 0, bs) for bs in self.sizes],
+        order = sorted([(t, True) for t in self.mixed_sizes] + [(bs, False) for bs in self.sizes],
                        reverse=True)
-        for tokens, mixed, _ in order:
+        for tokens, mixed in order:
             md = self._mixed_metadata(tokens) if mixed else self._metadata(tokens)
             graph = self._capture_one(tokens, md)
             (self.mixed_graphs if mixed else self.graphs)[tokens] = graph
@@ -171,16 +171,20 @@ class CudaGraphRunner:
             self.pool = graph.pool()
         return graph
 
-    def _mixed_size(self, num_tokens: int) -> int | None:
+    def _pick(self, md: AttentionMetadata, num_tokens: int) -> tuple[bool, int] | None:
+        """The graph a step replays, (mixed, captured size), or None: it runs eagerly."""
+        if md.max_query_len == 1 and num_tokens == md.num_reqs:
+            i = bisect.bisect_left(self.sizes, num_tokens)
+            return (False, self.sizes[i]) if i < len(self.sizes) else None
         i = bisect.bisect_left(self.mixed_sizes, num_tokens)
-        return self.mixed_sizes[i] if i < len(self.mixed_sizes) else None
+        if i == len(self.mixed_sizes):
+            return None
+        tokens = self.mixed_sizes[i]
+        # Room for the real requests and the padding's own row (always, by mixed_rows).
+        return (True, tokens) if md.num_reqs < mixed_rows(tokens, self.max_num_seqs) else None
 
     def can_run(self, md: AttentionMetadata, num_tokens: int) -> bool:
-        if md.max_query_len == 1 and num_tokens == md.num_reqs:
-            return num_tokens <= self.max_batch_size
-        tokens = self._mixed_size(num_tokens)
-        # Room for the real requests and the padding's own row (always, by mixed_rows).
-        return tokens is not None and md.num_reqs < mixed_rows(tokens, self.max_num_seqs)
+        return self._pick(md, num_tokens) is not None
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata,
             received: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
@@ -208,13 +212,13 @@ class CudaGraphRunner:
         self.seq_lens[:reqs].copy_(md.seq_lens, non_blocking=True)
         width = md.block_tables.shape[1]
         self.block_tables[:reqs, :width].copy_(md.block_tables, non_blocking=True)
-        if md.max_query_len == 1 and n == reqs:
-            bs = self.sizes[bisect.bisect_left(self.sizes, n)]
-            if bs > n:
-                self.slot_mapping[n:bs].fill_(-1)
-                self.seq_lens[n:bs].fill_(1)
-            return False, bs
-        tokens = self._mixed_size(n)
+        mixed, size = self._pick(md, n)
+        if not mixed:
+            if size > n:
+                self.slot_mapping[n:size].fill_(-1)
+                self.seq_lens[n:size].fill_(1)
+            return False, size
+        tokens = size
         rows = mixed_rows(tokens, self.max_num_seqs)
         self.mixed_query_start_loc[:reqs + 1].copy_(md.query_start_loc, non_blocking=True)
         # The padding request (tokens n..T, maybe none) ends at T, and the empty ones after it.

@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
-
 def max_mixed_graph_tokens(config: EngineConfig, backend, attn_layers: list) -> int:
     """The largest step with prompt tokens to capture as a CUDA graph (0: none). Only over
     the paged Triton kernels, whose launch grids come from tensor shapes alone: MLA's prefill
@@ -58,6 +57,7 @@ def max_mixed_graph_tokens(config: EngineConfig, backend, attn_layers: list) -> 
             and attn_layers and all(type(layer) is Attention for layer in attn_layers)):
         return 0
     return min(mc.max_cuda_graph_batch_size, sc.max_num_batched_tokens)
+
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, device: torch.device, is_driver: bool = True) -> None:

@@ -71,8 +71,7 @@ class SamplingBatch:
         """layers/sampler.vocab_parallel_ok for these rows, kept while they stay the same
         requests (a request's params never change; a resumed one has a new state)."""
         key = (on_gpu, vocab_size)
-        if not (key == self._vp_key and len(states) == len(self._vp_states)
-                and all(map(operator.is_, states, self._vp_states))):
+        if not (key == self._vp_key and _same_requests(states, self._vp_states)):
             self._vp = vocab_parallel_ok([s.sampling_params for s in states], on_gpu,
                                          vocab_size)
             self._vp_states, self._vp_key = list(states), key
@@ -80,5 +79,10 @@ class SamplingBatch:
 
     def _same_rows(self, states: list[CachedRequestState], vocab_size: int) -> bool:
         return (self._rows is not None and self._rows.vocab_size == vocab_size
-                and len(states) == len(self._states)
-                and all(map(operator.is_, states, self._states)))
+                and _same_requests(states, self._states))
+
+
+def _same_requests(states: list[CachedRequestState], kept: list[CachedRequestState]) -> bool:
+    """The same request states, row for row (a request's params never change; a resumed
+    request has a new state object)."""
+    return len(states) == len(kept) and all(map(operator.is_, states, kept))

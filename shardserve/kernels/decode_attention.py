@@ -36,12 +36,11 @@ seq_len == 0 (padding rows) get zeros.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from shardserve.kernels.device_info import cuda_sms
 from shardserve.kernels.pdl import pdl_launch, pdl_release_and_wait
 
 LOG2E = 1.4426950408889634
@@ -169,15 +168,10 @@ def _decode_reduce_kernel(
              out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
                       min_partition: int = MIN_PARTITION) -> int:
     """Enough programs for ~4 per SM, no more partitions than max_seq_len / min_partition."""
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
+    num_sms = cuda_sms(device) if device.type == "cuda" else 132
     programs = max(num_reqs * num_kv_heads, 1)
     return max(1, min(triton.cdiv(4 * num_sms, programs),
                       triton.cdiv(max(max_seq_len, 1), min_partition), MAX_SPLITS))

@@ -30,11 +30,11 @@ seq_len == 0 (padding rows of a graph) gives zeros.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from shardserve.kernels.device_info import cuda_sms
 
 LOG2E = 1.4426950408889634
 MIN_PARTITION = 128  # keys; smaller partitions spend more on partial writes than they save
@@ -145,15 +145,10 @@ def _mla_reduce_kernel(
              out.to(out_ptr.dtype.element_ty), mask=lmask)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def choose_num_splits(num_reqs: int, head_blocks: int, max_seq_len: int,
                       device: torch.device) -> int:
     """About four programs per SM, no more partitions than max_seq_len / MIN_PARTITION."""
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
+    num_sms = cuda_sms(device) if device.type == "cuda" else 132
     programs = max(num_reqs * head_blocks, 1)
     return max(1, min(triton.cdiv(4 * num_sms, programs),
                       triton.cdiv(max(max_seq_len, 1), MIN_PARTITION), MAX_SPLITS))

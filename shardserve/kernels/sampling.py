@@ -33,11 +33,11 @@ greedy rows, not draws).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from shardserve.kernels.device_info import cuda_sms
 
 LOW_MASK = 0xFFFFFFFF  # a key's low 32 bits: token id XOR LOW_MASK (lower ids rank higher)
 NO_KEY = -(2**63)  # below every key a token can have (the key of an empty slice)
@@ -112,16 +112,9 @@ def fits(rows: int, vocab: int) -> bool:
     return vocab < 2**31 // max(rows, 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_sms(device: torch.device) -> int:
     """The device's SMs; 0 off the GPU (one program a row there)."""
-    if device.type != "cuda":
-        return 0
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return cuda_sms(device) if device.type == "cuda" else 0
 
 
 def _block_v(num_columns: int) -> int:
