@@ -129,7 +129,7 @@ def test_mixed_graph_decode_split_count_is_sized_for_a_few_rows(monkeypatch):
     mixed, tokens = _stage(runner, batch)
     assert mixed and tokens == 48
     md = runner._mixed_metadata(tokens, write=False)
-    query = torch.cat([batch.query, torch.zeros(tokens - 41, *batch.query.shape[1:])])
+    query = torch.cat([batch.query, batch.query.new_zeros(tokens - 41, *batch.query.shape[1:])])
     out = TritonAttentionBackend.forward(query, batch.k_cache, batch.v_cache, md, batch.scale)
     assert seen == [MIXED_GRAPH_SPLIT_ROWS]
     assert da.choose_num_splits(MIXED_GRAPH_SPLIT_ROWS, 8, 4096, torch.device("cpu")) > 1  # 132 SMs
