@@ -1,8 +1,13 @@
 """Tensor-parallel accuracy on the GPU: prompt logits and greedy continuations of one
 random-weight model under several TP sizes, against one GPU in the same dtype and against one
-GPU in float32 (the truth both are rounded from).
+GPU in float32 (the truth both are rounded from), and optionally against transformers.
 
     python benchmarks/tp_logits.py --model-dir /tmp/llama3-8b --tp 1,2
+    python benchmarks/tp_logits.py --tp 1 --dtype float32 --skip-fp32 --hf float32,bfloat16
+
+--hf runs transformers on the same weights (its own load, eager, one prompt at a time: full
+prompt logits, then greedy decoding with its KV cache) in each dtype given, and compares every
+shardserve layout with transformers in the layout's dtype and in float32.
 
 Each layout runs in its own process (so one run's GPU memory never stays for the next) and
 saves every prompt's full-vocabulary logits (Worker.prompt_logits: outside the KV cache, on TP
@@ -47,6 +52,28 @@ def run_layout(args) -> None:
                args.out)
 
 
+def run_hf(args) -> None:
+    """Child: transformers' logits and greedy tokens of the same prompts into args.out."""
+    from transformers import AutoModelForCausalLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the script's own test
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype),
+                                                 device_map=device).eval()
+    prompts = random_prompts(args.num_prompts, args.prompt_len, int(model.config.vocab_size),
+                             args.seed)
+    logits, tokens = [], []
+    with torch.inference_mode():
+        for prompt in prompts:
+            out = model(torch.tensor([prompt], device=device), use_cache=True)
+            logits.append(out.logits[0].float().cpu())
+            seq = []
+            for _ in range(args.new_tokens):  # greedy, never stopping at EOS (ignore_eos)
+                seq.append(int(out.logits[0, -1].argmax()))
+                out = model(torch.tensor([[seq[-1]]], device=device),
+                            past_key_values=out.past_key_values, use_cache=True)
+            tokens.append(seq)
+    torch.save({"logits": torch.stack(logits), "tokens": tokens}, args.out)
+
+
 def matching_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -66,7 +93,7 @@ def compare(ours: dict, ref: dict) -> dict:
             "greedy_mean_prefix": sum(prefixes) / len(prefixes)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default="/tmp/llama3-8b-random")
     p.add_argument("--preset", default="llama-3-8b", help="shape of the model written if "
@@ -75,6 +102,8 @@ def main() -> None:
     p.add_argument("--tp", default="1,2", help="TP sizes, the first is the base")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--skip-fp32", action="store_true", help="no float32 reference run")
+    p.add_argument("--hf", default="", metavar="DTYPES",
+                   help="also run transformers in these dtypes (e.g. float32,bfloat16)")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -83,11 +112,15 @@ def main() -> None:
     p.add_argument("--engine-args", default="{}", help="JSON of extra LLM() arguments")
     p.add_argument("--json", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         args.tp = int(args.tp)
         run_layout(args)
+        return
+    if args.hf_child:
+        run_hf(args)
         return
 
     make_model_dir(args.model_dir, args.preset, args.num_layers)
@@ -95,13 +128,15 @@ def main() -> None:
     runs = [(tp, args.dtype) for tp in sizes]
     if not args.skip_fp32:
         runs.append((sizes[0], "float32"))
+    runs += [(None, dtype) for dtype in args.hf.split(",") if dtype]  # None: transformers
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for tp, dtype in runs:
-            name = f"tp{tp}-{dtype}"
+            name = f"tp{tp}-{dtype}" if tp is not None else f"hf-{dtype}"
             out = os.path.join(tmp, name + ".pt")
             log(f"{name}: starting")
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--tp", str(tp),
+            mode = ["--child", "--tp", str(tp)] if tp is not None else ["--hf-child"]
+            cmd = [sys.executable, os.path.abspath(__file__), *mode,
                    "--dtype", dtype, "--out", out, "--model-dir", args.model_dir,
                    "--num-prompts", str(args.num_prompts), "--prompt-len", str(args.prompt_len),
                    "--new-tokens", str(args.new_tokens), "--seed", str(args.seed),
@@ -120,9 +155,13 @@ def main() -> None:
           f"(of {args.num_prompts}) | mean matching prefix (of {args.new_tokens}) |")
     print("|---|---|---|---|---|---|")
     for name in results:
-        if name == fp32:
-            continue
-        for ref in (base, fp32):
+        if name.startswith("hf-"):
+            continue  # a reference only
+        dtype = name.split("-", 1)[1]
+        refs = (base, fp32, f"hf-{dtype}", "hf-float32")
+        if name == fp32 and fp32 != base:  # the float32 truth: against transformers' only
+            refs = ("hf-float32",)
+        for ref in dict.fromkeys(refs):
             if ref == name or ref not in results:
                 continue
             row = compare(results[name], results[ref])

@@ -1,0 +1,23 @@
+"""tp_logits end to end on a tiny CPU model: shardserve's layouts against each other and
+against transformers on the same weights, each run in its own process."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.tp_logits import main
+
+
+def test_float32_layouts_match_each_other_and_transformers(tiny_model_dirs, tmp_path, capsys):
+    out = tmp_path / "table.json"
+    main(["--model-dir", tiny_model_dirs["llama"], "--tp", "1,2", "--dtype", "float32",
+          "--skip-fp32", "--hf", "float32", "--num-prompts", "3", "--prompt-len", "12",
+          "--new-tokens", "6", "--json", str(out)])
+    table = json.loads(out.read_text())
+    assert set(table) == {"tp1-float32 vs hf-float32", "tp2-float32 vs tp1-float32",
+                          "tp2-float32 vs hf-float32"}
+    for row in table.values():
+        assert row["rel_err"] < 1e-4
+        assert row["argmax_agreement"] == 1.0
+        assert row["greedy_identical"] == 3 and row["greedy_mean_prefix"] == 6
+    assert "| tp2-float32 | hf-float32 |" in capsys.readouterr().out
