@@ -55,10 +55,13 @@ logger = logging.getLogger(__name__)
 # A mixed graph's decode kernel splits each row's keys as if the step had this many decode
 # rows. Its split count is fixed at capture, and sizing it for all of the graph's rows (up to
 # max_num_seqs) gave one split: a long-context decode beside a new prompt then read its whole
-# context with one program per KV head. Eight rows' worth (9 splits of 8 KV heads on an H200)
-# still spreads one such row over most SMs; more rows cost only partial outputs of the keys
-# they have (partitions are at least MIN_PARTITION keys) and idle programs.
-MIXED_GRAPH_SPLIT_ROWS = 8
+# context with one program per KV head. Measured on an H200 (benchmarks/mixed_step.py, 8B
+# shape, a 127-token prompt joining): 4 rows' worth (17 splits of 8 KV heads) adds 3.4 ms to
+# a step with one row at 32K context against 4.9 ms for 8 rows' worth, and the same within
+# noise at 8 rows x 8K and 64 rows x 2K; 2 rows' worth gains little more at 32K and costs
+# 0.4 ms at 64 rows. More splits than a row needs cost only partial outputs of the keys it has
+# (partitions are at least MIN_PARTITION keys) and idle programs.
+MIXED_GRAPH_SPLIT_ROWS = 4
 
 
 class CudaGraphRunner:
