@@ -1,5 +1,6 @@
-"""mixed_step end to end on a tiny CPU model (no CUDA graphs there: every variant runs eager,
-so this checks the measurement, the variants' processes and the table, not the graphs)."""
+"""mixed_step end to end on a tiny model pinned to the CPU, also on a GPU machine (no CUDA
+graphs there: every variant runs eager, so this checks the measurement, the variants'
+processes and the table, not the graphs)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from benchmarks.mixed_step import main, parse_cases, table
 def test_each_variant_times_decode_and_mixed_steps(tiny_model_dirs, capsys):
     main(["--model-dir", tiny_model_dirs["llama"], "--cases", "1x300,4x40",
           "--variants", "graphs,eager,split2", "--prompt-len", "9", "--steps", "4",
-          "--dtype", "float32", "--engine-args", "{}"])
+          "--dtype", "float32", "--engine-args", '{"device": "cpu"}'])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 3 * 2
     for line in rows[1:]:
