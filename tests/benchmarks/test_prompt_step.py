@@ -7,8 +7,8 @@ from benchmarks.prompt_step import host_profile, measure, table
 
 
 def test_measure_each_length_and_profile_the_host(tiny_model_dirs):
-    from shardserve import LLM
-    llm = LLM(tiny_model_dirs["llama"], max_model_len=64)
+    from tests.device import make_llm
+    llm = make_llm(tiny_model_dirs["llama"], max_model_len=64)
     try:
         medians = measure(llm, [4, 9], repeats=2)
         assert set(medians) == {4, 9} and all(ms > 0 for ms in medians.values())
