@@ -155,8 +155,8 @@ def cached_gguf_tokenizer_dir(gguf_path: Path) -> Path:
     name and size, and built once per machine."""
     from transformers import AutoTokenizer
 
-    root = Path(os.environ.get("SHARDSERVE_CACHE_DIR") or Path.home() / ".cache" / "shardserve")
-    cache = root / "tokenizers" / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
+    from shardserve.cache_dir import cache_dir
+    cache = cache_dir() / "tokenizers" / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
     if (cache / "tokenizer.json").is_file():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -11,13 +11,21 @@ can be timed inside a capture.
 
     SHARDSERVE_GEMV=auto (default) | triton | cublas     force one side (benchmarks, debugging)
 
+The two sides round differently, so a choice that flipped between runs on a near tie would
+change bf16 outputs across restarts of the same server. Each choice is therefore kept in
+gemv_choices.json under the cache directory (shardserve/cache_dir.py), keyed by GPU, torch,
+Triton and shardserve versions and shape, and later processes on the machine take it from there
+instead of timing again. Delete the file to time afresh.
+
 Everything else (CPU, float32, several rows) is F.linear, untouched.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +37,11 @@ _HALF = (torch.bfloat16, torch.float16)
 SCRATCH_BYTES = 256 << 20  # > 2x the L2 of an H100/H200 (50/60 MB)
 TIMING_ROUNDS = 3
 
+CHOICES_FILE = "gemv_choices.json"
+
 # (N, K, dtype, has_bias, device index) -> GemvConfig, or None for F.linear
 _choices: dict[tuple, object] = {}
+_MISSING = object()  # nothing stored for a shape (or a configuration this version lacks)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
@@ -65,13 +76,82 @@ def _choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         return _choices.setdefault(key, DEFAULT_CONFIG)
     if torch.cuda.is_current_stream_capturing():
         return None  # not kept: timed at the next call outside a capture
-    timings = time_candidates(n, k, x.dtype, bias is not None, x.device)
-    _choices[key] = choice = min(timings, key=lambda t: t[1])[0] if timings else None
-    if timings:
-        logger.debug("GEMV [1, %d] x [%d, %d]^T %s: F.linear %.1f us, best Triton %.1f us -> %s",
-                     k, n, k, x.dtype, timings[0][1], min(t for _, t in timings[1:]),
-                     choice or "F.linear")
+    stored_key = _stored_key(n, k, x.dtype, bias is not None, x.device)
+    choice = _load_choice(stored_key)
+    if choice is _MISSING:
+        timings = time_candidates(n, k, x.dtype, bias is not None, x.device)
+        choice = min(timings, key=lambda t: t[1])[0] if timings else None
+        if timings:  # no scratch memory to time in: F.linear this time, nothing kept
+            _store_choice(stored_key, choice)
+            logger.debug("GEMV [1, %d] x [%d, %d]^T %s: %s -> %s", k, n, k, x.dtype,
+                         ", ".join(f"{_config_name(c)} {us:.1f} us" for c, us in timings),
+                         _config_name(choice))
+    _choices[key] = choice
     return choice
+
+
+def _config_name(config) -> str:
+    if config is None:
+        return "F.linear"
+    return (f"gemv {config.block_n}x{config.block_k} warps {config.num_warps} "
+            f"stages {config.num_stages}")
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _stored_key(n: int, k: int, dtype: torch.dtype, has_bias: bool,
+                device: torch.device) -> str:
+    import triton
+
+    import shardserve
+    return (f"{_device_name(device)} | torch {torch.__version__} | triton {triton.__version__} "
+            f"| shardserve {shardserve.__version__} | [{n}, {k}] {dtype} bias={has_bias}")
+
+
+def _choices_path():
+    from shardserve.cache_dir import cache_dir
+    return cache_dir() / CHOICES_FILE
+
+
+def _read_stored() -> dict[str, str]:
+    try:
+        with open(_choices_path()) as f:
+            stored = json.load(f)
+        return stored if isinstance(stored, dict) else {}
+    except (OSError, ValueError):  # none yet, unreadable or damaged: time afresh
+        return {}
+
+
+def _load_choice(stored_key: str):
+    """The kept choice for a shape (a GemvConfig or None), or _MISSING."""
+    from shardserve.kernels.gemv import GEMV_CONFIGS
+    name = _read_stored().get(stored_key)
+    for config in (None, *GEMV_CONFIGS):
+        if name == _config_name(config):
+            return config
+    return _MISSING
+
+
+def _store_choice(stored_key: str, config) -> None:
+    """Add one choice to the file: read afresh (other processes, e.g. TP ranks, add theirs),
+    then write a copy and rename it into place, so no reader sees half a file. Two writers at
+    once can drop each other's new entry; that shape is timed again next time."""
+    path = _choices_path()
+    stored = _read_stored()
+    stored[stored_key] = _config_name(config)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=CHOICES_FILE + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(stored, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as err:  # e.g. a read-only home: the choice holds for this process only
+        logger.debug("Could not keep the GEMV choice in %s: %s", path, err)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def time_candidates(n: int, k: int, dtype: torch.dtype, has_bias: bool,

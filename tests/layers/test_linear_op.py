@@ -3,10 +3,13 @@ F.linear and the Triton GEMV (timed once per shape) runs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from shardserve.kernels.gemv import GEMV_CONFIGS
 from shardserve.layers import linear_op
 from shardserve.layers.linear_op import linear
 
@@ -51,31 +54,98 @@ def test_gpu_single_row_close_to_f_linear(monkeypatch, mode):
         assert linear_op.chosen()[key] is not None
 
 
-def test_choice_is_timed_once_per_shape_and_never_during_capture(monkeypatch):
-    """The selection logic without a GPU: a capture gets F.linear and nothing is kept; the
-    first call outside one times the candidates once and keeps the fastest for that shape."""
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """The selection logic without a GPU: a device name for the stored key, a cache directory
+    of the test's own, and a fresh set of in-process choices."""
     monkeypatch.delenv(linear_op.GEMV_ENV, raising=False)
     monkeypatch.setattr(linear_op, "_choices", {})
+    monkeypatch.setattr(linear_op, "_device_name", lambda device: "Test GPU")
+    monkeypatch.setenv("SHARDSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return tmp_path / linear_op.CHOICES_FILE
+
+
+def _bf16(*shape):
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+def test_choice_is_timed_once_per_shape_and_never_during_capture(monkeypatch, fake_gpu):
+    """A capture gets F.linear and nothing is kept; the first call outside one times the
+    candidates once and keeps the fastest for that shape."""
+    fast, slow = GEMV_CONFIGS[1], GEMV_CONFIGS[2]
     calls = []
 
     def fake_timings(n, k, dtype, has_bias, device):
         calls.append((n, k, has_bias))
-        return [(None, 10.0), ("fast", 7.5), ("slow", 12.0)]
+        return [(None, 10.0), (fast, 7.5), (slow, 12.0)]
 
     monkeypatch.setattr(linear_op, "time_candidates", fake_timings)
-    x, w = torch.randn(1, 32).to(torch.bfloat16), torch.randn(16, 32).to(torch.bfloat16)
+    x, w = _bf16(1, 32), _bf16(16, 32)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert linear_op._choice(x, w, None) is None and not calls and not linear_op.chosen()
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert linear_op._choice(x, w, None) == "fast"
-    assert linear_op._choice(x, w, None) == "fast"
+    assert linear_op._choice(x, w, None) == fast
+    assert linear_op._choice(x, w, None) == fast
     assert calls == [(16, 32, False)]
     # cuBLAS wins another shape; no scratch memory (None) means cuBLAS too.
-    monkeypatch.setattr(linear_op, "time_candidates",
-                        lambda *a: [(None, 5.0), ("fast", 7.5)])
-    assert linear_op._choice(x, torch.randn(8, 32).to(torch.bfloat16), None) is None
+    monkeypatch.setattr(linear_op, "time_candidates", lambda *a: [(None, 5.0), (fast, 7.5)])
+    assert linear_op._choice(x, _bf16(8, 32), None) is None
     monkeypatch.setattr(linear_op, "time_candidates", lambda *a: None)
-    assert linear_op._choice(x, torch.randn(4, 32).to(torch.bfloat16), None) is None
+    assert linear_op._choice(x, _bf16(4, 32), None) is None
     # Forced modes skip the timing.
     monkeypatch.setenv(linear_op.GEMV_ENV, "cublas")
-    assert linear_op._choice(x, torch.randn(2, 32).to(torch.bfloat16), None) is None
+    assert linear_op._choice(x, _bf16(2, 32), None) is None
+
+
+def test_choices_are_kept_for_the_next_process(monkeypatch, fake_gpu):
+    """A new process (fresh in-process choices) takes the stored choice without timing, so a
+    near tie cannot flip the kernel, and the bf16 rounding, between restarts."""
+    chosen = GEMV_CONFIGS[3]
+    monkeypatch.setattr(linear_op, "time_candidates",
+                        lambda *a: [(None, 10.0), (GEMV_CONFIGS[0], 9.0), (chosen, 8.0)])
+    x = _bf16(1, 32)
+    assert linear_op._choice(x, _bf16(16, 32), None) == chosen
+    assert linear_op._choice(x, _bf16(24, 32), _bf16(24)) == chosen
+    monkeypatch.setattr(linear_op, "time_candidates", lambda *a: [(None, 1.0)])  # cuBLAS now
+    assert linear_op._choice(x, _bf16(8, 32), None) is None
+    stored = json.loads(fake_gpu.read_text())
+    assert len(stored) == 3 and all(key.startswith("Test GPU | torch ") for key in stored)
+    assert sorted(stored.values()) == ["F.linear", linear_op._config_name(chosen),
+                                       linear_op._config_name(chosen)]
+
+    def must_not_time(*args):
+        raise AssertionError("a stored shape was timed again")
+
+    monkeypatch.setattr(linear_op, "_choices", {})  # the next process
+    monkeypatch.setattr(linear_op, "time_candidates", must_not_time)
+    assert linear_op._choice(x, _bf16(16, 32), None) == chosen
+    assert linear_op._choice(x, _bf16(24, 32), _bf16(24)) == chosen
+    assert linear_op._choice(x, _bf16(8, 32), None) is None
+    # Another GPU (or version) is another key: timed afresh.
+    monkeypatch.setattr(linear_op, "_choices", {})
+    monkeypatch.setattr(linear_op, "_device_name", lambda device: "Other GPU")
+    monkeypatch.setattr(linear_op, "time_candidates", lambda *a: [(None, 1.0)])
+    assert linear_op._choice(x, _bf16(16, 32), None) is None
+    assert len(json.loads(fake_gpu.read_text())) == 4
+
+
+def test_damaged_or_unwritable_store_only_costs_a_timing(monkeypatch, fake_gpu):
+    monkeypatch.setattr(linear_op, "time_candidates",
+                        lambda *a: [(None, 10.0), (GEMV_CONFIGS[0], 5.0)])
+    fake_gpu.write_text("{not json")
+    assert linear_op._choice(_bf16(1, 32), _bf16(16, 32), None) == GEMV_CONFIGS[0]
+    assert list(json.loads(fake_gpu.read_text()).values()) == [
+        linear_op._config_name(GEMV_CONFIGS[0])]
+    # An entry naming a configuration this version does not have is timed again.
+    key = next(iter(json.loads(fake_gpu.read_text())))
+    fake_gpu.write_text(json.dumps({key: "gemv 3x3 warps 1 stages 1"}))
+    monkeypatch.setattr(linear_op, "_choices", {})
+    assert linear_op._choice(_bf16(1, 32), _bf16(16, 32), None) == GEMV_CONFIGS[0]
+    # A cache directory that cannot be written: the choice holds in this process only.
+    blocker = fake_gpu.parent / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SHARDSERVE_CACHE_DIR", str(blocker / "sub"))
+    monkeypatch.setattr(linear_op, "_choices", {})
+    assert linear_op._choice(_bf16(1, 32), _bf16(16, 32), None) == GEMV_CONFIGS[0]
+    assert not list(fake_gpu.parent.glob("*.tmp"))
