@@ -21,7 +21,7 @@ _NO_REASONING = "reasoning is not parsed out of replies: it stays in the content
 _ONE_DP_NODE = ("serve -dp N runs its replicas on this node; across nodes run one `shardserve "
                 "serve` per node and `shardserve router` in front of them")
 _NO_REQUEST_LOG = "shardserve does not log requests"
-# `vllm serve` flags that are not engine arguments (those are config.VLLM_ONLY_KWARGS, which
+# `vllm serve` flags that are not engine arguments (those are vllm_only.VLLM_ONLY_KWARGS, which
 # the commands taking engine flags accept too), in the same form: the values that ask for what
 # shardserve does anyway (accepted silently), whether any other value only tunes something
 # shardserve lacks (ignored with a warning) or would change what the user gets (refused), why.
@@ -85,7 +85,7 @@ def add_vllm_only_args(parser: argparse.ArgumentParser, server: bool) -> None:
     """Take vLLM's flags that mean nothing here as real (hidden) options, so that each
     consumes its own values and check_vllm_only_args can judge them: engine ones always, the
     server's too where server is set."""
-    from shardserve.config import VLLM_ONLY_KWARGS
+    from shardserve.vllm_only import VLLM_ONLY_KWARGS
 
     table = {**VLLM_ONLY_KWARGS, **(VLLM_ONLY_SERVER_FLAGS if server else {})}
     for name, (neutral, _ignorable, _why) in table.items():
@@ -104,10 +104,10 @@ def add_vllm_only_args(parser: argparse.ArgumentParser, server: bool) -> None:
 
 
 def check_vllm_only_args(args: argparse.Namespace) -> list[str]:
-    """Judge the vLLM-only flags given (config.vllm_only_verdict) and take them out of args.
+    """Judge the vLLM-only flags given (vllm_only.vllm_only_verdict) and take them out of args.
     Returns the warnings for the ignored ones; raises InvalidRequestError (naming the flag,
     why, and what to do) for the first one that cannot be honoured."""
-    from shardserve.config import VLLM_ONLY_KWARGS, vllm_only_verdict
+    from shardserve.vllm_only import VLLM_ONLY_KWARGS, vllm_only_verdict
 
     table = {**VLLM_ONLY_KWARGS, **VLLM_ONLY_SERVER_FLAGS}
     warnings = []
@@ -116,7 +116,7 @@ def check_vllm_only_args(args: argparse.Namespace) -> list[str]:
         delattr(args, dest)
         name = dest[len(_DEST_PREFIX):]
         if name == "compilation_config" and isinstance(value, (dict, str)):
-            from shardserve.config import compilation_config_settings
+            from shardserve.vllm_only import compilation_config_settings
             settings, ignored = compilation_config_settings(value)
             for key, setting in settings.items():
                 setattr(args, key, setting)

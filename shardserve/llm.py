@@ -24,7 +24,7 @@ Message = dict[str, Any]
 class LLM:
     """An engine in this process. Every vLLM-style engine argument is accepted by name
     (see shardserve.config for the full list; vLLM's that mean nothing here are taken as
-    config.VLLM_ONLY_KWARGS says: silently, with a warning, or refused), e.g.
+    vllm_only.VLLM_ONLY_KWARGS says: silently, with a warning, or refused), e.g.
 
         llm = LLM(model="path/to/hf-folder-or.gguf", dtype="float32", max_model_len=2048)
         out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
