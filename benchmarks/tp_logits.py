@@ -60,17 +60,11 @@ def run_hf(args) -> None:
                                                  device_map=device).eval()
     prompts = random_prompts(args.num_prompts, args.prompt_len, int(model.config.vocab_size),
                              args.seed)
-    logits, tokens = [], []
+    from tests.e2e.hf_reference import hf_greedy  # the test suite's reference decoding
     with torch.inference_mode():
-        for prompt in prompts:
-            out = model(torch.tensor([prompt], device=device), use_cache=True)
-            logits.append(out.logits[0].float().cpu())
-            seq = []
-            for _ in range(args.new_tokens):  # greedy, never stopping at EOS (ignore_eos)
-                seq.append(int(out.logits[0, -1].argmax()))
-                out = model(torch.tensor([[seq[-1]]], device=device),
-                            past_key_values=out.past_key_values, use_cache=True)
-            tokens.append(seq)
+        logits = [model(torch.tensor([p], device=device)).logits[0].float().cpu()
+                  for p in prompts]
+    tokens = [hf_greedy(model, p, args.new_tokens) for p in prompts]  # never stops at EOS
     torch.save({"logits": torch.stack(logits), "tokens": tokens}, args.out)
 
 

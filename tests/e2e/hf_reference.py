@@ -18,12 +18,15 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     keep = ({"logits_to_keep": 1}
             if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
     out = model(torch.tensor([prompt_ids], device=device), use_cache=True, **keep)
+    # transformers 5.2x renamed the cache argument past_key_values -> cache (the old name goes
+    # in 5.40); the GPU image has an older 5.x.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())
         tokens.append(nxt)
-        out = model(torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(torch.tensor([[nxt]], device=device), use_cache=True,
+                    **{name: getattr(out, name)})
     return tokens
 
 
