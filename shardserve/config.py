@@ -15,20 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardserve.errors import InvalidRequestError
+from shardserve.config_defaults import (ALLOW_LONG_MAX_MODEL_LEN_ENV,
+                                       DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, allow_long_max_model_len,
+                                       default_max_num_batched_tokens, default_max_num_seqs,
+                                       resolve_dtype, resolve_quantization, scaled_max_model_len)
 from shardserve.vllm_only import VLLM_ONLY_KWARGS, pop_vllm_only_kwargs
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Filled by resolve(), at start-up or by the entry point (usage_context); never flags.
 DERIVED_FIELDS = frozenset({"source", "hf_config", "architecture", "num_blocks",
                              "usage_context", "generation_defaults"})
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-QUANTIZATION_METHODS = ("fp8",)  # --quantization (layers/quantization.py)
 # --quantization fp8's scale granularity: columns one float32 scale covers in a row
 # (kernels/fp8_gemm.py; the loader and the planner count with it too).
 FP8_GROUP_SIZE = 128
 _SOURCE_KIND = {"safetensors": "hf", "gguf": "gguf"}
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
-                  "bf16": "bfloat16"}
 # KV cache element types (vLLM's --kv-cache-dtype): auto is the model's dtype; the others are
 # one byte (torch's names here, so this module needs no torch); fp8 is e4m3.
 _FP8_KV_CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
@@ -41,13 +41,6 @@ def check_kv_cache_dtype(name: str) -> None:
     if name not in KV_CACHE_DTYPES:
         raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                                   f"got {name!r}.", "kv_cache_dtype")
-
-
-# vLLM's largest captured batch too. Under --max-num-seqs 512 a cap of 256 left every larger
-# decode step eager: about 500 rows took 37.7 ms a step against 29.7 ms replayed (H200, fp8
-# cache, 1000 x 1000/1000). Under a max_num_seqs of 256 (a server's default) the ladder stops
-# at 256.
-DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE = 512
 
 
 @dataclass
@@ -197,7 +190,6 @@ class ParallelConfig:
 
     def resolve(self, environ: dict[str, str] | None = None) -> "ParallelConfig":
         """Fill the node fields from LWS_* variables or defaults, and check the layout."""
-        import os
         env = os.environ if environ is None else environ
         # Where a value came from, for the errors below: a user who passed no --node-rank
         # would not know what to change.
@@ -284,40 +276,6 @@ def _env_int(env: Any, variable: str, default: int, param: str) -> int:
     except ValueError:
         raise InvalidRequestError(f"${variable}={text!r} is not an integer; it sets {param} when "
                                   f"--{param.replace('_', '-')} is not given.", param) from None
-
-
-def large_gpu(device: str) -> bool:
-    """vLLM's test for its larger batch defaults: a GPU of 70 GiB or more that is not an A100
-    (H100, H200, MI300x; vLLM measured the larger token budget slower on the A100)."""
-    if device != "cuda":
-        return False
-    import torch
-
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower()
-
-
-def default_max_num_batched_tokens(usage_context: str, device: str) -> int:
-    """vLLM's defaults on large GPUs (large_gpu): 16,384 tokens a step offline, where only
-    throughput counts, 8,192 for a server, whose decodes wait behind each prompt chunk. On the
-    H200, 1000 x (1000 in / 1000 out) with the fp8 cache made 11,597 output tok/s at 16,384
-    against 11,043 at 8,192 (BENCHMARKS.md, session 6): fewer prompt steps, each carrying the
-    running decodes. Everywhere else 8,192."""
-    return 16384 if usage_context == "llm" and large_gpu(device) else 8192
-
-
-def default_max_num_seqs(usage_context: str, device: str) -> int:
-    """512 rows a step offline on large GPUs (large_gpu), 256 everywhere else and for a server.
-    vLLM takes 1,024 on large GPUs; ours stops at the top of the CUDA-graph ladder
-    (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE), since larger decode steps run eager. On the H200,
-    1000 x (1000 in / 1000 out), fp8 cache, `bench throughput` in one session: 11,898 output
-    tok/s at 512 against 11,355 at 256 (32,768 tokens a step), and 11,223 at 1,024, where the
-    cache no longer holds every running request and the newest are preempted (BENCHMARKS.md,
-    session 10). A server keeps 256: more rows a step is more throughput but a slower token
-    for every stream."""
-    if usage_context == "llm" and large_gpu(device):
-        return DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
-    return 256
 
 
 @dataclass
@@ -429,8 +387,8 @@ class EngineConfig:
             from shardserve.tokenizer import resolve_chat_template
             resolve_chat_template(mc.chat_template)
         mc.architecture = check_architecture(mc.hf_config)
-        mc.dtype = _resolve_dtype(mc.dtype, mc.hf_config, dc.device)
-        mc.quantization = _resolve_quantization(mc.quantization, mc.hf_config, dc.device)
+        mc.dtype = resolve_dtype(mc.dtype, mc.hf_config, dc.device)
+        mc.quantization = resolve_quantization(mc.quantization, mc.hf_config, dc.device)
         from shardserve.layers.rotary import get_rope_config
         trained_len = getattr(mc.hf_config, "max_position_embeddings", None)
         rope_scaling = get_rope_config(mc.hf_config)[1]
@@ -496,7 +454,7 @@ class EngineConfig:
             limit = (f"max_position_embeddings {trained_len}" if model_max == trained_len else
                      f"context of {model_max} tokens (max_position_embeddings {trained_len} with "
                      f"{rope_type} RoPE scaling, as vLLM counts it)")
-            if not _allow_long_max_model_len():
+            if not allow_long_max_model_len():
                 raise InvalidRequestError(
                     f"max_model_len {mc.max_model_len} is beyond the model's {limit}: positions "
                     "past it were never trained. Lower --max-model-len (or leave it out), or set "
@@ -602,60 +560,3 @@ class EngineConfig:
                 if f.init and f.name not in DERIVED_FIELDS:
                     out[f.name] = getattr(value, f.name)
         return out
-
-
-def _resolve_quantization(quantization: str | None, hf_config: Any, device: str) -> str | None:
-    from shardserve.layers.quantization import fp8_supported
-    from shardserve.loader.fp8 import fp8_block_size
-    if quantization is not None and quantization not in QUANTIZATION_METHODS:
-        raise InvalidRequestError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} "
-                                  f"(or left out), got {quantization!r}.", "quantization")
-    if quantization is None and fp8_block_size(hf_config) is not None and device == "cuda" \
-            and fp8_supported():
-        return "fp8"  # as vLLM serves a block-FP8 checkpoint: in FP8
-    if quantization == "fp8" and device == "cuda" and not fp8_supported():
-        raise InvalidRequestError("quantization='fp8' needs FP8 matrix units (compute "
-                                  "capability 8.9 or later: Ada, Hopper, Blackwell); leave it "
-                                  "out on this GPU.", "quantization")
-    return quantization
-
-
-def scaled_max_model_len(max_position_embeddings: int, rope_scaling: dict[str, Any] | None) -> int:
-    """The default (and largest) max_model_len of a model, vLLM's rule: max_position_embeddings,
-    or with RoPE scaling the length it stretches to, factor x max_position_embeddings (linear,
-    dynamic) or factor x original_max_position_embeddings (yarn). llama3 and longrope configs
-    already state the stretched length as max_position_embeddings.
-
-    (Qwen2.5 and Qwen3 model cards enable YaRN by adding rope_scaling {factor 4,
-    original_max_position_embeddings 32768} and leave max_position_embeddings at 32768 or
-    40960: vLLM serves them 131072 tokens.)"""
-    if not rope_scaling or rope_scaling.get("rope_type") in ("llama3", "longrope", "su"):
-        return max_position_embeddings
-    factor = float(rope_scaling.get("factor") or 1.0)
-    base = max_position_embeddings
-    if rope_scaling.get("rope_type") == "yarn":
-        base = int(rope_scaling.get("original_max_position_embeddings") or max_position_embeddings)
-    return int(base * factor)
-
-
-# vLLM refuses a max_model_len past the model's trained positions unless told otherwise.
-ALLOW_LONG_MAX_MODEL_LEN_ENV = ("SHARDSERVE_ALLOW_LONG_MAX_MODEL_LEN",
-                                "VLLM_ALLOW_LONG_MAX_MODEL_LEN")
-
-
-def _allow_long_max_model_len() -> bool:
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true")
-               for name in ALLOW_LONG_MAX_MODEL_LEN_ENV)
-
-
-def _resolve_dtype(dtype: str, hf_config: Any, device: str) -> str:
-    dtype = _DTYPE_ALIASES.get(str(dtype), str(dtype)).replace("torch.", "")
-    if dtype not in _DTYPES:
-        raise InvalidRequestError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.", "dtype")
-    if dtype != "auto":
-        return dtype
-    if device == "cpu":
-        return "float32"
-    ckpt = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "")
-    ckpt = ckpt.replace("torch.", "")
-    return ckpt if ckpt in ("float16", "bfloat16") else "bfloat16"

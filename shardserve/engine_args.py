@@ -10,10 +10,10 @@ import re
 import typing
 from typing import Any
 
-from shardserve.config import (DERIVED_FIELDS, KV_CACHE_DTYPES, LOAD_FORMATS,
-                               QUANTIZATION_METHODS, CacheConfig,
+from shardserve.config import (DERIVED_FIELDS, KV_CACHE_DTYPES, LOAD_FORMATS, CacheConfig,
                                DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
                                SchedulerConfig)
+from shardserve.config_defaults import QUANTIZATION_METHODS
 from shardserve.planner.auto import parse_parallel_size
 
 _SECTIONS = (ModelConfig, CacheConfig, ParallelConfig, SchedulerConfig, DeviceConfig)

@@ -207,8 +207,8 @@ def test_batch_defaults_follow_usage_context_and_gpu(monkeypatch, usage, device,
                                                      seqs):
     import torch
 
-    from shardserve.config import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE,
-                                   default_max_num_batched_tokens, default_max_num_seqs)
+    from shardserve.config_defaults import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE,
+                                            default_max_num_batched_tokens, default_max_num_seqs)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
     assert default_max_num_batched_tokens(usage, device) == tokens

@@ -542,7 +542,7 @@ def test_mla_refuses_an_fp8_kv_cache_as_the_engine_does() -> None:
 
 def test_max_model_len_beyond_the_trained_positions_warns(capsys) -> None:
     """As EngineConfig.resolve() warns: beyond max_position_embeddings (stretched by RoPE
-    scaling, config.scaled_max_model_len) the positions were never trained. The text and the
+    scaling, config_defaults.scaled_max_model_len) the positions were never trained. The text and the
     JSON say so."""
     from shardserve.cli import main
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
+from shardserve.config_defaults import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
 from shardserve.errors import InvalidRequestError
 
 MODEL_MOUNT = "/models"

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from shardserve.config import QUANTIZATION_METHODS
+from shardserve.config_defaults import QUANTIZATION_METHODS
 from shardserve.kernels.fp8_gemm import (FP8, fp8_gemm, num_groups,
                                          quantize_rows_fp8, quantize_rows_fp8_ref)
 from shardserve.layers.weight_utils import LoadedWeight, copy_weight, weight_shape

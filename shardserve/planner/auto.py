@@ -12,8 +12,8 @@ import logging
 import os
 from typing import Any
 
-from shardserve.config import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, default_max_num_batched_tokens,
-                               default_max_num_seqs)
+from shardserve.config_defaults import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE,
+                                        default_max_num_batched_tokens, default_max_num_seqs)
 from shardserve.errors import CacheTooSmallError
 from shardserve.planner.plan import PlanRequest, make_plan
 

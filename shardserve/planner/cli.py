@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from shardserve.config import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, KV_CACHE_DTYPES,
-                               QUANTIZATION_METHODS)
+from shardserve.config import KV_CACHE_DTYPES
+from shardserve.config_defaults import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, QUANTIZATION_METHODS
 from shardserve.errors import InvalidRequestError
 
 

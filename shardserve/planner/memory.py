@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shardserve.config import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
+from shardserve.config_defaults import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE
 from shardserve.executor.graph_sizes import decode_capture_sizes, mixed_capture_sizes, mixed_rows
 from shardserve.planner.shape import ModelShape
 from shardserve.planner.weights import (kv_bytes_per_token_layer, kv_heads_per_rank,

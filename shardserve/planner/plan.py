@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardserve.config import (DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, QUANTIZATION_METHODS,
-                               check_kv_cache_dtype)
+from shardserve.config import check_kv_cache_dtype
+from shardserve.config_defaults import DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, QUANTIZATION_METHODS
 from shardserve.planner.layouts import (GpuPool, LayoutPlan, pick_reason, plan_layouts)
 from shardserve.planner.memory import GiB, ServingLimits
 from shardserve.planner.shape import ModelShape, dtype_bytes, normalize_dtype

@@ -118,8 +118,8 @@ class ModelShape:
 
     @property
     def default_max_model_len(self) -> int:
-        """The engine's max_model_len when none is given (config.scaled_max_model_len)."""
-        from shardserve.config import scaled_max_model_len
+        """The engine's max_model_len when none is given (config_defaults.scaled_max_model_len)."""
+        from shardserve.config_defaults import scaled_max_model_len
         scaling = (None if self.rope_type == "default" else
                    {"rope_type": self.rope_type, "factor": self.rope_factor,
                     "original_max_position_embeddings": self.rope_original_max_positions})
