@@ -23,7 +23,8 @@ import torch
 
 from shardserve.executor.request_state import CachedRequestState
 from shardserve.engine.bad_words import banned_last_tokens
-from shardserve.layers.sampler import SamplingMetadata, min_tokens_stop_ids, vocab_parallel_ok
+from shardserve.layers.sampler import vocab_parallel_ok
+from shardserve.layers.sampling_metadata import SamplingMetadata, min_tokens_stop_ids
 
 
 class SamplingBatch:

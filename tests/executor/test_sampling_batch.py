@@ -7,7 +7,7 @@ import torch
 
 from shardserve.executor.request_state import CachedRequestState
 from shardserve.executor.sampling_batch import SamplingBatch
-from shardserve.layers.sampler import SamplingMetadata, min_tokens_stop_ids
+from shardserve.layers.sampling_metadata import SamplingMetadata, min_tokens_stop_ids
 from shardserve.sampling_params import SamplingParams
 
 VOCAB = 50

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from shardserve.layers.sampler import (Sampler, SamplingMetadata, apply_penalties,
-                                       compute_prompt_logprobs, min_tokens_stop_ids)
+from shardserve.layers.sampler import Sampler, apply_penalties, compute_prompt_logprobs
+from shardserve.layers.sampling_metadata import SamplingMetadata, min_tokens_stop_ids
 from shardserve.errors import InvalidRequestError
 from shardserve.sampling_params import SamplingParams
 
