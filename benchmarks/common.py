@@ -1,10 +1,15 @@
 """Helpers every GPU benchmark script shares: timestamps, a random-weight model folder drawn on
-the GPU, the measured copy bandwidth (the roofline's denominator) and random token prompts."""
+the GPU, the measured copy bandwidth (the roofline's denominator), random token prompts, and
+one measurement run in a process of its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -12,6 +17,25 @@ import torch
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_child(script: str, args: list[str], name: str) -> dict | None:
+    """`python script --child --out FILE *args` in its own process, so that one measurement's
+    GPU memory never stays for the next; the JSON it wrote to FILE, or None (logged) when it
+    failed."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    try:
+        log(f"{name}: starting")
+        done = subprocess.run([sys.executable, os.path.abspath(script), "--child", "--out", out,
+                               *args], check=False)
+        if done.returncode != 0:
+            log(f"{name}: failed (exit {done.returncode})")
+            return None
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        os.remove(out)
 
 
 def make_model_dir(path: str, preset: str, num_layers: int | None = None,

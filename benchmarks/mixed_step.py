@@ -19,14 +19,12 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import log, make_model_dir, random_prompts  # noqa: E402
+from benchmarks.common import make_model_dir, random_prompts, run_child  # noqa: E402
 
 
 def parse_cases(text: str) -> list[tuple[int, int]]:
@@ -146,19 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     make_model_dir(args.model_dir, args.preset, weights=engine_args.get("load_format") != "dummy")
     results = {}
     for variant in variants:
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            out = f.name
-        log(f"{variant}: starting")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--variant", variant,
-               "--out", out, "--model-dir", args.model_dir, "--cases", args.cases,
-               "--prompt-len", str(args.prompt_len), "--steps", str(args.steps),
-               "--dtype", args.dtype, "--engine-args", args.engine_args]
-        if subprocess.run(cmd, check=False).returncode != 0:
-            log(f"{variant}: failed")
-            continue
-        with open(out) as f:
-            results[variant] = json.load(f)
-        os.remove(out)
+        result = run_child(__file__, [
+            "--variant", variant, "--model-dir", args.model_dir, "--cases", args.cases,
+            "--prompt-len", str(args.prompt_len), "--steps", str(args.steps),
+            "--dtype", args.dtype, "--engine-args", args.engine_args], variant)
+        if result is not None:
+            results[variant] = result
     print()
     print(table(results, args.prompt_len))
 

@@ -18,14 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import log, make_model_dir, random_prompts  # noqa: E402
+from benchmarks.common import make_model_dir, random_prompts, run_child  # noqa: E402
 
 
 def measure(llm, lengths: list[int], repeats: int, seed: int = 100) -> dict[int, float]:
@@ -115,20 +113,12 @@ def main(argv=None) -> None:
     make_model_dir(args.model_dir, args.preset, weights=engine_args.get("load_format") != "dummy")
     rows = []
     for tp in [int(t) for t in args.tp.split(",")]:
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            out = f.name
-        log(f"TP {tp}: starting")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--out", out,
-               "--model-dir", args.model_dir, "--tp", str(tp), "--lengths", args.lengths,
-               "--repeats", str(args.repeats), "--dtype", args.dtype,
-               "--engine-args", args.engine_args, "--cprofile", str(args.cprofile)]
-        done = subprocess.run(cmd, check=False)
-        if done.returncode != 0:
-            log(f"TP {tp}: failed (exit {done.returncode})")
-            continue
-        with open(out) as f:
-            rows.append((f"TP {tp}", json.load(f)))
-        os.remove(out)
+        medians = run_child(__file__, [
+            "--model-dir", args.model_dir, "--tp", str(tp), "--lengths", args.lengths,
+            "--repeats", str(args.repeats), "--dtype", args.dtype,
+            "--engine-args", args.engine_args, "--cprofile", str(args.cprofile)], f"TP {tp}")
+        if medians is not None:
+            rows.append((f"TP {tp}", medians))
     print()
     print(table(rows, [int(n) for n in args.lengths.split(",")]))
 

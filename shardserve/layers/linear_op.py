@@ -30,6 +30,8 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
+from shardserve.cache_dir import cache_dir
+
 logger = logging.getLogger(__name__)
 
 GEMV_ENV = "SHARDSERVE_GEMV"
@@ -111,7 +113,6 @@ def _stored_key(n: int, k: int, dtype: torch.dtype, has_bias: bool,
 
 
 def _choices_path():
-    from shardserve.cache_dir import cache_dir
     return cache_dir() / CHOICES_FILE
 
 
