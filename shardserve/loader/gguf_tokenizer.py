@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, normalizers, pre_tokenizers
+from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
 from shardserve.errors import ModelLoadError
 
@@ -42,10 +42,15 @@ class OriginalTokenizer:
     ignore_merges: bool = False  # the BPE model's flag: a piece that is a token is kept whole
 
     def apply_to(self, tokenizer: Any) -> None:
-        """Replace these parts of a transformers tokenizer's backend (a `tokenizers.Tokenizer`)."""
+        """Replace these parts of a transformers tokenizer's backend (a `tokenizers.Tokenizer`).
+        The decoder too: every original here decodes with ByteLevel alone. Older transformers
+        (5.17) give a Llama-architecture GGUF sentencepiece's decoder chain ending in ByteLevel;
+        the text comes out the same, but the detokenizer's one-decode shortcut for finished
+        lazy requests (engine/detokenizer.py) recognises only a plain ByteLevel decoder."""
         backend = tokenizer.backend_tokenizer
         backend.pre_tokenizer = self.pre_tokenizer
         backend.normalizer = self.normalizer
+        backend.decoder = decoders.ByteLevel()
         backend.model.ignore_merges = self.ignore_merges
 
 

@@ -31,14 +31,16 @@ class _SlowTokenizer:
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from shardserve.errors import ModelLoadError
-    from shardserve.loader.source import default_model_path
+    from shardserve.loader.source import default_model_path, resolve_model_source
+    from shardserve.tokenizer import load_tokenizer
     try:
         path = default_model_path()
     except ModelLoadError as err:
         pytest.skip(str(err))
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # The engine's own load: on older transformers it mends what their GGUF conversion built.
+    return load_tokenizer(resolve_model_source(str(path)))
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ TEXTS = [
     "Ἀθῆναι Привет Ⴀ \U00010437 ƻ µ ℵ שלום مرحبا ١٢٣ ½ ²",
     "def f(x):\n    return x**2  # square\n(abc) [def] .com a.b_c @user",
     "trailing spaces   ",
+    "sentencepiece's ▁ is text here: a▁b",  # byte-level BPE decodes it as itself
 ]
 
 
@@ -154,7 +155,12 @@ def _write_gguf(path: Path, arch: str, model: str, pre: str | None, vocab: dict[
 
 
 def _load(path: Path):
-    return load_tokenizer(ModelSource("gguf", path, path.stem))
+    try:
+        return load_tokenizer(ModelSource("gguf", path, path.stem))
+    except ModelLoadError as err:
+        if "is not supported yet" in str(err):  # transformers 5.17 reads no deepseek2 GGUF
+            pytest.skip(f"this transformers cannot read the file's architecture: {err}")
+        raise
 
 
 @pytest.mark.parametrize("pre", list(ORIGINALS))
@@ -168,7 +174,9 @@ def test_gguf_tokenizer_splits_like_the_original(pre, vocabulary, tmp_path):
         # The pieces first (a clearer failure), then the ids.
         assert (tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
                 == reference.pre_tokenizer.pre_tokenize_str(text)), text
-        assert tokenizer.encode(text, add_special_tokens=False) == reference.encode(text).ids, text
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert ids == reference.encode(text).ids, text
+        assert tokenizer.decode(ids) == reference.decode(ids), text
 
 
 def test_each_original_encodes_unlike_gpt2s_rule(vocabulary):
