@@ -109,7 +109,7 @@ class CacheConfig:
 
     block_size: int = 16
     enable_prefix_caching: bool = True
-    gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU's memory for the whole process
+    gpu_memory_utilization: float = 0.9  # CUDA: this engine's share of each GPU (vLLM's rule)
     kv_cache_memory_bytes: int | None = None  # CPU (or an explicit CUDA size); default 1 GiB on CPU
     num_gpu_blocks_override: int | None = None  # tests: force a tiny cache
     # auto: the model's dtype. fp8 (= fp8_e4m3) or fp8_e5m2: one byte per element, so twice
@@ -439,6 +439,7 @@ class EngineConfig:
         from shardserve.planner.auto import resolve_auto_parallel_on_device
         resolve_auto_parallel_on_device(self)
         self.parallel_config.resolve()
+        self._check_local_gpus()
         self._check_tensor_parallel_fits()
         self._check_expert_parallel_fits()
         self._check_pipeline_parallel_fits()
@@ -491,6 +492,26 @@ class EngineConfig:
                 f"kv_cache_dtype={cc.kv_cache_dtype!r} is not supported for multi-head latent "
                 "attention models (DeepSeek-V2/V3) yet: their latent cache stays in the model's "
                 "dtype. Use kv_cache_dtype='auto'.", "kv_cache_dtype")
+
+    def _check_local_gpus(self) -> None:
+        """On CUDA each of this node's ranks takes a GPU of its own (cuda:local_rank): too few
+        visible is one clear error here, not a worker dying on 'invalid device ordinal'."""
+        if self.device_config.device != "cuda":
+            return
+        import torch
+        pc = self.parallel_config
+        visible = torch.cuda.device_count()
+        if pc.num_local_ranks <= visible:
+            return
+        mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+        per_node = f" ({pc.world_size} over nnodes={pc.nnodes})" if (pc.nnodes or 1) > 1 else ""
+        raise InvalidRequestError(
+            f"tensor_parallel_size={pc.tensor_parallel_size} x pipeline_parallel_size="
+            f"{pc.pipeline_parallel_size} puts {pc.num_local_ranks} ranks on this node{per_node}, "
+            f"one GPU each, but {visible} GPU{'s are' if visible != 1 else ' is'} visible"
+            f"{f' (CUDA_VISIBLE_DEVICES={mask})' if mask is not None else ''}. Lower the parallel "
+            "sizes, spread the ranks over nodes with --nnodes, or make more GPUs visible.",
+            "tensor_parallel_size")
 
     def _check_tensor_parallel_fits(self) -> None:
         """Refuse a TP size the model's layers cannot split (heads, KV heads, MLP width) here,
