@@ -54,6 +54,34 @@ def _share_transformers_gguf_parsing() -> None:
 _share_transformers_gguf_parsing()
 
 
+def _small_kv_caches_on_a_shared_gpu() -> None:
+    """Under pytest-xdist several test processes share one GPU. An engine whose test sets no KV
+    cache size sizes it from gpu_memory_utilization (0.9 of the GPU, less what others hold):
+    the first one up takes nearly all of it and the other workers' engines get 0 blocks. Give
+    those engines make_llm's fixed size instead; a test that picks a size or a utilization
+    keeps it. A serial run on a GPU (the README's command) profiles as users' engines do."""
+    if not torch.cuda.is_available() or int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
+        return
+    from shardserve.config import CacheConfig, EngineConfig
+    from tests.device import GPU_TEST_KV_CACHE_BYTES
+
+    default_utilization = CacheConfig.__dataclass_fields__["gpu_memory_utilization"].default
+    resolve = EngineConfig.resolve
+
+    def resolve_with_a_small_cache(self):
+        cc = self.cache_config
+        if (self.device_config.device in ("auto", "cuda") and cc.kv_cache_memory_bytes is None
+                and cc.num_gpu_blocks_override is None
+                and cc.gpu_memory_utilization == default_utilization):
+            cc.kv_cache_memory_bytes = GPU_TEST_KV_CACHE_BYTES
+        return resolve(self)
+
+    EngineConfig.resolve = resolve_with_a_small_cache
+
+
+_small_kv_caches_on_a_shared_gpu()
+
+
 # The heaviest layout demos (8 ranks on 2 cores, about a minute each) run only when asked:
 # every part of them (TP across nodes, TP inside DP replicas, 8-rank worlds) has a cheaper
 # test in the default run, which keeps CI near its 15 minutes.

@@ -13,7 +13,8 @@ def test_measure_each_length_and_profile_the_host(tiny_model_dirs):
         medians = measure(llm, [4, 9], repeats=2)
         assert set(medians) == {4, 9} and all(ms > 0 for ms in medians.values())
         profile = host_profile(llm, 9, 2, top=5)
-        assert "generate" in profile and "tottime" in profile
+        # Which functions lead depends on the device; the profile is of the engine's own code.
+        assert "tottime" in profile and "shardserve" in profile
         assert not llm.engine.has_unfinished_requests()
     finally:
         llm.shutdown()

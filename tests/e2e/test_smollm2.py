@@ -3,7 +3,7 @@ the same weights saved as a Hugging Face folder, against transformers' own loadi
 
 from __future__ import annotations
 
-from tests.device import TEST_DEVICE, make_llm
+from tests.device import cli_device_flags, make_llm
 import subprocess
 import sys
 
@@ -74,7 +74,7 @@ def test_hf_folder_of_same_weights(tmp_path_factory, smollm2_gguf, chat_prompts)
 def test_cli_generate_default_model_answers_paris():
     proc = subprocess.run([sys.executable, "-m", "shardserve.cli", "generate", "--prompt",
                            "What is the capital of France?", "--max-tokens", "20",
-                           "--device", TEST_DEVICE],
+                           *cli_device_flags()],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
@@ -94,7 +94,7 @@ def test_cli_bad_input_is_one_line_no_traceback(tmp_path):
 
 def test_cli_chat_streams_replies_and_keeps_history():
     proc = subprocess.run([sys.executable, "-m", "shardserve.cli", "chat", "--max-tokens", "20",
-                           "--device", TEST_DEVICE],
+                           *cli_device_flags()],
                           input="What is the capital of France?\nAnd of Italy?\n\n",
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

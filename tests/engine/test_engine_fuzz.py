@@ -19,7 +19,7 @@ import pytest
 
 from shardserve import LLM
 from shardserve.sampling_params import SamplingParams
-from tests.device import make_llm
+from tests.device import TEST_DEVICE, make_llm
 
 MAX_MODEL_LEN = 40
 BLOCK_SIZE = 4
@@ -127,11 +127,22 @@ def assert_logprobs_close(got, want, ctx) -> None:
             assert math.isclose(g[tid].logprob, w[tid].logprob, abs_tol=1e-4), ctx
 
 
+def _alone(model: str, **device):
+    """Runs one request at a time with room to spare: what 'alone' means."""
+    return make_llm(model, dtype="float32", max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
+                    enable_prefix_caching=False, max_num_seqs=3, **device).engine
+
+
 @pytest.fixture(scope="module")
 def alone_engine(tiny_model_dirs):
-    """Runs one request at a time with room to spare: what 'alone' means."""
-    return make_llm(tiny_model_dirs["llama"], dtype="float32", max_model_len=MAX_MODEL_LEN,
-                    block_size=BLOCK_SIZE, enable_prefix_caching=False, max_num_seqs=3).engine
+    return _alone(tiny_model_dirs["llama"])
+
+
+@pytest.fixture(scope="module")
+def alone_engine_on_cpu(tiny_model_dirs, alone_engine):
+    """The reference for the gloo layouts, which run on CPU whatever the test device: sampled
+    tokens are compared, and a GPU's sampler draws other ones."""
+    return alone_engine if TEST_DEVICE == "cpu" else _alone(tiny_model_dirs["llama"], device="cpu")
 
 
 def run_alone(engine, r: dict):
@@ -190,8 +201,8 @@ def test_random_workloads_match_each_request_alone(tiny_model_dirs, alone_engine
 @pytest.mark.multiproc
 @pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)],
                          ids=["tp2", "pp2"])
-def test_random_workload_across_ranks_matches_each_request_alone(tiny_model_dirs, alone_engine,
-                                                                 layout):
+def test_random_workload_across_ranks_matches_each_request_alone(tiny_model_dirs,
+                                                                 alone_engine_on_cpu, layout):
     """The scheduler driving TP or PP ranks (gloo): steps in flight (async scheduling under TP,
     two micro-batches under PP) while requests are preempted, chunked, hit the prefix cache
     and are aborted; every rank drops every request it was told is gone."""
@@ -200,7 +211,7 @@ def test_random_workload_across_ranks_matches_each_request_alone(tiny_model_dirs
     try:
         # Seed 2: two requests aborted mid-generation, each id back as a new request at once,
         # and preemptions in both layouts.
-        preemptions, num_aborted = fuzz_engine(llm.engine, alone_engine, 2, 8)
+        preemptions, num_aborted = fuzz_engine(llm.engine, alone_engine_on_cpu, 2, 8)
         assert preemptions > 0 and num_aborted > 0
         core = llm.engine.core
         assert core.num_overlapped_steps > 0
