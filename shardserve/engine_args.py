@@ -35,7 +35,8 @@ _ENV_DEFAULTS = {
 _HELP = {
     "model": "Hugging Face model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
     "kv_cache_memory_bytes": "KV cache size, e.g. 2GiB or 500MB (CPU default 1GiB)",
-    "gpu_memory_utilization": "share of GPU memory for weights, activations and KV cache",
+    "gpu_memory_utilization": "this engine's share of each GPU (weights, activations, KV cache), "
+                              "whatever other processes hold: two at 0.45 share one GPU",
     "kv_cache_dtype": "KV cache element type: auto (the model's dtype), or fp8 (= fp8_e4m3) / "
                       "fp8_e5m2: half the memory and decode-attention traffic, unscaled",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",

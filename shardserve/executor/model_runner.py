@@ -32,6 +32,7 @@ from shardserve.config import EngineConfig
 from shardserve.distributed.parallel_state import get_pp_group, get_tp_group
 from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from shardserve.errors import CacheTooSmallError
+from shardserve.executor import gpu_memory
 from shardserve.executor.kernel_warmup import warm_up_step_kernels
 from shardserve.executor.input_builder import ModelInputs, build_model_inputs, upload
 from shardserve.executor.pipeline_stats import StageTimer
@@ -94,9 +95,10 @@ class ModelRunner:
         self._prev_sampled: torch.Tensor | None = None
         self._prev_sample_req_ids: list[str] = []
         self.num_placeholder_tokens = 0  # fed from the device so far (a check for tests)
-        # CUDA profiling: GPU memory neither this process's allocator nor free (other
-        # processes, NCCL); named when the KV cache comes out too small.
-        self._memory_held_elsewhere = 0
+        # CUDA: the GPU's memory before this rank loaded anything (executor/gpu_memory.py),
+        # and how profiling split this engine's share, named when the cache is too small.
+        self._startup_memory = gpu_memory.snapshot(device) if device.type == "cuda" else None
+        self._memory_budget_note = ""
         # Async scheduling under TP: every rank feeds placeholders, so the driver broadcasts
         # each step's sampled ids to its TP peers (a device collective, no host round trip).
         self.share_samples = (bool(config.scheduler_config.async_scheduling)
@@ -169,18 +171,17 @@ class ModelRunner:
         max_len = self.config.model_config.max_model_len
         needed = -(-max_len // self.block_size)
         if num_blocks < needed:
-            held = self._memory_held_elsewhere
-            elsewhere = (f" {held / 2**30:.1f} GiB of this GPU is held outside this process's "
-                         "PyTorch allocator (another process on the GPU?)."
-                         if held > 2**30 else "")
             raise CacheTooSmallError(
                 f"The KV cache holds {num_blocks} blocks ({num_blocks * self.block_size} tokens) "
                 f"but one sequence of max_model_len={max_len} needs {needed} blocks, "
-                f"{needed * per_block / 2**20:.1f} MiB.{elsewhere} Give the cache more memory "
-                "(--kv-cache-memory / --gpu-memory-utilization) or lower --max-model-len.")
+                f"{needed * per_block / 2**20:.1f} MiB.{self._memory_budget_note} Give the "
+                "cache more memory (--kv-cache-memory / --gpu-memory-utilization) or lower "
+                "--max-model-len.")
         return num_blocks
 
     def _profile_cuda_blocks(self, per_block: int) -> int:
+        gpu_memory.check_fits_at_start(self._startup_memory,
+                                       self.config.cache_config.gpu_memory_utilization)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         sc = self.config.scheduler_config
@@ -198,18 +199,15 @@ class ModelRunner:
             rows = min(sc.max_num_seqs, num_tokens)
             self.model.compute_logits(hidden[:rows], gather_all=False)
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        # Memory other processes or non-torch allocations hold counts against us too.
-        non_torch = total - free - torch.cuda.memory_reserved(self.device)
-        budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak - non_torch
-        self._memory_held_elsewhere = non_torch
+        budget = gpu_memory.kv_cache_budget(
+            self._startup_memory, gpu_memory.snapshot(self.device),
+            torch.cuda.max_memory_allocated(self.device),
+            self.config.cache_config.gpu_memory_utilization)
+        self._memory_budget_note = " " + budget.explain()
         del hidden
         torch.cuda.empty_cache()
-        logger.info("Profiled peak %.2f GiB of %.2f GiB (%.2f GiB held outside PyTorch); "
-                    "%.2f GiB left for the KV cache", peak / 2**30, total / 2**30,
-                    non_torch / 2**30, max(budget, 0) / 2**30)
-        return max(budget // per_block, 0)
+        logger.info("Profiled: %s", budget.explain())
+        return budget.kv_bytes // per_block
 
     def init_kv_cache(self, num_blocks: int) -> None:
         backend = select_attention_backend(self.device)
