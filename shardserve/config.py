@@ -19,6 +19,7 @@ from shardserve.config_defaults import (ALLOW_LONG_MAX_MODEL_LEN_ENV,
                                        DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE, allow_long_max_model_len,
                                        default_max_num_batched_tokens, default_max_num_seqs,
                                        resolve_dtype, resolve_quantization, scaled_max_model_len)
+from shardserve.parallel_checks import check_parallel_layout
 from shardserve.vllm_only import VLLM_ONLY_KWARGS, pop_vllm_only_kwargs
 
 # Filled by resolve(), at start-up or by the entry point (usage_context); never flags.
@@ -439,15 +440,7 @@ class EngineConfig:
         from shardserve.planner.auto import resolve_auto_parallel_on_device
         resolve_auto_parallel_on_device(self)
         self.parallel_config.resolve()
-        self._check_local_gpus()
-        self._check_tensor_parallel_fits()
-        self._check_expert_parallel_fits()
-        self._check_pipeline_parallel_fits()
-        if self.parallel_config.pp_layer_partition and self.parallel_config.pipeline_parallel_size == 1:
-            raise InvalidRequestError(
-                f"pp_layer_partition={self.parallel_config.pp_layer_partition!r} splits layers "
-                "between pipeline stages, but pipeline_parallel_size is 1; drop it or set "
-                "--pipeline-parallel-size to its number of stages.", "pp_layer_partition")
+        check_parallel_layout(self)
         # Past max_position_embeddings (times the RoPE scaling factor, where there is one)
         # positions were never trained.
         rope_type = (rope_scaling or {}).get("rope_type", "default")
@@ -492,84 +485,6 @@ class EngineConfig:
                 f"kv_cache_dtype={cc.kv_cache_dtype!r} is not supported for multi-head latent "
                 "attention models (DeepSeek-V2/V3) yet: their latent cache stays in the model's "
                 "dtype. Use kv_cache_dtype='auto'.", "kv_cache_dtype")
-
-    def _check_local_gpus(self) -> None:
-        """On CUDA each of this node's ranks takes a GPU of its own (cuda:local_rank): too few
-        visible is one clear error here, not a worker dying on 'invalid device ordinal'."""
-        if self.device_config.device != "cuda":
-            return
-        import torch
-        pc = self.parallel_config
-        visible = torch.cuda.device_count()
-        if pc.num_local_ranks <= visible:
-            return
-        mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-        per_node = f" ({pc.world_size} over nnodes={pc.nnodes})" if (pc.nnodes or 1) > 1 else ""
-        raise InvalidRequestError(
-            f"tensor_parallel_size={pc.tensor_parallel_size} x pipeline_parallel_size="
-            f"{pc.pipeline_parallel_size} puts {pc.num_local_ranks} ranks on this node{per_node}, "
-            f"one GPU each, but {visible} GPU{'s are' if visible != 1 else ' is'} visible"
-            f"{f' (CUDA_VISIBLE_DEVICES={mask})' if mask is not None else ''}. Lower the parallel "
-            "sizes, spread the ranks over nodes with --nnodes, or make more GPUs visible.",
-            "tensor_parallel_size")
-
-    def _check_tensor_parallel_fits(self) -> None:
-        """Refuse a TP size the model's layers cannot split (heads, KV heads, MLP width) here,
-        before any worker starts, naming the sizes that do fit (the planner's rules)."""
-        from shardserve.planner.shape import shape_from_config
-        from shardserve.planner.weights import tp_problems
-
-        tp = self.parallel_config.tensor_parallel_size
-        ep = self.parallel_config.enable_expert_parallel
-        if tp == 1:
-            return
-        try:
-            shape = shape_from_config(self.model_config.hf_config)
-        except Exception:  # a config the planner cannot read: the layers still check
-            return
-        problems = tp_problems(shape, tp, ep)
-        if problems:
-            fits = [t for t in range(1, 65) if not tp_problems(shape, t, ep)]
-            raise InvalidRequestError(
-                f"tensor_parallel_size={tp} does not fit this model: {'; '.join(problems)}. "
-                f"Sizes that fit: {', '.join(map(str, fits))}.", "tensor_parallel_size")
-
-    def _check_expert_parallel_fits(self) -> None:
-        """Expert parallelism places whole experts on the TP ranks: a model without experts has
-        nothing to place. vLLM accepts the flag there and ignores it, so do we, but say so (it
-        is often copied from a MoE command line). The same for data parallelism: vLLM's EP
-        group is TP x DP ranks, ours one replica's TP ranks (replicas are separate engines), so
-        `-dp N --enable-expert-parallel` keeps every expert on every replica."""
-        from shardserve.planner.shape import shape_from_config
-        from shardserve.planner.weights import (expert_parallel_layout_note,
-                                                expert_parallel_problem)
-
-        pc = self.parallel_config
-        if not pc.enable_expert_parallel:
-            return
-        try:
-            shape = shape_from_config(self.model_config.hf_config)
-        except Exception:  # a config the planner cannot read: nothing to check it against
-            return
-        problem = expert_parallel_problem(shape)
-        if problem:
-            logging.getLogger(__name__).warning("%s", problem)
-            return
-        note = expert_parallel_layout_note(shape, pc.tensor_parallel_size,
-                                           pc.data_parallel_size)
-        if note:
-            logging.getLogger(__name__).warning("%s", note)
-
-    def _check_pipeline_parallel_fits(self) -> None:
-        """Each pipeline stage holds at least one layer: refuse more stages than layers here,
-        naming the flag (the partition itself is checked before the workers start)."""
-        pp = self.parallel_config.pipeline_parallel_size
-        num_layers = getattr(self.model_config.hf_config, "num_hidden_layers", None)
-        if isinstance(num_layers, int) and pp > num_layers:
-            raise InvalidRequestError(
-                f"pipeline_parallel_size={pp} exceeds this model's {num_layers} layers (each "
-                f"stage needs at least one); use --pipeline-parallel-size {num_layers} or less.",
-                "pipeline_parallel_size")
 
     def to_kwargs(self) -> dict[str, Any]:
         """The flat user-level settings (the inverse of from_kwargs; no derived fields), in
