@@ -58,8 +58,8 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | os.PathLike[str] |
         # transformers' GGUF conversion keeps GPT-2's splitting rule for labels it does not
         # know, DeepSeek's among them: split as the model's original tokenizer does.
         original.apply_to(tokenizer)
-    if kind == "gguf":
-        _use_the_files_special_tokens(tokenizer, plan)
+    if plan.special_tokens is not None:
+        plan.special_tokens.apply_to(tokenizer)
     if chat_template is not None:
         tokenizer.chat_template = resolve_chat_template(chat_template)
     elif not getattr(tokenizer, "chat_template", None):
@@ -283,8 +283,7 @@ class _TokenizerPlan:
     tokenizer_class: Any
     original: Any = None
     chat_template: str | None = None
-    special_tokens: tuple[tuple[str, int], ...] = ()  # a GGUF's (bos_token / eos_token, id)
-    added_at_ends: tuple[str, ...] = ()  # of those, the ones its encode adds: "bos_token", ...
+    special_tokens: Any = None  # a GGUF's own BOS/EOS (loader/gguf_tokenizer.py)
 
 
 def _gguf_tokenizer_plan(path: Path) -> _TokenizerPlan:
@@ -293,53 +292,19 @@ def _gguf_tokenizer_plan(path: Path) -> _TokenizerPlan:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from shardserve.loader.gguf_file import GGUFFile
-    from shardserve.loader.gguf_tokenizer import original_tokenizer
+    from shardserve.loader.gguf_tokenizer import FileSpecialTokens, original_tokenizer
     gguf_file = GGUFFile(path)
     model = gguf_file.get("tokenizer.ggml.model")
     if model is None:
         raise ModelLoadError(f"{path} carries no tokenizer (no tokenizer.ggml.* metadata); "
                              f"{_NO_TOKENIZER_HINT}")
     template = gguf_file.get("tokenizer.chat_template")
-    vocab_size = len(gguf_file.get("tokenizer.ggml.tokens") or ())
-    ids = {name: gguf_file.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos")}
-    special = tuple((f"{name}_token", int(token_id)) for name, token_id in ids.items()
-                    if token_id is not None and 0 <= int(token_id) < vocab_size)
-    added = tuple(attribute for attribute, _ in special
-                  if gguf_file.get(f"tokenizer.ggml.add_{attribute.split('_')[0]}_token") is True)
     return _TokenizerPlan(
         PreTrainedTokenizerFast
         if gguf_file.get("general.architecture") in _GGUF_ARCHS_WITHOUT_TRANSFORMERS_CONFIG
         else AutoTokenizer,
         original_tokenizer(model, gguf_file.get("tokenizer.ggml.pre"), path),
-        template if isinstance(template, str) else None, special, added)
-
-
-def _use_the_files_special_tokens(tokenizer: Any, plan: _TokenizerPlan) -> None:
-    """A GGUF's BOS/EOS and whether encode adds them, as the file says. transformers 5.17's
-    conversion of Llama-architecture files names the BOS as the EOS too (SmolLM2 would stop at
-    <|im_start|>) and ignores add_bos_token (Llama 3 prompts would start without
-    <|begin_of_text|>); later versions already agree with the file, and nothing changes."""
-    from tokenizers import processors
-
-    for attribute, token_id in plan.special_tokens:
-        if getattr(tokenizer, f"{attribute}_id", None) != token_id:
-            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
-    if not plan.added_at_ends:
-        return
-    ends = dict(plan.special_tokens)
-    first = [ends["bos_token"]] if "bos_token" in plan.added_at_ends else []
-    last = [ends["eos_token"]] if "eos_token" in plan.added_at_ends else []
-    if tokenizer.encode("a") == [*first, *tokenizer.encode("a", add_special_tokens=False), *last]:
-        return
-    names = {token_id: tokenizer.convert_ids_to_tokens(token_id) for token_id in (*first, *last)}
-
-    def around(sequence: str, type_id: int) -> list[str]:
-        return [*(f"{names[i]}:{type_id}" for i in first), f"${sequence}:{type_id}",
-                *(f"{names[i]}:{type_id}" for i in last)]
-
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=" ".join(around("A", 0)), pair=" ".join(around("A", 0) + around("B", 1)),
-        special_tokens=[(name, token_id) for token_id, name in names.items()])
+        template if isinstance(template, str) else None, FileSpecialTokens.of(gguf_file))
 
 
 def _folder_chat_template(path: Path) -> str | None:

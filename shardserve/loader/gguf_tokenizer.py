@@ -16,6 +16,10 @@ tokenizer.json (a Sequence of Split / Digits stages, then ByteLevel without its 
 label -> model list is llama.cpp's (src/llama-vocab.cpp). Labels we do not know keep what
 transformers built, with a warning; a label whose tokenizer cannot be rebuilt from a GGUF at all
 is refused.
+
+The file's BOS and EOS, and whether encoding adds them, are set from the file as well
+(`FileSpecialTokens`): transformers 5.17's conversion of Llama-architecture files names the BOS
+as the EOS too and leaves out the BOS that add_bos_token asks for.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
 
 from shardserve.errors import ModelLoadError
 
@@ -52,6 +56,45 @@ class OriginalTokenizer:
         backend.normalizer = self.normalizer
         backend.decoder = decoders.ByteLevel()
         backend.model.ignore_merges = self.ignore_merges
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpecialTokens:
+    """A GGUF's own BOS/EOS ids, and which of them its encode adds."""
+
+    ids: dict[str, int]  # "bos_token" / "eos_token" -> id
+    added: tuple[str, ...]  # of those, the ones add_bos_token / add_eos_token ask for
+
+    @classmethod
+    def of(cls, gguf_file: Any) -> "FileSpecialTokens":
+        vocab_size = len(gguf_file.get("tokenizer.ggml.tokens") or ())
+        ids = {f"{name}_token": int(token_id) for name in ("bos", "eos")
+               if (token_id := gguf_file.get(f"tokenizer.ggml.{name}_token_id")) is not None
+               and 0 <= int(token_id) < vocab_size}
+        added = tuple(attribute for attribute in ids
+                      if gguf_file.get(f"tokenizer.ggml.add_{attribute[:3]}_token") is True)
+        return cls(ids, added)
+
+    def apply_to(self, tokenizer: Any) -> None:
+        """Set them on a transformers tokenizer where its conversion disagrees; later
+        transformers already agree with the file, and then nothing changes."""
+        for attribute, token_id in self.ids.items():
+            if getattr(tokenizer, f"{attribute}_id", None) != token_id:
+                setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
+        first = [self.ids["bos_token"]] if "bos_token" in self.added else []
+        last = [self.ids["eos_token"]] if "eos_token" in self.added else []
+        if not (first or last) or tokenizer.encode("a") == [
+                *first, *tokenizer.encode("a", add_special_tokens=False), *last]:
+            return
+        names = {token_id: tokenizer.convert_ids_to_tokens(token_id) for token_id in (*first, *last)}
+
+        def around(sequence: str, type_id: int) -> list[str]:
+            return [*(f"{names[i]}:{type_id}" for i in first), f"${sequence}:{type_id}",
+                    *(f"{names[i]}:{type_id}" for i in last)]
+
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=" ".join(around("A", 0)), pair=" ".join(around("A", 0) + around("B", 1)),
+            special_tokens=[(name, token_id) for token_id, name in names.items()])
 
 
 def _split(pattern: str) -> Any:

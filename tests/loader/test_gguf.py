@@ -371,8 +371,9 @@ def test_the_files_bos_and_eos_win_over_a_conversion_that_lost_them(tmp_path):
     # a loaded tokenizer the same way and check that the file's values come back.
     from tokenizers import processors
 
+    from shardserve.loader.gguf_tokenizer import FileSpecialTokens
     from shardserve.loader.source import ModelSource
-    from shardserve.tokenizer import _gguf_tokenizer_plan, _use_the_files_special_tokens, load_tokenizer
+    from shardserve.tokenizer import load_tokenizer
 
     first, _ = _write_split_gguf(tmp_path)
     tokenizer = load_tokenizer(ModelSource("gguf", first, "m"))
@@ -380,7 +381,7 @@ def test_the_files_bos_and_eos_win_over_a_conversion_that_lost_them(tmp_path):
     tokenizer.backend_tokenizer.post_processor = processors.Sequence([])
     tokenizer.eos_token = "<s>"
     assert tokenizer.encode("ab") == [2] and tokenizer.eos_token_id == 3
-    _use_the_files_special_tokens(tokenizer, _gguf_tokenizer_plan(first))
+    FileSpecialTokens.of(GGUFFile(first)).apply_to(tokenizer)
     assert tokenizer.encode("ab") == [3, 2] and tokenizer.eos_token_id == 4
     assert tokenizer.encode("ab", "ba") == [3, 2, 3, 4]  # a pair: each part opens with BOS
     assert tokenizer.bos_token_id == 3
