@@ -45,6 +45,7 @@ from shardserve.executor.executor import Executor
 from shardserve.distributed.comm_timer import StepStats
 from shardserve.executor.liveness import (HeartbeatMonitor, describe_exit, process_stopped,
                                           kill_processes_and_remove, stop_processes)
+from shardserve.executor.multiproc_preflight import check_master_ports, log_pipeline_stages
 from shardserve.executor.pipeline_stats import PipelineStats
 from shardserve.executor.stacks import collect_stacks, diagnose
 from shardserve.executor.wire import Endpoints, WireCodec
@@ -66,7 +67,7 @@ class MultiprocExecutor(Executor):
         self.parallel_config = pc
         self._store = None  # single node: the torch.distributed store this process serves
         if pc.pipeline_parallel_size > 1:
-            self._log_pipeline_stages()
+            log_pipeline_stages(config)
         if pc.node_rank != 0:
             raise errors.InvalidRequestError(
                 f"node_rank {pc.node_rank} runs headless workers, not the engine: start it with "
@@ -85,7 +86,7 @@ class MultiprocExecutor(Executor):
         self._early_outputs: dict[int, list[Any]] = {}  # seq -> a step's answer come early
 
         if pc.nnodes > 1:
-            _check_master_ports(pc.master_port)
+            check_master_ports(pc.master_port)
         self._context = zmq.Context()
         self._local = Endpoints.ipc()
         binds = [self._local]
@@ -115,25 +116,6 @@ class MultiprocExecutor(Executor):
             raise
 
     # ---- start-up --------------------------------------------------------------------------
-
-    def _log_pipeline_stages(self) -> None:
-        """Check the stage partition before any process starts, and log it with each stage's
-        estimated cost and memory (every rank computes the same one when it builds its stage)."""
-        from shardserve.planner.stages import describe_stages, engine_stage_layers
-
-        pc, mc = self.parallel_config, self.config.model_config
-        try:
-            bounds = engine_stage_layers(mc.hf_config, pc.pipeline_parallel_size,
-                                         pc.pp_layer_partition)
-        except ValueError as exc:
-            raise errors.InvalidRequestError(str(exc), "pp_layer_partition") from None
-        elem = torch_dtype_bytes(mc.torch_dtype)
-        lines = describe_stages(mc.hf_config, bounds, pc.tensor_parallel_size, elem,
-                                pc.enable_expert_parallel, mc.quantization == "fp8")
-        logger.info("Pipeline partition (%s) over %d stages x tp %d:\n  %s",
-                    f"--pp-layer-partition {pc.pp_layer_partition}" if pc.pp_layer_partition
-                    else "balanced on estimated compute + memory", pc.pipeline_parallel_size,
-                    pc.tensor_parallel_size, "\n  ".join(lines))
 
     def _start_local_ranks(self) -> None:
         pc = self.parallel_config
@@ -516,28 +498,3 @@ class MultiprocExecutor(Executor):
             parts.append(f"rank {rank} on node {node} ({host}, pid {pid})")
         return "; ".join(parts)
 
-
-def _check_master_ports(master_port: int) -> None:
-    """Node 0 listens on master_port (torch.distributed's store, which rank 0 opens well into
-    start-up) and the four ports after it (this executor's sockets). One already taken showed
-    as a ZMQ traceback, or as torch's EADDRINUSE only once the ranks had started; name the
-    flag instead, before anything starts."""
-    busy = []
-    for port in range(master_port, master_port + 5):
-        with socket.socket() as probe:
-            # As ZMQ and torch's store do: a port left in TIME_WAIT by an earlier run is free.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("", port))
-            except OSError:
-                busy.append(port)
-    if busy:
-        raise errors.InvalidRequestError(
-            f"--master-port {master_port}: port(s) {busy} on this node are already in use (node "
-            f"0 listens on master_port .. master_port + 4); stop what holds them or pick another "
-            "--master-port (the same on every node).", "master_port")
-
-
-def torch_dtype_bytes(dtype: Any) -> int:
-    import torch
-    return torch.tensor([], dtype=dtype).element_size()
