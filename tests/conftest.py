@@ -56,10 +56,11 @@ _share_transformers_gguf_parsing()
 
 def _small_kv_caches_on_a_shared_gpu() -> None:
     """Under pytest-xdist several test processes share one GPU. An engine whose test sets no KV
-    cache size sizes it from gpu_memory_utilization (0.9 of the GPU, less what others hold):
-    the first one up takes nearly all of it and the other workers' engines get 0 blocks. Give
-    those engines make_llm's fixed size instead; a test that picks a size or a utilization
-    keeps it. A serial run on a GPU (the README's command) profiles as users' engines do."""
+    cache size takes gpu_memory_utilization's 0.9 of the GPU: the first one up holds nearly
+    all of it, and the other workers' engines are refused (less than their share is free) or
+    run out of memory. Give those engines make_llm's fixed size instead; a test that picks a
+    size or a utilization keeps it. A serial run on a GPU (the README's command) profiles as
+    users' engines do."""
     if not torch.cuda.is_available() or int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
         return
     from shardserve.config import CacheConfig, EngineConfig
