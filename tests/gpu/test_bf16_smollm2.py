@@ -26,7 +26,7 @@ NUM_PROMPTS, NEW_TOKENS = 64, 32
 def bf16_llm(smollm2_gguf):
     from shardserve import LLM
     return LLM(smollm2_gguf, device="cuda", dtype="bfloat16", max_model_len=1024,
-               gpu_memory_utilization=0.3, enable_prefix_caching=False)
+               gpu_memory_utilization=0.1, enable_prefix_caching=False)
 
 
 def test_bf16_smoke_sensible_answers(bf16_llm):

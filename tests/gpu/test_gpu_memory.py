@@ -24,10 +24,13 @@ def test_two_engines_share_one_gpu_and_each_stays_within_its_share(tiny_model_di
                     for llm in (first, second)]
             assert outs[0][0].outputs[0].token_ids == outs[1][0].outputs[0].token_ids
             for llm in (first, second):
-                # The KV cache takes most of the share, and nothing past it.
+                # The KV cache stays within the share, and the second engine's is not shrunk
+                # by the first's (that bug left it 5% of the share). The lower bound leaves
+                # room for other test processes' allocations during profiling, which count
+                # against an engine as in vLLM.
                 runner = llm.engine.core.executor.worker.runner
                 kv_bytes = llm.config.cache_config.num_blocks * runner.kv_bytes_per_block()
-                assert 0.5 * share * total < kv_bytes < share * total
+                assert 0.25 * share * total < kv_bytes < share * total
         finally:
             second.shutdown()
     finally:
