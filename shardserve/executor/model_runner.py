@@ -98,7 +98,7 @@ class ModelRunner:
         # CUDA: the GPU's memory before this rank loaded anything (executor/gpu_memory.py),
         # and how profiling split this engine's share, named when the cache is too small.
         self._startup_memory = gpu_memory.snapshot(device) if device.type == "cuda" else None
-        self._memory_budget_note = ""
+        self._kv_budget: gpu_memory.KVCacheBudget | None = None
         # Async scheduling under TP: every rank feeds placeholders, so the driver broadcasts
         # each step's sampled ids to its TP peers (a device collective, no host round trip).
         self.share_samples = (bool(config.scheduler_config.async_scheduling)
@@ -171,12 +171,12 @@ class ModelRunner:
         max_len = self.config.model_config.max_model_len
         needed = -(-max_len // self.block_size)
         if num_blocks < needed:
+            split = f" {self._kv_budget.explain()}" if self._kv_budget is not None else ""
             raise CacheTooSmallError(
                 f"The KV cache holds {num_blocks} blocks ({num_blocks * self.block_size} tokens) "
                 f"but one sequence of max_model_len={max_len} needs {needed} blocks, "
-                f"{needed * per_block / 2**20:.1f} MiB.{self._memory_budget_note} Give the "
-                "cache more memory (--kv-cache-memory / --gpu-memory-utilization) or lower "
-                "--max-model-len.")
+                f"{needed * per_block / 2**20:.1f} MiB.{split} Give the cache more memory "
+                "(--kv-cache-memory / --gpu-memory-utilization) or lower --max-model-len.")
         return num_blocks
 
     def _profile_cuda_blocks(self, per_block: int) -> int:
@@ -199,11 +199,10 @@ class ModelRunner:
             rows = min(sc.max_num_seqs, num_tokens)
             self.model.compute_logits(hidden[:rows], gather_all=False)
         torch.cuda.synchronize(self.device)
-        budget = gpu_memory.kv_cache_budget(
+        self._kv_budget = budget = gpu_memory.kv_cache_budget(
             self._startup_memory, gpu_memory.snapshot(self.device),
             torch.cuda.max_memory_allocated(self.device),
             self.config.cache_config.gpu_memory_utilization)
-        self._memory_budget_note = " " + budget.explain()
         del hidden
         torch.cuda.empty_cache()
         logger.info("Profiled: %s", budget.explain())

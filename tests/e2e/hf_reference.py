@@ -15,12 +15,12 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     # Logits of the last prompt position only, as generate() asks for them: in half precision
     # the LM head's matrix product for one row can round differently from the same row inside
     # a product over the whole prompt, and the engine, too, computes just that row.
-    keep = ({"logits_to_keep": 1}
-            if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
+    parameters = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     out = model(torch.tensor([prompt_ids], device=device), use_cache=True, **keep)
     # transformers 5.2x renamed the cache argument past_key_values -> cache (the old name goes
     # in 5.40); the GPU image has an older 5.x.
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = "cache" if "cache" in parameters else "past_key_values"
     tokens: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())

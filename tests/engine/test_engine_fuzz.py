@@ -139,10 +139,12 @@ def alone_engine(tiny_model_dirs):
 
 
 @pytest.fixture(scope="module")
-def alone_engine_on_cpu(tiny_model_dirs, alone_engine):
+def alone_engine_on_cpu(tiny_model_dirs, request):
     """The reference for the gloo layouts, which run on CPU whatever the test device: sampled
     tokens are compared, and a GPU's sampler draws other ones."""
-    return alone_engine if TEST_DEVICE == "cpu" else _alone(tiny_model_dirs["llama"], device="cpu")
+    if TEST_DEVICE == "cpu":
+        return request.getfixturevalue("alone_engine")  # the same engine, built once
+    return _alone(tiny_model_dirs["llama"], device="cpu")
 
 
 def run_alone(engine, r: dict):
