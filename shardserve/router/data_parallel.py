@@ -44,7 +44,7 @@ from shardserve.router.app import RouterArgs, build_router_app
 from shardserve.router.backends import Backend, BackendPool, DiscoveryConfig
 from shardserve.router.proxy import ProxyConfig
 from shardserve.server.args import CorsArgs
-from shardserve.server.listen import bound_port, listen_socket
+from shardserve.server.listen import INHERITED_FD_ENV, bound_port, listen_socket, serving_socket
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +72,41 @@ class Replica:
     # error instead (as vLLM's DP start-up does).
     may_restart: bool = False
     started_at: float = 0.0  # monotonic time of the last start()
+    # Its port's listening socket, bound by this process and handed to the next start().
+    sock: socket.socket | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start the replica on its port. The socket is bound here and inherited by the child
+        (serving_socket), so nothing else can take the port in between; this process's copy is
+        closed once the child has it, so the port refuses connections (and the router sends
+        them elsewhere) as soon as the replica dies. A restart binds the same port again."""
         self.started_at = time.monotonic()
+        if self.sock is None:
+            try:
+                self.sock = listen_socket("127.0.0.1", self.port)
+            except InvalidRequestError as exc:
+                # Taken since the last one died: the child tries to bind it itself and, failing,
+                # is restarted again (MAX_RESTARTS).
+                logger.warning("Replica %d: %s", self.index, exc)
+        env, fds = self.env, ()
+        if self.sock is not None:
+            fd = self.sock.fileno()
+            env, fds = {**self.env, INHERITED_FD_ENV: str(fd)}, (fd,)
         # Its own process group: a terminal's Ctrl-C reaches this process alone, which passes
         # one SIGINT on (signal_all) after setting `stopping`. With the group's SIGINT too, a
         # replica got two (the second cut its shutdown short, with a uvicorn traceback), and
         # could exit before `stopping` was set, to be taken for a start-up failure.
-        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent,
-                                     process_group=0)
+        try:
+            self.proc = subprocess.Popen(self.argv, env=env, pass_fds=fds,
+                                         preexec_fn=_die_with_parent, process_group=0)
+        finally:
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
         logger.info("Replica %d started (pid %d) on %s", self.index, self.proc.pid, self.url)
 
 
@@ -108,12 +130,6 @@ def strip_options(argv: list[str], options: set[str]) -> list[str]:
             continue
         out.append(arg)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _device_slices(num_replicas: int, ranks_per_replica: int, device: str) -> list[str | None]:
@@ -150,7 +166,7 @@ def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
     # picked by the planner in the same step and pinned for the replicas.
     from shardserve.engine_args import engine_config_from_args
     # First of all: a taken --port fails now, not after the settings are read and replicas load.
-    sock = listen_socket(args.host, args.port)
+    sock = serving_socket(args.host, args.port)
     args.port = bound_port(sock)
     try:
         pc = engine_config_from_args(args).resolve().parallel_config
@@ -167,12 +183,14 @@ def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
                                  "--pipeline-parallel-size", str(pp)]
     replicas = []
     for r in range(num):
-        port = _free_port()
+        replica_sock = listen_socket("127.0.0.1", 0)
+        port = bound_port(replica_sock)
         env = dict(os.environ)
         if slices[r] is not None:
             env["CUDA_VISIBLE_DEVICES"] = slices[r]
         replicas.append(Replica(r, port, base + ["--host", "127.0.0.1", "--port", str(port),
-                                                 "--data-parallel-size", "1"], env))
+                                                 "--data-parallel-size", "1"], env,
+                                sock=replica_sock))
     router_args = RouterArgs(
         discovery=DiscoveryConfig(static=[r.url for r in replicas]), policy=args.policy,
         host=args.host, port=args.port, health_interval_s=args.health_interval,

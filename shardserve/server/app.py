@@ -32,7 +32,7 @@ from shardserve.dashboard import mount_server_dashboard
 from shardserve.engine.async_llm import AsyncLLM
 from shardserve.executor.profiler import PROFILER_DIR_ENV
 from shardserve.server.args import API_KEY_ENV, ServerArgs
-from shardserve.server.listen import bound_port, listen_socket
+from shardserve.server.listen import bound_port, serving_socket
 from shardserve.server.errors import APIError, install_error_handlers
 from shardserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from shardserve.server.protocol import (DetokenizeResponse, ModelCard, ModelList,
@@ -264,7 +264,7 @@ def run_server(args: argparse.Namespace, sock: socket.socket | None = None) -> i
 
     server_args = ServerArgs.from_namespace(args)
     if sock is None:
-        sock = listen_socket(server_args.host, server_args.port)
+        sock = serving_socket(server_args.host, server_args.port)
     server_args.port = bound_port(sock)
     try:
         config = engine_config_from_args(args).resolve()

@@ -5,9 +5,15 @@ the socket as given (Server.run(sockets=[...]))."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 from shardserve.errors import InvalidRequestError
+
+# Set by the data-parallel front for a replica it starts: the number of a listening socket
+# the replica inherited. The front binds the replica's port itself and passes the socket on,
+# so no other process can take the port between the front picking it and the replica binding.
+INHERITED_FD_ENV = "SHARDSERVE_LISTEN_FD"
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -32,6 +38,21 @@ def listen_socket(host: str, port: int) -> socket.socket:
     # bound again by anyone else using SO_REUSEADDR. Connections made before uvicorn runs wait
     # in the backlog (uvicorn's size).
     sock.listen(2048)
+    return sock
+
+
+def serving_socket(host: str, port: int) -> socket.socket:
+    """The socket `serve` listens on: the one its data-parallel front handed over, if any
+    (INHERITED_FD_ENV), else a new one bound to host:port (listen_socket)."""
+    fd = os.environ.pop(INHERITED_FD_ENV, None)  # popped: not for this process's children
+    if fd is None:
+        return listen_socket(host, port)
+    sock = socket.socket(fileno=int(fd))  # family and type are read from the descriptor
+    inherited = bound_port(sock)
+    if port not in (0, inherited):
+        sock.close()
+        raise InvalidRequestError(f"{INHERITED_FD_ENV}={fd} is a socket on port {inherited}, "
+                                  f"not --port {port}.", "port")
     return sock
 
 

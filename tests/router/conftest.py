@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,20 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import ServerProcess, free_port
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.server.conftest import ServerProcess, launch_on_port_0
 
 
 def start_router(log_dir: Path, *args: str, wait_healthy: bool = True,
                  env: dict[str, str] | None = None) -> ServerProcess:
-    port = free_port()
-    log_path = log_dir / f"router-{port}.log"
     cmd = [sys.executable, "-m", "shardserve.cli", "router", "--host", "127.0.0.1",
-           "--port", str(port), "--health-interval", "0.5", *args]
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=REPO)
-    router = ServerProcess(proc, port, log_path, None)
+           "--health-interval", "0.5", *args]
+    router = launch_on_port_0(cmd, log_dir, "router",
+                              {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, None, 60)
+    proc = router.proc
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

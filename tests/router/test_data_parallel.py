@@ -370,6 +370,48 @@ def test_replica_failing_at_start_up_stops_the_front_at_once():
     assert replicas[0].proc.returncode == -signal.SIGKILL  # the healthy one goes too
 
 
+def test_replica_port_is_held_from_the_start_and_freed_when_it_dies(tmp_path):
+    """The front binds each replica's port when it plans the replica and hands the socket to
+    the child: no other process can take the port before the replica binds it (14 test
+    processes on one machine did). Once the child has it the front's copy is closed, so a dead
+    replica's port refuses connections (the router sends them elsewhere); a restart binds it
+    again and hands it over the same way."""
+    import socket
+    import sys
+
+    from shardserve.router import data_parallel as dp
+    from shardserve.server.listen import listen_socket
+
+    report = tmp_path / "report"
+    code = ("import os, pathlib, sys, time\n"
+            "from shardserve.server.listen import INHERITED_FD_ENV, bound_port, serving_socket\n"
+            "fd = os.environ.get(INHERITED_FD_ENV)\n"
+            "sock = serving_socket('127.0.0.1', int(sys.argv[1]))\n"
+            "pathlib.Path(sys.argv[2]).write_text(f'{fd} {bound_port(sock)}')\n"
+            "time.sleep(60)\n")
+    held = listen_socket("127.0.0.1", 0)
+    port = held.getsockname()[1]
+    replica = dp.Replica(0, port, [sys.executable, "-c", code, str(port), str(report)], dict(os.environ),
+                         sock=held)
+    try:
+        for _ in ("first start", "restart"):
+            report.unlink(missing_ok=True)
+            replica.start()
+            assert replica.sock is None  # handed over, not kept
+            assert wait_for(lambda: report.exists() and report.read_text(), 30)
+            fd, child_port = report.read_text().split()
+            assert fd != "None" and int(child_port) == port  # it served on the handed socket
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass  # listening, in the child alone
+            replica.proc.kill()
+            replica.proc.wait(10)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        if replica.proc is not None and replica.proc.poll() is None:
+            replica.proc.kill()
+
+
 def test_frozen_replica_is_killed_with_its_children_and_restarted(monkeypatch):
     """A replica (here a process with a child, standing for its engine core) that answered
     before and whose port now accepts connections but never answers /health, as a SIGSTOPped

@@ -5,7 +5,9 @@ modules that kill or drain their server start their own."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,24 +91,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The first "on http://host:port" (or the data-parallel front's "behind http://...") in a
+# server's or router's output: the port it bound.
+_BOUND_PORT = re.compile(r"(?: on| behind) http://127\.0\.0\.1:(\d+)\b")
+_LOG_NUMBERS = itertools.count()
+
+
+def launch_on_port_0(cmd: list[str], log_dir: Path, stem: str, env: dict[str, str],
+                     api_key: str | None, timeout: float) -> ServerProcess:
+    """Start `cmd` (a serve or router command line without --port) with --port 0 and learn its
+    port from its first line. A port picked here and handed over would race every other test
+    process for it (14 xdist workers on the GPU machine lost that race)."""
+    log_path = log_dir / f"{stem}-{next(_LOG_NUMBERS)}.log"
+    proc = subprocess.Popen([*cmd, "--port", "0"], stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT, env=env,
+                            cwd=Path(__file__).resolve().parents[2])
+    server = ServerProcess(proc, 0, log_path, api_key)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = _BOUND_PORT.search(log_path.read_text(errors="replace"))
+        if found:
+            server.port = int(found.group(1))
+            return server
+        if proc.poll() is not None:
+            pytest.fail(f"{stem} exited with {proc.returncode}:\n{server.log_tail()}")
+        time.sleep(0.1)
+    server.stop()
+    pytest.fail(f"{stem} named no port after {timeout:.0f} s:\n{server.log_tail()}")
+
+
 def start_server(log_dir: Path, *extra: str, model: str | None = None,
                  api_key: str | None = API_KEY,
                  env_extra: dict[str, str] | None = None) -> ServerProcess:
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "shardserve.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--max-model-len", "512",
-           "--kv-cache-memory", "64MiB", *extra]
+           "--device", "cpu", "--max-model-len", "512", "--kv-cache-memory", "64MiB", *extra]
     if model:
         cmd += ["--model", model]
     if api_key:
         cmd += ["--api-key", api_key]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1", **(env_extra or {})}
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=Path(__file__).resolve().parents[2])
-    server = ServerProcess(proc, port, log_path, api_key)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    server = launch_on_port_0(cmd, log_dir, "server", env, api_key, STARTUP_TIMEOUT_S)
+    proc = server.proc
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"server exited with {proc.returncode}:\n{server.log_tail()}")

@@ -3,6 +3,7 @@ host that is not this machine's is one clear line and exit 2, before the model i
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from shardserve.errors import InvalidRequestError
-from shardserve.server.listen import bound_port, listen_socket
+from shardserve.server.listen import INHERITED_FD_ENV, bound_port, listen_socket, serving_socket
 
 
 @pytest.fixture
@@ -43,6 +44,34 @@ def test_port_0_binds_a_free_port_that_is_reported():
             listen_socket("127.0.0.1", port)
     finally:
         sock.close()
+
+
+def test_serving_socket_takes_the_inherited_one_once(monkeypatch):
+    """A data-parallel replica serves on the socket its front bound and handed over; the
+    variable is consumed, so the replica's own children do not take it for theirs."""
+    front = listen_socket("127.0.0.1", 0)
+    port = bound_port(front)
+    monkeypatch.setenv(INHERITED_FD_ENV, str(os.dup(front.fileno())))
+    front.close()
+    sock = serving_socket("127.0.0.1", port)
+    try:
+        assert bound_port(sock) == port and INHERITED_FD_ENV not in os.environ
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # it listens
+        with pytest.raises(InvalidRequestError):  # the next call binds anew: the port is held
+            serving_socket("127.0.0.1", port)
+    finally:
+        sock.close()
+
+
+def test_an_inherited_socket_on_another_port_is_refused(monkeypatch):
+    held = listen_socket("127.0.0.1", 0)
+    monkeypatch.setenv(INHERITED_FD_ENV, str(os.dup(held.fileno())))
+    try:
+        with pytest.raises(InvalidRequestError, match=rf"port {bound_port(held)}, not --port 1\b"):
+            serving_socket("127.0.0.1", 1)
+    finally:
+        held.close()
 
 
 @pytest.mark.parametrize("command", [
