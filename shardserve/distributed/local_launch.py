@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
-import socket
 import time
 from typing import Any, Callable
 
@@ -20,13 +19,6 @@ import torch.multiprocessing as mp
 from shardserve.distributed.parallel_state import (STORE_SCHEME,
                                                    destroy_distributed_environment,
                                                    init_distributed_environment)
-
-
-def get_open_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def host_store(timeout_s: float = 600.0) -> tuple[dist.TCPStore, str]:

@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import statistics
 
 import pytest
 
 from shardserve.bench.serve import add_bench_serve_args, arrival_gap, random_requests, result_path
 from shardserve.cli import main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -40,7 +34,7 @@ def test_vllm_options_it_cannot_honour_are_one_line_errors(argv, message, capsys
 
 
 def test_a_vllm_command_line_parses_and_reaches_host_and_port(capsys):
-    port = _free_port()
+    port = free_port()  # nobody listens there
     argv = ["bench", "serve", "--backend", "vllm", "--host", "127.0.0.1", "--port", str(port),
             "--endpoint", "/v1/completions", "--dataset-name", "random",
             "--random-input-len", "8", "--random-output-len", "4", "--random-range-ratio", "0.5",

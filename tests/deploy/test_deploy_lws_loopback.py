@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,28 +16,7 @@ import urllib.request
 import pytest
 
 from shardserve.deploy import DeploySpec, manifests
-
-
-def _free_port_range(n: int) -> int:
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + n >= 65536:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
+from tests.ports import free_port_range
 
 
 def _kubelet_expand(args: list[str], env: dict[str, str]) -> list[str]:
@@ -70,7 +48,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 @pytest.mark.slow
 def test_lws_leader_and_worker_serve_a_request(tiny_model_dirs) -> None:
     pytest.importorskip("fastapi")
-    master_port, http_port = _free_port_range(5), _free_port_range(1)
+    master_port, http_port = free_port_range(5), free_port_range(1)
     # TP 2 over two one-"GPU" nodes (PP across nodes is the production shape; TP is what runs
     # on CPU today).
     spec = DeploySpec(model=tiny_model_dirs["llama"], tp=2, pp=1, gpus_per_node=1,

@@ -32,8 +32,8 @@ import time
 import pytest
 
 from shardserve import LLM, SamplingParams
-from shardserve.distributed.local_launch import get_open_port
 from shardserve.errors import EngineDeadError, RendezvousTimeoutError
+from tests.ports import free_port_range
 
 pytestmark = pytest.mark.multiproc
 
@@ -247,7 +247,7 @@ def test_two_nodes_on_loopback(tiny_model_dirs, llama_h8_dir, tp):
     model_dir = tiny_model_dirs["llama"] if tp == 2 else llama_h8_dir
     prompts = _prompts(7)
     expected, _ = _reference(model_dir, prompts)
-    port = _free_port_range(5)
+    port = free_port_range(5)
     node1 = subprocess.Popen(
         [sys.executable, "-m", "shardserve.cli", "worker", "--nnodes", "2", "--node-rank", "1",
          "--master-addr", "127.0.0.1", "--master-port", str(port), "-tp", str(tp),
@@ -278,7 +278,7 @@ def test_missing_node_is_named_by_the_rendezvous(tiny_model_dirs):
     start = time.monotonic()
     with pytest.raises(RendezvousTimeoutError, match=r"rank\(s\) \[1\] \(node\(s\) \[1\]\)"):
         LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, nnodes=2, node_rank=0,
-            master_port=_free_port_range(5), rendezvous_timeout_s=15, **ENGINE_KWARGS)
+            master_port=free_port_range(5), rendezvous_timeout_s=15, **ENGINE_KWARGS)
     # Long enough for this node's own rank to start on a loaded 2-core machine; bounded.
     assert time.monotonic() - start < 60
 
@@ -292,7 +292,7 @@ def test_master_port_in_use_is_named_before_anything_starts(tiny_model_dirs, off
 
     from shardserve.errors import InvalidRequestError
 
-    port = _free_port_range(5)
+    port = free_port_range(5)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port + offset))
         taken.listen()
@@ -452,7 +452,7 @@ def test_frozen_worker_is_found_by_its_silence(tiny_model_dirs):
 def test_node1_leaves_when_node0_dies(tiny_model_dirs):
     """Node 0's engine is SIGKILLed: its own ranks see their parent go, node 1's ranks see its
     heartbeats stop; everything exits without being told."""
-    port = _free_port_range(5)
+    port = free_port_range(5)
     flags = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
              "-tp", "2", "--heartbeat-timeout-s", "2"]
     node1 = subprocess.Popen([sys.executable, "-m", "shardserve.cli", "worker", "--node-rank",
@@ -492,7 +492,7 @@ def _two_nodes_tp2(model_dir: str, heartbeat_timeout_s: float = 1.5):
     """Node 1 as a `shardserve worker` launch holding rank 1, node 0 as this process's offline
     LLM, both with this heartbeat timeout: yields (llm, node 1's launcher, rank 1's pid).
     Node 1 and its rank are killed on the way out if they are still there."""
-    port = _free_port_range(5)
+    port = free_port_range(5)
     node1 = subprocess.Popen([sys.executable, "-m", "shardserve.cli", "worker", "--node-rank",
                               "1", "--nnodes", "2", "--master-addr", "127.0.0.1",
                               "--master-port", str(port), "-tp", "2",
@@ -610,7 +610,7 @@ def test_node1_started_with_other_sizes_is_named_at_once(tiny_model_dirs):
     """Node 1 believes in -tp 3 over 3 nodes (so its one rank is rank 1, a valid rank of node
     0's world of 2): its rank's own start-up error is reported as itself, not after a
     heartbeat timeout as a silent peer."""
-    port = _free_port_range(5)
+    port = free_port_range(5)
     node1 = subprocess.Popen([sys.executable, "-m", "shardserve.cli", "worker", "--node-rank",
                               "1", "--nnodes", "3", "--master-addr", "127.0.0.1",
                               "--master-port", str(port), "-tp", "3"],
@@ -645,28 +645,6 @@ def _alive(pid: int) -> bool:
     # A zombie (exited, not yet reaped) counts as gone.
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(")")[-1].split()[0] != "Z"
-
-
-def _free_port_range(n: int) -> int:
-    """A port p with p .. p + n - 1 all free now (torch's store + the engine's four)."""
-    import socket
-    for _ in range(50):
-        base = get_open_port()
-        if base + n >= 65536:
-            continue
-        try:
-            socks = []
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 _HANG_RANK_SITECUSTOMIZE = '''

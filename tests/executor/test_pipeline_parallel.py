@@ -24,8 +24,8 @@ import pytest
 
 from shardserve import LLM, SamplingParams
 from shardserve.errors import EngineDeadError, InvalidRequestError, ModelLoadError
-from tests.executor.test_multiproc_executor import (ENGINE_KWARGS, _alive, _free_port_range,
-                                                    _generate, _prompts)
+from tests.executor.test_multiproc_executor import ENGINE_KWARGS, _alive, _generate, _prompts
+from tests.ports import free_port_range
 
 pytestmark = pytest.mark.multiproc
 
@@ -150,7 +150,7 @@ def test_two_nodes_tp_within_pp_across(llama5_dir, tp):
     node 1 and answers over TCP."""
     prompts = _prompts(21)
     expected = _reference(llama5_dir, prompts)
-    port = _free_port_range(5)
+    port = free_port_range(5)
     node1 = subprocess.Popen(
         [sys.executable, "-m", "shardserve.cli", "worker", "--nnodes", "2", "--node-rank", "1",
          "--master-addr", "127.0.0.1", "--master-port", str(port), "-tp", str(tp), "-pp", "2",

@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from tests.server.conftest import free_port
+from tests.ports import free_port
 
 
 class FakeReplica:
