@@ -10,8 +10,10 @@ naming the class, followed by its field values in declaration order:
 
 so nested dataclasses, lists and dicts pack in one pass of msgpack's C packer (no bytes within
 bytes). Sets and frozensets travel the same way with their own marker. Tuples become lists.
-Decoding builds objects without calling __init__/__post_init__: the sender built them, so the
-values were checked once already (SamplingParams' validation, say, is not re-run per hop).
+Decoding never runs __post_init__: the sender built the objects, so the values were checked once
+already (SamplingParams' validation, say, is not re-run per hop). A class without one is built
+through its __init__, which only assigns the fields (several times faster than setting each
+field from Python, and a step's outputs hold one object per running request).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Serializer:
         self._names: dict[type, bytes] = {}
         self._markers: dict[bytes, _ClassMarker] = {}
         self._fields: dict[type, tuple[str, ...]] = {}
+        self._by_init: set[type] = set()  # built by cls(*values): no __post_init__ to skip
         for cls in classes:
             if not dataclasses.is_dataclass(cls):
                 raise TypeError(f"{cls.__qualname__} is not a dataclass")
@@ -56,6 +59,8 @@ class Serializer:
             self._names[cls] = name
             self._markers[name] = _ClassMarker(cls)
             self._fields[cls] = tuple(f.name for f in dataclasses.fields(cls))
+            if not hasattr(cls, "__post_init__") and all(f.init for f in dataclasses.fields(cls)):
+                self._by_init.add(cls)
         self._packer = msgpack.Packer(default=self._default, use_bin_type=True)
 
     def encode(self, obj: Any) -> bytes:
@@ -97,6 +102,8 @@ class Serializer:
             if len(items) - 1 != len(names):
                 raise ValueError(f"{cls.__qualname__} on the wire has {len(items) - 1} fields, "
                                  f"expected {len(names)}")
+            if cls in self._by_init:
+                return cls(*items[1:])
             obj = object.__new__(cls)
             for name, value in zip(names, items[1:]):
                 # object.__setattr__ also works for frozen and slots dataclasses.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 import pytest
@@ -33,6 +33,26 @@ def test_decoding_skips_init_validation():
     s = make_serializer()
     params = s.decode(s.encode(SamplingParams(top_k=-1)))
     assert isinstance(params, SamplingParams) and params.top_k == 0
+
+
+def test_every_kind_of_dataclass_is_rebuilt_field_for_field():
+    """Frozen and slots classes, and one with a field __init__ does not take (so it cannot be
+    built through __init__), come back equal, whichever way the decoder builds them."""
+    @dataclass(frozen=True, slots=True)
+    class Frozen:
+        a: int
+        b: list
+
+    @dataclass
+    class Derived:
+        a: int
+        b: int = field(init=False, default=0)
+
+    derived = Derived(1)
+    derived.b = 5
+    s = Serializer([Frozen, Derived])
+    assert s.decode(s.encode([Frozen(1, [2]), derived])) == [Frozen(1, [2]), derived]
+    assert s.decode(s.encode(derived)).b == 5
 
 
 def test_unregistered_classes_are_refused_both_ways():
