@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing
-import os
 import time
 from typing import Any, Callable
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from shardserve.cpus import threads_per_process
 from shardserve.distributed.parallel_state import (STORE_SCHEME,
                                                    destroy_distributed_environment,
                                                    init_distributed_environment)
@@ -54,7 +54,7 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (),
     raises, and terminates all ranks (then raises TimeoutError) after timeout_s.
     """
     store, init_method = host_store(timeout_s)
-    num_threads = max(1, (os.cpu_count() or 1) // world_size)
+    num_threads = threads_per_process(world_size)
     # A forkserver that has imported torch once forks every rank: N torch imports cost
     # seconds each, while fork is instant, and forking a fresh single-threaded server is safe.
     multiprocessing.set_forkserver_preload(["torch", "shardserve.distributed.parallel_state"])

@@ -17,7 +17,6 @@ silent past heartbeat_timeout_s and the rank's tear-down time, as is one that ig
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from multiprocessing.connection import wait
@@ -25,6 +24,7 @@ from multiprocessing.connection import wait
 import zmq
 
 from shardserve.config import EngineConfig
+from shardserve.cpus import threads_per_process
 from shardserve.errors import InvalidRequestError
 from shardserve.executor.liveness import BEAT_INTERVAL_S, EngineBeats, describe_exit, report_gone
 from shardserve.executor.wire import Endpoints, WireCodec
@@ -53,7 +53,7 @@ def run_headless(config: EngineConfig) -> int:
             "--nnodes N (N > 1) and --node-rank R (R > 0), or set LWS_GROUP_SIZE and "
             "LWS_WORKER_INDEX.", "node_rank")
     endpoints = Endpoints.tcp(pc.master_addr, pc.master_port)
-    num_threads = max(1, (os.cpu_count() or 1) // pc.num_local_ranks)
+    num_threads = threads_per_process(pc.num_local_ranks)
     level = logging.getLogger("shardserve").getEffectiveLevel()
     specs = [WorkerSpec(rank=rank, local_rank=rank % pc.num_local_ranks, endpoints=endpoints,
                         parallel_config=pc, config=None, watch_parent=True,

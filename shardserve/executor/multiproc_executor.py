@@ -39,6 +39,7 @@ import zmq
 
 from shardserve import errors
 from shardserve.config import EngineConfig
+from shardserve.cpus import threads_per_process
 from shardserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.errors import EngineDeadError, RendezvousTimeoutError
 from shardserve.executor.executor import Executor
@@ -119,7 +120,7 @@ class MultiprocExecutor(Executor):
 
     def _start_local_ranks(self) -> None:
         pc = self.parallel_config
-        num_threads = max(1, (os.cpu_count() or 1) // pc.num_local_ranks)
+        num_threads = threads_per_process(pc.num_local_ranks)
         level = logging.getLogger("shardserve").getEffectiveLevel()
         start = time.perf_counter()
         specs = [WorkerSpec(rank=rank, local_rank=rank % pc.num_local_ranks,
