@@ -21,6 +21,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.serve_layouts import free_port, http_get  # noqa: E402
+
 
 def serve_stand_in(port: int, events: int, gap_s: float) -> None:
     import uvicorn
@@ -83,24 +87,12 @@ def _spawn(args: list[str]) -> subprocess.Popen:
                             env={**os.environ, "NO_PROXY": "*"})
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_healthy(url: str, timeout: float = 60) -> None:
-    import httpx
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+    while http_get(url + "/health", timeout=2)[0] != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not healthy after {timeout:.0f} s")
         time.sleep(0.2)
-    raise TimeoutError(f"{url} not healthy after {timeout:.0f} s")
 
 
 def _measure(urls: list[str], streams: int) -> float:
@@ -132,7 +124,7 @@ def main() -> None:
     try:
         urls = []
         for _ in range(args.replicas):
-            port = _free_port()
+            port = free_port()
             procs.append(_spawn([__file__, "--stand-in", str(port), "--events", str(args.events),
                                  "--gap-ms", str(args.gap_ms)]))
             urls.append(f"http://127.0.0.1:{port}")

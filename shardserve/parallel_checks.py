@@ -12,13 +12,15 @@ from shardserve.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from shardserve.config import EngineConfig
+    from shardserve.planner.shape import ModelShape
 
 
 def check_parallel_layout(config: EngineConfig) -> None:
     """Every check below, once the parallel sizes are ints."""
     check_local_gpus(config)
-    check_tensor_parallel_fits(config)
-    check_expert_parallel_fits(config)
+    shape = _model_shape(config)
+    check_tensor_parallel_fits(config, shape)
+    check_expert_parallel_fits(config, shape)
     check_pipeline_parallel_fits(config)
     pc = config.parallel_config
     if pc.pp_layer_partition and pc.pipeline_parallel_size == 1:
@@ -26,6 +28,16 @@ def check_parallel_layout(config: EngineConfig) -> None:
             f"pp_layer_partition={pc.pp_layer_partition!r} splits layers between pipeline "
             "stages, but pipeline_parallel_size is 1; drop it or set --pipeline-parallel-size "
             "to its number of stages.", "pp_layer_partition")
+
+
+def _model_shape(config: EngineConfig) -> ModelShape | None:
+    """The planner's view of the model, or None for a config it cannot read (then the layers
+    still check TP when they are built, and there is nothing to check EP against)."""
+    from shardserve.planner.shape import shape_from_config
+    try:
+        return shape_from_config(config.model_config.hf_config)
+    except Exception:
+        return None
 
 
 def check_local_gpus(config: EngineConfig) -> None:
@@ -49,19 +61,14 @@ def check_local_gpus(config: EngineConfig) -> None:
         "tensor_parallel_size")
 
 
-def check_tensor_parallel_fits(config: EngineConfig) -> None:
+def check_tensor_parallel_fits(config: EngineConfig, shape: ModelShape | None) -> None:
     """Refuse a TP size the model's layers cannot split (heads, KV heads, MLP width) here,
     before any worker starts, naming the sizes that do fit (the planner's rules)."""
-    from shardserve.planner.shape import shape_from_config
     from shardserve.planner.weights import tp_problems
 
     tp = config.parallel_config.tensor_parallel_size
     ep = config.parallel_config.enable_expert_parallel
-    if tp == 1:
-        return
-    try:
-        shape = shape_from_config(config.model_config.hf_config)
-    except Exception:  # a config the planner cannot read: the layers still check
+    if tp == 1 or shape is None:
         return
     problems = tp_problems(shape, tp, ep)
     if problems:
@@ -71,22 +78,17 @@ def check_tensor_parallel_fits(config: EngineConfig) -> None:
             f"Sizes that fit: {', '.join(map(str, fits))}.", "tensor_parallel_size")
 
 
-def check_expert_parallel_fits(config: EngineConfig) -> None:
+def check_expert_parallel_fits(config: EngineConfig, shape: ModelShape | None) -> None:
     """Expert parallelism places whole experts on the TP ranks: a model without experts has
     nothing to place. vLLM accepts the flag there and ignores it, so do we, but say so (it
     is often copied from a MoE command line). The same for data parallelism: vLLM's EP
     group is TP x DP ranks, ours one replica's TP ranks (replicas are separate engines), so
     `-dp N --enable-expert-parallel` keeps every expert on every replica."""
-    from shardserve.planner.shape import shape_from_config
     from shardserve.planner.weights import (expert_parallel_layout_note,
                                             expert_parallel_problem)
 
     pc = config.parallel_config
-    if not pc.enable_expert_parallel:
-        return
-    try:
-        shape = shape_from_config(config.model_config.hf_config)
-    except Exception:  # a config the planner cannot read: nothing to check it against
+    if not pc.enable_expert_parallel or shape is None:
         return
     problem = expert_parallel_problem(shape)
     if problem:

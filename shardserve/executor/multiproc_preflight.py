@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
 
 from shardserve import errors
 from shardserve.config import EngineConfig
@@ -26,7 +25,7 @@ def log_pipeline_stages(config: EngineConfig) -> None:
                                      pc.pp_layer_partition)
     except ValueError as exc:
         raise errors.InvalidRequestError(str(exc), "pp_layer_partition") from None
-    elem = torch_dtype_bytes(mc.torch_dtype)
+    elem = mc.torch_dtype.itemsize
     lines = describe_stages(mc.hf_config, bounds, pc.tensor_parallel_size, elem,
                             pc.enable_expert_parallel, mc.quantization == "fp8")
     logger.info("Pipeline partition (%s) over %d stages x tp %d:\n  %s",
@@ -54,8 +53,3 @@ def check_master_ports(master_port: int) -> None:
             f"--master-port {master_port}: port(s) {busy} on this node are already in use (node "
             f"0 listens on master_port .. master_port + 4); stop what holds them or pick another "
             "--master-port (the same on every node).", "master_port")
-
-
-def torch_dtype_bytes(dtype: Any) -> int:
-    import torch
-    return torch.tensor([], dtype=dtype).element_size()
